@@ -1,0 +1,120 @@
+"""Attention patterns: which key positions each query may see.
+
+A pattern is a small pytree: a static ``kind`` (causal | full | annealed), three int32 scalars
+(``seed``, ``step``, ``threshold``) and optional ``segment_ids``. Scalars are traced values, so a
+new step or annealing ratio never recompiles anything.
+
+The annealed pattern (SPEC section 3) keeps the causal part always open and opens each future
+entry ``(i, j > i)`` when a counter-based hash of ``(seed, step, i, j)`` falls under the ratio.
+``is_open`` is the single definition of that rule: the dense mask used by the reference attention
+and the kernels (which evaluate it per tile, in-kernel) both call it, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("causal", "full", "annealed")
+# The ratio is resolved to 24 bits: entry open iff (hash >> 8) < threshold, threshold in [0, 2^24].
+RATIO_BITS = 24
+FULL_THRESHOLD = 1 << RATIO_BITS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionPattern:
+    kind: str = dataclasses.field(default="causal", metadata=dict(static=True))
+    seed: jax.Array | int = 0
+    step: jax.Array | int = 0
+    threshold: jax.Array | int = 0
+    segment_ids: jax.Array | None = None  # [B, L] int32; attention stays inside a segment
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"attention pattern kind {self.kind!r} is not one of {KINDS}")
+
+    def with_segments(self, segment_ids) -> "AttentionPattern":
+        return dataclasses.replace(self, segment_ids=segment_ids)
+
+
+def causal(segment_ids=None) -> AttentionPattern:
+    return AttentionPattern("causal", segment_ids=segment_ids)
+
+
+def full(segment_ids=None) -> AttentionPattern:
+    return AttentionPattern("full", segment_ids=segment_ids)
+
+
+def ratio_to_threshold(ratio) -> jax.Array:
+    ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
+    return jnp.floor(ratio * FULL_THRESHOLD).astype(jnp.int32)
+
+
+def annealed(seed, step, ratio, segment_ids=None) -> AttentionPattern:
+    return AttentionPattern("annealed", jnp.asarray(seed, jnp.int32), jnp.asarray(step, jnp.int32),
+                            ratio_to_threshold(ratio), segment_ids)
+
+
+def anneal_ratio(step, anneal_steps: int) -> jax.Array:
+    """``r(step) = min(1, (step + 1) / anneal_steps)``; ``anneal_steps = 0`` means full attention."""
+    if anneal_steps <= 0:
+        return jnp.float32(1.0)
+    return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / anneal_steps)
+
+
+def for_training(step, anneal_steps: int, seed=0, segment_ids=None) -> AttentionPattern:
+    """The pattern of training step ``step`` (SPEC 3): full once the ramp is over."""
+    if anneal_steps <= 0:
+        return full(segment_ids)
+    return annealed(seed, step, anneal_ratio(step, anneal_steps), segment_ids)
+
+
+def _fmix32(x):
+    """murmur3's 32-bit finaliser: a cheap bijective avalanche on uint32 (wraps by design)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def pattern_hash(seed, step, q_idx, k_idx):
+    """uint32 hash of ``(seed, step, query, key)``; broadcasts over its integer arguments.
+
+    Only integer multiply, xor and shift: cheap on the TPU vector unit and exactly reproducible on
+    every backend, which is the point (no hardware PRNG).
+    """
+    u = lambda v: jnp.asarray(v).astype(jnp.uint32)
+    h = _fmix32(u(seed) * jnp.uint32(0x9E3779B9) + u(step))
+    h = _fmix32(h ^ (u(q_idx) * jnp.uint32(0x27D4EB2F)))
+    return _fmix32(h ^ (u(k_idx) * jnp.uint32(0x165667B1)))
+
+
+def is_open(pattern: AttentionPattern, q_idx, k_idx, q_seg=None, k_seg=None):
+    """Boolean: may query ``q_idx`` attend to key ``k_idx``? Broadcasts; used in and out of kernels."""
+    q_idx = jnp.asarray(q_idx)
+    k_idx = jnp.asarray(k_idx)
+    if pattern.kind == "full":
+        allowed = jnp.ones(jnp.broadcast_shapes(q_idx.shape, k_idx.shape), bool)
+    else:
+        allowed = k_idx <= q_idx
+        if pattern.kind == "annealed":
+            bits = (pattern_hash(pattern.seed, pattern.step, q_idx, k_idx) >> 8).astype(jnp.int32)
+            allowed = allowed | (bits < pattern.threshold)
+    if q_seg is not None:
+        allowed = allowed & (q_seg == k_seg)
+    return allowed
+
+
+def dense_mask(pattern: AttentionPattern, q_len: int, kv_len: int | None = None) -> jax.Array:
+    """The dense boolean mask: ``[L, L]``, or ``[B, L, L]`` when the pattern has segment ids."""
+    kv_len = q_len if kv_len is None else kv_len
+    q = jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    k = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    if pattern.segment_ids is None:
+        return is_open(pattern, q, k)
+    seg = jnp.asarray(pattern.segment_ids)
+    return is_open(pattern, q[None], k[None], seg[:, :, None], seg[:, None, :])

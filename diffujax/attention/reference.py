@@ -1,0 +1,31 @@
+"""Reference attention in plain XLA: the ground truth for every kernel and the CPU default."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffujax.attention.pattern import AttentionPattern, dense_mask
+
+
+def reference_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
+    """Softmax attention with a dense mask built from ``pattern``.
+
+    q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, KVH, D]`` with ``H`` a multiple of ``KVH`` (grouped-query
+    attention: each K/V head serves ``H // KVH`` query heads, no repeated copy is made).
+    Scores and softmax are float32; the output has q's dtype.
+    """
+    b, lq, h, d = q.shape
+    lk, kvh = k.shape[1], k.shape[2]
+    if h % kvh:
+        raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, lq, kvh, h // kvh, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = dense_mask(pattern, lq, lk)
+    mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, h, d).astype(q.dtype)

@@ -1,0 +1,61 @@
+"""``diffujax`` command line: convert | export | default-model | eval | generate | train | demo.
+
+Each subcommand lives with its concern and exposes ``add_<name>_args(parser)`` and
+``run_<name>(args) -> int``; this file only wires them up (imported lazily so ``--help`` is quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "convert": ("diffujax.checkpoint.commands", "Hugging Face directory -> diffujax checkpoint"),
+    "export": ("diffujax.checkpoint.commands", "diffujax checkpoint -> Hugging Face safetensors"),
+    "default-model": ("diffujax.checkpoint.commands",
+                      "materialise and convert the embedded SmolLM2-135M-Instruct; print its path"),
+    "eval": ("diffujax.evaluate", "perplexity: AR or diffusion ELBO bound"),
+    "generate": ("diffujax.generate", "sample or infill text with a diffusion sampler"),
+    "train": ("diffujax.train.loop", "diffusion (pre-)training from a YAML config"),
+    "demo": ("diffujax.demo", "the README's main job on the embedded default model"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit status 2."""
+
+
+def _fn(command: str, verb: str):
+    module = importlib.import_module(COMMANDS[command][0])
+    return getattr(module, f"{verb}_{command.replace('-', '_')}_args" if verb == "add"
+                   else f"{verb}_{command.replace('-', '_')}")
+
+
+def build_parser(argv) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffujax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only import the module of the subcommand being run
+            _fn(name, "add")(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(_fn(args.command, "run")(args) or 0)
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
+        # Bad input: one clear line naming what is at fault, no traceback, non-zero exit.
+        print(f"diffujax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

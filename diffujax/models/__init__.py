@@ -1,0 +1,45 @@
+"""Networks only (no diffusion): GPT-2 and the LLaMA family behind one face.
+
+    model = create_model(config, seed=0)          # an NNX module
+    logits = model(tokens, pattern)               # [B, L, V] float32
+    apply_fn, params = functional(model)          # pure: apply_fn(params, tokens, pattern)
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from diffujax.models import gpt2, llama
+from diffujax.models.configs import GPT2Config, LlamaConfig, ModelConfig, config_from_hf
+from diffujax.models.params import ParamSpec
+
+_FAMILIES = {"gpt2": (gpt2.GPT2, gpt2.param_specs), "llama": (llama.Llama, llama.param_specs)}
+
+
+def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
+    return _FAMILIES[config.family][1](config)
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
+    return _FAMILIES[config.family][0](config, jax.random.key(seed))
+
+
+def abstract_model(config: ModelConfig) -> nnx.Module:
+    """The model with ShapeDtypeStruct leaves: no memory allocated (for restore targets)."""
+    return nnx.eval_shape(lambda: create_model(config))
+
+
+def functional(model: nnx.Module):
+    """Split a model into a pure ``apply_fn(params, tokens, pattern, positions=None)`` and its
+    parameter state (an ``nnx.State`` pytree): jit functions of the state, not of the module."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def apply_fn(params, tokens, pattern, positions=None):
+        return nnx.merge(graphdef, params)(tokens, pattern, positions)
+
+    return apply_fn, params
+
+
+__all__ = ["GPT2Config", "LlamaConfig", "ModelConfig", "abstract_model", "config_from_hf",
+           "create_model", "functional", "param_specs"]
