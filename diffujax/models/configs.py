@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, ClassVar
 
 
@@ -31,8 +32,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"  # auto | xla | pallas_tpu | splash | cudnn | pallas_gpu
     remat: str = "none"  # none | full | dots: what the backward pass recomputes per layer
-    # Keys of the source config.json that diffujax does not model but must write back on export.
-    extra_hf: tuple[tuple[str, Any], ...] = ()
+    # Keys of the source config.json that diffujax does not model but writes back on export, as
+    # canonical JSON so the config stays hashable (it is static under jit).
+    extra_hf: str = "{}"
 
     @property
     def head_dim(self) -> int:
@@ -42,11 +44,23 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _extra_json(hf: dict, modeled) -> str:
+    return json.dumps({k: v for k, v in hf.items() if k not in modeled}, sort_keys=True)
+
+
 def _first_id(value):
-    """HF allows a list of EOS ids; diffujax keeps the first (the rest go back via extra_hf)."""
+    """HF allows a list of EOS ids; diffujax uses the first. The original value is kept in
+    ``extra_hf`` (special-token keys are not in ``_MODELED``) and written back on export."""
     if isinstance(value, (list, tuple)):
         return int(value[0]) if value else None
     return None if value is None else int(value)
+
+
+def _special_ids(hf: dict, cfg: "ModelConfig") -> None:
+    """Write bos/eos/pad ids, keeping the source's own spelling (a list of EOS ids stays a list)."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in hf and getattr(cfg, key) is not None:
+            hf[key] = getattr(cfg, key)
 
 
 def _require(hf: dict, key: str, arch: str):
@@ -64,8 +78,7 @@ class GPT2Config(ModelConfig):
 
     _MODELED: ClassVar[tuple[str, ...]] = (
         "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
-        "activation_function", "tie_word_embeddings", "mask_token_id", "bos_token_id",
-        "eos_token_id", "pad_token_id", "architectures", "model_type", "torch_dtype", "dtype",
+        "activation_function", "tie_word_embeddings", "mask_token_id", "architectures", "model_type", "torch_dtype", "dtype",
         "n_ctx", "transformers_version",
     )
 
@@ -94,23 +107,21 @@ class GPT2Config(ModelConfig):
             max_positions=int(hf.get("n_positions", 1024)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             activation=act,
-            extra_hf=tuple(sorted((k, v) for k, v in hf.items() if k not in cls._MODELED)),
+            extra_hf=_extra_json(hf, cls._MODELED),
         )
         return cfg.replace(**overrides)
 
     def to_hf(self) -> dict:
-        hf = dict(self.extra_hf)
+        hf = json.loads(self.extra_hf)
         hf.update(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=self.vocab_size,
             n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
             n_inner=None if self.intermediate_size == 4 * self.hidden_size else self.intermediate_size,
             n_positions=self.max_positions, n_ctx=self.max_positions,
             layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
         )
-        if self.pad_token_id is not None:
-            hf["pad_token_id"] = self.pad_token_id
+        _special_ids(hf, self)
         if self.mask_token_id is not None:
             hf["mask_token_id"] = self.mask_token_id
         return hf
@@ -131,7 +142,7 @@ class LlamaConfig(ModelConfig):
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rms_norm_eps",
         "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
-        "mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "architectures",
+        "mask_token_id", "architectures",
         "model_type", "torch_dtype", "dtype", "hidden_act", "attention_bias", "mlp_bias",
         "transformers_version", "sliding_window",
     )
@@ -186,21 +197,21 @@ class LlamaConfig(ModelConfig):
             rope_theta=theta,
             rope_scaling=rope_scaling,
             explicit_head_dim=int(head_dim) if head_dim and int(head_dim) != hidden // heads else None,
-            extra_hf=tuple(sorted((k, v) for k, v in hf.items() if k not in cls._MODELED)),
+            extra_hf=_extra_json(hf, cls._MODELED),
         )
         return cfg.replace(**overrides)
 
     def to_hf(self) -> dict:
-        hf = dict(self.extra_hf)
+        hf = json.loads(self.extra_hf)
         hf.update(
             architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
             intermediate_size=self.intermediate_size, max_position_embeddings=self.max_positions,
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, hidden_act="silu",
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id, attention_bias=False, mlp_bias=False,
+            tie_word_embeddings=self.tie_word_embeddings, attention_bias=False, mlp_bias=False,
         )
+        _special_ids(hf, self)
         if self.explicit_head_dim:
             hf["head_dim"] = self.explicit_head_dim
         if self.rope_scaling and self.rope_scaling[0] == "llama3":
@@ -211,8 +222,6 @@ class LlamaConfig(ModelConfig):
             hf["rope_scaling"] = dict(rope_type="linear", factor=self.rope_scaling[1])
         else:
             hf["rope_scaling"] = None
-        if self.pad_token_id is not None:
-            hf["pad_token_id"] = self.pad_token_id
         if self.mask_token_id is not None:
             hf["mask_token_id"] = self.mask_token_id
         return hf

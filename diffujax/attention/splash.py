@@ -1,0 +1,89 @@
+"""JAX's bundled splash attention (Pallas TPU) behind the diffujax attention contract.
+
+When to prefer it (expectation, not measurement: this was written without TPU access; run
+``benchmarks/attention.py`` on the target chip and let the numbers decide):
+
+- ``causal`` / ``full``, with or without segment ids: splash is Google's tuned production kernel
+  (static block-sparsity tables, fused variants); it is the default of ``backend="auto"`` on TPU
+  for these kinds.
+- ``annealed``: splash has no in-kernel hash, so the pattern goes in as a dense ``[1, L, L]``
+  boolean mask shared by every head (``dense_annealed=True``). That reads about ``L^2`` mask bytes
+  per head and pass and cannot skip future blocks while the ratio is above 0; the in-kernel-hash
+  kernel (``diffujax.attention.tpu``) avoids both, so ``auto`` sends annealed patterns there.
+
+Contract differences handled here: splash takes no softmax scale (q is pre-scaled, in f32 then
+cast back to q's dtype), works per example on ``[H, L, D]`` (vmapped over the batch), and needs
+the length to be a multiple of its blocks, which are multiples of 128. Inside ``shard_map`` it
+needs ``check_vma=False`` (its mask tables are unvarying constants next to varying q/k/v).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+from diffujax.attention.pattern import AttentionPattern, dense_mask
+
+DEFAULT_BLOCK = 512
+
+
+def _blocks(seq_len: int, block: int) -> sa.BlockSizes:
+    if seq_len % 128:
+        raise ValueError(f"splash attention needs a length that is a multiple of 128, got "
+                         f"{seq_len}; use backend='pallas_tpu' (pads internally) instead")
+    b = block
+    while seq_len % b:  # largest multiple of 128 <= block dividing the length
+        b -= 128
+    return sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
+@functools.lru_cache(maxsize=32)
+def _static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool):
+    shape = (seq_len, seq_len)
+    mask = sa.CausalMask(shape) if kind == "causal" else sa.FullMask(shape)
+    return sa.make_splash_mha_single_device(sa.MultiHeadMask([mask] * heads),
+                                            block_sizes=_blocks(seq_len, block),
+                                            interpret=interpret)
+
+
+def _dynamic_kernel(mask, block_sizes, interpret):
+    kernel = sa.make_splash_mha_single_device(mask, block_sizes=block_sizes, interpret=interpret)
+    # Built under jit, the ``is_dynamic_mask`` flag of the mask tables becomes a traced bool
+    # (a pytree leaf passed through jnp.array) which splash then tests in Python: restore it.
+    fix = lambda info: None if info is None else info._replace(is_dynamic_mask=True)
+    kernel.fwd_mask_info = fix(kernel.fwd_mask_info)
+    kernel.dq_mask_info = fix(kernel.dq_mask_info)
+    kernel.dkv_mask_info = fix(kernel.dkv_mask_info)
+    return kernel
+
+
+def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
+                     block: int = DEFAULT_BLOCK, dense_annealed: bool = False,
+                     interpret: bool = False):
+    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` via splash attention."""
+    b, seq_len, h, d = q.shape
+    if k.shape[1] != seq_len:
+        raise ValueError("splash_attention here is self-attention only")
+    if pattern.kind == "annealed":
+        if not dense_annealed:
+            raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
+                             "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
+        plain = AttentionPattern(pattern.kind, pattern.seed, pattern.step, pattern.threshold)
+        kernel = _dynamic_kernel(dense_mask(plain, seq_len)[None], _blocks(seq_len, block),
+                                 interpret)
+    else:
+        kernel = _static_kernel(pattern.kind, seq_len, h, block, bool(interpret))
+    scale = d ** -0.5 if scale is None else scale
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qs, k, v))  # [B, heads, L, D]
+    if pattern.segment_ids is None:
+        out = jax.vmap(kernel)(qh, kh, vh)
+    else:
+        seg = jnp.asarray(pattern.segment_ids, jnp.int32)
+        out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sa.SegmentIds(s, s)))(
+            qh, kh, vh, seg)
+    return jnp.swapaxes(out, 1, 2)

@@ -1,0 +1,587 @@
+"""Blockwise (flash) attention for TPU in Pallas/Mosaic, with the attention pattern hashed in-kernel.
+
+Why a kernel of our own: the annealed pattern (SPEC 3) is a random ``L x L`` matrix that changes
+every step. This kernel regenerates any tile of it from ``(seed, step, q, k)`` by calling
+``pattern.is_open`` on iota tile indices, so no ``L x L`` array is ever read or stored, and the
+scalars ``seed/step/threshold`` arrive through scalar prefetch (SMEM): a new step or a new ratio
+never recompiles.
+
+Layout: the public entry takes ``[B, L, H, D]`` like the reference and works internally on
+``[B, H, L, D]`` so every block is a ``(rows, D)`` tile with ``D`` on the lanes (the transposes are
+plain XLA ops outside the kernels; a model that produces heads-major tensors could skip them).
+
+Kernels (all with f32 online softmax / f32 accumulators, bf16 or f32 inputs):
+
+- forward, grid ``(B, H, q blocks, kv blocks)``: writes ``o`` and the row log-sum-exp.
+- dq, grid ``(B, H, q blocks, kv blocks)``.
+- dk/dv, grid ``(B, KVH, kv blocks, group, q blocks)``: works on the transposed score tile
+  ``k q^T`` so the per-query statistics (lse, delta) are lane rows and need no transpose, and
+  accumulates over the ``H // KVH`` query heads of a group in VMEM: repeated K/V (or their
+  gradients) never exist in HBM. In the forward and dq kernels each query head reads its group's
+  K/V block through the index map (``h // group``).
+
+Block classification (per ``(q block, kv block)``, from program ids and the SMEM scalars):
+
+- skipped (no compute, and the index map re-points the DMA at a block already resident so no copy
+  is issued): kv blocks entirely in the future of the q block for ``causal`` and for ``annealed``
+  with threshold 0; kv blocks made only of padding.
+  For ``annealed`` with threshold > 0 a future block is in general partly open: never skipped.
+- unmasked fast path (no iota / hash / where): ``full`` always; ``causal`` and ``annealed`` for
+  blocks entirely at or below the diagonal, and every block of ``annealed`` at threshold ``2^24``
+  (ratio 1); never when segment ids are given (segment masks are data) or when the block holds
+  padded keys.
+- otherwise masked: ``is_open`` on the tile (the hash costs three murmur finalisers, the first two
+  of which are computed on the scalar / per-row vector only, thanks to broadcasting).
+
+Lengths that are not a multiple of the blocks are padded inside the wrapper; padded keys are
+masked (by position) and padded query rows are cut off. Every real query row sees at least its
+own key (diagonal), so no row is ever fully masked; rows that are fully masked would differ from
+the reference (which spreads them uniformly), but none of the patterns produce them.
+
+Block sizes are multiples of 128 by default (lanes); small multiples of 8 are accepted for tests
+in interpret mode. The per-generation defaults below are starting points that have NOT been tuned
+on hardware (this code was written without TPU access): run ``benchmarks/attention.py`` on the
+target chip and adjust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
+
+LANES = 128
+# Finite, so that (masked - masked) is 0, never NaN; far below any real score.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes. ``*_bwd`` are used by both backward kernels (default: the forward ones)."""
+    block_q: int = 512
+    block_kv: int = 512
+    block_q_bwd: int | None = None
+    block_kv_bwd: int | None = None
+    vmem_limit_bytes: int | None = None
+
+    def bwd(self) -> tuple[int, int]:
+        return (self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv)
+
+
+# Untuned starting points (see module docstring). v4 and v5p have two TensorCores per chip (the
+# "parallel" grid axes are split across them); v5e/v6e have one, with more VMEM on v6e.
+_DEFAULTS = {
+    "v4": BlockSizes(512, 512, 512, 256),
+    "v5e": BlockSizes(512, 512, 512, 512),
+    "v5p": BlockSizes(512, 512, 512, 512),
+    "v6e": BlockSizes(1024, 512, 512, 512),
+}
+
+
+def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    kind = device_kind.lower()
+    if "v6" in kind:
+        return _DEFAULTS["v6e"]
+    if "v5" in kind and ("lite" in kind or "v5e" in kind):
+        return _DEFAULTS["v5e"]
+    if "v5" in kind:
+        return _DEFAULTS["v5p"]
+    if "v4" in kind:
+        return _DEFAULTS["v4"]
+    return BlockSizes()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Everything static about one call (hashable: it is a ``custom_vjp`` nondiff argument)."""
+    kind: str
+    segmented: bool
+    seq_len: int      # real length L
+    padded_len: int   # Lp, a multiple of every block size
+    bq: int
+    bkv: int
+    bq_bwd: int
+    bkv_bwd: int
+    scale: float
+    groups: int       # query heads per K/V head
+    interpret: Any
+    vmem_limit_bytes: int | None
+
+    @property
+    def padded(self) -> bool:
+        return self.padded_len != self.seq_len
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _layout(seq_len: int, blocks: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Padded length and the (possibly shrunk) blocks for a sequence of ``seq_len``."""
+    for b in blocks:
+        if b <= 0 or b % 8:
+            raise ValueError(f"attention block sizes must be positive multiples of 8, got {blocks}")
+    short = _round_up(seq_len, 8)
+    if max(blocks) >= short:
+        # Short sequence: blocks no larger than the (8-aligned) sequence; one block if they do
+        # not tile it. A block equal to the whole padded axis is always a legal TPU block.
+        blocks = tuple(min(b, short) for b in blocks)
+        if any(short % b for b in blocks):
+            blocks = tuple(short for _ in blocks)
+        return short, blocks
+    return _round_up(seq_len, math.lcm(*blocks)), blocks
+
+
+def _lanes(x, n: int):
+    """A lane-replicated ``(rows, LANES)`` statistic as ``(rows, n)``."""
+    w = x.shape[1]
+    if n == w:
+        return x
+    if n < w:
+        return x[:, :n]
+    if n % w == 0:
+        return jnp.tile(x, (1, n // w))
+    return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
+
+
+def _pattern(cfg: _Cfg, s_ref) -> AttentionPattern:
+    return AttentionPattern(cfg.kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2])
+
+
+def _block_status(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
+    """``(run, needs_mask)`` for q block ``i`` x kv block ``j``: traced scalar booleans."""
+    q_lo = i * bq
+    q_hi = q_lo + (bq - 1)
+    k_lo = j * bkv
+    k_hi = k_lo + (bkv - 1)
+    true = jnp.bool_(True)
+    run = (k_lo < cfg.seq_len) if cfg.padded else true
+    mask = (k_hi >= cfg.seq_len) if cfg.padded else jnp.bool_(False)
+    if cfg.kind == "causal":
+        run = run & (k_lo <= q_hi)
+        mask = mask | (k_hi > q_lo)
+    elif cfg.kind == "annealed":
+        run = run & ((k_lo <= q_hi) | (thr > 0))
+        mask = mask | ((k_hi > q_lo) & (thr < FULL_THRESHOLD))
+    if cfg.segmented:
+        mask = true
+    return run, mask
+
+
+def _div(x, n: int):
+    # Non-negative operands: truncating division (floor division on traced ints lowers through
+    # ``sign``, which Mosaic's scalar path does not need).
+    return lax.div(x, jnp.int32(n))
+
+
+def _kv_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
+    """The kv block to DMA for grid point (i, j): skipped blocks re-point at a needed one."""
+    last = (cfg.seq_len - 1) // bkv
+    if cfg.kind in ("causal", "annealed"):
+        diag = jnp.minimum(_div((i + 1) * bq - 1, bkv), last)
+        if cfg.kind == "causal":
+            last = diag
+        else:
+            last = jnp.where(thr > 0, last, diag)
+    return jnp.minimum(j, last)
+
+
+def _q_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
+    """The q block to DMA for grid point (kv block j, q block i) of the dk/dv kernel."""
+    if cfg.kind in ("causal", "annealed"):
+        first = _div(j * bkv, bq)
+        if cfg.kind == "annealed":
+            first = jnp.where(thr > 0, 0, first)
+        return jnp.maximum(i, first)
+    return i
+
+
+def _allowed(cfg: _Cfg, s_ref, q_idx, k_idx, q_seg, k_seg):
+    ok = is_open(_pattern(cfg, s_ref), q_idx, k_idx, q_seg, k_seg)
+    if cfg.padded:
+        ok = ok & (k_idx < cfg.seq_len)
+    return ok
+
+
+def _when_status(run, mask, body):
+    """Run ``body(masked=...)`` under the right branch (two copies: the fast one has no mask)."""
+    @pl.when(run & mask)
+    def _():
+        body(True)
+
+    @pl.when(run & jnp.logical_not(mask))
+    def _():
+        body(False)
+
+
+def _compiler_params(cfg: _Cfg, semantics):
+    return pltpu.CompilerParams(dimension_semantics=semantics,
+                                vmem_limit_bytes=cfg.vmem_limit_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
+    else:
+        o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
+    bq, bkv = cfg.bq, cfg.bkv
+    i, j = pl.program_id(2), pl.program_id(3)
+    nk = pl.num_programs(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def body(masked: bool):
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        if masked:
+            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+            q_seg = _lanes(qseg_ref[...], bkv) if cfg.segmented else None
+            k_seg = kseg_ref[...] if cfg.segmented else None
+            s = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        m_prev = m_scr[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp(s - _lanes(m_new, bkv))
+        alpha = jnp.exp(m_prev - m_new)
+        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        m_scr[...] = m_new
+        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        acc_scr[...] = acc_scr[...] * _lanes(alpha, acc_scr.shape[1]) + pv
+
+    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
+    _when_status(run, mask, body)
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        l = l_scr[...]
+        l = jnp.where(l == 0.0, 1.0, l)  # unreachable for our patterns; keeps padding finite
+        o_ref[...] = (acc_scr[...] / _lanes(l, acc_scr.shape[1])).astype(o_ref.dtype)
+        lse = m_scr[...] + jnp.log(l)  # (bq, LANES), lanes equal
+        lse_ref[...] = lse.T[:1].astype(lse_ref.dtype)  # (1, bq): a lane row
+
+
+def _seg_forms(seg):
+    """Segment ids [B, Lp] as a lane row ``[B, 1, Lp]`` and a lane-replicated column ``[B, Lp, 128]``."""
+    return seg[:, None, :], jnp.broadcast_to(seg[:, :, None], (*seg.shape, LANES))
+
+
+def _forward(cfg: _Cfg, scalars, q, k, v, seg):
+    b, h, lp, d = q.shape
+    kvh = k.shape[1]
+    bq, bkv = cfg.bq, cfg.bkv
+    g = cfg.groups
+    grid = (b, h, lp // bq, lp // bkv)
+
+    def q_map(bi, hi, i, j, s):
+        return bi, hi, i, 0
+
+    def kv_map(bi, hi, i, j, s):
+        return bi, _div(hi, g), _kv_block(cfg, s[2], i, j, bq, bkv), 0
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map)]
+    args = [q, k, v]
+    if cfg.segmented:
+        seg_row, seg_col = _seg_forms(seg)
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, s: (bi, i, 0)),
+                     pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j, s: (
+                         bi, 0, _kv_block(cfg, s[2], i, j, bq, bkv)))]
+        args += [seg_col, seg_row]
+    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, s: (bi, hi, 0, i))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, 1, lp), jnp.float32)]
+    itemsize = q.dtype.itemsize
+    cost = pl.CostEstimate(flops=4 * b * h * lp * lp * d, transcendentals=b * h * lp * lp,
+                           bytes_accessed=itemsize * (2 * b * h * lp * d
+                                                      + 2 * b * kvh * lp * d * (lp // bq)))
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=cfg.interpret,
+        name="diffujax_flash_fwd",
+    )(scalars, *args)
+    return o, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dq
+
+
+def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, dq_ref, acc_scr, lse_scr, dl_scr = rest
+    else:
+        dq_ref, acc_scr, lse_scr, dl_scr = rest
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    i, j = pl.program_id(2), pl.program_id(3)
+    nk = pl.num_programs(3)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        # lse/delta arrive as lane rows (1, bq); make lane-replicated columns once per q block.
+        lse_scr[...] = jnp.broadcast_to(lse_ref[...], (LANES, bq)).T
+        dl_scr[...] = jnp.broadcast_to(dl_ref[...], (LANES, bq)).T
+
+    def body(masked: bool):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        if masked:
+            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+            q_seg = _lanes(qseg_ref[...], bkv) if cfg.segmented else None
+            k_seg = kseg_ref[...] if cfg.segmented else None
+            s = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        p = jnp.exp(s - _lanes(lse_scr[...], bkv))
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - _lanes(dl_scr[...], bkv))
+        acc_scr[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                        preferred_element_type=jnp.float32)
+
+    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
+    _when_status(run, mask, body)
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        dq_ref[...] = (acc_scr[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    b, h, lp, d = q.shape
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    g = cfg.groups
+
+    def q_map(bi, hi, i, j, s):
+        return bi, hi, i, 0
+
+    def kv_map(bi, hi, i, j, s):
+        return bi, _div(hi, g), _kv_block(cfg, s[2], i, j, bq, bkv), 0
+
+    def row_map(bi, hi, i, j, s):
+        return bi, hi, 0, i
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map),
+                pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, 1, bq), row_map),
+                pl.BlockSpec((None, None, 1, bq), row_map)]
+    args = [q, k, v, do, lse, delta]
+    if cfg.segmented:
+        seg_row, seg_col = _seg_forms(seg)
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, s: (bi, i, 0)),
+                     pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j, s: (
+                         bi, 0, _kv_block(cfg, s[2], i, j, bq, bkv)))]
+        args += [seg_col, seg_row]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, h, lp // bq, lp // bkv), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=8 * b * h * lp * lp * d,
+                                      transcendentals=b * h * lp * lp,
+                                      bytes_accessed=q.dtype.itemsize * 6 * b * h * lp * d),
+        interpret=cfg.interpret,
+        name="diffujax_flash_dq",
+    )(scalars, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dk, dv (transposed tiles: rows are keys, lanes are queries)
+
+
+def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
+    else:
+        dk_ref, dv_ref, dk_scr, dv_scr = rest
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    ng, nq = pl.num_programs(3), pl.num_programs(4)
+
+    @pl.when((gi == 0) & (i == 0))
+    def _init():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def body(masked: bool):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        if masked:
+            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+            q_seg = qseg_ref[...] if cfg.segmented else None
+            k_seg = _lanes(kseg_ref[...], bq) if cfg.segmented else None
+            st = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), st, MASK_VALUE)
+        pt = jnp.exp(st - lse_ref[...])  # (bkv, bq) - (1, bq)
+        dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
+                                       preferred_element_type=jnp.float32)
+        dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+        dst = pt * (dpt - dl_ref[...])
+        dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, _NN,
+                                       preferred_element_type=jnp.float32)
+
+    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
+    _when_status(run, mask, body)
+
+    @pl.when((gi == ng - 1) & (i == nq - 1))
+    def _finish():
+        dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    b, h, lp, d = q.shape
+    kvh = k.shape[1]
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    g = cfg.groups
+
+    def q_map(bi, hk, j, gi, i, s):
+        return bi, hk * g + gi, _q_block(cfg, s[2], i, j, bq, bkv), 0
+
+    def kv_map(bi, hk, j, gi, i, s):
+        return bi, hk, j, 0
+
+    def row_map(bi, hk, j, gi, i, s):
+        return bi, hk * g + gi, 0, _q_block(cfg, s[2], i, j, bq, bkv)
+
+    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map),
+                pl.BlockSpec((None, None, bkv, d), kv_map),
+                pl.BlockSpec((None, None, bq, d), q_map),
+                pl.BlockSpec((None, None, 1, bq), row_map),
+                pl.BlockSpec((None, None, 1, bq), row_map)]
+    args = [q, k, v, do, lse, delta]
+    if cfg.segmented:
+        seg_row, seg_col = _seg_forms(seg)
+        in_specs += [pl.BlockSpec((None, 1, bq), lambda bi, hk, j, gi, i, s: (
+                         bi, 0, _q_block(cfg, s[2], i, j, bq, bkv))),
+                     pl.BlockSpec((None, bkv, LANES), lambda bi, hk, j, gi, i, s: (bi, j, 0))]
+        args += [seg_row, seg_col]
+    out_spec = pl.BlockSpec((None, None, bkv, d), kv_map)
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, kvh, lp // bkv, g, lp // bq), in_specs=in_specs,
+            out_specs=[out_spec, out_spec],
+            scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32),
+                            pltpu.VMEM((bkv, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(
+            cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=8 * b * h * lp * lp * d,
+                                      transcendentals=b * h * lp * lp,
+                                      bytes_accessed=q.dtype.itemsize * 6 * b * h * lp * d),
+        interpret=cfg.interpret,
+        name="diffujax_flash_dkv",
+    )(scalars, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp on the heads-major, padded layout
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Cfg, scalars, q, k, v, seg):
+    return _forward(cfg, scalars, q, k, v, seg)[0]
+
+
+def _flash_fwd(cfg, scalars, q, k, v, seg):
+    o, lse = _forward(cfg, scalars, q, k, v, seg)
+    return o, (scalars, q, k, v, seg, o, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    scalars, q, k, v, seg, o, lse = res
+    # delta_i = sum_d o_id * do_id: the softmax-backward correction, one f32 per query row.
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
+    dq = _dq(cfg, scalars, q, k, v, do, lse, delta, seg)
+    dk, dv = _dkv(cfg, scalars, q, k, v, do, lse, delta, seg)
+    return None, dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def pattern_scalars(pattern: AttentionPattern) -> jax.Array:
+    """``[seed, step, threshold]`` as int32: the kernel's scalar-prefetch operand."""
+    return jnp.stack([jnp.asarray(x, jnp.int32).reshape(())
+                      for x in (pattern.seed, pattern.step, pattern.threshold)])
+
+
+def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+    """Pallas TPU flash attention; same contract as ``reference_attention``.
+
+    q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` (self-attention: equal lengths), ``H % KVH == 0``.
+    ``interpret``: ``True`` (fast generic interpreter, runs on CPU) or a ``pltpu.InterpretParams``
+    (the TPU-semantics interpreter: slower, checks more).
+    """
+    b, lq, h, d = q.shape
+    lk, kvh = k.shape[1], k.shape[2]
+    if lq != lk:
+        raise ValueError(f"flash_attention is self-attention only: q length {lq} != kv {lk}")
+    if h % kvh:
+        raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} differ")
+    if block_sizes is None:
+        block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
+    bq_b, bkv_b = block_sizes.bwd()
+    lp, (bq, bkv, bq_b, bkv_b) = _layout(
+        lq, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
+    cfg = _Cfg(kind=pattern.kind, segmented=pattern.segment_ids is not None, seq_len=lq,
+               padded_len=lp, bq=bq, bkv=bkv, bq_bwd=bq_b, bkv_bwd=bkv_b,
+               scale=float(d ** -0.5 if scale is None else scale), groups=h // kvh,
+               interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+
+    def prep(x):
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, lp - lq), (0, 0))) if lp != lq else x
+
+    seg = None
+    if cfg.segmented:
+        seg = jnp.asarray(pattern.segment_ids, jnp.int32)
+        if seg.shape != (b, lq):
+            raise ValueError(f"segment_ids {seg.shape} != (batch, length) {(b, lq)}")
+        if lp != lq:
+            seg = jnp.pad(seg, ((0, 0), (0, lp - lq)))
+    out = _flash(cfg, pattern_scalars(pattern), prep(q), prep(k), prep(v), seg)
+    return jnp.swapaxes(out[:, :, :lq], 1, 2)

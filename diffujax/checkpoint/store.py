@@ -1,0 +1,192 @@
+"""The diffujax model checkpoint: a directory any diffujax command can load.
+
+    config.json     the model config as a Hugging Face config dict (incl. mask_token_id), with a
+                    "diffujax" section: format version and how to write the weights back to HF
+    params/         the parameters, saved by orbax: a tree laid out as the ``param_specs`` paths
+                    (stacked per-layer weights, diffujax layout)
+    tokenizer.json, tokenizer_config.json, ...   tokenizer files, copied along
+    .complete       written last: a directory without it is an interrupted write
+
+``load`` restores straight into the shardings it is given (abstract targets carry them), so a
+model is never materialised whole on one device when a mesh is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from diffujax.checkpoint import tree
+from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
+from diffujax.checkpoint.keymaps import embedding_path
+from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.models import param_specs
+from diffujax.models.configs import ModelConfig
+
+FORMAT = 1
+PARAMS = "params"
+COMPLETE = ".complete"
+
+
+@contextlib.contextmanager
+def atomic_directory(dst, overwrite: bool = False):
+    """Yield a fresh temporary directory next to ``dst``; on success it is renamed to ``dst``
+    (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst."""
+    dst = pathlib.Path(dst).expanduser().absolute()
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    try:
+        yield tmp
+        if dst.exists():
+            if not overwrite:  # appeared while we were writing
+                raise CheckpointError(f"{dst}: already exists (created by another process?)")
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.rename(dst, old / "x")
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Mapping | None = None):
+    """Write config.json and params/ into the (existing, empty) ``directory``; no marker."""
+    directory = pathlib.Path(directory).absolute()
+    hf = config.to_hf()
+    hf["dtype"] = dtype_name(np.asarray(params[embedding_path(config)][:0]).dtype)
+    hf["diffujax"] = {"format": FORMAT, "hf_naming": (layout or {}).get("naming", "transformers"),
+                      "hf_tied_head_stored": bool((layout or {}).get("tied_head_stored", False))}
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    ckptr = _checkpointer()
+    try:
+        ckptr.save(directory / PARAMS, tree.nest(dict(params)))
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()
+
+
+def mark_complete(directory):
+    (pathlib.Path(directory) / COMPLETE).write_text("ok\n")
+
+
+def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=None,
+         overwrite: bool = False) -> pathlib.Path:
+    """Save a model (``params``: its ``nnx.State``, or a flat / nested dict of arrays) with its
+    config, and the tokenizer files found in ``tokenizer_from``. Single-process, atomic."""
+    flat = tree.from_state(config, params)
+    _check_shapes(config, flat, str(directory))
+    with atomic_directory(directory, overwrite) as tmp:
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+        write(tmp, config, flat, layout)
+        mark_complete(tmp)
+    return pathlib.Path(directory)
+
+
+def _check_shapes(config, flat, where):
+    for path, spec in param_specs(config).items():
+        if path not in flat:
+            raise CheckpointError(f"{where}: parameter {path!r} is missing")
+        if tuple(flat[path].shape) != spec.shape:
+            raise CheckpointError(f"{where}: parameter {path!r} has shape {tuple(flat[path].shape)},"
+                                  f" the config implies {spec.shape}")
+
+
+def read_meta(directory) -> tuple[ModelConfig, dict]:
+    """Config and the "diffujax" section of a checkpoint's config.json (checks completeness)."""
+    directory = pathlib.Path(directory)
+    if not (directory / COMPLETE).is_file():
+        what = "not a diffujax checkpoint" if not directory.exists() else "incomplete or not a diffujax checkpoint"
+        raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
+    _, config = read_config(directory)
+    meta = json.loads((directory / "config.json").read_text()).get("diffujax") or {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / 'config.json'}: unknown diffujax checkpoint format"
+                              f" {meta.get('format')!r} (expected {FORMAT})")
+    return config, meta
+
+
+def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
+    """Normalise ``shardings`` to a function of the spec path: None (first device), one Sharding
+    for all, a callable ``(path, ParamSpec) -> Sharding``, or a tree like the params."""
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda path: device
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda path: shardings
+    if callable(shardings) and not isinstance(shardings, (Mapping, nnx.State)):
+        specs = param_specs(config)
+        return lambda path: shardings(path, specs[path])
+    return tree.from_state(config, shardings).__getitem__
+
+
+def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
+    directory = pathlib.Path(directory).absolute()
+    ckptr = _checkpointer()
+    try:
+        stored = tree.flatten(ckptr.metadata(directory / PARAMS).item_metadata.tree)
+        specs = param_specs(config)
+        if set(stored) != set(specs):
+            raise CheckpointError(f"{directory / PARAMS}: parameters {sorted(set(stored) ^ set(specs))[:5]}"
+                                  " do not match the model in config.json")
+        sharding = _sharding_for(config, shardings)
+        target = {p: jax.ShapeDtypeStruct(specs[p].shape, dtype or stored[p].dtype, sharding=sharding(p))
+                  for p in specs}
+        for p in specs:
+            if tuple(stored[p].shape) != specs[p].shape:
+                raise CheckpointError(f"{directory / PARAMS}: parameter {p!r} has shape"
+                                      f" {tuple(stored[p].shape)}, config.json implies {specs[p].shape}")
+        return tree.flatten(ckptr.restore(directory / PARAMS, tree.nest(target)))
+    finally:
+        ckptr.close()
+
+
+def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.State]:
+    """``(config, params)``: ``params`` is the model's ``nnx.State`` (``nnx.merge`` it with the
+    graph of ``abstract_model(config)``, or use ``load_model``). ``dtype`` casts on restore;
+    ``shardings`` (see ``_sharding_for``) places each parameter as it is read. The config's
+    ``param_dtype`` is set to the dtype the parameters now have."""
+    config, _ = read_meta(directory)
+    dtype = parse_dtype(dtype)
+    flat = _restore(directory, config, dtype, shardings)
+    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    return config, tree.to_state(config, flat)
+
+
+def load_model(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.Module]:
+    config, params = load(directory, dtype=dtype, shardings=shardings)
+    return config, tree.merge_model(config, params)
+
+
+def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
+    """Host copies of the parameters as a flat dict, and the HF layout, for export."""
+    config, meta = read_meta(directory)
+    flat = _restore(directory, config, parse_dtype(dtype), None)
+    flat = {k: tree.to_numpy(v) for k, v in flat.items()}
+    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    layout = {"naming": meta.get("hf_naming", "transformers"),
+              "tied_head_stored": meta.get("hf_tied_head_stored", False)}
+    return config, flat, layout

@@ -1,0 +1,113 @@
+"""Tokenizer files travel with a checkpoint; this finds and adds the mask token in them."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+from diffujax.checkpoint.errors import CheckpointError
+
+# Files copied along with the weights (whichever exist). generation_config.json is not a
+# tokenizer file, but it holds the special ids generation uses, so it travels too.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+MASK_TOKEN = "<|mask|>"
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (pathlib.Path(src) / name).is_file():
+            shutil.copy2(pathlib.Path(src) / name, pathlib.Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def _load(directory, name):
+    path = pathlib.Path(directory) / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _dump(directory, name, obj):
+    (pathlib.Path(directory) / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+
+
+def _content(token):
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def token_ids(directory) -> dict[str, int]:
+    """Every token string the tokenizer files know -> id (base vocabulary and added tokens)."""
+    ids: dict[str, int] = {}
+    vocab = _load(directory, "vocab.json")
+    if isinstance(vocab, dict):
+        ids.update(vocab)
+    tok = _load(directory, "tokenizer.json")
+    if tok:
+        model_vocab = (tok.get("model") or {}).get("vocab")
+        if isinstance(model_vocab, dict):  # BPE / WordPiece / WordLevel
+            ids.update(model_vocab)
+        elif isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+            ids.update({piece[0]: i for i, piece in enumerate(model_vocab)})
+        ids.update({t["content"]: t["id"] for t in tok.get("added_tokens") or []})
+    ids.update(_load(directory, "added_tokens.json") or {})
+    config = _load(directory, "tokenizer_config.json") or {}
+    ids.update({t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()})
+    return ids
+
+
+def tokenizer_size(directory) -> int | None:
+    """Number of ids the tokenizer can produce (None when no readable vocabulary is there)."""
+    ids = token_ids(directory)
+    return max(ids.values()) + 1 if ids else None
+
+
+def find_mask_token(directory) -> int | None:
+    """The id of the tokenizer's own mask token, if it declares one."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        content = _content((_load(directory, name) or {}).get("mask_token"))
+        if content:
+            ids = token_ids(directory)
+            if content in ids:
+                return int(ids[content])
+    return None
+
+
+def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[str]:
+    """Add ``content`` as special token ``token_id`` to the tokenizer files in ``directory``
+    (edited in place) and declare it the mask token. Returns the files changed."""
+    changed = []
+    added = {"id": token_id, "content": content, "single_word": False, "lstrip": False,
+             "rstrip": False, "normalized": False, "special": True}
+    tok = _load(directory, "tokenizer.json")
+    if tok is not None:
+        tok.setdefault("added_tokens", []).append(added)
+        _dump(directory, "tokenizer.json", tok)
+        changed.append("tokenizer.json")
+    config = _load(directory, "tokenizer_config.json")
+    if config is not None:
+        config["mask_token"] = content
+        if "added_tokens_decoder" in config:  # transformers 4.x spelling of the added tokens
+            config["added_tokens_decoder"][str(token_id)] = {k: v for k, v in added.items() if k != "id"}
+        _dump(directory, "tokenizer_config.json", config)
+        changed.append("tokenizer_config.json")
+    special = _load(directory, "special_tokens_map.json")
+    if special is not None:
+        special["mask_token"] = content
+        _dump(directory, "special_tokens_map.json", special)
+        changed.append("special_tokens_map.json")
+    # Slow tokenizers (vocab.json + merges.txt, sentencepiece) read extra ids from added_tokens.json.
+    if tok is None and any((pathlib.Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model")):
+        extra = _load(directory, "added_tokens.json") or {}
+        extra[content] = token_id
+        _dump(directory, "added_tokens.json", extra)
+        changed.append("added_tokens.json")
+    return changed

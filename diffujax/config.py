@@ -1,0 +1,446 @@
+"""The run configuration: one validated dataclass tree, loaded from YAML plus ``key=value`` overrides.
+
+    cfg = load_config("configs/diffugpt_s.yaml", ["optimizer.peak_lr=1e-4", "mesh.shape.fsdp=8"])
+    print(to_yaml(cfg))
+
+Dotted keys reach nested fields; values are parsed as YAML scalars (``3e-4`` is accepted for a float
+although YAML 1.1 reads it as a string). An unknown key or a value of the wrong type is a
+``ConfigError`` that names the key, with a suggestion for near misses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, Mapping, Union
+
+import yaml
+
+from diffujax.models.configs import FAMILIES, ModelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Either ``checkpoint`` (a diffujax checkpoint dir) or ``init`` (``family`` plus model-config
+    fields, for a randomly initialised model); the other fields override the model config."""
+
+    checkpoint: str | None = None
+    init: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute (activations)
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
+    attention_backend: str | None = None
+    remat: Literal["none", "full", "dots"] | None = None
+    init_seed: int = 0
+
+    def validate(self, key: str):
+        if (self.checkpoint is None) == (self.init is None):
+            raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
+        if self.init is not None:
+            object.__setattr__(self, "init", _validate_init(self.init, f"{key}.init"))
+        from diffujax.attention import BACKENDS  # lazy: keeps `import diffujax.config` light
+
+        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
+            raise ConfigError(f"{key}.attention_backend: {self.attention_backend!r} is not one of"
+                              f" {BACKENDS}")
+
+    def init_config(self) -> ModelConfig:
+        """The model config described by ``init`` (before the overrides of this section)."""
+        fields = dict(self.init)
+        return FAMILIES[fields.pop("family")](**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSection:
+    mask_token_id: int | None = None  # overrides the model config's
+    anneal_steps: int = 0  # 0: full attention from the start (SPEC 3)
+    anneal_seed: int = 0
+    normalization: Literal["masked", "tokens"] = "masked"
+    stratified_t: bool = False
+    eps: float = 1e-3
+    segment_ids: bool = False  # keep attention inside packed documents
+    sft: bool = False  # prompt kept clean (src from the data)
+    per_sequence_norm: bool = False  # LLaDA-style: each sequence's loss over its answer length
+
+    def validate(self, key: str):
+        _check(0.0 <= self.eps < 1.0, f"{key}.eps", "must lie in [0, 1)")
+        _check(self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Generic on purpose: the data pipeline maps these onto its own options. ``sources`` is a list
+    of mappings (e.g. ``{path: ..., weight: 0.7}``) whose keys the pipeline validates."""
+
+    sources: tuple[dict[str, Any], ...] = ()
+    tokenizer: str | None = None
+    seq_len: int = 512
+    global_batch: int = 8
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    eval_sources: tuple[dict[str, Any], ...] = ()
+    eval_split: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # pipeline-specific extras
+
+    def validate(self, key: str):
+        _check(self.seq_len > 1, f"{key}.seq_len", "must be > 1")
+        _check(self.global_batch > 0, f"{key}.global_batch", "must be > 0")
+        _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    peak_lr: float = 3e-4
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # steps of warmup + decay; None: train.steps
+    min_lr_ratio: float = 0.1  # final lr of the decay, as a fraction of peak_lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0  # global-norm clipping; None or 0: off
+    grad_accum_steps: int = 1  # micro-batches per step
+    ema_decay: float | None = None
+
+    def validate(self, key: str):
+        _check(self.peak_lr >= 0, f"{key}.peak_lr", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", "must lie in [0, 1]")
+        _check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps", "must be >= 1")
+        _check(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay",
+               "must lie in [0, 1)")
+        _check(self.decay_steps is None or self.decay_steps > self.warmup_steps,
+               f"{key}.decay_steps", "must exceed warmup_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Mesh axis sizes; one axis may be -1 to take the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self, key: str):
+        sizes = dataclasses.astuple(self)
+        _check(all(s == -1 or s >= 1 for s in sizes), key, "axis sizes must be >= 1 or -1")
+        _check(sizes.count(-1) <= 1, key, "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    shape: MeshShape = dataclasses.field(default_factory=MeshShape)
+    # Multi-slice TPU: the data axis spans this many slices over DCN; the other axes stay in a slice.
+    num_slices: int = 1
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # logical name -> mesh axes
+    distributed: Union[bool, Literal["auto"]] = "auto"
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def validate(self, key: str):
+        from diffujax.parallel.logical import DEFAULT_RULES
+
+        names, axes = {n for n, _ in DEFAULT_RULES}, ("data", "fsdp", "tensor")
+        for name, target in self.rules.items():
+            if name not in names:
+                raise ConfigError(_unknown(f"{key}.rules.{name}", name, names, "logical axis"))
+            targets = [target] if isinstance(target, str) else [] if target is None else target
+            if not isinstance(targets, (list, tuple)) or any(t not in axes for t in targets):
+                raise ConfigError(f"{key}.rules.{name}: {target!r} must be null, a mesh axis or a"
+                                  f" list of mesh axes among {axes}")
+        _check(self.num_slices >= 1, f"{key}.num_slices", "must be >= 1")
+
+    def rule_table(self) -> tuple:
+        """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
+        from diffujax.parallel.logical import DEFAULT_RULES
+
+        over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()}
+        return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 1000
+    keep_last: int = 3
+    keep_every: int | None = None  # also keep every n-th step for good
+    async_save: bool = dataclasses.field(default=True, metadata={"key": "async"})
+
+    def validate(self, key: str):
+        _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+        _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    every_steps: int = 10
+    tensorboard: bool = True
+    eval_every: int = 0  # 0: no periodic evaluation
+    eval_batches: int = 8
+    sample_every: int = 0
+    profile_steps: tuple[int, ...] = ()  # (first, last) step to trace, or empty
+
+    def validate(self, key: str):
+        _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+        _check(len(self.profile_steps) in (0, 2), f"{key}.profile_steps",
+               "must be empty or [first, last]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000
+    seed: int = 0  # noise keys are fold_in(seed, step): reproducible and resume-exact
+    max_bad_steps: int = 10  # consecutive non-finite steps (all skipped) before the run aborts
+
+    def validate(self, key: str):
+        _check(self.steps > 0, f"{key}.steps", "must be > 0")
+        _check(self.max_bad_steps >= 1, f"{key}.max_bad_steps", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    output_dir: str | None = None
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    diffusion: DiffusionSection = dataclasses.field(default_factory=DiffusionSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+    def validate(self, key: str):
+        accum = self.optimizer.grad_accum_steps
+        _check(self.data.global_batch % accum == 0, "optimizer.grad_accum_steps",
+               f"({accum}) must divide data.global_batch ({self.data.global_batch})")
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Changes this run makes to the model config it loads or initialises."""
+        m = self.model
+        out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_backend=m.attention_backend,
+                   remat=m.remat, mask_token_id=self.diffusion.mask_token_id)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def resolve_model_config(self, loaded: ModelConfig | None = None) -> ModelConfig:
+        """The model config of this run: ``loaded`` (from ``model.checkpoint``) or ``model.init``,
+        with the overrides applied."""
+        base = loaded if loaded is not None else self.model.init_config()
+        return base.replace(**self.model_overrides())
+
+
+# ------------------------------------------------------------------------------ loading, dumping
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply ``key=value``
+    overrides in order, validate, and return the ``RunConfig``."""
+    raw: dict = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def from_dict(raw: Mapping) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` override to a raw (unvalidated) config dict in place."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    *parents, leaf = key.split(".")
+    for i, name in enumerate(parents):
+        child = node.get(name)
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def to_dict(cfg) -> dict:
+    """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
+    if dataclasses.is_dataclass(cfg):
+        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """YAML text that ``load_config`` reads back into an equal ``RunConfig``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# ------------------------------------------------------------------------------- the validator
+
+
+def _key(field: dataclasses.Field) -> str:
+    return field.metadata.get("key", field.name)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _unknown(full_key: str, name: str, known, what: str = "config key") -> str:
+    msg = f"unknown {what} {full_key!r}"
+    # Same words in another order (lr_peak / peak_lr) first, then spelling near misses.
+    close = [k for k in sorted(known) if sorted(k.split("_")) == sorted(name.split("_"))]
+    close = close or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if close:
+        prefix = full_key[: len(full_key) - len(name)]
+        msg += f" (did you mean {prefix + close[0]!r}?)"
+    else:
+        msg += f"; expected one of {', '.join(sorted(known))}"
+    return msg
+
+
+def _build(cls, raw, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}"
+                          f" {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        full = _join(prefix, str(name))
+        if name not in fields:
+            raise ConfigError(_unknown(full, str(name), fields))
+        field = fields[name]
+        kwargs[field.name] = _coerce(hints[field.name], value, full)
+    for name, field in fields.items():  # absent sections are built (and validated) from defaults
+        if field.name not in kwargs and dataclasses.is_dataclass(hints[field.name]):
+            kwargs[field.name] = _build(hints[field.name], {}, _join(prefix, name))
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    """``value`` converted to type ``tp``, or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail(expected=None):
+        raise ConfigError(f"{key}: expected {expected or _type_name(tp)}, got"
+                          f" {type(value).__name__} {value!r}")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else fail()
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arm, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if tp is bool:
+        return value if isinstance(value, bool) else fail("a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except ValueError:
+                fail("an integer")
+            if number.is_integer():  # "1e6" and 1.0e6 are fine for a step count
+                return int(number)
+        fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail("a number")
+    if tp is str:
+        return value if isinstance(value, str) else fail("a string")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            fail("a list")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            fail("a mapping")
+        item = args[1] if args else Any
+        return {str(k): _coerce(item, v, _join(key, str(k))) for k, v in value.items()}
+    raise TypeError(f"config field {key!r} has a type the loader does not handle: {tp}")
+
+
+def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
+    """``model.init``: a family name plus fields of that family's model config, type-checked."""
+    init = dict(init)
+    family = init.get("family")
+    if family not in FAMILIES:
+        raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
+    cls = FAMILIES[family]
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf"}
+    out = {"family": family}
+    for name, value in init.items():
+        if name == "family":
+            continue
+        if name not in allowed:
+            raise ConfigError(_unknown(_join(key, name), name, allowed))
+        out[name] = _coerce(hints[name], value, _join(key, name))
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _check(out.get(name, 0) > 0, _join(key, name), "is required and must be > 0")
+    out.setdefault("num_kv_heads", out["num_heads"])
+    _check(out["num_heads"] % out["num_kv_heads"] == 0, _join(key, "num_kv_heads"),
+           "must divide num_heads")
+    return out

@@ -1,0 +1,399 @@
+"""The grain pipeline: source -> tokenize -> pack -> batch, one shard per process.
+
+Order of operations (every process runs the same code with its own ``shard_index``)::
+
+    source -> shuffle(seed)          same permutation on every process
+           -> [shard_index::count]   disjoint slices; their union is the whole epoch
+           -> repeat(num_epochs)     each epoch reshuffled (grain folds the epoch into the seed)
+           -> tokenize               EOS after each document (BOS before it with add_bos)
+           -> pack                   pretraining: concat-then-split into seq_len blocks;
+                                     SFT: one padded example per row, or first-fit packing
+           -> batch(global_batch / count)
+
+Each batch is a dict of numpy arrays, all ``[local_batch, seq_len]``:
+
+- ``tokens`` int32;
+- ``segment_ids`` int32: 1, 2, ... for the documents of a row, 0 on filler, when
+  ``segment_ids=True``; all ones otherwise (the reference attends across documents);
+- ``src`` bool: positions never noised (SFT prompt); all False for pretraining;
+- ``loss_mask`` bool: False only on filler that belongs to no document (the tail of the last
+  block of a finite run, the free space of a packed SFT row). SFT padding *is* a target (SPEC 4),
+  so an unpacked SFT row is all True;
+- ``positions`` int32 (only with ``positions=True``): position inside each document.
+
+The iterator's state (``get_state``) is a small JSON-safe dict; ``set_state`` on a fresh iterator
+of the same pipeline reproduces the following batches exactly. The stream depends on
+``worker_count`` (each worker packs its own slice), so restore with the same worker count.
+
+With several processes and a finite ``num_epochs`` processes may produce different numbers of
+batches (documents differ in length); train with ``num_epochs=None`` and stop by step count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from diffujax.data.sources import DataError
+from diffujax.data.tokenizer import Tokenizer, VocabMismatchError
+from diffujax.diffusion.sft import build_sft_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    seq_len: int
+    global_batch: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    mode: str = "pretrain"  # "pretrain" | "sft"
+    segment_ids: bool = False  # off for parity with the reference (SPEC 2.7)
+    positions: bool = False
+    add_bos: bool = False  # pretraining: BOS before every document
+    # SFT: fields of the source's records, separator and packing.
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    sep_id: int | None = None  # None: no separator token
+    pad_id: int | None = None  # None: the tokenizer's PAD, else its EOS
+    sft_pack: bool = False
+    sft_packing_bins: int | None = None  # None: the local batch size
+    drop_remainder: bool = True  # drop the last incomplete batch of a finite run
+    worker_count: int = 0  # grain worker processes; > 0 needs absl flags parsed (see below)
+    worker_buffer_size: int = 2
+    read_threads: int = 2  # threads reading + tokenising in each process
+
+    def __post_init__(self):
+        if self.mode not in ("pretrain", "sft"):
+            raise ValueError(f"mode must be 'pretrain' or 'sft', got {self.mode!r}")
+        if self.seq_len < 2 or self.global_batch < 1:
+            raise ValueError(f"need seq_len >= 2 and global_batch >= 1, got {self}")
+
+
+class DocStats:
+    """Counters of the tokenize stage, live in the process that runs it (exact with
+    ``worker_count=0``; with workers each worker logs its own)."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+        if key == "documents" and self.counts[key] >= 1024 and self.counts[key].bit_count() == 1:
+            log.info("data: %s", self.summary())  # at 1024, 2048, 4096, ... documents
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+
+    def __getstate__(self):  # a fresh set of counters in each worker
+        return {"counts": collections.Counter()}
+
+
+def ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a program that does not run ``absl.app`` must
+    mark them parsed in ``__main__`` before starting workers (``worker_count > 0``)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# -- per-document transforms (picklable: they travel to worker processes) ----------------------
+
+
+class _Tokenize:
+    """Document -> dict of int32 token arrays (and ``src`` for SFT)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, opts: PipelineOptions, eos: int, bos: int | None,
+                 pad: int, model_vocab_size: int | None, stats: DocStats):
+        self.tok, self.opts, self.eos, self.bos, self.pad = tokenizer, opts, eos, bos, pad
+        self.vocab = model_vocab_size
+        self.stats = stats
+
+    def _encode(self, text) -> list[int]:
+        if isinstance(text, np.ndarray):  # pretokenized documents
+            return text.tolist()
+        return self.tok.encode(text)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if self.vocab is not None and ids.size and int(ids.max()) >= self.vocab:
+            raise VocabMismatchError(
+                f"token id {int(ids.max())} >= model vocabulary size {self.vocab}: the tokenizer "
+                "or the pretokenized data does not belong to this model"
+            )
+
+    def __call__(self, doc) -> dict[str, np.ndarray] | None:
+        if self.opts.mode == "sft":
+            return self._sft(doc)
+        ids = self._encode(doc)
+        if not ids:
+            self.stats.add("empty_documents_skipped")
+            return None
+        ids = ([self.bos] if self.opts.add_bos else []) + ids + [self.eos]
+        tokens = np.asarray(ids, np.int32)
+        self._check_ids(tokens)
+        self.stats.add("documents")
+        self.stats.add("tokens", len(tokens))
+        if len(tokens) > self.opts.seq_len:
+            self.stats.add("documents_longer_than_block")
+            if self.stats.counts["documents_longer_than_block"] == 1:
+                log.warning("data: a document of %d tokens is longer than a block (%d) and is "
+                            "split across blocks; counted as documents_longer_than_block",
+                            len(tokens), self.opts.seq_len)
+        return {"tokens": tokens}
+
+    def _sft(self, doc):
+        o = self.opts
+        if not isinstance(doc, dict) or o.prompt_field not in doc or o.answer_field not in doc:
+            raise DataError(f"SFT needs records with {o.prompt_field!r} and {o.answer_field!r}, "
+                            f"got {type(doc).__name__} {list(doc) if isinstance(doc, dict) else ''}")
+        prompt, answer = self._encode(doc[o.prompt_field]), self._encode(doc[o.answer_field])
+        natural = 1 + len(prompt) + (o.sep_id is not None) + len(answer) + 1
+        if natural > o.seq_len:
+            self.stats.add("sft_examples_truncated")
+        # Packed rows hold unpadded examples; grain's packer adds the filler.
+        length = min(natural, o.seq_len) if o.sft_pack else o.seq_len
+        tokens, src = build_sft_example(prompt, answer, length=length, bos_id=self.bos,
+                                        eos_id=self.eos, pad_id=self.pad, sep_id=o.sep_id)
+        self._check_ids(tokens)
+        self.stats.add("documents")
+        return {"tokens": tokens, "src": src}
+
+
+class _Finish:
+    """Packed example -> the output contract (see the module doc)."""
+
+    def __init__(self, opts: PipelineOptions, pad: int, eos: int, layout: str):
+        self.opts, self.pad, self.eos, self.layout = opts, pad, eos, layout
+
+    def __call__(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        L = self.opts.seq_len
+        if self.layout == "blocks":  # pretokenized blocks: documents end at EOS
+            tokens = ex
+            ends = tokens == self.eos
+            seg = (1 + np.concatenate([[0], np.cumsum(ends[:-1])])).astype(np.int32)
+            src = np.zeros(L, bool)
+        elif self.layout == "padded_sft":
+            tokens, src = ex["tokens"], ex["src"]
+            seg = np.ones(L, np.int32)
+        else:  # grain packers: *_segment_ids is 0 on filler
+            tokens, seg = ex["tokens"], ex["tokens_segment_ids"]
+            src = ex["src"] if "src" in ex else np.zeros(L, bool)
+            tokens = np.where(seg > 0, tokens, self.pad).astype(np.int32)
+        real = seg > 0
+        out = {
+            "tokens": tokens.astype(np.int32),
+            "segment_ids": seg if self.opts.segment_ids else np.ones(L, np.int32),
+            "src": src.astype(bool),
+            "loss_mask": real,
+        }
+        if self.opts.positions:
+            out["positions"] = _positions(seg)
+        return out
+
+
+def _positions(seg: np.ndarray) -> np.ndarray:
+    """Position inside each segment (0 where a new segment starts); 0 on filler."""
+    idx = np.arange(len(seg))
+    starts = np.concatenate([[True], seg[1:] != seg[:-1]])
+    first = np.maximum.accumulate(np.where(starts, idx, 0))
+    return np.where(seg > 0, idx - first, 0).astype(np.int32)
+
+
+# -- JSON-safe iterator state ---------------------------------------------------------------------
+
+
+def _to_json(x):
+    """grain states hold tuples (packing slices) and numpy scalars; JSON keeps neither."""
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _to_json(v) for k, v in x.items()}
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _from_json(x):
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
+class DataIterator:
+    """A grain iterator whose state survives a JSON round trip (the checkpoint stores JSON)."""
+
+    def __init__(self, it: grain.DatasetIterator):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return _to_json(self._it.get_state())
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(_from_json(state))
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclasses.dataclass
+class Pipeline:
+    dataset: grain.IterDataset
+    options: PipelineOptions
+    local_batch: int
+    shard: grain.sharding.ShardOptions
+    stats: DocStats
+
+    def iterator(self) -> DataIterator:
+        return DataIterator(iter(self.dataset))
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def _resolve_ids(tokenizer, source, opts: PipelineOptions):
+    special = dict(getattr(source, "special", None) or {})  # pretokenized data carries its own
+    if tokenizer is not None:
+        mine = tokenizer.special.as_dict()
+        for name in ("bos", "eos"):
+            if name in special and name in mine and special[name] != mine[name]:
+                raise VocabMismatchError(
+                    f"{source} was tokenised with {name}={special[name]} but the tokenizer "
+                    f"{tokenizer.path} has {name}={mine[name]}")
+        special.update(mine)
+    eos = special.get("eos")
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; pass eos=... to load_tokenizer")
+    bos = special.get("bos")
+    if (opts.add_bos or opts.mode == "sft") and bos is None:
+        raise ValueError("BOS is needed (add_bos / SFT) but the tokenizer has none; pass bos=...")
+    pad = opts.pad_id if opts.pad_id is not None else special.get("pad", eos)
+    return eos, bos, pad
+
+
+def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
+    n = len(ds)
+    if shard.drop_remainder and n % shard.shard_count:
+        log.warning("data: dropping %d of %d documents so every process gets the same number",
+                    n % shard.shard_count, n)
+        ds = ds[: n - n % shard.shard_count]
+    return ds[shard.shard_index :: shard.shard_count]
+
+
+def build_pipeline(
+    sources,
+    tokenizer: Tokenizer | None,
+    options: PipelineOptions,
+    *,
+    shard: grain.sharding.ShardOptions | None = None,
+    model_vocab_size: int | None = None,
+) -> Pipeline:
+    """Build the pipeline for one process.
+
+    ``sources``: one source, or a list of ``(source, weight)`` mixed by weight (documents are
+    drawn from each in proportion; mixing needs ``num_epochs=None``). ``shard`` defaults to
+    ``grain.sharding.ShardByJaxProcess()``; tests pass ``ShardOptions(i, n)`` to simulate
+    processes. ``tokenizer`` may be None for pretokenized sources. With ``model_vocab_size`` the
+    tokenizer and every token id are checked against the model's embedding table.
+    """
+    opts = options
+    if shard is None:
+        shard = grain.sharding.ShardByJaxProcess()
+    if opts.global_batch % shard.shard_count:
+        raise ValueError(f"global batch {opts.global_batch} is not divisible by the "
+                         f"{shard.shard_count} processes")
+    local_batch = opts.global_batch // shard.shard_count
+    weighted = isinstance(sources, (list, tuple))
+    pairs = list(sources) if weighted else [(sources, 1.0)]
+    if weighted and len(pairs) > 1 and opts.num_epochs is not None:
+        raise ValueError("mixing several sources needs num_epochs=None")
+    # "blocks": pretokenized, already packed; "tokens": pretokenized documents; else text.
+    layouts = [getattr(src, "layout", "text") for src, _ in pairs]
+    blocks = layouts[0] == "blocks"
+    if any((lay == "blocks") != blocks for lay in layouts):
+        raise ValueError(f"cannot mix pre-packed blocks with documents ({layouts})")
+    if blocks and opts.mode != "pretrain":
+        raise ValueError("pretokenized blocks are for pretraining only")
+    if tokenizer is None and "text" in layouts:
+        raise ValueError("a tokenizer is needed for text sources")
+    if tokenizer is not None and model_vocab_size is not None:
+        tokenizer.check_model_vocab(model_vocab_size)
+    eos, bos, pad = _resolve_ids(tokenizer, pairs[0][0], opts)
+
+    parts = []
+    for i, (src, _) in enumerate(pairs):
+        if len(src) == 0:
+            raise DataError(f"{src} has no documents")
+        if blocks and src.seq_len != opts.seq_len:
+            raise ValueError(f"{src} holds blocks of {src.seq_len} tokens, seq_len is {opts.seq_len}")
+        ds = grain.MapDataset.source(src)
+        if opts.shuffle:
+            ds = ds.shuffle(seed=opts.seed + i)
+        ds = _shard(ds, shard)
+        if opts.num_epochs != 1:
+            ds = ds.repeat(opts.num_epochs)
+        parts.append(ds)
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in pairs])
+
+    stats = DocStats()
+    if blocks:
+        ds = ds.map(_CheckBlock(model_vocab_size))
+        finish_layout = "blocks"
+    else:
+        ds = ds.map(_Tokenize(tokenizer, opts, eos, bos, pad, model_vocab_size, stats))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=opts.read_threads,
+                                              prefetch_buffer_size=max(opts.read_threads, 1) * 8))
+    L = opts.seq_len
+    if blocks:
+        pass
+    elif opts.mode == "pretrain":
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": L})
+        finish_layout = "packed"
+    elif opts.sft_pack:
+        if not opts.segment_ids:
+            log.warning("data: packed SFT rows without segment_ids let examples attend to each other")
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={"tokens": L, "src": L},
+            num_packing_bins=opts.sft_packing_bins or local_batch, seed=opts.seed)
+        finish_layout = "packed"
+    else:
+        finish_layout = "padded_sft"
+    it = it.map(_Finish(opts, pad, eos, finish_layout))
+    it = it.batch(local_batch, drop_remainder=opts.drop_remainder)
+    if opts.worker_count > 0:
+        ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=opts.worker_count, per_worker_buffer_size=opts.worker_buffer_size))
+    return Pipeline(it, opts, local_batch, shard, stats)
+
+
+class _CheckBlock:
+    def __init__(self, model_vocab_size: int | None):
+        self.vocab = model_vocab_size
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        if self.vocab is not None and int(block.max()) >= self.vocab:
+            raise VocabMismatchError(f"pretokenized token id {int(block.max())} >= model "
+                                     f"vocabulary size {self.vocab}")
+        return block
+

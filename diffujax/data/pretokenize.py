@@ -1,0 +1,240 @@
+"""Pre-tokenise a corpus into ArrayRecord shards, so a pod reads tokens instead of tokenising.
+
+    python -m diffujax.data.pretokenize --tokenizer DIR --out DIR --shards N [--seq-len L | --docs]
+        [--format auto|text|jsonl|parquet|array_record|tfds] [--field text] [--mode file]
+        [--workers W] inputs...
+
+Two layouts:
+- ``blocks`` (``--seq-len L``): documents (+EOS, BOS before each with ``--add-bos``) concatenated
+  and cut into blocks of exactly L tokens, one record each; the pipeline only shuffles and
+  batches them. Each shard packs its own documents; its last incomplete block is dropped and
+  counted (``tail_tokens_dropped``).
+- ``tokens`` (``--docs``): one record per document (its ids, without BOS/EOS); the pipeline adds
+  EOS and packs on the fly, so one tokenisation serves every ``seq_len``.
+
+Records are the raw little-endian ids (uint16 when the vocabulary fits, else int32). Shard k of N
+takes the k-th contiguous slice of the documents. Every file is written to a temporary name and
+renamed into place; a shard's ``.json`` (its counts) is written last and marks it complete, so a
+re-run resumes by skipping complete shards. ``metadata.json`` describes the whole output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from diffujax.data.sources import FORMATS, DataError, SourceReport, make_source
+from diffujax.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "diffujax-pretokenized"
+VERSION = 1
+_BATCH = 256  # documents tokenised per encode_batch call
+
+
+def _shard_name(k: int, n: int) -> str:
+    return f"data-{k:05d}-of-{n:05d}.array_record"
+
+
+def _atomic_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -> dict:
+    """Tokenise documents of shard ``k`` and write its ArrayRecord file, then its ``.json``."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    n, L = config["num_shards"], config["seq_len"]
+    dtype = np.dtype(config["dtype"]).newbyteorder("<")
+    eos, bos = config["special"]["eos"], config["special"].get("bos")
+    lo, hi = len(source) * k // n, len(source) * (k + 1) // n
+    final = pathlib.Path(out) / _shard_name(k, n)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    counts = dict(documents=0, tokens=0, records=0, empty_documents_skipped=0,
+                  unreadable_skipped=0, documents_longer_than_block=0, tail_tokens_dropped=0)
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")  # records are read one at a time
+    pending: list[int] = []  # blocks layout: tokens not yet written
+
+    def emit(ids):
+        writer.write(np.asarray(ids, dtype).tobytes())
+        counts["records"] += 1
+
+    try:
+        for start in range(lo, hi, _BATCH):
+            docs = [source[i] for i in range(start, min(hi, start + _BATCH))]
+            counts["unreadable_skipped"] += sum(d is None for d in docs)
+            texts = [d for d in docs if d is not None]
+            for ids in tokenizer.encode_batch(texts):
+                if not ids:
+                    counts["empty_documents_skipped"] += 1
+                    continue
+                counts["documents"] += 1
+                if L is None:
+                    counts["tokens"] += len(ids)
+                    emit(ids)
+                    continue
+                ids = ([bos] if config["add_bos"] else []) + ids + [eos]
+                counts["tokens"] += len(ids)
+                counts["documents_longer_than_block"] += len(ids) > L
+                pending.extend(ids)
+                while len(pending) >= L:
+                    emit(pending[:L])
+                    del pending[:L]
+        counts["tail_tokens_dropped"] = len(pending)
+    finally:
+        writer.close()
+    os.replace(tmp, final)
+    _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+    return counts
+
+
+def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_len: int | None,
+                add_bos: bool = False, model_vocab_size: int | None = None,
+                workers: int = 1) -> dict:
+    """Write ``num_shards`` shards of ``source`` into ``out_dir``; returns the metadata."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model_vocab_size is not None:
+        tokenizer.check_model_vocab(model_vocab_size)
+    special = tokenizer.special.as_dict()
+    if seq_len is not None and "eos" not in special:
+        raise ValueError(f"{tokenizer} has no EOS token to end documents with")
+    if add_bos and "bos" not in special:
+        raise ValueError(f"--add-bos but {tokenizer} has no BOS token")
+    config = dict(
+        num_shards=num_shards, seq_len=seq_len, add_bos=add_bos, special=special,
+        dtype="uint16" if tokenizer.vocab_size <= 1 << 16 else "int32",
+        source=repr(source), tokenizer=dict(path=tokenizer.path, kind=tokenizer.kind,
+                                            vocab_size=tokenizer.vocab_size),
+    )
+    todo, counts = [], {}
+    for k in range(num_shards):
+        done = out / _shard_name(k, num_shards)
+        if done.with_suffix(".json").is_file() and done.is_file():
+            prior = json.loads(done.with_suffix(".json").read_text())
+            if prior["config"] != config:
+                raise ValueError(f"{out} holds shards written with another configuration "
+                                 f"({done.with_suffix('.json')}); use a fresh output directory")
+            counts[k] = prior["counts"]
+        else:
+            todo.append(k)
+    if todo:
+        log.info("pretokenize: %d of %d shards to write", len(todo), num_shards)
+    if workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("spawn")  # tokenizer libraries dislike fork
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as ex:
+            futures = {k: ex.submit(_write_shard, source, tokenizer, str(out), k, config)
+                       for k in todo}
+            counts.update({k: f.result() for k, f in futures.items()})
+    else:
+        counts.update({k: _write_shard(source, tokenizer, str(out), k, config) for k in todo})
+    total: dict[str, int] = {}
+    for c in counts.values():
+        for key, v in c.items():
+            total[key] = total.get(key, 0) + v
+    report: SourceReport | None = getattr(source, "report", None)
+    meta = dict(
+        format=FORMAT, version=VERSION, layout="tokens" if seq_len is None else "blocks",
+        shards=[_shard_name(k, num_shards) for k in range(num_shards)],
+        counts=total, source_skipped=dict(report.skipped) if report else {}, **config,
+    )
+    _atomic_json(out / "metadata.json", meta)
+    return meta
+
+
+class PretokenizedSource:
+    """Reads a ``pretokenize`` output directory: a grain source of int32 token arrays (blocks of
+    ``seq_len``, or documents), with ``layout``, ``seq_len`` and ``special`` from its metadata."""
+
+    def __init__(self, directory):
+        import grain
+
+        self.directory = pathlib.Path(directory)
+        meta_path = self.directory / "metadata.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: not a pretokenize output directory "
+                                    "(or the run did not finish)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise DataError(f"{meta_path}: unknown format {self.meta.get('format')!r} "
+                            f"version {self.meta.get('version')!r}")
+        paths = [self.directory / s for s in self.meta["shards"]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"pretokenized shards missing: {missing}")
+        self.layout = self.meta["layout"]
+        self.seq_len = self.meta["seq_len"]
+        self.special = self.meta["special"]
+        self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(paths),
+                                   documents=self.meta["counts"]["records"])
+        self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        if len(self._records) != self.meta["counts"]["records"]:
+            raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
+                            f"says {self.meta['counts']['records']}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index) -> np.ndarray:
+        ids = np.frombuffer(self._records[int(index)], self._dtype).astype(np.int32)
+        if self.layout == "blocks" and ids.size != self.seq_len:
+            raise DataError(f"{self.directory} record {int(index)}: {ids.size} tokens, "
+                            f"expected {self.seq_len}")
+        return ids
+
+    def __repr__(self) -> str:
+        return f"PretokenizedSource({str(self.directory)!r}, {self.layout}, {len(self)} records)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffujax.data.pretokenize",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", help="files, directories, globs (tfds: NAME[:SPLIT])")
+    p.add_argument("--tokenizer", required=True, help="checkpoint/HF dir or tokenizer file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shards", type=int, required=True)
+    layout = p.add_mutually_exclusive_group(required=True)
+    layout.add_argument("--seq-len", type=int, help="write packed blocks of this many tokens")
+    layout.add_argument("--docs", action="store_true", help="write one record per document")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS[:-1])
+    p.add_argument("--field", default="text", help="jsonl/parquet/array_record/tfds text field")
+    p.add_argument("--mode", default="file", choices=("file", "paragraph", "lines"),
+                   help="text files: one document per file, paragraph or line")
+    p.add_argument("--errors", default="strict", choices=("strict", "skip"))
+    p.add_argument("--split", default="train", help="tfds split")
+    p.add_argument("--data-dir", help="tfds data_dir")
+    p.add_argument("--add-bos", action="store_true")
+    p.add_argument("--model-vocab-size", type=int)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        source = make_source(args.format, args.inputs, field=args.field, mode=args.mode,
+                             errors=args.errors, split=args.split, data_dir=args.data_dir)
+        tok = load_tokenizer(args.tokenizer)
+        meta = pretokenize(source, tok, args.out, num_shards=args.shards, seq_len=args.seq_len,
+                           add_bos=args.add_bos, model_vocab_size=args.model_vocab_size,
+                           workers=args.workers)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": args.out, "layout": meta["layout"], **meta["counts"],
+                      "source_skipped": meta["source_skipped"]}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

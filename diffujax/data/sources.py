@@ -1,0 +1,545 @@
+"""grain random-access data sources: text files, jsonl, parquet, ArrayRecord, TFDS.
+
+Every source has ``__len__`` and ``__getitem__`` (what ``grain.MapDataset.source`` needs), pickles
+without open handles (grain workers are spawned processes), and yields one *document* per index:
+
+- a ``str`` (pretraining text), when the source reads one text field;
+- a ``dict[str, str]`` (e.g. ``{"prompt": ..., "answer": ...}`` for SFT), when it reads several.
+
+Bad data is never dropped silently. Missing inputs raise ``FileNotFoundError``. Text and jsonl
+files are scanned once when the source is built: empty files / blank lines are skipped and counted
+in ``source.report``; invalid UTF-8, invalid JSON or a missing field raise ``DataError`` naming the
+file, the line and the byte offset (``errors="skip"`` skips such documents instead, and counts and
+locates them in the report). Parquet, ArrayRecord and TFDS are read lazily: a bad record raises
+``DataError`` naming file/record at read time, or with ``errors="skip"`` becomes ``None``, which the
+pipeline drops and counts.
+
+Text file modes (``TextSource(mode=...)``):
+- ``"file"`` (default): one document per file. Document boundaries in text corpora are usually
+  file boundaries, and this mode never splits a document by accident.
+- ``"paragraph"``: documents separated by one or more blank (whitespace-only) lines.
+- ``"lines"``: one document per non-blank line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_MAX_EXAMPLES = 5  # locations kept per skip reason
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message says where (file, line, byte offset, record)."""
+
+
+class EncodingError(DataError):
+    """Text that is not valid UTF-8."""
+
+
+@dataclasses.dataclass
+class SourceReport:
+    """What a source read and what it skipped, with a few locations per reason."""
+
+    name: str
+    files: int = 0
+    documents: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        locs = self.examples.setdefault(reason, [])
+        if len(locs) < _MAX_EXAMPLES:
+            locs.append(where)
+
+    def summary(self) -> str:
+        text = f"{self.name}: {self.documents} documents from {self.files} files"
+        for reason, n in sorted(self.skipped.items()):
+            text += f"; skipped {n} {reason} (e.g. {', '.join(self.examples[reason])})"
+        return text
+
+
+def expand_paths(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+    """Files named by ``inputs``: files, directories (all non-hidden files below, sorted) and glob
+    patterns. Anything that names nothing raises ``FileNotFoundError``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out: list[pathlib.Path] = []
+    for item in inputs:
+        item = str(item)
+        if any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches the pattern {item!r}")
+            out.extend(pathlib.Path(m) for m in matches if os.path.isfile(m))
+        elif os.path.isdir(item):
+            files = sorted(
+                p
+                for p in pathlib.Path(item).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            )
+            if not files:
+                raise FileNotFoundError(f"directory {item} contains no files")
+            out.extend(files)
+        elif os.path.isfile(item):
+            out.append(pathlib.Path(item))
+        else:
+            raise FileNotFoundError(f"input file {item} does not exist")
+    return out
+
+
+def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
+    """UTF-8 decode, or a DataError naming the byte offset and line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = base_line + data.count(b"\n", 0, e.start)
+        raise EncodingError(
+            f"{path}: invalid UTF-8 at byte offset {base_offset + e.start} (line {line}): "
+            f"{e.reason} (byte {data[e.start:e.start + 1]!r})"
+        ) from None
+
+
+class _Source:
+    """Shared bits: error policy and the report."""
+
+    def __init__(self, name: str, errors: str):
+        if errors not in ("strict", "skip"):
+            raise ValueError(f"errors must be 'strict' or 'skip', got {errors!r}")
+        self.errors = errors
+        self.report = SourceReport(name)
+
+    def _bad(self, reason: str, err: DataError, where: str):
+        """Raise (strict) or record and return None (skip)."""
+        if self.errors == "strict":
+            raise err
+        self.report.skip(reason, where)
+        return None
+
+    def _finish_scan(self):
+        if self.report.skipped:
+            log.warning("%s", self.report.summary())
+        if self.report.documents == 0:
+            raise DataError(f"no documents: {self.report.summary()}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.report.name}, {len(self)} documents)"
+
+
+class _IndexedFiles(_Source):
+    """A source over byte ranges of local files, found by a scan at construction."""
+
+    def __init__(self, paths, errors: str, name: str):
+        super().__init__(name, errors)
+        self.paths = [str(p) for p in expand_paths(paths)]
+        self.report.files = len(self.paths)
+        file_idx, starts, ends, lines = [], [], [], []
+        for i, path in enumerate(self.paths):
+            for start, end, line in self._scan(path):
+                file_idx.append(i)
+                starts.append(start)
+                ends.append(end)
+                lines.append(line)
+        self._file = np.asarray(file_idx, np.int32)
+        self._start = np.asarray(starts, np.int64)
+        self._end = np.asarray(ends, np.int64)
+        self._line = np.asarray(lines, np.int64)
+        self.report.documents = len(self._file)
+        self._finish_scan()
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def _read(self, index: int) -> tuple[str, str, int]:
+        i = int(index)
+        path = self.paths[self._file[i]]
+        with open(path, "rb") as f:
+            f.seek(int(self._start[i]))
+            data = f.read(int(self._end[i] - self._start[i]))
+        return data.decode("utf-8"), path, int(self._line[i])  # validated by the scan
+
+    def _scan(self, path: str):
+        raise NotImplementedError
+
+
+def _lines_with_offsets(f):
+    """(byte offset, 1-based line number, line bytes without the newline)."""
+    offset = 0
+    for n, raw in enumerate(f, 1):
+        yield offset, n, raw.rstrip(b"\r\n")
+        offset += len(raw)
+
+
+class TextSource(_IndexedFiles):
+    """Plain UTF-8 text files; ``mode`` is ``"file"``, ``"paragraph"`` or ``"lines"`` (module doc)."""
+
+    def __init__(self, paths, mode: str = "file", errors: str = "strict"):
+        if mode not in ("file", "paragraph", "lines"):
+            raise ValueError(f"mode must be 'file', 'paragraph' or 'lines', got {mode!r}")
+        self.mode = mode
+        super().__init__(paths, errors, name=f"text[{mode}]")
+
+    def __getitem__(self, index) -> str:
+        return self._read(index)[0]
+
+    def _check(self, path, data: bytes, start: int, line: int) -> bool:
+        try:
+            _decode(data, path, start, line)
+            return True
+        except DataError as e:
+            self._bad("non-UTF-8 documents", e, f"{path}:{line}")
+            return False
+
+    def _scan(self, path):
+        if os.path.getsize(path) == 0:
+            self.report.skip("empty files", path)
+            return
+        with open(path, "rb") as f:
+            if self.mode == "file":
+                data = f.read()
+                if not data.strip():
+                    self.report.skip("empty files", path)
+                elif self._check(path, data, 0, 1):
+                    yield 0, len(data), 1
+                return
+            if self.mode == "lines":
+                for offset, n, line in _lines_with_offsets(f):
+                    if not line.strip():
+                        self.report.skip("blank lines", f"{path}:{n}")
+                    elif self._check(path, line, offset, n):
+                        yield offset, offset + len(line), n
+                return
+            # paragraph mode: a run of non-blank lines, [start of first, end of last)
+            para = None  # [start offset, end offset, first line number]
+            for offset, n, line in _lines_with_offsets(f):
+                if line.strip():
+                    if para is None:
+                        para = [offset, offset + len(line), n]
+                    else:
+                        para[1] = offset + len(line)
+                elif para is not None:
+                    yield from self._paragraph(f, path, para)
+                    para = None
+            if para is not None:
+                yield from self._paragraph(f, path, para)
+
+    def _paragraph(self, f, path, para):
+        start, end, n = para
+        pos = f.tell()
+        f.seek(start)
+        data = f.read(end - start)
+        f.seek(pos)
+        if self._check(path, data, start, n):
+            yield start, end, n
+
+
+def _json_fields(obj, fields: Sequence[str], where: str) -> dict[str, str]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    out = {}
+    for name in fields:
+        value = obj.get(name)
+        if not isinstance(value, str):
+            got = "missing" if name not in obj else f"a {type(value).__name__}"
+            raise DataError(
+                f"{where}: field {name!r} is {got}, expected a string "
+                f"(fields present: {sorted(obj)})"
+            )
+        out[name] = value
+    return out
+
+
+class JsonlSource(_IndexedFiles):
+    """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
+    dict of those strings. Every line is parsed once at construction to find bad records early."""
+
+    def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
+        self.single = isinstance(field, str)
+        self.fields = (field,) if self.single else tuple(field)
+        super().__init__(paths, errors, name=f"jsonl[{','.join(self.fields)}]")
+
+    def __getitem__(self, index):
+        text, path, line = self._read(index)
+        values = _json_fields(json.loads(text), self.fields, f"{path}:{line}")
+        return values[self.fields[0]] if self.single else values
+
+    def _scan(self, path):
+        if os.path.getsize(path) == 0:
+            self.report.skip("empty files", path)
+            return
+        with open(path, "rb") as f:
+            for offset, n, line in _lines_with_offsets(f):
+                where = f"{path}:{n}"
+                if not line.strip():
+                    self.report.skip("blank lines", where)
+                    continue
+                try:
+                    text = _decode(line, path, offset, n)
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{where}: invalid JSON: {e}") from None
+                    values = _json_fields(obj, self.fields, where)
+                except DataError as e:
+                    reason = "non-UTF-8 lines" if isinstance(e, EncodingError) else "invalid records"
+                    self._bad(reason, e, where)
+                    continue
+                if not any(v.strip() for v in values.values()):
+                    self.report.skip("empty documents", where)
+                    continue
+                yield offset, offset + len(line), n
+
+
+class _LazyRecords(_Source):
+    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS)."""
+
+    def __init__(self, name, field, errors):
+        super().__init__(name, errors)
+        self.single = isinstance(field, str) or field is None
+        self.fields = (field,) if self.single else tuple(field)
+
+    def _text(self, raw, where: str):
+        """A record that is the text itself."""
+        try:
+            return self._to_text(raw, where)
+        except DataError as e:
+            return self._bad("bad records", e, where)
+
+    def _to_text(self, value, where: str):
+        if isinstance(value, bytes):
+            value = _decode(value, where, 0, 1)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected text, got {type(value).__name__}")
+        return value
+
+    def _document(self, record: dict, where: str):
+        try:
+            values = {
+                k: self._to_text(record[k] if k in record else None, f"{where} field {k!r}")
+                for k in self.fields
+            }
+        except DataError as e:
+            return self._bad("bad records", e, where)
+        return values[self.fields[0]] if self.single else values
+
+
+class ParquetSource(_LazyRecords):
+    """Parquet files, a text ``column`` (or several, giving dicts). Reads one row group per
+    access and keeps a few decoded row groups per process; shuffled reads of a large parquet
+    corpus are slow, pre-tokenise it instead (``diffujax.data.pretokenize``)."""
+
+    _CACHE = 4
+
+    def __init__(self, paths, column: str | Sequence[str] = "text", errors: str = "strict"):
+        import pyarrow.parquet as pq
+
+        super().__init__(f"parquet[{column}]", column, errors)
+        self.paths = [str(p) for p in expand_paths(paths)]
+        self.report.files = len(self.paths)
+        self._groups: list[tuple[int, int]] = []  # (file index, row group)
+        counts = []
+        for i, path in enumerate(self.paths):
+            meta = pq.ParquetFile(path).metadata
+            names = meta.schema.names
+            missing = [c for c in self.fields if c not in names]
+            if missing:
+                raise DataError(f"{path}: no column {missing} (columns: {names})")
+            if meta.num_rows == 0:
+                self.report.skip("empty files", path)
+            for g in range(meta.num_row_groups):
+                if meta.row_group(g).num_rows:
+                    self._groups.append((i, g))
+                    counts.append(meta.row_group(g).num_rows)
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.report.documents = self._ends[-1] if self._ends else 0
+        self._cache: dict = {}
+        self._finish_scan()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def __getitem__(self, index):
+        index = int(index)
+        g = bisect.bisect_right(self._ends, index)
+        row = index - (self._ends[g - 1] if g else 0)
+        table = self._cache.get(g)
+        if table is None:
+            import pyarrow.parquet as pq
+
+            fi, rg = self._groups[g]
+            table = pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=list(self.fields))
+            table = {c: table.column(c).to_pylist() for c in self.fields}
+            if len(self._cache) >= self._CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[g] = table
+        fi, rg = self._groups[g]
+        record = {c: table[c][row] for c in self.fields}
+        return self._document(record, f"{self.paths[fi]} row group {rg} row {row}")
+
+
+class ArrayRecordSource(_LazyRecords):
+    """ArrayRecord files whose records are UTF-8 text (``field=None``) or JSON objects (``field``
+    names the text field, or several fields for dicts)."""
+
+    def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
+        import grain
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        super().__init__(f"array_record[{field or 'text'}]", field, errors)
+        self.json = field is not None
+        self.paths = [str(p) for p in expand_paths(paths)]
+        self.report.files = len(self.paths)
+        counts = []
+        for path in self.paths:
+            reader = ArrayRecordReader(path)
+            counts.append(reader.num_records())
+            reader.close()
+            if counts[-1] == 0:
+                self.report.skip("empty files", path)
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.report.documents = self._ends[-1] if self._ends else 0
+        self._finish_scan()
+        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def _where(self, index: int) -> str:
+        f = bisect.bisect_right(self._ends, index)
+        return f"{self.paths[f]} record {index - (self._ends[f - 1] if f else 0)}"
+
+    def __getitem__(self, index):
+        index = int(index)
+        raw = self._records[index]
+        if not self.json:
+            return self._text(raw, self._where(index))
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            err = DataError(f"{self._where(index)}: bad JSON record: {e}")
+            return self._bad("bad records", err, self._where(index))
+        return self._document(record if isinstance(record, dict) else {}, self._where(index))
+
+
+class TfdsSource(_LazyRecords):
+    """A prepared TFDS dataset in ArrayRecord format, read with ``tfds.data_source`` (random
+    access, no TensorFlow needed). Never downloads: ``data_dir`` must hold the prepared data."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | None = None,
+        field: str | Sequence[str] = "text",
+        builder_kwargs: dict[str, Any] | None = None,
+        errors: str = "strict",
+    ):
+        super().__init__(f"tfds[{name}/{split}]", field, errors)
+        self._args = dict(name=name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs)
+        self._ds = self._open()
+        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
+        if features is not None and hasattr(features, "keys"):
+            missing = [f for f in self.fields if f not in features.keys()]
+            if missing:
+                raise DataError(
+                    f"TFDS {name}/{split} has no feature {missing} (features: {list(features)})"
+                )
+        self.report.documents = len(self._ds)
+        self._finish_scan()
+
+    def _open(self):
+        import tensorflow_datasets as tfds
+
+        a = self._args
+        try:
+            return tfds.data_source(a["name"], split=a["split"], data_dir=a["data_dir"],
+                                    download=False, builder_kwargs=a["builder_kwargs"])
+        except Exception as e:  # tfds raises several types; keep its message and add ours
+            raise DataError(
+                f"cannot open TFDS dataset {a['name']!r} split {a['split']!r} in data_dir "
+                f"{a['data_dir']!r} (it must be prepared there in array_record format): {e}"
+            ) from e
+
+    # Pickle the arguments, not tfds' reader: a worker re-opens the prepared files itself
+    # (the builder class that wrote them need not be importable there).
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._ds = self._open()
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def __getitem__(self, index):
+        index = int(index)
+        return self._document(self._ds[index], f"{self.report.name} example {index}")
+
+
+FORMATS = ("text", "jsonl", "parquet", "array_record", "tfds", "pretokenized")
+
+
+def guess_format(path: str) -> str:
+    """``pretokenized`` for a pretokenize output dir, else by suffix; plain text otherwise."""
+    p = pathlib.Path(path)
+    if p.is_dir() and (p / "metadata.json").is_file():
+        return "pretokenized"
+    name = p.name.lower()
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"),
+                        (".array_record", "array_record")):
+        if suffix in name:
+            return fmt
+    return "text"
+
+
+def make_source(
+    fmt: str,
+    inputs,
+    *,
+    field: str | Sequence[str] | None = "text",
+    mode: str = "file",
+    errors: str = "strict",
+    split: str = "train",
+    data_dir: str | None = None,
+    builder_kwargs: dict[str, Any] | None = None,
+):
+    """Build a source from a format name (``FORMATS`` or ``"auto"``) and inputs. For ``tfds``,
+    ``inputs`` is the dataset name (``name`` or ``name:split``)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [str(inputs)]
+    inputs = [str(x) for x in inputs]
+    if fmt == "auto":
+        fmt = guess_format(inputs[0])
+    if fmt == "text":
+        return TextSource(inputs, mode=mode, errors=errors)
+    if fmt == "jsonl":
+        return JsonlSource(inputs, field=field or "text", errors=errors)
+    if fmt == "parquet":
+        return ParquetSource(inputs, column=field or "text", errors=errors)
+    if fmt == "array_record":
+        return ArrayRecordSource(inputs, field=field, errors=errors)
+    if fmt == "tfds":
+        name, _, sp = inputs[0].partition(":")
+        return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",
+                          builder_kwargs=builder_kwargs, errors=errors)
+    if fmt == "pretokenized":
+        from diffujax.data.pretokenize import PretokenizedSource
+
+        return PretokenizedSource(inputs[0])
+    raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")

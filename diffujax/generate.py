@@ -1,0 +1,112 @@
+"""``diffujax generate``: sample a continuation or an infill with one of the SPEC 6 samplers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
+                                sample_threshold)
+from diffujax.runtime import LoadedModel, load_for_inference
+
+SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    p.add_argument("--prompt", default="", help="fixed text before the generated span")
+    p.add_argument("--suffix", default=None, help="fixed text after the span (infilling)")
+    p.add_argument("--length", type=int, default=64, help="tokens to generate")
+    p.add_argument("--infill-length", type=int, default=None,
+                   help="with --suffix: tokens to infill (overrides --length)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="topk")
+    p.add_argument("--steps", type=int, default=64, help="denoising steps (forward passes)")
+    p.add_argument("--block-length", type=int, default=32, help="blocks sampler: block size")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: 1 for ancestral, 0 otherwise)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
+    """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span.
+
+    Position 0 must be a real token (SPEC 1, shift): the BOS token when there is one, otherwise
+    the first prompt token. Returns (tokens [L], src [L], span slice, dropped_first)."""
+    tok, mask_id = model.tokenizer, model.mask_token_id()
+    prompt_ids = tok.encode(prompt) if prompt else []
+    suffix_ids = tok.encode(suffix) if suffix else []
+    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_token_id
+    lead = [] if bos is None else [bos]
+    if not lead and not prompt_ids:
+        raise ValueError("the tokenizer has no BOS token: give a --prompt so position 0 is real")
+    ids = lead + prompt_ids + [mask_id] * length + suffix_ids
+    src = np.ones(len(ids), bool)
+    start = len(lead) + len(prompt_ids)
+    src[start:start + length] = False
+    return np.asarray(ids, np.int32), src, slice(start, start + length), len(lead)
+
+
+def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: int,
+           temperature: float | None = None, top_p=None, top_k=None, block_length: int = 32,
+           threshold: float = 0.9):
+    """Run a sampler on a batch of canvases; returns (SampleOutput, seconds excluding compile)."""
+    if temperature is None:
+        temperature = 1.0 if sampler == "ancestral" else 0.0
+    common = dict(mask_token_id=model.mask_token_id(), temperature=temperature, top_p=top_p,
+                  top_k=top_k)
+    num_blocks = -(-int((~np.asarray(src[0])).sum()) // block_length)
+    fn, extra = {
+        "ancestral": (sample_ancestral, dict(steps=steps)),
+        "topk": (sample_confidence, dict(steps=steps)),
+        # `steps` is the total budget; the blocks sampler spends it evenly over its blocks.
+        "blocks": (sample_semi_ar, dict(steps=max(1, steps // max(1, num_blocks)),
+                                        block_length=block_length)),
+        "threshold": (sample_threshold, dict(threshold=threshold)),
+    }[sampler]
+    args = (model.apply_fn, model.params, jnp.asarray(canvas), jnp.asarray(src), jax.random.key(seed))
+    compiled = fn.lower(*args, **common, **extra).compile()
+    begin = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args[1:]))
+    return out, time.perf_counter() - begin
+
+
+def run_generate(args) -> int:
+    model = load_for_inference(args.checkpoint, dtype=args.dtype)
+    length = args.infill_length if args.suffix and args.infill_length else args.length
+    ids, src, span, _ = build_canvas(model, args.prompt, length, args.suffix)
+    canvas = np.tile(ids, (args.num_samples, 1))
+    srcs = np.tile(src, (args.num_samples, 1))
+    out, seconds = sample(model, canvas, srcs, sampler=args.sampler, steps=args.steps,
+                          seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, block_length=args.block_length,
+                          threshold=args.threshold)
+    tokens = np.asarray(out.tokens)
+    eos = model.tokenizer.eos_id
+    texts = []
+    for row in tokens:
+        generated = [int(t) for t in row[span]]
+        if eos is not None and not args.keep_after_eos and eos in generated:
+            generated = generated[:generated.index(eos)]
+        text = model.tokenizer.decode(generated)
+        texts.append(args.prompt + text + (args.suffix or ""))
+    rate = args.num_samples * length / seconds if seconds > 0 else float("inf")
+    if args.json:
+        print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
+                          "forward_passes": int(out.forwards), "tokens_per_second": rate}))
+    else:
+        for text in texts:
+            print(text)
+        print(f"[{args.sampler}: {int(out.forwards)} forward passes, {rate:.1f} tokens/s]")
+    return 0

@@ -1,0 +1,215 @@
+"""The device mesh, the shardings derived from logical axis names, and process-local -> global data.
+
+Axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and optimizer
+state sharded along ``embed``) and ``tensor`` (heads, MLP and vocabulary). The batch is split over
+``data`` x ``fsdp``. Any axis may be 1; one may be -1 to take the remaining devices.
+
+Multi-slice TPU (several pods over DCN): set ``mesh.num_slices``; the ``data`` axis is then laid out
+across slices (only gradients cross the slow DCN links, once per step) and the other axes stay
+inside a slice, using ``mesh_utils.create_hybrid_device_mesh``.
+
+    maybe_initialize_distributed(cfg.mesh)     # before anything touches a device
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh.rule_table()
+    apply_fn, params = sharded_init(model_cfg, mesh, rules, seed=0)
+    batch = make_global_batch(local_numpy_batch, mesh, rules)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("batch", "length")  # logical names of a [B, L] batch array
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- the mesh
+
+
+def resolve_shape(shape, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 axis filled in (``shape`` is a ``MeshShape`` or a dict)."""
+    sizes = {a: int(getattr(shape, a) if not isinstance(shape, dict) else shape.get(a, 1))
+             for a in AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
+    if free:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {sizes}: {num_devices} devices are not a multiple of {known}")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh shape {sizes} needs {math.prod(sizes.values())} devices,"
+                         f" but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of a ``MeshSection`` (default: everything on ``fsdp``).
+
+    Axes are ``Auto``: shardings are declared through the logical rules and propagated by XLA.
+    """
+    from diffujax.config import MeshSection
+
+    mesh_cfg = mesh_cfg or MeshSection()
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_shape(mesh_cfg.shape, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    auto = (AxisType.Auto,) * len(AXES)
+    slices = mesh_cfg.num_slices
+    if slices == 1:
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    if sizes["data"] % slices:
+        raise ValueError(f"mesh.shape.data={sizes['data']} must be a multiple of mesh.num_slices"
+                         f"={slices}: the data axis is the one that spans slices")
+    ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    return Mesh(grid, AXES, axis_types=auto)
+
+
+def mesh_axis_sizes(mesh: Mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+# ------------------------------------------------------------------------------- multi-process
+
+
+def _cluster_env() -> bool:
+    """Does the environment describe a multi-process job that ``jax.distributed`` can join?"""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return True
+    return any(int(env.get(k, "1") or 1) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def maybe_initialize_distributed(mesh_cfg=None) -> bool:
+    """Join a multi-process job when the config (``mesh.distributed: true``, or ``auto`` with a
+    coordinator) or the environment (``JAX_COORDINATOR_ADDRESS``, a multi-host TPU, SLURM, Open
+    MPI) says so. Call it before any other JAX call; returns whether JAX is distributed.
+
+    Explicit values come from the config first, then ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; whatever stays unset JAX detects itself.
+    """
+    mode = "auto" if mesh_cfg is None else mesh_cfg.distributed
+    if mode is False:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+
+    def pick(value, name):
+        if value is not None:
+            return value
+        return int(env[name]) if env.get(name) else None
+
+    coordinator = (mesh_cfg.coordinator if mesh_cfg else None) or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = pick(mesh_cfg.num_processes if mesh_cfg else None, "JAX_NUM_PROCESSES")
+    process_id = pick(mesh_cfg.process_id if mesh_cfg else None, "JAX_PROCESS_ID")
+    if mode == "auto" and not (coordinator or _cluster_env()):
+        return False
+    # Processes on CPU need a collective implementation to talk to each other (gloo ships with
+    # jaxlib); the option only concerns the CPU client, so it is harmless on TPU and GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+# -------------------------------------------------------------------------------------- shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def spec_for(names, shape, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec of an array with logical axis ``names``; a mesh axis that does not divide its
+    dimension is dropped (e.g. GPT-2's vocabulary of 50257 on ``tensor=2`` stays replicated)."""
+    sizes = mesh_axis_sizes(mesh)
+    spec = logical_to_spec(names, DEFAULT_RULES if rules is None else rules, sizes)
+    out = []
+    for dim, entry in zip(shape, spec):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        if axes and dim % math.prod(sizes[a] for a in axes):
+            log.info("dimension %d (%s) is not divisible by mesh axes %s: kept replicated", dim,
+                     names, axes)
+            entry = None
+        out.append(entry)
+    return P(*out)
+
+
+def param_shardings(tree, mesh: Mesh, rules=None):
+    """``NamedSharding`` per leaf of a pytree of ``nnx.Variable`` s (params, or optimizer state that
+    mirrors them): from each variable's ``logical_axes`` metadata through ``rules``. Leaves that
+    are not variables with logical axes (step counters, scalars) are replicated. Works on abstract
+    trees (``ShapeDtypeStruct`` values) and returns a tree of the same structure."""
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("logical_axes")
+            value = leaf.get_value()
+            sharding = (replicated(mesh) if axes is None
+                        else NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules)))
+            return leaf.replace(sharding)
+        return replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+    """Sharding of ``[B, L]`` batch arrays: batch over ``data`` x ``fsdp`` (per the rules)."""
+    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, DEFAULT_RULES if rules is None else rules,
+                                               mesh_axis_sizes(mesh)))
+
+
+def make_global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
+    """Global ``jax.Array`` s from this process's numpy batch ``{name: [B_local, ...]}``.
+
+    Each process passes the rows that its own devices hold: the global batch is the concatenation
+    of the processes' batches in process order, ``B = B_local * process_count``. No data crosses
+    hosts.
+    """
+    sharding = batch_sharding(mesh, rules)
+    out = {}
+    for name, value in local_batch.items():
+        value = np.asarray(value)
+        spec = P(*sharding.spec[: value.ndim])  # 1-D per-sequence fields shard like the batch
+        out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+    return out
+
+
+# ------------------------------------------------------------------------------ initialisation
+
+
+def sharded_init(model_cfg, mesh: Mesh, rules=None, seed: int = 0):
+    """``(apply_fn, params)`` of a freshly initialised model, created directly in its shards: the
+    initialiser is jitted with ``out_shardings``, so no host ever holds a full copy."""
+    from diffujax.models import abstract_model, create_model, functional
+
+    apply_fn, abstract = functional(abstract_model(model_cfg))
+    shardings = param_shardings(abstract, mesh, rules)
+    init = jax.jit(lambda: functional(create_model(model_cfg, seed))[1], out_shardings=shardings)
+    with jax.set_mesh(mesh):
+        return apply_fn, init()
+
+
+def shard_params(params, mesh: Mesh, rules=None, dtype=None):
+    """Lay out (and optionally cast) an existing params state as the rules say."""
+    shardings = param_shardings(params, mesh, rules)
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)

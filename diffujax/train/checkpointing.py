@@ -1,0 +1,345 @@
+"""Training checkpoints: orbax ``CheckpointManager`` plus the things a preempted run needs.
+
+Layout of ``RUN_DIR/checkpoints/STEP/``:
+
+    state/   the TrainState pytree (params, optimizer state, step, rng, ema, counters), sharded
+    data/    the data iterator's state, one ``process_I-of-N.json`` per process
+    config/  the run config (JSON)
+    meta/    step, wall time, process/device counts, the model config (what export needs)
+
+Saves are asynchronous (the arrays are copied to host memory before ``save`` returns, so the step
+may donate its buffers right after), every ``save_every`` steps, keeping the last ``keep_last``
+plus every ``keep_every``-th step forever. ``PreemptionGuard`` turns SIGTERM / SIGINT (or, on a
+multi-host run, JAX's preemption sync point) into "save now and exit". ``restore_latest`` restores
+into abstract targets that carry the *current* shardings, so a run may resume on a different
+topology, and falls back to the previous step when the latest one is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
+CORRUPT_DIR = "corrupt"  # bad steps are moved here (never deleted: they may still hold work)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected (the message says which steps were tried)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-iterator state: one small JSON file per process (each host reads its own shard of data).
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Writes / reads a JSON-able dict per process; restore returns the dict (or None)."""
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        path = epath.Path(directory) / _data_file()
+        path.write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
+        path = epath.Path(directory) / _data_file()
+        if not path.exists():
+            found = sorted(p.name for p in epath.Path(directory).iterdir())
+            raise FileNotFoundError(f"no data-iterator state {path.name} (found {found}): the run"
+                                    " was saved with a different number of processes")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory):
+        return None
+
+    def structure(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _data_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: a flag set by a signal handler (single process) or JAX's sync point (multi-host).
+
+
+class PreemptionGuard:
+    """``with PreemptionGuard() as guard: ... if guard.requested(step): save; exit``.
+
+    JAX's preemption service only exists after ``jax.distributed.initialize`` (and then it owns
+    SIGTERM), so a single-process run installs its own handlers that just set a flag; the loop
+    checks it once per step. A second SIGINT interrupts immediately (the default handler is put
+    back after the first), so a stuck run can still be killed with Ctrl-C twice.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+        self._multihost = jax.process_count() > 1
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        log.warning("%s received: saving a checkpoint after the current step, then exiting",
+                    self.signal_name)
+
+    def __enter__(self):
+        if not self._multihost:
+            for s in self.signals:
+                try:
+                    self._previous[s] = signal.signal(s, self._handle)
+                except ValueError:  # not the main thread: leave signals alone
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def requested(self, step: int) -> bool:
+        """Must be called by every process at every step (multi-host: it is a collective)."""
+        if self._multihost:
+            try:
+                from jax.experimental import multihost_utils
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signal_name = self.signal_name or "preemption notice"
+            except RuntimeError:  # preemption service disabled
+                pass
+        return self.signal_name is not None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: Any = None  # None when the checkpoint holds none for this process
+    config: dict | None = None
+    meta: dict | None = None
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs for ``tree`` (arrays or ShapeDtypeStructs), with ``shardings`` (a matching
+    pytree, or None to keep each leaf's own sharding): the restore target."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class TrainCheckpointer:
+    """Asynchronous, rotating, preemption-aware checkpoints of one run.
+
+    ``save_every``: steps between periodic saves; ``keep_last``: how many recent steps to keep;
+    ``keep_every``: also keep every step divisible by it (None: none).
+    """
+
+    def __init__(self, directory, *, save_every: int = 1000, keep_last: int = 3,
+                 keep_every: int | None = None, async_save: bool = True):
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.save_every = int(save_every)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last if keep_last and keep_last > 0 else None,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+            # Half-written temporary dirs of a killed save are removed on start.
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=(STATE, DATA, CONFIG, META))
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def is_due(self, step: int) -> bool:
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state, *, data_state=None, config: dict | None = None,
+             meta: dict | None = None, force: bool = False) -> bool:
+        """Start an asynchronous save of ``step`` if due (or ``force``); True if one started.
+        A step that already has a checkpoint is never rewritten. Call on every process."""
+        step = int(step)
+        if not (force or self.is_due(step)) or step in self.manager.all_steps():
+            return False
+        meta = dict(meta or {}, step=step, time=time.time(), process_count=jax.process_count(),
+                    device_count=jax.device_count())
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: DataStateSave(data_state),
+            CONFIG: ocp.args.JsonSave(_jsonable(config or {})),
+            META: ocp.args.JsonSave(_jsonable(meta)),
+        })
+        return bool(self.manager.save(step, args=args, force=True))
+
+    def wait(self):
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def restore(self, step: int, abstract_state, *, restore_data: bool = True) -> Restored:
+        """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the wanted shardings).
+        Raises if the checkpoint is incomplete or unreadable."""
+        step_dir = self.directory / str(step)
+        missing = [n for n in ("_CHECKPOINT_METADATA", STATE, META) if not (step_dir / n).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete: missing {missing}")
+        items = {STATE: ocp.args.StandardRestore(abstract_state),
+                 CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
+        if restore_data and (step_dir / DATA).exists():
+            items[DATA] = DataStateRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = out[META] or {}
+        if meta.get("step", step) != step:
+            raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
+        return Restored(step=step, state=out[STATE], data_state=out.get(DATA),
+                        config=out[CONFIG], meta=meta)
+
+    def restore_latest(self, abstract_state, *, restore_data: bool = True) -> Restored | None:
+        """Restore the newest readable step; None when there is no checkpoint at all.
+
+        A step that fails to restore (truncated, missing files, no commit marker) is reported with
+        a warning naming it, moved to ``checkpoints/corrupt/`` (so later saves of the same step
+        number are possible and nothing is deleted), and the previous step is tried.
+        """
+        tried = []
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state, restore_data=restore_data)
+            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                tried.append(step)
+                warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({reason});"
+                              " falling back to the previous checkpoint", RuntimeWarning,
+                              stacklevel=2)
+                self._quarantine(step)
+        if tried:
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: steps {tried} all"
+                                  f" failed to restore (moved to {self.directory / CORRUPT_DIR})")
+        return None
+
+    def _quarantine(self, step: int):
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            dst = self.directory / CORRUPT_DIR / f"{step}-{int(time.time())}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.exists():
+                src.rename(dst)
+        _sync(f"diffujax_quarantine_{step}")
+        self.manager.reload()
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _jsonable(obj):
+    """Config / meta trees as plain JSON (tuples -> lists, numpy scalars -> numbers)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, jax.Array)):
+        return np.asarray(obj).item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: a training checkpoint step -> a diffujax model checkpoint (and optionally HF).
+
+
+def find_step_dir(path, step: int | None = None) -> epath.Path:
+    """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
+    when ``step`` is None."""
+    path = epath.Path(os.path.abspath(os.fspath(path)))
+    if (path / META).exists() and (path / STATE).exists():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"{path}: no training checkpoints")
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{path}: no checkpoint for step {step} (have {steps})")
+    return path / str(step)
+
+
+def is_training_checkpoint(path) -> bool:
+    p = epath.Path(os.fspath(path))
+    return (p / STATE).is_dir() and (p / META).is_dir()
+
+
+def read_meta(step_dir) -> dict:
+    p = epath.Path(os.fspath(step_dir))
+    return json.loads((p / META / "metadata").read_text())
+
+
+def load_params(step_dir, *, params_key: str = "params"):
+    """The model parameters of a training checkpoint as host numpy arrays (only that subtree is
+    read; the optimizer state stays on disk)."""
+    step_dir = epath.Path(os.fspath(step_dir))
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+    if params_key not in tree:
+        raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(tree)})")
+    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), tree[params_key])}
+    restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+                                             tree[params_key])}
+    out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return out[params_key]

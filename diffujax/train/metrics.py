@@ -1,0 +1,352 @@
+"""Every training number a user sees, computed in one place and written from one place.
+
+- ``train_flops_per_token(config, seq_len)``: model FLOPs of one training token (forward and
+  backward): ``6 * N`` for the matmul parameters ``N`` (attention and MLP projections and the
+  output head; embedding look-ups, norms and biases are not matmuls) plus attention scores and
+  values, counted over the FULL ``L x L`` square because a diffusion LM attends bidirectionally
+  (MaxText halves them for causal models; we must not). Rematerialisation is not counted: this is
+  MFU, not hardware FLOPs utilisation.
+- ``peak_flops_per_device()``: dense bf16 peak of the accelerator, or None (CPU, unknown) so that
+  MFU is reported as ``n/a`` rather than a made-up number.
+- ``Throughput``: tokens/s, step time, MFU and ETA from wall-clock time between log points.
+- ``RunLogger``: console progress (tqdm on a terminal, one plain line per log step otherwise),
+  TensorBoard event files (tensorboardX) and ``metrics.jsonl`` (one JSON object per log step, the
+  machine-readable record that tests and scripts read). Only process 0 writes.
+- ``StepProfiler``: a ``jax.profiler`` trace of a range of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+from diffujax.models.configs import ModelConfig
+
+# ------------------------------------------------------------------------------------ FLOPs, MFU
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token (the ``N`` of ``6 N``)."""
+    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d  # q, k, v, o
+    mlp_mats = 3 if config.family == "llama" else 2  # SwiGLU gate/up/down vs. fc/proj
+    mlp = mlp_mats * d * config.intermediate_size
+    return config.num_layers * (attn + mlp) + d * config.vocab_size  # + output head (tied or not)
+
+
+def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs of q.k^T and p.v for one token: 2 matmuls x 2 FLOPs x L keys x H x D per layer
+    forward, times 3 for forward + backward; full bidirectional (not halved)."""
+    return 3.0 * 4.0 * config.num_layers * seq_len * config.num_heads * config.head_dim
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    return 6.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)
+
+
+# Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' spec sheets. Matched
+# against ``jax.Device.device_kind``; the longest matching key wins ("TPU v5 lite" before "TPU v5").
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM / HBM3
+    "H200": 989e12,
+}
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+    """Peak FLOP/s of one device, None when unknown (CPU, unlisted accelerators)."""
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    kind = device_kind.lower()
+    matches = [k for k in PEAK_FLOPS if k.lower() in kind]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(flops_per_s: float, num_devices: int, peak_per_device: float | None) -> float | None:
+    if not peak_per_device or num_devices <= 0:
+        return None
+    return flops_per_s / (num_devices * peak_per_device)
+
+
+# ------------------------------------------------------------------------------------ throughput
+
+
+class Throughput:
+    """Rates from wall-clock time between log points.
+
+    Time starts at ``start(step)`` (call it after the first step has finished, so compilation is
+    not counted). Because steps are dispatched asynchronously, time is only meaningful at points
+    where the host has waited for the device (e.g. after fetching the logged loss).
+    """
+
+    def __init__(self, *, tokens_per_step: int, flops_per_token: float, total_steps: int,
+                 num_devices: int | None = None, peak_per_device: float | None = None):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_token * tokens_per_step
+        self.total_steps = total_steps
+        self.num_devices = num_devices or jax.device_count()
+        self.peak = peak_per_device
+        self._t0 = self._last_t = None
+        self._step0 = self._last_step = 0
+        self.paused_s = 0.0  # eval, sampling, blocking checkpoint time: not training throughput
+
+    def start(self, step: int, now: float | None = None):
+        self._t0 = self._last_t = time.perf_counter() if now is None else now
+        self._step0 = self._last_step = step
+        self.paused_s = 0.0
+
+    def pause(self, seconds: float):
+        self.paused_s += seconds
+
+    @property
+    def started(self) -> bool:
+        return self._t0 is not None
+
+    def update(self, step: int, now: float | None = None) -> dict:
+        """Numbers for the window since the last update; ETA from the whole run's average rate
+        (which includes the pauses, since they recur)."""
+        now = time.perf_counter() if now is None else now
+        if self._t0 is None or step <= self._last_step:
+            return {}
+        window = max(now - self._last_t - self.paused_s, 1e-9)
+        steps = step - self._last_step
+        step_time = window / steps
+        tokens_per_s = self.tokens_per_step / step_time
+        flops_per_s = self.flops_per_step / step_time
+        average = (now - self._t0) / max(step - self._step0, 1)
+        out = {
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.num_devices,
+            "model_tflops_per_s_per_device": flops_per_s / self.num_devices / 1e12,
+            "eta_s": max(self.total_steps - step, 0) * average,
+        }
+        m = mfu(flops_per_s, self.num_devices, self.peak)
+        if m is not None:
+            out["mfu"] = m
+        self._last_t, self._last_step, self.paused_s = now, step, 0.0
+        return out
+
+
+# ------------------------------------------------------------------------------------ formatting
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    s = int(round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_si(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.1f}"
+
+
+def summary_line(step: int, total: int, m: dict) -> str:
+    """The one-line console summary of a log step."""
+    parts = [f"step {step}/{total}"]
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f}")
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.2e}")
+    if "grad_norm" in m:
+        parts.append(f"gnorm {m['grad_norm']:.3g}")
+    if "tokens_per_s" in m:
+        parts.append(f"tok/s {format_si(m['tokens_per_s'])}")
+        parts.append(f"mfu {m['mfu']:.1%}" if "mfu" in m else "mfu n/a")
+    if "eta_s" in m:
+        parts.append(f"eta {format_duration(m['eta_s'])}")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {int(m['skipped_steps'])}")
+    return " | ".join(parts)
+
+
+# Scalars -> TensorBoard tags. Unlisted keys go under "train/".
+_TB_TAGS = {
+    "tokens_per_s": "perf/tokens_per_s",
+    "tokens_per_s_per_device": "perf/tokens_per_s_per_device",
+    "model_tflops_per_s_per_device": "perf/model_tflops_per_s_per_device",
+    "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s",
+    "eta_s": "perf/eta_s",
+}
+
+
+# ------------------------------------------------------------------------------------ the writer
+
+
+class RunLogger:
+    """Console + TensorBoard + ``metrics.jsonl`` for one run; a no-op on processes other than 0.
+
+    On resume from ``start_step`` the JSONL records and TensorBoard events of later steps (written
+    by the interrupted attempt after its last checkpoint) are dropped, so every step appears once.
+    """
+
+    def __init__(self, output_dir, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True, enabled: bool | None = None,
+                 stream=None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stderr
+        self._bar = self._tb = self._jsonl = None
+        if not self.enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "metrics.jsonl")
+        _truncate_jsonl(path, start_step)
+        self._jsonl = open(path, "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None,
+                                     flush_secs=30)
+        if progress and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
+                             dynamic_ncols=True, desc="train",
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+                                        " [{elapsed}] {postfix}")
+
+    def train(self, step: int, scalars: dict):
+        """One log step of training numbers (host floats)."""
+        if not self.enabled:
+            return
+        self._record("train", step, scalars)
+        for k, v in scalars.items():
+            self._scalar(_TB_TAGS.get(k, f"train/{k}"), v, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
+                                      .split(" | ", 1)[-1], refresh=True)
+        else:
+            self.message(summary_line(step, self.total_steps, scalars))
+
+    def eval(self, step: int, scalars: dict, prefix: str = "eval"):
+        if not self.enabled:
+            return
+        self._record(prefix, step, scalars)
+        for k, v in scalars.items():
+            self._scalar(f"{prefix}/{k}", v, step)
+        self.message(f"{prefix} @ step {step}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
+
+    def text(self, step: int, tag: str, texts):
+        """A few generated samples: TensorBoard text summaries (markdown code blocks)."""
+        if not self.enabled:
+            return
+        texts = list(texts)
+        self._record("text", step, {tag: texts})
+        if self._tb is not None:
+            body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
+            self._tb.add_text(tag, body, step)
+
+    def message(self, line: str):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def flush(self):
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+    def _scalar(self, tag, value, step):
+        if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
+            self._tb.add_scalar(tag, value, step)
+
+    def _record(self, kind, step, values):
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **values},
+                                         allow_nan=True) + "\n")
+
+
+def _truncate_jsonl(path: str, start_step: int):
+    """Keep only records of steps <= start_step (a fresh run, start_step 0, starts empty)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                continue  # a half-written last line of a killed run
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, kind: str | None = "train") -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (of one kind, or all with ``kind=None``)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+# ------------------------------------------------------------------------------------ profiling
+
+
+class StepProfiler:
+    """Trace steps ``first..last`` (inclusive, step numbers as the loop counts them) into
+    ``logdir``; viewable with TensorBoard's profile plugin or Perfetto."""
+
+    def __init__(self, logdir, steps=()):
+        self.logdir = os.fspath(logdir)
+        self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
+        self.active = False
+
+    def before(self, step: int):
+        if self.first is not None and not self.active and self.first <= step <= self.last:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, sync=None):
+        """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
+        trace holds the device work of the step."""
+        if self.active and step >= self.last:
+            if sync is not None:
+                jax.block_until_ready(sync)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

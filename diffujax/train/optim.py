@@ -1,0 +1,83 @@
+"""The optimizer: AdamW with decoupled weight decay, a learning-rate schedule, global-norm clipping.
+
+Parameters and optimizer state are float32 master copies (``model.param_dtype``); the model casts
+weights to its compute dtype (``model.dtype``, bf16) inside the forward pass, so gradients arrive
+in float32 and nothing here deals with mixed precision.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffujax.models import param_specs
+
+
+def make_schedule(opt, total_steps: int) -> optax.Schedule:
+    """Learning rate per applied update. ``opt`` is an ``OptimizerSection``: linear warmup from 0
+    over ``warmup_steps``, then constant, cosine or linear decay to ``min_lr_ratio * peak_lr`` at
+    ``decay_steps`` (default ``total_steps``, counted from step 0, warmup included)."""
+    peak, warmup = opt.peak_lr, opt.warmup_steps
+    end = peak * opt.min_lr_ratio
+    decay_steps = opt.decay_steps or total_steps
+    if opt.schedule == "cosine":
+        if decay_steps <= warmup:
+            raise ValueError(f"optimizer: decay_steps ({decay_steps}) must exceed warmup_steps"
+                             f" ({warmup})")
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, decay_steps, end)
+    if opt.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif opt.schedule == "linear":
+        after = optax.linear_schedule(peak, end, max(decay_steps - warmup, 1))
+    else:
+        raise ValueError(f"optimizer.schedule {opt.schedule!r} is not constant, cosine or linear")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _spec_path(path) -> tuple[str, ...]:
+    """The dict-key names of a params-tree path (``('params', 'layers', 'wq')``)."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def weight_decay_mask(params, model_cfg):
+    """True for the weights that decay: matrices and embeddings. Norm scales and biases do not.
+
+    Decided from the family's ``ParamSpec`` table: a parameter initialised to a constant
+    (``ones``: norm scales, ``zeros``: biases) is exempt. Every parameter must have a spec, so a
+    new weight cannot silently change the rule.
+    """
+    specs = param_specs(model_cfg)
+
+    def decays(path, _):
+        names = _spec_path(path)
+        for i in range(len(names)):
+            spec = specs.get("/".join(names[i:]))
+            if spec is not None:
+                return spec.init == "normal"
+        raise KeyError(f"parameter {'/'.join(names)} has no ParamSpec for family"
+                       f" {model_cfg.family!r}")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransformation:
+    """Global-norm clipping (``clip_norm``; off when unset or 0), then AdamW under the schedule.
+
+    optax's AdamW scales the decay by the learning rate (as PyTorch's AdamW does), so the decay
+    follows warmup and decay of the schedule.
+    """
+    adamw = optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay,
+                        mask=lambda p: weight_decay_mask(p, model_cfg))
+    if not opt.clip_norm:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
+
+
+def ema_update(ema, params, decay: float):
+    """``ema <- decay * ema + (1 - decay) * params`` in float32."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
+                        ema, params)

@@ -1,0 +1,208 @@
+"""The compiled training and evaluation steps.
+
+    step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+    state, metrics = step(state, batch)        # batch: make_global_batch(local_numpy, mesh, rules)
+
+One ``jax.jit`` per step function, with explicit in/out shardings and the state donated. Inside:
+
+- the step's noise key is ``fold_in(rng, step)`` and the attention pattern is
+  ``for_training(step, anneal_steps, anneal_seed)``: both follow from the state alone, so a run is
+  reproducible and resumes exactly;
+- gradient accumulation scans over ``grad_accum_steps`` micro-batches of consecutive rows; the
+  objective draws each row's noise from its *global* row index and returns numerator and
+  denominator sums, which are added over micro-batches and divided once (SPEC 2.6), so any
+  number of micro-batches computes the same update;
+- a step whose loss or gradients are not finite changes neither params nor optimizer state; it is
+  counted (``bad_steps`` consecutive, ``total_bad_steps`` overall) and the loop decides when to
+  give up (``train.max_bad_steps``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
+from diffujax.diffusion.objective import ar_loss_sums, diffusion_loss_sums
+from diffujax.models import abstract_model, functional
+from diffujax.parallel.logical import axis_rules, constrain
+from diffujax.parallel.mesh import batch_sharding, mesh_axis_sizes, param_shardings, replicated
+from diffujax.train.optim import ema_update, make_schedule
+from diffujax.train.state import TrainState, optimizer_for, train_state_shardings
+
+
+class CompiledStep:
+    """A jitted step run under the mesh and the logical-axis rules (activation constraints inside
+    the model read them while tracing). ``lower(*args)`` gives the AOT form (memory/cost analysis)."""
+
+    def __init__(self, fn, mesh, rules, **jit_kwargs):
+        self.jitted = jax.jit(fn, **jit_kwargs)
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return self.jitted.lower(*args)
+
+
+def _rules(run_cfg, rules):
+    return run_cfg.mesh.rule_table() if rules is None else tuple(rules)
+
+
+def _mask_token_id(model_cfg) -> int:
+    if model_cfg.mask_token_id is None:
+        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+    return int(model_cfg.mask_token_id)
+
+
+def _batch_rows(mesh, rules) -> int:
+    """How many ways the batch dimension is split across devices."""
+    spec = batch_sharding(mesh, rules).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    sizes = mesh_axis_sizes(mesh)
+    n = 1
+    for a in axes:
+        n *= sizes[a]
+    return n
+
+
+def _with_positions(apply_fn, batch):
+    """Packed documents may carry per-document positions; the objective calls apply_fn without."""
+    if "positions" not in batch:
+        return apply_fn
+    return lambda params, tokens, pattern: apply_fn(params, tokens, pattern, batch["positions"])
+
+
+def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
+    """``step(state, batch) -> (state, metrics)``, compiled once for the batch's shapes.
+
+    ``batch`` holds global ``[B, L]`` arrays: ``tokens`` and optionally ``src`` (SFT prompt, never
+    noised), ``loss_mask``, ``segment_ids`` (used when ``diffusion.segment_ids``) and
+    ``positions``. ``metrics`` are replicated float32/int32 scalars.
+    """
+    rules = _rules(run_cfg, rules)
+    d, opt = run_cfg.diffusion, run_cfg.optimizer
+    accum = opt.grad_accum_steps
+    mask_id = _mask_token_id(model_cfg)
+    normalization = "sequence" if d.per_sequence_norm else d.normalization
+    optimizer = optimizer_for(run_cfg, model_cfg)
+    schedule = make_schedule(opt, run_cfg.train.steps)
+    state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
+    batch_sh = batch_sharding(mesh, rules)
+    shards = _batch_rows(mesh, rules)
+
+    def micro_loss(params, mb, key, step, row_offset, global_batch):
+        if d.sft and "src" not in mb:
+            raise ValueError("diffusion.sft is set but the batch has no 'src'")
+        pattern = for_training(step, d.anneal_steps, d.anneal_seed,
+                               mb.get("segment_ids") if d.segment_ids else None)
+        sums = diffusion_loss_sums(
+            _with_positions(apply_fn, mb), params, mb["tokens"], key, mask_token_id=mask_id,
+            pattern=pattern, src=mb.get("src"), loss_mask=mb.get("loss_mask"),
+            normalization=normalization, stratified=d.stratified_t, eps=d.eps,
+            row_offset=row_offset, global_batch=global_batch)
+        return sums.weighted, sums
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def accumulate(params, batch, key, step):
+        """Sum of numerator gradients and of loss sums over the micro-batches."""
+        rows = batch["tokens"].shape[0]
+        if rows % (accum * shards):
+            raise ValueError(f"global batch {rows} must be a multiple of grad_accum_steps ({accum})"
+                             f" x the batch shards of the mesh ({shards})")
+        if accum == 1:
+            return grad_fn(params, batch, key, step, 0, rows)
+        micro = rows // accum
+        # Micro-batch i is rows [i * micro, (i + 1) * micro), itself split over the batch shards
+        # (XLA moves the int32 tokens once per step to get there; they are tiny next to the
+        # gradients).
+        micro_batches = jax.tree.map(
+            lambda x: constrain(x.reshape(accum, micro, *x.shape[1:]),
+                                (None, "batch") + (None,) * (x.ndim - 1)), batch)
+
+        def body(carry, xs):
+            i, mb = xs
+            grads, sums = grad_fn(params, mb, key, step, i * micro, rows)
+            grads = jax.lax.with_sharding_constraint(grads, state_sh.params)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), key,
+                                step, 0, rows)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zeros = (jax.lax.with_sharding_constraint(zeros[0], state_sh.params), zeros[1])
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum, dtype=jnp.int32), micro_batches))
+        return total
+
+    def step_fn(state: TrainState, batch):
+        key = jax.random.fold_in(state.key(), state.step)
+        grad_sums, sums = accumulate(state.params, batch, key, state.step)
+        # The denominators (noised or target token counts) do not depend on the params.
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums.denominator, 1e-9), grad_sums)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        ema = state.ema
+        if ema is not None:
+            ema = keep(ema_update(ema, params, opt.ema_decay), ema)
+        bad = jnp.where(finite, 0, state.bad_steps + 1)
+        total_bad = state.total_bad_steps + (~finite).astype(jnp.int32)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), rng=state.rng, ema=ema,
+                               bad_steps=bad, total_bad_steps=total_bad)
+        tokens = batch["tokens"]
+        metrics = dict(sums.metrics(), grad_norm=grad_norm,
+                       lr=schedule(state.applied_steps),
+                       anneal_ratio=anneal_ratio(state.step, d.anneal_steps),
+                       tokens=jnp.float32(tokens.shape[0] * tokens.shape[1]),
+                       skipped=(~finite).astype(jnp.int32), bad_steps=bad,
+                       total_bad_steps=total_bad)
+        return new_state, metrics
+
+    return CompiledStep(step_fn, mesh, rules, in_shardings=(state_sh, batch_sh),
+                        out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None, kind: str = "elbo") -> CompiledStep:
+    """``eval_step(params, batch, key) -> LossSums`` (replicated sums; add them over batches and
+    take ``.loss`` at the end, so the mean is over all tokens of the evaluation set).
+
+    ``kind="elbo"``: the diffusion NELBO per target token (SPEC 5: ``"tokens"`` normalisation,
+    full attention, stratified ``t`` over the batch, position 0 never noised); its ``exp`` bounds
+    the perplexity. ``kind="ar"``: next-token loss with causal attention (the AR baseline).
+    ``params`` may be ``state.params`` or ``state.ema``; ``key`` a typed key (vary it per batch).
+    """
+    if kind not in ("elbo", "ar"):
+        raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")
+    rules = _rules(run_cfg, rules)
+    d = run_cfg.diffusion
+    mask_id = _mask_token_id(model_cfg) if kind == "elbo" else None
+    params_sh = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
+
+    def eval_fn(params, batch, key):
+        tokens = batch["tokens"]
+        segments = batch.get("segment_ids") if d.segment_ids else None
+        fn = _with_positions(apply_fn, batch)
+        if kind == "ar":
+            return ar_loss_sums(fn, params, tokens, pattern=causal(segments),
+                                loss_mask=batch.get("loss_mask"))
+        first = jnp.zeros(tokens.shape, bool).at[:, 0].set(True)
+        src = first if "src" not in batch else batch["src"] | first
+        return diffusion_loss_sums(fn, params, tokens, key, mask_token_id=mask_id,
+                                   pattern=full(segments), src=src,
+                                   loss_mask=batch.get("loss_mask"), normalization="tokens",
+                                   stratified=True, eps=d.eps)
+
+    return CompiledStep(eval_fn, mesh, rules,
+                        in_shardings=(params_sh, batch_sharding(mesh, rules), replicated(mesh)),
+                        out_shardings=replicated(mesh))
+
+
+__all__ = ["CompiledStep", "make_eval_step", "make_train_step"]

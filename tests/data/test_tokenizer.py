@@ -1,0 +1,105 @@
+"""Tokenizer face: round trips, special ids from the HF side files, pickling, vocab checks.
+Independent reference: the backend libraries themselves (sentencepiece, tokenizers)."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+
+from diffujax.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    VocabMismatchError,
+    load_tokenizer,
+)
+
+TEXTS = [
+    "Permission is hereby granted, free of charge, to any person.",
+    "  leading spaces, tabs\tand\nnewlines ",
+    "Unicode: é, ß, 漢字, emoji 🙂",
+]
+
+
+def test_kinds_and_special_ids(sp_tok, hf_tok):
+    assert isinstance(sp_tok, SentencePieceTokenizer) and sp_tok.vocab_size == 400
+    assert (sp_tok.bos_id, sp_tok.eos_id, sp_tok.pad_id) == (1, 2, None)
+    assert sp_tok.special.unk == 0
+    assert isinstance(hf_tok, HFTokenizer) and hf_tok.vocab_size == 400
+    # bos/eos from tokenizer_config.json (string and AddedToken spellings), pad from the map
+    assert (hf_tok.bos_id, hf_tok.eos_id, hf_tok.pad_id) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(any_tok, text):
+    ids = any_tok.encode(text)
+    assert ids and all(isinstance(i, int) and 0 <= i < any_tok.vocab_size for i in ids)
+    assert any_tok.encode_batch([text, text]) == [ids, ids]
+    decoded = any_tok.decode(ids)
+    if isinstance(any_tok, SentencePieceTokenizer):
+        # sentencepiece normalises whitespace runs (LLaMA-2 behaviour); compare words
+        assert decoded.split() == text.split()
+    else:
+        assert decoded == text
+
+
+def test_matches_backend(sp_dir, hf_dir, sp_tok, hf_tok):
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    hf = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    for text in TEXTS:
+        assert sp_tok.encode(text) == sp.encode(text)
+        assert hf_tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_special_strings_in_text_stay_text(hf_tok, sp_tok):
+    assert hf_tok.eos_id not in hf_tok.encode("a <|endoftext|> b")
+    assert sp_tok.eos_id not in sp_tok.encode("a </s> b")
+    parsing = load_tokenizer(hf_tok.path, parse_special=True)
+    assert parsing.eos_id in parsing.encode("a <|endoftext|> b")
+
+
+def test_pickle_is_lazy(any_tok):
+    any_tok.encode("load it")
+    blob = pickle.dumps(any_tok)
+    clone = pickle.loads(blob)
+    assert clone._impl is None  # the backend is re-loaded in the worker, not shipped
+    assert clone.encode(TEXTS[0]) == any_tok.encode(TEXTS[0])
+    assert clone.special == any_tok.special and clone.vocab_size == any_tok.vocab_size
+
+
+def test_load_tokenizer_choices(tmp_path, sp_dir, hf_dir):
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(sp_dir / "tokenizer.model", both)
+    shutil.copy(hf_dir / "tokenizer.json", both)
+    assert load_tokenizer(both).kind == "hf"
+    assert load_tokenizer(both, prefer="sentencepiece").kind == "sentencepiece"
+    assert load_tokenizer(sp_dir / "tokenizer.model").kind == "sentencepiece"
+    # config.json ids and explicit overrides
+    (both / "config.json").write_text(json.dumps({"eos_token_id": [2, 5], "pad_token_id": 3}))
+    tok = load_tokenizer(both, prefer="sentencepiece", bos=None, sep=4)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.special.sep) == (None, 2, 3, 4)
+
+
+def test_load_tokenizer_errors(tmp_path, hf_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    (bad / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        load_tokenizer(bad)
+
+
+def test_model_vocab_check(any_tok):
+    any_tok.check_model_vocab(400)
+    any_tok.check_model_vocab(512)  # padded embedding tables are fine
+    with pytest.raises(VocabMismatchError, match="400 tokens.*only 300 rows"):
+        any_tok.check_model_vocab(300)
+    with pytest.raises(VocabMismatchError):
+        load_tokenizer(any_tok.path, model_vocab_size=399)

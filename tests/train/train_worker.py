@@ -1,0 +1,117 @@
+"""A tiny training run shared by the sharding tests, in-process and as a multi-process worker.
+
+In-process: the tests load this file and call ``run``. As a script (one per process)::
+
+    python train_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json FAMILY DATA FSDP TENSOR
+
+joins a ``jax.distributed`` job over gloo, feeds this process's rows of every global batch and
+writes the losses and parameter checksums (process 0) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+STEPS = 3
+GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 16, 128
+
+MODELS = {
+    # GQA: 4 query heads over 2 key/value heads, both divisible by tensor=2.
+    "llama": dict(family="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                  num_kv_heads=2, intermediate_size=64, tie_word_embeddings=False),
+    "gpt2": dict(family="gpt2", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, max_positions=SEQ_LEN),
+}
+
+
+def make_config(family="llama", data=1, fsdp=1, tensor=1, **overrides):
+    from diffujax.config import from_dict
+
+    raw = {
+        "model": {"init": MODELS[family], "dtype": "float32"},
+        "diffusion": {"mask_token_id": 3, "anneal_steps": 4, "anneal_seed": 7},
+        "data": {"global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN},
+        "optimizer": {"peak_lr": 1e-2, "schedule": "cosine", "warmup_steps": 1, "clip_norm": 1.0,
+                      "weight_decay": 0.1},
+        "mesh": {"shape": {"data": data, "fsdp": fsdp, "tensor": tensor}},
+        "train": {"steps": 10, "seed": 1},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw)
+
+
+def global_batches(steps=STEPS):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        tokens = rng.integers(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN)).astype(np.int32)
+        loss_mask = np.ones((GLOBAL_BATCH, SEQ_LEN), bool)
+        loss_mask[-1, -3:] = False  # a little filler, so the denominators are not trivial
+        out.append({"tokens": tokens, "loss_mask": loss_mask})
+    return out
+
+
+def checksums(params):
+    """Per-leaf sum and sum of squares, replicated: readable on every process of a sharded run."""
+    import jax
+    import jax.numpy as jnp
+
+    fn = jax.jit(lambda p: [(jnp.sum(x), jnp.sum(x * x)) for x in jax.tree.leaves(p)])
+    return [[float(a), float(b)] for a, b in fn(params)]
+
+
+def run(cfg, devices=None, steps=STEPS):
+    """Train ``steps`` steps; returns (state, [metrics per step])."""
+    import jax
+
+    from diffujax.models import abstract_model, functional
+    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.train.state import create_train_state
+    from diffujax.train.step import make_train_step
+
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rule_table()
+    model_cfg = cfg.resolve_model_config()
+    apply_fn, _ = functional(abstract_model(model_cfg))
+    state = create_train_state(cfg, model_cfg, mesh, rules)
+    step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
+    rows = GLOBAL_BATCH // jax.process_count()
+    lo = jax.process_index() * rows
+    history = []
+    for batch in global_batches(steps):
+        local = {k: v[lo:lo + rows] for k, v in batch.items()}
+        state, metrics = step(state, make_global_batch(local, mesh, rules))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+def main(argv):
+    pid, nproc, port, out, family, data, fsdp, tensor = argv
+    import jax
+
+    from diffujax.config import MeshSection
+    from diffujax.parallel.mesh import maybe_initialize_distributed
+
+    cache = os.environ.get("DIFFUJAX_TEST_JAX_CACHE")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+    maybe_initialize_distributed(MeshSection(distributed=True, coordinator=f"127.0.0.1:{port}",
+                                             num_processes=int(nproc), process_id=int(pid)))
+    cfg = make_config(family, int(data), int(fsdp), int(tensor))
+    state, history = run(cfg)
+    result = {"process_count": jax.process_count(), "devices": jax.device_count(),
+              "losses": [m["loss"] for m in history], "checksums": checksums(state.params)}
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
