@@ -64,8 +64,8 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
     """Run a sampler on a batch of canvases; returns (SampleOutput, seconds excluding compile)."""
     if temperature is None:
         temperature = 1.0 if sampler == "ancestral" else 0.0
-    common = dict(mask_token_id=model.mask_token_id(), temperature=temperature, top_p=top_p,
-                  top_k=top_k)
+    common = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    mask = dict(mask_token_id=model.mask_token_id())  # traced, so the compiled call takes it too
     num_blocks = -(-int((~np.asarray(src[0])).sum()) // block_length)
     fn, extra = {
         "ancestral": (sample_ancestral, dict(steps=steps)),
@@ -76,9 +76,9 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
         "threshold": (sample_threshold, dict(threshold=threshold)),
     }[sampler]
     args = (model.apply_fn, model.params, jnp.asarray(canvas), jnp.asarray(src), jax.random.key(seed))
-    compiled = fn.lower(*args, **common, **extra).compile()
+    compiled = fn.lower(*args, **mask, **common, **extra).compile()
     begin = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args[1:]))
+    out = jax.block_until_ready(compiled(*args[1:], **mask))
     return out, time.perf_counter() - begin
 
 

@@ -28,6 +28,7 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
           "float64": np.float64}
+FLOAT_DTYPES = {np.dtype(t) for t in DTYPES.values()}  # bfloat16 is no np.floating subtype
 
 
 def parse_dtype(dtype) -> np.dtype | None:
@@ -292,7 +293,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         if got != want:
             raise CheckpointError(f"{source.where(name)}: tensor {name!r} has shape {got}, but"
                                   f" config.json implies {want}")
-        if not np.issubdtype(source.dtype(name), np.floating):
+        if source.dtype(name) not in FLOAT_DTYPES:
             raise CheckpointError(f"{source.where(name)}: tensor {name!r} has dtype"
                                   f" {source.dtype(name)}, expected a floating-point weight")
 

@@ -300,6 +300,16 @@ def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions) -> grain.Ma
     return ds[shard.shard_index :: shard.shard_count]
 
 
+def _as_pairs(sources) -> list[tuple[Any, float]]:
+    """A list of ``(source, weight)`` pairs is a mixture; anything else is one source (a plain
+    list of documents is a source too)."""
+    if isinstance(sources, (list, tuple)) and sources and all(
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in sources
+    ):
+        return [(src, float(w)) for src, w in sources]
+    return [(sources, 1.0)]
+
+
 def build_pipeline(
     sources,
     tokenizer: Tokenizer | None,
@@ -323,9 +333,8 @@ def build_pipeline(
         raise ValueError(f"global batch {opts.global_batch} is not divisible by the "
                          f"{shard.shard_count} processes")
     local_batch = opts.global_batch // shard.shard_count
-    weighted = isinstance(sources, (list, tuple))
-    pairs = list(sources) if weighted else [(sources, 1.0)]
-    if weighted and len(pairs) > 1 and opts.num_epochs is not None:
+    pairs = _as_pairs(sources)
+    if len(pairs) > 1 and opts.num_epochs is not None:
         raise ValueError("mixing several sources needs num_epochs=None")
     # "blocks": pretokenized, already packed; "tokens": pretokenized documents; else text.
     layouts = [getattr(src, "layout", "text") for src, _ in pairs]

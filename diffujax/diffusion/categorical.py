@@ -4,8 +4,8 @@ A float32 uniform has 2^-24 resolution near 1, so textbook Gumbel-max ``-log(-lo
 produce the rare, very small ``-log(u)`` that lets a low-probability token win: the tail of the
 distribution is cut and generated text looks better than the model is. Here a token is the winner
 of an exponential race, ``argmax_j(logit_j - log E_j)`` with ``E_j ~ Exp(1)`` (the same as
-Gumbel-max, ``P(j) = softmax(logits)_j``), and ``E = -log1p(-v)`` with ``v`` uniform built from
-two 32-bit words, so that small ``E`` (down to 2^-64) keep full float32 relative precision.
+Gumbel-max, ``P(j) = softmax(logits)_j``), and ``E`` is built from two 32-bit words so that it
+keeps full float32 relative precision from 2^-64 up to about 44.
 """
 
 from __future__ import annotations
@@ -26,9 +26,17 @@ def uniform_from_bits(hi, lo) -> jax.Array:
 
 
 def exponential_from_bits(hi, lo) -> jax.Array:
-    """Float32 ``Exp(1)`` from two uint32 words, accurate in the lower tail that decides rare
-    tokens: ``-log1p(-v)`` keeps the relative precision of a small ``v``."""
-    return -jnp.log1p(-uniform_from_bits(hi, lo))
+    """Float32 ``Exp(1)`` from two uint32 words, with float32 relative precision at both ends.
+
+    ``E = -log(1 - v)``: for ``v < 1/2`` as ``-log1p(-v)`` (small ``E``, the ones that let rare
+    tokens win); for ``v >= 1/2`` as ``-log(w)`` with ``w = 1 - v`` built from the complemented
+    bits, so that ``w`` keeps its precision where ``v`` is close to 1 (large ``E``).
+    """
+    lower_half = hi < jnp.uint32(1 << 31)
+    v = uniform_from_bits(hi, lo)
+    # 1 - v = ((2^32 - 1 - hi) * 2^32 + (2^32 - 1 - lo) + 1) * 2^-64, never 0
+    w = (~hi).astype(jnp.float32) * _TWO_POW_M32 + ((~lo).astype(jnp.float32) + 1) * _TWO_POW_M64
+    return jnp.where(lower_half, -jnp.log1p(-v), -jnp.log(w))
 
 
 def exponential_draws(key, shape) -> jax.Array:

@@ -342,4 +342,100 @@ def load_params(step_dir, *, params_key: str = "params"):
                                              tree[params_key])}
     out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-    return out[params_key]
+    return _unwrap_variables(out[params_key])
+
+
+def _unwrap_variables(tree):
+    """An ``nnx.Param`` is stored as ``{"value": array}``: give back plain nested arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _unwrap_variables(v) for k, v in tree.items()}
+    return tree
+
+
+def model_config_to_dict(config) -> dict:
+    """A model config as JSON-able fields plus its family (exact: ``model_config_from_dict``
+    gives back an equal config)."""
+    return dict(_jsonable(dataclasses.asdict(config)), family=config.family)
+
+
+def model_config_from_dict(d: dict):
+    from diffujax.models.configs import FAMILIES
+
+    fields = dict(d)
+    cls = FAMILIES[fields.pop("family")]
+    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
+    return cls(**{k: tuples(v) for k, v in fields.items()})
+
+
+def saved_model_config(directory):
+    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
+    directory = epath.Path(os.fspath(directory))
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+        if directory.is_dir() else []
+    for step in steps:
+        try:
+            return model_config_from_dict(read_meta(directory / str(step))["model_config"])
+        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
+            continue
+    return None
+
+
+def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
+    """``params`` (sharded or not) as a diffujax model checkpoint (``checkpoint.store`` format).
+
+    Single process: ``store.save`` (atomic). Several processes: every process writes its shards
+    with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
+    marker, then renames it into place.
+    """
+    from diffujax.checkpoint import store, tree
+    from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+
+    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    if jax.process_count() == 1:
+        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
+        return directory
+    tmp = directory.parent / f"{directory.name}.tmp"
+    if jax.process_index() == 0 and tmp.exists():
+        tmp.rmtree()
+    _sync("diffujax_save_model_start")
+    if jax.process_index() == 0:
+        tmp.mkdir(parents=True)
+    _sync("diffujax_save_model_dir")
+    store.write(tmp, model_cfg, tree.from_state(model_cfg, params))
+    _sync("diffujax_save_model_written")
+    if jax.process_index() == 0:
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+        store.mark_complete(tmp)
+        if directory.exists():
+            directory.rmtree()
+        tmp.rename(directory)
+    _sync("diffujax_save_model_done")
+    return directory
+
+
+def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
+                overwrite: bool = False):
+    """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``).
+
+    ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
+    ``step``: None for the newest. Only the parameters (or the EMA) are read. Single process.
+    """
+    from diffujax.checkpoint import store
+
+    step_dir = find_step_dir(run_dir, step)
+    meta = read_meta(step_dir)
+    model_cfg = model_config_from_dict(meta["model_config"])
+    params = load_params(step_dir, params_key="ema" if ema else "params")
+    tokenizer_dir = meta.get("tokenizer_dir")
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
+        tokenizer_dir = None
+    store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+    if hf_dir is not None:
+        from diffujax.checkpoint.convert import export
+        export(dst, hf_dir, overwrite=overwrite)
+    return epath.Path(os.fspath(dst))

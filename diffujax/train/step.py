@@ -143,7 +143,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         grad_sums, sums = accumulate(state.params, batch, key, state.step)
         # The denominators (noised or target token counts) do not depend on the params.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums.denominator, 1e-9), grad_sums)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

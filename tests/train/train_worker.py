@@ -11,7 +11,6 @@ writes the losses and parameter checksums (process 0) as JSON.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 STEPS = 3
@@ -98,9 +97,6 @@ def main(argv):
     from diffujax.config import MeshSection
     from diffujax.parallel.mesh import maybe_initialize_distributed
 
-    cache = os.environ.get("DIFFUJAX_TEST_JAX_CACHE")
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
     maybe_initialize_distributed(MeshSection(distributed=True, coordinator=f"127.0.0.1:{port}",
                                              num_processes=int(nproc), process_id=int(pid)))
     cfg = make_config(family, int(data), int(fsdp), int(tensor))

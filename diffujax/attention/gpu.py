@@ -1,0 +1,385 @@
+"""GPU attention: cuDNN for causal/full, a Pallas (Triton) kernel with the in-kernel hash otherwise.
+
+- ``cudnn_attention``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (cuDNN flash
+  attention; without ``implementation="cudnn"`` JAX would materialise the ``L x L`` scores). It
+  takes causal/full without segment ids, bf16/f16 inputs; anything else is refused with a
+  ``ValueError`` and the dispatcher picks the Pallas kernel.
+- ``flash_attention``: a Pallas kernel lowered through Triton, forward and backward (``dq`` and
+  ``dk/dv`` kernels), for every pattern: the annealed pattern is regenerated per tile by
+  ``pattern.is_open`` on iota indices (bit-identical to ``dense_mask``), segment ids combine with
+  every kind. Layout is the model's ``[B, L, H, D]`` (strided loads, no transposes).
+
+Structure (one program per q block, resp. per kv block, looping over the other axis):
+the loop over kv blocks is split into an unmasked range (blocks fully below the diagonal, or every
+block for ``full`` / ratio 1) and a masked range; its upper end stops at the diagonal for causal
+and for annealed at ratio 0 (the future is skipped, not masked). ``dk/dv`` programs loop over the
+``H // KVH`` query heads of their group and accumulate in registers: no repeated K/V.
+
+Block sizes are powers of two (Triton); defaults are untuned starting points for A100/H100
+(written and tested without a GPU, in interpret mode: run ``benchmarks/attention.py`` on the
+target GPU). f32 inputs use IEEE-precision dots (no TF32) to stay comparable with the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN
+
+
+def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
+    """cuDNN flash attention for ``causal`` / ``full`` without segment ids (bf16 or f16)."""
+    if pattern.kind == "annealed" or pattern.segment_ids is not None:
+        raise ValueError("cudnn attention takes causal/full patterns without segment ids")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"cudnn attention needs bf16/f16 inputs, got {q.dtype}")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=pattern.kind == "causal",
+                                        implementation="cudnn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas / Triton
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_q: int = 64
+    block_kv: int = 64
+    block_q_bwd: int = 64
+    block_kv_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    kind: str
+    segmented: bool
+    seq_len: int
+    padded_len: int
+    bq: int
+    bkv: int
+    bq_bwd: int
+    bkv_bwd: int
+    scale: float
+    groups: int
+    f32: bool
+    interpret: Any
+    num_warps: int
+    num_stages: int
+
+
+def _div(x, n: int):
+    return lax.div(x, jnp.int32(n))  # non-negative operands: no floor/sign handling needed
+
+
+def _cdiv(x, n: int):
+    return _div(x + (n - 1), n)
+
+
+def _dot(cfg: _Cfg, a, b, dims):
+    prec = lax.Precision.HIGHEST if cfg.f32 else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _pattern(cfg: _Cfg, s_ref) -> AttentionPattern:
+    return AttentionPattern(cfg.kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2])
+
+
+def _allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg):
+    ok = is_open(pattern, q_idx, k_idx, q_seg, k_seg)
+    if cfg.padded_len != cfg.seq_len:
+        ok = ok & (k_idx < cfg.seq_len)
+    return ok
+
+
+def _kv_range(cfg: _Cfg, thr, i, bq: int, bkv: int):
+    """For q block ``i``: kv blocks ``[0, split)`` need no mask, ``[split, hi)`` are masked."""
+    length = cfg.seq_len
+    nk = -(-length // bkv)
+    whole = length // bkv  # kv blocks without padding
+    causal_hi = jnp.minimum(_cdiv((i + 1) * bq, bkv), nk)
+    causal_split = jnp.minimum(_div(i * bq + 1, bkv), whole)
+    if cfg.kind == "full":
+        hi, split = jnp.int32(nk), jnp.int32(whole)
+    elif cfg.kind == "causal":
+        hi, split = causal_hi, causal_split
+    else:
+        hi = jnp.where(thr > 0, nk, causal_hi)
+        split = jnp.where(thr >= FULL_THRESHOLD, whole, causal_split)
+    if cfg.segmented:
+        split = jnp.int32(0)
+    return jnp.minimum(split, hi), hi
+
+
+def _q_range(cfg: _Cfg, thr, j, bq: int, bkv: int):
+    """For kv block ``j``: q blocks ``[lo, split)`` are masked, ``[split, nq)`` need no mask."""
+    length = cfg.seq_len
+    nq = -(-length // bq)
+    causal_lo = _div(j * bkv, bq)
+    causal_split = _cdiv((j + 1) * bkv - 1, bq)  # first q block entirely at/after the diagonal
+    if cfg.kind == "full":
+        lo, split = jnp.int32(0), jnp.int32(0)
+    elif cfg.kind == "causal":
+        lo, split = causal_lo, causal_split
+    else:
+        lo = jnp.where(thr > 0, 0, causal_lo)
+        split = jnp.where(thr >= FULL_THRESHOLD, lo, causal_split)
+    if cfg.padded_len != length:
+        split = jnp.where((j + 1) * bkv > length, nq, split)
+    if cfg.segmented:
+        split = jnp.int32(nq)
+    return lo, jnp.minimum(jnp.maximum(split, lo), nq), nq
+
+
+def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, o_ref, lse_ref = rest
+    else:
+        o_ref, lse_ref = rest
+    bq, bkv = cfg.bq, cfg.bkv
+    i = pl.program_id(0)
+    pattern = _pattern(cfg, s_ref)
+    q = q_ref[...]
+    q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+    q_seg = qseg_ref[...][:, None] if cfg.segmented else None
+
+    def step(masked, j, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(j * bkv, bkv)
+        k = k_ref[pl.ds(start, bkv), :]
+        v = v_ref[pl.ds(start, bkv), :]
+        s = _dot(cfg, q, k, _NT) * cfg.scale
+        if masked:
+            k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
+            k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
+            s = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, _NN)
+        return m_new, l, acc
+
+    split, hi = _kv_range(cfg, s_ref[2], i, bq, bkv)
+    d = q.shape[-1]
+    carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
+             jnp.zeros((bq, d), jnp.float32))
+    carry = lax.fori_loop(0, split, functools.partial(step, False), carry)
+    m, l, acc = lax.fori_loop(split, hi, functools.partial(step, True), carry)
+    l = jnp.where(l == 0.0, 1.0, l)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, dq_ref = rest
+    else:
+        (dq_ref,) = rest
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    i = pl.program_id(0)
+    pattern = _pattern(cfg, s_ref)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
+    q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+    q_seg = qseg_ref[...][:, None] if cfg.segmented else None
+
+    def step(masked, j, dq):
+        start = pl.multiple_of(j * bkv, bkv)
+        k = k_ref[pl.ds(start, bkv), :]
+        v = v_ref[pl.ds(start, bkv), :]
+        s = _dot(cfg, q, k, _NT) * cfg.scale
+        if masked:
+            k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
+            k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
+            s = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        p = jnp.exp(s - lse)
+        ds = p * (_dot(cfg, do, v, _NT) - delta)
+        return dq + _dot(cfg, ds.astype(k.dtype), k, _NN)
+
+    split, hi = _kv_range(cfg, s_ref[2], i, bq, bkv)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, split, functools.partial(step, False), dq)
+    dq = lax.fori_loop(split, hi, functools.partial(step, True), dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
+    if cfg.segmented:
+        qseg_ref, kseg_ref, dk_ref, dv_ref = rest
+    else:
+        dk_ref, dv_ref = rest
+    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
+    j = pl.program_id(0)
+    pattern = _pattern(cfg, s_ref)
+    k, v = k_ref[...], v_ref[...]
+    k_idx = j * bkv + jnp.arange(bkv, dtype=jnp.int32)[:, None]
+    k_seg = kseg_ref[...][:, None] if cfg.segmented else None
+    lo, split, nq = _q_range(cfg, s_ref[2], j, bq, bkv)
+
+    def step(g, masked, i, carry):
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(start, bq), g, :]
+        do = do_ref[pl.ds(start, bq), g, :]
+        lse = lse_ref[g, pl.ds(start, bq)][None, :]
+        delta = dl_ref[g, pl.ds(start, bq)][None, :]
+        st = _dot(cfg, k, q, _NT) * cfg.scale  # (bkv, bq): keys on rows
+        if masked:
+            q_idx = start + jnp.arange(bq, dtype=jnp.int32)[None, :]
+            q_seg = qseg_ref[pl.ds(start, bq)][None, :] if cfg.segmented else None
+            st = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), st, MASK_VALUE)
+        pt = jnp.exp(st - lse)
+        dv = dv + _dot(cfg, pt.astype(do.dtype), do, _NN)
+        dst = pt * (_dot(cfg, v, do, _NT) - delta)
+        dk = dk + _dot(cfg, dst.astype(q.dtype), q, _NN)
+        return dk, dv
+
+    def group(g, carry):
+        carry = lax.fori_loop(lo, split, functools.partial(step, g, True), carry)
+        return lax.fori_loop(split, nq, functools.partial(step, g, False), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, cfg.groups, group, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _call(cfg: _Cfg, kernel, grid, in_specs, out_specs, out_shape, args, name):
+    return pl.pallas_call(
+        functools.partial(kernel, cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=cfg.interpret, name=name,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages),
+    )(*args)
+
+
+def _scalar_spec():
+    return pl.BlockSpec((4,), lambda *_: (0,))
+
+
+def _forward(cfg: _Cfg, scalars, q, k, v, seg):
+    b, lp, h, d = q.shape
+    bq, g = cfg.bq, cfg.groups
+    in_specs = [_scalar_spec(),
+                pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0)),
+                pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))]
+    args = [scalars, q, k, v]
+    if cfg.segmented:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+                     pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
+        args += [seg, seg]
+    out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, lp), jnp.float32)]
+    return _call(cfg, _fwd_kernel, (lp // bq, b, h), in_specs, out_specs, out_shape, args,
+                 "diffujax_gpu_flash_fwd")
+
+
+def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    b, lp, h, d = q.shape
+    bq, g = cfg.bq_bwd, cfg.groups
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+    kv_spec = pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+    in_specs = [_scalar_spec(), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [scalars, q, k, v, do, lse, delta]
+    if cfg.segmented:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+                     pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
+        args += [seg, seg]
+    return _call(cfg, _dq_kernel, (lp // bq, b, h), in_specs, q_spec,
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), args, "diffujax_gpu_flash_dq")
+
+
+def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    b, lp, h, d = q.shape
+    kvh = k.shape[2]
+    bkv, g = cfg.bkv_bwd, cfg.groups
+    q_spec = pl.BlockSpec((None, lp, g, d), lambda j, bi, hk: (bi, 0, hk, 0))
+    kv_spec = pl.BlockSpec((None, bkv, None, d), lambda j, bi, hk: (bi, j, hk, 0))
+    row_spec = pl.BlockSpec((None, g, lp), lambda j, bi, hk: (bi, hk, 0))
+    in_specs = [_scalar_spec(), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [scalars, q, k, v, do, lse, delta]
+    if cfg.segmented:
+        in_specs += [pl.BlockSpec((None, lp), lambda j, bi, hk: (bi, 0)),
+                     pl.BlockSpec((None, bkv), lambda j, bi, hk: (bi, j))]
+        args += [seg, seg]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return _call(cfg, _dkv_kernel, (lp // bkv, b, kvh), in_specs, [kv_spec, kv_spec], out_shape,
+                 args, "diffujax_gpu_flash_dkv")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Cfg, scalars, q, k, v, seg):
+    return _forward(cfg, scalars, q, k, v, seg)[0]
+
+
+def _flash_fwd(cfg, scalars, q, k, v, seg):
+    o, lse = _forward(cfg, scalars, q, k, v, seg)
+    return o, (scalars, q, k, v, seg, o, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    scalars, q, k, v, seg, o, lse = res
+    delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1), 1, 2)
+    dq = _dq(cfg, scalars, q, k, v, do, lse, delta, seg)
+    dk, dv = _dkv(cfg, scalars, q, k, v, do, lse, delta, seg)
+    return None, dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+    """Pallas GPU (Triton) flash attention; same contract as ``reference_attention``."""
+    b, lq, h, d = q.shape
+    lk, kvh = k.shape[1], k.shape[2]
+    if lq != lk:
+        raise ValueError(f"flash_attention is self-attention only: q length {lq} != kv {lk}")
+    if h % kvh:
+        raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
+    bs = block_sizes or BlockSizes()
+    blocks = (bs.block_q, bs.block_kv, bs.block_q_bwd, bs.block_kv_bwd)
+    if not all(_pow2(x) for x in blocks):
+        raise ValueError(f"Triton block sizes must be powers of two, got {blocks}")
+    short = max(8, 1 << (lq - 1).bit_length())  # shrink blocks for short sequences
+    blocks = tuple(min(x, short) for x in blocks)
+    lp = -(-lq // max(blocks)) * max(blocks)
+    cfg = _Cfg(pattern.kind, pattern.segment_ids is not None, lq, lp, *blocks,
+               scale=float(d ** -0.5 if scale is None else scale), groups=h // kvh,
+               f32=q.dtype == jnp.float32, interpret=interpret, num_warps=bs.num_warps,
+               num_stages=bs.num_stages)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - lq), (0, 0), (0, 0))) if lp != lq else x
+    seg = None
+    if cfg.segmented:
+        seg = jnp.asarray(pattern.segment_ids, jnp.int32)
+        seg = jnp.pad(seg, ((0, 0), (0, lp - lq))) if lp != lq else seg
+    scalars = jnp.stack([jnp.asarray(x, jnp.int32).reshape(())
+                         for x in (pattern.seed, pattern.step, pattern.threshold, 0)])
+    return _flash(cfg, scalars, pad(q), pad(k), pad(v), seg)[:, :lq]

@@ -1,0 +1,492 @@
+"""``diffujax train --config RUN.yaml [key=value ...]``: the training loop.
+
+One run lives in ``output_dir``::
+
+    config.yaml        the resolved config of the latest attempt
+    metrics.jsonl      one JSON record per log step / eval / sample (process 0)
+    tensorboard/       event files: loss, lr, grad norm, anneal ratio, tokens/s, MFU, ELBO, samples
+    checkpoints/STEP/  training state + data-iterator state (see ``checkpointing``)
+    final/             the trained model as a diffujax checkpoint (``diffujax eval/generate``)
+
+Starting a run whose ``output_dir`` already holds checkpoints resumes from the newest readable
+one; on CPU the loss trajectory after a resume is bit-identical to an uninterrupted run (noise
+keys and the attention pattern follow from the step, the data iterator state is restored).
+
+Exit status: 0 done; 3 stopped after ``train.max_bad_steps`` consecutive non-finite steps (the
+last good state is saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (run
+the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+import time
+import warnings
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_STEPS = 3
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
+NUM_SAMPLES = 4
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", metavar="PATH", help="run config (YAML); see configs/")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.steps=100 optimizer.peak_lr=1e-4")
+    return parser
+
+
+def run_train(args) -> int:
+    from diffujax.config import load_config
+
+    # Before any JAX call: multi-host jobs must join the distributed runtime first.
+    from diffujax.parallel.mesh import maybe_initialize_distributed
+
+    cfg = load_config(args.config, args.overrides)
+    maybe_initialize_distributed(cfg.mesh)
+    _enable_compilation_cache()
+    return train(cfg)
+
+
+def _enable_compilation_cache():
+    """Restarts after a preemption should not pay for compilation again: keep compiled steps in
+    ``$DIFFUJAX_CACHE/jax`` unless the user chose a cache (``JAX_COMPILATION_CACHE_DIR``)."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    root = os.environ.get("DIFFUJAX_CACHE") or os.path.expanduser("~/.cache/diffujax")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def model_checkpoint(cfg) -> str | None:
+    """``model.checkpoint`` as a path; ``default`` is the embedded SmolLM2-135M-Instruct
+    (materialised and converted on first use, see ``diffujax default-model``)."""
+    path = cfg.model.checkpoint
+    if path == "default":
+        from diffujax.checkpoint.smollm2 import default_model
+        return str(default_model())
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def _make_source(spec: dict, what: str):
+    from diffujax.data.sources import make_source
+
+    spec = dict(spec)
+    if "path" not in spec:
+        raise ValueError(f"{what}: each source needs a 'path' (got keys {sorted(spec)})")
+    known = {"path", "format", "field", "mode", "errors", "split", "data_dir", "weight"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"{what}: unknown source keys {sorted(unknown)}; expected {sorted(known)}")
+    source = make_source(spec.get("format", "auto"), spec["path"], field=spec.get("field", "text"),
+                         mode=spec.get("mode", "file"), errors=spec.get("errors", "strict"),
+                         split=spec.get("split", "train"), data_dir=spec.get("data_dir"))
+    return source, float(spec.get("weight", 1.0))
+
+
+def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False):
+    """The process-local pipeline of ``data.sources`` (or ``data.eval_sources``), or None."""
+    from diffujax.data.pipeline import PipelineOptions, build_pipeline
+
+    d = cfg.data
+    specs = d.eval_sources if eval_split else d.sources
+    what = "data.eval_sources" if eval_split else "data.sources"
+    if not specs:
+        if eval_split:
+            return None, []
+        raise ValueError("data.sources is empty: name at least one training source")
+    pairs = [_make_source(s, what) for s in specs]
+    options = dict(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
+                   shuffle=d.shuffle and not eval_split, num_epochs=1 if eval_split else d.num_epochs,
+                   mode="sft" if cfg.diffusion.sft else "pretrain",
+                   segment_ids=cfg.diffusion.segment_ids, worker_count=0 if eval_split else d.worker_count)
+    options.update(d.options)
+    pipeline = build_pipeline(pairs if len(pairs) > 1 else pairs[0][0], tokenizer,
+                              PipelineOptions(**options), model_vocab_size=model_cfg.vocab_size)
+    return pipeline, [s for s, _ in pairs]
+
+
+def _source_reports(sources) -> list[str]:
+    return [s.report.summary() for s in sources if getattr(s, "report", None) is not None]
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def _tokenizer_dir(cfg) -> str:
+    path = cfg.data.tokenizer or model_checkpoint(cfg)
+    if path is None:
+        raise ValueError("data.tokenizer is required when the model is initialised from model.init")
+    return os.path.abspath(path)
+
+
+def _initial_state(cfg, mesh, rules, ckpt, logger_messages):
+    """``(model_cfg, state, restored)``: restored from the newest usable checkpoint of this run,
+    or freshly built (from ``model.checkpoint`` or ``model.init``), sharded either way."""
+    from diffujax.train import checkpointing as C
+    from diffujax.train.state import (abstract_train_state, create_train_state,
+                                      train_state_shardings)
+
+    saved = C.saved_model_config(ckpt.directory)
+    if saved is not None:
+        # The run's own record of the model config: resuming never needs the base checkpoint.
+        model_cfg = cfg.resolve_model_config(saved)
+        target = C.abstract_like(abstract_train_state(cfg, model_cfg),
+                                 train_state_shardings(cfg, model_cfg, mesh, rules))
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            logger_messages.append(f"resumed from {ckpt.directory / str(restored.step)}")
+            return model_cfg, restored.state, restored
+    base = model_checkpoint(cfg)
+    if base:
+        from diffujax.checkpoint import store
+        from diffujax.models import abstract_model, functional
+        from diffujax.parallel.mesh import param_shardings
+
+        loaded_cfg, _ = store.read_meta(base)
+        model_cfg = cfg.resolve_model_config(loaded_cfg)
+        shardings = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
+        _, params = store.load(base, dtype=model_cfg.param_dtype, shardings=shardings)
+        state = create_train_state(cfg, model_cfg, mesh, rules, params=params)
+        logger_messages.append(f"initialised from {base}")
+    else:
+        model_cfg = cfg.resolve_model_config()
+        state = create_train_state(cfg, model_cfg, mesh, rules)
+        logger_messages.append(f"random initialisation (seed {cfg.model.init_seed})")
+    return model_cfg, state, None
+
+
+def _config_changes(old: dict | None, new: dict) -> list[str]:
+    """Dotted keys whose values differ between the checkpoint's run config and this one."""
+    if not old:
+        return []
+    flat = lambda d, p="": ({k2: v2 for k, v in d.items()
+                             for k2, v2 in flat(v, f"{p}{k}.").items()} if isinstance(d, dict)
+                            else {p[:-1]: d})
+    a, b = flat(old), flat(new)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    return sorted(k for k in set(a) | set(b) if norm(a.get(k)) != norm(b.get(k)))
+
+
+# ------------------------------------------------------------------------------------ eval, samples
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+class _Evaluator:
+    """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
+
+    def __init__(self, cfg, model_cfg, apply_fn, mesh, rules, tokenizer):
+        from diffujax.parallel.mesh import make_global_batch
+        from diffujax.train.step import make_eval_step
+
+        self.cfg, self.model_cfg, self.apply_fn, self.tokenizer = cfg, model_cfg, apply_fn, tokenizer
+        self.batches, self.reports = [], []
+        if cfg.logging.eval_every and cfg.data.eval_sources:
+            pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True)
+            self.reports = _source_reports(sources)
+            it = pipeline.iterator()
+            for _ in range(cfg.logging.eval_batches):
+                try:
+                    local = next(it)
+                except StopIteration:
+                    break
+                self.batches.append(make_global_batch(local, mesh, rules))
+            if not self.batches:
+                warnings.warn("data.eval_sources yield no full batch: periodic evaluation is off")
+            self.step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
+        self.key = jax.random.key(cfg.train.seed + 1)
+
+    def elbo(self, params) -> dict | None:
+        if not self.batches:
+            return None
+        losses, total = [], None
+        for i, batch in enumerate(self.batches):  # the same noise every time: comparable numbers
+            sums = self.step(params, batch, jax.random.fold_in(self.key, i))
+            losses.append(sums)
+            total = sums if total is None else total + sums
+        per_batch = [float(s.loss) for s in losses]
+        nelbo = float(total.loss)
+        out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0)),
+               "tokens": float(total.targets), "draws": 1}
+        if len(per_batch) > 1:  # batch-means standard error of the per-token NELBO
+            out["nelbo_se"] = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
+        return out
+
+    def samples(self, params, step: int) -> list[str]:
+        from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
+
+        mc, tok = self.model_cfg, self.tokenizer
+        bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
+        bos = bos if bos is not None else tok.eos_id
+        length = min(self.cfg.data.seq_len, 256)
+        canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
+        canvas[:, 0] = bos
+        src = np.zeros(canvas.shape, bool)
+        src[:, 0] = True
+        out = sample_ancestral(self.apply_fn, params, canvas, src,
+                               jax.random.fold_in(self.key, 1_000_000 + step),
+                               mask_token_id=mc.mask_token_id, steps=min(length, 128))
+        tokens = out.tokens
+        if tok.eos_id is not None:
+            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+            tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
+        rows = _to_host(tokens)
+        special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
+        return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+@dataclasses.dataclass
+class _Window:
+    """Host copies of the per-step metrics since the last log line."""
+
+    rows: list = dataclasses.field(default_factory=list)
+
+    def add(self, m: dict):
+        self.rows.append(m)
+
+    def summary(self) -> dict:
+        good = [r for r in self.rows if not r["skipped"]]
+        mean = lambda k: float(np.mean([r[k] for r in good])) if good else float("nan")
+        last = self.rows[-1]
+        out = {"loss": mean("loss"), "unweighted_loss": mean("unweighted_masked_loss"),
+               "grad_norm": mean("grad_norm"), "lr": float(last["lr"]),
+               "anneal_ratio": float(last["anneal_ratio"]),
+               "noised_fraction": mean("noised_fraction"),
+               "skipped_steps": int(sum(r["skipped"] for r in self.rows)),
+               "total_skipped_steps": int(last["total_bad_steps"])}
+        self.rows = []
+        return out
+
+
+def train(cfg) -> int:
+    """Run (or resume) the training described by ``cfg``; returns the exit status."""
+    from diffujax.config import to_dict, to_yaml
+    from diffujax.data.tokenizer import load_tokenizer
+    from diffujax.models import abstract_model, functional
+    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.train import checkpointing as C
+    from diffujax.train import metrics as M
+    from diffujax.train.state import params_of
+    from diffujax.train.step import make_train_step
+
+    if not cfg.output_dir:
+        raise ValueError("output_dir is not set (add output_dir=PATH)")
+    out_dir = pathlib.Path(cfg.output_dir).absolute()
+    primary = jax.process_index() == 0
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    c, lg = cfg.checkpoint, cfg.logging
+    total_steps = cfg.train.steps
+
+    with C.PreemptionGuard() as guard:  # from here on a SIGTERM means "save, then exit"
+        mesh = make_mesh(cfg.mesh)
+        rules = cfg.mesh.rule_table()
+        ckpt = C.TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
+                                   keep_last=c.keep_last, keep_every=c.keep_every,
+                                   async_save=c.async_save)
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        model_cfg, state, restored = _initial_state(cfg, mesh, rules, ckpt, notes)
+        start = int(restored.step) if restored else 0
+        apply_fn = functional(abstract_model(model_cfg))[0]
+        tokenizer = load_tokenizer(_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
+        pipeline, sources = build_data(cfg, tokenizer, model_cfg)
+        data_iter = pipeline.iterator()
+        if restored is not None:
+            if restored.data_state is not None:
+                data_iter.set_state(restored.data_state)
+            else:
+                warnings.warn("the checkpoint holds no data-iterator state for this process (saved"
+                              " with another process count?): the data stream restarts")
+        data_state = data_iter.get_state()
+        evaluator = _Evaluator(cfg, model_cfg, apply_fn, mesh, rules, tokenizer)
+        train_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
+
+        logger = M.RunLogger(out_dir, total_steps=total_steps, start_step=start,
+                             tensorboard=lg.tensorboard)
+        for line in notes + _source_reports(sources) + evaluator.reports:
+            logger.message(line)
+        if restored is not None:
+            changed = _config_changes(restored.config, to_dict(cfg))
+            if changed:
+                logger.message(f"config differs from the checkpoint's in: {', '.join(changed)}")
+        seq_len, batch_rows = cfg.data.seq_len, cfg.data.global_batch
+        peak = M.peak_flops_per_device()
+        throughput = M.Throughput(tokens_per_step=batch_rows * seq_len,
+                                  flops_per_token=M.train_flops_per_token(model_cfg, seq_len),
+                                  total_steps=total_steps, peak_per_device=peak)
+        logger.message(
+            f"model: {model_cfg.family}, {M.matmul_params(model_cfg) / 1e6:.1f}M matmul params,"
+            f" {M.train_flops_per_token(model_cfg, seq_len) / 1e9:.3f} GFLOP/token; mesh"
+            f" {dict(zip(mesh.axis_names, mesh.axis_sizes))} of {jax.devices()[0].device_kind};"
+            f" peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
+            f" steps {start}..{total_steps}; set up in {time.perf_counter() - t0:.1f}s")
+        profiler = M.StepProfiler(out_dir / "profile", lg.profile_steps)
+        meta = {"model_config": C.model_config_to_dict(model_cfg),
+                "tokenizer_dir": _tokenizer_dir(cfg), "seq_len": seq_len}
+        run_config = to_dict(cfg)
+
+        def save(step, force=False):
+            t = time.perf_counter()
+            started = ckpt.save(step, state, data_state=data_state, config=run_config,
+                                meta=dict(meta, tokens_seen=step * batch_rows * seq_len),
+                                force=force)
+            throughput.pause(time.perf_counter() - t)
+            return started
+
+        window = _Window()
+        pending = None  # (step, device metrics) of the step before the one just dispatched
+        stop, status = None, 0
+
+        def consume(item):
+            """Fetch a finished step's metrics; log; decide whether to stop for bad steps."""
+            step, metrics = item
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            host["skipped"] = bool(host["skipped"])
+            window.add(host)
+            if host["skipped"]:
+                logger.message(f"step {step}: non-finite loss or gradient (loss {host['loss']:.4g},"
+                               f" grad norm {host['grad_norm']:.4g}): update skipped"
+                               f" ({int(host['bad_steps'])} in a row, {int(host['total_bad_steps'])}"
+                               " in total)")
+            if step % lg.every_steps == 0 or step == total_steps:
+                scalars = window.summary()
+                scalars.update(throughput.update(step))
+                logger.train(step, scalars)
+            if host["bad_steps"] >= cfg.train.max_bad_steps:
+                return "bad_steps"
+            return None
+
+        try:
+            step = start
+            while step < total_steps:
+                if guard.requested(step):
+                    stop = "signal"
+                    break
+                try:
+                    local = next(data_iter)
+                except StopIteration:
+                    stop = "data"
+                    break
+                batch = make_global_batch(local, mesh, rules)
+                profiler.before(step + 1)
+                state, metrics = train_step(state, batch)
+                profiler.after(step + 1, metrics)
+                step += 1
+                data_state = data_iter.get_state()  # the stream position that goes with `state`
+                previous, pending = pending, (step, metrics)
+                if previous is not None and (stop := consume(previous)):
+                    break
+                if not throughput.started:  # the first step compiled: time from here
+                    jax.block_until_ready(metrics)
+                    throughput.start(step)
+                    logger.message(f"first step (compilation) took {time.perf_counter() - t0:.1f}s"
+                                   " since start-up")
+                save(step)
+                t = time.perf_counter()
+                if _periodic_eval(cfg, evaluator, logger, params_of(state, ema=True), step):
+                    throughput.pause(time.perf_counter() - t)
+            if pending is not None:  # the last dispatched step
+                last_stop = consume(pending)
+                stop = stop or last_stop
+        except BaseException:
+            # Never lose the work since the last checkpoint to a crash outside the step (data
+            # error, interrupted I/O): the state is still intact between steps.
+            _emergency_save(save, state, step, logger)
+            raise
+
+        final_step = step
+        if stop == "bad_steps":
+            save(final_step, force=True)
+            ckpt.wait()
+            logger.message(
+                f"stopped at step {final_step}: {cfg.train.max_bad_steps} consecutive steps had a"
+                " non-finite loss or gradient (all skipped, so the weights are those of the last"
+                f" good step). Checkpoint {ckpt.directory / str(final_step)} holds that state."
+                " Lower optimizer.peak_lr, enable clipping, or check the data.")
+            status = EXIT_BAD_STEPS
+        elif stop == "signal":
+            save(final_step, force=True)
+            ckpt.wait()
+            logger.message(f"{guard.signal_name}: checkpoint of step {final_step} saved in"
+                           f" {ckpt.directory}; run the same command again to resume")
+            status = EXIT_SIGNAL.get(guard.signal_name, 143)
+        else:
+            if stop == "data":
+                logger.message(f"the data ran out at step {final_step} (data.num_epochs="
+                               f"{cfg.data.num_epochs}); finishing early")
+            save(final_step, force=True)
+            ckpt.wait()
+            if final_step > start or not (out_dir / "final").exists():
+                _export_final(out_dir, model_cfg, state, cfg, logger)
+        counts = pipeline.stats.summary()
+        if counts:
+            logger.message(f"data: {counts}")
+        profiler.close()
+        logger.close()
+        ckpt.close()
+        return status
+
+
+def _periodic_eval(cfg, evaluator, logger, params, step) -> bool:
+    """Held-out ELBO and samples when due (every n steps and at the last step); True if run."""
+    lg, last = cfg.logging, step == cfg.train.steps
+    ran = False
+    if lg.eval_every and (step % lg.eval_every == 0 or last):
+        result = evaluator.elbo(params)
+        if result is not None:
+            logger.eval(step, result)
+            ran = True
+    if lg.sample_every and (step % lg.sample_every == 0 or last):
+        texts = evaluator.samples(params, step)
+        logger.text(step, "samples", texts)
+        logger.message(f"sample @ step {step}: {texts[0][:200]!r}")
+        ran = True
+    return ran
+
+
+def _emergency_save(save, state, step, logger):
+    try:
+        if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
+            if save(step, force=True):
+                logger.message(f"error: saved a checkpoint of step {step} before stopping")
+    except Exception as e:  # noqa: BLE001 - report the original error, not this one
+        log.warning("could not save a checkpoint after the error: %s", e)
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def _export_final(out_dir, model_cfg, state, cfg, logger):
+    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints."""
+    from diffujax.train.checkpointing import save_model
+
+    targets = [("final", state.params)]
+    if state.ema is not None:
+        targets.append(("final_ema", state.ema))
+    for name, params in targets:
+        save_model(out_dir / name, model_cfg, params, tokenizer_from=_tokenizer_dir(cfg))
+        logger.message(f"model saved to {out_dir / name} (diffujax eval/generate --checkpoint"
+                       f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")

@@ -1,0 +1,177 @@
+"""Samplers (SPEC 6). References: the exact distribution of the T-step ancestral sampler by
+enumeration (float64 numpy) with a chi-square test (scipy); the SPEC rules checked on recorded
+trajectories; argmax of a fixed logits table for the shift convention."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
+                                sample_threshold, truncate_after_eos)
+from diffusion_toys import fixed_apply, mixing_apply, sequence_index, table_apply
+
+# --- exact distribution of the ancestral sampler -------------------------------------------
+
+K, M, V, L = 3, 3, 4, 4
+
+
+def ancestral_distribution(table, x0, steps):
+    """P(x_{1:}) of Algorithm 2 with ``steps`` steps: each position is revealed at a step drawn
+    uniformly and independently (prob. 1/(s+1) at level s), all positions revealed at one step
+    are drawn independently given the canvas before it; position i reads logits row i - 1."""
+    probs = {}
+    logp_of = lambda canvas: special.log_softmax(table[sequence_index(canvas, V)], axis=-1)
+    for reveal_at in itertools.product(range(steps), repeat=L - 1):
+        for x in itertools.product(range(K), repeat=L - 1):
+            canvas, logp = np.array([x0, M, M, M]), 0.0
+            for step in range(steps):
+                now = [i for i in range(1, L) if reveal_at[i - 1] == step]
+                current = logp_of(canvas)
+                logp += sum(current[i - 1, x[i - 1]] for i in now)
+                canvas[now] = [x[i - 1] for i in now]
+            probs[x] = probs.get(x, 0.0) + np.exp(logp) / steps ** (L - 1)
+    return probs
+
+
+def test_ancestral_sampler_draws_from_its_exact_distribution():
+    rng = np.random.default_rng(0)
+    table = rng.normal(0.0, 1.5, (V ** L, L, V))
+    table[..., M] = -1e9  # the model never proposes the mask token
+    steps, rows = 3, 20_000
+    canvas = jnp.tile(jnp.array([[1, 0, 0, 0]], jnp.int32), (rows, 1))
+    src = jnp.zeros((rows, L), bool).at[:, 0].set(True)
+    out = sample_ancestral(table_apply, jnp.asarray(table, jnp.float32), canvas, src,
+                           jax.random.key(0), mask_token_id=M, steps=steps)
+    assert int(out.forwards) <= steps
+    exact = ancestral_distribution(table, 1, steps)
+    outcomes = list(exact)
+    codes = {x: n for n, x in enumerate(outcomes)}
+    drawn = np.bincount([codes[tuple(r)] for r in np.asarray(out.tokens)[:, 1:]],
+                        minlength=len(outcomes))
+    expected = rows * np.array([exact[x] for x in outcomes])
+    assert abs(expected.sum() - rows) < 1e-6
+    assert stats.chisquare(drawn, expected).pvalue > 1e-3
+
+
+# --- trajectory rules on an infilling canvas -----------------------------------------------
+
+B, LEN, VOCAB, MASK = 5, 12, 7, 6
+SRC = np.zeros((B, LEN), bool)
+SRC[:, :3] = True  # prefix
+SRC[:, -2:] = True  # suffix
+SRC[1, 6] = True  # a fixed token in the middle
+SRC[3, 3:10] = True  # nothing to generate in this row
+
+
+@pytest.fixture(scope="module")
+def mixing():
+    weights = jax.random.normal(jax.random.key(1), (LEN, VOCAB, LEN, VOCAB))
+    return weights.at[..., MASK].set(-30.0)
+
+
+def _canvas():
+    return jax.random.randint(jax.random.key(2), (B, LEN), 0, MASK)
+
+
+SAMPLERS = {
+    "ancestral": (sample_ancestral, dict(steps=6, temperature=1.0)),
+    "confidence": (sample_confidence, dict(steps=4, temperature=1.0)),
+    "semi_ar": (sample_semi_ar, dict(steps=2, block_length=3)),
+    "threshold": (sample_threshold, dict(threshold=0.6)),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_trajectory_rules(mixing, name):
+    sampler, kwargs = SAMPLERS[name]
+    canvas = _canvas()
+    out = sampler(mixing_apply, mixing, canvas, jnp.asarray(SRC), jax.random.key(3),
+                  mask_token_id=MASK, record_history=True, **kwargs)
+    tokens, commit = np.asarray(out.tokens), np.asarray(out.commit_step)
+    history = np.asarray(out.history)[:int(out.forwards)]
+    generate = ~SRC
+    # fixed positions never change; every other position is committed exactly once, for good
+    np.testing.assert_array_equal(tokens[SRC], np.asarray(canvas)[SRC])
+    assert (commit[SRC] == -1).all() and (commit[generate] >= 0).all()
+    assert (tokens[generate] != MASK).all()
+    for step, canvas_after in enumerate(history):
+        np.testing.assert_array_equal(canvas_after[SRC], np.asarray(canvas)[SRC])
+        done = generate & (commit <= step)
+        np.testing.assert_array_equal(canvas_after[done], tokens[done])
+        assert (canvas_after[generate & (commit > step)] == MASK).all()
+    rows_with_work = generate.any(axis=1)
+    np.testing.assert_array_equal(np.asarray(out.row_forwards)[~rows_with_work], 0)
+    assert int(out.forwards) == np.asarray(out.row_forwards).max() == commit.max() + 1
+
+    n = generate.sum(axis=1)
+    still_masked = np.stack([(generate & (commit > s)).sum(axis=1) for s in range(len(history))])
+    if name == "confidence":  # floor(N * s / T) left masked after each of the T steps
+        steps = kwargs["steps"]
+        np.testing.assert_array_equal(still_masked, [n * (steps - 1 - k) // steps
+                                                     for k in range(steps)])
+    if name == "semi_ar":  # a block is complete before the next one starts
+        for b in range(B):
+            order = commit[b][generate[b]]
+            blocks = [order[i:i + 3] for i in range(0, len(order), 3)]
+            assert all(x.max() < y.min() for x, y in zip(blocks, blocks[1:]))
+    if name == "threshold":  # at least one commit per pass while something is masked
+        before = np.vstack([n, still_masked[:-1]])
+        assert ((before - still_masked >= 1) | (before == 0)).all()
+
+
+def test_shift_convention_and_greedy_determinism():
+    """Position j gets argmax of the logits at j - 1; greedy ignores the key."""
+    table = jax.random.normal(jax.random.key(4), (LEN, VOCAB)).at[:, MASK].set(-1e9)
+    canvas, src = _canvas(), jnp.asarray(SRC)
+    outs = [sample_confidence(fixed_apply, table, canvas, src, jax.random.key(k),
+                              mask_token_id=MASK, steps=4).tokens for k in (5, 6)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    predicted = np.concatenate([[-1], np.argmax(np.asarray(table), axis=-1)[:-1]])
+    expected = np.where(SRC, np.asarray(canvas), predicted[None, :])
+    np.testing.assert_array_equal(outs[0], expected)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "confidence", "threshold"])
+def test_rows_do_not_depend_on_their_batch(mixing, name):
+    sampler, kwargs = SAMPLERS[name]
+    kwargs = dict(kwargs, temperature=1.0)
+    canvas, src, key = _canvas(), jnp.asarray(SRC), jax.random.key(7)
+    together = sampler(mixing_apply, mixing, canvas, src, key, mask_token_id=MASK, **kwargs)
+    for b in (0, 2):  # one row alone, told its index in the original batch
+        alone = sampler(mixing_apply, mixing, canvas[b:b + 1], src[b:b + 1], key,
+                        mask_token_id=MASK, row_ids=jnp.array([b]), **kwargs)
+        np.testing.assert_array_equal(alone.tokens[0], together.tokens[b])
+
+
+def test_threshold_decoding_needs_fewer_passes_on_a_confident_model():
+    table = jnp.full((LEN, VOCAB), -8.0).at[jnp.arange(LEN), jnp.arange(LEN) % MASK].set(8.0)
+    canvas, src = _canvas(), jnp.asarray(SRC)
+    greedy = sample_confidence(fixed_apply, table, canvas, src, jax.random.key(8),
+                               mask_token_id=MASK, steps=LEN)
+    fast = sample_threshold(fixed_apply, table, canvas, src, jax.random.key(8),
+                            mask_token_id=MASK, threshold=0.9)
+    np.testing.assert_array_equal(fast.tokens, greedy.tokens)
+    assert int(fast.forwards) == 1 and int(greedy.forwards) == (~SRC).sum(axis=1).max()
+
+
+def test_top_k_restricts_the_candidates():
+    table = jax.random.normal(jax.random.key(9), (LEN, VOCAB))
+    canvas, src = _canvas(), jnp.asarray(SRC)
+    out = sample_ancestral(fixed_apply, table, jnp.tile(canvas, (40, 1)), jnp.tile(src, (40, 1)),
+                           jax.random.key(10), mask_token_id=MASK, steps=3, top_k=2)
+    allowed = np.argsort(np.asarray(table), axis=-1)[:, -2:]
+    tokens = np.asarray(out.tokens)
+    for j in range(1, LEN):
+        generated = ~np.tile(SRC, (40, 1))[:, j]
+        assert np.isin(tokens[generated, j], allowed[j - 1]).all()
+
+
+def test_truncate_after_eos():
+    tokens = jnp.array([[1, 2, 9, 3, 9, 4], [1, 9, 2, 3, 4, 5]])
+    src = jnp.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], bool)  # a fixed EOS is not a stop
+    np.testing.assert_array_equal(truncate_after_eos(tokens, src, eos_id=9, pad_id=0),
+                                  [[1, 2, 9, 0, 0, 0], [1, 9, 2, 3, 4, 5]])

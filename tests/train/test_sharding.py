@@ -1,0 +1,170 @@
+"""Sharded training steps against the same steps on one device (the independent reference: the
+unsharded computation of the same math), plus accumulation, the non-finite skip and a
+2-process x 4-device run against 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+_spec = importlib.util.spec_from_file_location("train_worker", HERE / "train_worker.py")
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+@functools.cache
+def trained(family, data=1, fsdp=1, tensor=1, accum=1):
+    cfg = W.make_config(family, data, fsdp, tensor, optimizer__grad_accum_steps=accum)
+    state, history = W.run(cfg, jax.devices()[: data * fsdp * tensor])
+    return cfg, state, history
+
+
+def leaves(tree, skip=()):
+    return [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not any(getattr(k, "key", None) in skip for k in path)]
+
+
+# GPT-2's key bias gets no gradient at all (softmax ignores a shift shared by all keys), only
+# rounding noise, which Adam then scales up: it differs between any two summation orders.
+NOISE_ONLY = ("bk",)
+
+
+def assert_same_run(a, b, rtol=2e-5, atol=2e-6):
+    (_, state_a, hist_a), (_, state_b, hist_b) = a, b
+    for key in ("loss", "unweighted_masked_loss", "grad_norm", "target_tokens", "lr"):
+        np.testing.assert_allclose([m[key] for m in hist_a], [m[key] for m in hist_b], rtol=rtol,
+                                   err_msg=key)
+    for x, y in zip(leaves(state_a.params, NOISE_ONLY), leaves(state_b.params, NOISE_ONLY),
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+    for x, y in zip(leaves(state_a.opt_state, NOISE_ONLY), leaves(state_b.opt_state, NOISE_ONLY),
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,mesh", [("llama", (2, 2, 2)), ("llama", (1, 4, 2)),
+                                         ("gpt2", (2, 2, 2))])
+def test_sharded_step_matches_single_device(family, mesh):
+    reference = trained(family)
+    sharded = trained(family, *mesh)
+    assert all(m["skipped"] == 0 for m in sharded[2])
+    assert sharded[2][0]["loss"] != sharded[2][-1]["loss"]  # it did train
+    assert_same_run(sharded, reference)
+
+
+def _specs(tree):
+    return {"/".join(str(k.key) for k in path if hasattr(k, "key")): x.sharding.spec
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+LLAMA_SPECS = {  # DEFAULT_RULES: embed -> fsdp; heads, kv_heads, mlp, vocab -> tensor
+    "params/embed": P("tensor", "fsdp"),
+    "params/lm_head": P("fsdp", "tensor"),
+    "params/final_norm": P("fsdp"),
+    "params/layers/attn_norm": P(None, "fsdp"),
+    "params/layers/wq": P(None, "fsdp", "tensor", None),
+    "params/layers/wk": P(None, "fsdp", "tensor", None),
+    "params/layers/wv": P(None, "fsdp", "tensor", None),
+    "params/layers/wo": P(None, "tensor", None, "fsdp"),
+    "params/layers/w_gate": P(None, "fsdp", "tensor"),
+    "params/layers/w_up": P(None, "fsdp", "tensor"),
+    "params/layers/w_down": P(None, "tensor", "fsdp"),
+    "params/layers/mlp_norm": P(None, "fsdp"),
+}
+
+
+def test_params_and_optimizer_state_are_sharded_as_the_rules_say():
+    _, state, _ = trained("llama", 2, 2, 2)
+    specs = _specs(state.params)
+    assert specs == LLAMA_SPECS
+    wq = state.params["params"]["layers"]["wq"][...]
+    assert len(wq.addressable_shards) == 8
+    assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)  # (n, d / fsdp, h / tensor, hd)
+    # Adam's moments are laid out like the params; the counters are replicated.
+    adam = state.opt_state[1][0]
+    assert _specs(adam.mu) == LLAMA_SPECS and _specs(adam.nu) == LLAMA_SPECS
+    assert adam.count.sharding.spec == P() and state.step.sharding.spec == P()
+
+
+def test_gradient_accumulation_gives_the_same_update():
+    assert_same_run(trained("llama", 2, 2, 2, accum=2), trained("llama", 2, 2, 2))
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    from diffujax.models import abstract_model, functional
+    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.train.step import make_train_step
+
+    cfg, trained_state, _ = trained("llama")
+    state = jax.tree.map(jnp.copy, trained_state)  # the step donates its input
+    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    model_cfg = cfg.resolve_model_config()
+    step = make_train_step(cfg, model_cfg, functional(abstract_model(model_cfg))[0], mesh, rules)
+    batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
+
+    clean = state.params["params"]["final_norm"][...]
+    state.params["params"]["final_norm"][...] = clean.at[0].set(jnp.nan)
+    before = leaves((state.params, state.opt_state))
+    for expected_bad in (1, 2):
+        state, metrics = step(state, batch)
+        assert metrics["skipped"] == 1 and not np.isfinite(metrics["loss"])
+        assert int(state.bad_steps) == expected_bad and int(state.total_bad_steps) == expected_bad
+        for x, y in zip(before, leaves((state.params, state.opt_state)), strict=True):
+            np.testing.assert_array_equal(x, y)  # nothing moved (NaN compares equal here)
+    assert int(state.step) == W.STEPS + 2 and int(state.applied_steps) == W.STEPS
+
+    state.params["params"]["final_norm"][...] = clean
+    state, metrics = step(state, batch)
+    assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
+    assert int(state.bad_steps) == 0 and int(state.total_bad_steps) == 2
+    assert int(state.opt_state[1][0].count) == W.STEPS + 1  # the skips did not advance Adam
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, same global batches."""
+    port, out = _free_port(), tmp_path / "result.json"
+    # No persistent compilation cache in the workers: only process 0 would hit it, and a process
+    # that compiles much longer than its peer makes the peer's gloo set-up time out (30 s).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), str(i), "2",
+                               str(port), str(out), "llama", "2", "2", "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    result = json.loads(out.read_text())
+    assert result["process_count"] == 2 and result["devices"] == 8
+
+    _, state, history = trained("llama", 2, 2, 2)
+    np.testing.assert_allclose(result["losses"], [m["loss"] for m in history], rtol=2e-5)
+    np.testing.assert_allclose(result["checksums"], W.checksums(state.params), rtol=2e-5,
+                               atol=1e-6)
