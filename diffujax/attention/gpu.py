@@ -18,6 +18,10 @@ and for annealed at ratio 0 (the future is skipped, not masked). ``dk/dv`` progr
 Block sizes are powers of two (Triton); defaults are untuned starting points for A100/H100
 (written and tested without a GPU, in interpret mode: run ``benchmarks/attention.py`` on the
 target GPU). f32 inputs use IEEE-precision dots (no TF32) to stay comparable with the reference.
+Verified without a GPU: numerics in interpret mode, and that all three kernels lower to Triton IR
+(``jax.export`` for platform ``cuda``, bf16/f32, D 64/128, groups of 3 and 4). Not verified:
+Triton's compilation to PTX and speed. Should the kernel fail on a GPU, ``backend="xla"`` (the
+reference with the dense mask) is the fallback for annealed patterns and segment ids.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from diffujax.attention._vma import sds, unify
 from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -277,6 +282,7 @@ def _scalar_spec():
 
 
 def _forward(cfg: _Cfg, scalars, q, k, v, seg):
+    axes, (scalars, q, k, v, seg) = unify(scalars, q, k, v, seg)
     b, lp, h, d = q.shape
     bq, g = cfg.bq, cfg.groups
     in_specs = [_scalar_spec(),
@@ -290,13 +296,13 @@ def _forward(cfg: _Cfg, scalars, q, k, v, seg):
         args += [seg, seg]
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lp), jnp.float32)]
+    out_shape = [sds(q.shape, q.dtype, axes), sds((b, h, lp), jnp.float32, axes)]
     return _call(cfg, _fwd_kernel, (lp // bq, b, h), in_specs, out_specs, out_shape, args,
                  "diffujax_gpu_flash_fwd")
 
 
 def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
     b, lp, h, d = q.shape
     bq, g = cfg.bq_bwd, cfg.groups
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
@@ -309,10 +315,11 @@ def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
                      pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
         args += [seg, seg]
     return _call(cfg, _dq_kernel, (lp // bq, b, h), in_specs, q_spec,
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), args, "diffujax_gpu_flash_dq")
+                 sds(q.shape, q.dtype, axes), args, "diffujax_gpu_flash_dq")
 
 
 def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
     b, lp, h, d = q.shape
     kvh = k.shape[2]
     bkv, g = cfg.bkv_bwd, cfg.groups
@@ -325,7 +332,7 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
         in_specs += [pl.BlockSpec((None, lp), lambda j, bi, hk: (bi, 0)),
                      pl.BlockSpec((None, bkv), lambda j, bi, hk: (bi, j))]
         args += [seg, seg]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    out_shape = [sds(k.shape, k.dtype, axes), sds(v.shape, v.dtype, axes)]
     return _call(cfg, _dkv_kernel, (lp // bkv, b, kvh), in_specs, [kv_spec, kv_spec], out_shape,
                  args, "diffujax_gpu_flash_dkv")
 
@@ -368,6 +375,8 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     blocks = (bs.block_q, bs.block_kv, bs.block_q_bwd, bs.block_kv_bwd)
     if not all(_pow2(x) for x in blocks):
         raise ValueError(f"Triton block sizes must be powers of two, got {blocks}")
+    if not _pow2(d) and not interpret:
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {d}")
     short = max(8, 1 << (lq - 1).bit_length())  # shrink blocks for short sequences
     blocks = tuple(min(x, short) for x in blocks)
     lp = -(-lq // max(blocks)) * max(blocks)

@@ -42,6 +42,15 @@ Block sizes are multiples of 128 by default (lanes); small multiples of 8 are ac
 in interpret mode. The per-generation defaults below are starting points that have NOT been tuned
 on hardware (this code was written without TPU access): run ``benchmarks/attention.py`` on the
 target chip and adjust.
+
+Verified without a TPU: numerics in both interpreters (``interpret=True`` and
+``pltpu.InterpretParams``), and that every kernel lowers to Mosaic (``jax.export`` for platform
+``tpu``, bf16, D 64/128, all patterns). The hash's uint32 arithmetic lowers to plain signless i32
+``muli/xori/shrui`` and a signed compare, so ``pattern_hash`` needed no int32 rewrite. Not verified:
+Mosaic's own compilation and the speed on a chip.
+
+Under ``jax.shard_map`` the kernels declare their outputs' varying axes (``_vma.py``); in
+interpret mode JAX's interpreter needs ``check_vma=False``.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from diffujax.attention._vma import sds, unify
 from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
 
 LANES = 128
@@ -288,6 +298,7 @@ def _seg_forms(seg):
 
 
 def _forward(cfg: _Cfg, scalars, q, k, v, seg):
+    axes, (scalars, q, k, v, seg) = unify(scalars, q, k, v, seg)
     b, h, lp, d = q.shape
     kvh = k.shape[1]
     bq, bkv = cfg.bq, cfg.bkv
@@ -312,8 +323,7 @@ def _forward(cfg: _Cfg, scalars, q, k, v, seg):
         args += [seg_col, seg_row]
     out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
                  pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, s: (bi, hi, 0, i))]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, 1, lp), jnp.float32)]
+    out_shape = [sds(q.shape, q.dtype, axes), sds((b, h, 1, lp), jnp.float32, axes)]
     itemsize = q.dtype.itemsize
     cost = pl.CostEstimate(flops=4 * b * h * lp * lp * d, transcendentals=b * h * lp * lp,
                            bytes_accessed=itemsize * (2 * b * h * lp * d
@@ -378,6 +388,7 @@ def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *
 
 
 def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
     b, h, lp, d = q.shape
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     g = cfg.groups
@@ -412,7 +423,7 @@ def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=sds(q.shape, q.dtype, axes),
         compiler_params=_compiler_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=8 * b * h * lp * lp * d,
                                       transcendentals=b * h * lp * lp,
@@ -467,6 +478,7 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
 
 
 def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
+    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
     b, h, lp, d = q.shape
     kvh = k.shape[1]
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
@@ -502,8 +514,7 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
             out_specs=[out_spec, out_spec],
             scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32),
                             pltpu.VMEM((bkv, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[sds(k.shape, k.dtype, axes), sds(v.shape, v.dtype, axes)],
         compiler_params=_compiler_params(
             cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=8 * b * h * lp * lp * d,

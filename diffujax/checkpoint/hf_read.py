@@ -279,12 +279,13 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         raise CheckpointError(f"{', '.join(where)}: unexpected tensor(s) {_listing(unexpected)}"
                               f" for a {config.family} model with {config.num_layers} layers"
                               f" ({naming} naming)")
-    missing = [n for n in expected if n not in set(names)]
+    present = set(names)
+    missing = [n for n in expected if n not in present]
     if missing:
         raise CheckpointError(f"missing tensor(s) {_listing(missing)} for the {config.family}"
                               f" model described by config.json ({config.num_layers} layers,"
                               f" {'tied' if config.tie_word_embeddings else 'untied'} embeddings)")
-    emb_shape = expected[kmap.entries[0].name][0].shape
+    emb_shape = kmap.entries[0].shape
     for name in names:
         if name not in known:
             continue

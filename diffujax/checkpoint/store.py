@@ -72,20 +72,35 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def _saver():
+    """A synchronous PyTree saver that writes host (numpy) arrays without first deep-copying
+    them (orbax's default, a guard for async saves), so converting a model costs one copy of it,
+    not two. The files are those of StandardCheckpointer, which restores them."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    registry = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, th.get_type_handler(jax.Array)))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
 def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Mapping | None = None):
     """Write config.json and params/ into the (existing, empty) ``directory``; no marker."""
+    import orbax.checkpoint as ocp
+
     directory = pathlib.Path(directory).absolute()
+    layout = layout or {}
     hf = config.to_hf()
-    hf["dtype"] = dtype_name(np.asarray(params[embedding_path(config)][:0]).dtype)
-    hf["diffujax"] = {"format": FORMAT, "hf_naming": (layout or {}).get("naming", "transformers"),
-                      "hf_tied_head_stored": bool((layout or {}).get("tied_head_stored", False))}
+    hf["dtype"] = dtype_name(params[embedding_path(config)].dtype)
+    hf["diffujax"] = {"format": FORMAT, "hf_naming": layout.get("naming", "transformers"),
+                      "hf_tied_head_stored": bool(layout.get("tied_head_stored", False))}
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    ckptr = _checkpointer()
+    saver = _saver()
     try:
-        ckptr.save(directory / PARAMS, tree.nest(dict(params)))
-        ckptr.wait_until_finished()
+        saver.save(directory / PARAMS, args=ocp.args.PyTreeSave(tree.nest(dict(params))))
     finally:
-        ckptr.close()
+        saver.close()
 
 
 def mark_complete(directory):

@@ -19,7 +19,8 @@ Each batch is a dict of numpy arrays, all ``[local_batch, seq_len]``:
 - ``loss_mask`` bool: False only on filler that belongs to no document (the tail of the last
   block of a finite run, the free space of a packed SFT row). SFT padding *is* a target (SPEC 4),
   so an unpacked SFT row is all True;
-- ``positions`` int32 (only with ``positions=True``): position inside each document.
+- ``positions`` int32 (only with ``positions=True``): position inside each segment of the row
+  (a document continued from the previous row restarts at 0), 0 on filler.
 
 The iterator's state (``get_state``) is a small JSON-safe dict; ``set_state`` on a fresh iterator
 of the same pipeline reproduces the following batches exactly. The stream depends on
@@ -34,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -110,8 +111,8 @@ def ensure_absl_flags_parsed() -> None:
 class _Tokenize:
     """Document -> dict of int32 token arrays (and ``src`` for SFT)."""
 
-    def __init__(self, tokenizer: Tokenizer | None, opts: PipelineOptions, eos: int, bos: int | None,
-                 pad: int, model_vocab_size: int | None, stats: DocStats):
+    def __init__(self, tokenizer: Tokenizer | None, opts: PipelineOptions, eos: int,
+                 bos: int | None, pad: int, model_vocab_size: int | None, stats: DocStats):
         self.tok, self.opts, self.eos, self.bos, self.pad = tokenizer, opts, eos, bos, pad
         self.vocab = model_vocab_size
         self.stats = stats
@@ -151,8 +152,9 @@ class _Tokenize:
     def _sft(self, doc):
         o = self.opts
         if not isinstance(doc, dict) or o.prompt_field not in doc or o.answer_field not in doc:
+            keys = list(doc) if isinstance(doc, dict) else ""
             raise DataError(f"SFT needs records with {o.prompt_field!r} and {o.answer_field!r}, "
-                            f"got {type(doc).__name__} {list(doc) if isinstance(doc, dict) else ''}")
+                            f"got {type(doc).__name__} {keys}")
         prompt, answer = self._encode(doc[o.prompt_field]), self._encode(doc[o.answer_field])
         natural = 1 + len(prompt) + (o.sep_id is not None) + len(answer) + 1
         if natural > o.seq_len:
@@ -210,13 +212,16 @@ def _positions(seg: np.ndarray) -> np.ndarray:
 
 
 def _to_json(x):
-    """grain states hold tuples (packing slices) and numpy scalars; JSON keeps neither."""
+    """grain states hold tuples (packing slices), int-keyed dicts (interleave) and numpy scalars;
+    JSON keeps none of them, so they are tagged and restored by ``_from_json``."""
     if isinstance(x, tuple):
         return {"__tuple__": [_to_json(v) for v in x]}
     if isinstance(x, list):
         return [_to_json(v) for v in x]
     if isinstance(x, dict):
-        return {str(k): _to_json(v) for k, v in x.items()}
+        if all(isinstance(k, str) for k in x):
+            return {k: _to_json(v) for k, v in x.items()}
+        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
     if isinstance(x, np.generic):
         return x.item()
     return x
@@ -226,6 +231,8 @@ def _from_json(x):
     if isinstance(x, dict):
         if set(x) == {"__tuple__"}:
             return tuple(_from_json(v) for v in x["__tuple__"])
+        if set(x) == {"__items__"}:
+            return {_from_json(k): _from_json(v) for k, v in x["__items__"]}
         return {k: _from_json(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_from_json(v) for v in x]
@@ -354,7 +361,8 @@ def build_pipeline(
         if len(src) == 0:
             raise DataError(f"{src} has no documents")
         if blocks and src.seq_len != opts.seq_len:
-            raise ValueError(f"{src} holds blocks of {src.seq_len} tokens, seq_len is {opts.seq_len}")
+            raise ValueError(f"{src} holds blocks of {src.seq_len} tokens, "
+                             f"seq_len is {opts.seq_len}")
         ds = grain.MapDataset.source(src)
         if opts.shuffle:
             ds = ds.shuffle(seed=opts.seed + i)
@@ -367,26 +375,11 @@ def build_pipeline(
     stats = DocStats()
     if blocks:
         ds = ds.map(_CheckBlock(model_vocab_size))
-        finish_layout = "blocks"
     else:
         ds = ds.map(_Tokenize(tokenizer, opts, eos, bos, pad, model_vocab_size, stats))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=opts.read_threads,
                                               prefetch_buffer_size=max(opts.read_threads, 1) * 8))
-    L = opts.seq_len
-    if blocks:
-        pass
-    elif opts.mode == "pretrain":
-        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": L})
-        finish_layout = "packed"
-    elif opts.sft_pack:
-        if not opts.segment_ids:
-            log.warning("data: packed SFT rows without segment_ids let examples attend to each other")
-        it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={"tokens": L, "src": L},
-            num_packing_bins=opts.sft_packing_bins or local_batch, seed=opts.seed)
-        finish_layout = "packed"
-    else:
-        finish_layout = "padded_sft"
+    it, finish_layout = _pack(it, opts, local_batch, blocks)
     it = it.map(_Finish(opts, pad, eos, finish_layout))
     it = it.batch(local_batch, drop_remainder=opts.drop_remainder)
     if opts.worker_count > 0:
@@ -394,6 +387,24 @@ def build_pipeline(
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=opts.worker_count, per_worker_buffer_size=opts.worker_buffer_size))
     return Pipeline(it, opts, local_batch, shard, stats)
+
+
+def _pack(it: grain.IterDataset, opts: PipelineOptions, local_batch: int, blocks: bool):
+    """Rows of ``seq_len`` tokens, and the layout ``_Finish`` reads them with."""
+    L = opts.seq_len
+    if blocks:
+        return it, "blocks"
+    if opts.mode == "pretrain":
+        packed = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": L})
+        return packed, "packed"
+    if not opts.sft_pack:
+        return it, "padded_sft"
+    if not opts.segment_ids:
+        log.warning("data: packed SFT rows without segment_ids let examples attend to each other")
+    packed = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": L, "src": L},
+        num_packing_bins=opts.sft_packing_bins or local_batch, seed=opts.seed)
+    return packed, "packed"
 
 
 class _CheckBlock:

@@ -183,7 +183,7 @@ def _lines_with_offsets(f):
 
 
 class TextSource(_IndexedFiles):
-    """Plain UTF-8 text files; ``mode`` is ``"file"``, ``"paragraph"`` or ``"lines"`` (module doc)."""
+    """Plain UTF-8 text files; ``mode``: ``"file"``, ``"paragraph"`` or ``"lines"`` (module doc)."""
 
     def __init__(self, paths, mode: str = "file", errors: str = "strict"):
         if mode not in ("file", "paragraph", "lines"):
@@ -293,7 +293,8 @@ class JsonlSource(_IndexedFiles):
                         raise DataError(f"{where}: invalid JSON: {e}") from None
                     values = _json_fields(obj, self.fields, where)
                 except DataError as e:
-                    reason = "non-UTF-8 lines" if isinstance(e, EncodingError) else "invalid records"
+                    bad_text = isinstance(e, EncodingError)
+                    reason = "non-UTF-8 lines" if bad_text else "invalid records"
                     self._bad(reason, e, where)
                     continue
                 if not any(v.strip() for v in values.values()):

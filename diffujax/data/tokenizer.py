@@ -40,7 +40,7 @@ class SpecialTokens:
 
 
 class Tokenizer:
-    """Base class. ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, special ids.
+    """Base class: ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ids.
 
     Subclasses implement ``_load`` (returns the backend object) and the ``_backend_*`` methods.
     """
@@ -99,7 +99,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
-        """Raise ``VocabMismatchError`` if any id this tokenizer can emit is >= ``model_vocab_size``.
+        """Raise ``VocabMismatchError`` if an id this tokenizer can emit is >= the model vocab.
 
         A model table larger than the tokenizer is fine (padded vocabularies, an added mask token).
         """

@@ -130,6 +130,19 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
     return True
 
 
+def sync_processes(name: str, timeout_s: int = 600) -> None:
+    """Barrier over all processes through the coordination service (no device collective).
+
+    Useful after compiling on CPU: gloo gives a peer only 30 s to show up at the first collective,
+    so processes whose compile times differ should meet here first. No-op on one process.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client has no public handle
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 # -------------------------------------------------------------------------------------- shardings
 
 
@@ -177,12 +190,36 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
                                                mesh_axis_sizes(mesh)))
 
 
+def data_shard(mesh: Mesh, rules=None) -> tuple[int, int]:
+    """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
+    blocks of rows of the global batch (give them to the data pipeline's shard options).
+
+    Usually ``(process_index, process_count)``; processes whose devices hold the same rows (when
+    the batch is not split across all hosts, e.g. ``tensor`` spanning hosts) get the same index
+    and must load the same data.
+    """
+    sharding = batch_sharding(mesh, rules)
+    n = sharding.num_devices
+    rows: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map((n, 1)).items():
+        rows.setdefault(device.process_index, set()).add(
+            (index[0].start or 0, n if index[0].stop is None else index[0].stop))
+    spans = {}
+    for pid, slices in rows.items():
+        lo, hi = min(a for a, _ in slices), max(b for _, b in slices)
+        if sum(b - a for a, b in slices) != hi - lo:
+            raise ValueError(f"process {pid} holds non-consecutive batch rows {sorted(slices)}:"
+                             " reorder the mesh so each host's devices hold one block of the batch")
+        spans[pid] = (lo, hi)
+    blocks = sorted(set(spans.values()))
+    return blocks.index(spans[jax.process_index()]), len(blocks)
+
+
 def make_global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
     """Global ``jax.Array`` s from this process's numpy batch ``{name: [B_local, ...]}``.
 
-    Each process passes the rows that its own devices hold: the global batch is the concatenation
-    of the processes' batches in process order, ``B = B_local * process_count``. No data crosses
-    hosts.
+    Each process passes its block of rows, ``data_shard(mesh, rules)``: the global batch is the
+    blocks in index order, ``B = B_local * count``. No data crosses hosts.
     """
     sharding = batch_sharding(mesh, rules)
     out = {}

@@ -320,8 +320,13 @@ def find_step_dir(path, step: int | None = None) -> epath.Path:
 
 
 def is_training_checkpoint(path) -> bool:
-    p = epath.Path(os.fspath(path))
-    return (p / STATE).is_dir() and (p / META).is_dir()
+    """Is ``path`` a run dir, its ``checkpoints`` dir or one ``checkpoints/STEP`` (as opposed to
+    a diffujax model checkpoint)?"""
+    try:
+        find_step_dir(path)
+        return True
+    except (FileNotFoundError, OSError):
+        return False
 
 
 def read_meta(step_dir) -> dict:
@@ -439,3 +444,18 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
         from diffujax.checkpoint.convert import export
         export(dst, hf_dir, overwrite=overwrite)
     return epath.Path(os.fspath(dst))
+
+
+def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
+    """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
+    a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
+    with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
+    import tempfile
+
+    from diffujax.checkpoint.convert import export
+
+    parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:
+        model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
+        return export(model_dir, hf_dir, **export_kwargs)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-NUM_SAMPLES = 4
+NUM_SAMPLES, SAMPLE_LEN, SAMPLE_STEPS = 4, 256, 64  # training-time samples: a quick look only
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -236,14 +236,14 @@ class _Evaluator:
         mc, tok = self.model_cfg, self.tokenizer
         bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
         bos = bos if bos is not None else tok.eos_id
-        length = min(self.cfg.data.seq_len, 256)
+        length = min(self.cfg.data.seq_len, SAMPLE_LEN)
         canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
         canvas[:, 0] = bos
         src = np.zeros(canvas.shape, bool)
         src[:, 0] = True
         out = sample_ancestral(self.apply_fn, params, canvas, src,
                                jax.random.fold_in(self.key, 1_000_000 + step),
-                               mask_token_id=mc.mask_token_id, steps=min(length, 128))
+                               mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))
         tokens = out.tokens
         if tok.eos_id is not None:
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -343,7 +343,7 @@ def train(cfg) -> int:
             f" {dict(zip(mesh.axis_names, mesh.axis_sizes))} of {jax.devices()[0].device_kind};"
             f" peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {start}..{total_steps}; set up in {time.perf_counter() - t0:.1f}s")
-        profiler = M.StepProfiler(out_dir / "profile", lg.profile_steps)
+        profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         meta = {"model_config": C.model_config_to_dict(model_cfg),
                 "tokenizer_dir": _tokenizer_dir(cfg), "seq_len": seq_len}
         run_config = to_dict(cfg)
@@ -357,6 +357,7 @@ def train(cfg) -> int:
             return started
 
         window = _Window()
+        last_seen = {"bad_steps": 0}
         pending = None  # (step, device metrics) of the step before the one just dispatched
         stop, status = None, 0
 
@@ -365,6 +366,7 @@ def train(cfg) -> int:
             step, metrics = item
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
             host["skipped"] = bool(host["skipped"])
+            last_seen["bad_steps"] = int(host["bad_steps"])
             window.add(host)
             if host["skipped"]:
                 logger.message(f"step {step}: non-finite loss or gradient (loss {host['loss']:.4g},"
@@ -393,7 +395,9 @@ def train(cfg) -> int:
                 batch = make_global_batch(local, mesh, rules)
                 profiler.before(step + 1)
                 state, metrics = train_step(state, batch)
-                profiler.after(step + 1, metrics)
+                if profiler.after(step + 1, metrics):
+                    logger.message(f"profile of steps {profiler.first}..{profiler.last} written to"
+                                   f" {out_dir / 'tensorboard' / 'plugins' / 'profile'}")
                 step += 1
                 data_state = data_iter.get_state()  # the stream position that goes with `state`
                 previous, pending = pending, (step, metrics)
@@ -422,10 +426,11 @@ def train(cfg) -> int:
             save(final_step, force=True)
             ckpt.wait()
             logger.message(
-                f"stopped at step {final_step}: {cfg.train.max_bad_steps} consecutive steps had a"
-                " non-finite loss or gradient (all skipped, so the weights are those of the last"
-                f" good step). Checkpoint {ckpt.directory / str(final_step)} holds that state."
-                " Lower optimizer.peak_lr, enable clipping, or check the data.")
+                f"stopped at step {final_step}: the last {last_seen['bad_steps']} steps had a"
+                f" non-finite loss or gradient (train.max_bad_steps={cfg.train.max_bad_steps});"
+                " they were skipped, so the weights are those of the last good step. Checkpoint"
+                f" {ckpt.directory / str(final_step)} holds that state. Lower optimizer.peak_lr,"
+                " enable clipping, or check the data.")
             status = EXIT_BAD_STEPS
         elif stop == "signal":
             save(final_step, force=True)

@@ -325,7 +325,8 @@ def read_jsonl(path, kind: str | None = "train") -> list[dict]:
 
 class StepProfiler:
     """Trace steps ``first..last`` (inclusive, step numbers as the loop counts them) into
-    ``logdir``; viewable with TensorBoard's profile plugin or Perfetto."""
+    ``logdir`` (``logdir/plugins/profile``: TensorBoard's profile tab when ``logdir`` is the
+    TensorBoard dir; the ``.trace.json.gz`` opens in Perfetto)."""
 
     def __init__(self, logdir, steps=()):
         self.logdir = os.fspath(logdir)
@@ -337,14 +338,16 @@ class StepProfiler:
             jax.profiler.start_trace(self.logdir)
             self.active = True
 
-    def after(self, step: int, sync=None):
+    def after(self, step: int, sync=None) -> bool:
         """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
-        trace holds the device work of the step."""
+        trace holds the device work of the step. True when a trace was just written."""
         if self.active and step >= self.last:
             if sync is not None:
                 jax.block_until_ready(sync)
             jax.profiler.stop_trace()
             self.active = False
+            return True
+        return False
 
     def close(self):
         if self.active:

@@ -135,3 +135,32 @@ def test_default_block_sizes_per_chip():
     for kind in ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite", "cpu"):
         bs = tpu.default_block_sizes(kind)
         assert all(x % 128 == 0 for x in (bs.block_q, bs.block_kv, *bs.bwd()))
+
+
+def test_inside_shard_map():
+    """Data-parallel use under ``jax.shard_map``. Interpret mode needs ``check_vma=False`` (JAX's
+    interpreter slices varying operands with unvarying grid indices); compiled kernels declare
+    their outputs' varying axes (``_vma.py``)."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py simulates 8 CPU devices)")
+    from jax.sharding import PartitionSpec as PS
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:2])
+    b, length = 2, 24
+    q, k, v, do = make_inputs(b, length, 2, 1, 8, seed=5)
+    seg = segment_ids(b, length)
+
+    def local(q, k, v, seg, scalars):
+        pattern = P.AttentionPattern("annealed", scalars[0], scalars[1], scalars[2], seg)
+        return tpu.flash_attention(q, k, v, pattern, block_sizes=SMALL, interpret=True)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PS("data"),) * 4 + (PS(),),
+                            out_specs=PS("data"), check_vma=False)
+    pattern = P.annealed(3, 4, 0.3, seg)
+    scalars = tpu.pattern_scalars(pattern)
+    got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(sharded(q, k, v, seg, scalars) * do),
+                           argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda q, k, v: jnp.sum(reference_attention(q, k, v, pattern) * do),
+                    argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=3e-5, rtol=1e-5)

@@ -160,7 +160,8 @@ def tfds_dir(tmp_path_factory):
                 builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(DOCS), "test": self._generate_examples(DOCS[:1])}
+            return {"train": self._generate_examples(DOCS),
+                    "test": self._generate_examples(DOCS[:1])}
 
         def _generate_examples(self, docs):
             for i, d in enumerate(docs):

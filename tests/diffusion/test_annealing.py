@@ -13,8 +13,11 @@ L = 64
 FUTURE = np.triu(np.ones((L, L), bool), k=1)
 
 
+_dense = jax.jit(dense_mask, static_argnums=1)
+
+
 def _mask(pattern):
-    return np.asarray(dense_mask(pattern, L))
+    return np.asarray(_dense(pattern, L))
 
 
 def test_ratio_follows_the_spec():

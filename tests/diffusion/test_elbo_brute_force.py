@@ -80,9 +80,14 @@ def test_library_ce_matches_enumeration(random_table):
     noise = np.zeros(x.shape, bool)
     for row, (_, s) in enumerate(pairs):
         noise[row, list(s)] = True
-    x_t = jnp.where(noise, M, x)
-    logits = table_apply(jnp.asarray(random_table, jnp.float32), x_t, full())
-    got = per_sequence_terms(logits, x, NoisedBatch(jnp.ones(len(pairs)), jnp.asarray(noise), x_t))
+
+    @jax.jit
+    def terms(table, x, noise):
+        x_t = jnp.where(noise, M, x)
+        logits = table_apply(table, x_t, full())
+        return per_sequence_terms(logits, x, NoisedBatch(jnp.ones(x.shape[0]), noise, x_t))
+
+    got = terms(jnp.asarray(random_table, jnp.float32), x, jnp.asarray(noise))
     expected = [ce_of(random_table, *p) for p in pairs]
     np.testing.assert_allclose(got["unweighted"], expected, rtol=1e-5)
 

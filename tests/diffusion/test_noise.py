@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffujax.diffusion import (apply_noise, forward_process, sample_exact_count_mask,
-                                sample_noise_mask, sample_t)
+from diffujax.diffusion import (apply_noise, sample_exact_count_mask, sample_noise_mask,
+                                sample_t)
+from diffujax.diffusion import forward_process as _forward_process
 
 EPS = 1e-3
 M = 7
+forward_process = jax.jit(_forward_process,
+                          static_argnames=("mask_token_id", "stratified", "global_batch"))
 
 
 def _u(t):
@@ -31,7 +34,7 @@ def test_t_stratified_is_evenly_spaced_and_marginally_uniform():
     np.testing.assert_allclose(np.diff(u), 1 / batch, atol=1e-5)
     # row 3 over many keys is U[0, 1)
     keys = jax.random.split(jax.random.key(2), 2000)
-    row3 = jax.vmap(lambda k: sample_t(k, batch, eps=EPS, stratified=True)[3])(keys)
+    row3 = jax.jit(jax.vmap(lambda k: sample_t(k, batch, eps=EPS, stratified=True)[3]))(keys)
     assert stats.kstest(_u(row3), "uniform").pvalue > 1e-3
 
 
@@ -73,7 +76,7 @@ def test_apply_noise_and_fixed_rate_mask():
 def test_exact_count_mask_counts_and_uniformity():
     eligible = jnp.tile(jnp.array([0, 1, 1, 0, 1, 1, 1], bool), (3000, 1))
     count = jnp.tile(jnp.array([0, 2, 5, 9]), 750)  # 9 > 5 eligible: all of them
-    noise = sample_exact_count_mask(jax.random.key(6), eligible, count)
+    noise = jax.jit(sample_exact_count_mask)(jax.random.key(6), eligible, count)
     assert not bool((noise & ~eligible).any())
     np.testing.assert_array_equal(noise.sum(axis=1), np.minimum(count, 5))
     # with count 2, each eligible position is chosen with probability 2/5

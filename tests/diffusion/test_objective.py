@@ -59,8 +59,8 @@ def _case(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_loss_matches_float64_reference(normalization, dtype):
     logits, x, noised, src, loss_mask = _case(dtype)
-    sums = loss_sums_from_logits(logits, x, noised, src=src, loss_mask=loss_mask,
-                                 normalization=normalization)
+    sums = jax.jit(loss_sums_from_logits, static_argnames="normalization")(
+        logits, x, noised, src=src, loss_mask=loss_mask, normalization=normalization)
     loss, unweighted, targets = _reference(logits.astype(jnp.float32), x, noised.noise, noised.t,
                                            src, loss_mask, normalization)
     np.testing.assert_allclose(sums.loss, loss, rtol=1e-5)
@@ -82,11 +82,17 @@ def _mixing_params():
 def test_diffusion_loss_is_the_loss_of_its_own_forward_process():
     params, x = _mixing_params(), jax.random.randint(jax.random.key(2), (B, L), 0, M)
     key = jax.random.key(3)
-    loss, metrics = diffusion_loss(mixing_apply, params, x, key, mask_token_id=M, pattern=full(),
-                                   normalization="tokens", stratified=True)
-    noised = forward_process(key, x, mask_token_id=M, stratified=True)
-    expected = loss_sums_from_logits(mixing_apply(params, noised.x_t, full()), x, noised,
+    loss, metrics = jax.jit(lambda p: diffusion_loss(
+        mixing_apply, p, x, key, mask_token_id=M, pattern=full(), normalization="tokens",
+        stratified=True))(params)
+
+    @jax.jit
+    def by_hand(p):
+        noised = forward_process(key, x, mask_token_id=M, stratified=True)
+        return loss_sums_from_logits(mixing_apply(p, noised.x_t, full()), x, noised,
                                      normalization="tokens")
+
+    expected = by_hand(params)
     np.testing.assert_allclose(loss, expected.loss, rtol=1e-6)
     assert float(metrics["target_tokens"]) == B * (L - 1)
 
@@ -116,8 +122,9 @@ def test_gradient_accumulation_equals_full_batch(normalization):
     def full_loss(p):
         return diffusion_loss(mixing_apply, p, x, key, src=src, **kwargs)[0]
 
-    np.testing.assert_allclose(total.loss, full_loss(params), rtol=1e-5)
-    np.testing.assert_allclose(accumulated, jax.grad(full_loss)(params), rtol=1e-4, atol=1e-7)
+    loss, grad = jax.jit(jax.value_and_grad(full_loss))(params)
+    np.testing.assert_allclose(total.loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(accumulated, grad, rtol=1e-4, atol=1e-7)
 
 
 def test_ar_loss_matches_reference():

@@ -70,7 +70,7 @@ def run(cfg, devices=None, steps=STEPS):
     import jax
 
     from diffujax.models import abstract_model, functional
-    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh, sync_processes
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
 
@@ -80,12 +80,17 @@ def run(cfg, devices=None, steps=STEPS):
     apply_fn, _ = functional(abstract_model(model_cfg))
     state = create_train_state(cfg, model_cfg, mesh, rules)
     step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
-    rows = GLOBAL_BATCH // jax.process_count()
-    lo = jax.process_index() * rows
+    index, count = data_shard(mesh, rules)
+    assert (index, count) == (jax.process_index(), jax.process_count())
+    rows = GLOBAL_BATCH // count
+    lo = index * rows
     history = []
-    for batch in global_batches(steps):
-        local = {k: v[lo:lo + rows] for k, v in batch.items()}
-        state, metrics = step(state, make_global_batch(local, mesh, rules))
+    for i, batch in enumerate(global_batches(steps)):
+        local = make_global_batch({k: v[lo:lo + rows] for k, v in batch.items()}, mesh, rules)
+        if i == 0 and jax.process_count() > 1:
+            step.lower(state, local).compile()  # the call below reuses this executable
+            sync_processes("compiled")
+        state, metrics = step(state, local)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
 

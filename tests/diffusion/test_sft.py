@@ -1,0 +1,64 @@
+"""SFT data contract (SPEC 4). Reference: the sequences written out by hand from the SPEC layout
+``[BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...``; and the objective's normalisations on
+that layout computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffujax.diffusion import NoisedBatch, build_sft_batch, build_sft_example, loss_sums_from_logits
+
+BOS, SEP, EOS, PAD = 1, 2, 3, 0
+IDS = dict(bos_id=BOS, sep_id=SEP, eos_id=EOS, pad_id=PAD)
+
+
+def test_layout_with_padding():
+    tokens, src = build_sft_example([10, 11], [20, 21, 22], length=10, **IDS)
+    np.testing.assert_array_equal(tokens, [BOS, 10, 11, SEP, 20, 21, 22, EOS, PAD, PAD])
+    np.testing.assert_array_equal(src, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    assert tokens.dtype == np.int32 and src.dtype == bool
+
+
+def test_prompt_is_left_truncated_first():
+    tokens, src = build_sft_example([10, 11, 12, 13], [20, 21], length=7, **IDS)
+    np.testing.assert_array_equal(tokens, [BOS, 12, 13, SEP, 20, 21, EOS])  # oldest tokens go
+    np.testing.assert_array_equal(src, [1, 1, 1, 1, 0, 0, 0])
+
+
+def test_answer_is_cut_only_when_the_prompt_is_gone():
+    tokens, src = build_sft_example([10, 11], [20, 21, 22, 23, 24], length=5, **IDS)
+    np.testing.assert_array_equal(tokens, [BOS, SEP, 20, 21, 22])  # no room for EOS either
+    np.testing.assert_array_equal(src, [1, 1, 0, 0, 0])
+
+
+def test_without_separator_and_batching():
+    tokens, src = build_sft_batch([([10], [20]), ([10, 11, 12], [20, 21])], length=6,
+                                  bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    np.testing.assert_array_equal(tokens, [[BOS, 10, 20, EOS, PAD, PAD],
+                                           [BOS, 11, 12, 20, 21, EOS]])
+    np.testing.assert_array_equal(src, [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError):
+        build_sft_batch([], length=4, **IDS)
+
+
+def test_padding_is_a_target_and_sequence_normalisation():
+    """Answer, EOS and PAD are noised targets; "sequence" divides by each row's target count."""
+    tokens, src = build_sft_batch([([10], [20]), ([10, 11], [20, 21, 22])], length=8, **IDS)
+    tokens, src = jnp.asarray(tokens), jnp.asarray(src)
+    noise = ~src  # everything that may be noised is
+    t = jnp.array([0.5, 0.25])
+    logits = jax.random.normal(jax.random.key(0), (2, 8, 32))
+    noised = NoisedBatch(t, noise, jnp.where(noise, 31, tokens))
+    ce = -jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    ce = np.asarray(jnp.take_along_axis(ce, tokens[:, 1:, None], axis=-1)[..., 0])
+    targets = np.asarray(noise[:, 1:])
+    # row 0 [BOS 10 SEP | 20 EOS PAD PAD PAD], row 1 [BOS 10 11 SEP | 20 21 22 EOS]
+    assert targets.sum(axis=1).tolist() == [5, 4]
+    per_row = (ce * targets).sum(axis=1) / np.asarray(t)
+    for normalization, expected in [("tokens", per_row.sum() / 9),
+                                    ("masked", per_row.sum() / 9),
+                                    ("sequence", (per_row / [5, 4]).mean())]:
+        sums = jax.jit(loss_sums_from_logits, static_argnames="normalization")(
+            logits, tokens, noised, src=src, normalization=normalization)
+        np.testing.assert_allclose(sums.loss, expected, rtol=1e-5)

@@ -1,0 +1,125 @@
+"""The run configuration: YAML + key=value overrides, round trip, and errors that name the key."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from diffujax.config import ConfigError, RunConfig, from_dict, load_config, to_yaml
+from diffujax.models import LlamaConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+YAML = """
+output_dir: /tmp/run
+model:
+  init: {family: llama, vocab_size: 64, hidden_size: 32, num_layers: 2, num_heads: 4,
+         num_kv_heads: 2, intermediate_size: 64}
+diffusion:
+  mask_token_id: 3
+  anneal_steps: 100
+optimizer:
+  peak_lr: 3e-4          # YAML 1.1 reads this as a string; the loader accepts it as a number
+  schedule: linear
+mesh:
+  shape: {data: 2, fsdp: -1, tensor: 2}
+  rules: {embed: null, batch: [data]}
+checkpoint:
+  async: false
+"""
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(YAML)
+    return p
+
+
+def test_yaml_plus_overrides(path):
+    cfg = load_config(path, ["optimizer.peak_lr=1e-3", "mesh.shape.fsdp=4", "train.steps=1e6",
+                             "data.sources=[{path: a.parquet, weight: 0.7}]",
+                             "diffusion.stratified_t=true", "optimizer.ema_decay=0.999"])
+    assert isinstance(cfg, RunConfig) and cfg.output_dir == "/tmp/run"
+    assert cfg.optimizer.peak_lr == 1e-3 and cfg.optimizer.schedule == "linear"
+    assert cfg.mesh.shape.data == 2 and cfg.mesh.shape.fsdp == 4
+    assert cfg.train.steps == 1_000_000 and isinstance(cfg.train.steps, int)
+    assert cfg.data.sources == ({"path": "a.parquet", "weight": 0.7},)
+    assert cfg.diffusion.stratified_t and cfg.optimizer.ema_decay == 0.999
+    assert cfg.checkpoint.async_save is False
+    rules = dict(cfg.mesh.rule_table())
+    assert rules["embed"] is None and rules["batch"] == ("data",) and rules["mlp"] == "tensor"
+
+
+def test_model_config_resolution(path):
+    cfg = load_config(path, ["model.remat=full"])
+    model = cfg.resolve_model_config()
+    assert isinstance(model, LlamaConfig) and model.num_kv_heads == 2
+    assert (model.dtype, model.param_dtype, model.remat, model.mask_token_id) == (
+        "bfloat16", "float32", "full", 3)
+    loaded = LlamaConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                         intermediate_size=8, mask_token_id=5, dtype="float32")
+    assert cfg.resolve_model_config(loaded).mask_token_id == 3  # the run's override wins
+
+
+def test_round_trip(path):
+    cfg = load_config(path, ["logging.profile_steps=[5, 8]"])
+    again = path.parent / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+    assert "async: false" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lr_peak=1", "unknown config key 'optimizer.lr_peak' (did you mean"
+                            " 'optimizer.peak_lr'?)"),
+    ("mesh.shape.dat=2", "unknown config key 'mesh.shape.dat' (did you mean 'mesh.shape.data'?)"),
+    ("model.init.hidden=3", "unknown config key 'model.init.hidden' (did you mean"
+                            " 'model.init.hidden_size'?)"),
+    ("trainn.steps=3", "unknown config key 'trainn' (did you mean 'train'?)"),
+    ("mesh.rules.embedding=fsdp", "unknown logical axis 'mesh.rules.embedding'"),
+])
+def test_unknown_keys_are_named(path, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.peak_lr=fast", "optimizer.peak_lr: expected a number, got str 'fast'"),
+    ("train.steps=1.5", "train.steps: expected an integer, got float 1.5"),
+    ("data.shuffle=1", "data.shuffle: expected a boolean"),
+    ("diffusion.normalization=mean", "diffusion.normalization: 'mean' is not one of 'masked',"
+                                     " 'tokens'"),
+    ("model.init.num_layers=two", "model.init.num_layers: expected an integer"),
+    ("mesh.distributed=maybe", "mesh.distributed: expected bool or 'auto'"),
+    ("mesh.rules.embed=fsd", "mesh.rules.embed: 'fsd' must be null, a mesh axis"),
+    ("mesh.shape.fsdp=0", "mesh.shape: axis sizes must be >= 1 or -1"),
+    ("optimizer=3", "optimizer: expected a mapping, got int 3"),
+    ("optimizer.grad_accum_steps=3", "optimizer.grad_accum_steps: (3) must divide"
+                                     " data.global_batch (8)"),
+    ("model.checkpoint=/ckpt", "model: set exactly one of 'model.checkpoint' and 'model.init'"),
+    ("model.init.family=gpt3", "model.init.family: 'gpt3' is not one of"),
+])
+def test_bad_values_are_named(path, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    assert message in str(e.value)
+
+
+def test_bad_override_syntax(path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(path, ["optimizer.peak_lr"])
+    with pytest.raises(ConfigError, match="'output_dir' is not a section"):
+        load_config(path, ["output_dir.x=1"])
+
+
+def test_a_model_is_required():
+    with pytest.raises(ConfigError, match="set exactly one of 'model.checkpoint'"):
+        from_dict({})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    load_config(ROOT / "configs" / name)
