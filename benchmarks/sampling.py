@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -68,6 +67,8 @@ def load_models(args):
 
 
 def canvases(batch, length, bos_id):
+    import jax.numpy as jnp
+
     tokens = np.zeros((batch, length), np.int32)
     tokens[:, 0] = bos_id
     src = np.zeros((batch, length), bool)
@@ -120,11 +121,22 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="one CPU thread for both sides (XLA's Eigen pool and torch): on a"
+                             " shared machine this keeps oversubscription from distorting the"
+                             " comparison")
     args = parser.parse_args(argv)
     if not (args.checkpoint or args.hf_dir):
         parser.error("give --checkpoint or --hf-dir")
+    if args.single_thread:  # before jax starts its thread pool
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false")
 
+    import jax
     import torch
+
+    if args.single_thread:
+        torch.set_num_threads(1)
 
     from diffujax.diffusion import sample_ancestral, sample_threshold
 

@@ -1,4 +1,4 @@
-"""The run configuration: one validated dataclass tree, loaded from YAML plus ``key=value`` overrides.
+"""The run configuration: one validated dataclass tree, from YAML plus ``key=value`` overrides.
 
     cfg = load_config("configs/diffugpt_s.yaml", ["optimizer.peak_lr=1e-4", "mesh.shape.fsdp=8"])
     print(to_yaml(cfg))
@@ -144,7 +144,7 @@ class MeshShape:
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
     shape: MeshShape = dataclasses.field(default_factory=MeshShape)
-    # Multi-slice TPU: the data axis spans this many slices over DCN; the other axes stay in a slice.
+    # Multi-slice TPU: the data axis spans this many slices (over DCN); the others stay in a slice.
     num_slices: int = 1
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # logical name -> mesh axes
     distributed: Union[bool, Literal["auto"]] = "auto"

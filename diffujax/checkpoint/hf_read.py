@@ -204,7 +204,9 @@ class TorchBinSource(TensorSource):
         import torch
 
         t = self._tensors[name]
-        return np.dtype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else _torch_to_numpy(t[:0]).dtype
+        if t.dtype == torch.bfloat16:
+            return np.dtype(ml_dtypes.bfloat16)
+        return torch.empty(0, dtype=t.dtype).numpy().dtype
 
     def get(self, name):
         return _torch_to_numpy(self._tensors[name])

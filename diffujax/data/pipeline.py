@@ -66,7 +66,7 @@ class PipelineOptions:
     sft_pack: bool = False
     sft_packing_bins: int | None = None  # None: the local batch size
     drop_remainder: bool = True  # drop the last incomplete batch of a finite run
-    worker_count: int = 0  # grain worker processes; > 0 needs absl flags parsed (see below)
+    worker_count: int = 0  # grain worker processes (spawned; build_pipeline readies absl flags)
     worker_buffer_size: int = 2
     read_threads: int = 2  # threads reading + tokenising in each process
 
@@ -78,8 +78,8 @@ class PipelineOptions:
 
 
 class DocStats:
-    """Counters of the tokenize stage, live in the process that runs it (exact with
-    ``worker_count=0``; with workers each worker logs its own)."""
+    """Counters of the tokenize stage, live in the process that runs it: exact with
+    ``worker_count=0`` (documents read ahead included); with workers each worker logs its own."""
 
     def __init__(self):
         self.counts = collections.Counter()
@@ -249,7 +249,11 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        batch = next(self._it)
+        # Worker processes hand over grain SharedMemoryArrays, which unmap their buffer when
+        # collected; copy into plain arrays so nothing downstream (a zero-copy device_put on
+        # CPU) can outlive the mapping. A batch is small: B * L * 10 bytes.
+        return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
         return _to_json(self._it.get_state())
@@ -360,6 +364,10 @@ def build_pipeline(
     for i, (src, _) in enumerate(pairs):
         if len(src) == 0:
             raise DataError(f"{src} has no documents")
+        src_vocab = getattr(src, "vocab_size", None)  # pretokenized data knows its tokenizer
+        if model_vocab_size is not None and src_vocab is not None and src_vocab > model_vocab_size:
+            raise VocabMismatchError(f"{src} was tokenised with a vocabulary of {src_vocab} "
+                                     f"tokens; the model has only {model_vocab_size} rows")
         if blocks and src.seq_len != opts.seq_len:
             raise ValueError(f"{src} holds blocks of {src.seq_len} tokens, "
                              f"seq_len is {opts.seq_len}")

@@ -179,6 +179,7 @@ class PretokenizedSource:
         self.layout = self.meta["layout"]
         self.seq_len = self.meta["seq_len"]
         self.special = self.meta["special"]
+        self.vocab_size = self.meta["tokenizer"]["vocab_size"]
         self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(paths),
                                    documents=self.meta["counts"]["records"])

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -194,55 +195,47 @@ class TextSource(_IndexedFiles):
     def __getitem__(self, index) -> str:
         return self._read(index)[0]
 
-    def _check(self, path, data: bytes, start: int, line: int) -> bool:
+    def _scan(self, path):
+        """Line by line, so a huge file is never held in memory; UTF-8 is checked per line
+        (a multi-byte character never spans a newline), which gives exact offsets."""
+        doc = None  # [start offset, end offset, first line, first bad line or None]
+        with open(path, "rb") as f:
+            for offset, n, line in _lines_with_offsets(f):
+                if not line.strip():
+                    if self.mode == "lines":
+                        self.report.skip("blank lines", f"{path}:{n}")
+                    elif self.mode == "paragraph" and doc is not None:
+                        yield from self._emit(path, doc)
+                        doc = None
+                    continue  # file mode: inner blank lines belong to the document
+                bad = None if self._valid(path, line, offset, n) else n
+                if self.mode == "lines":
+                    yield from self._emit(path, [offset, offset + len(line), n, bad])
+                elif doc is None:
+                    doc = [offset, offset + len(line), n, bad]
+                else:
+                    doc[1] = offset + len(line)
+                    doc[3] = doc[3] or bad
+        if doc is not None:
+            yield from self._emit(path, doc)
+        elif self.mode == "file":
+            self.report.skip("empty files", path)
+
+    def _valid(self, path, line: bytes, offset: int, n: int) -> bool:
         try:
-            _decode(data, path, start, line)
+            _decode(line, path, offset, n)
             return True
-        except DataError as e:
-            self._bad("non-UTF-8 documents", e, f"{path}:{line}")
+        except EncodingError:
+            if self.errors == "strict":
+                raise
             return False
 
-    def _scan(self, path):
-        if os.path.getsize(path) == 0:
-            self.report.skip("empty files", path)
-            return
-        with open(path, "rb") as f:
-            if self.mode == "file":
-                data = f.read()
-                if not data.strip():
-                    self.report.skip("empty files", path)
-                elif self._check(path, data, 0, 1):
-                    yield 0, len(data), 1
-                return
-            if self.mode == "lines":
-                for offset, n, line in _lines_with_offsets(f):
-                    if not line.strip():
-                        self.report.skip("blank lines", f"{path}:{n}")
-                    elif self._check(path, line, offset, n):
-                        yield offset, offset + len(line), n
-                return
-            # paragraph mode: a run of non-blank lines, [start of first, end of last)
-            para = None  # [start offset, end offset, first line number]
-            for offset, n, line in _lines_with_offsets(f):
-                if line.strip():
-                    if para is None:
-                        para = [offset, offset + len(line), n]
-                    else:
-                        para[1] = offset + len(line)
-                elif para is not None:
-                    yield from self._paragraph(f, path, para)
-                    para = None
-            if para is not None:
-                yield from self._paragraph(f, path, para)
-
-    def _paragraph(self, f, path, para):
-        start, end, n = para
-        pos = f.tell()
-        f.seek(start)
-        data = f.read(end - start)
-        f.seek(pos)
-        if self._check(path, data, start, n):
+    def _emit(self, path, doc):
+        start, end, n, bad = doc
+        if bad is None:
             yield start, end, n
+        else:
+            self.report.skip("non-UTF-8 documents", f"{path}:{bad}")
 
 
 def _json_fields(obj, fields: Sequence[str], where: str) -> dict[str, str]:
@@ -328,7 +321,7 @@ class _LazyRecords(_Source):
     def _document(self, record: dict, where: str):
         try:
             values = {
-                k: self._to_text(record[k] if k in record else None, f"{where} field {k!r}")
+                k: self._to_text(record.get(k), f"{where} field {k!r}")
                 for k in self.fields
             }
         except DataError as e:
@@ -366,28 +359,38 @@ class ParquetSource(_LazyRecords):
         self._ends = np.cumsum(counts, dtype=np.int64).tolist()
         self.report.documents = self._ends[-1] if self._ends else 0
         self._cache: dict = {}
+        self._lock = threading.Lock()  # grain reads with several threads
         self._finish_scan()
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": {}}
+        return {**self.__dict__, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.report.documents
+
+    def _row_group(self, g: int) -> dict[str, list]:
+        import pyarrow.parquet as pq
+
+        with self._lock:
+            table = self._cache.get(g)
+            if table is None:
+                fi, rg = self._groups[g]
+                table = pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=list(self.fields))
+                table = {c: table.column(c).to_pylist() for c in self.fields}
+                if len(self._cache) >= self._CACHE:
+                    self._cache.pop(next(iter(self._cache)))  # oldest first
+                self._cache[g] = table
+            return table
 
     def __getitem__(self, index):
         index = int(index)
         g = bisect.bisect_right(self._ends, index)
         row = index - (self._ends[g - 1] if g else 0)
-        table = self._cache.get(g)
-        if table is None:
-            import pyarrow.parquet as pq
-
-            fi, rg = self._groups[g]
-            table = pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=list(self.fields))
-            table = {c: table.column(c).to_pylist() for c in self.fields}
-            if len(self._cache) >= self._CACHE:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[g] = table
+        table = self._row_group(g)
         fi, rg = self._groups[g]
         record = {c: table[c][row] for c in self.fields}
         return self._document(record, f"{self.paths[fi]} row group {rg} row {row}")

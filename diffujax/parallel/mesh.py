@@ -49,7 +49,8 @@ def resolve_shape(shape, num_devices: int) -> dict[str, int]:
         raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
     if free:
         if num_devices % known:
-            raise ValueError(f"mesh shape {sizes}: {num_devices} devices are not a multiple of {known}")
+            raise ValueError(f"mesh shape {sizes}: {num_devices} devices are not a multiple of"
+                             f" {known}")
         sizes[free[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
         raise ValueError(f"mesh shape {sizes} needs {math.prod(sizes.values())} devices,"
@@ -186,8 +187,8 @@ def param_shardings(tree, mesh: Mesh, rules=None):
 
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     """Sharding of ``[B, L]`` batch arrays: batch over ``data`` x ``fsdp`` (per the rules)."""
-    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, DEFAULT_RULES if rules is None else rules,
-                                               mesh_axis_sizes(mesh)))
+    rules = DEFAULT_RULES if rules is None else rules
+    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules, mesh_axis_sizes(mesh)))
 
 
 def data_shard(mesh: Mesh, rules=None) -> tuple[int, int]:

@@ -281,178 +281,206 @@ class _Window:
 
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
-    from diffujax.config import to_dict, to_yaml
-    from diffujax.data.tokenizer import load_tokenizer
-    from diffujax.models import abstract_model, functional
-    from diffujax.parallel.mesh import make_global_batch, make_mesh
-    from diffujax.train import checkpointing as C
-    from diffujax.train import metrics as M
-    from diffujax.train.state import params_of
-    from diffujax.train.step import make_train_step
+    from diffujax.train.checkpointing import PreemptionGuard
 
     if not cfg.output_dir:
         raise ValueError("output_dir is not set (add output_dir=PATH)")
-    out_dir = pathlib.Path(cfg.output_dir).absolute()
-    primary = jax.process_index() == 0
-    if primary:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    c, lg = cfg.checkpoint, cfg.logging
-    total_steps = cfg.train.steps
+    with PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT mean "save, then exit"
+        run = _Run(cfg, guard)
+        try:
+            return run.loop()
+        finally:
+            run.close()
 
-    with C.PreemptionGuard() as guard:  # from here on a SIGTERM means "save, then exit"
-        mesh = make_mesh(cfg.mesh)
-        rules = cfg.mesh.rule_table()
-        ckpt = C.TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
-                                   keep_last=c.keep_last, keep_every=c.keep_every,
-                                   async_save=c.async_save)
+
+class _Run:
+    """One attempt at a run: set-up (restore or initialise), the step loop, the way out."""
+
+    def __init__(self, cfg, guard):
+        from diffujax.config import to_dict, to_yaml
+        from diffujax.data.tokenizer import load_tokenizer
+        from diffujax.models import abstract_model, functional
+        from diffujax.parallel.mesh import make_mesh
+        from diffujax.train import checkpointing as C
+        from diffujax.train import metrics as M
+        from diffujax.train.step import make_train_step
+
+        t0 = self.t0 = time.perf_counter()
+        self.cfg, self.guard = cfg, guard
+        self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
+        if jax.process_index() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        c, lg = cfg.checkpoint, cfg.logging
+        self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
+        self.ckpt = C.TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
+                                        keep_last=c.keep_last, keep_every=c.keep_every,
+                                        async_save=c.async_save)
         notes: list[str] = []
-        t0 = time.perf_counter()
-        model_cfg, state, restored = _initial_state(cfg, mesh, rules, ckpt, notes)
-        start = int(restored.step) if restored else 0
-        apply_fn = functional(abstract_model(model_cfg))[0]
-        tokenizer = load_tokenizer(_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
-        pipeline, sources = build_data(cfg, tokenizer, model_cfg)
-        data_iter = pipeline.iterator()
+        self.model_cfg, self.state, restored = _initial_state(cfg, self.mesh, self.rules,
+                                                              self.ckpt, notes)
+        self.start = self.step = int(restored.step) if restored else 0
+        apply_fn = functional(abstract_model(self.model_cfg))[0]
+        tokenizer = load_tokenizer(_tokenizer_dir(cfg), model_vocab_size=self.model_cfg.vocab_size)
+        self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg)
+        self.data_iter = self.pipeline.iterator()
         if restored is not None:
             if restored.data_state is not None:
-                data_iter.set_state(restored.data_state)
+                self.data_iter.set_state(restored.data_state)
             else:
                 warnings.warn("the checkpoint holds no data-iterator state for this process (saved"
                               " with another process count?): the data stream restarts")
-        data_state = data_iter.get_state()
-        evaluator = _Evaluator(cfg, model_cfg, apply_fn, mesh, rules, tokenizer)
-        train_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
+        self.data_state = self.data_iter.get_state()  # always the position that goes with state
+        self.evaluator = _Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
+        self.train_step = make_train_step(cfg, self.model_cfg, apply_fn, self.mesh, self.rules)
 
-        logger = M.RunLogger(out_dir, total_steps=total_steps, start_step=start,
-                             tensorboard=lg.tensorboard)
-        for line in notes + _source_reports(sources) + evaluator.reports:
-            logger.message(line)
+        self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
+                                  tensorboard=lg.tensorboard)
+        for line in notes + _source_reports(sources) + self.evaluator.reports:
+            self.logger.message(line)
+        self.run_config = to_dict(cfg)
         if restored is not None:
-            changed = _config_changes(restored.config, to_dict(cfg))
+            changed = _config_changes(restored.config, self.run_config)
             if changed:
-                logger.message(f"config differs from the checkpoint's in: {', '.join(changed)}")
-        seq_len, batch_rows = cfg.data.seq_len, cfg.data.global_batch
+                self.logger.message(f"config differs from the checkpoint's in: {', '.join(changed)}")
+        seq_len = cfg.data.seq_len
+        self.tokens_per_step = cfg.data.global_batch * seq_len
+        flops = M.train_flops_per_token(self.model_cfg, seq_len)
         peak = M.peak_flops_per_device()
-        throughput = M.Throughput(tokens_per_step=batch_rows * seq_len,
-                                  flops_per_token=M.train_flops_per_token(model_cfg, seq_len),
-                                  total_steps=total_steps, peak_per_device=peak)
-        logger.message(
-            f"model: {model_cfg.family}, {M.matmul_params(model_cfg) / 1e6:.1f}M matmul params,"
-            f" {M.train_flops_per_token(model_cfg, seq_len) / 1e9:.3f} GFLOP/token; mesh"
-            f" {dict(zip(mesh.axis_names, mesh.axis_sizes))} of {jax.devices()[0].device_kind};"
-            f" peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
-            f" steps {start}..{total_steps}; set up in {time.perf_counter() - t0:.1f}s")
-        profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
-        meta = {"model_config": C.model_config_to_dict(model_cfg),
-                "tokenizer_dir": _tokenizer_dir(cfg), "seq_len": seq_len}
-        run_config = to_dict(cfg)
+        self.throughput = M.Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
+                                       total_steps=cfg.train.steps, peak_per_device=peak)
+        self.logger.message(
+            f"model: {self.model_cfg.family}, {M.matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
+            f" params, {flops / 1e9:.3f} GFLOP/token; mesh"
+            f" {dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))} of"
+            f" {jax.devices()[0].device_kind}; peak"
+            f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
+            f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
+        self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
+        self.meta = {"model_config": C.model_config_to_dict(self.model_cfg),
+                     "tokenizer_dir": _tokenizer_dir(cfg), "seq_len": seq_len}
+        self.window = _Window()
+        self.bad_in_a_row = 0
 
-        def save(step, force=False):
-            t = time.perf_counter()
-            started = ckpt.save(step, state, data_state=data_state, config=run_config,
-                                meta=dict(meta, tokens_seen=step * batch_rows * seq_len),
-                                force=force)
-            throughput.pause(time.perf_counter() - t)
-            return started
+    # -- the loop --------------------------------------------------------------------------------
 
-        window = _Window()
-        last_seen = {"bad_steps": 0}
-        pending = None  # (step, device metrics) of the step before the one just dispatched
-        stop, status = None, 0
+    def loop(self) -> int:
+        from diffujax.parallel.mesh import make_global_batch
+        from diffujax.train.state import params_of
 
-        def consume(item):
-            """Fetch a finished step's metrics; log; decide whether to stop for bad steps."""
-            step, metrics = item
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            host["skipped"] = bool(host["skipped"])
-            last_seen["bad_steps"] = int(host["bad_steps"])
-            window.add(host)
-            if host["skipped"]:
-                logger.message(f"step {step}: non-finite loss or gradient (loss {host['loss']:.4g},"
-                               f" grad norm {host['grad_norm']:.4g}): update skipped"
-                               f" ({int(host['bad_steps'])} in a row, {int(host['total_bad_steps'])}"
-                               " in total)")
-            if step % lg.every_steps == 0 or step == total_steps:
-                scalars = window.summary()
-                scalars.update(throughput.update(step))
-                logger.train(step, scalars)
-            if host["bad_steps"] >= cfg.train.max_bad_steps:
-                return "bad_steps"
-            return None
-
+        cfg, total = self.cfg, self.cfg.train.steps
+        pending = None  # (step, device metrics) of the last dispatched step, read one step later
+        stop = None
         try:
-            step = start
-            while step < total_steps:
-                if guard.requested(step):
+            while self.step < total:
+                if self.guard.requested(self.step):
                     stop = "signal"
                     break
                 try:
-                    local = next(data_iter)
+                    local = next(self.data_iter)
                 except StopIteration:
                     stop = "data"
                     break
-                batch = make_global_batch(local, mesh, rules)
-                profiler.before(step + 1)
-                state, metrics = train_step(state, batch)
-                if profiler.after(step + 1, metrics):
-                    logger.message(f"profile of steps {profiler.first}..{profiler.last} written to"
-                                   f" {out_dir / 'tensorboard' / 'plugins' / 'profile'}")
-                step += 1
-                data_state = data_iter.get_state()  # the stream position that goes with `state`
-                previous, pending = pending, (step, metrics)
-                if previous is not None and (stop := consume(previous)):
+                batch = make_global_batch(local, self.mesh, self.rules)
+                self.profiler.before(self.step + 1)
+                self.state, metrics = self.train_step(self.state, batch)
+                if self.profiler.after(self.step + 1, metrics):
+                    self.logger.message(f"profile of steps {self.profiler.first}.."
+                                        f"{self.profiler.last} written to"
+                                        f" {self.out_dir / 'tensorboard' / 'plugins' / 'profile'}")
+                self.step += 1
+                self.data_state = self.data_iter.get_state()
+                # Reading the previous step's metrics (not this one's) keeps the device busy.
+                previous, pending = pending, (self.step, metrics)
+                if previous is not None and (stop := self._consume(*previous)):
                     break
-                if not throughput.started:  # the first step compiled: time from here
+                if not self.throughput.started:  # the first step compiled: time from here
                     jax.block_until_ready(metrics)
-                    throughput.start(step)
-                    logger.message(f"first step (compilation) took {time.perf_counter() - t0:.1f}s"
-                                   " since start-up")
-                save(step)
+                    self.throughput.start(self.step)
+                    self.logger.message(f"first step (compilation) took"
+                                        f" {time.perf_counter() - self.t0:.1f}s since start-up")
+                self._save()
                 t = time.perf_counter()
-                if _periodic_eval(cfg, evaluator, logger, params_of(state, ema=True), step):
-                    throughput.pause(time.perf_counter() - t)
-            if pending is not None:  # the last dispatched step
-                last_stop = consume(pending)
-                stop = stop or last_stop
+                if _periodic_eval(cfg, self.evaluator, self.logger,
+                                  params_of(self.state, ema=True), self.step):
+                    self.throughput.pause(time.perf_counter() - t)
+            if pending is not None:
+                last = self._consume(*pending)
+                stop = stop or last
         except BaseException:
-            # Never lose the work since the last checkpoint to a crash outside the step (data
-            # error, interrupted I/O): the state is still intact between steps.
-            _emergency_save(save, state, step, logger)
+            self._emergency_save()
             raise
+        return self._finish(stop)
 
-        final_step = step
+    def _consume(self, step: int, metrics) -> str | None:
+        """Host copy of a finished step's metrics: log them; "bad_steps" if the run must stop."""
+        lg = self.cfg.logging
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host["skipped"] = bool(host["skipped"])
+        self.bad_in_a_row = int(host["bad_steps"])
+        self.window.add(host)
+        if host["skipped"]:
+            self.logger.message(
+                f"step {step}: non-finite loss or gradient (loss {host['loss']:.4g}, grad norm"
+                f" {host['grad_norm']:.4g}): update skipped ({self.bad_in_a_row} in a row,"
+                f" {int(host['total_bad_steps'])} in total)")
+        if step % lg.every_steps == 0 or step == self.cfg.train.steps:
+            scalars = self.window.summary()
+            scalars.update(self.throughput.update(step))
+            self.logger.train(step, scalars)
+        return "bad_steps" if self.bad_in_a_row >= self.cfg.train.max_bad_steps else None
+
+    def _save(self, force: bool = False) -> bool:
+        t = time.perf_counter()
+        started = self.ckpt.save(self.step, self.state, data_state=self.data_state,
+                                 config=self.run_config, force=force,
+                                 meta=dict(self.meta, tokens_seen=self.step * self.tokens_per_step))
+        self.throughput.pause(time.perf_counter() - t)
+        return started
+
+    def _emergency_save(self):
+        """A crash between steps (data error, I/O, a second Ctrl-C) must not lose the work since
+        the last checkpoint: the state is intact unless the step itself failed (buffers donated)."""
+        try:
+            if any(x.is_deleted() for x in jax.tree.leaves(self.state)
+                   if isinstance(x, jax.Array)):
+                return
+            if self._save(force=True):
+                self.ckpt.wait()
+                self.logger.message(f"error: checkpoint of step {self.step} saved before stopping")
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log.warning("could not save a checkpoint after the error: %s", e)
+
+    def _finish(self, stop: str | None) -> int:
+        self._save(force=True)
+        self.ckpt.wait()
+        where = self.ckpt.directory / str(self.step)
         if stop == "bad_steps":
-            save(final_step, force=True)
-            ckpt.wait()
-            logger.message(
-                f"stopped at step {final_step}: the last {last_seen['bad_steps']} steps had a"
-                f" non-finite loss or gradient (train.max_bad_steps={cfg.train.max_bad_steps});"
-                " they were skipped, so the weights are those of the last good step. Checkpoint"
-                f" {ckpt.directory / str(final_step)} holds that state. Lower optimizer.peak_lr,"
-                " enable clipping, or check the data.")
-            status = EXIT_BAD_STEPS
-        elif stop == "signal":
-            save(final_step, force=True)
-            ckpt.wait()
-            logger.message(f"{guard.signal_name}: checkpoint of step {final_step} saved in"
-                           f" {ckpt.directory}; run the same command again to resume")
-            status = EXIT_SIGNAL.get(guard.signal_name, 143)
-        else:
-            if stop == "data":
-                logger.message(f"the data ran out at step {final_step} (data.num_epochs="
-                               f"{cfg.data.num_epochs}); finishing early")
-            save(final_step, force=True)
-            ckpt.wait()
-            if final_step > start or not (out_dir / "final").exists():
-                _export_final(out_dir, model_cfg, state, cfg, logger)
-        counts = pipeline.stats.summary()
+            self.logger.message(
+                f"stopped at step {self.step}: the last {self.bad_in_a_row} steps had a non-finite"
+                f" loss or gradient (train.max_bad_steps={self.cfg.train.max_bad_steps}); they"
+                f" were skipped, so the weights are those of the last good step. Checkpoint"
+                f" {where} holds that state. Lower optimizer.peak_lr, enable clipping, or check"
+                " the data.")
+            return EXIT_BAD_STEPS
+        if stop == "signal":
+            self.logger.message(f"{self.guard.signal_name}: checkpoint of step {self.step} saved"
+                                f" in {self.ckpt.directory}; run the same command again to resume")
+            return EXIT_SIGNAL.get(self.guard.signal_name, 143)
+        if stop == "data":
+            self.logger.message(f"the data ran out at step {self.step} (data.num_epochs="
+                                f"{self.cfg.data.num_epochs}); finishing early")
+        if self.step > self.start or not (self.out_dir / "final").exists():
+            _export_final(self.out_dir, self.model_cfg, self.state, self.cfg, self.logger)
+        return 0
+
+    def close(self):
+        counts = self.pipeline.stats.summary()
         if counts:
-            logger.message(f"data: {counts}")
-        profiler.close()
-        logger.close()
-        ckpt.close()
-        return status
+            self.logger.message(f"data: {counts}")
+        self.profiler.close()
+        self.logger.close()
+        self.ckpt.close()
 
 
 def _periodic_eval(cfg, evaluator, logger, params, step) -> bool:
@@ -470,15 +498,6 @@ def _periodic_eval(cfg, evaluator, logger, params, step) -> bool:
         logger.message(f"sample @ step {step}: {texts[0][:200]!r}")
         ran = True
     return ran
-
-
-def _emergency_save(save, state, step, logger):
-    try:
-        if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
-            if save(step, force=True):
-                logger.message(f"error: saved a checkpoint of step {step} before stopping")
-    except Exception as e:  # noqa: BLE001 - report the original error, not this one
-        log.warning("could not save a checkpoint after the error: %s", e)
 
 
 # ------------------------------------------------------------------------------------ export

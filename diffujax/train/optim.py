@@ -79,5 +79,7 @@ def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransforma
 
 def ema_update(ema, params, decay: float):
     """``ema <- decay * ema + (1 - decay) * params`` in float32."""
-    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
-                        ema, params)
+    def one(e, p):
+        return (decay * e + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype)
+
+    return jax.tree.map(one, ema, params)

@@ -47,7 +47,8 @@ def optimizer_for(run_cfg, model_cfg) -> optax.GradientTransformation:
 
 def init_train_state(params, optimizer: optax.GradientTransformation, *, seed: int,
                      use_ema: bool, param_dtype=jnp.float32) -> TrainState:
-    """A step-0 state around ``params`` (cast to the master dtype). Pure: jit it with out_shardings."""
+    """A step-0 state around ``params`` (cast to the master dtype); pure, to jit with
+    out_shardings."""
     params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),

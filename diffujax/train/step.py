@@ -19,6 +19,8 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,7 +36,8 @@ from diffujax.train.state import TrainState, optimizer_for, train_state_sharding
 
 class CompiledStep:
     """A jitted step run under the mesh and the logical-axis rules (activation constraints inside
-    the model read them while tracing). ``lower(*args)`` gives the AOT form (memory/cost analysis)."""
+    the model read them while tracing). ``lower(*args)`` gives the AOT form (memory and cost
+    analysis; a later call reuses what ``lower(...).compile()`` compiled)."""
 
     def __init__(self, fn, mesh, rules, **jit_kwargs):
         self.jitted = jax.jit(fn, **jit_kwargs)
@@ -63,11 +66,7 @@ def _batch_rows(mesh, rules) -> int:
     """How many ways the batch dimension is split across devices."""
     spec = batch_sharding(mesh, rules).spec[0]
     axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    sizes = mesh_axis_sizes(mesh)
-    n = 1
-    for a in axes:
-        n *= sizes[a]
-    return n
+    return math.prod(mesh_axis_sizes(mesh)[a] for a in axes)
 
 
 def _with_positions(apply_fn, batch):
@@ -113,8 +112,8 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         """Sum of numerator gradients and of loss sums over the micro-batches."""
         rows = batch["tokens"].shape[0]
         if rows % (accum * shards):
-            raise ValueError(f"global batch {rows} must be a multiple of grad_accum_steps ({accum})"
-                             f" x the batch shards of the mesh ({shards})")
+            raise ValueError(f"global batch {rows} must be a multiple of grad_accum_steps"
+                             f" ({accum}) x the batch shards of the mesh ({shards})")
         if accum == 1:
             return grad_fn(params, batch, key, step, 0, rows)
         micro = rows // accum
@@ -170,7 +169,8 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
                         out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None, kind: str = "elbo") -> CompiledStep:
+def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
+                   kind: str = "elbo") -> CompiledStep:
     """``eval_step(params, batch, key) -> LossSums`` (replicated sums; add them over batches and
     take ``.loss`` at the end, so the mean is over all tokens of the evaluation set).
 

@@ -131,3 +131,16 @@ def test_load_into_shardings_and_dtype(hf_gpt2, tmp_path):
     ref = read_all(src)["transformer.h.1.attn.c_attn.weight"][:, :32].reshape(32, 4, 8)
     np.testing.assert_array_equal(np.asarray(wq[1], np.float32),
                                   ref.to(torch.bfloat16).float().numpy())
+
+
+def test_save_of_loaded_params(hf_gpt2, tmp_path):
+    """load -> save (e.g. after training) -> export is still the source, bit for bit."""
+    from diffujax.checkpoint import save
+
+    src, _ = hf_gpt2
+    convert(src, tmp_path / "a", no_mask_token=True)
+    config, params = load(tmp_path / "a")
+    save(tmp_path / "b", config, params, tokenizer_from=tmp_path / "a")
+    export(tmp_path / "b", tmp_path / "out")
+    assert_bit_exact(read_all(src), read_all(tmp_path / "out"))
+    assert (tmp_path / "out" / "tokenizer.json").exists()

@@ -246,6 +246,7 @@ def test_worker_process(sp_tok):
     it = pipe.iterator()
     try:
         got = [next(it) for _ in range(2)]
+        assert type(got[0]["tokens"]) is np.ndarray  # not a shared-memory view
         state = json.loads(json.dumps(it.get_state()))
         got += [next(it) for _ in range(2)]
         np.testing.assert_array_equal(rows(got), rows(local))

@@ -101,3 +101,12 @@ def test_errors(tmp_path, sp_dir, corpus_dir, capsys):
     assert "only 100 rows" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a pretokenize output"):
         PretokenizedSource(tmp_path)
+
+
+def test_vocab_of_stored_data_is_checked(blocks_dir):
+    from diffujax.data.tokenizer import VocabMismatchError
+
+    src = PretokenizedSource(blocks_dir[0])
+    with pytest.raises(VocabMismatchError, match="vocabulary of 400 tokens.*only 300 rows"):
+        build_pipeline(src, None, PipelineOptions(seq_len=32, global_batch=2), shard=ONE,
+                       model_vocab_size=300)

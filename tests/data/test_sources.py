@@ -35,8 +35,9 @@ def text_dir(tmp_path):
 def test_text_modes(text_dir):
     files = TextSource(text_dir, mode="file")
     assert [files[i] for i in range(len(files))] == [
-        "para one\nline two\n\n \npara two\n", "solo\n\n\nlast para"]
+        "para one\nline two\n\n \npara two", "solo\n\n\nlast para"]
     assert files.report.skipped["empty files"] == 2  # empty.txt and blank.txt, counted
+    assert files.report.files == 4 and files.report.documents == 2
     assert "empty.txt" in files.report.summary()
 
     paras = TextSource(text_dir, mode="paragraph")
@@ -71,6 +72,10 @@ def test_non_utf8_is_located(tmp_path):
     assert [skipping[i] for i in range(len(skipping))] == ["ok line", "still ok", "fine"]
     assert skipping.report.skipped["non-UTF-8 documents"] == 1
     assert skipping.report.examples["non-UTF-8 documents"] == [f"{bad}:3"]
+    bad.write_bytes(b"good para\n\nbad \xff\nbad \xfe again\n\nlast\n")
+    paras = TextSource(bad, mode="paragraph", errors="skip")
+    assert [paras[i] for i in range(len(paras))] == ["good para", "last"]
+    assert paras.report.examples == {"non-UTF-8 documents": [f"{bad}:3"]}  # counted once
 
 
 def test_jsonl(tmp_path):

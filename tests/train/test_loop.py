@@ -97,3 +97,38 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
     assert int(restored.state.step) == 4 and int(restored.state.total_bad_steps) == 4
     for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(fresh.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_crash_between_steps_saves_the_work_first(tmp_path, monkeypatch, capsys):
+    """A data error at step 4 (after 3 steps, no periodic checkpoint yet): the run saves step 3,
+    then raises the original error."""
+    from diffujax.data.pipeline import Pipeline
+    from diffujax.train import checkpointing as C
+    from diffujax.train.loop import train
+
+    real_iterator = Pipeline.iterator
+
+    class Failing:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 4:
+                raise OSError("disk on fire")
+            return next(self.it)
+
+        def __getattr__(self, name):
+            return getattr(self.it, name)
+
+    monkeypatch.setattr(Pipeline, "iterator", lambda self: Failing(real_iterator(self)))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"output_dir={tmp_path}", "train.steps=10", "optimizer.warmup_steps=1",
+        "logging.eval_every=0", "logging.sample_every=0", "logging.tensorboard=false",
+        "checkpoint.every_steps=100", "model.init.num_layers=1"])
+    with pytest.raises(OSError, match="disk on fire"):
+        train(cfg)
+    assert "checkpoint of step 3 saved before stopping" in capsys.readouterr().err
+    ckpt = C.TrainCheckpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
