@@ -38,8 +38,8 @@ def sample_t(key, batch_size: int, *, eps: float = DEFAULT_EPS, stratified: bool
     """``t = (1 - eps) * u + eps`` per sequence (SPEC 2.1), float32 ``[batch_size]``.
 
     iid: ``u_b ~ U[0, 1)`` drawn from the row's own key. Stratified (antithetic):
-    ``u_b = (u_0 + b / B) mod 1`` with one ``u_0`` for the whole global batch of ``B = global_batch``
-    rows, ``b`` the global row index; each ``u_b`` is still marginally uniform.
+    ``u_b = (u_0 + b / B) mod 1`` with one ``u_0`` for the whole global batch of
+    ``B = global_batch`` rows, ``b`` the global row index; each ``u_b`` is still marginally uniform.
     """
     rows = jnp.asarray(row_offset, jnp.int32) + jnp.arange(batch_size, dtype=jnp.int32)
     if stratified:

@@ -126,8 +126,8 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
     generate = ~jnp.asarray(src, bool) & ~first[None, :]
     mask_token = jnp.asarray(mask_token_id, jnp.int32)
     pattern = full() if pattern is None else pattern
-    rows = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+    rows = jnp.arange(batch) if row_ids is None else jnp.asarray(row_ids)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows.astype(jnp.int32))
 
     init = dict(step=jnp.int32(0), x=jnp.where(generate, mask_token, canvas), masked=generate,
                 commit_step=jnp.full((batch, length), -1, jnp.int32),

@@ -18,7 +18,7 @@ import numpy as np
 
 def build_sft_example(prompt: Sequence[int], answer: Sequence[int], *, length: int, bos_id: int,
                       eos_id: int, pad_id: int, sep_id: int | None = None):
-    """One example: ``(tokens int32 [length], src bool [length])``. ``sep_id=None``: no separator."""
+    """One example: ``(tokens int32 [length], src bool [length])``; ``sep_id=None``: no SEP."""
     head = [bos_id]
     sep = [] if sep_id is None else [sep_id]
     tail = list(answer) + [eos_id]
@@ -35,7 +35,7 @@ def build_sft_example(prompt: Sequence[int], answer: Sequence[int], *, length: i
 
 def build_sft_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, length: int,
                     bos_id: int, eos_id: int, pad_id: int, sep_id: int | None = None):
-    """A batch of ``(prompt, answer)`` pairs: ``(tokens int32 [B, length], src bool [B, length])``."""
+    """``(prompt, answer)`` pairs -> ``(tokens int32 [B, length], src bool [B, length])``."""
     if not pairs:
         raise ValueError("build_sft_batch needs at least one (prompt, answer) pair")
     built = [build_sft_example(p, a, length=length, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,

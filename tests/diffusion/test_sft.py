@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffujax.diffusion import NoisedBatch, build_sft_batch, build_sft_example, loss_sums_from_logits
+from diffujax.diffusion import (NoisedBatch, build_sft_batch, build_sft_example,
+                                loss_sums_from_logits)
 
 BOS, SEP, EOS, PAD = 1, 2, 3, 0
 IDS = dict(bos_id=BOS, sep_id=SEP, eos_id=EOS, pad_id=PAD)
