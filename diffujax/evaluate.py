@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
-from diffujax.runtime import LoadedModel, load_for_inference
+from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -22,11 +22,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="score the first BLOCKS x SEQ_LEN tokens, as BLOCKS sequences")
     p.add_argument("--draws", type=int, default=16,
                    help="diffusion: noise draws per block (t stratified over all draws)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per forward pass (rounded up to a multiple of the mesh's batch"
+                        " shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute and parameter dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_mesh_args(p)
 
 
 def read_blocks(tokenizer, path: str, seq_len: int, blocks: int) -> np.ndarray:
@@ -48,15 +51,17 @@ def _batches(rows: np.ndarray, batch_size: int):
     """Fixed-size batches (one compiled shape); the last is padded with copies of row 0."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        yield start, len(chunk), np.concatenate([chunk, np.repeat(rows[:1], pad, 0)]) if pad else chunk
+        yield start, len(chunk), pad_rows(chunk, batch_size)
 
 
 def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: int = 1,
              batch_size: int = 8, seed: int = 0):
     """NLL estimate over ``blocks``. Diffusion: every block is scored ``draws`` times, one row per
     (block, draw), with ``t`` stratified across all rows (MDLM protocol); the error bar is taken
-    over rows."""
+    over rows. Each row's noise follows from its index among all rows, so the numbers do not
+    depend on ``batch_size`` or the mesh (up to float rounding)."""
+    shards = model.batch_shards()
+    batch_size = -(-batch_size // shards) * shards
     if objective == "ar":
         fn = jax.jit(lambda p, x: ar_nll_terms(model.apply_fn, p, x))
         rows, num_draws = blocks, 0
@@ -68,22 +73,26 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
             global_batch=len(rows)))
     key = jax.random.key(seed)
     nll, targets = [], []
-    for start, count, batch in _batches(rows, batch_size):
-        if objective == "ar":
-            out = fn(model.params, jnp.asarray(batch))
-        else:
-            out = fn(model.params, jnp.asarray(batch), key, jnp.int32(start))
-        nll.append(np.asarray(out[0])[:count])
-        targets.append(np.asarray(out[1])[:count])
+    with model.active():
+        for start, count, batch in _batches(rows, batch_size):
+            batch = model.put_batch(batch)
+            if objective == "ar":
+                out = fn(model.params, batch)
+            else:
+                out = fn(model.params, batch, key, jnp.int32(start))
+            nll.append(model.fetch(out[0])[:count])
+            targets.append(model.fetch(out[1])[:count])
     return summarize_nll(np.concatenate(nll), np.concatenate(targets), num_draws=num_draws)
 
 
 def run_eval(args) -> int:
-    model = load_for_inference(args.checkpoint, dtype=args.dtype)
+    model = load_from_args(args)
     blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
     est = evaluate(model, blocks, objective=args.objective, draws=args.draws,
                    batch_size=args.batch_size, seed=args.seed)
     stderr = 0.0 if args.objective == "ar" else est.std_error
+    if jax.process_index() != 0:  # every process computed the same numbers; one prints them
+        return 0
     if args.json:
         print(json.dumps({"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
                           "tokens": est.num_tokens, "draws": est.num_draws}))

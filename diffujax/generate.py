@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
-from diffujax.runtime import LoadedModel, load_for_inference
+from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
 
 SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
 
@@ -37,6 +37,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_mesh_args(p)
 
 
 def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
@@ -61,7 +62,10 @@ def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | Non
 def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: int,
            temperature: float | None = None, top_p=None, top_k=None, block_length: int = 32,
            threshold: float = 0.9):
-    """Run a sampler on a batch of canvases; returns (SampleOutput, seconds excluding compile)."""
+    """Run a sampler on a batch of canvases; returns (SampleOutput as host arrays, seconds
+    excluding compile). On a mesh the canvases are split over the batch shards (padded with copies
+    of the first; a row's result does not depend on the rows beside it, so the padding is simply
+    dropped)."""
     if temperature is None:
         temperature = 1.0 if sampler == "ancestral" else 0.0
     common = dict(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -75,15 +79,23 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
                                         block_length=block_length)),
         "threshold": (sample_threshold, dict(threshold=threshold)),
     }[sampler]
-    args = (model.apply_fn, model.params, jnp.asarray(canvas), jnp.asarray(src), jax.random.key(seed))
-    compiled = fn.lower(*args, **mask, **common, **extra).compile()
-    begin = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args[1:], **mask))
-    return out, time.perf_counter() - begin
+    rows, shards = len(canvas), model.batch_shards()
+    with model.active():
+        args = (model.apply_fn, model.params, model.put_batch(pad_rows(np.asarray(canvas), shards)),
+                model.put_batch(pad_rows(np.asarray(src), shards)), jax.random.key(seed))
+        compiled = fn.lower(*args, **mask, **common, **extra).compile()
+        begin = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args[1:], **mask))
+        seconds = time.perf_counter() - begin
+    out = dataclasses.replace(
+        out, tokens=model.fetch(out.tokens)[:rows], forwards=model.fetch(out.forwards),
+        row_forwards=model.fetch(out.row_forwards)[:rows],
+        commit_step=model.fetch(out.commit_step)[:rows])
+    return out, seconds
 
 
 def run_generate(args) -> int:
-    model = load_for_inference(args.checkpoint, dtype=args.dtype)
+    model = load_from_args(args)
     length = args.infill_length if args.suffix and args.infill_length else args.length
     ids, src, span, _ = build_canvas(model, args.prompt, length, args.suffix)
     canvas = np.tile(ids, (args.num_samples, 1))
@@ -102,6 +114,8 @@ def run_generate(args) -> int:
         text = model.tokenizer.decode(generated)
         texts.append(args.prompt + text + (args.suffix or ""))
     rate = args.num_samples * length / seconds if seconds > 0 else float("inf")
+    if jax.process_index() != 0:  # every process holds the same samples; one prints them
+        return 0
     if args.json:
         print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
                           "forward_passes": int(out.forwards), "tokens_per_second": rate}))

@@ -1,11 +1,35 @@
-"""What ``eval`` and ``generate`` share: a converted checkpoint ready for inference."""
+"""What ``eval`` and ``generate`` share: a converted checkpoint ready for inference, on one device
+or laid out over the training mesh.
+
+    model = load_for_inference(ckpt)                                # one device, no mesh
+    model = load_for_inference(ckpt, mesh=make_mesh(section), rules=section.rule_table())
+    with model.active():                                            # mesh + rules while tracing
+        out = jitted(model.params, model.put_batch(rows))
+    host = model.fetch(out)
+
+With a mesh, each parameter is restored straight into the ``NamedSharding`` the logical rules give
+it (no host ever holds the whole model), and batches are global arrays split over the batch axes
+(``data`` x ``fsdp`` under the default rules) with a row count that is a multiple of
+``batch_shards()``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from diffujax.models import ModelConfig, functional
+
+MESH_HELP = ("device mesh: 'auto' (default: one device when there is only one, otherwise all"
+             " devices on fsdp, as in training), 'none' (one device, no mesh), or axis sizes"
+             " 'data=N,fsdp=M,tensor=K' (axes left out are 1; one size may be -1 to take the"
+             " remaining devices)")
 
 
 @dataclasses.dataclass
@@ -14,6 +38,8 @@ class LoadedModel:
     apply_fn: Callable  # apply_fn(params, tokens, pattern) -> logits
     params: Any
     tokenizer: Any
+    mesh: jax.sharding.Mesh | None = None  # None: everything on one device
+    rules: tuple | None = None  # logical axis rules (with a mesh)
 
     def mask_token_id(self) -> int:
         if self.config.mask_token_id is None:
@@ -21,17 +47,145 @@ class LoadedModel:
                              " (or with --mask-token-id N) to use the diffusion objective")
         return int(self.config.mask_token_id)
 
+    @contextlib.contextmanager
+    def active(self):
+        """Context for tracing and running compiled calls: the mesh and the logical rules, so the
+        models' activation constraints apply (nothing to do without a mesh)."""
+        if self.mesh is None:
+            yield
+            return
+        from diffujax.parallel.logical import axis_rules
+
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            yield
+
+    def batch_shards(self) -> int:
+        """How many ways a batch is split over devices: batch sizes must be multiples of it."""
+        if self.mesh is None:
+            return 1
+        from diffujax.parallel.mesh import batch_sharding
+
+        # A batch of mesh.size rows has mesh.size / shards rows on each device.
+        size = self.mesh.size
+        return size // batch_sharding(self.mesh, self.rules).shard_shape((size, 1))[0]
+
+    def put_batch(self, rows: np.ndarray) -> jax.Array:
+        """``rows [B, ...]``, which every process holds whole, as one array split over the batch
+        axes (each process contributes only its own block, so no data crosses hosts)."""
+        if self.mesh is None:
+            return jnp.asarray(rows)
+        from diffujax.parallel.mesh import data_shard, make_global_batch
+
+        if len(rows) % self.batch_shards():
+            raise ValueError(f"{len(rows)} rows do not split evenly over"
+                             f" {self.batch_shards()} batch shards")
+        index, count = data_shard(self.mesh, self.rules)
+        block = len(rows) // count
+        local = np.asarray(rows)[index * block:(index + 1) * block]
+        return make_global_batch({"rows": local}, self.mesh, self.rules)["rows"]
+
+    def fetch(self, x) -> np.ndarray:
+        """Host copy of a result, also when its shards live on several processes."""
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+
+def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
+    """``rows`` padded with copies of row 0 up to a multiple of ``multiple`` rows (the caller
+    drops the padding from the results)."""
+    pad = -len(rows) % multiple
+    return np.concatenate([rows, np.repeat(rows[:1], pad, 0)]) if pad else rows
+
 
 def load_for_inference(checkpoint: str, *, dtype: str | None = None,
-                       attention_backend: str | None = None) -> LoadedModel:
-    """Load parameters, config and tokenizer of a diffujax checkpoint directory."""
+                       attention_backend: str | None = None, mesh=None,
+                       rules=None) -> LoadedModel:
+    """Load parameters, config and tokenizer of a diffujax checkpoint directory: on the first
+    device, or with ``mesh`` each parameter read straight into its shards (``rules``: a logical
+    rule table, default ``DEFAULT_RULES``)."""
     from diffujax.checkpoint.store import load_model
     from diffujax.data.tokenizer import load_tokenizer
 
-    config, model = load_model(checkpoint, dtype=dtype)
+    shardings = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+
+        from diffujax.parallel.logical import DEFAULT_RULES
+        from diffujax.parallel.mesh import spec_for
+
+        rules = DEFAULT_RULES if rules is None else tuple(rules)
+        shardings = lambda path, spec: NamedSharding(  # noqa: E731
+            mesh, spec_for(spec.axes, spec.shape, mesh, rules))
+    config, model = load_model(checkpoint, dtype=dtype, shardings=shardings)
     if attention_backend:
         model.config = config = config.replace(attention_backend=attention_backend)
     apply_fn, params = functional(model)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)
-    return LoadedModel(config, apply_fn, params, tokenizer)
+    return LoadedModel(config, apply_fn, params, tokenizer, mesh, rules)
+
+
+# ----------------------------------------------------------------------- command-line options
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default="auto", help=MESH_HELP)
+    p.add_argument("--distributed", choices=("auto", "true", "false"), default="auto",
+                   help="join a multi-host job (jax.distributed): 'auto' when the environment"
+                        " describes one (JAX_COORDINATOR_ADDRESS, a multi-host TPU, SLURM, MPI)")
+
+
+def parse_mesh(text: str):
+    """``--mesh`` -> ``"auto"``, ``None`` (no mesh) or a ``MeshShape``."""
+    from diffujax.config import MeshShape
+    from diffujax.parallel.mesh import AXES
+
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    sizes = {}
+    for item in text.split(","):
+        axis, _, value = item.partition("=")
+        axis = axis.strip()
+        if axis not in AXES:
+            raise ValueError(f"--mesh {text!r}: {axis!r} is not one of {', '.join(AXES)}")
+        if axis in sizes:
+            raise ValueError(f"--mesh {text!r}: {axis} is given twice")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: {axis} needs an integer size") from None
+    shape = MeshShape(**{a: sizes.get(a, 1) for a in AXES})
+    shape.validate("--mesh")
+    return shape
+
+
+def mesh_from_args(args):
+    """``(mesh, rules)`` for the ``--mesh`` / ``--distributed`` options, ``(None, None)`` for one
+    device. Joins the multi-host job first, so call it before anything else touches a device."""
+    from diffujax.config import MeshSection
+    from diffujax.parallel.mesh import make_mesh, maybe_initialize_distributed
+
+    shape = parse_mesh(args.mesh)
+    distributed = {"auto": "auto", "true": True, "false": False}[args.distributed]
+    maybe_initialize_distributed(MeshSection(distributed=distributed))
+    if shape == "auto":
+        if jax.device_count() == 1:
+            return None, None
+        shape = MeshSection().shape  # all devices on fsdp: parameters sharded like in training
+    if shape is None:
+        if jax.process_count() > 1:
+            raise ValueError("--mesh none runs on one device, not across the hosts of a"
+                             " multi-host job: give mesh axis sizes")
+        return None, None
+    section = MeshSection(shape=shape, distributed=distributed)
+    return make_mesh(section), section.rule_table()
+
+
+def load_from_args(args) -> LoadedModel:
+    """The checkpoint of ``args`` (``--checkpoint``, ``--dtype``, mesh options) ready to run."""
+    mesh, rules = mesh_from_args(args)
+    return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)

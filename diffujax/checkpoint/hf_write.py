@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from typing import Iterator, Mapping
@@ -69,9 +70,12 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     n = len(shards)
     files = [SAFETENSORS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map, total = {}, 0
+    umask = os.umask(0)
+    os.umask(umask)
     for file, shard in zip(files, shards):
         arrays = {name: make() for name, _, _, make in shard}
         save_file(arrays, str(directory / file), metadata={"format": "pt"})
+        os.chmod(directory / file, 0o666 & ~umask)  # safetensors creates it 0600
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes

@@ -44,7 +44,8 @@ def atomic_directory(dst, overwrite: bool = False):
     (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst."""
     dst = pathlib.Path(dst).expanduser().absolute()
     if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to"
+                              " replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     umask = os.umask(0)
@@ -134,7 +135,7 @@ def read_meta(directory) -> tuple[ModelConfig, dict]:
     """Config and the "diffujax" section of a checkpoint's config.json (checks completeness)."""
     directory = pathlib.Path(directory)
     if not (directory / COMPLETE).is_file():
-        what = "not a diffujax checkpoint" if not directory.exists() else "incomplete or not a diffujax checkpoint"
+        what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
     _, config = read_config(directory)
     meta = json.loads((directory / "config.json").read_text()).get("diffujax") or {}
@@ -162,18 +163,19 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
     directory = pathlib.Path(directory).absolute()
     ckptr = _checkpointer()
     try:
-        stored = tree.flatten(ckptr.metadata(directory / PARAMS).item_metadata.tree)
+        where = directory / PARAMS
+        stored = tree.flatten(ckptr.metadata(where).item_metadata.tree)
         specs = param_specs(config)
         if set(stored) != set(specs):
-            raise CheckpointError(f"{directory / PARAMS}: parameters {sorted(set(stored) ^ set(specs))[:5]}"
-                                  " do not match the model in config.json")
-        sharding = _sharding_for(config, shardings)
-        target = {p: jax.ShapeDtypeStruct(specs[p].shape, dtype or stored[p].dtype, sharding=sharding(p))
-                  for p in specs}
+            raise CheckpointError(f"{where}: parameters {sorted(set(stored) ^ set(specs))[:5]} do"
+                                  " not match the model in config.json")
         for p in specs:
             if tuple(stored[p].shape) != specs[p].shape:
-                raise CheckpointError(f"{directory / PARAMS}: parameter {p!r} has shape"
-                                      f" {tuple(stored[p].shape)}, config.json implies {specs[p].shape}")
+                raise CheckpointError(f"{where}: parameter {p!r} has shape {tuple(stored[p].shape)},"
+                                      f" config.json implies {specs[p].shape}")
+        sharding = _sharding_for(config, shardings)
+        target = {p: jax.ShapeDtypeStruct(s.shape, dtype or stored[p].dtype, sharding=sharding(p))
+                  for p, s in specs.items()}
         return tree.flatten(ckptr.restore(directory / PARAMS, tree.nest(target)))
     finally:
         ckptr.close()

@@ -96,7 +96,8 @@ def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[
     if config is not None:
         config["mask_token"] = content
         if "added_tokens_decoder" in config:  # transformers 4.x spelling of the added tokens
-            config["added_tokens_decoder"][str(token_id)] = {k: v for k, v in added.items() if k != "id"}
+            entry = {k: v for k, v in added.items() if k != "id"}
+            config["added_tokens_decoder"][str(token_id)] = entry
         _dump(directory, "tokenizer_config.json", config)
         changed.append("tokenizer_config.json")
     special = _load(directory, "special_tokens_map.json")
@@ -105,7 +106,8 @@ def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[
         _dump(directory, "special_tokens_map.json", special)
         changed.append("special_tokens_map.json")
     # Slow tokenizers (vocab.json + merges.txt, sentencepiece) read extra ids from added_tokens.json.
-    if tok is None and any((pathlib.Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model")):
+    slow = any((pathlib.Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
+    if tok is None and slow:
         extra = _load(directory, "added_tokens.json") or {}
         extra[content] = token_id
         _dump(directory, "added_tokens.json", extra)

@@ -144,3 +144,14 @@ def test_save_of_loaded_params(hf_gpt2, tmp_path):
     export(tmp_path / "b", tmp_path / "out")
     assert_bit_exact(read_all(src), read_all(tmp_path / "out"))
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("family", ["GPT2", "LLAMA"])
+def test_state_dict_round_trip_in_memory(hf, family):
+    from diffujax.checkpoint import from_state_dict, to_state_dict
+
+    model = hf.tiny_model({**getattr(hf, family), "tie_word_embeddings": False}, torch.bfloat16)
+    sd = model.state_dict()
+    out = to_state_dict(*from_state_dict(model.config.to_dict(), sd))
+    assert_bit_exact(sd, {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+                          for k, v in out.items()})

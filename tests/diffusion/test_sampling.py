@@ -83,6 +83,7 @@ SAMPLERS = {
     "confidence": (sample_confidence, dict(steps=4, temperature=1.0)),
     "semi_ar": (sample_semi_ar, dict(steps=2, block_length=3)),
     "threshold": (sample_threshold, dict(threshold=0.6, temperature=1.0)),
+    "threshold_blocks": (sample_threshold, dict(threshold=0.3, block_length=2)),
 }
 
 
@@ -120,12 +121,13 @@ def test_trajectory_rules(mixing, name):
         steps = kwargs["steps"]
         np.testing.assert_array_equal(still_masked, [n * (steps - 1 - k) // steps
                                                      for k in range(steps)])
-    if name == "semi_ar":  # a block is complete before the next one starts
+    if "block_length" in kwargs:  # a block is complete before the next one starts
+        size = kwargs["block_length"]
         for b in range(B):
             order = commit[b][generate[b]]
-            blocks = [order[i:i + 3] for i in range(0, len(order), 3)]
+            blocks = [order[i:i + size] for i in range(0, len(order), size)]
             assert all(x.max() < y.min() for x, y in zip(blocks, blocks[1:]))
-    if name == "threshold":  # at least one commit per pass while something is masked
+    if name.startswith("threshold"):  # at least one commit per pass while something is masked
         before = np.vstack([n, still_masked[:-1]])
         assert ((before - still_masked >= 1) | (before == 0)).all()
 
