@@ -400,9 +400,11 @@ class _Run:
                     self.logger.message(f"first step (compilation) took"
                                         f" {time.perf_counter() - self.t0:.1f}s since start-up")
                 self._save()
-                t = time.perf_counter()
-                if _periodic_eval(cfg, self.evaluator, self.logger,
-                                  params_of(self.state, ema=True), self.step):
+                if _eval_due(cfg, self.step):
+                    jax.block_until_ready(metrics)  # time the evaluation, not the step before it
+                    t = time.perf_counter()
+                    _periodic_eval(cfg, self.evaluator, self.logger,
+                                   params_of(self.state, ema=True), self.step)
                     self.throughput.pause(time.perf_counter() - t)
             if pending is not None:
                 last = self._consume(*pending)
@@ -431,6 +433,9 @@ class _Run:
         return "bad_steps" if self.bad_in_a_row >= self.cfg.train.max_bad_steps else None
 
     def _save(self, force: bool = False) -> bool:
+        if not (force or self.ckpt.is_due(self.step)):
+            return False
+        jax.block_until_ready(self.state)  # time the save, not the step before it
         t = time.perf_counter()
         started = self.ckpt.save(self.step, self.state, data_state=self.data_state,
                                  config=self.run_config, force=force,
@@ -483,21 +488,26 @@ class _Run:
         self.ckpt.close()
 
 
-def _periodic_eval(cfg, evaluator, logger, params, step) -> bool:
-    """Held-out ELBO and samples when due (every n steps and at the last step); True if run."""
-    lg, last = cfg.logging, step == cfg.train.steps
-    ran = False
-    if lg.eval_every and (step % lg.eval_every == 0 or last):
+def _due(every: int, step: int, last: int) -> bool:
+    return bool(every) and (step % every == 0 or step == last)
+
+
+def _eval_due(cfg, step) -> bool:
+    lg, last = cfg.logging, cfg.train.steps
+    return _due(lg.eval_every, step, last) or _due(lg.sample_every, step, last)
+
+
+def _periodic_eval(cfg, evaluator, logger, params, step):
+    """Held-out ELBO and samples when due (every n steps, and at the last step)."""
+    lg, last = cfg.logging, cfg.train.steps
+    if _due(lg.eval_every, step, last):
         result = evaluator.elbo(params)
         if result is not None:
             logger.eval(step, result)
-            ran = True
-    if lg.sample_every and (step % lg.sample_every == 0 or last):
+    if _due(lg.sample_every, step, last):
         texts = evaluator.samples(params, step)
         logger.text(step, "samples", texts)
         logger.message(f"sample @ step {step}: {texts[0][:200]!r}")
-        ran = True
-    return ran
 
 
 # ------------------------------------------------------------------------------------ export
