@@ -13,6 +13,10 @@ plus every ``keep_every``-th step forever. ``PreemptionGuard`` turns SIGTERM / S
 multi-host run, JAX's preemption sync point) into "save now and exit". ``restore_latest`` restores
 into abstract targets that carry the *current* shardings, so a run may resume on a different
 topology, and falls back to the previous step when the latest one is truncated or corrupt.
+
+Out of a run: ``save_model`` writes a diffujax model checkpoint (``checkpoint.store`` format,
+multi-host safe) and ``export_step`` / ``export_hf`` turn any ``checkpoints/STEP`` into one or
+into a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
 CORRUPT_DIR = "corrupt"  # bad steps are moved here (never deleted: they may still hold work)
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected (the message says which steps were tried)."""
+class CheckpointError(_CheckpointError):
+    """No usable training checkpoint where one was expected (the message says which steps were
+    tried); a ValueError, so the command line prints it as one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,11 +60,11 @@ class DataStateHandler(ocp.CheckpointHandler):
         path.write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
+        """The dict, or None when this process has none (the run was saved with another number
+        of processes: the caller decides; it is not a damaged checkpoint)."""
         path = epath.Path(directory) / _data_file()
         if not path.exists():
-            found = sorted(p.name for p in epath.Path(directory).iterdir())
-            raise FileNotFoundError(f"no data-iterator state {path.name} (found {found}): the run"
-                                    " was saved with a different number of processes")
+            return None
         return json.loads(path.read_text())
 
     def metadata(self, directory):
@@ -262,7 +269,8 @@ class TrainCheckpointer:
                 self._quarantine(step)
         if tried:
             raise CheckpointError(f"no usable checkpoint in {self.directory}: steps {tried} all"
-                                  f" failed to restore (moved to {self.directory / CORRUPT_DIR})")
+                                  f" failed to restore and were moved to"
+                                  f" {self.directory / CORRUPT_DIR}; the next run starts afresh")
         return None
 
     def _quarantine(self, step: int):
@@ -298,7 +306,7 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------------------------------------
-# Export: a training checkpoint step -> a diffujax model checkpoint (and optionally HF).
+# Reading a run's checkpoints without the run: the model config it recorded, its parameters.
 
 
 def find_step_dir(path, step: int | None = None) -> epath.Path:
@@ -385,6 +393,10 @@ def saved_model_config(directory):
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checkpoints out of a run: ``final/`` at the end, or any step afterwards (and HF).
 
 
 def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):

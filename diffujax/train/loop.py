@@ -39,6 +39,12 @@ NUM_SAMPLES, SAMPLE_LEN, SAMPLE_STEPS = 4, 256, 64  # training-time samples: a q
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "example: diffujax train --config configs/tiny.yaml train.steps=50 output_dir=runs/t\n\n"
+        "Rerunning the same command resumes from the newest usable checkpoint in output_dir.\n"
+        "Exit status: 0 done, 3 too many consecutive non-finite steps (last good state saved),\n"
+        "143/130 SIGTERM/SIGINT (checkpoint saved first).")
     parser.add_argument("--config", metavar="PATH", help="run config (YAML); see configs/")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. train.steps=100 optimizer.peak_lr=1e-4")
@@ -80,7 +86,7 @@ def model_checkpoint(cfg) -> str | None:
 # ------------------------------------------------------------------------------------ data
 
 
-def _make_source(spec: dict, what: str):
+def _make_source(spec: dict, what: str, sft_fields: tuple[str, str] | None = None):
     from diffujax.data.sources import make_source
 
     spec = dict(spec)
@@ -90,14 +96,18 @@ def _make_source(spec: dict, what: str):
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"{what}: unknown source keys {sorted(unknown)}; expected {sorted(known)}")
-    source = make_source(spec.get("format", "auto"), spec["path"], field=spec.get("field", "text"),
+    # SFT sources carry (prompt, answer) fields unless the source names its own.
+    default_field = sft_fields or "text"
+    source = make_source(spec.get("format", "auto"), spec["path"],
+                         field=spec.get("field", default_field),
                          mode=spec.get("mode", "file"), errors=spec.get("errors", "strict"),
                          split=spec.get("split", "train"), data_dir=spec.get("data_dir"))
     return source, float(spec.get("weight", 1.0))
 
 
 def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False):
-    """The process-local pipeline of ``data.sources`` (or ``data.eval_sources``), or None."""
+    """``(pipeline, sources)``: the process-local pipeline of ``data.sources`` (or, with
+    ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none)."""
     from diffujax.data.pipeline import PipelineOptions, build_pipeline
 
     d = cfg.data
@@ -107,11 +117,18 @@ def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False):
         if eval_split:
             return None, []
         raise ValueError("data.sources is empty: name at least one training source")
-    pairs = [_make_source(s, what) for s in specs]
-    options = dict(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                   shuffle=d.shuffle and not eval_split, num_epochs=1 if eval_split else d.num_epochs,
+    sft_fields = None
+    if cfg.diffusion.sft:
+        sft_fields = (d.options.get("prompt_field", "prompt"), d.options.get("answer_field", "answer"))
+    pairs = [_make_source(s, what, sft_fields) for s in specs]
+    # Evaluation is forward-only on one training micro-batch at a time (a size known to fit).
+    batch = d.global_batch // cfg.optimizer.grad_accum_steps if eval_split else d.global_batch
+    options = dict(seq_len=d.seq_len, global_batch=batch, seed=d.seed,
+                   shuffle=d.shuffle and not eval_split,
+                   num_epochs=1 if eval_split else d.num_epochs,
                    mode="sft" if cfg.diffusion.sft else "pretrain",
-                   segment_ids=cfg.diffusion.segment_ids, worker_count=0 if eval_split else d.worker_count)
+                   segment_ids=cfg.diffusion.segment_ids,
+                   worker_count=0 if eval_split else d.worker_count)
     options.update(d.options)
     pipeline = build_pipeline(pairs if len(pairs) > 1 else pairs[0][0], tokenizer,
                               PipelineOptions(**options), model_vocab_size=model_cfg.vocab_size)
@@ -183,6 +200,13 @@ def _config_changes(old: dict | None, new: dict) -> list[str]:
 # ------------------------------------------------------------------------------------ eval, samples
 
 
+def _min_over_processes(n: int) -> int:
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.int32(n))))
+
+
 def _to_host(x) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_replicated:
         from jax.experimental import multihost_utils
@@ -197,18 +221,22 @@ class _Evaluator:
         from diffujax.parallel.mesh import make_global_batch
         from diffujax.train.step import make_eval_step
 
-        self.cfg, self.model_cfg, self.apply_fn, self.tokenizer = cfg, model_cfg, apply_fn, tokenizer
+        self.cfg, self.model_cfg, self.apply_fn = cfg, model_cfg, apply_fn
+        self.tokenizer = tokenizer
         self.batches, self.reports = [], []
         if cfg.logging.eval_every and cfg.data.eval_sources:
             pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True)
             self.reports = _source_reports(sources)
             it = pipeline.iterator()
+            local = []
             for _ in range(cfg.logging.eval_batches):
                 try:
-                    local = next(it)
+                    local.append(next(it))
                 except StopIteration:
                     break
-                self.batches.append(make_global_batch(local, mesh, rules))
+            # Every process must run the same number of eval steps (they are collectives).
+            count = _min_over_processes(len(local))
+            self.batches = [make_global_batch(b, mesh, rules) for b in local[:count]]
             if not self.batches:
                 warnings.warn("data.eval_sources yield no full batch: periodic evaluation is off")
             self.step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
@@ -342,7 +370,8 @@ class _Run:
         if restored is not None:
             changed = _config_changes(restored.config, self.run_config)
             if changed:
-                self.logger.message(f"config differs from the checkpoint's in: {', '.join(changed)}")
+                self.logger.message("config differs from the checkpoint's in: "
+                                    + ", ".join(changed))
         seq_len = cfg.data.seq_len
         self.tokens_per_step = cfg.data.global_batch * seq_len
         flops = M.train_flops_per_token(self.model_cfg, seq_len)

@@ -229,7 +229,7 @@ class RunLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                              dynamic_ncols=True, desc="train",
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
-                                        " [{elapsed}] {postfix}")
+                                        " [{elapsed}]{postfix}")
 
     def train(self, step: int, scalars: dict):
         """One log step of training numbers (host floats)."""
@@ -239,7 +239,7 @@ class RunLogger:
         for k, v in scalars.items():
             self._scalar(_TB_TAGS.get(k, f"train/{k}"), v, step)
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
                                       .split(" | ", 1)[-1], refresh=True)
         else:

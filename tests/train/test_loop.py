@@ -26,8 +26,13 @@ def test_config_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.output_dir and cfg.train.steps > 0
     assert cfg.data.sources and (cfg.model.checkpoint or cfg.model.init)
-    assert cfg.optimizer.decay_steps is None or cfg.optimizer.decay_steps > cfg.optimizer.warmup_steps
     assert cfg.train.steps > cfg.optimizer.warmup_steps
+    from diffujax.train.optim import make_schedule
+
+    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+    assert float(schedule(cfg.optimizer.warmup_steps)) == pytest.approx(cfg.optimizer.peak_lr)
+    if cfg.model.init:  # a random model: its config must build too
+        assert cfg.resolve_model_config().mask_token_id is not None
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -90,8 +95,9 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
     rules = cfg.mesh.rule_table()
     ckpt = C.TrainCheckpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [4]
-    restored = ckpt.restore_latest(C.abstract_like(abstract_train_state(cfg, model_cfg),
-                                                   train_state_shardings(cfg, model_cfg, mesh, rules)))
+    target = C.abstract_like(abstract_train_state(cfg, model_cfg),
+                             train_state_shardings(cfg, model_cfg, mesh, rules))
+    restored = ckpt.restore_latest(target)
     ckpt.close()
     fresh = create_train_state(cfg, model_cfg, mesh, rules)
     assert int(restored.state.step) == 4 and int(restored.state.total_bad_steps) == 4

@@ -144,5 +144,6 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference, corpus, tmp
     out = _run(run, corpus, NO_SAMPLES)
     assert f"checkpoint step {STEPS} in" in out and "unusable" in out
     assert f"resumed from {run / 'checkpoints' / str(STEPS - 5)}" in out
-    assert [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()] == [str(STEPS)]
+    moved = [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()]
+    assert moved == [str(STEPS)]
     assert _losses(run) == _losses(reference)
