@@ -2,9 +2,8 @@
 ``LlamaForCausalLM`` run with full (bidirectional) attention, fed the same ``t`` and noise mask.
 
 Two levels: (1) diffujax's loss on the logits torch computed (checks the loss math alone);
-(2) diffujax's loss on diffujax's own Llama holding the same weights (checks model + loss).
-The weights of (2) are moved with the checkpoint key map directly; switch to the
-``diffujax.checkpoint`` loader once it exists.
+(2) diffujax's loss on diffujax's own Llama holding the same weights, converted with
+``diffujax.checkpoint.from_state_dict`` (checks converter + model + loss together).
 """
 
 import jax
@@ -89,36 +88,20 @@ def test_loss_on_torch_logits_matches_torch_reference(torch_model):
 
 
 def _diffujax_llama(torch_model):
-    """diffujax Llama with the torch weights (key map applied by hand)."""
-    from flax import nnx
-
-    from diffujax.checkpoint.keymaps import keymap
+    """diffujax's Llama holding the torch weights, through the checkpoint converter."""
+    from diffujax.checkpoint import from_state_dict
     from diffujax.models import create_model, functional
-    from diffujax.models.configs import LlamaConfig
 
-    config = LlamaConfig.from_hf(torch_model.config.to_dict())
-    apply_fn, params = functional(create_model(config, seed=0))
-    tree = jax.tree.map(np.array, nnx.to_pure_dict(params))
-    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    for name, (entry, layer) in keymap(config).expand(config.num_layers).items():
-        targets = []
-        for path in entry.paths:
-            node = tree["params"]
-            for part in path.split("/"):
-                node = node[part]
-            targets.append(node)
-        shapes = [a.shape if layer is None else a.shape[1:] for a in targets]
-        for target, value in zip(targets, entry.to_diffujax(state[name], shapes)):
-            target[... if layer is None else layer] = value
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, tree))
+    config, params = from_state_dict(torch_model.config.to_dict(), torch_model.state_dict())
+    apply_fn, _ = functional(create_model(config, seed=0))
     return apply_fn, params
 
 
 def test_loss_on_diffujax_llama_matches_torch_reference(torch_model):
     try:
         apply_fn, params = _diffujax_llama(torch_model)
-    except ImportError as e:  # models / key map not in this checkout
-        pytest.skip(f"diffujax model or key map unavailable: {e}")
+    except ImportError as e:  # models / converter not in this checkout
+        pytest.skip(f"diffujax model or checkpoint converter unavailable: {e}")
     x, src = _batch()
     key = jax.random.key(2)
     _check(_diffujax_losses(apply_fn, params, x, src, key), torch_model, x, src, key)
