@@ -63,11 +63,9 @@ class LoadedModel:
         """How many ways a batch is split over devices: batch sizes must be multiples of it."""
         if self.mesh is None:
             return 1
-        from diffujax.parallel.mesh import batch_sharding
+        from diffujax.parallel.mesh import batch_shard_count
 
-        # A batch of mesh.size rows has mesh.size / shards rows on each device.
-        size = self.mesh.size
-        return size // batch_sharding(self.mesh, self.rules).shard_shape((size, 1))[0]
+        return batch_shard_count(self.mesh, self.rules)
 
     def put_batch(self, rows: np.ndarray) -> jax.Array:
         """``rows [B, ...]``, which every process holds whole, as one array split over the batch
@@ -84,13 +82,11 @@ class LoadedModel:
         local = np.asarray(rows)[index * block:(index + 1) * block]
         return make_global_batch({"rows": local}, self.mesh, self.rules)["rows"]
 
-    def fetch(self, x) -> np.ndarray:
-        """Host copy of a result, also when its shards live on several processes."""
-        if not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
+    @staticmethod
+    def fetch(x) -> np.ndarray:
+        from diffujax.parallel.mesh import to_host
 
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
+        return to_host(x)
 
 
 def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:

@@ -191,6 +191,23 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules, mesh_axis_sizes(mesh)))
 
 
+def batch_shard_count(mesh: Mesh, rules=None) -> int:
+    """How many ways the batch dimension is split across devices (batch sizes must be multiples
+    of it)."""
+    spec = batch_sharding(mesh, rules).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh_axis_sizes(mesh)[a] for a in axes)
+
+
+def to_host(x) -> np.ndarray:
+    """Host copy of an array, also when its shards live on several processes."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def data_shard(mesh: Mesh, rules=None) -> tuple[int, int]:
     """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
     blocks of rows of the global batch (give them to the data pipeline's shard options).

@@ -207,13 +207,6 @@ def _min_over_processes(n: int) -> int:
     return int(np.min(multihost_utils.process_allgather(np.int32(n))))
 
 
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 class _Evaluator:
     """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
 
@@ -276,7 +269,9 @@ class _Evaluator:
         if tok.eos_id is not None:
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        rows = _to_host(tokens)
+        from diffujax.parallel.mesh import to_host
+
+        rows = to_host(tokens)
         special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
         return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
 

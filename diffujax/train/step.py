@@ -19,8 +19,6 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,7 +27,8 @@ from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
 from diffujax.diffusion.objective import ar_loss_sums, diffusion_loss_sums
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.logical import axis_rules, constrain
-from diffujax.parallel.mesh import batch_sharding, mesh_axis_sizes, param_shardings, replicated
+from diffujax.parallel.mesh import (batch_shard_count, batch_sharding, param_shardings,
+                                    replicated)
 from diffujax.train.optim import ema_update, make_schedule
 from diffujax.train.state import TrainState, optimizer_for, train_state_shardings
 
@@ -62,13 +61,6 @@ def _mask_token_id(model_cfg) -> int:
     return int(model_cfg.mask_token_id)
 
 
-def _batch_rows(mesh, rules) -> int:
-    """How many ways the batch dimension is split across devices."""
-    spec = batch_sharding(mesh, rules).spec[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(mesh_axis_sizes(mesh)[a] for a in axes)
-
-
 def _with_positions(apply_fn, batch):
     """Packed documents may carry per-document positions; the objective calls apply_fn without."""
     if "positions" not in batch:
@@ -92,7 +84,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     schedule = make_schedule(opt, run_cfg.train.steps)
     state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
     batch_sh = batch_sharding(mesh, rules)
-    shards = _batch_rows(mesh, rules)
+    shards = batch_shard_count(mesh, rules)
 
     def micro_loss(params, mb, key, step, row_offset, global_batch):
         if d.sft and "src" not in mb:
