@@ -51,10 +51,12 @@ def _draw_candidates(keys, logits, *, temperature, top_k, top_p):
     return candidates, picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _predictions(apply_fn, params, x, pattern):
+def _predictions(apply_fn, params, x, pattern, mask_token):
     """Float32 logits aligned with the positions they predict: row ``j`` holds logits ``j - 1``
-    (row 0 is a copy of row 0 and is never used)."""
+    (row 0 is a copy of row 0 and is never used). The mask token is never a candidate: a
+    revealed position must hold a real token."""
     logits = apply_fn(params, x, pattern).astype(jnp.float32)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_token, -jnp.inf, logits)
     return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
@@ -143,7 +145,7 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         draw_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, 0)
         rule_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, 1)
-        logits = _predictions(apply_fn, params, x, pattern)
+        logits = _predictions(apply_fn, params, x, pattern, mask_token)
         candidates, confidence = _draw_candidates(draw_keys, logits, temperature=temperature,
                                                   top_k=top_k, top_p=top_p)
         commit = rule(step, masked, confidence, rule_keys, generate) & masked

@@ -173,3 +173,17 @@ def test_truncate_after_eos():
     src = jnp.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], bool)  # a fixed EOS is not a stop
     np.testing.assert_array_equal(truncate_after_eos(tokens, src, eos_id=9, pad_id=0),
                                   [[1, 2, 9, 0, 0, 0], [1, 9, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize("sampler", [sample_ancestral, sample_confidence])
+def test_the_mask_token_is_never_committed(sampler):
+    """A model that puts almost all its mass on the mask token: every revealed position still
+    holds a real token (the mask is excluded from the candidates, the rest renormalised)."""
+    logits = np.zeros((L, V), np.float32)
+    logits[:, M] = 30.0
+    canvas = jnp.tile(jnp.array([[1, 0, 0, 0]], jnp.int32), (64, 1))
+    src = jnp.zeros(canvas.shape, bool).at[:, 0].set(True)
+    out = sampler(fixed_apply, jnp.asarray(logits), canvas, src, jax.random.key(3),
+                  mask_token_id=M, steps=3)
+    tokens = np.asarray(out.tokens)[:, 1:]
+    assert (tokens != M).all() and (tokens < V).all()
