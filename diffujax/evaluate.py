@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -57,17 +58,19 @@ def _batches(rows: np.ndarray, batch_size: int):
 def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: int = 1,
              batch_size: int = 8, seed: int = 0):
     """NLL estimate over ``blocks``. Diffusion: every block is scored ``draws`` times, one row per
-    (block, draw), with ``t`` stratified across all rows (MDLM protocol); the error bar is taken
-    over rows. Each row's noise follows from its index among all rows, so the numbers do not
-    depend on ``batch_size`` or the mesh (up to float rounding)."""
+    (draw, block), draw-major, with ``t`` stratified across all rows (MDLM protocol), so each
+    block's draws are spread over the whole range of ``t``. The error bar is over blocks (each
+    averaged over its draws), or over the draws when there is a single block (then it measures
+    the Monte-Carlo error only). Each row's noise follows from its index among all rows, so the
+    numbers do not depend on ``batch_size`` or the mesh (up to float rounding)."""
     shards = model.batch_shards()
     batch_size = -(-batch_size // shards) * shards
     if objective == "ar":
         fn = jax.jit(lambda p, x: ar_nll_terms(model.apply_fn, p, x))
-        rows, num_draws = blocks, 0
+        rows = blocks
     else:
         mask_id = model.mask_token_id()
-        rows, num_draws = np.repeat(blocks, draws, axis=0), draws
+        rows = np.tile(blocks, (draws, 1))
         fn = jax.jit(lambda p, x, key, offset: elbo_terms(
             model.apply_fn, p, x, key, mask_token_id=mask_id, row_offset=offset,
             global_batch=len(rows)))
@@ -82,7 +85,15 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
                 out = fn(model.params, batch, key, jnp.int32(start))
             nll.append(model.fetch(out[0])[:count])
             targets.append(model.fetch(out[1])[:count])
-    return summarize_nll(np.concatenate(nll), np.concatenate(targets), num_draws=num_draws)
+    nll, targets = np.concatenate(nll), np.concatenate(targets)
+    if objective == "ar":
+        return summarize_nll(nll, targets, num_draws=0)
+    nll, targets = nll.reshape(draws, len(blocks)), targets.reshape(draws, len(blocks))
+    if len(blocks) > 1:
+        # Rows of one block share its data: average its draws and count blocks as the units.
+        return summarize_nll(nll.mean(axis=0), targets[0], num_draws=draws)
+    est = summarize_nll(nll[:, 0], targets[:, 0], num_draws=draws)
+    return dataclasses.replace(est, num_tokens=int(targets[0, 0]), num_sequences=1)
 
 
 def run_eval(args) -> int:

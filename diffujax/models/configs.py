@@ -89,9 +89,10 @@ class GPT2Config(ModelConfig):
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"config.json key 'activation_function'={act!r} is not supported")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ConfigError("config.json: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn"
-                              " are not supported")
+        for key, supported in (("scale_attn_by_inverse_layer_idx", False),
+                               ("reorder_and_upcast_attn", False), ("scale_attn_weights", True)):
+            if bool(hf.get(key, supported)) != supported:
+                raise ConfigError(f"config.json key {key!r}={hf[key]!r} is not supported")
         cfg = cls(
             vocab_size=int(_require(hf, "vocab_size", a)),
             hidden_size=d,
