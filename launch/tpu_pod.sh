@@ -17,12 +17,17 @@ shift 3
 overrides=$(printf ' %q' "$@")
 repo=${DIFFUJAX_REPO_DIR:-diffujax}
 
-# Copy the working tree to every host, install (with the TPU build of jax) and train.
-gcloud compute tpus tpu-vm scp --recurse --zone "$zone" --worker=all \
-  "$(git rev-parse --show-toplevel)" "$tpu:~/$repo"
+# Ship the committed tree (not .venv, runs or caches) to a fresh directory on every host, install
+# it there with the TPU build of jax, and train.
+archive=$(mktemp --suffix=.tar.gz)
+trap 'rm -f "$archive"' EXIT
+git -C "$(git rev-parse --show-toplevel)" archive --format=tar.gz -o "$archive" HEAD
+gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all "$archive" "$tpu:~/diffujax.tar.gz"
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
-  set -e; cd ~/$repo
-  test -d .venv || python3 -m venv .venv
+  set -e; rm -rf ~/$repo.new && mkdir ~/$repo.new && tar -xzf ~/diffujax.tar.gz -C ~/$repo.new
+  if [ -d ~/$repo/.venv ]; then mv ~/$repo/.venv ~/$repo.new/; fi
+  rm -rf ~/$repo && mv ~/$repo.new ~/$repo && cd ~/$repo
+  test -x .venv/bin/python || python3 -m venv .venv
   .venv/bin/pip install --quiet -e '.[tpu]'
   .venv/bin/diffujax train --config $config mesh.distributed=true$overrides
 "

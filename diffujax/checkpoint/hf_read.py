@@ -173,6 +173,17 @@ class SafetensorsSource(TensorSource):
         self._handles = {}
 
 
+def _torch_load(torch, path):
+    """Memory-mapped where the file allows it (zip format, torch >= 1.6); the legacy format
+    cannot be mapped and is read whole."""
+    try:
+        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 class TorchBinSource(TensorSource):
     """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only."""
 
@@ -185,7 +196,7 @@ class TorchBinSource(TensorSource):
         self._tensors, self._file = {}, {}
         for path in files:
             try:
-                sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+                sd = _torch_load(torch, path)
             except Exception as e:
                 raise CheckpointError(f"{path}: cannot read torch checkpoint"
                                       f" (truncated or corrupted?): {e}") from None

@@ -253,24 +253,33 @@ class TrainCheckpointer:
         """Restore the newest readable step; None when there is no checkpoint at all.
 
         A step that fails to restore (truncated, missing files, no commit marker) is reported with
-        a warning naming it, moved to ``checkpoints/corrupt/`` (so later saves of the same step
-        number are possible and nothing is deleted), and the previous step is tried.
+        a warning naming it and the previous step is tried. Once an older step restores, the bad
+        newer ones are moved to ``checkpoints/corrupt/`` (so later saves of the same step numbers
+        are possible; nothing is deleted). If no step restores, nothing is moved: the usual cause
+        is a configuration that no longer matches the saved state (optimizer, EMA, model), not
+        damage to every checkpoint, and the user's work must stay where it is.
         """
-        tried = []
+        failed = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state, restore_data=restore_data)
+                restored = self.restore(step, abstract_state, restore_data=restore_data)
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
                 reason = f"{type(e).__name__}: {str(e)[:200]}"
-                tried.append(step)
+                failed.append((step, reason))
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({reason});"
                               " falling back to the previous checkpoint", RuntimeWarning,
                               stacklevel=2)
-                self._quarantine(step)
-        if tried:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: steps {tried} all"
-                                  f" failed to restore and were moved to"
-                                  f" {self.directory / CORRUPT_DIR}; the next run starts afresh")
+                continue
+            for bad_step, _ in failed:
+                self._quarantine(bad_step)
+            return restored
+        if failed:
+            steps = [s for s, _ in failed]
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores into the current configuration"
+                f" (steps {steps}; newest: {failed[0][1]}). If the optimizer, EMA or model"
+                " settings changed, restore them or start a new output_dir; nothing was moved"
+                " or deleted")
         return None
 
     def _quarantine(self, step: int):

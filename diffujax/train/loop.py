@@ -105,9 +105,12 @@ def _make_source(spec: dict, what: str, sft_fields: tuple[str, str] | None = Non
     return source, float(spec.get("weight", 1.0))
 
 
-def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False):
+def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False, shard=None):
     """``(pipeline, sources)``: the process-local pipeline of ``data.sources`` (or, with
-    ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none)."""
+    ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none).
+    ``shard``: this process's ``(index, count)`` block of the global batch (``data_shard``)."""
+    import grain
+
     from diffujax.data.pipeline import PipelineOptions, build_pipeline
 
     d = cfg.data
@@ -129,9 +132,19 @@ def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False):
                    mode="sft" if cfg.diffusion.sft else "pretrain",
                    segment_ids=cfg.diffusion.segment_ids,
                    worker_count=0 if eval_split else d.worker_count)
+    known = {f.name for f in dataclasses.fields(PipelineOptions)}
+    unknown = sorted(set(d.options) - known)
+    if unknown:
+        raise ValueError(f"unknown config key data.options.{unknown[0]}; known: {sorted(known)}")
     options.update(d.options)
+    if not eval_split and options["num_epochs"] is not None and jax.process_count() > 1:
+        # Hosts would run out of data at different steps and wait for each other forever.
+        raise ValueError("data.num_epochs must be unset (endless data, stop by train.steps) when"
+                         " training on more than one process")
+    shard_options = None if shard is None else grain.sharding.ShardOptions(*shard)
     pipeline = build_pipeline(pairs if len(pairs) > 1 else pairs[0][0], tokenizer,
-                              PipelineOptions(**options), model_vocab_size=model_cfg.vocab_size)
+                              PipelineOptions(**options), shard=shard_options,
+                              model_vocab_size=model_cfg.vocab_size)
     return pipeline, [s for s, _ in pairs]
 
 
@@ -211,14 +224,15 @@ class _Evaluator:
     """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
 
     def __init__(self, cfg, model_cfg, apply_fn, mesh, rules, tokenizer):
-        from diffujax.parallel.mesh import make_global_batch
+        from diffujax.parallel.mesh import data_shard, make_global_batch
         from diffujax.train.step import make_eval_step
 
         self.cfg, self.model_cfg, self.apply_fn = cfg, model_cfg, apply_fn
         self.tokenizer = tokenizer
         self.batches, self.reports = [], []
         if cfg.logging.eval_every and cfg.data.eval_sources:
-            pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True)
+            pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True,
+                                           shard=data_shard(mesh, rules))
             self.reports = _source_reports(sources)
             it = pipeline.iterator()
             local = []
@@ -308,6 +322,12 @@ def train(cfg) -> int:
 
     if not cfg.output_dir:
         raise ValueError("output_dir is not set (add output_dir=PATH)")
+    for key, value in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint)):
+        if value and "://" in str(value):
+            # Paths are handled as local files throughout; a URL would be written to a local
+            # directory named after it and lost with the VM.
+            raise ValueError(f"{key}={value}: URLs are not supported; mount the bucket (for"
+                             " example with gcsfuse) or use a shared filesystem and pass its path")
     with PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT mean "save, then exit"
         run = _Run(cfg, guard)
         try:
@@ -323,7 +343,7 @@ class _Run:
         from diffujax.config import to_dict, to_yaml
         from diffujax.data.tokenizer import load_tokenizer
         from diffujax.models import abstract_model, functional
-        from diffujax.parallel.mesh import make_mesh
+        from diffujax.parallel.mesh import data_shard, make_mesh
         from diffujax.train import checkpointing as C
         from diffujax.train import metrics as M
         from diffujax.train.step import make_train_step
@@ -345,7 +365,8 @@ class _Run:
         self.start = self.step = int(restored.step) if restored else 0
         apply_fn = functional(abstract_model(self.model_cfg))[0]
         tokenizer = load_tokenizer(_tokenizer_dir(cfg), model_vocab_size=self.model_cfg.vocab_size)
-        self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg)
+        self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
+                                            shard=data_shard(self.mesh, self.rules))
         self.data_iter = self.pipeline.iterator()
         if restored is not None:
             if restored.data_state is not None:

@@ -99,8 +99,26 @@ def test_no_usable_checkpoint_is_an_error(tmp_path):
     os.remove(tmp_path / "1" / "state" / "manifest.ocdbt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(C.CheckpointError, match="no usable checkpoint"):
+        with pytest.raises(C.CheckpointError, match="no checkpoint .* restores"):
             ckpt.restore_latest(C.abstract_like(_state(mesh, 0.0)))
+    assert ckpt.all_steps() == [1]  # nothing moved or deleted when no step restores
+    ckpt.close()
+
+
+def test_changed_state_structure_moves_nothing(tmp_path):
+    """A run restarted with a different state layout (say, an EMA switched on) gets a clear
+    error and its checkpoints stay where they are."""
+    mesh = _mesh((8,), ("fsdp",))
+    ckpt = C.TrainCheckpointer(tmp_path, save_every=1)
+    for s in (1, 2):
+        ckpt.save(s, _state(mesh, float(s)))
+    ckpt.wait()
+    changed = {"before": _state(mesh, 0.0), "extra": _state(mesh, 0.0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(C.CheckpointError, match="current configuration"):
+            ckpt.restore_latest(C.abstract_like(changed))
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / C.CORRUPT_DIR).exists()
     ckpt.close()
 
 
