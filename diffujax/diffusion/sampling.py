@@ -121,7 +121,10 @@ def _threshold_rule(threshold, block_length):
 # --- the loop ------------------------------------------------------------------------------
 
 def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_steps, rule,
-             temperature, top_k, top_p, row_ids, record_history) -> SampleOutput:
+             temperature, top_k, top_p, row_ids, record_history,
+             schedule_only: bool = False) -> SampleOutput:
+    """The shared loop. ``schedule_only``: the rule ignores the model's confidence (ancestral),
+    which lets a step that reveals nothing skip its forward pass."""
     batch, length = canvas.shape
     canvas = jnp.asarray(canvas, jnp.int32)
     first = jnp.arange(length) == 0
@@ -131,7 +134,8 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
     rows = jnp.arange(batch) if row_ids is None else jnp.asarray(row_ids)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows.astype(jnp.int32))
 
-    init = dict(step=jnp.int32(0), x=jnp.where(generate, mask_token, canvas), masked=generate,
+    init = dict(step=jnp.int32(0), forwards=jnp.int32(0),
+                x=jnp.where(generate, mask_token, canvas), masked=generate,
                 commit_step=jnp.full((batch, length), -1, jnp.int32),
                 row_forwards=jnp.zeros(batch, jnp.int32))
     if record_history:
@@ -140,24 +144,37 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
     def keep_going(state):
         return (state["step"] < max_steps) & state["masked"].any()
 
+    def candidates_for(x, draw_keys):
+        logits = _predictions(apply_fn, params, x, pattern, mask_token)
+        return _draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
+
     def one_pass(state):
         step, x, masked = state["step"], state["x"], state["masked"]
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         draw_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, 0)
         rule_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, 1)
-        logits = _predictions(apply_fn, params, x, pattern, mask_token)
-        candidates, confidence = _draw_candidates(draw_keys, logits, temperature=temperature,
-                                                  top_k=top_k, top_p=top_p)
-        commit = rule(step, masked, confidence, rule_keys, generate) & masked
-        new = dict(step=step + 1, x=jnp.where(commit, candidates, x), masked=masked & ~commit,
+        if schedule_only:
+            # The positions to reveal do not depend on the model: a step that reveals nothing in
+            # any row leaves the canvas as it is, so its forward pass is skipped (same output).
+            commit = rule(step, masked, None, rule_keys, generate) & masked
+            ran = commit.any()
+            x_new = jax.lax.cond(ran, lambda: jnp.where(commit, candidates_for(x, draw_keys)[0], x),
+                                 lambda: x)
+        else:
+            candidates, confidence = candidates_for(x, draw_keys)
+            commit = rule(step, masked, confidence, rule_keys, generate) & masked
+            ran, x_new = jnp.bool_(True), jnp.where(commit, candidates, x)
+        new = dict(step=step + 1, forwards=state["forwards"] + ran, x=x_new,
+                   masked=masked & ~commit,
                    commit_step=jnp.where(commit, step, state["commit_step"]),
-                   row_forwards=state["row_forwards"] + masked.any(axis=1))
+                   row_forwards=state["row_forwards"] + (masked.any(axis=1) & ran))
         if record_history:
             new["history"] = state["history"].at[step].set(new["x"])
         return new
 
     final = jax.lax.while_loop(keep_going, one_pass, init)
-    return SampleOutput(tokens=final["x"], forwards=final["step"],
+    return SampleOutput(tokens=final["x"], forwards=final["forwards"],
                         row_forwards=final["row_forwards"], commit_step=final["commit_step"],
                         history=final.get("history"))
 
@@ -177,7 +194,7 @@ def sample_ancestral(apply_fn: Callable, params, canvas, src, key, *, mask_token
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=steps, rule=_ancestral_rule(steps),
                     temperature=temperature, top_k=top_k, top_p=top_p, row_ids=row_ids,
-                    record_history=record_history)
+                    record_history=record_history, schedule_only=True)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

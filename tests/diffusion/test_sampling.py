@@ -187,3 +187,18 @@ def test_the_mask_token_is_never_committed(sampler):
                   mask_token_id=M, steps=3)
     tokens = np.asarray(out.tokens)[:, 1:]
     assert (tokens != M).all() and (tokens < V).all()
+
+
+def test_ancestral_steps_that_reveal_nothing_run_no_forward_pass():
+    """With T = 32 steps and 3 masked positions most steps reveal nothing: only the steps that
+    commit something cost a forward pass (the output is unchanged by skipping the others)."""
+    rng = np.random.default_rng(1)
+    table = rng.normal(0.0, 1.0, (V ** L, L, V)).astype(np.float32)
+    canvas = jnp.array([[1, 0, 0, 0]], jnp.int32)
+    src = jnp.zeros(canvas.shape, bool).at[:, 0].set(True)
+    for seed in range(5):
+        out = sample_ancestral(table_apply, jnp.asarray(table), canvas, src, jax.random.key(seed),
+                               mask_token_id=M, steps=32)
+        passes = len(set(np.asarray(out.commit_step)[0, 1:].tolist()))
+        assert int(out.forwards) == passes <= 3
+        assert (np.asarray(out.tokens)[0, 1:] != M).all()
