@@ -168,3 +168,30 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(result["losses"], [m["loss"] for m in history], rtol=2e-5)
     np.testing.assert_allclose(result["checksums"], W.checksums(state.params), rtol=2e-5,
                                atol=1e-6)
+
+
+def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
+    """Once r = 1 the annealed pattern is all open, so the full-attention step the training loop
+    switches to must give the same update, bit for bit (reference: the annealed step itself)."""
+    from diffujax.models import abstract_model, functional
+    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.train.state import create_train_state
+    from diffujax.train.step import make_train_step
+
+    cfg = W.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
+    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    model_cfg = cfg.resolve_model_config()
+    apply_fn, _ = functional(abstract_model(model_cfg))
+    annealed_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
+    full_step = make_train_step(W.make_config("llama", diffusion__anneal_steps=0), model_cfg,
+                                apply_fn, mesh, rules)
+    state = create_train_state(cfg, model_cfg, mesh, rules)
+    batches = [make_global_batch(b, mesh, rules) for b in W.global_batches(4)]
+    for batch in batches[:3]:
+        state, _ = annealed_step(state, batch)
+    copy = jax.tree.map(jnp.copy, state)
+    a, metrics_a = annealed_step(state, batches[3])
+    b, metrics_b = full_step(copy, batches[3])
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+    for x, y in zip(leaves(a.params), leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
