@@ -19,10 +19,10 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax.data.sources import FORMATS
 from diffujax.models.configs import FAMILIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the offending key."""
@@ -66,12 +66,15 @@ class DiffusionSection:
     mask_token_id: int | None = None  # overrides the model config's
     anneal_steps: int = 0  # 0: full attention from the start (SPEC 3)
     anneal_seed: int = 0
-    normalization: Literal["masked", "tokens"] = "masked"
+    # masked: over noised tokens (the reference); tokens: over target tokens (the NELBO per
+    # token); sequence: LLaDA-style SFT, each sequence's loss over its answer length.
+    normalization: Literal["masked", "tokens", "sequence"] = "masked"
     stratified_t: bool = False
     eps: float = 1e-3
     segment_ids: bool = False  # keep attention inside packed documents
-    sft: bool = False  # prompt kept clean (src from the data)
-    per_sequence_norm: bool = False  # LLaDA-style: each sequence's loss over its answer length
+    # SFT: the data are (prompt, answer) records, the prompt is never noised. The one switch:
+    # the pipeline's mode and the sources' default fields follow from it (RunConfig.pipeline_*).
+    sft: bool = False
 
     def validate(self, key: str):
         _check(0.0 <= self.eps < 1.0, f"{key}.eps", "must lie in [0, 1)")
@@ -99,6 +102,12 @@ class DataSection:
         _check(self.seq_len > 1, f"{key}.seq_len", "must be > 1")
         _check(self.global_batch > 0, f"{key}.global_batch", "must be > 0")
         _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
+        _check(self.num_epochs is None or self.num_epochs > 0, f"{key}.num_epochs",
+               "must be > 0 (or unset: endless)")
+        for name in ("sources", "eval_sources"):
+            for i, spec in enumerate(getattr(self, name)):
+                _validate_source(spec, f"{key}.{name}[{i}]")
+        _validate_pipeline_options(self.options, f"{key}.options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +236,86 @@ class RunConfig:
         accum = self.optimizer.grad_accum_steps
         _check(self.data.global_batch % accum == 0, "optimizer.grad_accum_steps",
                f"({accum}) must divide data.global_batch ({self.data.global_batch})")
+        if self.model.init is not None:  # a checkpoint's model is checked once its config is read
+            self.check_model(self.resolve_model_config(), "model.init")
+
+    # -- the model this run trains -----------------------------------------------------------
+
+    def model_checkpoint(self) -> str | None:
+        """``model.checkpoint`` as an absolute path; ``default`` is the embedded
+        SmolLM2-135M-Instruct (materialised and converted on first use, ``diffujax
+        default-model``)."""
+        path = self.model.checkpoint
+        if path == "default":
+            from diffujax.checkpoint.smollm2 import default_model  # materialises: only on demand
+
+            return str(default_model())
+        return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+    def tokenizer_dir(self) -> str:
+        path = self.data.tokenizer or self.model_checkpoint()
+        if path is None:
+            raise ConfigError("data.tokenizer is required when the model is initialised from"
+                              " model.init")
+        return os.path.abspath(os.path.expanduser(path))
+
+    def check_model(self, model: ModelConfig, source: str) -> None:
+        """Refuse a model config this run cannot train (``source`` names where it came from):
+        a mask token outside the vocabulary or equal to EOS, heads that do not divide the hidden
+        size or the mesh's tensor axis, sequences longer than the model's positions."""
+        mask, vocab = model.mask_token_id, model.vocab_size
+        mask_key = ("diffusion.mask_token_id" if self.diffusion.mask_token_id is not None
+                    else f"{source} mask_token_id")
+        if mask is None:
+            raise ConfigError(f"{mask_key}: the model has no mask token; set"
+                              " diffusion.mask_token_id (0..vocab_size-1)")
+        _check(0 <= mask < vocab, mask_key, f"{mask} is outside the vocabulary (0..{vocab - 1})")
+        _check(mask != model.eos_token_id, mask_key,
+               f"{mask} is the EOS token; the mask token must be a token of its own")
+        _check(model.hidden_size % model.num_heads == 0 or getattr(model, "explicit_head_dim", None),
+               f"{source} num_heads", f"({model.num_heads}) must divide hidden_size"
+               f" ({model.hidden_size})")
+        _check(model.num_heads % model.num_kv_heads == 0, f"{source} num_kv_heads",
+               f"({model.num_kv_heads}) must divide num_heads ({model.num_heads})")
+        positions = getattr(model, "max_positions", None)
+        _check(positions is None or self.data.seq_len <= positions, "data.seq_len",
+               f"({self.data.seq_len}) exceeds the model's maximum positions ({positions})")
+        rules = dict(self.mesh.rule_table())
+        for name, heads in (("heads", model.num_heads), ("kv_heads", model.num_kv_heads)):
+            target = rules.get(name)
+            axes = (target,) if isinstance(target, str) else tuple(target or ())
+            size = 1
+            for axis in axes:
+                size *= getattr(self.mesh.shape, axis)
+            _check(size < 0 or heads % size == 0, f"mesh.shape ({'x'.join(axes)})",
+                   f"size {size} must divide the model's {name.replace('_', ' ')} ({heads})")
+
+    # -- what the data pipeline gets -----------------------------------------------------------
+
+    def source_specs(self, eval_split: bool = False) -> list[dict]:
+        """``data.sources`` (or ``eval_sources``) with their defaults filled in: SFT sources read
+        (prompt, answer) fields unless a source names its own."""
+        d = self.data
+        if self.diffusion.sft:
+            default_field = (d.options.get("prompt_field", "prompt"),
+                             d.options.get("answer_field", "answer"))
+        else:
+            default_field = "text"
+        return [dict({"format": "auto", "field": default_field, "mode": "file",
+                      "errors": "strict", "split": "train", "data_dir": None, "weight": 1.0},
+                     **spec) for spec in (d.eval_sources if eval_split else d.sources)]
+
+    def pipeline_options(self, eval_split: bool = False) -> dict[str, Any]:
+        """Keyword arguments of the data pipeline's ``PipelineOptions``. Evaluation is one pass,
+        in order, forward-only on one training micro-batch at a time (a size known to fit)."""
+        d = self.data
+        batch = d.global_batch // self.optimizer.grad_accum_steps if eval_split else d.global_batch
+        return dict(d.options, seq_len=d.seq_len, global_batch=batch, seed=d.seed,
+                    shuffle=d.shuffle and not eval_split,
+                    num_epochs=1 if eval_split else d.num_epochs,
+                    mode="sft" if self.diffusion.sft else "pretrain",
+                    segment_ids=self.diffusion.segment_ids,
+                    worker_count=0 if eval_split else d.worker_count)
 
     def model_overrides(self) -> dict[str, Any]:
         """Changes this run makes to the model config it loads or initialises."""
@@ -300,6 +389,61 @@ def to_yaml(cfg: RunConfig) -> str:
 
 # ------------------------------------------------------------------------------- the validator
 
+# Keys of earlier versions: a clear pointer instead of "unknown key".
+REPLACED_KEYS = {
+    "diffusion.per_sequence_norm": "replaced by diffusion.normalization: sequence",
+}
+
+SOURCE_KEYS = ("path", "format", "field", "mode", "errors", "split", "data_dir", "weight")
+# Pipeline options that have a config key of their own (one place per decision).
+OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "seed": "data.seed",
+            "shuffle": "data.shuffle", "num_epochs": "data.num_epochs",
+            "worker_count": "data.worker_count", "mode": "diffusion.sft",
+            "segment_ids": "diffusion.segment_ids"}
+
+
+def upgrade(raw: Mapping) -> dict:
+    """A run config dict written by an earlier version (a checkpoint's record) in today's keys."""
+    raw = to_dict(raw)
+    d = raw.get("diffusion")
+    if isinstance(d, dict) and "per_sequence_norm" in d:
+        if d.pop("per_sequence_norm"):
+            d["normalization"] = "sequence"
+    return raw
+
+
+def _validate_source(spec, key: str) -> None:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with a 'path', got {spec!r}")
+    if "path" not in spec:
+        raise ConfigError(f"{key}: each source needs a 'path' (got keys {sorted(spec)})")
+    for name in spec:
+        if name not in SOURCE_KEYS:
+            raise ConfigError(_unknown(f"{key}.{name}", str(name), SOURCE_KEYS))
+    fmt = spec.get("format", "auto")
+    _check(fmt == "auto" or fmt in FORMATS, f"{key}.format",
+           f"{fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    _check(spec.get("mode", "file") in ("file", "paragraph", "lines"), f"{key}.mode",
+           f"{spec.get('mode')!r} is not one of 'file', 'paragraph', 'lines'")
+    _check(spec.get("errors", "strict") in ("strict", "skip"), f"{key}.errors",
+           f"{spec.get('errors')!r} is not one of 'strict', 'skip'")
+    weight = spec.get("weight", 1.0)
+    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+           f"{key}.weight", f"{weight!r} must be a number > 0")
+
+
+def _validate_pipeline_options(options: Mapping, key: str) -> None:
+    # Lazy: the pipeline module imports grain, which `import diffujax.config` should not pay for.
+    from diffujax.data.pipeline import PipelineOptions
+
+    known = {f.name for f in dataclasses.fields(PipelineOptions)} - set(OWN_KEYS)
+    for name in options:
+        if name in OWN_KEYS:
+            raise ConfigError(f"{key}.{name}: set {OWN_KEYS[name]} instead")
+        if name not in known:
+            raise ConfigError(_unknown(f"{key}.{name}", str(name), known))
+
+
 
 def _key(field: dataclasses.Field) -> str:
     return field.metadata.get("key", field.name)
@@ -339,6 +483,8 @@ def _build(cls, raw, prefix: str):
     for name, value in raw.items():
         full = _join(prefix, str(name))
         if name not in fields:
+            if full in REPLACED_KEYS:
+                raise ConfigError(f"{full}: {REPLACED_KEYS[full]}")
             raise ConfigError(_unknown(full, str(name), fields))
         field = fields[name]
         kwargs[field.name] = _coerce(hints[field.name], value, full)

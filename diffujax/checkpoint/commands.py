@@ -65,7 +65,7 @@ def run_convert(args) -> int:
 def run_export(args) -> int:
     """Export a model checkpoint, or a training run / training step (its model weights)."""
     from diffujax.checkpoint import export
-    from diffujax.train.checkpointing import export_hf, is_training_checkpoint
+    from diffujax.train.export import export_hf, is_training_checkpoint
 
     exporter = export_hf if is_training_checkpoint(args.src) else export
     return _report(lambda: exporter(args.src, args.dst, max_shard_size=args.max_shard_size,

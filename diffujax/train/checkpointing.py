@@ -10,13 +10,10 @@ Layout of ``RUN_DIR/checkpoints/STEP/``:
 Saves are asynchronous (the arrays are copied to host memory before ``save`` returns, so the step
 may donate its buffers right after), every ``save_every`` steps, keeping the last ``keep_last``
 plus every ``keep_every``-th step forever. ``PreemptionGuard`` turns SIGTERM / SIGINT (or, on a
-multi-host run, JAX's preemption sync point) into "save now and exit". ``restore_latest`` restores
-into abstract targets that carry the *current* shardings, so a run may resume on a different
-topology, and falls back to the previous step when the latest one is truncated or corrupt.
-
-Out of a run: ``save_model`` writes a diffujax model checkpoint (``checkpoint.store`` format,
-multi-host safe) and ``export_step`` / ``export_hf`` turn any ``checkpoints/STEP`` into one or
-into a Hugging Face directory.
+multi-host run, JAX's preemption sync point) into "save now and exit" (``train.preemption``).
+``restore_latest`` restores into abstract targets that carry the *current* shardings, so a run
+may resume on a different topology, and falls back to the previous step when the latest one is
+truncated or corrupt. Model checkpoints out of a run: ``train.export``.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 import warnings
 from typing import Any
@@ -35,17 +31,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
+from diffujax.checkpoint.errors import CheckpointError
+from diffujax.models.configs import FAMILIES, ModelConfig, config_from_hf
 
 log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
 CORRUPT_DIR = "corrupt"  # bad steps are moved here (never deleted: they may still hold work)
-
-
-class CheckpointError(_CheckpointError):
-    """No usable training checkpoint where one was expected (the message says which steps were
-    tried); a ValueError, so the command line prints it as one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,57 +86,6 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 def _data_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption: a flag set by a signal handler (single process) or JAX's sync point (multi-host).
-
-
-class PreemptionGuard:
-    """``with PreemptionGuard() as guard: ... if guard.requested(step): save; exit``.
-
-    JAX's preemption service only exists after ``jax.distributed.initialize`` (and then it owns
-    SIGTERM), so a single-process run installs its own handlers that just set a flag; the loop
-    checks it once per step. A second SIGINT interrupts immediately (the default handler is put
-    back after the first), so a stuck run can still be killed with Ctrl-C twice.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-        self._multihost = jax.process_count() > 1
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        log.warning("%s received: saving a checkpoint after the current step, then exiting",
-                    self.signal_name)
-
-    def __enter__(self):
-        if not self._multihost:
-            for s in self.signals:
-                try:
-                    self._previous[s] = signal.signal(s, self._handle)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
-
-    def requested(self, step: int) -> bool:
-        """Must be called by every process at every step (multi-host: it is a collective)."""
-        if self._multihost:
-            try:
-                from jax.experimental import multihost_utils
-                if multihost_utils.reached_preemption_sync_point(step):
-                    self.signal_name = self.signal_name or "preemption notice"
-            except RuntimeError:  # preemption service disabled
-                pass
-        return self.signal_name is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +230,11 @@ class TrainCheckpointer:
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.exists():
                 src.rename(dst)
-        _sync(f"diffujax_quarantine_{step}")
+        sync(f"diffujax_quarantine_{step}")
         self.manager.reload()
 
 
-def _sync(name: str):
+def sync(name: str):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
@@ -315,35 +256,7 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a run's checkpoints without the run: the model config it recorded, its parameters.
-
-
-def find_step_dir(path, step: int | None = None) -> epath.Path:
-    """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
-    when ``step`` is None."""
-    path = epath.Path(os.path.abspath(os.fspath(path)))
-    if (path / META).exists() and (path / STATE).exists():
-        return path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
-    if step is None:
-        if not steps:
-            raise FileNotFoundError(f"{path}: no training checkpoints")
-        step = steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"{path}: no checkpoint for step {step} (have {steps})")
-    return path / str(step)
-
-
-def is_training_checkpoint(path) -> bool:
-    """Is ``path`` a run dir, its ``checkpoints`` dir or one ``checkpoints/STEP`` (as opposed to
-    a diffujax model checkpoint)?"""
-    try:
-        find_step_dir(path)
-        return True
-    except (FileNotFoundError, OSError):
-        return False
+# What a run recorded about its model: read without the run (resume, export).
 
 
 def read_meta(step_dir) -> dict:
@@ -351,44 +264,21 @@ def read_meta(step_dir) -> dict:
     return json.loads((p / META / "metadata").read_text())
 
 
-def load_params(step_dir, *, params_key: str = "params"):
-    """The model parameters of a training checkpoint as host numpy arrays (only that subtree is
-    read; the optimizer state stays on disk)."""
-    step_dir = epath.Path(os.fspath(step_dir))
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / STATE).item_metadata.tree
-    if params_key not in tree:
-        raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(tree)})")
-    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), tree[params_key])}
-    restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
-                                             tree[params_key])}
-    out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-    return _unwrap_variables(out[params_key])
+def model_config_to_meta(config: ModelConfig) -> dict:
+    """The model config as a step's meta records it: its Hugging Face config dict (the one
+    serialisation of a model config, also that of ``checkpoint.store``)."""
+    return config.to_hf()
 
 
-def _unwrap_variables(tree):
-    """An ``nnx.Param`` is stored as ``{"value": array}``: give back plain nested arrays."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return tree["value"]
-        return {k: _unwrap_variables(v) for k, v in tree.items()}
-    return tree
-
-
-def model_config_to_dict(config) -> dict:
-    """A model config as JSON-able fields plus its family (exact: ``model_config_from_dict``
-    gives back an equal config)."""
-    return dict(_jsonable(dataclasses.asdict(config)), family=config.family)
-
-
-def model_config_from_dict(d: dict):
-    from diffujax.models.configs import FAMILIES
-
-    fields = dict(d)
-    cls = FAMILIES[fields.pop("family")]
-    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
-    return cls(**{k: tuples(v) for k, v in fields.items()})
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    """The model config a step's meta recorded (``model_config_to_meta``, or the dataclass fields
+    plus ``family`` that earlier versions wrote)."""
+    record = dict(meta["model_config"])
+    if "family" in record and "model_type" not in record:  # the earlier format
+        cls = FAMILIES[record.pop("family")]
+        tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
+        return cls(**{k: tuples(v) for k, v in record.items()})
+    return config_from_hf(record, source=f"meta of step {meta.get('step')}")
 
 
 def saved_model_config(directory):
@@ -398,85 +288,7 @@ def saved_model_config(directory):
         if directory.is_dir() else []
     for step in steps:
         try:
-            return model_config_from_dict(read_meta(directory / str(step))["model_config"])
+            return model_config_from_meta(read_meta(directory / str(step)))
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Model checkpoints out of a run: ``final/`` at the end, or any step afterwards (and HF).
-
-
-def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
-    """``params`` (sharded or not) as a diffujax model checkpoint (``checkpoint.store`` format).
-
-    Single process: ``store.save`` (atomic). Several processes: every process writes its shards
-    with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
-    marker, then renames it into place.
-    """
-    from diffujax.checkpoint import store, tree
-    from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    if jax.process_count() == 1:
-        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
-        return directory
-    tmp = directory.parent / f"{directory.name}.tmp"
-    if jax.process_index() == 0 and tmp.exists():
-        tmp.rmtree()
-    _sync("diffujax_save_model_start")
-    if jax.process_index() == 0:
-        tmp.mkdir(parents=True)
-    _sync("diffujax_save_model_dir")
-    store.write(tmp, model_cfg, tree.from_state(model_cfg, params))
-    _sync("diffujax_save_model_written")
-    if jax.process_index() == 0:
-        if tokenizer_from is not None:
-            copy_tokenizer_files(tokenizer_from, tmp)
-        store.mark_complete(tmp)
-        if directory.exists():
-            directory.rmtree()
-        tmp.rename(directory)
-    _sync("diffujax_save_model_done")
-    return directory
-
-
-def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
-                overwrite: bool = False):
-    """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``).
-
-    ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
-    ``step``: None for the newest. Only the parameters (or the EMA) are read. Single process.
-    """
-    from diffujax.checkpoint import store
-
-    step_dir = find_step_dir(run_dir, step)
-    meta = read_meta(step_dir)
-    model_cfg = model_config_from_dict(meta["model_config"])
-    params = load_params(step_dir, params_key="ema" if ema else "params")
-    tokenizer_dir = meta.get("tokenizer_dir")
-    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
-        warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
-        tokenizer_dir = None
-    store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
-    if hf_dir is not None:
-        from diffujax.checkpoint.convert import export
-        export(dst, hf_dir, overwrite=overwrite)
-    return epath.Path(os.fspath(dst))
-
-
-def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
-    """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
-    a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
-    with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
-    import tempfile
-
-    from diffujax.checkpoint.convert import export
-
-    parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:
-        model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
-        return export(model_dir, hf_dir, **export_kwargs)

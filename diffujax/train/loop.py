@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import pathlib
 import time
@@ -31,11 +30,26 @@ import warnings
 import jax
 import numpy as np
 
+from diffujax.config import load_config, to_dict, to_yaml
+from diffujax.data.tokenizer import load_tokenizer
+from diffujax.models import abstract_model, functional
+from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
+                                    maybe_initialize_distributed)
+from diffujax.train import metrics as M
+from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
+from diffujax.train.data import build_data, source_reports
+from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
+from diffujax.train.export import export_final
+from diffujax.train.preemption import PreemptionGuard
+from diffujax.train.resume import config_changes
+from diffujax.train.startup import initial_state
+from diffujax.train.state import params_of
+from diffujax.train.step import make_train_step
+
 log = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-NUM_SAMPLES, SAMPLE_LEN, SAMPLE_STEPS = 4, 256, 64  # training-time samples: a quick look only
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,12 +66,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from diffujax.config import load_config
-
-    # Before any JAX call: multi-host jobs must join the distributed runtime first.
-    from diffujax.parallel.mesh import maybe_initialize_distributed
-
     cfg = load_config(args.config, args.overrides)
+    # Before any other JAX call: multi-host jobs must join the distributed runtime first.
     maybe_initialize_distributed(cfg.mesh)
     _enable_compilation_cache()
     return train(cfg)
@@ -71,223 +81,6 @@ def _enable_compilation_cache():
     root = os.environ.get("DIFFUJAX_CACHE") or os.path.expanduser("~/.cache/diffujax")
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def model_checkpoint(cfg) -> str | None:
-    """``model.checkpoint`` as a path; ``default`` is the embedded SmolLM2-135M-Instruct
-    (materialised and converted on first use, see ``diffujax default-model``)."""
-    path = cfg.model.checkpoint
-    if path == "default":
-        from diffujax.checkpoint.smollm2 import default_model
-        return str(default_model())
-    return None if path is None else os.path.abspath(os.path.expanduser(path))
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-def _make_source(spec: dict, what: str, sft_fields: tuple[str, str] | None = None):
-    from diffujax.data.sources import make_source
-
-    spec = dict(spec)
-    if "path" not in spec:
-        raise ValueError(f"{what}: each source needs a 'path' (got keys {sorted(spec)})")
-    known = {"path", "format", "field", "mode", "errors", "split", "data_dir", "weight"}
-    unknown = set(spec) - known
-    if unknown:
-        raise ValueError(f"{what}: unknown source keys {sorted(unknown)}; expected {sorted(known)}")
-    # SFT sources carry (prompt, answer) fields unless the source names its own.
-    default_field = sft_fields or "text"
-    source = make_source(spec.get("format", "auto"), spec["path"],
-                         field=spec.get("field", default_field),
-                         mode=spec.get("mode", "file"), errors=spec.get("errors", "strict"),
-                         split=spec.get("split", "train"), data_dir=spec.get("data_dir"))
-    return source, float(spec.get("weight", 1.0))
-
-
-def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False, shard=None):
-    """``(pipeline, sources)``: the process-local pipeline of ``data.sources`` (or, with
-    ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none).
-    ``shard``: this process's ``(index, count)`` block of the global batch (``data_shard``)."""
-    import grain
-
-    from diffujax.data.pipeline import PipelineOptions, build_pipeline
-
-    d = cfg.data
-    specs = d.eval_sources if eval_split else d.sources
-    what = "data.eval_sources" if eval_split else "data.sources"
-    if not specs:
-        if eval_split:
-            return None, []
-        raise ValueError("data.sources is empty: name at least one training source")
-    sft_fields = None
-    if cfg.diffusion.sft:
-        sft_fields = (d.options.get("prompt_field", "prompt"), d.options.get("answer_field", "answer"))
-    pairs = [_make_source(s, what, sft_fields) for s in specs]
-    # Evaluation is forward-only on one training micro-batch at a time (a size known to fit).
-    batch = d.global_batch // cfg.optimizer.grad_accum_steps if eval_split else d.global_batch
-    options = dict(seq_len=d.seq_len, global_batch=batch, seed=d.seed,
-                   shuffle=d.shuffle and not eval_split,
-                   num_epochs=1 if eval_split else d.num_epochs,
-                   mode="sft" if cfg.diffusion.sft else "pretrain",
-                   segment_ids=cfg.diffusion.segment_ids,
-                   worker_count=0 if eval_split else d.worker_count)
-    known = {f.name for f in dataclasses.fields(PipelineOptions)}
-    unknown = sorted(set(d.options) - known)
-    if unknown:
-        raise ValueError(f"unknown config key data.options.{unknown[0]}; known: {sorted(known)}")
-    options.update(d.options)
-    if not eval_split and options["num_epochs"] is not None and jax.process_count() > 1:
-        # Hosts would run out of data at different steps and wait for each other forever.
-        raise ValueError("data.num_epochs must be unset (endless data, stop by train.steps) when"
-                         " training on more than one process")
-    shard_options = None if shard is None else grain.sharding.ShardOptions(*shard)
-    pipeline = build_pipeline(pairs if len(pairs) > 1 else pairs[0][0], tokenizer,
-                              PipelineOptions(**options), shard=shard_options,
-                              model_vocab_size=model_cfg.vocab_size)
-    return pipeline, [s for s, _ in pairs]
-
-
-def _source_reports(sources) -> list[str]:
-    return [s.report.summary() for s in sources if getattr(s, "report", None) is not None]
-
-
-# ------------------------------------------------------------------------------------ model
-
-
-def _tokenizer_dir(cfg) -> str:
-    path = cfg.data.tokenizer or model_checkpoint(cfg)
-    if path is None:
-        raise ValueError("data.tokenizer is required when the model is initialised from model.init")
-    return os.path.abspath(path)
-
-
-def _initial_state(cfg, mesh, rules, ckpt, logger_messages):
-    """``(model_cfg, state, restored)``: restored from the newest usable checkpoint of this run,
-    or freshly built (from ``model.checkpoint`` or ``model.init``), sharded either way."""
-    from diffujax.train import checkpointing as C
-    from diffujax.train.state import (abstract_train_state, create_train_state,
-                                      train_state_shardings)
-
-    saved = C.saved_model_config(ckpt.directory)
-    if saved is not None:
-        # The run's own record of the model config: resuming never needs the base checkpoint.
-        model_cfg = cfg.resolve_model_config(saved)
-        target = C.abstract_like(abstract_train_state(cfg, model_cfg),
-                                 train_state_shardings(cfg, model_cfg, mesh, rules))
-        restored = ckpt.restore_latest(target)
-        if restored is not None:
-            logger_messages.append(f"resumed from {ckpt.directory / str(restored.step)}")
-            return model_cfg, restored.state, restored
-    base = model_checkpoint(cfg)
-    if base:
-        from diffujax.checkpoint import store
-        from diffujax.models import abstract_model, functional
-        from diffujax.parallel.mesh import param_shardings
-
-        loaded_cfg, _ = store.read_meta(base)
-        model_cfg = cfg.resolve_model_config(loaded_cfg)
-        shardings = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
-        _, params = store.load(base, dtype=model_cfg.param_dtype, shardings=shardings)
-        state = create_train_state(cfg, model_cfg, mesh, rules, params=params)
-        logger_messages.append(f"initialised from {base}")
-    else:
-        model_cfg = cfg.resolve_model_config()
-        state = create_train_state(cfg, model_cfg, mesh, rules)
-        logger_messages.append(f"random initialisation (seed {cfg.model.init_seed})")
-    return model_cfg, state, None
-
-
-def _config_changes(old: dict | None, new: dict) -> list[str]:
-    """Dotted keys whose values differ between the checkpoint's run config and this one."""
-    if not old:
-        return []
-    flat = lambda d, p="": ({k2: v2 for k, v in d.items()
-                             for k2, v2 in flat(v, f"{p}{k}.").items()} if isinstance(d, dict)
-                            else {p[:-1]: d})
-    a, b = flat(old), flat(new)
-    norm = lambda v: list(v) if isinstance(v, tuple) else v
-    return sorted(k for k in set(a) | set(b) if norm(a.get(k)) != norm(b.get(k)))
-
-
-# ------------------------------------------------------------------------------------ eval, samples
-
-
-def _min_over_processes(n: int) -> int:
-    if jax.process_count() == 1:
-        return n
-    from jax.experimental import multihost_utils
-    return int(np.min(multihost_utils.process_allgather(np.int32(n))))
-
-
-class _Evaluator:
-    """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
-
-    def __init__(self, cfg, model_cfg, apply_fn, mesh, rules, tokenizer):
-        from diffujax.parallel.mesh import data_shard, make_global_batch
-        from diffujax.train.step import make_eval_step
-
-        self.cfg, self.model_cfg, self.apply_fn = cfg, model_cfg, apply_fn
-        self.tokenizer = tokenizer
-        self.batches, self.reports = [], []
-        if cfg.logging.eval_every and cfg.data.eval_sources:
-            pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True,
-                                           shard=data_shard(mesh, rules))
-            self.reports = _source_reports(sources)
-            it = pipeline.iterator()
-            local = []
-            for _ in range(cfg.logging.eval_batches):
-                try:
-                    local.append(next(it))
-                except StopIteration:
-                    break
-            # Every process must run the same number of eval steps (they are collectives).
-            count = _min_over_processes(len(local))
-            self.batches = [make_global_batch(b, mesh, rules) for b in local[:count]]
-            if not self.batches:
-                warnings.warn("data.eval_sources yield no full batch: periodic evaluation is off")
-            self.step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
-        self.key = jax.random.key(cfg.train.seed + 1)
-
-    def elbo(self, params) -> dict | None:
-        if not self.batches:
-            return None
-        losses, total = [], None
-        for i, batch in enumerate(self.batches):  # the same noise every time: comparable numbers
-            sums = self.step(params, batch, jax.random.fold_in(self.key, i))
-            losses.append(sums)
-            total = sums if total is None else total + sums
-        per_batch = [float(s.loss) for s in losses]
-        nelbo = float(total.loss)
-        out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0)),
-               "tokens": float(total.targets), "draws": 1}
-        if len(per_batch) > 1:  # batch-means standard error of the per-token NELBO
-            out["nelbo_se"] = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
-        return out
-
-    def samples(self, params, step: int) -> list[str]:
-        from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
-
-        mc, tok = self.model_cfg, self.tokenizer
-        bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
-        bos = bos if bos is not None else tok.eos_id
-        length = min(self.cfg.data.seq_len, SAMPLE_LEN)
-        canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
-        canvas[:, 0] = bos
-        src = np.zeros(canvas.shape, bool)
-        src[:, 0] = True
-        out = sample_ancestral(self.apply_fn, params, canvas, src,
-                               jax.random.fold_in(self.key, 1_000_000 + step),
-                               mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))
-        tokens = out.tokens
-        if tok.eos_id is not None:
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-            tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        from diffujax.parallel.mesh import to_host
-
-        rows = to_host(tokens)
-        special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-        return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -318,8 +111,6 @@ class _Window:
 
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
-    from diffujax.train.checkpointing import PreemptionGuard
-
     if not cfg.output_dir:
         raise ValueError("output_dir is not set (add output_dir=PATH)")
     for key, value in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint)):
@@ -340,14 +131,6 @@ class _Run:
     """One attempt at a run: set-up (restore or initialise), the step loop, the way out."""
 
     def __init__(self, cfg, guard):
-        from diffujax.config import to_dict, to_yaml
-        from diffujax.data.tokenizer import load_tokenizer
-        from diffujax.models import abstract_model, functional
-        from diffujax.parallel.mesh import data_shard, make_mesh
-        from diffujax.train import checkpointing as C
-        from diffujax.train import metrics as M
-        from diffujax.train.step import make_train_step
-
         t0 = self.t0 = time.perf_counter()
         self.cfg, self.guard = cfg, guard
         self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
@@ -356,15 +139,16 @@ class _Run:
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         c, lg = cfg.checkpoint, cfg.logging
         self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
-        self.ckpt = C.TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
+        self.ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
                                         keep_last=c.keep_last, keep_every=c.keep_every,
                                         async_save=c.async_save)
         notes: list[str] = []
-        self.model_cfg, self.state, restored = _initial_state(cfg, self.mesh, self.rules,
-                                                              self.ckpt, notes)
+        self.model_cfg, self.state, restored = initial_state(cfg, self.mesh, self.rules,
+                                                             self.ckpt, notes)
         self.start = self.step = int(restored.step) if restored else 0
         apply_fn = functional(abstract_model(self.model_cfg))[0]
-        tokenizer = load_tokenizer(_tokenizer_dir(cfg), model_vocab_size=self.model_cfg.vocab_size)
+        self.tokenizer_dir = cfg.tokenizer_dir()
+        tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
                                             shard=data_shard(self.mesh, self.rules))
         self.data_iter = self.pipeline.iterator()
@@ -375,18 +159,18 @@ class _Run:
                 warnings.warn("the checkpoint holds no data-iterator state for this process (saved"
                               " with another process count?): the data stream restarts")
         self.data_state = self.data_iter.get_state()  # always the position that goes with state
-        self.evaluator = _Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
+        self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
         self.train_step = make_train_step(cfg, self.model_cfg, apply_fn, self.mesh, self.rules)
         self._full_attention_step = None
         self._apply_fn = apply_fn
 
         self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
                                   tensorboard=lg.tensorboard)
-        for line in notes + _source_reports(sources) + self.evaluator.reports:
+        for line in notes + source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         self.run_config = to_dict(cfg)
         if restored is not None:
-            changed = _config_changes(restored.config, self.run_config)
+            changed = config_changes(restored.config, self.run_config)
             if changed:
                 self.logger.message("config differs from the checkpoint's in: "
                                     + ", ".join(changed))
@@ -404,8 +188,8 @@ class _Run:
             f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
         self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
-        self.meta = {"model_config": C.model_config_to_dict(self.model_cfg),
-                     "tokenizer_dir": _tokenizer_dir(cfg), "seq_len": seq_len}
+        self.meta = {"model_config": model_config_to_meta(self.model_cfg),
+                     "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len}
         self.window = _Window()
         self.bad_in_a_row = 0
 
@@ -417,8 +201,6 @@ class _Run:
         if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
             return self.train_step
         if self._full_attention_step is None:
-            from diffujax.train.step import make_train_step
-
             cfg = dataclasses.replace(self.cfg, diffusion=dataclasses.replace(d, anneal_steps=0))
             self._full_attention_step = make_train_step(cfg, self.model_cfg, self._apply_fn,
                                                         self.mesh, self.rules)
@@ -427,9 +209,6 @@ class _Run:
     # -- the loop --------------------------------------------------------------------------------
 
     def loop(self) -> int:
-        from diffujax.parallel.mesh import make_global_batch
-        from diffujax.train.state import params_of
-
         cfg, total = self.cfg, self.cfg.train.steps
         pending = None  # (step, device metrics) of the last dispatched step, read one step later
         stop = None
@@ -462,10 +241,10 @@ class _Run:
                     self.logger.message(f"first step (compilation) took"
                                         f" {time.perf_counter() - self.t0:.1f}s since start-up")
                 self._save()
-                if _eval_due(cfg, self.step):
+                if eval_due(cfg, self.step):
                     jax.block_until_ready(metrics)  # time the evaluation, not the step before it
                     t = time.perf_counter()
-                    _periodic_eval(cfg, self.evaluator, self.logger,
+                    periodic_eval(cfg, self.evaluator, self.logger,
                                    params_of(self.state, ema=True), self.step)
                     self.throughput.pause(time.perf_counter() - t)
             if pending is not None:
@@ -538,7 +317,7 @@ class _Run:
             self.logger.message(f"the data ran out at step {self.step} (data.num_epochs="
                                 f"{self.cfg.data.num_epochs}); finishing early")
         if self.step > self.start or not (self.out_dir / "final").exists():
-            _export_final(self.out_dir, self.model_cfg, self.state, self.cfg, self.logger)
+            export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger)
         return 0
 
     def close(self):
@@ -548,41 +327,3 @@ class _Run:
         self.profiler.close()
         self.logger.close()
         self.ckpt.close()
-
-
-def _due(every: int, step: int, last: int) -> bool:
-    return bool(every) and (step % every == 0 or step == last)
-
-
-def _eval_due(cfg, step) -> bool:
-    lg, last = cfg.logging, cfg.train.steps
-    return _due(lg.eval_every, step, last) or _due(lg.sample_every, step, last)
-
-
-def _periodic_eval(cfg, evaluator, logger, params, step):
-    """Held-out ELBO and samples when due (every n steps, and at the last step)."""
-    lg, last = cfg.logging, cfg.train.steps
-    if _due(lg.eval_every, step, last):
-        result = evaluator.elbo(params)
-        if result is not None:
-            logger.eval(step, result)
-    if _due(lg.sample_every, step, last):
-        texts = evaluator.samples(params, step)
-        logger.text(step, "samples", texts)
-        logger.message(f"sample @ step {step}: {texts[0][:200]!r}")
-
-
-# ------------------------------------------------------------------------------------ export
-
-
-def _export_final(out_dir, model_cfg, state, cfg, logger):
-    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints."""
-    from diffujax.train.checkpointing import save_model
-
-    targets = [("final", state.params)]
-    if state.ema is not None:
-        targets.append(("final_ema", state.ema))
-    for name, params in targets:
-        save_model(out_dir / name, model_cfg, params, tokenizer_from=_tokenizer_dir(cfg))
-        logger.message(f"model saved to {out_dir / name} (diffujax eval/generate --checkpoint"
-                       f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")

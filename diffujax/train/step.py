@@ -79,7 +79,6 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     d, opt = run_cfg.diffusion, run_cfg.optimizer
     accum = opt.grad_accum_steps
     mask_id = _mask_token_id(model_cfg)
-    normalization = "sequence" if d.per_sequence_norm else d.normalization
     optimizer = optimizer_for(run_cfg, model_cfg)
     schedule = make_schedule(opt, run_cfg.train.steps)
     state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
@@ -87,14 +86,12 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     shards = batch_shard_count(mesh, rules)
 
     def micro_loss(params, mb, key, step, row_offset, global_batch):
-        if d.sft and "src" not in mb:
-            raise ValueError("diffusion.sft is set but the batch has no 'src'")
         pattern = for_training(step, d.anneal_steps, d.anneal_seed,
                                mb.get("segment_ids") if d.segment_ids else None)
         sums = diffusion_loss_sums(
             _with_positions(apply_fn, mb), params, mb["tokens"], key, mask_token_id=mask_id,
             pattern=pattern, src=mb.get("src"), loss_mask=mb.get("loss_mask"),
-            normalization=normalization, stratified=d.stratified_t, eps=d.eps,
+            normalization=d.normalization, stratified=d.stratified_t, eps=d.eps,
             row_offset=row_offset, global_batch=global_batch)
         return sums.weighted, sums
 

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.train import checkpointing as C
+from diffujax.train.preemption import PreemptionGuard
 
 
 def _mesh(shape, names):
@@ -124,7 +125,7 @@ def test_changed_state_structure_moves_nothing(tmp_path):
 
 def test_preemption_guard_turns_sigterm_into_a_flag():
     before = signal.getsignal(signal.SIGTERM)
-    with C.PreemptionGuard() as guard:
+    with PreemptionGuard() as guard:
         assert not guard.requested(0)
         os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the handler sets a flag
         assert guard.requested(1) and guard.signal_name == "SIGTERM"
@@ -132,13 +133,22 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 
 def test_model_config_round_trip():
-    from diffujax.models.configs import LlamaConfig
+    """The meta records the model as its HF config dict (the one serialisation); the dataclass
+    form of earlier versions still reads."""
+    import dataclasses
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                      intermediate_size=32, mask_token_id=3,
-                      rope_scaling=("llama3", 8.0, 1.0, 4.0, 8192), dtype="bfloat16")
-    d = json.loads(json.dumps(C.model_config_to_dict(cfg)))
-    assert C.model_config_from_dict(d) == cfg
+    from diffujax.models.configs import GPT2Config, LlamaConfig
+
+    llama = LlamaConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=32, mask_token_id=3,
+                        rope_scaling=("llama3", 8.0, 1.0, 4.0, 8192))
+    gpt2 = GPT2Config(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                      intermediate_size=32, mask_token_id=3, max_positions=64)
+    for cfg in (llama, gpt2):
+        meta = json.loads(json.dumps({"model_config": C.model_config_to_meta(cfg)}))
+        assert C.model_config_from_meta(meta) == cfg
+        legacy = dict(dataclasses.asdict(cfg), family=cfg.family)
+        assert C.model_config_from_meta(json.loads(json.dumps({"model_config": legacy}))) == cfg
 
 
 def test_export_step(tmp_path):
@@ -153,10 +163,12 @@ def test_export_step(tmp_path):
     mesh = make_mesh(cfg.mesh)
     state = create_train_state(cfg, model_cfg, mesh, cfg.mesh.rule_table())
     ckpt = C.TrainCheckpointer(tmp_path / "checkpoints", save_every=1)
-    ckpt.save(7, state, meta={"model_config": C.model_config_to_dict(model_cfg),
+    ckpt.save(7, state, meta={"model_config": C.model_config_to_meta(model_cfg),
                               "tokenizer_dir": os.path.abspath("configs/tokenizers/bytes")})
     ckpt.close()
-    out = C.export_step(tmp_path, None, tmp_path / "model")
+    from diffujax.train.export import export_step
+
+    out = export_step(tmp_path, None, tmp_path / "model")
     loaded_cfg, params = store.load(out)
     assert loaded_cfg.num_layers == 1 and loaded_cfg.mask_token_id == 258
     assert _leaves_equal(params, state.params)

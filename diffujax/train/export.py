@@ -1,0 +1,149 @@
+"""Model checkpoints out of a training run: ``final/`` at the end of the run, or any
+``checkpoints/STEP`` afterwards (``diffujax export RUN_DIR DST``), as a diffujax model checkpoint
+(``checkpoint.store`` format) or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from diffujax.checkpoint import store, tree
+from diffujax.checkpoint.convert import export
+from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.train.checkpointing import META, STATE, model_config_from_meta, read_meta, sync
+
+
+def find_step_dir(path, step: int | None = None) -> epath.Path:
+    """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
+    when ``step`` is None."""
+    path = epath.Path(os.path.abspath(os.fspath(path)))
+    if (path / META).exists() and (path / STATE).exists():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"{path}: no training checkpoints")
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{path}: no checkpoint for step {step} (have {steps})")
+    return path / str(step)
+
+
+def is_training_checkpoint(path) -> bool:
+    """Is ``path`` a run dir, its ``checkpoints`` dir or one ``checkpoints/STEP`` (as opposed to
+    a diffujax model checkpoint)?"""
+    try:
+        find_step_dir(path)
+        return True
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def load_params(step_dir, *, params_key: str = "params"):
+    """The model parameters of a training checkpoint as host numpy arrays (only that subtree is
+    read; the optimizer state stays on disk)."""
+    step_dir = epath.Path(os.fspath(step_dir))
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+    if params_key not in saved:
+        raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(saved)})")
+    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), saved[params_key])}
+    restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+                                             saved[params_key])}
+    out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return _unwrap_variables(out[params_key])
+
+
+def _unwrap_variables(node):
+    """An ``nnx.Param`` is stored as ``{"value": array}``: give back plain nested arrays."""
+    if isinstance(node, dict):
+        if set(node) == {"value"} and not isinstance(node["value"], dict):
+            return node["value"]
+        return {k: _unwrap_variables(v) for k, v in node.items()}
+    return node
+
+
+def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
+    """``params`` (sharded or not) as a diffujax model checkpoint (``checkpoint.store`` format).
+
+    Single process: ``store.save`` (atomic). Several processes: every process writes its shards
+    with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
+    marker, then renames it into place.
+    """
+    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    if jax.process_count() == 1:
+        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
+        return directory
+    tmp = directory.parent / f"{directory.name}.tmp"
+    if jax.process_index() == 0 and tmp.exists():
+        tmp.rmtree()
+    sync("diffujax_save_model_start")
+    if jax.process_index() == 0:
+        tmp.mkdir(parents=True)
+    sync("diffujax_save_model_dir")
+    store.write(tmp, model_cfg, tree.from_state(model_cfg, params))
+    sync("diffujax_save_model_written")
+    if jax.process_index() == 0:
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+        store.mark_complete(tmp)
+        if directory.exists():
+            directory.rmtree()
+        tmp.rename(directory)
+    sync("diffujax_save_model_done")
+    return directory
+
+
+def export_final(out_dir, model_cfg, state, tokenizer_dir, logger):
+    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints."""
+    targets = [("final", state.params)]
+    if state.ema is not None:
+        targets.append(("final_ema", state.ema))
+    for name, params in targets:
+        save_model(out_dir / name, model_cfg, params, tokenizer_from=tokenizer_dir)
+        logger.message(f"model saved to {out_dir / name} (diffujax eval/generate --checkpoint"
+                       f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")
+
+
+def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
+                overwrite: bool = False):
+    """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``).
+
+    ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
+    ``step``: None for the newest. Only the parameters (or the EMA) are read. Single process.
+    """
+    step_dir = find_step_dir(run_dir, step)
+    meta = read_meta(step_dir)
+    model_cfg = model_config_from_meta(meta)
+    params = load_params(step_dir, params_key="ema" if ema else "params")
+    tokenizer_dir = meta.get("tokenizer_dir")
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
+        tokenizer_dir = None
+    store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+    if hf_dir is not None:
+        export(dst, hf_dir, overwrite=overwrite)
+    return epath.Path(os.fspath(dst))
+
+
+def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
+    """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
+    a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
+    with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:
+        model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
+        return export(model_dir, hf_dir, **export_kwargs)

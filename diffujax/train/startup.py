@@ -1,0 +1,40 @@
+"""The state a run starts from: restored from the newest usable checkpoint of this run, or built
+fresh (from ``model.checkpoint`` or ``model.init``), sharded either way."""
+
+from __future__ import annotations
+
+from diffujax.checkpoint import store
+from diffujax.models import abstract_model, functional
+from diffujax.parallel.mesh import param_shardings
+from diffujax.train.checkpointing import abstract_like, saved_model_config
+from diffujax.train.state import abstract_train_state, create_train_state, train_state_shardings
+
+
+def initial_state(cfg, mesh, rules, ckpt, notes: list):
+    """``(model_cfg, state, restored)``; ``restored`` is None for a fresh start. ``notes`` gets
+    one line saying where the state came from."""
+    saved = saved_model_config(ckpt.directory)
+    if saved is not None:
+        # The run's own record of the model config: resuming never needs the base checkpoint.
+        model_cfg = cfg.resolve_model_config(saved)
+        cfg.check_model(model_cfg, f"the model of {ckpt.directory}")
+        target = abstract_like(abstract_train_state(cfg, model_cfg),
+                               train_state_shardings(cfg, model_cfg, mesh, rules))
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            notes.append(f"resumed from {ckpt.directory / str(restored.step)}")
+            return model_cfg, restored.state, restored
+    base = cfg.model_checkpoint()
+    if base:
+        loaded_cfg, _ = store.read_meta(base)
+        model_cfg = cfg.resolve_model_config(loaded_cfg)
+        cfg.check_model(model_cfg, f"model.checkpoint {base}")  # before any weight is read
+        shardings = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
+        _, params = store.load(base, dtype=model_cfg.param_dtype, shardings=shardings)
+        state = create_train_state(cfg, model_cfg, mesh, rules, params=params)
+        notes.append(f"initialised from {base}")
+    else:
+        model_cfg = cfg.resolve_model_config()
+        state = create_train_state(cfg, model_cfg, mesh, rules)
+        notes.append(f"random initialisation (seed {cfg.model.init_seed})")
+    return model_cfg, state, None
