@@ -33,15 +33,17 @@ from etils import epath
 
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models.configs import FAMILIES, ModelConfig, config_from_hf
+from diffujax.train.integrity import checksums, first_mismatch, json_digest
 
 log = logging.getLogger(__name__)
 
-STATE, DATA, CONFIG, META = "state", "data", "config", "meta"
+STATE, DATA, CONFIG, META, INTEGRITY = "state", "data", "config", "meta", "integrity"
 CORRUPT_DIR = "corrupt"  # bad steps are moved here (never deleted: they may still hold work)
 
 
 # ---------------------------------------------------------------------------------------------
-# Data-iterator state: one small JSON file per process (each host reads its own shard of data).
+# Data-iterator state: one small JSON file per process (each host reads its own shard of data),
+# carrying the SHA-256 of its content.
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -49,15 +51,21 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: "DataStateSave"):
         path = epath.Path(directory) / _data_file()
-        path.write_text(json.dumps(args.state))
+        path.write_text(json.dumps({"state": args.state, "sha256": json_digest(args.state)}))
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
-        """The dict, or None when this process has none (the run was saved with another number
-        of processes: the caller decides; it is not a damaged checkpoint)."""
+        """The dict, or None when this process has none (saved with another number of
+        processes, or deleted: the caller decides). A file whose digest does not match raises."""
         path = epath.Path(directory) / _data_file()
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and set(record) == {"state", "sha256"}:
+            if json_digest(record["state"]) != record["sha256"]:
+                raise CheckpointError(f"{path}: the data-iterator state does not match its"
+                                      " checksum (damaged)")
+            return record["state"]
+        return record  # written by an earlier version, without a digest
 
     def metadata(self, directory):
         return None
@@ -95,7 +103,7 @@ def _data_file() -> str:
 class Restored:
     step: int
     state: Any
-    data_state: Any = None  # None when the checkpoint holds none for this process
+    data_state: Any = None  # None only when the data stream restarts (restart_data)
     config: dict | None = None
     meta: dict | None = None
 
@@ -111,27 +119,55 @@ def abstract_like(tree, shardings=None):
                         tree, shardings)
 
 
+def verify_record(integrity: dict | None, step_dir, *, config=None, meta=None):
+    """Raise if the run config or meta of a step do not match the digests saved with it."""
+    for name, value in ((CONFIG, config), (META, meta)):
+        want = (integrity or {}).get(f"{name}_sha256")
+        if want is not None and value is not None and json_digest(value) != want:
+            raise CheckpointError(f"{step_dir}/{name}: does not match its checksum (damaged)")
+
+
+def verify_arrays(integrity: dict | None, tree, step_dir, prefix: str = "") -> bool:
+    """Compare the checksums of ``tree``'s arrays (under ``prefix``) with those saved with the
+    step; raise naming the first damaged array. False when the step has no checksums (saved by
+    an earlier version): nothing to verify."""
+    if not integrity or "arrays" not in integrity:
+        return False
+    name = first_mismatch(integrity["arrays"], checksums(tree), prefix)
+    if name is not None:
+        raise CheckpointError(f"{step_dir}: array {name!r} does not match its saved checksum"
+                              " (the files are damaged)")
+    return True
+
+
 class TrainCheckpointer:
-    """Asynchronous, rotating, preemption-aware checkpoints of one run.
+    """Asynchronous, rotating, preemption-aware, checksummed checkpoints of one run.
 
     ``save_every``: steps between periodic saves; ``keep_last``: how many recent steps to keep;
-    ``keep_every``: also keep every step divisible by it (None: none).
+    ``keep_every``: also keep every step divisible by it (None: none). Rotation never removes
+    the newest step whose state was finite when saved (no skipped steps pending), however many
+    non-finite steps were saved after it. ``restart_data``: a step without this process's
+    data-iterator state is usable (the data stream restarts) instead of incomplete.
     """
 
     def __init__(self, directory, *, save_every: int = 1000, keep_last: int = 3,
-                 keep_every: int | None = None, async_save: bool = True):
+                 keep_every: int | None = None, async_save: bool = True,
+                 restart_data: bool = False):
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.save_every = int(save_every)
+        self.keep_last = keep_last if keep_last and keep_last > 0 else None
+        self.keep_every = keep_every or None
+        self.restart_data = restart_data
+        self._finite: dict[int, bool] = {}  # step -> its state was finite when saved
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last if keep_last and keep_last > 0 else None,
-            keep_period=keep_every or None,
+            max_to_keep=None,  # rotation is ours (``_rotate``): it must know which steps are good
             enable_async_checkpointing=async_save,
             create=True,
             # Half-written temporary dirs of a killed save are removed on start.
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=(STATE, DATA, CONFIG, META))
+                                             item_names=(STATE, DATA, CONFIG, META, INTEGRITY))
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -148,64 +184,121 @@ class TrainCheckpointer:
     def save(self, step: int, state, *, data_state=None, config: dict | None = None,
              meta: dict | None = None, force: bool = False) -> bool:
         """Start an asynchronous save of ``step`` if due (or ``force``); True if one started.
-        A step that already has a checkpoint is never rewritten. Call on every process."""
+        A step that already has a checkpoint is never rewritten. Call on every process.
+
+        The arrays' checksums are computed on the devices first (the state must not have been
+        donated yet) and saved with the step, with digests of its config and meta."""
         step = int(step)
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
-        meta = dict(meta or {}, step=step, time=time.time(), process_count=jax.process_count(),
-                    device_count=jax.device_count())
+        self.manager.wait_until_finished()  # the previous save is complete: safe to rotate
+        self._rotate()
+        bad = getattr(state, "bad_steps", 0)
+        finite = int(jax.device_get(bad)) == 0
+        meta = _jsonable(dict(meta or {}, step=step, time=time.time(),
+                              process_count=jax.process_count(),
+                              device_count=jax.device_count(), finite=finite))
+        config = _jsonable(config or {})
+        integrity = {"arrays": checksums(state), "config_sha256": json_digest(config),
+                     "meta_sha256": json_digest(meta)}
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA: DataStateSave(data_state),
-            CONFIG: ocp.args.JsonSave(_jsonable(config or {})),
-            META: ocp.args.JsonSave(_jsonable(meta)),
+            CONFIG: ocp.args.JsonSave(config),
+            META: ocp.args.JsonSave(meta),
+            INTEGRITY: ocp.args.JsonSave(integrity),
         })
-        return bool(self.manager.save(step, args=args, force=True))
+        started = bool(self.manager.save(step, args=args, force=True))
+        if started:
+            self._finite[step] = finite
+        return started
 
     def wait(self):
-        """Block until every started save is on disk."""
+        """Block until every started save is on disk (then apply retention)."""
         self.manager.wait_until_finished()
+        self._rotate()
 
     def close(self):
         self.manager.wait_until_finished()
+        self._rotate()
         self.manager.close()
+
+    def _is_finite(self, step: int) -> bool:
+        if step not in self._finite:
+            try:
+                self._finite[step] = bool(read_meta(self.directory / str(step)).get("finite", True))
+            except Exception:  # noqa: BLE001 - unreadable: not a step to protect
+                self._finite[step] = False
+        return self._finite[step]
+
+    def _rotate(self):
+        """Delete the steps retention does not keep: all but the newest ``keep_last``, the
+        multiples of ``keep_every``, and the newest step saved with a finite state."""
+        steps = self.all_steps()
+        if self.keep_last is None or len(steps) <= self.keep_last:
+            return
+        keep = set(steps[-self.keep_last:])
+        if self.keep_every:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        good = next((s for s in reversed(steps) if self._is_finite(s)), None)
+        if good is not None:
+            keep.add(good)
+        for step in steps:
+            if step not in keep:
+                self.manager.delete(step)
 
     # -- restoring -----------------------------------------------------------------------------
 
     def restore(self, step: int, abstract_state, *, restore_data: bool = True) -> Restored:
-        """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the wanted shardings).
-        Raises if the checkpoint is incomplete or unreadable."""
+        """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the wanted shardings)
+        and verify it against its checksums. Raises if the checkpoint is incomplete (also: no
+        data-iterator state for this process, unless ``restart_data``), unreadable or damaged."""
         step_dir = self.directory / str(step)
         missing = [n for n in ("_CHECKPOINT_METADATA", STATE, META) if not (step_dir / n).exists()]
         if missing:
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: missing {missing}")
         items = {STATE: ocp.args.StandardRestore(abstract_state),
                  CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
-        if restore_data and (step_dir / DATA).exists():
+        if (step_dir / INTEGRITY).exists():
+            items[INTEGRITY] = ocp.args.JsonRestore()
+        has_data = (step_dir / DATA / _data_file()).exists()
+        if restore_data and has_data:
             items[DATA] = DataStateRestore()
+        elif restore_data and not self.restart_data:
+            raise CheckpointError(
+                f"checkpoint {step_dir} is incomplete: no data-iterator state for process"
+                f" {jax.process_index()} of {jax.process_count()} (to resume from it with a"
+                " restarted data stream, set checkpoint.restart_data=true)")
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         meta = out[META] or {}
         if meta.get("step", step) != step:
             raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
+        integrity = out.get(INTEGRITY)
+        verify_record(integrity, step_dir, config=out[CONFIG], meta=out[META])
+        if not verify_arrays(integrity, out[STATE], step_dir):
+            warnings.warn(f"checkpoint {step_dir} has no checksums (saved by an earlier diffujax):"
+                          " restored unverified", RuntimeWarning, stacklevel=2)
+        self._finite.setdefault(step, bool(meta.get("finite", True)))
         return Restored(step=step, state=out[STATE], data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)
 
     def restore_latest(self, abstract_state, *, restore_data: bool = True) -> Restored | None:
-        """Restore the newest readable step; None when there is no checkpoint at all.
+        """Restore the newest usable step; None when there is no checkpoint at all.
 
-        A step that fails to restore (truncated, missing files, no commit marker) is reported with
-        a warning naming it and the previous step is tried. Once an older step restores, the bad
-        newer ones are moved to ``checkpoints/corrupt/`` (so later saves of the same step numbers
-        are possible; nothing is deleted). If no step restores, nothing is moved: the usual cause
-        is a configuration that no longer matches the saved state (optimizer, EMA, model), not
-        damage to every checkpoint, and the user's work must stay where it is.
+        A step that fails to restore (truncated, missing files, no commit marker, no data state,
+        a checksum mismatch) is reported with a warning naming it and the previous step is tried.
+        Once an older step restores, the bad newer ones are moved to ``checkpoints/corrupt/`` (so
+        later saves of the same step numbers are possible; nothing is deleted). If no step
+        restores, nothing is moved: the usual cause is a configuration that no longer matches the
+        saved state (optimizer, EMA, model), not damage to every checkpoint, and the user's work
+        must stay where it is.
         """
         failed = []
         for step in reversed(self.all_steps()):
             try:
                 restored = self.restore(step, abstract_state, restore_data=restore_data)
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
                 failed.append((step, reason))
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({reason});"
                               " falling back to the previous checkpoint", RuntimeWarning,
@@ -231,6 +324,7 @@ class TrainCheckpointer:
             if src.exists():
                 src.rename(dst)
         sync(f"diffujax_quarantine_{step}")
+        self._finite.pop(step, None)
         self.manager.reload()
 
 
