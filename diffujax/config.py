@@ -188,6 +188,9 @@ class CheckpointSection:
     keep_last: int = 3
     keep_every: int | None = None  # also keep every n-th step for good
     async_save: bool = dataclasses.field(default=True, metadata={"key": "async"})
+    # Resume from a step that lacks this process's data-iterator state (deleted, or saved with
+    # another process count) by restarting the data stream; otherwise such a step is incomplete.
+    restart_data: bool = False
 
     def validate(self, key: str):
         _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")

@@ -386,3 +386,16 @@ def saved_model_config(directory):
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
+
+
+def saved_run_config(directory) -> tuple[int, dict] | None:
+    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
+    directory = epath.Path(os.fspath(directory))
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+        if directory.is_dir() else []
+    for step in steps:
+        try:
+            return step, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
+        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
+            continue
+    return None

@@ -14,18 +14,19 @@ keys and the attention pattern follow from the step, the data iterator state is 
 
 Exit status: 0 done; 3 stopped after ``train.max_bad_steps`` consecutive non-finite steps (the
 last good state is saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (run
-the same command again to resume).
+the same command again to resume); 2 a bad config or argument, another run holding
+``output_dir``, or a write failure (the last checkpoint is intact).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import pathlib
 import time
-import warnings
 
 import jax
 import numpy as np
@@ -40,8 +41,9 @@ from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
+from diffujax.train.lock import run_lock
 from diffujax.train.preemption import PreemptionGuard
-from diffujax.train.resume import config_changes
+from diffujax.train.resume import check_resume
 from diffujax.train.startup import initial_state
 from diffujax.train.state import params_of
 from diffujax.train.step import make_train_step
@@ -109,6 +111,16 @@ class _Window:
         return out
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose metrics the host has not read yet (read one step later, which
+    keeps the device busy), with the data position before it (to undo a halted step)."""
+
+    step: int
+    metrics: dict
+    data_state_before: dict
+
+
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
     if not cfg.output_dir:
@@ -119,33 +131,46 @@ def train(cfg) -> int:
             # directory named after it and lost with the VM.
             raise ValueError(f"{key}={value}: URLs are not supported; mount the bucket (for"
                              " example with gcsfuse) or use a shared filesystem and pass its path")
-    with PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT mean "save, then exit"
-        run = _Run(cfg, guard)
+    out_dir = pathlib.Path(cfg.output_dir).absolute()
+    notes: list[str] = []
+    # One writer per run directory (process 0 writes for the run).
+    lock = run_lock(out_dir, notes) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT: save, then exit
+        run = _Run(cfg, guard, notes)
         try:
-            return run.loop()
-        finally:
-            run.close()
+            status = run.loop()
+        except BaseException:
+            run.close(raise_errors=False)  # the error in flight is the one to report
+            raise
+        run.close()
+        return status
 
 
 class _Run:
     """One attempt at a run: set-up (restore or initialise), the step loop, the way out."""
 
-    def __init__(self, cfg, guard):
+    def __init__(self, cfg, guard, notes: list[str]):
         t0 = self.t0 = time.perf_counter()
         self.cfg, self.guard = cfg, guard
         self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
-        if jax.process_index() == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         c, lg = cfg.checkpoint, cfg.logging
         self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
         self.ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
-                                        keep_last=c.keep_last, keep_every=c.keep_every,
-                                        async_save=c.async_save)
-        notes: list[str] = []
+                                      keep_last=c.keep_last, keep_every=c.keep_every,
+                                      async_save=c.async_save, restart_data=c.restart_data)
+        self.run_config = to_dict(cfg)
         self.model_cfg, self.state, restored = initial_state(cfg, self.mesh, self.rules,
                                                              self.ckpt, notes)
-        self.start = self.step = int(restored.step) if restored else 0
+        self.restored_step = int(restored.step) if restored else None
+        self.start = self.step = self.restored_step or 0
+        if restored is not None:
+            changes = check_resume(restored.config, self.run_config, self.start,
+                                   str(self.ckpt.directory / str(self.start)))
+            if changes:
+                notes.append("config changes applied from this step on: " + "; ".join(changes))
+        if jax.process_index() == 0:  # only once the checkpoint accepted this config
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         apply_fn = functional(abstract_model(self.model_cfg))[0]
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
@@ -156,8 +181,8 @@ class _Run:
             if restored.data_state is not None:
                 self.data_iter.set_state(restored.data_state)
             else:
-                warnings.warn("the checkpoint holds no data-iterator state for this process (saved"
-                              " with another process count?): the data stream restarts")
+                notes.append(f"checkpoint.restart_data: step {self.start} holds no data-iterator"
+                             " state for this process; the data stream restarts from its start")
         self.data_state = self.data_iter.get_state()  # always the position that goes with state
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
         self.train_step = make_train_step(cfg, self.model_cfg, apply_fn, self.mesh, self.rules)
@@ -168,12 +193,6 @@ class _Run:
                                   tensorboard=lg.tensorboard)
         for line in notes + source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
-        self.run_config = to_dict(cfg)
-        if restored is not None:
-            changed = config_changes(restored.config, self.run_config)
-            if changed:
-                self.logger.message("config differs from the checkpoint's in: "
-                                    + ", ".join(changed))
         seq_len = cfg.data.seq_len
         self.tokens_per_step = cfg.data.global_batch * seq_len
         flops = M.train_flops_per_token(self.model_cfg, seq_len)
@@ -190,8 +209,13 @@ class _Run:
         self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         self.meta = {"model_config": model_config_to_meta(self.model_cfg),
                      "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len}
-        self.window = _Window()
+        # The log window of the checkpoint step: a log line after a resume averages the same
+        # steps as it would have without the interruption.
+        self.window = _Window(list((restored.meta or {}).get("log_window", [])) if restored
+                              else [])
         self.bad_in_a_row = 0
+        self.finite_since_restore = False
+        self.pending: _Pending | None = None
 
     def _step_fn(self):
         """The compiled step for the next step. Once the annealing ramp has reached r = 1 the
@@ -210,9 +234,9 @@ class _Run:
 
     def loop(self) -> int:
         cfg, total = self.cfg, self.cfg.train.steps
-        pending = None  # (step, device metrics) of the last dispatched step, read one step later
         stop = None
         try:
+            self._catch_up()
             while self.step < total:
                 if self.guard.requested(self.step):
                     stop = "signal"
@@ -229,38 +253,73 @@ class _Run:
                     self.logger.message(f"profile of steps {self.profiler.first}.."
                                         f"{self.profiler.last} written to"
                                         f" {self.out_dir / 'tensorboard' / 'plugins' / 'profile'}")
+                before = self.data_state
                 self.step += 1
                 self.data_state = self.data_iter.get_state()
-                # Reading the previous step's metrics (not this one's) keeps the device busy.
-                previous, pending = pending, (self.step, metrics)
-                if previous is not None and (stop := self._consume(*previous)):
+                previous, self.pending = self.pending, _Pending(self.step, metrics, before)
+                if previous is not None and (stop := self._consume(previous)):
                     break
                 if not self.throughput.started:  # the first step compiled: time from here
                     jax.block_until_ready(metrics)
                     self.throughput.start(self.step)
                     self.logger.message(f"first step (compilation) took"
                                         f" {time.perf_counter() - self.t0:.1f}s since start-up")
-                self._save()
-                if eval_due(cfg, self.step):
-                    jax.block_until_ready(metrics)  # time the evaluation, not the step before it
-                    t = time.perf_counter()
-                    periodic_eval(cfg, self.evaluator, self.logger,
-                                   params_of(self.state, ema=True), self.step)
-                    self.throughput.pause(time.perf_counter() - t)
-            if pending is not None:
-                last = self._consume(*pending)
-                stop = stop or last
+                last = self.step == total
+                if self.ckpt.is_due(self.step) or eval_due(cfg, self.step) or last:
+                    # This step's record is written before its checkpoint and its evaluation,
+                    # so a kill during either loses nothing a resume does not redo.
+                    if (stop := self._consume_pending()):
+                        break
+                    self._save(force=last)
+                    self._evaluate()
+            if stop == "bad_steps":
+                self._undo_halted_step()
+            else:
+                stop = self._consume_pending() or stop
         except BaseException:
             self._emergency_save()
             raise
         return self._finish(stop)
 
-    def _consume(self, step: int, metrics) -> str | None:
+    def _evaluate(self, **which):
+        if not eval_due(self.cfg, self.step):
+            return
+        jax.block_until_ready(self.state)  # time the evaluation, not the step before it
+        t = time.perf_counter()
+        periodic_eval(self.cfg, self.evaluator, self.logger, params_of(self.state, ema=True),
+                      self.step, **which)
+        self.throughput.pause(time.perf_counter() - t)
+
+    def _catch_up(self):
+        """A resumed run whose checkpoint step was due for evaluation or samples that the
+        metrics do not hold (the last attempt died doing them) does them first."""
+        if self.restored_step is None:
+            return
+        recorded = self.logger.recorded
+        self._evaluate(elbo=("eval", self.step) not in recorded,
+                       samples=("text", self.step) not in recorded)
+
+    def _consume_pending(self) -> str | None:
+        pending, self.pending = self.pending, None
+        return None if pending is None else self._consume(pending)
+
+    def _undo_halted_step(self):
+        """The step dispatched after the last allowed non-finite one changed nothing on the
+        device (``halted``): forget it, and the batch it took."""
+        if self.pending is not None:
+            self.step = self.pending.step - 1
+            self.data_state = self.pending.data_state_before
+            self.pending = None
+
+    def _consume(self, pending: _Pending) -> str | None:
         """Host copy of a finished step's metrics: log them; "bad_steps" if the run must stop."""
-        lg = self.cfg.logging
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        lg, step = self.cfg.logging, pending.step
+        host = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+        if host.pop("halted"):
+            return "bad_steps"
         host["skipped"] = bool(host["skipped"])
         self.bad_in_a_row = int(host["bad_steps"])
+        self.finite_since_restore = self.finite_since_restore or not host["skipped"]
         self.window.add(host)
         if host["skipped"]:
             self.logger.message(
@@ -278,9 +337,10 @@ class _Run:
             return False
         jax.block_until_ready(self.state)  # time the save, not the step before it
         t = time.perf_counter()
+        meta = dict(self.meta, tokens_seen=self.step * self.tokens_per_step,
+                    log_window=self.window.rows)
         started = self.ckpt.save(self.step, self.state, data_state=self.data_state,
-                                 config=self.run_config, force=force,
-                                 meta=dict(self.meta, tokens_seen=self.step * self.tokens_per_step))
+                                 config=self.run_config, force=force, meta=meta)
         self.throughput.pause(time.perf_counter() - t)
         return started
 
@@ -291,6 +351,13 @@ class _Run:
             if any(x.is_deleted() for x in jax.tree.leaves(self.state)
                    if isinstance(x, jax.Array)):
                 return
+            try:
+                stop = self._consume_pending()  # its record first, as for any checkpoint
+            except Exception as e:  # noqa: BLE001 - e.g. the metrics file is what failed
+                stop = None
+                log.warning("could not record the last step's metrics: %s", e)
+            if stop == "bad_steps":
+                self._undo_halted_step()
             if self._save(force=True):
                 self.ckpt.wait()
                 self.logger.message(f"error: checkpoint of step {self.step} saved before stopping")
@@ -306,8 +373,16 @@ class _Run:
                 f"stopped at step {self.step}: the last {self.bad_in_a_row} steps had a non-finite"
                 f" loss or gradient (train.max_bad_steps={self.cfg.train.max_bad_steps}); they"
                 f" were skipped, so the weights are those of the last good step. Checkpoint"
-                f" {where} holds that state. Lower optimizer.peak_lr, enable clipping, or check"
-                " the data.")
+                f" {where} holds that state.")
+            if self.restored_step is not None and not self.finite_since_restore:
+                self.logger.message(
+                    f"every step since resuming from checkpoint step {self.restored_step} was"
+                    " non-finite: suspect that checkpoint (damage its checksums cannot see) or"
+                    " the config changes made on resume before the hyperparameters; it is kept"
+                    " (rotation never removes the newest finite step), and earlier steps may be"
+                    f" under {self.ckpt.directory}.")
+            else:
+                self.logger.message("Lower optimizer.peak_lr, enable clipping, or check the data.")
             return EXIT_BAD_STEPS
         if stop == "signal":
             self.logger.message(f"{self.guard.signal_name}: checkpoint of step {self.step} saved"
@@ -320,10 +395,18 @@ class _Run:
             export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger)
         return 0
 
-    def close(self):
+    def close(self, raise_errors: bool = True):
+        """Close the writers and wait for the last save; with ``raise_errors`` the first failure
+        is raised after everything was closed."""
+        errors = []
         counts = self.pipeline.stats.summary()
-        if counts:
-            self.logger.message(f"data: {counts}")
-        self.profiler.close()
-        self.logger.close()
-        self.ckpt.close()
+        steps = [lambda: counts and self.logger.message(f"data: {counts}"), self.profiler.close,
+                 self.logger.close, self.ckpt.close]
+        for close in steps:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - close the others, then report
+                errors.append(e)
+                log.warning("while closing the run: %s", e)
+        if errors and raise_errors:
+            raise errors[0]

@@ -11,12 +11,15 @@
 - ``Throughput``: tokens/s, step time, MFU and ETA from wall-clock time between log points.
 - ``RunLogger``: console progress (tqdm on a terminal, one plain line per log step otherwise),
   TensorBoard event files (tensorboardX) and ``metrics.jsonl`` (one JSON object per log step, the
-  machine-readable record that tests and scripts read). Only process 0 writes.
+  machine-readable record that tests and scripts read). Only process 0 writes. Every write
+  happens in the calling thread, so a failing disk raises ``WriterError`` in the loop at once
+  (no background thread that can die and leave the loop waiting on its queue).
 - ``StepProfiler``: a ``jax.profiler`` trace of a range of steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -199,6 +202,49 @@ _TB_TAGS = {
 # ------------------------------------------------------------------------------------ the writer
 
 
+class WriterError(OSError):
+    """Writing the run's metrics or TensorBoard events failed (disk full, I/O error)."""
+
+
+class _TensorBoard:
+    """TensorBoard event file written synchronously: an error surfaces in the caller."""
+
+    def __init__(self, logdir: str, purge_step: int | None, flush_secs: float = 30.0):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        self._event = Event
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        if purge_step is not None:  # TensorBoard hides the events of later steps (a resume)
+            self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
+        self._flush_secs, self._last_flush = flush_secs, time.monotonic()
+
+    def _write(self, summary, step: int):
+        self._writer.write_event(self._event(summary=summary, step=int(step),
+                                             wall_time=time.time()))
+        if time.monotonic() - self._last_flush > self._flush_secs:
+            self.flush()
+
+    def add_scalar(self, tag: str, value: float, step: int):
+        from tensorboardX.summary import scalar
+
+        self._write(scalar(tag, float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int):
+        from tensorboardX.summary import text as text_summary
+
+        self._write(text_summary(tag, text), step)
+
+    def flush(self):
+        self._writer.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self):
+        self._writer.close()
+
+
 class RunLogger:
     """Console + TensorBoard + ``metrics.jsonl`` for one run; a no-op on processes other than 0.
 
@@ -213,17 +259,18 @@ class RunLogger:
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
         self._bar = self._tb = self._jsonl = None
+        self.recorded: set[tuple[str, int]] = set()  # (kind, step) of the records kept
         if not self.enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
-        _truncate_jsonl(path, start_step)
-        self._jsonl = open(path, "a", buffering=1)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(output_dir, "tensorboard")
+        with self._guard(self.path):
+            self.recorded = _truncate_jsonl(self.path, start_step)
+            self._jsonl = open(self.path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None,
-                                     flush_secs=30)
+            with self._guard(self.tb_dir):
+                self._tb = _TensorBoard(self.tb_dir, start_step + 1 if start_step else None)
         if progress and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
@@ -262,7 +309,8 @@ class RunLogger:
         self._record("text", step, {tag: texts})
         if self._tb is not None:
             body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
-            self._tb.add_text(tag, body, step)
+            with self._guard(self.tb_dir):
+                self._tb.add_text(tag, body, step)
 
     def message(self, line: str):
         if not self.enabled:
@@ -274,43 +322,69 @@ class RunLogger:
 
     def flush(self):
         if self._tb is not None:
-            self._tb.flush()
+            with self._guard(self.tb_dir):
+                self._tb.flush()
 
     def close(self):
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        """Flush and close everything; a failure is raised after all are closed."""
+        error = None
+        for name in ("_bar", "_tb", "_jsonl"):
+            handle, where = getattr(self, name), getattr(self, "tb_dir" if name == "_tb" else
+                                                         "path", "")
+            setattr(self, name, None)
+            if handle is None:
+                continue
+            try:
+                with self._guard(where):
+                    handle.close()
+            except WriterError as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _guard(where: str):
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, WriterError):
+                raise
+            raise WriterError(f"writing {where} failed: {e.strerror or e}") from e
 
     def _scalar(self, tag, value, step):
         if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
-            self._tb.add_scalar(tag, value, step)
+            with self._guard(self.tb_dir):
+                self._tb.add_scalar(tag, value, step)
 
     def _record(self, kind, step, values):
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **values},
-                                         allow_nan=True) + "\n")
+            with self._guard(self.path):
+                self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **values},
+                                             allow_nan=True) + "\n")
+            self.recorded.add((kind, int(step)))
 
 
-def _truncate_jsonl(path: str, start_step: int):
-    """Keep only records of steps <= start_step (a fresh run, start_step 0, starts empty)."""
+def _truncate_jsonl(path: str, start_step: int) -> set[tuple[str, int]]:
+    """Keep only records of steps <= start_step (a fresh run, start_step 0, starts empty);
+    returns the (kind, step) of the records kept."""
     if not os.path.exists(path):
-        return
-    keep = []
+        return set()
+    keep, kept = [], set()
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= start_step:
-                    keep.append(line)
-            except (ValueError, KeyError):
+                record = json.loads(line)
+                if record["step"] <= start_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+                    kept.add((record.get("kind"), int(record["step"])))
+            except (ValueError, KeyError, TypeError):
                 continue  # a half-written last line of a killed run
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+    return kept
 
 
 def read_jsonl(path, kind: str | None = "train") -> list[dict]:

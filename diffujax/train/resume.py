@@ -18,3 +18,45 @@ def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
         return {}
     a, b = _flat(upgrade(old)), _flat(upgrade(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+# Keys whose change a checkpoint can honour: they steer the run from here on without
+# contradicting the saved state (the learning-rate schedule and optimizer hyperparameters
+# whose state has the same shape, where and how often to log / evaluate / save, the mesh:
+# restores reshard, and compute-only model settings). Everything else shaped the saved state or
+# the data stream, so it cannot change mid-run.
+HONOURABLE = ("output_dir", "logging.", "checkpoint.", "mesh.", "train.steps",
+              "train.max_bad_steps", "optimizer.peak_lr", "optimizer.schedule",
+              "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio",
+              "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
+              "optimizer.clip_norm", "optimizer.grad_accum_steps", "model.dtype",
+              "model.attention_backend", "model.remat", "data.eval_sources", "data.eval_split")
+
+
+def _honourable(key: str) -> bool:
+    return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HONOURABLE)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(old: dict | None, new: dict, step: int, where: str) -> list[str]:
+    """Refuse (``ValueError``, one line) a resume whose config changes what the checkpoint of
+    ``step`` cannot honour, listing every such key; return one line per change that it can
+    honour (applied from here on)."""
+    changes = config_changes(old, new)
+    refused = {k: v for k, v in changes.items() if not _honourable(k)}
+    if refused:
+        listing = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"cannot resume {where} (step {step}) with this config: it changes what the"
+            f" checkpoint was trained with ({listing}). Put those values back to continue the"
+            " run, or start a new run in another output_dir (model.checkpoint=RUN/final, or a"
+            " step exported with `diffujax export`, starts it from this run's weights)")
+    steps = new.get("train", {}).get("steps")
+    if steps is not None and steps < step:
+        raise ValueError(f"train.steps={steps} is below the checkpoint's step {step} in {where}:"
+                         f" set train.steps >= {step} to continue this run")
+    return [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()]

@@ -4,15 +4,21 @@ fresh (from ``model.checkpoint`` or ``model.init``), sharded either way."""
 from __future__ import annotations
 
 from diffujax.checkpoint import store
+from diffujax.config import to_dict
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.mesh import param_shardings
-from diffujax.train.checkpointing import abstract_like, saved_model_config
+from diffujax.train.checkpointing import abstract_like, saved_model_config, saved_run_config
+from diffujax.train.resume import check_resume
 from diffujax.train.state import abstract_train_state, create_train_state, train_state_shardings
 
 
 def initial_state(cfg, mesh, rules, ckpt, notes: list):
     """``(model_cfg, state, restored)``; ``restored`` is None for a fresh start. ``notes`` gets
     one line saying where the state came from."""
+    recorded = saved_run_config(ckpt.directory)
+    if recorded is not None:  # refuse a config the checkpoint cannot honour before reading it
+        step, old = recorded
+        check_resume(old, to_dict(cfg), step, str(ckpt.directory / str(step)))
     saved = saved_model_config(ckpt.directory)
     if saved is not None:
         # The run's own record of the model config: resuming never needs the base checkpoint.

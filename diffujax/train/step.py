@@ -13,8 +13,8 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
   denominator sums, which are added over micro-batches and divided once (SPEC 2.6), so any
   number of micro-batches computes the same update;
 - a step whose loss or gradients are not finite changes neither params nor optimizer state; it is
-  counted (``bad_steps`` consecutive, ``total_bad_steps`` overall) and the loop decides when to
-  give up (``train.max_bad_steps``).
+  counted (``bad_steps`` consecutive, ``total_bad_steps`` overall); after ``train.max_bad_steps``
+  in a row every further step is a no-op (``halted``) and the loop stops.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     mask_id = _mask_token_id(model_cfg)
     optimizer = optimizer_for(run_cfg, model_cfg)
     schedule = make_schedule(opt, run_cfg.train.steps)
+    max_bad_steps = run_cfg.train.max_bad_steps
     state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
     batch_sh = batch_sharding(mesh, rules)
     shards = batch_shard_count(mesh, rules)
@@ -133,16 +134,23 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums.denominator, 1e-9), grad_sums)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
+        # After max_bad_steps non-finite steps in a row the run is over: a step dispatched
+        # before the loop has read that (it reads metrics one step behind) changes nothing, so
+        # the count is exact and the state stays the one to save.
+        halted = state.bad_steps >= max_bad_steps
+        apply = finite & ~halted
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
         ema = state.ema
         if ema is not None:
             ema = keep(ema_update(ema, params, opt.ema_decay), ema)
-        bad = jnp.where(finite, 0, state.bad_steps + 1)
-        total_bad = state.total_bad_steps + (~finite).astype(jnp.int32)
-        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+        counted = (~finite & ~halted).astype(jnp.int32)
+        bad = jnp.where(halted, state.bad_steps, jnp.where(finite, 0, state.bad_steps + 1))
+        total_bad = state.total_bad_steps + counted
+        new_state = TrainState(step=state.step + (~halted).astype(jnp.int32),
+                               params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state), rng=state.rng, ema=ema,
                                bad_steps=bad, total_bad_steps=total_bad)
         tokens = batch["tokens"]
@@ -151,7 +159,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
                        anneal_ratio=anneal_ratio(state.step, d.anneal_steps),
                        tokens=jnp.float32(tokens.shape[0] * tokens.shape[1]),
                        skipped=(~finite).astype(jnp.int32), bad_steps=bad,
-                       total_bad_steps=total_bad)
+                       total_bad_steps=total_bad, halted=halted.astype(jnp.int32))
         return new_state, metrics
 
     return CompiledStep(step_fn, mesh, rules, in_shardings=(state_sh, batch_sh),
