@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
-from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
+from diffujax.runtime import (LoadedModel, add_mesh_args, checkpoint_config, load_from_args,
+                              max_positions, pad_rows, require)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +97,21 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
     return dataclasses.replace(est, num_tokens=int(targets[0, 0]), num_sequences=1)
 
 
+def check_eval_args(args, config) -> None:
+    """Every argument in its valid range, before the weights are loaded (``config``: the
+    checkpoint's model config)."""
+    limit = max_positions(config)
+    require(args.seq_len >= 2, "--seq-len", args.seq_len, ">= 2 (position 0 is never scored)")
+    require(limit is None or args.seq_len <= limit, "--seq-len", args.seq_len,
+            f"<= {limit}, the model's maximum positions")
+    require(args.blocks >= 1, "--blocks", args.blocks, ">= 1")
+    require(args.draws >= 1, "--draws", args.draws, ">= 1")
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
+    require(args.seed >= 0, "--seed", args.seed, ">= 0")
+
+
 def run_eval(args) -> int:
+    check_eval_args(args, checkpoint_config(args))
     model = load_from_args(args)
     blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
     est = evaluate(model, blocks, objective=args.objective, draws=args.draws,

@@ -12,7 +12,8 @@ import numpy as np
 
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
-from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
+from diffujax.runtime import (ArgumentError, LoadedModel, add_mesh_args, checkpoint_config,
+                              load_from_args, max_positions, pad_rows, require)
 
 SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
 
@@ -94,10 +95,57 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
     return out, seconds
 
 
+def check_generate_args(args, config) -> None:
+    """Every argument in its valid range, before the weights are loaded (``config``: the
+    checkpoint's model config)."""
+    require(args.steps >= 1, "--steps", args.steps, ">= 1")
+    require(args.length >= 1, "--length", args.length, ">= 1")
+    if args.infill_length is not None:
+        require(args.infill_length >= 1, "--infill-length", args.infill_length, ">= 1")
+        require(args.suffix is not None, "--infill-length", args.infill_length,
+                "given with --suffix (it is the length of the span before the suffix)")
+    require(args.num_samples >= 1, "--num-samples", args.num_samples, ">= 1")
+    if args.temperature is not None:
+        require(args.temperature >= 0 and np.isfinite(args.temperature), "--temperature",
+                args.temperature, ">= 0 (0: greedy)")
+    if args.top_p is not None:
+        require(0 < args.top_p <= 1, "--top-p", args.top_p, "in (0, 1]")
+    if args.top_k is not None:
+        require(1 <= args.top_k <= config.vocab_size, "--top-k", args.top_k,
+                f"in 1..{config.vocab_size} (the vocabulary)")
+    require(args.block_length >= 1, "--block-length", args.block_length, ">= 1")
+    require(0 < args.threshold <= 1, "--threshold", args.threshold, "in (0, 1]")
+    require(args.seed >= 0, "--seed", args.seed, ">= 0")
+
+
+def span_length(args) -> int:
+    return args.infill_length if args.suffix and args.infill_length else args.length
+
+
+def check_fits(args, config, tokenizer) -> None:
+    """The canvas (BOS, prompt, span, suffix) must fit the model's positions."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    length = span_length(args)
+    lead = int(tokenizer.bos_id is not None or config.bos_token_id is not None)
+    size = (lead + (len(tokenizer.encode(args.prompt)) if args.prompt else 0) + length
+            + (len(tokenizer.encode(args.suffix)) if args.suffix else 0))
+    if size > limit:
+        what = "--infill-length" if length != args.length else "--length"
+        raise ArgumentError(f"{what} {length}: the canvas (prompt, {length} generated tokens"
+                            f"{', suffix' if args.suffix else ''}) is {size} tokens, more than the"
+                            f" model's {limit} positions")
+
+
 def run_generate(args) -> int:
+    from diffujax.data.tokenizer import load_tokenizer
+
+    config = checkpoint_config(args)
+    check_generate_args(args, config)
+    check_fits(args, config, load_tokenizer(args.checkpoint))
     model = load_from_args(args)
-    length = args.infill_length if args.suffix and args.infill_length else args.length
-    ids, src, span, _ = build_canvas(model, args.prompt, length, args.suffix)
+    ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
     canvas = np.tile(ids, (args.num_samples, 1))
     srcs = np.tile(src, (args.num_samples, 1))
     out, seconds = sample(model, canvas, srcs, sampler=args.sampler, steps=args.steps,
@@ -113,7 +161,7 @@ def run_generate(args) -> int:
             generated = generated[:generated.index(eos)]
         text = model.tokenizer.decode(generated)
         texts.append(args.prompt + text + (args.suffix or ""))
-    rate = args.num_samples * length / seconds if seconds > 0 else float("inf")
+    rate = args.num_samples * span_length(args) / seconds if seconds > 0 else float("inf")
     if jax.process_index() != 0:  # every process holds the same samples; one prints them
         return 0
     if args.json:

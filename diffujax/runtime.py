@@ -127,6 +127,28 @@ def load_for_inference(checkpoint: str, *, dtype: str | None = None,
 # ----------------------------------------------------------------------- command-line options
 
 
+class ArgumentError(ValueError):
+    """A command-line value outside its valid range (the message names the option)."""
+
+
+def require(ok: bool, option: str, value, valid: str) -> None:
+    """``--option VALUE: must be VALID`` unless ``ok``."""
+    if not ok:
+        raise ArgumentError(f"{option} {value}: must be {valid}")
+
+
+def checkpoint_config(args) -> ModelConfig:
+    """The model config of ``--checkpoint`` (its config.json only: cheap, before any weight is
+    read), so arguments can be checked against it."""
+    from diffujax.checkpoint.store import read_meta
+
+    return read_meta(args.checkpoint)[0]
+
+
+def max_positions(config: ModelConfig) -> int | None:
+    return getattr(config, "max_positions", None)
+
+
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="auto", help=MESH_HELP)
     p.add_argument("--distributed", choices=("auto", "true", "false"), default="auto",

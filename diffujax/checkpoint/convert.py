@@ -125,6 +125,7 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
     src = pathlib.Path(src).expanduser()
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
+    store.check_separate(src, dst)
     target = parse_dtype(dtype)
     with store.atomic_directory(dst, overwrite) as tmp:
         _, config = read_config(src)
@@ -152,6 +153,7 @@ def export(src_ckpt, dst, *, max_shard_size="5GB", dtype=None, overwrite: bool =
     dtypes are those of the converted source (``naming`` overrides the names: "transformers"
     gives what ``AutoModelForCausalLM`` loads); ``dtype`` casts."""
     src_ckpt = pathlib.Path(src_ckpt).expanduser()
+    store.check_separate(src_ckpt, dst)
     target = parse_dtype(dtype)
     with store.atomic_directory(dst, overwrite) as tmp:
         config, params, layout = store.load_numpy(src_ckpt)

@@ -17,11 +17,14 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,22 +35,85 @@ from diffujax.checkpoint.keymaps import embedding_path
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
 from diffujax.models import param_specs
 from diffujax.models.configs import ModelConfig
+from diffujax.processes import hostname, process_alive
 
 FORMAT = 1
 PARAMS = "params"
 COMPLETE = ".complete"
 
 
+def check_separate(src, dst, what: str = "destination") -> None:
+    """Refuse a ``dst`` that is ``src``, contains it or lies inside it (an ``--overwrite``
+    would delete the source, or the output would be written into it)."""
+    a = pathlib.Path(os.path.realpath(os.path.expanduser(os.fspath(src))))
+    b = pathlib.Path(os.path.realpath(os.path.expanduser(os.fspath(dst))))
+    if a == b:
+        raise CheckpointError(f"{dst}: the {what} is the source itself; choose another directory")
+    if a.is_relative_to(b):
+        raise CheckpointError(f"{dst}: the {what} contains the source {src}; choose a directory"
+                              " outside it")
+    if b.is_relative_to(a):
+        raise CheckpointError(f"{dst}: the {what} lies inside the source {src}; choose a directory"
+                              " outside it")
+
+
+# Scratch directories beside a destination are named ``.NAME.PURPOSE-HOST-PID-RANDOM``, so the
+# next run for the same destination can tell those of a killed process from those of a live one.
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<purpose>tmp|old|export)-(?P<host>[A-Za-z0-9._]*)-(?P<pid>\d+)-"
+                      r"[A-Za-z0-9_]+$")
+
+
+def _scratch_prefix(dst: pathlib.Path, purpose: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9.]", "_", hostname())
+    return f".{dst.name}.{purpose}-{host}-{os.getpid()}-"
+
+
+def remove_stale_scratch(dst) -> list[pathlib.Path]:
+    """Remove the scratch directories that killed processes left beside ``dst`` (same host, owner
+    pid gone), with a warning for each; returns them."""
+    dst = pathlib.Path(dst).expanduser().absolute()
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    this_host = re.sub(r"[^A-Za-z0-9.]", "_", hostname())
+    for path in dst.parent.iterdir():
+        m = _SCRATCH.match(path.name)
+        if not m or m["name"] != dst.name or m["host"] != this_host or not path.is_dir():
+            continue
+        if process_alive(hostname(), int(m["pid"])) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            warnings.warn(f"removed {path}: a temporary directory left by a killed diffujax"
+                          f" (pid {m['pid']}) writing {dst}", RuntimeWarning, stacklevel=3)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_directory(dst, purpose: str = "export"):
+    """A temporary directory beside ``dst`` (stale ones of killed runs removed first), removed on
+    exit."""
+    dst = pathlib.Path(dst).expanduser().absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(dst)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_scratch_prefix(dst, purpose), dir=dst.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst, overwrite: bool = False):
     """Yield a fresh temporary directory next to ``dst``; on success it is renamed to ``dst``
-    (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst."""
+    (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst.
+    Temporary directories that a killed earlier attempt left for the same ``dst`` are removed."""
     dst = pathlib.Path(dst).expanduser().absolute()
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to"
                               " replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_scratch(dst)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_scratch_prefix(dst, "tmp"), dir=dst.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
@@ -56,7 +122,8 @@ def atomic_directory(dst, overwrite: bool = False):
         if dst.exists():
             if not overwrite:  # appeared while we were writing
                 raise CheckpointError(f"{dst}: already exists (created by another process?)")
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            old = pathlib.Path(tempfile.mkdtemp(prefix=_scratch_prefix(dst, "old"),
+                                                dir=dst.parent))
             os.rename(dst, old / "x")
             os.rename(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)
@@ -176,9 +243,38 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
         sharding = _sharding_for(config, shardings)
         target = {p: jax.ShapeDtypeStruct(s.shape, dtype or stored[p].dtype, sharding=sharding(p))
                   for p, s in specs.items()}
-        return tree.flatten(ckptr.restore(directory / PARAMS, tree.nest(target)))
+        flat = tree.flatten(ckptr.restore(directory / PARAMS, tree.nest(target)))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore: files missing or damaged
+        raise CheckpointError(f"{directory / PARAMS}: the parameters cannot be read (files"
+                              f" missing or damaged: {type(e).__name__}: {str(e)[:200]})") from None
     finally:
         ckptr.close()
+    check_finite(flat, str(directory / PARAMS))
+    return flat
+
+
+@jax.jit
+def _all_finite(leaves):
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_finite(flat: Mapping[str, Any], where: str) -> None:
+    """Refuse parameters holding NaN or inf: one reduction per array, on the devices that hold
+    it (grouped by device set: one program per group), naming the first bad tensor."""
+    groups: dict = {}
+    for name, x in flat.items():
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            devices = getattr(getattr(x, "sharding", None), "device_set", None) or ()
+            groups.setdefault(tuple(sorted(d.id for d in devices)), []).append((name, x))
+    for members in groups.values():
+        ok = jax.device_get(_all_finite([x for _, x in members]))
+        bad = [name for (name, _), good in zip(members, ok) if not good]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CheckpointError(f"{where}: parameter {sorted(bad)[0]!r} holds NaN or inf"
+                                  f" values{more}; the checkpoint is unusable")
 
 
 def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.State]:

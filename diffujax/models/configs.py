@@ -236,9 +236,17 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausal
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
     """Pick the family from ``model_type`` / ``architectures`` and build its config."""
     family = hf.get("model_type")
-    if family not in FAMILIES:
-        archs = [ARCHITECTURES.get(a) for a in hf.get("architectures") or []]
-        family = next((f for f in archs if f), None)
+    archs = [ARCHITECTURES.get(a) for a in hf.get("architectures") or []]
+    by_arch = next((f for f in archs if f), None)
+    if family is not None and family not in FAMILIES:
+        # A model_type we do not know names another architecture, whatever "architectures" says
+        # (reading its weights as those of a known family would be silently wrong).
+        raise ConfigError(f"{source}: model_type {family!r} is not supported (supported:"
+                          f" {', '.join(FAMILIES)})")
+    if family is not None and by_arch is not None and FAMILIES[family] is not FAMILIES[by_arch]:
+        raise ConfigError(f"{source}: model_type {family!r} contradicts architectures"
+                          f" {hf.get('architectures')!r}")
+    family = family or by_arch
     if family not in FAMILIES:
         raise ConfigError(
             f"{source}: unknown architecture (model_type={hf.get('model_type')!r}, "

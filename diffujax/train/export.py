@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -16,7 +17,8 @@ from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.train.checkpointing import META, STATE, model_config_from_meta, read_meta, sync
+from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_from_meta,
+                                          read_meta, sync, verify_arrays, verify_record)
 
 
 def find_step_dir(path, step: int | None = None) -> epath.Path:
@@ -115,17 +117,61 @@ def export_final(out_dir, model_cfg, state, tokenizer_dir, logger):
                        f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")
 
 
+def _step_params(step_dir, params_key: str):
+    """``(model_cfg, params, meta)`` of one step, verified against the checksums saved with it;
+    CheckpointError (one line) for any damage."""
+    try:
+        meta = read_meta(step_dir)
+        model_cfg = model_config_from_meta(meta)
+        params = load_params(step_dir, params_key=params_key)
+        integrity_file = epath.Path(os.fspath(step_dir)) / INTEGRITY / "metadata"
+        integrity = json.loads(integrity_file.read_text()) if integrity_file.exists() else None
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
+        raise CheckpointError(f"{step_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})"
+                              ) from None
+    verify_record(integrity, step_dir, meta=meta)
+    if not verify_arrays(integrity, {params_key: params}, step_dir, prefix=f"{params_key}/"):
+        warnings.warn(f"{step_dir} has no checksums (saved by an earlier diffujax): exported"
+                      " unverified", RuntimeWarning, stacklevel=3)
+    return model_cfg, params, meta
+
+
 def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
                 overwrite: bool = False):
     """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``).
 
     ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
-    ``step``: None for the newest. Only the parameters (or the EMA) are read. Single process.
+    ``step``: None for the newest usable one: as when training resumes, a step that is damaged
+    (checksums, missing or truncated files) is reported and the previous one is used. Only the
+    parameters (or the EMA) are read. Single process.
     """
-    step_dir = find_step_dir(run_dir, step)
-    meta = read_meta(step_dir)
-    model_cfg = model_config_from_meta(meta)
-    params = load_params(step_dir, params_key="ema" if ema else "params")
+    for target in (dst, hf_dir):
+        if target is not None:
+            store.check_separate(run_dir, target)
+    params_key = "ema" if ema else "params"
+    newest = find_step_dir(run_dir, step)
+    if step is not None or newest.parent.name != "checkpoints":
+        candidates = [newest]  # one step asked for: its damage is an error
+    else:
+        steps = sorted((int(p.name) for p in newest.parent.iterdir() if p.name.isdigit()),
+                       reverse=True)
+        candidates = [newest.parent / str(s) for s in steps]
+    failures = []
+    for step_dir in candidates:
+        try:
+            model_cfg, params, meta = _step_params(step_dir, params_key)
+            break
+        except CheckpointError as e:
+            failures.append(str(e))
+            if len(candidates) > 1:
+                warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning,
+                              stacklevel=2)
+    else:
+        if len(candidates) == 1:
+            raise CheckpointError(failures[0])
+        raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
     tokenizer_dir = meta.get("tokenizer_dir")
     if tokenizer_dir and not os.path.isdir(tokenizer_dir):
         warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
@@ -138,12 +184,12 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
 
 def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
     """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
-    a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
-    with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:
+    a temporary diffujax model checkpoint next to ``hf_dir`` (one a killed export left behind is
+    removed), then ``checkpoint.convert.export`` with ``export_kwargs`` (max_shard_size, dtype,
+    overwrite, naming)."""
+    store.check_separate(src, hf_dir)
+    if os.path.exists(hf_dir) and not export_kwargs.get("overwrite"):
+        raise CheckpointError(f"{hf_dir}: already exists (pass --overwrite to replace it)")
+    with store.scratch_directory(hf_dir, "export") as tmp:
         model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
         return export(model_dir, hf_dir, **export_kwargs)

@@ -18,40 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
+
+from diffujax.processes import hostname, process_alive, process_start
 
 LOCK_NAME = ".lock"
 
 
 class RunLockError(OSError):
     """Another run holds the run directory (the message names it and how to proceed)."""
-
-
-def process_start(pid: int) -> str | None:
-    """An identifier of when process ``pid`` started (Linux: its start time in clock ticks), so
-    a reused pid is not mistaken for the original owner; None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    except OSError:  # no /proc (macOS): fall back to "is there such a pid"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "alive"
-
-
-def process_alive(host: str, pid: int, start: str | None) -> bool | None:
-    """True / False for a process of this host; None (unknown) for another host."""
-    if host != socket.gethostname():
-        return None
-    now = process_start(pid)
-    return now is not None and (start is None or now in (start, "alive"))
 
 
 class FileLock:
@@ -64,7 +39,7 @@ class FileLock:
 
     def _record(self) -> dict:
         pid = os.getpid()
-        return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid),
+        return {"host": hostname(), "pid": pid, "start": process_start(pid),
                 "created": time.time()}
 
     def _read(self) -> dict | None:
@@ -117,7 +92,7 @@ class FileLock:
         who = f"process {owner.get('pid')} on {owner.get('host')}"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("created", 0)))
         hint = ("if that machine's run has ended, delete the file" if owner.get("host")
-                != socket.gethostname() else "wait for it to finish or stop it")
+                != hostname() else "wait for it to finish or stop it")
         return (f"output_dir {directory} is in use by another diffujax train ({who}, since"
                 f" {since}); two runs must not write one directory: choose another output_dir,"
                 f" or {hint} ({self.path})")
@@ -127,7 +102,7 @@ class FileLock:
             return
         self._held = False
         owner = self._read()
-        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == hostname():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
 
