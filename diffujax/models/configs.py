@@ -238,15 +238,13 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
     family = hf.get("model_type")
     archs = [ARCHITECTURES.get(a) for a in hf.get("architectures") or []]
     by_arch = next((f for f in archs if f), None)
-    if family is not None and family not in FAMILIES:
-        # A model_type we do not know names another architecture, whatever "architectures" says
-        # (reading its weights as those of a known family would be silently wrong).
-        raise ConfigError(f"{source}: model_type {family!r} is not supported (supported:"
-                          f" {', '.join(FAMILIES)})")
-    if family is not None and by_arch is not None and FAMILIES[family] is not FAMILIES[by_arch]:
+    if family is not None and by_arch is not None and family in FAMILIES \
+            and FAMILIES[family] is not FAMILIES[by_arch]:
         raise ConfigError(f"{source}: model_type {family!r} contradicts architectures"
                           f" {hf.get('architectures')!r}")
-    family = family or by_arch
+    # A model_type we do not know names another architecture, whatever "architectures" says
+    # (reading its weights as those of a known family would be silently wrong).
+    family = by_arch if family is None else family
     if family not in FAMILIES:
         raise ConfigError(
             f"{source}: unknown architecture (model_type={hf.get('model_type')!r}, "

@@ -276,10 +276,25 @@ class _Run:
                 self._undo_halted_step()
             else:
                 stop = self._consume_pending() or stop
+        except M.WriterError as e:
+            # The metrics of the steps since the last checkpoint may be incomplete: resuming
+            # from that checkpoint redoes them, so it is the state to keep (it is on disk).
+            raise self._writer_failed(e) from e
         except BaseException:
             self._emergency_save()
             raise
         return self._finish(stop)
+
+    def _writer_failed(self, error) -> M.WriterError:
+        try:
+            self.ckpt.wait()
+            last = self.ckpt.latest_step()
+        except Exception:  # noqa: BLE001 - the same disk may fail the checkpoint too
+            last = None
+        where = (f"checkpoint {self.ckpt.directory / str(last)} is intact" if last is not None
+                 else "no checkpoint was saved yet")
+        return M.WriterError(f"{error}; {where}: free the space (or fix the disk) and run the"
+                             " same command again to resume")
 
     def _evaluate(self, **which):
         if not eval_due(self.cfg, self.step):

@@ -151,3 +151,77 @@ def test_cli_tool(hf_gpt2, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert ok.stdout.strip() == str(tmp_path / "out")
+
+
+# -- where convert / export may write, through the command line ----------------------------------
+
+
+def _cli(*argv):
+    from diffujax.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def _tree(directory):
+    return sorted(str(p.relative_to(directory)) for p in pathlib.Path(directory).rglob("*"))
+
+
+def test_destination_overlapping_the_source_is_refused(hf_gpt2, tmp_path, capsys):
+    """``--overwrite`` must never delete the source: a destination that is the source, contains
+    it or lies inside it is refused, for convert and for export, and nothing is touched."""
+    parent = tmp_path / "models"
+    src = parent / "gpt2"
+    shutil.copytree(hf_gpt2[0], src)
+    assert _cli("convert", src, tmp_path / "ckpt", "--no-mask-token") == 0
+    ckpt = tmp_path / "ckpt"
+    before = {d: _tree(d) for d in (parent, ckpt)}
+    cases = [("convert", src, src, "is the source itself"),
+             ("convert", src, parent, "contains the source"),
+             ("convert", src, src / "out", "lies inside the source"),
+             ("export", ckpt, ckpt, "is the source itself"),
+             ("export", ckpt, tmp_path, "contains the source"),
+             ("export", ckpt, ckpt / "hf", "lies inside the source")]
+    for command, a, b, message in cases:
+        assert _cli(command, a, b, "--overwrite") == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (command, err)
+    assert {d: _tree(d) for d in (parent, ckpt)} == before
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_directories_of_a_killed_run_are_removed(hf_gpt2, tmp_path):
+    """A convert killed mid-write leaves ``.DST.tmp-HOST-PID-*`` (the size of the model); the next
+    convert to the same destination removes those whose process is gone and says so, and leaves
+    a live process's alone."""
+    from diffujax.checkpoint import store
+
+    host = store._scratch_prefix(tmp_path / "dst", "tmp").split("-")[1]  # as a writer names it
+    stale = tmp_path / f".dst.tmp-{host}-{_dead_pid()}-abc123"
+    stale_export = tmp_path / f".dst.export-{host}-{_dead_pid()}-xyz"
+    live = tmp_path / f".dst.tmp-{host}-{os.getpid()}-live"
+    other = tmp_path / f".other.tmp-{host}-{_dead_pid()}-abc"
+    for d in (stale, stale_export, live, other):
+        d.mkdir()
+        (d / "params").write_bytes(b"\0" * 1000)
+    with pytest.warns(RuntimeWarning, match=r"removed .*\.dst\.tmp-.*: a temporary directory left"
+                                            r" by a killed diffujax"):
+        convert(hf_gpt2[0], tmp_path / "dst")
+    assert not stale.exists() and not stale_export.exists()
+    assert live.exists() and other.exists()  # running, or another destination's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["dst", live.name, other.name])
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="mamba"), r"unknown architecture \(model_type='mamba'"),
+    (dict(model_type="gpt2"), r"model_type 'gpt2' contradicts architectures \['LlamaForCausalLM'\]"),
+])
+def test_model_type_contradicting_the_weights_is_refused(hf, tmp_path, changes, message):
+    src = hf.write_hf(tmp_path / "src", hf.tiny_model(hf.LLAMA))
+    edit_config(src, **changes)
+    assert_fails_cleanly(tmp_path, lambda: convert(src, tmp_path / "dst"), message)
