@@ -269,7 +269,8 @@ def check_finite(flat: Mapping[str, Any], where: str) -> None:
             devices = getattr(getattr(x, "sharding", None), "device_set", None) or ()
             groups.setdefault(tuple(sorted(d.id for d in devices)), []).append((name, x))
     for members in groups.values():
-        ok = jax.device_get(_all_finite([x for _, x in members]))
+        ok = [bool(np.asarray(v.addressable_data(0) if not v.is_fully_addressable else v))
+              for v in _all_finite([x for _, x in members])]
         bad = [name for (name, _), good in zip(members, ok) if not good]
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

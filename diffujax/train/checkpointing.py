@@ -33,7 +33,7 @@ from etils import epath
 
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models.configs import FAMILIES, ModelConfig, config_from_hf
-from diffujax.train.integrity import checksums, first_mismatch, json_digest
+from diffujax.train.integrity import checksums, first_mismatch, json_digest, local_value
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class TrainCheckpointer:
         self.manager.wait_until_finished()  # the previous save is complete: safe to rotate
         self._rotate()
         bad = getattr(state, "bad_steps", 0)
-        finite = int(jax.device_get(bad)) == 0
+        finite = int(local_value(bad)) == 0
         meta = _jsonable(dict(meta or {}, step=step, time=time.time(),
                               process_count=jax.process_count(),
                               device_count=jax.device_count(), finite=finite))

@@ -21,11 +21,16 @@ from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_f
                                           read_meta, sync, verify_arrays, verify_record)
 
 
+def _is_step_dir(path) -> bool:
+    path = epath.Path(os.path.abspath(os.fspath(path)))
+    return (path / META).exists() and (path / STATE).exists()
+
+
 def find_step_dir(path, step: int | None = None) -> epath.Path:
     """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
     when ``step`` is None."""
     path = epath.Path(os.path.abspath(os.fspath(path)))
-    if (path / META).exists() and (path / STATE).exists():
+    if _is_step_dir(path):
         return path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -152,7 +157,7 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
             store.check_separate(run_dir, target)
     params_key = "ema" if ema else "params"
     newest = find_step_dir(run_dir, step)
-    if step is not None or newest.parent.name != "checkpoints":
+    if step is not None or _is_step_dir(run_dir):
         candidates = [newest]  # one step asked for: its damage is an error
     else:
         steps = sorted((int(p.name) for p in newest.parent.iterdir() if p.name.isdigit()),

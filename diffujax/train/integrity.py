@@ -23,6 +23,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def array_name(path) -> str:
@@ -83,9 +84,17 @@ def checksums(tree) -> dict[str, list[int]]:
         groups.setdefault(key, []).append((name, x))
     out = {}
     for members in groups.values():
-        values = jax.device_get(_checksums([x for _, x in members]))
+        values = [local_value(v) for v in _checksums([x for _, x in members])]
         out.update({name: [int(v[0]), int(v[1])] for (name, _), v in zip(members, values)})
     return out
+
+
+def local_value(x) -> np.ndarray:
+    """A replicated result as a host array, also on a multi-host run (where the array is not
+    fully addressable and ``device_get`` refuses it): this process's copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
 
 
 def first_mismatch(stored: dict, actual: dict, prefix: str = "") -> str | None:

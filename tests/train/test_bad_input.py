@@ -160,3 +160,19 @@ def test_resume_applies_and_reports_what_it_can_honour(reference, corpus, tmp_pa
     assert sorted(got) == list(range(1, STEPS + 3))
     assert {s: v for s, v in got.items() if s <= STEPS} == losses(reference)
     assert "peak_lr: 0.001" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_lost_data_state_is_only_restarted_when_asked(reference, corpus, tmp_path, capsys):
+    """No step holds its data-iterator state: the resume is refused (nothing moved), naming the
+    key that allows it; with ``checkpoint.restart_data=true`` it resumes and says so."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for data in (run_dir / "checkpoints").glob("*/data"):
+        shutil.rmtree(data)
+    line = _error(capsys, _train(run_dir, *corpus))
+    assert "no data-iterator state" in line and "checkpoint.restart_data=true" in line
+    assert not (run_dir / "checkpoints" / "corrupt").exists()
+    assert cli(_train(run_dir, *corpus, "checkpoint.restart_data=true")) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {run_dir / 'checkpoints' / str(STEPS)}" in err
+    assert "the data stream restarts" in err

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from train_runs import (NO_SAMPLES, STEPS, WITH_SAMPLES, losses, record_values, run, start,
-                        wait_for_step)
+from train_runs import (NO_SAMPLES, STEPS, WITH_SAMPLES, losses, record_values, records_safe,
+                        run, start, wait_for_step)
 
 from diffujax.cli import main as cli
 
@@ -22,6 +22,17 @@ def _flip_byte(path: pathlib.Path, offset: int | None = None):
     data = bytearray(path.read_bytes())
     data[len(data) // 2 if offset is None else offset] ^= 0x10
     path.write_bytes(bytes(data))
+
+
+def _progressed(proc, out_dir, step, timeout=300) -> bool:
+    """Wait until the run logs ``step``: True, or False if it ended first."""
+    path = pathlib.Path(out_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(r["kind"] == "train" and r["step"] >= step for r in records_safe(path)):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _committed(out_dir) -> int:
@@ -89,26 +100,26 @@ def test_random_sigkills_and_a_second_writer(reference, corpus, tmp_path):
     the lock of a killed run is taken over."""
     rng = random.Random(20261201)
     proc = start(tmp_path, corpus, WITH_SAMPLES)
-    wait_for_step(proc, tmp_path, 1)
-    second = run(tmp_path, corpus, WITH_SAMPLES, expect=2)
-    assert "is in use by another diffujax train" in second and f"process {proc.pid}" in second
+    while not (tmp_path / ".lock").exists():  # the first run holds the directory ...
+        assert proc.poll() is None
+        time.sleep(0.01)
+    second = start(tmp_path, corpus, WITH_SAMPLES)  # ... so a second one must be refused
     outputs = []
     for kill in range(4):  # three kills, each after the attempt made progress, then completion
-        if kill < 3:
-            try:
-                wait_for_step(proc, tmp_path, _committed(tmp_path) + 1)
-                time.sleep(rng.uniform(0.0, 3.0))
-            except AssertionError:  # it finished first
-                pass
+        if kill < 3 and _progressed(proc, tmp_path, _committed(tmp_path) + 1):
+            time.sleep(rng.uniform(0.0, 3.0))
             proc.kill()
         out, _ = proc.communicate(timeout=300)
-        outputs.append(out)
+        outputs.append(f"[exit {proc.returncode}]\n{out}")
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, out
         proc = start(tmp_path, corpus, WITH_SAMPLES)
     assert proc.returncode == 0
-    assert any("took over the stale lock" in o for o in outputs[1:])
+    refused, _ = second.communicate(timeout=300)
+    assert second.returncode == 2, refused
+    assert "is in use by another diffujax train" in refused and "process" in refused
+    assert any("took over the stale lock" in o for o in outputs[1:]), "\n=====\n".join(outputs)
     assert record_values(tmp_path) == record_values(reference)
 
 
