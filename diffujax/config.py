@@ -239,6 +239,10 @@ class RunConfig:
         accum = self.optimizer.grad_accum_steps
         _check(self.data.global_batch % accum == 0, "optimizer.grad_accum_steps",
                f"({accum}) must divide data.global_batch ({self.data.global_batch})")
+        o = self.optimizer
+        _check(o.schedule != "cosine" or (o.decay_steps or self.train.steps) > o.warmup_steps,
+               "optimizer.warmup_steps", f"({o.warmup_steps}) must be below the cosine decay's"
+               f" end (optimizer.decay_steps, else train.steps: {o.decay_steps or self.train.steps})")
         if self.model.init is not None:  # a checkpoint's model is checked once its config is read
             self.check_model(self.resolve_model_config(), "model.init")
 

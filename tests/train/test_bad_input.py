@@ -64,7 +64,8 @@ GENERATE = [
 @pytest.mark.parametrize("extra, message", EVAL, ids=lambda x: " ".join(x)
                          if isinstance(x, list) else None)
 def test_eval_arguments(reference, capsys, no_weight_reads, extra, message):
-    argv = ["eval", "--checkpoint", str(reference / "final"), "--text", str(ROOT / "README.md")]
+    argv = ["eval", "--checkpoint", str(reference / "final"), "--text", str(ROOT / "README.md"),
+            "--seq-len", "64"]
     assert message in _error(capsys, argv + extra)
 
 
@@ -81,7 +82,7 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     from diffujax.checkpoint import store
 
     cfg, params = store.load(reference / "final")
-    flat = {k: np.asarray(v) for k, v in store.tree.from_state(cfg, params).items()}
+    flat = {k: np.array(v) for k, v in store.tree.from_state(cfg, params).items()}
     flat["layers/wq"][0, 1, 2, 3] = np.nan
     store.save(tmp_path / "nan", cfg, flat, tokenizer_from=reference / "final")
     half = tmp_path / "half"
@@ -117,6 +118,8 @@ RUN_CONFIG = [  # run-config values that cannot work, refused when the config lo
     ("data.sources=[{path: x, fromat: text}]", "unknown config key 'data.sources[0].fromat'"),
     ("data.sources=[{path: x, format: csv}]", "data.sources[0].format: 'csv' is not one of"),
     ("diffusion.per_sequence_norm=true", "replaced by diffusion.normalization: sequence"),
+    ("optimizer.warmup_steps=20", "optimizer.warmup_steps: (20) must be below the cosine decay's"
+                                  " end (optimizer.decay_steps, else train.steps: 20)"),
 ]
 
 

@@ -106,6 +106,38 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_nonfinite_steps_right_after_a_resume_blame_the_checkpoint(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A run resumes and every step after is non-finite: it stops after exactly max_bad_steps,
+    says to suspect the checkpoint it resumed from, and rotation keeps that (finite) step although
+    keep_last=1."""
+    import diffujax.train.step as step_module
+    from diffujax.train import checkpointing as C
+    from diffujax.train.loop import EXIT_BAD_STEPS, train
+
+    args = [f"output_dir={tmp_path}", "train.steps=4", "train.max_bad_steps=2",
+            "optimizer.warmup_steps=1", "logging.every_steps=1", "logging.eval_every=0",
+            "logging.sample_every=0", "logging.tensorboard=false", "checkpoint.every_steps=2",
+            "checkpoint.keep_last=1", "model.init.num_layers=1"]
+    assert train(load_config(ROOT / "configs" / "tiny.yaml", args)) == 0
+    real = step_module.diffusion_loss_sums
+
+    def poisoned(*a, **kw):
+        sums = real(*a, **kw)
+        return type(sums)(**{**vars(sums), "weighted": sums.weighted * jnp.nan})
+
+    monkeypatch.setattr(step_module, "diffusion_loss_sums", poisoned)
+    capsys.readouterr()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", args + ["train.steps=10"])
+    assert train(cfg) == EXIT_BAD_STEPS
+    err = capsys.readouterr().err
+    assert "stopped at step 6: the last 2 steps had a non-finite loss" in err
+    assert "every step since resuming from checkpoint step 4 was non-finite: suspect that" in err
+    ckpt = C.TrainCheckpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [4, 6]
+    ckpt.close()
+
+
 def test_a_crash_between_steps_saves_the_work_first(tmp_path, monkeypatch, capsys):
     """A data error at step 4 (after 3 steps, no periodic checkpoint yet): the run saves step 3,
     then raises the original error."""
