@@ -158,17 +158,18 @@ def test_export_step(tmp_path):
     from diffujax.parallel.mesh import make_mesh
     from diffujax.train.state import create_train_state
 
-    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "model.init.num_layers=1"])
+    run_dir = tmp_path / "run"
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", "model.init.num_layers=1"])
     model_cfg = cfg.resolve_model_config()
     mesh = make_mesh(cfg.mesh)
     state = create_train_state(cfg, model_cfg, mesh, cfg.mesh.rule_table())
-    ckpt = C.TrainCheckpointer(tmp_path / "checkpoints", save_every=1)
+    ckpt = C.TrainCheckpointer(run_dir / "checkpoints", save_every=1)
     ckpt.save(7, state, meta={"model_config": C.model_config_to_meta(model_cfg),
                               "tokenizer_dir": os.path.abspath("configs/tokenizers/bytes")})
     ckpt.close()
     from diffujax.train.export import export_step
 
-    out = export_step(tmp_path, None, tmp_path / "model")
+    out = export_step(run_dir, None, tmp_path / "model")
     loaded_cfg, params = store.load(out)
     assert loaded_cfg.num_layers == 1 and loaded_cfg.mask_token_id == 258
     assert _leaves_equal(params, state.params)
