@@ -19,7 +19,9 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax.attention import BACKENDS
 from diffujax.models.configs import FAMILIES, ModelConfig
+from diffujax.parallel.logical import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,8 +51,6 @@ class ModelSection:
             raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
         if self.init is not None:
             object.__setattr__(self, "init", _validate_init(self.init, f"{key}.init"))
-        from diffujax.attention import BACKENDS  # lazy: keeps `import diffujax.config` light
-
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ConfigError(f"{key}.attention_backend: {self.attention_backend!r} is not one of"
                               f" {BACKENDS}")
@@ -153,8 +153,6 @@ class MeshSection:
     process_id: int | None = None
 
     def validate(self, key: str):
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         names, axes = {n for n, _ in DEFAULT_RULES}, ("data", "fsdp", "tensor")
         for name, target in self.rules.items():
             if name not in names:
@@ -167,8 +165,6 @@ class MeshSection:
 
     def rule_table(self) -> tuple:
         """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()}
         return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
 

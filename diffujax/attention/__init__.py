@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 
+from diffujax.attention import gpu, splash, tpu
 from diffujax.attention.pattern import (AttentionPattern, anneal_ratio, annealed, causal,
                                         dense_mask, for_training, full, is_open)
 from diffujax.attention.reference import reference_attention
@@ -93,18 +94,14 @@ def attention(q, k, v, pattern: AttentionPattern, *, backend: str = "auto",
     if chosen == "xla":
         return reference_attention(q, k, v, pattern)
     if chosen == "pallas_tpu":
-        from diffujax.attention import tpu
         return tpu.flash_attention(q, k, v, pattern, block_sizes=_settings["tpu_block_sizes"],
                                    interpret=interpret)
     if chosen == "splash":
-        from diffujax.attention import splash
         return splash.splash_attention(q, k, v, pattern, block=_settings["splash_block"],
                                        dense_annealed=True, interpret=bool(interpret))
     if chosen == "pallas_gpu":
-        from diffujax.attention import gpu
         return gpu.flash_attention(q, k, v, pattern, block_sizes=_settings["gpu_block_sizes"],
                                    interpret=bool(interpret))
-    from diffujax.attention import gpu  # cudnn
     if backend == "auto":
         try:
             return gpu.cudnn_attention(q, k, v, pattern)
