@@ -385,10 +385,16 @@ def model_config_to_dict(config) -> dict:
 def model_config_from_dict(d: dict):
     from diffujax.models.configs import FAMILIES
 
+    from diffujax.attention.config import AttentionConfig
+
     fields = dict(d)
     cls = FAMILIES[fields.pop("family")]
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
-    return cls(**{k: tuples(v) for k, v in fields.items()})
+    fields = {k: tuples(v) for k, v in fields.items()}
+    legacy_backend = fields.pop("attention_backend", "auto")  # metadata before AttentionConfig
+    fields["attention"] = AttentionConfig.from_dict(
+        fields.get("attention", {"backend": legacy_backend}))
+    return cls(**fields)
 
 
 def saved_model_config(directory):
