@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from diffujax.data.tokenizer import load_tokenizer
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
 from diffujax.runtime import (ArgumentError, LoadedModel, add_mesh_args, checkpoint_config,
@@ -139,8 +140,6 @@ def check_fits(args, config, tokenizer) -> None:
 
 
 def run_generate(args) -> int:
-    from diffujax.data.tokenizer import load_tokenizer
-
     config = checkpoint_config(args)
     check_generate_args(args, config)
     check_fits(args, config, load_tokenizer(args.checkpoint))

@@ -30,7 +30,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models.configs import FAMILIES, ModelConfig, config_from_hf
 from diffujax.train.integrity import checksums, first_mismatch, json_digest, local_value
@@ -330,7 +332,6 @@ class TrainCheckpointer:
 
 def sync(name: str):
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -371,7 +372,11 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     if "family" in record and "model_type" not in record:  # the earlier format
         cls = FAMILIES[record.pop("family")]
         tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
-        return cls(**{k: tuples(v) for k, v in record.items()})
+        fields = {k: tuples(v) for k, v in record.items()}
+        legacy_backend = fields.pop("attention_backend", "auto")  # before AttentionConfig
+        fields["attention"] = AttentionConfig.from_dict(
+            fields.get("attention", {"backend": legacy_backend}))
+        return cls(**fields)
     return config_from_hf(record, source=f"meta of step {meta.get('step')}")
 
 

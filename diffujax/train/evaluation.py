@@ -8,6 +8,7 @@ import warnings
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
 from diffujax.parallel.mesh import data_shard, make_global_batch, to_host
@@ -20,7 +21,6 @@ NUM_SAMPLES, SAMPLE_LEN, SAMPLE_STEPS = 4, 256, 64  # training-time samples: a q
 def _min_over_processes(n: int) -> int:
     if jax.process_count() == 1:
         return n
-    from jax.experimental import multihost_utils
     return int(np.min(multihost_utils.process_allgather(np.int32(n))))
 
 

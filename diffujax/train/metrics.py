@@ -27,6 +27,11 @@ import sys
 import time
 
 import jax
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar as scalar_summary
+from tensorboardX.summary import text as text_summary
+from tqdm import tqdm
 
 from diffujax.models.configs import ModelConfig
 
@@ -210,11 +215,7 @@ class _TensorBoard:
     """TensorBoard event file written synchronously: an error surfaces in the caller."""
 
     def __init__(self, logdir: str, purge_step: int | None, flush_secs: float = 30.0):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
         os.makedirs(logdir, exist_ok=True)
-        self._event = Event
         self._writer = EventsWriter(os.path.join(logdir, "events"))
         if purge_step is not None:  # TensorBoard hides the events of later steps (a resume)
             self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
@@ -222,19 +223,14 @@ class _TensorBoard:
         self._flush_secs, self._last_flush = flush_secs, time.monotonic()
 
     def _write(self, summary, step: int):
-        self._writer.write_event(self._event(summary=summary, step=int(step),
-                                             wall_time=time.time()))
+        self._writer.write_event(Event(summary=summary, step=int(step), wall_time=time.time()))
         if time.monotonic() - self._last_flush > self._flush_secs:
             self.flush()
 
     def add_scalar(self, tag: str, value: float, step: int):
-        from tensorboardX.summary import scalar
-
-        self._write(scalar(tag, float(value)), step)
+        self._write(scalar_summary(tag, float(value)), step)
 
     def add_text(self, tag: str, text: str, step: int):
-        from tensorboardX.summary import text as text_summary
-
         self._write(text_summary(tag, text), step)
 
     def flush(self):
@@ -272,7 +268,6 @@ class RunLogger:
             with self._guard(self.tb_dir):
                 self._tb = _TensorBoard(self.tb_dir, start_step + 1 if start_step else None)
         if progress and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                              dynamic_ncols=True, desc="train",
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"

@@ -7,6 +7,7 @@ import logging
 import signal
 
 import jax
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class PreemptionGuard:
         """Must be called by every process at every step (multi-host: it is a collective)."""
         if self._multihost:
             try:
-                from jax.experimental import multihost_utils
                 if multihost_utils.reached_preemption_sync_point(step):
                     self.signal_name = self.signal_name or "preemption notice"
             except RuntimeError:  # preemption service disabled

@@ -30,7 +30,7 @@ HONOURABLE = ("output_dir", "logging.", "checkpoint.", "mesh.", "train.steps",
               "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio",
               "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
               "optimizer.clip_norm", "optimizer.grad_accum_steps", "model.dtype",
-              "model.attention_backend", "model.remat", "data.eval_sources", "data.eval_split")
+              "model.attention.", "model.remat", "data.eval_sources", "data.eval_split")
 
 
 def _honourable(key: str) -> bool:
