@@ -6,13 +6,15 @@ the CLI exactly as ``python -m diffujax.cli ARGS...`` after installing the fault
             jsonl (metrics.jsonl record writes), save (checkpoint saves)
     N       the N-th such call of this process (1-based) triggers the action
     ACTION  kill (SIGKILL itself, mid-call), sigint2 (a double Ctrl-C: two SIGINTs), enospc
-            (the write fails with "No space left on device")
+            (the write fails with "No space left on device"), wait (block until the file named
+            by ``$DIFFUJAX_TEST_GO`` exists: the test decides when the run goes on)
 """
 
 import errno
 import os
 import signal
 import sys
+import time
 
 
 def _act(action: str):
@@ -23,6 +25,10 @@ def _act(action: str):
         os.kill(os.getpid(), signal.SIGINT)  # ... the second interrupts whatever runs
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == "wait":
+        deadline = time.monotonic() + 600
+        while not os.path.exists(os.environ["DIFFUJAX_TEST_GO"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
     else:
         raise ValueError(f"unknown fault action {action!r}")
 

@@ -34,7 +34,7 @@ def make_corpus(root: pathlib.Path) -> list[str]:
             f"data.eval_sources=[{{path: '{root / 'eval'}'}}]"]
 
 
-def env(faults: str | None = None) -> dict:
+def env(faults: str | None = None, go: str | None = None) -> dict:
     out = dict(os.environ, PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
@@ -42,14 +42,18 @@ def env(faults: str | None = None) -> dict:
     out.pop("DIFFUJAX_TEST_FAULTS", None)
     if faults:
         out["DIFFUJAX_TEST_FAULTS"] = faults
+    if go:
+        out["DIFFUJAX_TEST_GO"] = go
     return out
 
 
-def start(out_dir, corpus, *extra, faults: str | None = None) -> subprocess.Popen:
-    """``diffujax train`` (through ``fault_worker.py``, which injects ``faults``, when given)."""
+def start(out_dir, corpus, *extra, faults: str | None = None,
+          go: str | None = None) -> subprocess.Popen:
+    """``diffujax train`` (through ``fault_worker.py``, which injects ``faults``, when given;
+    ``go``: the file a ``wait`` fault waits for)."""
     entry = [str(FAULT_WORKER)] if faults else ["-m", "diffujax.cli"]
     cmd = [sys.executable, *entry, "train", *ARGS, *corpus, f"output_dir={out_dir}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(faults), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(faults, go), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
