@@ -44,12 +44,13 @@ def add_default_model_args(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def _report(fn) -> int:
+    from diffujax import console
     from diffujax.checkpoint.errors import CheckpointError
 
     try:
         print(fn())
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error_line(e)  # one line (--debug: with the traceback)
         return 1
     return 0
 
@@ -89,5 +90,9 @@ def tool_main(argv=None) -> int:
     parser.add_argument("--to-hf", action="store_true",
                         help="export a diffujax checkpoint SRC as a Hugging Face directory DST")
     (add_export_args if to_hf else add_convert_args)(parser)
+    parser.add_argument("--debug", action="store_true", help="debug log records, tracebacks")
     args = parser.parse_args(argv)
+    from diffujax import console
+
+    console.setup_logging(debug=args.debug)
     return (run_export if to_hf else run_convert)(args)

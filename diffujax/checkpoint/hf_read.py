@@ -15,6 +15,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from diffujax import console
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.keymaps import LM_HEAD, detect_naming, embedding_path, keymap
 from diffujax.models import param_specs
@@ -313,7 +314,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
 
     specs = param_specs(config)
     params: dict[str, np.ndarray] = {}
-    for name in names:
+    for name in console.progress(names, total=len(names), desc="read", unit="tensor"):
         if name not in expected:
             continue
         entry, layer = expected[name]

@@ -10,6 +10,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from diffujax import console
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
 from diffujax.checkpoint.keymaps import LM_HEAD, embedding_path, keymap
@@ -72,14 +73,19 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     weight_map, total = {}, 0
     umask = os.umask(0)
     os.umask(umask)
+    bar = console.progress(total=sum(map(len, shards)), desc="write", unit="tensor")
     for file, shard in zip(files, shards):
-        arrays = {name: make() for name, _, _, make in shard}
+        arrays = {}
+        for name, _, _, make in shard:
+            arrays[name] = make()
+            bar.update(1)
         save_file(arrays, str(directory / file), metadata={"format": "pt"})
         os.chmod(directory / file, 0o666 & ~umask)  # safetensors creates it 0600
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes
         del arrays
+    bar.close()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

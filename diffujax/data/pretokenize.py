@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffujax import console
 from diffujax.data.sources import FORMATS, DataError, SourceReport, make_source
 from diffujax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -222,8 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--add-bos", action="store_true")
     p.add_argument("--model-vocab-size", type=int)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--debug", action="store_true", help="debug log records, tracebacks on errors")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    console.setup_logging(debug=args.debug)
     try:
         source = make_source(args.format, args.inputs, field=args.field, mode=args.mode,
                              errors=args.errors, split=args.split, data_dir=args.data_dir)
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
                            add_bos=args.add_bos, model_vocab_size=args.model_vocab_size,
                            workers=args.workers)
     except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error_line(e)
         return 1
     print(json.dumps({"out": args.out, "layout": meta["layout"], **meta["counts"],
                       "source_skipped": meta["source_skipped"]}, sort_keys=True))
