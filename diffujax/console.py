@@ -15,6 +15,8 @@ import os
 import sys
 import traceback
 
+from tqdm import tqdm
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _debug = False
 
@@ -24,8 +26,6 @@ class _TqdmHandler(logging.StreamHandler):
 
     def emit(self, record):
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # never let logging take the program down
             self.handleError(record)
@@ -70,8 +70,6 @@ def progress(iterable=None, *, total=None, desc=None, unit="it"):
     """``iterable`` wrapped in a progress bar (or unchanged when bars are off). Without an
     iterable: an object with ``update(n)`` and ``close()``, usable as a context manager."""
     if progress_enabled():
-        from tqdm import tqdm
-
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
                     dynamic_ncols=True)
     return iterable if iterable is not None else _NoBar()
