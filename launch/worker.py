@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import time
 # Device files a process holds while it owns the TPU (TPU v4+ expose /dev/accel*, v5e/v6e VFIO).
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
 LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+MIN_PYTHON = (3, 11)  # diffujax's requires-python
 
 
 class WorkerError(Exception):
@@ -122,6 +124,24 @@ def kill_tpu_holders(grace: float) -> list:
         except OSError:
             pass
     return sorted(holders)
+
+
+def host_python() -> str:
+    """The newest Python >= 3.11 on PATH, to create the venv with (TPU VM images based on Ubuntu
+    22.04 ship 3.10 as python3)."""
+    for name in ("python3.13", "python3.12", "python3.11", "python3"):
+        path = shutil.which(name)
+        if not path:
+            continue
+        try:
+            out = subprocess.run([path, "-c", "import sys; print(*sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=60).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if len(out) == 2 and tuple(map(int, out)) >= MIN_PYTHON:
+            return path
+    raise WorkerError("no Python >= 3.11 on this host to create the venv with (Ubuntu 22.04: sudo "
+                      "apt-get install -y python3.11 python3.11-venv), or pass --venv")
 
 
 # ------------------------------------------------------------------------------------ run files
@@ -217,7 +237,7 @@ def cmd_start(a) -> int:
     python = os.path.join(venv, "bin", "python")
     if a.install is not None:
         if not os.path.exists(python):
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+            subprocess.run([host_python(), "-m", "venv", venv], check=True)
         target = f"{code}[{a.install}]" if a.install else code
         with open(run.path("install.log"), "w") as log:
             done = subprocess.run([python, "-m", "pip", "install", "-e", target],
