@@ -1,8 +1,7 @@
 """What the command line shows a person: log records, errors, progress bars. One place for each.
 
-- ``setup_logging(debug)``: log records reach stderr (INFO and up from diffujax, WARNING and up
-  from libraries; ``--debug``: DEBUG from diffujax), written through tqdm so they never tear a
-  progress bar.
+- ``setup_logging(debug)``: diffujax's log records reach stderr (INFO and up; ``--debug``:
+  DEBUG), written through tqdm so they never tear a progress bar.
 - ``error_line(exc, prefix)``: bad input is one line; with ``--debug`` the traceback too.
 - ``progress(iterable, total=, desc=)``: a tqdm bar on stderr when stderr is a terminal (or
   ``DIFFUJAX_PROGRESS=1``); nothing in log files and pipes (or ``DIFFUJAX_PROGRESS=0``).
@@ -32,18 +31,20 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(debug: bool = False) -> None:
-    """Show log records on stderr (idempotent: one handler however often it is called)."""
+    """Show diffujax's log records on stderr (INFO and up; ``debug``: DEBUG and up). The handler
+    sits on diffujax's own loggers, which do not propagate, so a library that configures the root
+    logger (``logging.basicConfig``) neither duplicates nor reformats them; library records keep
+    going to the root logger (by default: WARNING and up on stderr). Idempotent."""
     global _debug
     _debug = debug
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h, _TqdmHandler)), None)
-    if handler is None:
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)  # libraries (absl, orbax, jax): warnings and errors only
-    for ours in ("diffujax", "__main__"):  # __main__: a module run with `python -m diffujax.x`
-        logging.getLogger(ours).setLevel(logging.DEBUG if debug else logging.INFO)
+    for name in ("diffujax", "__main__"):  # __main__: a module run as `python -m diffujax.x`
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+            handler = _TqdmHandler()
+            handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+        logger.propagate = False
 
 
 def debug_enabled() -> bool:

@@ -44,9 +44,10 @@ def test_train_config_error_debug_traceback(tmp_path):
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
-def test_log_records_are_shown(tmp_path):
-    """pretokenize logs through `logging` (INFO): the records reach stderr, with level and
-    logger name; library records below WARNING do not."""
+def test_log_records_are_shown_once(tmp_path):
+    """pretokenize logs through `logging` (INFO): the records reach stderr with time, level and
+    logger name, once, even when a library has configured the root logger (absl does so as soon
+    as orbax is imported)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(30)} | {"<unk>": 30, "<eos>": 31}
@@ -58,10 +59,21 @@ def test_log_records_are_shown(tmp_path):
     (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
     text = tmp_path / "a.txt"
     text.write_text(" ".join(f"w{i % 30}" for i in range(400)))
-    done = cli("--tokenizer", str(tok_dir), "--out", str(tmp_path / "shards"), "--shards", "2",
-               "--seq-len", "16", str(text), module="diffujax.data.pretokenize")
+    args = ["--tokenizer", str(tok_dir), "--shards", "2", "--seq-len", "16", str(text)]
+    message = "pretokenize: 2 of 2 shards to write"
+    # As documented: python -m diffujax.data.pretokenize (the module is __main__ then).
+    done = cli("--out", str(tmp_path / "a"), *args, module="diffujax.data.pretokenize")
     assert done.returncode == 0, done.stderr
-    assert " INFO __main__: pretokenize: 2 of 2 shards to write" in done.stderr
+    assert done.stderr.count(message) == 1 and " INFO __main__: " + message in done.stderr
+    # Imported, after a library called logging.basicConfig().
+    code = ("import logging, sys; logging.basicConfig(); "
+            "from diffujax.data.pretokenize import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "b"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(message) == 1
+    assert " INFO diffujax.data.pretokenize: " + message in done.stderr
 
 
 @pytest.fixture(scope="module")
