@@ -262,7 +262,7 @@ def cmd_run(a, gcloud: Gcloud) -> int:
                                                  worker_py("stop", f"--run={run}", "--grace=30")))
         raise LaunchError(f"{len(failed)} of {len(hosts)} host(s) did not start; the others were "
                           "stopped")
-    me = f"python {sys.argv[0]} " if sys.argv[0].endswith("tpu.py") else "launch/tpu.py "
+    me = "python launch/tpu.py "
     where = f"{a.name} --zone={gcloud.zone}" + (f" --num-slices={a.num_slices}"
                                                 if a.num_slices > 1 else "")
     print(f"started {run} on {len(hosts)} host(s). Follow: {me}logs {where} --follow; "
