@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poll", type=float, default=30, help="seconds between state checks")
 
     s = command("run", cmd_run, "ship the code and start `diffujax ARGS` on every host")
+    s.epilog = ("Everything after `--` is the diffujax command line, passed on as given, e.g. "
+                "-- train --config configs/tiny.yaml output_dir=gs://BUCKET/run")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--run-name", help="default: run-YYYYmmdd-HHMMSS (UTC)")
     s.add_argument("--allow-dirty", action="store_true",

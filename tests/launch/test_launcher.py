@@ -337,3 +337,25 @@ def test_bad_arguments_are_one_line_errors(cloud, capsys):
     assert "NOT_FOUND" in capsys.readouterr().err
     assert cloud.launch("logs", "pod", "--zone=z", "--worker=5") == 2
     assert "processes 0..0" in capsys.readouterr().err
+
+
+def test_venv_python_is_the_newest_at_least_3_11(tmp_path, monkeypatch):
+    """TPU VM images on Ubuntu 22.04 have python3 = 3.10: the venv must come from python3.11+."""
+    worker = _load("launch_worker", REPO / "launch" / "worker.py")
+    bin_dir = tmp_path / "pybin"
+    bin_dir.mkdir()
+
+    def interpreter(name, major, minor):
+        p = bin_dir / name
+        p.write_text(f"#!/bin/sh\necho {major} {minor}\n")
+        p.chmod(0o755)
+        return str(p)
+
+    monkeypatch.setenv("PATH", str(bin_dir))
+    interpreter("python3", 3, 10)
+    with pytest.raises(worker.WorkerError, match="no Python >= 3.11"):
+        worker.host_python()
+    chosen = interpreter("python3.11", 3, 11)
+    assert worker.host_python() == chosen
+    interpreter("python3", 3, 12)  # a newer python3 is fine too; python3.11 is still preferred
+    assert worker.host_python() == chosen
