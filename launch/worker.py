@@ -103,17 +103,24 @@ def tpu_holders() -> dict:
     return holders
 
 
+def _kill(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise WorkerError(f"pid {pid} holds the TPU and belongs to another user: sudo kill {pid}, "
+                          "then start again") from None
+
+
 def kill_tpu_holders(grace: float) -> list:
     """SIGTERM, then SIGKILL, every process holding the TPU; clear libtpu's stale lock file."""
     holders = tpu_holders()
     for pid, device in sorted(holders.items()):
         print(f"killing pid {pid}: it holds {device}", flush=True)
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _kill(pid, signal.SIGTERM)
     for pid in _wait_gone(holders, grace):
-        os.kill(pid, signal.SIGKILL)
+        _kill(pid, signal.SIGKILL)
     left = _wait_gone(holders, 10)
     if left:
         raise WorkerError(f"processes {left} still hold the TPU after SIGKILL (owned by another "
