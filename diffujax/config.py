@@ -21,6 +21,7 @@ import yaml
 
 from diffujax.attention.config import AttentionConfig
 from diffujax.models.configs import FAMILIES, ModelConfig
+from diffujax.parallel.logical import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -150,8 +151,6 @@ class MeshSection:
     process_id: int | None = None
 
     def validate(self, key: str):
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         names, axes = {n for n, _ in DEFAULT_RULES}, ("data", "fsdp", "tensor")
         for name, target in self.rules.items():
             if name not in names:
@@ -164,8 +163,6 @@ class MeshSection:
 
     def rule_table(self) -> tuple:
         """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()}
         return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
 

@@ -27,6 +27,9 @@ fallback). ``xla`` needs no map: XLA partitions it like any other op.
 
 from __future__ import annotations
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffujax.attention import gpu, splash, tpu
 from diffujax.attention.config import (BACKENDS, AttentionConfig, GpuBlockSizes,
                                        TpuBlockSizes)
 from diffujax.attention.pattern import (AttentionPattern, anneal_ratio, annealed, causal,
@@ -79,11 +82,9 @@ def _local_kernel(chosen: str, config: AttentionConfig, explicit: bool):
     """``fn(q, k, v, pattern)`` running backend ``chosen`` on one device's operands."""
     interpret = config.interpret
     if chosen == "pallas_tpu":
-        from diffujax.attention import tpu  # Pallas imports stay off the CPU path
         blocks = config.tpu_block_sizes or tpu.default_block_sizes(target_device()[1])
         return lambda q, k, v, p: tpu.flash_attention(q, k, v, p, block_sizes=blocks,
                                                       interpret=interpret)
-    from diffujax.attention import gpu
     flash = lambda q, k, v, p: gpu.flash_attention(  # noqa: E731
         q, k, v, p, block_sizes=config.gpu_block_sizes, interpret=bool(interpret))
     if chosen == "pallas_gpu":
@@ -100,7 +101,6 @@ def _local_kernel(chosen: str, config: AttentionConfig, explicit: bool):
 
 
 def _splash(q, k, v, pattern, config: AttentionConfig, layout):
-    from diffujax.attention import splash
     splash.check(q, k, pattern, dense_annealed=True)
     interpret = bool(config.interpret)
     block = config.splash_block
@@ -112,7 +112,6 @@ def _splash(q, k, v, pattern, config: AttentionConfig, layout):
     kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards)
     if layout is None:
         return local(q, k, v, pattern, kernel)
-    from jax.sharding import NamedSharding, PartitionSpec as P
     spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))
     return layout.run(local, q, k, v, pattern, extra=(kernel,), extra_specs=(spec,))
 
