@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 from diffujax.attention import BACKENDS
-from diffujax.models.configs import FAMILIES, ModelConfig
+from diffujax.models import FAMILIES, ModelConfig
 from diffujax.parallel.logical import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,7 +58,7 @@ class ModelSection:
     def init_config(self) -> ModelConfig:
         """The model config described by ``init`` (before the overrides of this section)."""
         fields = dict(self.init)
-        return FAMILIES[fields.pop("family")](**fields)
+        return FAMILIES[fields.pop("family")].config(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,7 +424,7 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
     family = init.get("family")
     if family not in FAMILIES:
         raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
-    cls = FAMILIES[family]
+    cls = FAMILIES[family].config
     hints = typing.get_type_hints(cls)
     allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf"}
     out = {"family": family}

@@ -41,7 +41,7 @@ from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models.configs import FAMILIES
+from diffujax.models import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def model_config_to_dict(config) -> dict:
 
 def model_config_from_dict(d: dict):
     fields = dict(d)
-    cls = FAMILIES[fields.pop("family")]
+    cls = FAMILIES[fields.pop("family")].config
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
     return cls(**{k: tuples(v) for k, v in fields.items()})
 
