@@ -96,7 +96,7 @@ def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def load_for_inference(checkpoint: str, *, dtype: str | None = None,
-                       attention_backend: str | None = None, mesh=None,
+                       attention=None, mesh=None,
                        rules=None) -> LoadedModel:
     """Load parameters, config and tokenizer of a diffujax checkpoint directory: on the first
     device, or with ``mesh`` each parameter read straight into its shards (``rules``: a logical
@@ -107,8 +107,8 @@ def load_for_inference(checkpoint: str, *, dtype: str | None = None,
         shardings = lambda path, spec: NamedSharding(  # noqa: E731
             mesh, spec_for(spec.axes, spec.shape, mesh, rules))
     config, model = load_model(checkpoint, dtype=dtype, shardings=shardings)
-    if attention_backend:
-        model.config = config = config.replace(attention_backend=attention_backend)
+    if attention is not None:  # an AttentionConfig: how this run computes attention
+        model.config = config = config.replace(attention=attention)
     apply_fn, params = functional(model)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)

@@ -187,7 +187,7 @@ class Llama(nnx.Module):
             k = L.apply_rope(project(h, w, "k"), cos, sin)
             v = project(h, w, "v")
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
-            a = attention(q, k, v, pattern, backend=c.attention_backend)
+            a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
             h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
@@ -390,7 +391,11 @@ def model_config_from_dict(d: dict):
     fields = dict(d)
     cls = FAMILIES[fields.pop("family")].config
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
-    return cls(**{k: tuples(v) for k, v in fields.items()})
+    fields = {k: tuples(v) for k, v in fields.items()}
+    legacy_backend = fields.pop("attention_backend", "auto")  # metadata before AttentionConfig
+    fields["attention"] = AttentionConfig.from_dict(
+        fields.get("attention", {"backend": legacy_backend}))
+    return cls(**fields)
 
 
 def saved_model_config(directory):
