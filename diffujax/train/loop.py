@@ -48,7 +48,7 @@ from diffujax.train import metrics as M
 from diffujax.train.checkpointing import PreemptionGuard, save_model
 from diffujax.train.state import (abstract_train_state, create_train_state, params_of,
                                   train_state_shardings)
-from diffujax.train.step import make_eval_step, make_train_step
+from diffujax.train.step import heldout_nll, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -249,17 +249,12 @@ class _Evaluator:
     def elbo(self, params) -> dict | None:
         if not self.batches:
             return None
-        losses, total = [], None
-        for i, batch in enumerate(self.batches):  # the same noise every time: comparable numbers
-            sums = self.step(params, batch, jax.random.fold_in(self.key, i))
-            losses.append(sums)
-            total = sums if total is None else total + sums
-        per_batch = [float(s.loss) for s in losses]
-        nelbo = float(total.loss)
-        out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0)),
-               "tokens": float(total.targets), "draws": 1}
-        if len(per_batch) > 1:  # batch-means standard error of the per-token NELBO
-            out["nelbo_se"] = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
+        # The same key every time: the same noise, comparable numbers from one eval to the next.
+        est = heldout_nll(self.step, params, self.batches, self.key)
+        out = {"nelbo": est.mean_nll, "ppl_bound": math.exp(min(est.mean_nll, 700.0)),
+               "tokens": float(est.num_tokens), "draws": est.num_draws}
+        if math.isfinite(est.std_error):  # over sequences, as `diffujax eval` reports it
+            out["nelbo_se"] = est.std_error
         return out
 
     def samples(self, params, step: int) -> list[str]:
