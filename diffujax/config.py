@@ -20,8 +20,8 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 from diffujax.attention.config import AttentionConfig
-from diffujax.models import FAMILIES, ModelConfig
-from diffujax.parallel.logical import DEFAULT_RULES
+from diffujax.models import FAMILIES, ModelConfig, weight_axes
+from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -159,6 +159,11 @@ class MeshSection:
             if not isinstance(targets, (list, tuple)) or any(t not in axes for t in targets):
                 raise ConfigError(f"{key}.rules.{name}: {target!r} must be null, a mesh axis or a"
                                   f" list of mesh axes among {axes}")
+        for names in ACTIVATIONS + tuple(sorted(weight_axes(), key=str)):
+            try:
+                check_collisions(names, self.rule_table())
+            except ValueError as e:
+                raise ConfigError(f"{key}.rules: {e}") from None
         _check(self.num_slices >= 1, f"{key}.num_slices", "must be >= 1")
 
     def rule_table(self) -> tuple:

@@ -19,7 +19,8 @@ from diffujax.models.gpt2 import GPT2Config
 from diffujax.models.llama import LlamaConfig
 from diffujax.models.params import ParamSpec
 from diffujax.models.qwen2 import Qwen2Config
-from diffujax.models.registry import FAMILIES, config_class, config_from_hf, family_of
+from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
+                                      weight_axes)
 from diffujax.parallel.mesh import param_shardings
 
 
@@ -64,4 +65,4 @@ def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0):
 
 __all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "LlamaConfig", "ModelConfig",
            "Qwen2Config", "abstract_model", "config_class", "config_from_hf", "create_model",
-           "family_of", "functional", "matmul_params", "param_specs", "sharded_init"]
+           "family_of", "functional", "matmul_params", "param_specs", "sharded_init", "weight_axes"]

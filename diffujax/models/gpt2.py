@@ -16,7 +16,7 @@ from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first
                                      special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, ParamTree, get
-from diffujax.parallel.logical import constrain
+from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ class GPT2(nnx.Module):
         if positions is None:
             positions = jnp.arange(tokens.shape[1])[None]
         x = get(p, "wte").astype(dtype)[tokens] + get(p, "wpe").astype(dtype)[positions]
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, HIDDEN)
         approximate = c.activation != "gelu"
 
         def block(w, x):
@@ -131,21 +131,21 @@ class GPT2(nnx.Module):
             q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
             k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
             v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
-            q = constrain(q, ("batch", "length", "heads", "head_dim"))
+            q = constrain(q, QUERY)
             a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
             h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
             h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
                             approximate=approximate)
             x = x + L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
-            return constrain(x, ("batch", "length", "embed"))
+            return constrain(x, HIDDEN)
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
         x = L.scan_layers(block, x, stacked, c.remat)
         x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
         head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, LOGITS)
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------

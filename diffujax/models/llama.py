@@ -15,7 +15,7 @@ from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first
                                      special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, ParamTree, get
-from diffujax.parallel.logical import constrain
+from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,26 +179,26 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
                                                                        c.rope_scaling), dtype)
-        x = constrain(get(p, "embed").astype(dtype)[tokens], ("batch", "length", "embed"))
+        x = constrain(get(p, "embed").astype(dtype)[tokens], HIDDEN)
 
         def block(w, x):
             h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
             q = L.apply_rope(project(h, w, "q"), cos, sin)
             k = L.apply_rope(project(h, w, "k"), cos, sin)
             v = project(h, w, "v")
-            q = constrain(q, ("batch", "length", "heads", "head_dim"))
+            q = constrain(q, QUERY)
             a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
             h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
-            return constrain(x, ("batch", "length", "embed"))
+            return constrain(x, HIDDEN)
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
         x = L.scan_layers(block, x, stacked, c.remat)
         x = L.rms_norm(x, get(p, "final_norm"), c.rms_norm_eps)
         head = get(p, "embed").T if c.tie_word_embeddings else get(p, "lm_head")
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, LOGITS)
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------

@@ -9,6 +9,14 @@ from diffujax.models.family import Family
 FAMILIES: dict[str, Family] = {f.name: f for f in (gpt2.FAMILY, llama.FAMILY, qwen2.FAMILY)}
 
 
+def weight_axes() -> set[tuple[str, ...]]:
+    """The logical axes of every weight of every family (what a rule table must shard)."""
+    ones = dict(vocab_size=1, hidden_size=1, num_layers=1, num_heads=1, num_kv_heads=1,
+                intermediate_size=1, tie_word_embeddings=False)
+    return {spec.axes for f in FAMILIES.values()
+            for spec in f.param_specs(f.config(**ones)).values()}
+
+
 def family_of(config: ModelConfig) -> Family:
     return FAMILIES[config.family]
 

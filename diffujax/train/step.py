@@ -116,7 +116,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         # gradients).
         micro_batches = jax.tree.map(
             lambda x: constrain(x.reshape(accum, micro, *x.shape[1:]),
-                                (None, "batch") + (None,) * (x.ndim - 1)), batch)
+                                (None, "activation_batch") + (None,) * (x.ndim - 1)), batch)
 
         def body(carry, xs):
             i, mb = xs
