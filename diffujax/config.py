@@ -22,8 +22,7 @@ import yaml
 from diffujax.attention.config import AttentionConfig
 from diffujax.models import FAMILIES, ModelConfig, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
-
-DTYPES = ("float32", "bfloat16", "float16")
+from diffujax.plain import to_plain
 
 
 class ConfigError(ValueError):
@@ -283,13 +282,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg) -> dict:
     """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
-    if dataclasses.is_dataclass(cfg):
-        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, Mapping):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    return cfg
+    return to_plain(cfg, field_key=_key)
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -39,7 +39,7 @@ from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.pipeline import PipelineOptions, build_pipeline
 from diffujax.data.sources import make_source
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
+from diffujax.diffusion.sampling import sample_ancestral
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed, param_shardings, to_host)
@@ -259,23 +259,18 @@ class _Evaluator:
 
     def samples(self, params, step: int) -> list[str]:
         mc, tok = self.model_cfg, self.tokenizer
-        bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
-        bos = bos if bos is not None else tok.eos_id
+        first = tok.start_id(mc.bos_token_id)
+        if first is None:
+            raise ValueError(f"tokenizer {tok.path} has no BOS or EOS token to start samples with")
         length = min(self.cfg.data.seq_len, SAMPLE_LEN)
         canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
-        canvas[:, 0] = bos
+        canvas[:, 0] = first
         src = np.zeros(canvas.shape, bool)
         src[:, 0] = True
         out = sample_ancestral(self.apply_fn, params, canvas, src,
                                jax.random.fold_in(self.key, 1_000_000 + step),
                                mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))
-        tokens = out.tokens
-        if tok.eos_id is not None:
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-            tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        rows = to_host(tokens)
-        special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-        return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
+        return [tok.decode_generated(row[1:]) for row in to_host(out.tokens)]
 
 
 # ------------------------------------------------------------------------------------ the loop

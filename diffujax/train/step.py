@@ -76,6 +76,12 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     ``batch`` holds global ``[B, L]`` arrays: ``tokens`` and optionally ``src`` (SFT prompt, never
     noised), ``loss_mask``, ``segment_ids`` (used when ``diffusion.segment_ids``) and
     ``positions``. ``metrics`` are replicated float32/int32 scalars.
+
+    Non-finite steps are skipped here, not with ``optax.apply_if_finite``: that wrapper looks
+    at the updates only (not the loss), keeps its counters inside the optimizer state (the loop
+    and the logs read them from the ``TrainState``), leaves the EMA to be guarded separately,
+    and applies a non-finite update once ``max_consecutive_errors`` is reached, where a run
+    must instead stop with its last good state.
     """
     rules = _rules(run_cfg, rules)
     d, opt = run_cfg.diffusion, run_cfg.optimizer
