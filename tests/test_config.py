@@ -127,6 +127,8 @@ def test_a_model_is_required():
         from_dict({})
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_shipped_configs_validate(name):
-    load_config(ROOT / "configs" / name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs").glob("*.yaml"),
+                                          *(ROOT / "diffujax" / "assets").glob("*.yaml")]),
+                         ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
