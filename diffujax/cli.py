@@ -30,10 +30,6 @@ COMMANDS = {
 DEBUG_HELP = "debug log records, and a traceback with any error"
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit status 2."""
-
-
 def _fn(command: str, verb: str):
     module = importlib.import_module(COMMANDS[command][0])
     return getattr(module, f"{verb}_{command.replace('-', '_')}_args" if verb == "add"
@@ -60,7 +56,7 @@ def main(argv=None) -> int:
     console.setup_logging(debug=args.debug)
     try:
         return int(_fn(args.command, "run")(args) or 0)
-    except (UserError, OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         # Bad input: one clear line naming what is at fault, non-zero exit (--debug: traceback).
         console.error_line(e, f"diffujax {args.command}")
         return 2

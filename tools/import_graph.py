@@ -26,8 +26,8 @@ PACKAGE = "diffujax"
 
 # Bottom to top; a package imports only packages of its own layer or below.
 LAYERS = (
-    # kernels and masks; mesh and logical axes; what a person sees (logs, error lines, bars)
-    ("diffujax.attention", "diffujax.parallel", "diffujax.console"),
+    # JSON; kernels and masks; mesh and logical axes; what a person sees (logs, errors, bars)
+    ("diffujax.plain", "diffujax.attention", "diffujax.parallel", "diffujax.console"),
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree
