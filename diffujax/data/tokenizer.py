@@ -19,6 +19,8 @@ import pathlib
 import threading
 from typing import Any, Sequence
 
+from diffujax import paths
+
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "mask")
 
 
@@ -251,6 +253,11 @@ def _special_from_dir(tok: Tokenizer, directory: pathlib.Path) -> SpecialTokens:
     return SpecialTokens(**found)
 
 
+# What ``load_tokenizer`` reads from a directory (copied to the cache from a bucket).
+_FILES_READ = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "config.json")
+
+
 def load_tokenizer(
     directory: str | pathlib.Path,
     *,
@@ -266,6 +273,11 @@ def load_tokenizer(
     the side files (see ``_special_from_dir``); keyword ``overrides`` (``bos=1, pad=0``...) win.
     With ``model_vocab_size`` the tokenizer is checked against the model's embedding table.
     """
+    if paths.is_remote(directory):  # the tokenizer libraries read local files
+        remote = paths.resolve(directory)
+        if not remote.exists():
+            raise FileNotFoundError(f"tokenizer path {remote} does not exist")
+        directory = paths.local_copy(remote, None if remote.is_file() else _FILES_READ)
     path = pathlib.Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")

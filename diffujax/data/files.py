@@ -1,0 +1,182 @@
+"""Finding and opening data files, local or remote (``gs://...``), plain or compressed.
+
+- ``expand``: files, directories (every data file below, hidden and ``_``-prefixed names such as
+  Spark's ``_SUCCESS`` left out) and glob patterns, in a stable order.
+- Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) cannot be read at a byte offset, and the
+  text sources index documents by offset: they are decompressed once into the cache
+  (``paths.cache_root()/decompressed``, keyed by the file's location, size and mtime) and read
+  from there.
+- ``RangeReader`` reads byte ranges of plain files; remote files are read by range requests
+  through one open handle per file and process (not pickled: grain workers open their own).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import lzma
+import os
+import pathlib
+import shutil
+import threading
+from typing import Callable, Sequence
+
+from etils import epath
+
+from diffujax import paths
+
+_ZSTD = (".zst", ".zstd")
+COMPRESSED = (".gz", ".bz2", ".xz") + _ZSTD
+
+
+def compression(path) -> str | None:
+    name = os.fspath(path).lower()
+    return next((s for s in COMPRESSED if name.endswith(s)), None)
+
+
+def strip_compression(name: str) -> str:
+    suffix = compression(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def expand(inputs, keep: Callable[[str], bool] | None = None
+           ) -> tuple[list[epath.Path], list[str]]:
+    """``(files, ignored)`` named by ``inputs`` (a path or a list: files, directories, globs).
+
+    Files and glob matches are taken as given; in a directory, files for which ``keep(name)`` is
+    false (another format) are returned in ``ignored``. Anything that names nothing raises
+    ``FileNotFoundError``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[epath.Path] = []
+    ignored: list[str] = []
+    for item in inputs:
+        text = os.fspath(item)
+        if any(c in text for c in "*?["):
+            matches = paths.glob(text)
+            if not matches:
+                raise FileNotFoundError(f"no file matches the pattern {text!r}")
+            files.extend(matches)
+            continue
+        path = paths.resolve(text)
+        if path.is_dir():
+            found = []
+            for p in paths.list_files(path):
+                relative = os.fspath(p)[len(os.fspath(path)):].lstrip("/")
+                if _hidden(relative):
+                    continue
+                (found if keep is None or keep(p.name) else ignored).append(p)
+            if not found:
+                raise FileNotFoundError(f"directory {path} contains no data files"
+                                        + (f" (ignored: {[os.fspath(p) for p in ignored[:5]]})"
+                                           if ignored else ""))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input file {text} does not exist")
+    return files, [os.fspath(p) for p in ignored]
+
+
+def has_suffix(*suffixes: str) -> Callable[[str], bool]:
+    """``keep`` for ``expand``: the name (compression suffix removed) ends with one of these."""
+    return lambda name: strip_compression(name.lower()).endswith(suffixes)
+
+
+# -- compressed files -------------------------------------------------------------------------------
+
+
+def _decompressor(suffix: str, raw):
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if suffix == ".bz2":
+        return bz2.BZ2File(raw)
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw)
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+def decompressed(path) -> pathlib.Path:
+    """A local, decompressed copy of the compressed file ``path`` (made once, then reused)."""
+    path = paths.resolve(path)
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
+    local = paths.cache_root() / "decompressed" / key / strip_compression(path.name)
+    if local.is_file():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    suffix = compression(path.name)
+    try:
+        with paths.writing_file(local) as tmp, path.open("rb") as raw, \
+                _decompressor(suffix, raw) as stream, open(tmp, "wb") as out:
+            shutil.copyfileobj(stream, out, 8 << 20)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise OSError(f"{path}: cannot decompress ({suffix[1:]}): {e}") from None
+    except Exception as e:  # zstandard.ZstdError is not an OSError
+        if type(e).__module__.startswith("zstandard"):
+            raise OSError(f"{path}: cannot decompress (zstd): {e}") from None
+        raise
+    return local
+
+
+def readable(path) -> str:
+    """What to open for byte-range reads of the data in ``path``: the path itself, or the
+    decompressed copy of a compressed file."""
+    return os.fspath(decompressed(path)) if compression(path) else os.fspath(paths.resolve(path))
+
+
+def size(path: str) -> int:
+    return paths.resolve(path).stat().length
+
+
+# -- byte ranges ----------------------------------------------------------------------------------
+
+
+class RangeReader:
+    """``read(path, start, length)`` on local or remote files. Remote handles stay open per process
+    (one request per read, not one to open and one to read); they are dropped when pickled."""
+
+    def __init__(self):
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def read(self, path: str, start: int, length: int) -> bytes:
+        if not paths.is_remote(path):
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        with self._lock:  # grain reads with several threads; seek + read must stay together
+            f = self._handles.get(path)
+            if f is None:
+                f = self._handles[path] = paths.resolve(path).open("rb")
+            f.seek(start)
+            return f.read(length)
+
+    def open(self, path: str):
+        """A file object for libraries that read it themselves (pyarrow), shared per process."""
+        if not paths.is_remote(path):
+            return path
+        with self._lock:
+            f = self._handles.get(path)
+            if f is None:
+                f = self._handles[path] = paths.resolve(path).open("rb")
+            return f
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def local_files(files: Sequence) -> list[str]:
+    """Local names for ``files`` (remote ones copied into the cache): for readers that only open
+    local files (ArrayRecord, arrow memory maps)."""
+    return [os.fspath(paths.local_copy(f)) for f in files]
