@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -34,7 +35,10 @@ class Emulator:
         cmd = ([exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]) + [
             "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory",
             "--default-bucket", BUCKET, "--quiet"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file, never a pipe: the server is single-threaded and prints a
+        # traceback for every connection a client drops, so a full pipe would stall every request.
+        self.log = tempfile.NamedTemporaryFile(prefix="gcs-emulator-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -43,8 +47,7 @@ class Emulator:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"the GCS emulator did not start: "
-                                       f"{self.proc.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"the GCS emulator did not start: {self.tail()}")
                 time.sleep(0.1)
         self.env = {
             "STORAGE_EMULATOR_HOST": self.url,
@@ -59,6 +62,10 @@ class Emulator:
         """A fresh ``gs://`` prefix for one test."""
         return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
+    def tail(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-2000:]
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -67,3 +74,4 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
