@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffujax import paths
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
 
@@ -37,8 +38,7 @@ def read_blocks(tokenizer, path: str, seq_len: int, blocks: int) -> np.ndarray:
     """The first ``blocks * seq_len`` tokens of a file as ``[blocks, seq_len]`` (fewer blocks if
     the file is short; an error if it has less than one block)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = paths.resolve(path).read_bytes().decode("utf-8")  # a local file or a URL
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     ids = tokenizer.encode(text)

@@ -15,6 +15,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.keymaps import LM_HEAD, detect_naming, embedding_path, keymap
 from diffujax.models import param_specs
@@ -244,7 +245,7 @@ def open_weights(directory) -> TensorSource:
 
 def read_config(directory) -> tuple[dict, ModelConfig]:
     """``config.json`` of a Hugging Face (or diffujax) directory: the raw dict and the config."""
-    path = pathlib.Path(directory) / "config.json"
+    path = paths.resolve(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a model directory?)")
     try:

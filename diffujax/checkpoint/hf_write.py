@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from typing import Iterator, Mapping
 
 import numpy as np
 
+from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
 from diffujax.checkpoint.keymaps import LM_HEAD, embedding_path, keymap
@@ -56,7 +56,7 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     (a tensor larger than the limit gets a shard of its own). One shard in memory at a time."""
     from safetensors.numpy import save_file
 
-    directory = pathlib.Path(directory)
+    directory = paths.resolve(directory)
     limit = parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -74,8 +74,9 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     os.umask(umask)
     for file, shard in zip(files, shards):
         arrays = {name: make() for name, _, _, make in shard}
-        save_file(arrays, str(directory / file), metadata={"format": "pt"})
-        os.chmod(directory / file, 0o666 & ~umask)  # safetensors creates it 0600
+        with paths.writing_file(directory / file) as local:  # safetensors writes local files
+            save_file(arrays, str(local), metadata={"format": "pt"})
+            os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes
