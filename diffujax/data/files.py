@@ -22,6 +22,7 @@ import shutil
 import threading
 from typing import Callable, Sequence
 
+import zstandard
 from etils import epath
 
 from diffujax import paths
@@ -98,8 +99,6 @@ def _decompressor(suffix: str, raw):
         return bz2.BZ2File(raw)
     if suffix == ".xz":
         return lzma.LZMAFile(raw)
-    import zstandard
-
     return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
 
 
@@ -119,10 +118,8 @@ def decompressed(path) -> pathlib.Path:
             shutil.copyfileobj(stream, out, 8 << 20)
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise OSError(f"{path}: cannot decompress ({suffix[1:]}): {e}") from None
-    except Exception as e:  # zstandard.ZstdError is not an OSError
-        if type(e).__module__.startswith("zstandard"):
-            raise OSError(f"{path}: cannot decompress (zstd): {e}") from None
-        raise
+    except zstandard.ZstdError as e:  # not an OSError
+        raise OSError(f"{path}: cannot decompress (zstd): {e}") from None
     return local
 
 

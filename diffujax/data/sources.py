@@ -1,4 +1,5 @@
-"""grain random-access data sources: text files, jsonl, parquet, ArrayRecord, arrow, TFDS.
+"""grain random-access sources: text files, jsonl, parquet, ArrayRecord, arrow, TFDS,
+pretokenized.
 
 Inputs are files, directories (every data file below them) or glob patterns, local or remote
 (``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). Text and jsonl files may be
@@ -38,7 +39,10 @@ import os
 import threading
 from typing import Any, Sequence
 
+import grain
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from diffujax import paths
 from diffujax.data import files as F
@@ -338,8 +342,6 @@ class ParquetSource(_LazyRecords):
     _CACHE = 4
 
     def __init__(self, paths, column: str | Sequence[str] = "text", errors: str = "strict"):
-        import pyarrow.parquet as pq
-
         super().__init__(f"parquet[{column}]", column, errors)
         self.paths = self._list(paths, (".parquet", ".pq"))
         self._reader = F.RangeReader()
@@ -377,8 +379,6 @@ class ParquetSource(_LazyRecords):
         return self.report.documents
 
     def _row_group(self, g: int) -> dict[str, list]:
-        import pyarrow.parquet as pq
-
         with self._lock:
             table = self._cache.get(g)
             if table is None:
@@ -406,7 +406,7 @@ class ArrayRecordSource(_LazyRecords):
     names the text field, or several fields for dicts)."""
 
     def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
-        import grain
+        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
         from array_record.python.array_record_module import ArrayRecordReader
 
         super().__init__(f"array_record[{field or 'text'}]", field, errors)
@@ -472,7 +472,7 @@ class TfdsSource(_LazyRecords):
         self._finish_scan()
 
     def _open(self):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
 
         a = self._args
         try:
@@ -546,8 +546,6 @@ class ArrowSource(_LazyRecords):
     def _table(self, f: int):
         table = self._tables.get(f)
         if table is None:
-            import pyarrow as pa
-
             source = pa.memory_map(self._local[f])
             try:
                 table = pa.ipc.open_file(source).read_all()
@@ -573,6 +571,57 @@ class ArrowSource(_LazyRecords):
         table = self._table(f)
         record = {c: table.column(c)[row].as_py() for c in self.fields}
         return self._document(record, f"{self.paths[f]} row {row}")
+
+
+# ``diffujax.data.pretokenize`` writes this format; PretokenizedSource reads it.
+PRETOKENIZED_FORMAT = "diffujax-pretokenized"
+PRETOKENIZED_VERSION = 1
+
+
+class PretokenizedSource:
+    """Reads a ``pretokenize`` output directory: a grain source of int32 token arrays (blocks of
+    ``seq_len``, or documents), with ``layout``, ``seq_len`` and ``special`` from its metadata."""
+
+    def __init__(self, directory):
+        self.directory = paths.resolve(directory)
+        meta_path = self.directory / "metadata.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: not a pretokenize output directory "
+                                    "(or the run did not finish)")
+        self.meta = json.loads(meta_path.read_text())
+        if (self.meta.get("format"), self.meta.get("version")) != (PRETOKENIZED_FORMAT,
+                                                                  PRETOKENIZED_VERSION):
+            raise DataError(f"{meta_path}: unknown format {self.meta.get('format')!r} "
+                            f"version {self.meta.get('version')!r}")
+        shards = [self.directory / s for s in self.meta["shards"]]
+        missing = [os.fspath(p) for p in shards if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"pretokenized shards missing: {missing}")
+        self.layout = self.meta["layout"]
+        self.seq_len = self.meta["seq_len"]
+        self.special = self.meta["special"]
+        self.vocab_size = self.meta["tokenizer"]["vocab_size"]
+        self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(shards),
+                                   documents=self.meta["counts"]["records"])
+        # The ArrayRecord reader opens local files: shards in a bucket are copied to the cache.
+        self._records = grain.sources.ArrayRecordDataSource(F.local_files(shards))
+        if len(self._records) != self.meta["counts"]["records"]:
+            raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
+                            f"says {self.meta['counts']['records']}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index) -> np.ndarray:
+        ids = np.frombuffer(self._records[int(index)], self._dtype).astype(np.int32)
+        if self.layout == "blocks" and ids.size != self.seq_len:
+            raise DataError(f"{self.directory} record {int(index)}: {ids.size} tokens, "
+                            f"expected {self.seq_len}")
+        return ids
+
+    def __repr__(self) -> str:
+        return f"PretokenizedSource({str(self.directory)!r}, {self.layout}, {len(self)} records)"
 
 
 FORMATS = ("text", "jsonl", "parquet", "array_record", "arrow", "tfds", "pretokenized")
@@ -636,7 +685,5 @@ def make_source(
         return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",
                           builder_kwargs=builder_kwargs, errors=errors)
     if fmt == "pretokenized":
-        from diffujax.data.pretokenize import PretokenizedSource
-
         return PretokenizedSource(inputs[0])
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")

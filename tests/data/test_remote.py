@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from diffujax import paths
-from diffujax.data.pretokenize import PretokenizedSource, main
-from diffujax.data.sources import make_source
+from diffujax.data.pretokenize import main
+from diffujax.data.sources import PretokenizedSource, make_source
 from diffujax.data.tokenizer import load_tokenizer
 
 DOCS = [f"remote document {i}\nwith ü and 漢 {'x' * i}" for i in range(17)]
