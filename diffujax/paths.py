@@ -239,3 +239,105 @@ def _remote_directory(dst: epath.Path, overwrite: bool, error):
         with contextlib.suppress(Exception):
             remove_tree(dst)
         raise
+
+
+# -- files that grow (logs) -----------------------------------------------------------------------
+
+
+class _ObjectLog:
+    """An append-only log kept in an object store, where objects cannot be appended to: the
+    content is held in memory and the whole object is rewritten on ``flush`` (at most every
+    ``interval_s`` seconds unless forced, and on ``close``). With ``roll_bytes``, a log that has
+    grown past it continues in a new object ``NAME.partNNNN`` (TensorBoard reads every event file
+    of a directory in name order), which bounds the memory and the bytes rewritten per flush."""
+
+    def __init__(self, path: epath.Path, binary: bool, interval_s: float, roll_bytes: int | None):
+        import time
+
+        self._clock = time.monotonic
+        self.base, self.binary = path, binary
+        self.interval_s, self.roll_bytes = interval_s, roll_bytes
+        self.part = 0
+        self.path = path
+        self._data = bytearray(path.read_bytes() if path.is_file() else b"")
+        self._dirty, self._last = False, self._clock()
+        self.closed = False
+
+    def write(self, data) -> int:
+        self._data += data if self.binary else data.encode("utf-8")
+        self._dirty = True
+        return len(data)
+
+    def flush(self, force: bool = False) -> None:
+        if not self._dirty or (not force and self._clock() - self._last < self.interval_s):
+            return
+        with self.path.open("wb") as f:
+            f.write(bytes(self._data))
+        self._dirty, self._last = False, self._clock()
+        if self.roll_bytes and len(self._data) >= self.roll_bytes:
+            self.part += 1
+            self.path = self.base.parent / f"{self.base.name}.part{self.part:04d}"
+            self._data = bytearray()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush(force=True)
+            self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_append(path, *, binary: bool = False, interval_s: float = 10.0,
+                roll_bytes: int | None = None):
+    """A file to append records to: a local file opened for appending (line-buffered text), or
+    for a URL an in-memory log uploaded whole on ``flush(force=True)``, at most every
+    ``interval_s`` seconds on a plain ``flush()``, and on ``close()``."""
+    path = resolve(path)
+    if is_remote(path):
+        return _ObjectLog(path, binary, interval_s, roll_bytes)
+    return _LocalLog(open(path, "ab" if binary else "a", **({} if binary else {"buffering": 1})))
+
+
+class _LocalLog:
+    """A local append-mode file whose ``flush`` takes the same ``force`` flag as ``_ObjectLog``."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def flush(self, force: bool = False) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Replace ``path`` with ``text`` as a whole (a local rename, or one object upload)."""
+    with writing_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_tree(src, dst) -> None:
+    """Every file below ``src`` to the same relative name below ``dst`` (either may be remote)."""
+    src, dst = resolve(src), resolve(dst)
+    for f in list_files(src):
+        target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(f, target)

@@ -1,4 +1,5 @@
-"""A real GCS JSON/XML API on 127.0.0.1 (``gcp-storage-emulator``, in-memory), for the gs:// tests.
+"""A real GCS JSON/XML API on 127.0.0.1 (``gcp-storage-emulator``, in-memory, run by
+gcs_emulator_server.py), for the gs:// tests.
 
 ``start()`` runs the emulator as a subprocess on a free port and points every GCS client of this
 process and of its children at it: gcsfs (and so ``etils.epath``) and google-cloud-storage read
@@ -9,7 +10,6 @@ No credentials are needed (the clients fall back to anonymous access against an 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,9 +31,9 @@ class Emulator:
     def __init__(self):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable))
-        cmd = ([exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]) + [
-            "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory",
+        server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py")
+        cmd = [sys.executable, server,
+               "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory",
             "--default-bucket", BUCKET, "--quiet"]
         # Its log goes to a file, never a pipe: the server is single-threaded and prints a
         # traceback for every connection a client drops, so a full pipe would stall every request.

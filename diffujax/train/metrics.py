@@ -20,14 +20,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from diffujax import paths
 from diffujax.models.configs import ModelConfig
+from diffujax.train import tb_remote
 
 # ------------------------------------------------------------------------------------ FLOPs, MFU
 
@@ -217,12 +221,14 @@ class RunLogger:
         self._bar = self._tb = self._jsonl = None
         if not self.enabled:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
+        output_dir = paths.resolve(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / "metrics.jsonl"
         _truncate_jsonl(path, start_step)
-        self._jsonl = open(path, "a", buffering=1)
+        self._jsonl = paths.open_append(path)  # in a bucket: uploaded by flush() and close()
         if tensorboard:
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+            tb_remote.install()  # event files in a bucket go through diffujax.paths too
+            self._tb = SummaryWriter(os.fspath(output_dir / "tensorboard"),
                                      purge_step=start_step + 1 if start_step else None,
                                      flush_secs=30)
         if progress and getattr(self.stream, "isatty", lambda: False)():
@@ -273,6 +279,9 @@ class RunLogger:
             print(line, file=self.stream, flush=True)
 
     def flush(self):
+        """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
+        if self._jsonl is not None:
+            self._jsonl.flush(force=True)
         if self._tb is not None:
             self._tb.flush()
 
@@ -295,28 +304,25 @@ class RunLogger:
                                          allow_nan=True) + "\n")
 
 
-def _truncate_jsonl(path: str, start_step: int):
+def _truncate_jsonl(path, start_step: int):
     """Keep only records of steps <= start_step (a fresh run, start_step 0, starts empty)."""
-    if not os.path.exists(path):
+    path = paths.resolve(path)
+    if not path.exists():
         return
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= start_step:
-                    keep.append(line)
-            except (ValueError, KeyError):
-                continue  # a half-written last line of a killed run
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= start_step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a half-written last line of a killed run
+    paths.write_text_atomic(path, "".join(keep))
 
 
 def read_jsonl(path, kind: str | None = "train") -> list[dict]:
     """The records of a run's ``metrics.jsonl`` (of one kind, or all with ``kind=None``)."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    text = paths.resolve(path).read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
@@ -326,17 +332,29 @@ def read_jsonl(path, kind: str | None = "train") -> list[dict]:
 class StepProfiler:
     """Trace steps ``first..last`` (inclusive, step numbers as the loop counts them) into
     ``logdir`` (``logdir/plugins/profile``: TensorBoard's profile tab when ``logdir`` is the
-    TensorBoard dir; the ``.trace.json.gz`` opens in Perfetto)."""
+    TensorBoard dir; the ``.trace.json.gz`` opens in Perfetto). A ``logdir`` in a bucket gets
+    the trace uploaded once it is written (the profiler writes local files)."""
 
     def __init__(self, logdir, steps=()):
         self.logdir = os.fspath(logdir)
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
         self.active = False
+        self._local = None
 
     def before(self, step: int):
         if self.first is not None and not self.active and self.first <= step <= self.last:
-            jax.profiler.start_trace(self.logdir)
+            if paths.is_remote(self.logdir):
+                self._local = tempfile.mkdtemp(prefix="diffujax-profile-")
+            jax.profiler.start_trace(self._local or self.logdir)
             self.active = True
+
+    def _stop(self):
+        jax.profiler.stop_trace()
+        self.active = False
+        if self._local is not None:
+            paths.copy_tree(self._local, self.logdir)
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
 
     def after(self, step: int, sync=None) -> bool:
         """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
@@ -344,12 +362,10 @@ class StepProfiler:
         if self.active and step >= self.last:
             if sync is not None:
                 jax.block_until_ready(sync)
-            jax.profiler.stop_trace()
-            self.active = False
+            self._stop()
             return True
         return False
 
     def close(self):
         if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
+            self._stop()
