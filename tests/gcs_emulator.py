@@ -62,6 +62,10 @@ class Emulator:
         """A fresh ``gs://`` prefix for one test."""
         return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
+    def objects(self, url: str) -> list[str]:
+        """Names of the objects below the ``gs://`` prefix ``url``, read fresh from the server."""
+        return list_objects(self, url.removeprefix(f"gs://{BUCKET}/"))
+
     def tail(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()[-2000:]
@@ -75,3 +79,13 @@ class Emulator:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def list_objects(emulator: "Emulator", prefix: str) -> list[str]:
+    """Object names under ``prefix`` straight from the JSON API (no client-side listing cache)."""
+    import json
+    import urllib.parse
+
+    query = urllib.parse.urlencode({"prefix": prefix})
+    with urllib.request.urlopen(f"{emulator.url}/storage/v1/b/{BUCKET}/o?{query}", timeout=5) as r:
+        return [item["name"] for item in json.load(r).get("items", [])]
