@@ -179,6 +179,9 @@ class CheckpointSection:
         _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
 
 
+WANDB_KEYS = ("project", "name", "entity", "group", "tags", "notes", "mode", "id", "dir")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
     every_steps: int = 10
@@ -187,9 +190,19 @@ class LoggingSection:
     eval_batches: int = 8
     sample_every: int = 0
     profile_steps: tuple[int, ...] = ()  # (first, last) step to trace, or empty
+    # Weights & Biases, off unless set: {project, name, entity, group, tags, notes, mode, id}
+    wandb: dict[str, Any] | None = None
 
     def validate(self, key: str):
         _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+        if self.wandb is not None:
+            w = self.wandb
+            _check(isinstance(w, dict), f"{key}.wandb", "must be a mapping like {project: NAME}")
+            unknown = sorted(set(w) - set(WANDB_KEYS))
+            _check(not unknown, f"{key}.wandb.{(unknown or [''])[0]}",
+                   f"unknown key; known: {list(WANDB_KEYS)}")
+            _check(isinstance(w.get("project"), str) and bool(w["project"]),
+                   f"{key}.wandb.project", "must be set (the W&B project to log to)")
         _check(len(self.profile_steps) in (0, 2), f"{key}.profile_steps",
                "must be empty or [first, last]")
 

@@ -358,7 +358,8 @@ class _Run:
         self._apply_fn = apply_fn
 
         self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
-                                  tensorboard=lg.tensorboard)
+                                  tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                  run_config=to_dict(cfg))
         for line in notes + _source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         self.run_config = to_dict(cfg)

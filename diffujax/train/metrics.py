@@ -32,6 +32,7 @@ from tqdm import tqdm
 from diffujax import paths
 from diffujax.models.configs import ModelConfig
 from diffujax.train import tb_remote
+from diffujax.train.wandb_log import WandbLogger
 
 # ------------------------------------------------------------------------------------ FLOPs, MFU
 
@@ -206,7 +207,8 @@ _TB_TAGS = {
 
 
 class RunLogger:
-    """Console + TensorBoard + ``metrics.jsonl`` for one run; a no-op on processes other than 0.
+    """Console + TensorBoard + ``metrics.jsonl`` (+ W&B with ``wandb``, the ``logging.wandb``
+    settings) for one run; a no-op on processes other than 0.
 
     On resume from ``start_step`` the JSONL records and TensorBoard events of later steps (written
     by the interrupted attempt after its last checkpoint) are dropped, so every step appears once.
@@ -214,11 +216,11 @@ class RunLogger:
 
     def __init__(self, output_dir, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True, enabled: bool | None = None,
-                 stream=None):
+                 stream=None, wandb: dict | None = None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._tb = self._jsonl = self._wandb = None
         if not self.enabled:
             return
         output_dir = paths.resolve(output_dir)
@@ -231,6 +233,8 @@ class RunLogger:
             self._tb = SummaryWriter(os.fspath(output_dir / "tensorboard"),
                                      purge_step=start_step + 1 if start_step else None,
                                      flush_secs=30)
+        if wandb is not None:
+            self._wandb = WandbLogger(wandb, output_dir, run_config)
         if progress and getattr(self.stream, "isatty", lambda: False)():
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                              dynamic_ncols=True, desc="train",
@@ -242,8 +246,11 @@ class RunLogger:
         if not self.enabled:
             return
         self._record("train", step, scalars)
-        for k, v in scalars.items():
-            self._scalar(_TB_TAGS.get(k, f"train/{k}"), v, step)
+        tagged = {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()}
+        for tag, v in tagged.items():
+            self._scalar(tag, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
         if self._bar is not None:
             self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
@@ -255,8 +262,11 @@ class RunLogger:
         if not self.enabled:
             return
         self._record(prefix, step, scalars)
-        for k, v in scalars.items():
-            self._scalar(f"{prefix}/{k}", v, step)
+        tagged = {f"{prefix}/{k}": v for k, v in scalars.items()}
+        for tag, v in tagged.items():
+            self._scalar(tag, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
         self.message(f"{prefix} @ step {step}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
 
@@ -269,6 +279,8 @@ class RunLogger:
         if self._tb is not None:
             body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
             self._tb.add_text(tag, body, step)
+        if self._wandb is not None:
+            self._wandb.text(step, tag, texts)
 
     def message(self, line: str):
         if not self.enabled:
@@ -292,7 +304,9 @@ class RunLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.close()
+        self._bar = self._tb = self._jsonl = self._wandb = None
 
     def _scalar(self, tag, value, step):
         if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
