@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax import paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.models.configs import FAMILIES, ModelConfig
 from diffujax.parallel.logical import DEFAULT_RULES
@@ -257,8 +258,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfi
     overrides in order, validate, and return the ``RunConfig``."""
     raw: dict = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = yaml.safe_load(paths.resolve(path).read_text()) or {}  # a file or a URL
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:

@@ -21,14 +21,17 @@ write through ``writing_file``, which renames (local) or uploads (remote) a fini
 from __future__ import annotations
 
 import contextlib
+import glob as globlib
 import hashlib
 import os
 import pathlib
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Iterator
 
+import fsspec
 from etils import epath
 
 COMPLETE = ".complete"  # written last into a finished directory (model checkpoints, exports)
@@ -140,8 +143,6 @@ def local_view(directory, names=None) -> Iterator[epath.Path]:
 
 
 def _fs(path):
-    import fsspec
-
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
@@ -166,9 +167,7 @@ def glob(pattern: str) -> list[epath.Path]:
         fs, root = _fs(pattern)
         return [epath.Path(_with_protocol(p, pattern)) for p in sorted(fs.glob(root))
                 if fs.isfile(p)]
-    import glob as _glob
-
-    return [epath.Path(p) for p in sorted(_glob.glob(os.path.expanduser(pattern), recursive=True))
+    return [epath.Path(p) for p in sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
             if os.path.isfile(p)]
 
 
@@ -252,8 +251,6 @@ class _ObjectLog:
     of a directory in name order), which bounds the memory and the bytes rewritten per flush."""
 
     def __init__(self, path: epath.Path, binary: bool, interval_s: float, roll_bytes: int | None):
-        import time
-
         self._clock = time.monotonic
         self.base, self.binary = path, binary
         self.interval_s, self.roll_bytes = interval_s, roll_bytes
