@@ -13,9 +13,10 @@ Writing a directory "atomically" means two different things:
 
 Libraries that only read or write local files (safetensors, ArrayRecord, the tokenizer libraries,
 arrow memory maps) get a local copy of a remote file from ``local_copy`` (cached under
-``cache_root()/remote``, keyed by the object's URL, size and modification time, so a resumed run
-does not download again), a temporary local copy of a remote directory from ``local_view``, and
-write through ``writing_file``, which renames (local) or uploads (remote) a finished file.
+``cache_root()/remote``, keyed by the object's URL, size and generation, ``fingerprint``, so a
+resumed run does not download again), a temporary local copy of a remote directory from
+``local_view``, and write through ``writing_file``, which renames (local) or uploads (remote) a
+finished file.
 """
 
 from __future__ import annotations
@@ -95,15 +96,29 @@ def writing_file(dst) -> Iterator[pathlib.Path]:
             local.unlink()
 
 
+def fingerprint(path) -> str:
+    """Changes whenever the file's contents may have: size and mtime (ns) locally; size and the
+    object's generation / etag / md5 in a bucket (mtimes there have one-second resolution)."""
+    path = resolve(path)
+    if not is_remote(path):
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    fs, name = _fs(path)
+    info = fs.info(name)
+    version = next((info[k] for k in ("generation", "etag", "ETag", "md5Hash", "mtime", "updated")
+                    if info.get(k)), "")
+    return f"{path}|{info.get('size')}|{version}"
+
+
 def local_copy(path, names=None) -> pathlib.Path:
     """A local file (or, with ``names``, a local directory holding those of the top-level files
     ``names`` that exist) with the contents of ``path``: ``path`` itself when local; for a URL, a
-    copy in the cache that is fetched once and reused while the objects' sizes and mtimes stay."""
+    copy in the cache that is fetched once and reused while the objects are unchanged."""
     path = resolve(path)
     if not is_remote(path):
         return pathlib.Path(path)
     sources = [path] if names is None else [path / n for n in names if (path / n).is_file()]
-    stats = "|".join(f"{p}:{p.stat().length}:{p.stat().mtime}" for p in sources)
+    stats = "|".join(fingerprint(p) for p in sources)
     key = hashlib.sha256(f"{path}|{names}|{stats}".encode()).hexdigest()[:20]
     local = cache_root() / "remote" / key / path.name
     for src in sources:

@@ -4,7 +4,7 @@
   Spark's ``_SUCCESS`` left out) and glob patterns, in a stable order.
 - Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) cannot be read at a byte offset, and the
   text sources index documents by offset: they are decompressed once into the cache
-  (``paths.cache_root()/decompressed``, keyed by the file's location, size and mtime) and read
+  (``paths.cache_root()/decompressed``, keyed by ``paths.fingerprint``) and read
   from there.
 - ``RangeReader`` reads byte ranges of plain files; remote files are read by range requests
   through one open handle per file and process (not pickled: grain workers open their own).
@@ -105,8 +105,7 @@ def _decompressor(suffix: str, raw):
 def decompressed(path) -> pathlib.Path:
     """A local, decompressed copy of the compressed file ``path`` (made once, then reused)."""
     path = paths.resolve(path)
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(paths.fingerprint(path).encode()).hexdigest()[:20]
     local = paths.cache_root() / "decompressed" / key / strip_compression(path.name)
     if local.is_file():
         return local
