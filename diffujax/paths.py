@@ -161,6 +161,12 @@ def _fs(path):
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
+def read_range(path, start: int, length: int) -> bytes:
+    """Bytes ``start .. start + length`` of a remote object, in one ranged request."""
+    fs, name = _fs(resolve(path))
+    return fs.cat_file(name, start=start, end=start + length)
+
+
 def _with_protocol(path: str, like: str) -> str:
     scheme = like.partition("://")[0]
     return path if "://" in path else f"{scheme}://{path}"

@@ -6,8 +6,8 @@
   text sources index documents by offset: they are decompressed once into the cache
   (``paths.cache_root()/decompressed``, keyed by ``paths.fingerprint``) and read
   from there.
-- ``RangeReader`` reads byte ranges of plain files; remote files are read by range requests
-  through one open handle per file and process (not pickled: grain workers open their own).
+- ``read_range`` reads byte ranges of plain files; a remote file costs one ranged request per
+  read and no open handle (nothing to close, nothing to pickle for grain workers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import lzma
 import os
 import pathlib
 import shutil
-import threading
 from typing import Callable, Sequence
 
 import zstandard
@@ -135,41 +134,13 @@ def size(path: str) -> int:
 # -- byte ranges ----------------------------------------------------------------------------------
 
 
-class RangeReader:
-    """``read(path, start, length)`` on local or remote files. Remote handles stay open per process
-    (one request per read, not one to open and one to read); they are dropped when pickled."""
-
-    def __init__(self):
-        self._handles: dict[str, object] = {}
-        self._lock = threading.Lock()
-
-    def read(self, path: str, start: int, length: int) -> bytes:
-        if not paths.is_remote(path):
-            with open(path, "rb") as f:
-                f.seek(start)
-                return f.read(length)
-        with self._lock:  # grain reads with several threads; seek + read must stay together
-            f = self._handles.get(path)
-            if f is None:
-                f = self._handles[path] = paths.resolve(path).open("rb")
+def read_range(path: str, start: int, length: int) -> bytes:
+    """``length`` bytes of ``path`` from ``start``: a local read, or one ranged GET for a URL."""
+    if not paths.is_remote(path):
+        with open(path, "rb") as f:
             f.seek(start)
             return f.read(length)
-
-    def open(self, path: str):
-        """A file object for libraries that read it themselves (pyarrow), shared per process."""
-        if not paths.is_remote(path):
-            return path
-        with self._lock:
-            f = self._handles.get(path)
-            if f is None:
-                f = self._handles[path] = paths.resolve(path).open("rb")
-            return f
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+    return paths.read_range(path, start, length)
 
 
 def local_files(files: Sequence) -> list[str]:

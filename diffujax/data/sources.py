@@ -147,7 +147,6 @@ class _IndexedFiles(_Source):
         super().__init__(name, errors)
         self.paths = self._list(inputs, self.suffixes)
         self._data = [F.readable(p) for p in self.paths]
-        self._reader = F.RangeReader()
         file_idx, starts, ends, lines = [], [], [], []
         for i, path in enumerate(self.paths):
             for start, end, line in self._scan(path, self._data[i]):
@@ -168,8 +167,8 @@ class _IndexedFiles(_Source):
     def _read(self, index: int) -> tuple[str, str, int]:
         i = int(index)
         f = self._file[i]
-        data = self._reader.read(self._data[f], int(self._start[i]),
-                                 int(self._end[i] - self._start[i]))
+        data = F.read_range(self._data[f], int(self._start[i]),
+                            int(self._end[i] - self._start[i]))
         return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
 
     def _scan(self, path: str, data: str):
@@ -341,15 +340,15 @@ class ParquetSource(_LazyRecords):
 
     _CACHE = 4
 
-    def __init__(self, paths, column: str | Sequence[str] = "text", errors: str = "strict"):
+    def __init__(self, inputs, column: str | Sequence[str] = "text", errors: str = "strict"):
         super().__init__(f"parquet[{column}]", column, errors)
-        self.paths = self._list(paths, (".parquet", ".pq"))
-        self._reader = F.RangeReader()
+        self.paths = self._list(inputs, (".parquet", ".pq"))
         self._groups: list[tuple[int, int]] = []  # (file index, row group)
         counts = []
         for i, path in enumerate(self.paths):
             try:
-                meta = pq.ParquetFile(self._reader.open(path)).metadata
+                with paths.resolve(path).open("rb") as f:
+                    meta = pq.ParquetFile(f).metadata
             except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
                 raise DataError(f"{path}: not a readable parquet file ({e})") from None
             names = meta.schema.names
@@ -383,8 +382,8 @@ class ParquetSource(_LazyRecords):
             table = self._cache.get(g)
             if table is None:
                 fi, rg = self._groups[g]
-                table = pq.ParquetFile(self._reader.open(self.paths[fi])).read_row_group(
-                    rg, columns=list(self.fields))
+                with paths.resolve(self.paths[fi]).open("rb") as f:
+                    table = pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
                 table = {c: table.column(c).to_pylist() for c in self.fields}
                 if len(self._cache) >= self._CACHE:
                     self._cache.pop(next(iter(self._cache)))  # oldest first
@@ -506,11 +505,11 @@ class ArrowSource(_LazyRecords):
     ``datasets`` directory saved with ``save_to_disk`` (``split`` picks one of a ``DatasetDict``)
     or ``.arrow`` files. ``field`` names the text column (several give dicts)."""
 
-    def __init__(self, paths_, field: str | Sequence[str] = "text", split: str = "train",
+    def __init__(self, inputs, field: str | Sequence[str] = "text", split: str = "train",
                  errors: str = "strict"):
         super().__init__(f"arrow[{field}]", field, errors)
         self.paths = []
-        for item in [paths_] if isinstance(paths_, (str, os.PathLike)) else paths_:
+        for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
             self.paths += self._files(item, split)
         self.report.files = len(self.paths)
         self._local = F.local_files(self.paths)
