@@ -26,8 +26,8 @@ PACKAGE = "diffujax"
 
 # Bottom to top; a package imports only packages of its own layer or below.
 LAYERS = (
-    # kernels and masks; mesh and logical axes; local paths vs bucket URLs
-    ("diffujax.attention", "diffujax.parallel", "diffujax.paths"),
+    # JSON; kernels; mesh; local paths vs bucket URLs
+    ("diffujax.plain", "diffujax.attention", "diffujax.parallel", "diffujax.paths"),
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree
