@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax import paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.models import FAMILIES, ModelConfig, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
@@ -183,6 +184,9 @@ class CheckpointSection:
         _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
 
 
+WANDB_KEYS = ("project", "name", "entity", "group", "tags", "notes", "mode", "id", "dir")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
     every_steps: int = 10
@@ -191,9 +195,19 @@ class LoggingSection:
     eval_batches: int = 8
     sample_every: int = 0
     profile_steps: tuple[int, ...] = ()  # (first, last) step to trace, or empty
+    # Weights & Biases, off unless set: {project, name, entity, group, tags, notes, mode, id}
+    wandb: dict[str, Any] | None = None
 
     def validate(self, key: str):
         _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+        if self.wandb is not None:
+            w = self.wandb
+            _check(isinstance(w, dict), f"{key}.wandb", "must be a mapping like {project: NAME}")
+            unknown = sorted(set(w) - set(WANDB_KEYS))
+            _check(not unknown, f"{key}.wandb.{(unknown or [''])[0]}",
+                   f"unknown key; known: {list(WANDB_KEYS)}")
+            _check(isinstance(w.get("project"), str) and bool(w["project"]),
+                   f"{key}.wandb.project", "must be set (the W&B project to log to)")
         _check(len(self.profile_steps) in (0, 2), f"{key}.profile_steps",
                "must be empty or [first, last]")
 
@@ -248,8 +262,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfi
     overrides in order, validate, and return the ``RunConfig``."""
     raw: dict = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = yaml.safe_load(paths.resolve(path).read_text()) or {}  # a file or a URL
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:

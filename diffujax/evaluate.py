@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffujax import console
+from diffujax import console, paths
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
 
@@ -40,8 +40,7 @@ def read_blocks(tokenizer, path: str, seq_len: int, blocks: int | None = None) -
     whole block in the file; fewer blocks if the file is short; an error if it has less than one
     block). Tokens after the last whole block are not scored."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = paths.resolve(path).read_bytes().decode("utf-8")  # a local file or a URL
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     ids = tokenizer.encode(text)

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from diffujax import console
+from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models import param_specs
 from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
@@ -244,7 +244,7 @@ def open_weights(directory) -> TensorSource:
 
 def read_config(directory) -> tuple[dict, ModelConfig]:
     """``config.json`` of a Hugging Face (or diffujax) directory: the raw dict and the config."""
-    path = pathlib.Path(directory) / "config.json"
+    path = paths.resolve(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a model directory?)")
     try:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from typing import Iterator, Mapping
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from diffujax import console
+from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
 from diffujax.models import ModelConfig, family_of
@@ -57,7 +56,7 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     """Write ``(name, shape, dtype, make)`` tensors into ``model.safetensors``, or into
     ``model-0000k-of-0000n.safetensors`` shards plus an index when they exceed ``max_shard_size``
     (a tensor larger than the limit gets a shard of its own). One shard in memory at a time."""
-    directory = pathlib.Path(directory)
+    directory = paths.resolve(directory)
     limit = parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -79,8 +78,9 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
         for name, _, _, make in shard:
             arrays[name] = make()
             bar.update(1)
-        save_file(arrays, str(directory / file), metadata={"format": "pt"})
-        os.chmod(directory / file, 0o666 & ~umask)  # safetensors creates it 0600
+        with paths.writing_file(directory / file) as local:  # safetensors writes local files
+            save_file(arrays, str(local), metadata={"format": "pt"})
+            os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes

@@ -13,20 +13,17 @@ model is never materialised whole on one device when a mesh is used.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import type_handlers as th
 
+from diffujax import paths
 from diffujax.checkpoint import tree
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
@@ -36,36 +33,13 @@ from diffujax.models.configs import ModelConfig
 
 FORMAT = 1
 PARAMS = "params"
-COMPLETE = ".complete"
+COMPLETE = paths.COMPLETE
 
 
-@contextlib.contextmanager
 def atomic_directory(dst, overwrite: bool = False):
-    """Yield a fresh temporary directory next to ``dst``; on success it is renamed to ``dst``
-    (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst."""
-    dst = pathlib.Path(dst).expanduser().absolute()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to"
-                              " replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
-        yield tmp
-        if dst.exists():
-            if not overwrite:  # appeared while we were writing
-                raise CheckpointError(f"{dst}: already exists (created by another process?)")
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "x")
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Yield where to write ``dst``'s contents; never a half-written ``dst`` (``paths``: a
+    temporary directory renamed into place, or on an object store a completion marker)."""
+    return paths.atomic_directory(dst, overwrite, error=CheckpointError)
 
 
 def _checkpointer():
@@ -84,7 +58,7 @@ def _saver():
 
 def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Mapping | None = None):
     """Write config.json and params/ into the (existing, empty) ``directory``; no marker."""
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     layout = layout or {}
     hf = config.to_hf()
     hf["dtype"] = dtype_name(params[family_of(config).embedding].dtype)
@@ -99,11 +73,11 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
 
 
 def mark_complete(directory):
-    (pathlib.Path(directory) / COMPLETE).write_text("ok\n")
+    (paths.resolve(directory) / COMPLETE).write_text("ok\n")
 
 
 def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=None,
-         overwrite: bool = False) -> pathlib.Path:
+         overwrite: bool = False) -> epath.Path:
     """Save a model (``params``: its ``nnx.State``, or a flat / nested dict of arrays) with its
     config, and the tokenizer files found in ``tokenizer_from``. Single-process, atomic."""
     flat = tree.from_state(config, params)
@@ -113,7 +87,7 @@ def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=
             copy_tokenizer_files(tokenizer_from, tmp)
         write(tmp, config, flat, layout)
         mark_complete(tmp)
-    return pathlib.Path(directory)
+    return paths.resolve(directory)
 
 
 def _check_shapes(config, flat, where):
@@ -127,7 +101,7 @@ def _check_shapes(config, flat, where):
 
 def read_meta(directory) -> tuple[ModelConfig, dict]:
     """Config and the "diffujax" section of a checkpoint's config.json (checks completeness)."""
-    directory = pathlib.Path(directory)
+    directory = paths.resolve(directory)
     if not (directory / COMPLETE).is_file():
         what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
@@ -154,7 +128,7 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
 
 
 def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     ckptr = _checkpointer()
     try:
         where = directory / PARAMS

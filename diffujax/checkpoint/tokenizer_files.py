@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
+from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.data.tokenizer import declared_tokens, read_json_file
 
@@ -19,23 +18,24 @@ MASK_TOKEN = "<|mask|>"
 
 def copy_tokenizer_files(src, dst) -> list[str]:
     copied = []
+    src, dst = paths.resolve(src), paths.resolve(dst)
     for name in TOKENIZER_FILES:
-        if (pathlib.Path(src) / name).is_file():
-            shutil.copy2(pathlib.Path(src) / name, pathlib.Path(dst) / name)
+        if (src / name).is_file():
+            paths.copy_file(src / name, dst / name)
             copied.append(name)
     return copied
 
 
 def _load(directory, name):
     try:
-        return read_json_file(pathlib.Path(directory) / name)
+        return read_json_file(paths.resolve(directory) / name)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
 
 def _dump(directory, name, obj):
-    (pathlib.Path(directory) / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
+    (paths.resolve(directory) / name).write_text(
+        json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def token_ids(directory) -> dict[str, int]:
@@ -99,7 +99,7 @@ def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[
         _dump(directory, "special_tokens_map.json", special)
         changed.append("special_tokens_map.json")
     # Slow tokenizers (vocab.json + merges.txt, sentencepiece) read extra ids from added_tokens.json.
-    slow = any((pathlib.Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
+    slow = any((paths.resolve(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
     if tok is None and slow:
         extra = _load(directory, "added_tokens.json") or {}
         extra[content] = token_id

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HF
 
+from diffujax import paths
+
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "mask")
 
 
@@ -228,8 +230,8 @@ class HFTokenizer(Tokenizer):
 
 def read_json_file(path) -> Any:
     """A Hugging Face side file's JSON, None when the file is absent; invalid JSON is a
-    ValueError naming the file."""
-    path = pathlib.Path(path)
+    ValueError naming the file (local or in a bucket)."""
+    path = paths.resolve(path)
     if not path.is_file():
         return None
     try:
@@ -251,7 +253,7 @@ def declared_tokens(directory) -> dict[str, tuple[str, pathlib.Path]]:
     reader of these files (the converter finds the mask token with it too)."""
     found = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = pathlib.Path(directory) / fname
+        path = paths.resolve(directory) / fname
         cfg = read_json_file(path) or {}
         for name in _SPECIAL_NAMES:
             content = _token_content(cfg.get(f"{name}_token"))
@@ -280,6 +282,11 @@ def _special_from_dir(tok: Tokenizer, directory: pathlib.Path) -> SpecialTokens:
     return SpecialTokens(**found)
 
 
+# What ``load_tokenizer`` reads from a directory (copied to the cache from a bucket).
+_FILES_READ = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "config.json")
+
+
 def load_tokenizer(
     directory: str | pathlib.Path,
     *,
@@ -295,6 +302,11 @@ def load_tokenizer(
     the side files (see ``_special_from_dir``); keyword ``overrides`` (``bos=1, pad=0``...) win.
     With ``model_vocab_size`` the tokenizer is checked against the model's embedding table.
     """
+    if paths.is_remote(directory):  # the tokenizer libraries read local files
+        remote = paths.resolve(directory)
+        if not remote.exists():
+            raise FileNotFoundError(f"tokenizer path {remote} does not exist")
+        directory = paths.local_copy(remote, None if remote.is_file() else _FILES_READ)
     path = pathlib.Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
