@@ -62,7 +62,7 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DiffusionSection:
     mask_token_id: int | None = None  # overrides the model config's
-    anneal_steps: int = 0  # 0: full attention from the start (SPEC 3)
+    anneal_steps: int = 0  # 0: full attention from the start (docs/algorithms.md §3)
     anneal_seed: int = 0
     normalization: Literal["masked", "tokens"] = "masked"
     stratified_t: bool = False

@@ -1,4 +1,5 @@
-"""``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound, SPEC 5)."""
+"""``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound,
+docs/algorithms.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``diffujax generate``: sample a continuation or an infill with one of the SPEC 6 samplers."""
+"""``diffujax generate``: sample a continuation or an infill with one of the docs/algorithms.md §6
+samplers."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
     """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span.
 
-    Position 0 must be a real token (SPEC 1, shift): ``Tokenizer.start_id`` (BOS, else EOS) when
-    there is one, otherwise the first prompt token. Returns (tokens [L], src [L], span slice,
-    dropped_first)."""
+    Position 0 must be a real token (docs/algorithms.md §1, shift): ``Tokenizer.start_id`` (BOS,
+    else EOS) when there is one, otherwise the first prompt token. Returns (tokens [L], src [L],
+    span slice, dropped_first)."""
     tok, mask_id = model.tokenizer, model.mask_token_id()
     prompt_ids = tok.encode(prompt) if prompt else []
     suffix_ids = tok.encode(suffix) if suffix else []

@@ -46,7 +46,7 @@ def _config(hf: dict, source: str) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-# -- the mask token (SPEC 1) --------------------------------------------------------------------
+# -- the mask token (docs/algorithms.md §1) --------------------------------------------------------
 
 
 def _init_mask_row(config: ModelConfig, params: dict, row: int) -> ModelConfig:

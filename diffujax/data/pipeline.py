@@ -17,8 +17,8 @@ Each batch is a dict of numpy arrays, all ``[local_batch, seq_len]``:
   ``segment_ids=True``; all ones otherwise (the reference attends across documents);
 - ``src`` bool: positions never noised (SFT prompt); all False for pretraining;
 - ``loss_mask`` bool: False only on filler that belongs to no document (the tail of the last
-  block of a finite run, the free space of a packed SFT row). SFT padding *is* a target (SPEC 4),
-  so an unpacked SFT row is all True;
+  block of a finite run, the free space of a packed SFT row). SFT padding *is* a target
+  (docs/algorithms.md §4), so an unpacked SFT row is all True;
 - ``positions`` int32 (only with ``positions=True``): position inside each segment of the row
   (a document continued from the previous row restarts at 0), 0 on filler.
 
@@ -57,7 +57,7 @@ class PipelineOptions:
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     mode: str = "pretrain"  # "pretrain" | "sft"
-    segment_ids: bool = False  # off for parity with the reference (SPEC 2.7)
+    segment_ids: bool = False  # off for parity with the reference (docs/algorithms.md §2.7)
     positions: bool = False
     add_bos: bool = False  # pretraining: BOS before every document
     # SFT: fields of the source's records, separator and packing.

@@ -10,8 +10,8 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
   reproducible and resumes exactly;
 - gradient accumulation scans over ``grad_accum_steps`` micro-batches of consecutive rows; the
   objective draws each row's noise from its *global* row index and returns numerator and
-  denominator sums, which are added over micro-batches and divided once (SPEC 2.6), so any
-  number of micro-batches computes the same update;
+  denominator sums, which are added over micro-batches and divided once (docs/algorithms.md §2.6),
+  so any number of micro-batches computes the same update;
 - a step whose loss or gradients are not finite changes neither params nor optimizer state; it is
   counted (``bad_steps`` consecutive, ``total_bad_steps`` overall) and the loop decides when to
   give up (``train.max_bad_steps``).
@@ -174,11 +174,11 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     """``eval_step(params, batch, key, row_offset, rows) -> (nll [B], targets [B])``, the
     per-sequence terms of ``diffujax eval`` (replicated); ``heldout_nll`` runs it over batches.
 
-    ``kind="elbo"``: ``elbo_terms``, the diffusion NELBO (SPEC 5: full attention, position 0,
-    ``src`` and padding conditioned on, ``t`` stratified over all ``rows`` of the evaluation set,
-    this batch being rows ``row_offset..``); ``kind="ar"``: ``ar_nll_terms``, next-token NLL with
-    causal attention (the AR baseline; key and rows unused). ``params`` may be ``state.params``
-    or ``state.ema``.
+    ``kind="elbo"``: ``elbo_terms``, the diffusion NELBO (docs/algorithms.md §5: full attention,
+    position 0, ``src`` and padding conditioned on, ``t`` stratified over all ``rows`` of the
+    evaluation set, this batch being rows ``row_offset..``); ``kind="ar"``: ``ar_nll_terms``,
+    next-token NLL with causal attention (the AR baseline; key and rows unused). ``params`` may be
+    ``state.params`` or ``state.ema``.
     """
     if kind not in ("elbo", "ar"):
         raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")

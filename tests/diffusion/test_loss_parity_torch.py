@@ -1,5 +1,6 @@
-"""Loss parity with PyTorch. Reference: the SPEC 2 loss written in plain torch on a transformers
-``LlamaForCausalLM`` run with full (bidirectional) attention, fed the same ``t`` and noise mask.
+"""Loss parity with PyTorch. Reference: the docs/algorithms.md §2 loss written in plain torch on a
+transformers ``LlamaForCausalLM`` run with full (bidirectional) attention, fed the same ``t`` and
+noise mask.
 
 Two levels: (1) diffujax's loss on the logits torch computed (checks the loss math alone);
 (2) diffujax's loss on diffujax's own Llama holding the same weights, converted with
@@ -40,7 +41,7 @@ def torch_logits(model, x_t):
 
 
 def torch_reference_loss(logits, x, noise, t, src, normalization):
-    """SPEC 2.4-2.6 in torch."""
+    """docs/algorithms.md §2.4-2.6 in torch."""
     x, noise, t, src = (torch.tensor(np.array(a)) for a in (x, noise, t, src))
     x = x.long()
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1),

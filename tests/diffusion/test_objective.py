@@ -1,5 +1,6 @@
-"""Training objective (SPEC 2 steps 4-6) and the AR loss. Reference: a float64 numpy loop written
-from the SPEC formulas; gradient accumulation is checked against the full-batch gradient."""
+"""Training objective (docs/algorithms.md §2 steps 4-6) and the AR loss. Reference: a float64 numpy
+loop written from the docs/algorithms.md formulas; gradient accumulation is checked against the
+full-batch gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ B, L, V, M = 4, 7, 11, 10
 
 
 def _reference(logits, x, noise, t, src, loss_mask, normalization):
-    """SPEC 2.4-2.6 as loops in float64."""
+    """docs/algorithms.md §2.4-2.6 as loops in float64."""
     logits = np.asarray(logits, np.float64)
     x, noise, t = np.asarray(x), np.asarray(noise), np.asarray(t, np.float64)
     src, loss_mask = np.asarray(src), np.asarray(loss_mask)

@@ -1,6 +1,6 @@
-"""Samplers (SPEC 6). References: the exact distribution of the T-step ancestral sampler by
-enumeration (float64 numpy) with a chi-square test (scipy); the SPEC rules checked on recorded
-trajectories; argmax of a fixed logits table for the shift convention."""
+"""Samplers (docs/algorithms.md §6). References: the exact distribution of the T-step ancestral
+sampler by enumeration (float64 numpy) with a chi-square test (scipy); the docs/algorithms.md rules
+checked on recorded trajectories; argmax of a fixed logits table for the shift convention."""
 
 import itertools
 

@@ -1,6 +1,6 @@
-"""SFT data contract (SPEC 4). Reference: the sequences written out by hand from the SPEC layout
-``[BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...``; and the objective's normalisations on
-that layout computed by hand."""
+"""SFT data contract (docs/algorithms.md §4). Reference: the sequences written out by hand from the
+docs/algorithms.md layout ``[BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...``; and the
+objective's normalisations on that layout computed by hand."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """The shipped run configs, and the loop's non-finite safety stop (in-process).
 
-Reference for the hyperparameters: SPEC section 2 (paper and reference code)."""
+Reference for the hyperparameters: docs/algorithms.md §2 (paper and reference code)."""
 
 import pathlib
 
