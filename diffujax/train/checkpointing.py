@@ -32,9 +32,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffujax import paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
-from diffujax.models.configs import FAMILIES, ModelConfig, config_from_hf
+from diffujax.models import FAMILIES, ModelConfig, config_from_hf
+from diffujax.plain import to_plain
 from diffujax.train.integrity import checksums, first_mismatch, json_digest, local_value
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ class TrainCheckpointer:
     def __init__(self, directory, *, save_every: int = 1000, keep_last: int = 3,
                  keep_every: int | None = None, async_save: bool = True,
                  restart_data: bool = False):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.directory = paths.resolve(directory)  # a local path or a bucket URL
         self.save_every = int(save_every)
         self.keep_last = keep_last if keep_last and keep_last > 0 else None
         self.keep_every = keep_every or None
@@ -197,10 +199,10 @@ class TrainCheckpointer:
         self._rotate()
         bad = getattr(state, "bad_steps", 0)
         finite = int(local_value(bad)) == 0
-        meta = _jsonable(dict(meta or {}, step=step, time=time.time(),
+        meta = to_plain(dict(meta or {}, step=step, time=time.time(),
                               process_count=jax.process_count(),
                               device_count=jax.device_count(), finite=finite))
-        config = _jsonable(config or {})
+        config = to_plain(config or {})
         integrity = {"arrays": checksums(state), "config_sha256": json_digest(config),
                      "meta_sha256": json_digest(meta)}
         args = ocp.args.Composite(**{
@@ -335,21 +337,6 @@ def sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def _jsonable(obj):
-    """Config / meta trees as plain JSON (tuples -> lists, numpy scalars -> numbers)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic, jax.Array)):
-        return np.asarray(obj).item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------
 # What a run recorded about its model: read without the run (resume, export).
 
@@ -370,7 +357,7 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     plus ``family`` that earlier versions wrote)."""
     record = dict(meta["model_config"])
     if "family" in record and "model_type" not in record:  # the earlier format
-        cls = FAMILIES[record.pop("family")]
+        cls = FAMILIES[record.pop("family")].config
         tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
         fields = {k: tuples(v) for k, v in record.items()}
         legacy_backend = fields.pop("attention_backend", "auto")  # before AttentionConfig

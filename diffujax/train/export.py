@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from diffujax import paths
 from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
@@ -22,14 +24,14 @@ from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_f
 
 
 def _is_step_dir(path) -> bool:
-    path = epath.Path(os.path.abspath(os.fspath(path)))
+    path = paths.resolve(path)
     return (path / META).exists() and (path / STATE).exists()
 
 
 def find_step_dir(path, step: int | None = None) -> epath.Path:
     """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
     when ``step`` is None."""
-    path = epath.Path(os.path.abspath(os.fspath(path)))
+    path = paths.resolve(path)
     if _is_step_dir(path):
         return path
     if (path / "checkpoints").is_dir():
@@ -84,14 +86,16 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
 
     Single process: ``store.save`` (atomic). Several processes: every process writes its shards
     with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
-    marker, then renames it into place.
+    marker, then renames it into place (in a bucket, where directories cannot be renamed, they
+    write ``DIR`` itself and the marker written last says it is complete).
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = paths.resolve(directory)
     if jax.process_count() == 1:
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
         store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
         return directory
-    tmp = directory.parent / f"{directory.name}.tmp"
+    remote = paths.is_remote(directory)
+    tmp = directory if remote else directory.parent / f"{directory.name}.tmp"
     if jax.process_index() == 0 and tmp.exists():
         tmp.rmtree()
     sync("diffujax_save_model_start")
@@ -104,9 +108,10 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)
         store.mark_complete(tmp)
-        if directory.exists():
-            directory.rmtree()
-        tmp.rename(directory)
+        if not remote:
+            if directory.exists():
+                directory.rmtree()
+            tmp.rename(directory)
     sync("diffujax_save_model_done")
     return directory
 
@@ -178,13 +183,13 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
             raise CheckpointError(failures[0])
         raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
     tokenizer_dir = meta.get("tokenizer_dir")
-    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+    if tokenizer_dir and not paths.resolve(tokenizer_dir).is_dir():
         warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
         tokenizer_dir = None
     store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
     if hf_dir is not None:
         export(dst, hf_dir, overwrite=overwrite)
-    return epath.Path(os.fspath(dst))
+    return paths.resolve(dst)
 
 
 def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
@@ -193,8 +198,11 @@ def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **expo
     removed), then ``checkpoint.convert.export`` with ``export_kwargs`` (max_shard_size, dtype,
     overwrite, naming)."""
     store.check_separate(src, hf_dir)
-    if os.path.exists(hf_dir) and not export_kwargs.get("overwrite"):
+    if paths.resolve(hf_dir).exists() and not export_kwargs.get("overwrite"):
         raise CheckpointError(f"{hf_dir}: already exists (pass --overwrite to replace it)")
-    with store.scratch_directory(hf_dir, "export") as tmp:
+    # Beside hf_dir, or for a bucket destination in local scratch.
+    scratch = (tempfile.TemporaryDirectory(prefix=".diffujax-export-")
+               if paths.is_remote(hf_dir) else store.scratch_directory(hf_dir, "export"))
+    with scratch as tmp:
         model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
         return export(model_dir, hf_dir, **export_kwargs)

@@ -25,12 +25,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pathlib
 import time
 
 import jax
 import numpy as np
 
+from diffujax import paths
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import abstract_model, functional
@@ -44,6 +44,7 @@ from diffujax.train.export import export_final
 from diffujax.train.lock import run_lock
 from diffujax.train.preemption import PreemptionGuard
 from diffujax.train.resume import check_resume
+from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.startup import initial_state
 from diffujax.train.state import params_of
 from diffujax.train.step import make_train_step
@@ -123,15 +124,8 @@ class _Pending:
 
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
-    if not cfg.output_dir:
-        raise ValueError("output_dir is not set (add output_dir=PATH)")
-    for key, value in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint)):
-        if value and "://" in str(value):
-            # Paths are handled as local files throughout; a URL would be written to a local
-            # directory named after it and lost with the VM.
-            raise ValueError(f"{key}={value}: URLs are not supported; mount the bucket (for"
-                             " example with gcsfuse) or use a shared filesystem and pass its path")
-    out_dir = pathlib.Path(cfg.output_dir).absolute()
+    resolve_output_dir(cfg.output_dir)  # refused before anything is written, if it cannot work
+    out_dir = paths.resolve(cfg.output_dir)
     notes: list[str] = []
     # One writer per run directory (process 0 writes for the run).
     lock = run_lock(out_dir, notes) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -152,7 +146,7 @@ class _Run:
     def __init__(self, cfg, guard, notes: list[str]):
         t0 = self.t0 = time.perf_counter()
         self.cfg, self.guard = cfg, guard
-        self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
+        self.out_dir = out_dir = paths.resolve(cfg.output_dir)  # a local path or a bucket URL
         c, lg = cfg.checkpoint, cfg.logging
         self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
         self.ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
@@ -190,7 +184,8 @@ class _Run:
         self._apply_fn = apply_fn
 
         self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
-                                  tensorboard=lg.tensorboard)
+                                  tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                  run_config=to_dict(cfg))
         for line in notes + source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         seq_len = cfg.data.seq_len
@@ -352,6 +347,7 @@ class _Run:
             return False
         jax.block_until_ready(self.state)  # time the save, not the step before it
         t = time.perf_counter()
+        self.logger.flush()  # a bucket's metrics.jsonl is uploaded by this, at least per checkpoint
         meta = dict(self.meta, tokens_seen=self.step * self.tokens_per_step,
                     log_window=self.window.rows)
         started = self.ckpt.save(self.step, self.state, data_state=self.data_state,

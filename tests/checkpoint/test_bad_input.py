@@ -198,9 +198,9 @@ def test_stale_temporary_directories_of_a_killed_run_are_removed(hf_gpt2, tmp_pa
     """A convert killed mid-write leaves ``.DST.tmp-HOST-PID-*`` (the size of the model); the next
     convert to the same destination removes those whose process is gone and says so, and leaves
     a live process's alone."""
-    from diffujax.checkpoint import store
+    from diffujax import paths
 
-    host = store._scratch_prefix(tmp_path / "dst", "tmp").split("-")[1]  # as a writer names it
+    host = paths.scratch_prefix(tmp_path / "dst", "tmp").split("-")[1]  # as a writer names it
     stale = tmp_path / f".dst.tmp-{host}-{_dead_pid()}-abc123"
     stale_export = tmp_path / f".dst.export-{host}-{_dead_pid()}-xyz"
     live = tmp_path / f".dst.tmp-{host}-{os.getpid()}-live"

@@ -137,7 +137,7 @@ def test_model_config_round_trip():
     form of earlier versions still reads."""
     import dataclasses
 
-    from diffujax.models.configs import GPT2Config, LlamaConfig
+    from diffujax.models import GPT2Config, LlamaConfig
 
     llama = LlamaConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                         intermediate_size=32, mask_token_id=3,
