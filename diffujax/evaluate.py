@@ -109,7 +109,7 @@ def check_eval_args(args, config) -> None:
     require(args.seq_len >= 2, "--seq-len", args.seq_len, ">= 2 (position 0 is never scored)")
     require(limit is None or args.seq_len <= limit, "--seq-len", args.seq_len,
             f"<= {limit}, the model's maximum positions")
-    require(args.blocks >= 1, "--blocks", args.blocks, ">= 1")
+    require(args.blocks is None or args.blocks >= 1, "--blocks", args.blocks, ">= 1")
     require(args.draws >= 1, "--draws", args.draws, ">= 1")
     require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
     require(args.seed >= 0, "--seed", args.seed, ">= 0")
