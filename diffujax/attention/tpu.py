@@ -1,9 +1,9 @@
 """Blockwise (flash) attention for TPU in Pallas/Mosaic, with the attention pattern hashed in-kernel.
 
-Why a kernel of our own: the annealed pattern (SPEC 3) is a random ``L x L`` matrix that changes
-every step. This kernel regenerates any tile of it from ``(seed, step, q, k)`` by calling
-``pattern.is_open`` on iota tile indices, so no ``L x L`` array is ever read or stored, and the
-scalars ``seed/step/threshold`` arrive through scalar prefetch (SMEM): a new step or a new ratio
+Why a kernel of our own: the annealed pattern (docs/algorithms.md §3) is a random ``L x L`` matrix
+that changes every step. This kernel regenerates any tile of it from ``(seed, step, q, k)`` by
+calling ``pattern.is_open`` on iota tile indices, so no ``L x L`` array is ever read or stored, and
+the scalars ``seed/step/threshold`` arrive through scalar prefetch (SMEM): a new step or a new ratio
 never recompiles.
 
 Layout: the public entry takes ``[B, L, H, D]`` like the reference and works internally on

@@ -91,7 +91,8 @@ def test_layout_rules():
         lay = kernel_layout(*qkv(3, 3, 1))  # nothing divides: every device computes everything
         assert (lay.batch, lay.heads, lay.axes) == ((), (), ("data", "fsdp", "tensor"))
         # A rule table that puts the batch on data only leaves fsdp replicated.
-        lay = kernel_layout(*qkv(4, 8, 8), rules=(("batch", "data"), ("heads", "tensor")))
+        lay = kernel_layout(*qkv(4, 8, 8), rules=(("activation_batch", "data"),
+                                                        ("activation_heads", "tensor")))
         assert (lay.batch, lay.heads) == (("data",), ("tensor",))
     with jax.set_mesh(_mesh(1, 1, 1)):
         assert kernel_layout(*qkv(4, 8, 2)) is None  # one device: the kernel is called directly
