@@ -115,7 +115,9 @@ class Engine:
                 out = fn(m.params, *args, *extra)
                 out = out if isinstance(out, tuple) else (out,)
                 outputs.append(tuple(m.fetch(o)[:p.count] for o in out))
-        return tuple(np.concatenate(parts) for parts in zip(*outputs))
+        # per-row outputs ([rows]); per-position ones differ in length between batches: a list
+        return tuple(np.concatenate(parts) if parts[0].ndim == 1 else
+                     [row for part in parts for row in part] for parts in zip(*outputs))
 
     # --- scores ------------------------------------------------------------------------------
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-V, UNK, MASK, EOS = 64, 61, 62, 63
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling task_toys
+
+from task_toys import EOS, MASK, UNK, V  # noqa: E402
 
 
 def words(rng, n):
