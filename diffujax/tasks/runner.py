@@ -213,11 +213,12 @@ class TaskRunner:
         return {"infill": ("rouge1", "rouge2", "rougeL"), "code": ("pass@1",)}.get(
             self.spec.kind, ("accuracy",))
 
-    def header(self, data: str, count: int) -> dict:
-        """Everything the numbers depend on (a per-item file is resumed only if it matches)."""
+    def header(self, data: str) -> dict:
+        """Everything an item's result depends on (a per-item file is resumed only if it
+        matches; not the item count: a larger --limit resumes a smaller one)."""
         s = self.s
-        h = dict(task=self.name, data=os.path.abspath(data), items=count,
-                 objective=s.objective, seed=s.seed, reference_parity=s.reference)
+        h = dict(task=self.name, data=os.path.abspath(data), objective=s.objective, seed=s.seed,
+                 reference_parity=s.reference)
         if self.spec.kind == "choice":
             h.update(draws=(f"{s.num_levels} noise levels x 1 draw per choice"
                             if s.objective == "diffusion" else "exact (AR log-prob "
@@ -315,7 +316,7 @@ def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
-    header = runner.header(data, len(items))
+    header = runner.header(data)
     log = PerItemFile(per_item if write else None, header)
     done = log.load()
     todo = [(i, item) for i, item in enumerate(items) if i not in done]
