@@ -27,6 +27,7 @@ import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry l
 from lm_eval import utils as lm_utils  # when it is empty, and registering ours makes it non-empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences
 
 from diffujax.tasks.engine import Engine, Row
 
@@ -176,7 +177,7 @@ class DiffujaxLM(TemplateLM):
         for k, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
-            until = lm_utils.handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+            until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
             count = int(gen_kwargs.pop("max_gen_toks", self._max_gen_toks))
             ids = self.tok_encode(context) or [self.prefix_token_id]
             ids = ids[-max(1, self.max_length - count):]
