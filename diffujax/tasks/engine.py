@@ -25,6 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
+from diffujax.generate import sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
@@ -220,8 +221,6 @@ class Engine:
                          block_length: int = 32, threshold: float = 0.9) -> list[list[int]]:
         """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
         span of every row (token lists). ``steps`` is the number of denoising passes."""
-        from diffujax.generate import sampler_call
-
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
         outputs = []
         m = self.model

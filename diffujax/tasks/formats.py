@@ -14,6 +14,7 @@ import dataclasses
 import re
 
 from diffujax.tasks import readers
+from diffujax.tasks.metrics import gsm_number
 from diffujax.tasks.readers import TaskDataError, field
 
 
@@ -168,8 +169,6 @@ def humaneval(path):
 def gsm8k(path):
     """``question``/``answer`` (the HF export) or ``instruction``/``output`` (the reference's
     gsm.json); the gold is the number after the last '####' of the answer."""
-    from diffujax.tasks.metrics import gsm_number
-
     items = []
     for r in readers.read_records(path):
         q_key, a_key = ("question", "answer") if "question" in r else ("instruction", "output")

@@ -23,12 +23,19 @@ import argparse
 import os
 import sys
 
-import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only
-from lm_eval import utils as lm_utils  # when it is empty, and registering ours makes it non-empty)
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them
+    # only while it is empty, and registering ours makes it non-empty)
+    from lm_eval import utils as lm_utils
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences
+except ModuleNotFoundError as e:  # an optional extra
+    raise ModuleNotFoundError(f"{e}: diffujax lm-eval needs lm-evaluation-harness, pip install"
+                              " 'diffujax[eval]'") from e
 
+from diffujax.runtime import load_for_inference, mesh_from_args
 from diffujax.tasks.engine import Engine, Row
 
 SCORES = ("reference", "mc")
@@ -64,8 +71,6 @@ class DiffujaxLM(TemplateLM):
                  mesh: str = "auto", max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool = False, **unused):
         super().__init__()
-        from diffujax.runtime import load_for_inference, mesh_from_args
-
         if objective not in ("diffusion", "ar"):
             raise ValueError(f"model_args objective={objective!r}: must be diffusion or ar")
         if score not in SCORES:
@@ -215,8 +220,6 @@ def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_lm_eval(argv) -> int:
     """Hand ``argv`` (the arguments after ``diffujax lm-eval``) to lm-eval's own CLI."""
-    from lm_eval.__main__ import cli_evaluate
-
     if isinstance(argv, argparse.Namespace):
         argv = []
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,9 +15,12 @@ import os
 import sys
 from typing import Callable
 
+from tqdm import tqdm
+
 from diffujax.tasks import formats, metrics
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine
+from diffujax.tasks.execution import humaneval_program, run_program
 
 OBJECTIVES = ("diffusion", "ar")
 
@@ -185,8 +188,6 @@ class TaskRunner:
         return out
 
     def _code(self, chunk):
-        from diffujax.tasks.execution import humaneval_program, run_program
-
         completions = [self.encoder.decode(span) for span in self._infill_spans(chunk)]
         programs = [humaneval_program(item.prefix, c, item.suffix, item.test, item.entry_point)
                     for (_, item), c in zip(chunk, completions)]
@@ -309,8 +310,6 @@ def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
              per_item: str | None = None, chunk_items: int | None = None,
              progress: bool | None = None, write: bool = True) -> tuple[dict, list[dict]]:
     """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records)."""
-    from tqdm import tqdm
-
     items = runner.spec.load(data)
     if limit is not None:
         if limit < 1:
