@@ -79,8 +79,14 @@ class GPT2Config(ModelConfig):
     max_positions: int = 1024
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
+    # Training dropout, HF's names and meaning (a config.json without them means 0.1 each, as
+    # in transformers); applied only when the model is called with a dropout key (training).
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0  # not applied (no dropout in the attention kernels); training warns
 
     _MODELED: ClassVar[tuple[str, ...]] = (
+        "embd_pdrop", "resid_pdrop", "attn_pdrop",
         "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
         "activation_function", "tie_word_embeddings", "mask_token_id", "architectures", "model_type", "torch_dtype", "dtype",
         "n_ctx", "transformers_version",
@@ -112,6 +118,7 @@ class GPT2Config(ModelConfig):
             max_positions=int(hf.get("n_positions", 1024)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             activation=act,
+            **{k: float(hf.get(k, 0.1)) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")},
             extra_hf=_extra_json(hf, cls._MODELED),
         )
         return cfg.replace(**overrides)
@@ -124,7 +131,8 @@ class GPT2Config(ModelConfig):
             n_inner=None if self.intermediate_size == 4 * self.hidden_size else self.intermediate_size,
             n_positions=self.max_positions, n_ctx=self.max_positions,
             layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
-            tie_word_embeddings=self.tie_word_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, embd_pdrop=self.embd_pdrop,
+            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop,
         )
         _special_ids(hf, self)
         if self.mask_token_id is not None:

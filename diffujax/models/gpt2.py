@@ -47,8 +47,13 @@ class GPT2(nnx.Module):
         self.config = config
         self.params = ParamTree(param_specs(config), jnp.dtype(config.param_dtype), key)
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None):
-        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``."""
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
+        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``.
+
+        ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop`` on
+        the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
+        the attention probabilities) is not applied: the fused attention kernels have no
+        dropout. Without a key (evaluation, sampling) nothing is dropped."""
         c, p = self.config, self.params
         dtype = jnp.dtype(c.dtype)
         if tokens.shape[1] > c.max_positions:
@@ -59,6 +64,9 @@ class GPT2(nnx.Module):
         x = get(p, "wte").astype(dtype)[tokens] + get(p, "wpe").astype(dtype)[positions]
         x = constrain(x, ("batch", "length", "embed"))
         approximate = c.activation != "gelu"
+        drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
+        if drop:
+            x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
 
         def block(w, x):
             h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
@@ -67,14 +75,21 @@ class GPT2(nnx.Module):
             v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
             a = attention(q, k, v, pattern, c.attention)
-            x = x + L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+            out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop
+                     else out)
             h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
             h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
                             approximate=approximate)
-            x = x + L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+            out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop
+                     else out)
             return constrain(x, ("batch", "length", "embed"))
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
+        if drop:  # one key per layer, scanned with the layer's weights
+            stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+                jnp.arange(c.num_layers))
         x = L.scan_layers(block, x, stacked, c.remat)
         x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
         head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")
