@@ -89,3 +89,20 @@ def test_decoding_batched_equals_one_unpadded_row(engine, rows, tiny_model):
         for j in range(start, len(x)):
             x[j] = int(logits_of(m, x, causal())[j - 1].argmax())
         assert span == x[start:]
+
+
+def test_on_a_mesh_the_engine_gives_the_one_device_numbers(tiny_ckpt, engine, rows):
+    """data=2 x fsdp=2 x tensor=2 over the simulated devices: rows split over 4 batch shards
+    (batches rounded up to 4 rows, padded with copies), parameters sharded as in training."""
+    from diffujax.config import MeshSection, MeshShape
+    from diffujax.parallel.mesh import make_mesh
+    from diffujax.runtime import load_for_inference
+
+    section = MeshSection(shape=MeshShape(data=2, fsdp=2, tensor=2))
+    model = load_for_inference(str(tiny_ckpt), mesh=make_mesh(section, jax.devices()[:8]),
+                               rules=section.rule_table())
+    meshed = Engine(model, batch_size=3, seed=SEED)
+    assert meshed.batch_size == 4
+    np.testing.assert_allclose(meshed.diffusion_score(rows, num_levels=LEVELS),
+                               engine.diffusion_score(rows, num_levels=LEVELS), rtol=1e-5)
+    assert meshed.diffusion_decode(rows, steps=3) == engine.diffusion_decode(rows, steps=3)

@@ -124,3 +124,24 @@ def test_ar_loglikelihood_equals_lm_eval_hf_on_smollm2(smol_ar, tmp_path):
                                   for r in s["resps"]])
     assert scores["hf"].shape == (8,)
     np.testing.assert_allclose(scores["diffujax"], scores["hf"], atol=1e-4, rtol=0)
+
+
+def test_diffujax_lm_eval_command_runs_a_local_task(tiny_ckpt, tmp_path, capsys):
+    """``diffujax lm-eval`` hands its arguments to lm-eval's CLI with the model registered."""
+    from diffujax.cli import main
+
+    items = [dict(question="w1 w2 w3", choices=[" w4", " w5 w6"], label=i % 2) for i in range(3)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tmp_path / "tiny.yaml").write_text(
+        "task: diffujax_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'items.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    out = tmp_path / "out"
+    assert main(["lm-eval", "run", "--model", "diffujax", "--model_args",
+                 f"checkpoint={tiny_ckpt},objective=diffusion,levels=4,mesh=none",
+                 "--tasks", "diffujax_tiny", "--include_path", str(tmp_path),
+                 "--output_path", str(out)]) == 0
+    [result] = list(out.rglob("results_*.json"))
+    acc = json.loads(result.read_text())["results"]["diffujax_tiny"]["acc,none"]
+    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
