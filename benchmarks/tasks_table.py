@@ -59,6 +59,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gsm-seq-len", type=int, default=128)
+    p.add_argument("--levels", type=int, default=32, help="multiple-choice score levels T")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising passes of the decoding tasks (default: each task's own)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     model = load_for_inference(args.checkpoint)
@@ -71,7 +74,9 @@ def main():
                                                        args.humaneval_items))
         for objective in args.objectives.split(","):
             for task in args.tasks.split(","):
-                settings = Settings(objective=objective, seed=args.seed,
+                steps = None if task == "lambada" else args.steps
+                settings = Settings(objective=objective, seed=args.seed, steps=steps,
+                                    num_levels=args.levels,
                                     seq_len=args.gsm_seq_len)
                 begin = time.perf_counter()
                 result, _ = run_task(TaskRunner(engine, encoder, task, settings), files[task],
@@ -79,8 +84,8 @@ def main():
                 result["seconds"] = round(time.perf_counter() - begin, 1)
                 results.append(result)
                 print(f"{format_result(result)} [{result['seconds']} s]", flush=True)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
