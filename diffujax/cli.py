@@ -28,10 +28,6 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit status 2."""
-
-
 def _fn(command: str, verb: str):
     module = importlib.import_module(COMMANDS[command][0])
     return getattr(module, f"{verb}_{command.replace('-', '_')}_args" if verb == "add"
@@ -56,7 +52,7 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(_fn(args.command, "run")(args) or 0)
-    except (UserError, OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         # Bad input: one clear line naming what is at fault, no traceback, non-zero exit.
         print(f"diffujax {args.command}: error: {e}", file=sys.stderr)
         return 2

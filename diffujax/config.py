@@ -20,10 +20,9 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 from diffujax.attention.config import AttentionConfig
-from diffujax.models.configs import FAMILIES, ModelConfig
-from diffujax.parallel.logical import DEFAULT_RULES
-
-DTYPES = ("float32", "bfloat16", "float16")
+from diffujax.models import FAMILIES, ModelConfig, weight_axes
+from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
+from diffujax.plain import to_plain
 
 
 class ConfigError(ValueError):
@@ -60,7 +59,7 @@ class ModelSection:
     def init_config(self) -> ModelConfig:
         """The model config described by ``init`` (before the overrides of this section)."""
         fields = dict(self.init)
-        return FAMILIES[fields.pop("family")](**fields)
+        return FAMILIES[fields.pop("family")].config(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +162,11 @@ class MeshSection:
             if not isinstance(targets, (list, tuple)) or any(t not in axes for t in targets):
                 raise ConfigError(f"{key}.rules.{name}: {target!r} must be null, a mesh axis or a"
                                   f" list of mesh axes among {axes}")
+        for names in ACTIVATIONS + tuple(sorted(weight_axes(), key=str)):
+            try:
+                check_collisions(names, self.rule_table())
+            except ValueError as e:
+                raise ConfigError(f"{key}.rules: {e}") from None
         _check(self.num_slices >= 1, f"{key}.num_slices", "must be >= 1")
 
     def rule_table(self) -> tuple:
@@ -282,13 +286,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg) -> dict:
     """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
-    if dataclasses.is_dataclass(cfg):
-        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, Mapping):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    return cfg
+    return to_plain(cfg, field_key=_key)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -431,7 +429,7 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
     family = init.get("family")
     if family not in FAMILIES:
         raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
-    cls = FAMILIES[family]
+    cls = FAMILIES[family].config
     hints = typing.get_type_hints(cls)
     allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "attention"}
     out = {"family": family}

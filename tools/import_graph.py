@@ -26,7 +26,7 @@ PACKAGE = "diffujax"
 
 # Bottom to top; a package imports only packages of its own layer or below.
 LAYERS = (
-    ("diffujax.attention", "diffujax.parallel"),  # kernels and masks; mesh and logical axes
+    ("diffujax.plain", "diffujax.attention", "diffujax.parallel"),  # JSON; kernels; mesh
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree

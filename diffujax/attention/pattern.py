@@ -36,9 +36,6 @@ class AttentionPattern:
         if self.kind not in KINDS:
             raise ValueError(f"attention pattern kind {self.kind!r} is not one of {KINDS}")
 
-    def with_segments(self, segment_ids) -> "AttentionPattern":
-        return dataclasses.replace(self, segment_ids=segment_ids)
-
 
 def causal(segment_ids=None) -> AttentionPattern:
     return AttentionPattern("causal", segment_ids=segment_ids)

@@ -15,10 +15,9 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import (DictSource, dtype_name, open_weights, parse_dtype,
                                          read_config, read_params)
 from diffujax.checkpoint.hf_write import hf_tensors, write_safetensors
-from diffujax.checkpoint.keymaps import embedding_path
 from diffujax.checkpoint.tokenizer_files import (MASK_TOKEN, add_mask_token, copy_tokenizer_files,
                                                  find_mask_token, token_ids, tokenizer_size)
-from diffujax.models.configs import ConfigError, ModelConfig, config_from_hf
+from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
 
 # -- in memory ----------------------------------------------------------------------------------
 
@@ -28,7 +27,7 @@ def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[Model
     and its config (a ``config.json`` dict or a diffujax config) -> ``(config, params)``."""
     config = hf_config if isinstance(hf_config, ModelConfig) else _config(hf_config, "config")
     params, _ = read_params(config, DictSource(tensors), parse_dtype(dtype))
-    config = config.replace(param_dtype=dtype_name(params[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(params[family_of(config).embedding].dtype))
     return config, tree.to_state(config, params)
 
 
@@ -53,7 +52,7 @@ def _init_mask_row(config: ModelConfig, params: dict, row: int) -> ModelConfig:
     """Give token ``row`` (``== vocab_size``: a new row; below it: an unused padding row) the
     mean embedding, and an untied head its mean output vector: the new token starts "average"."""
     grow = row == config.vocab_size
-    for path, axis in ((embedding_path(config), 0), ("lm_head", 1)):  # lm_head is [D, V]
+    for path, axis in ((family_of(config).embedding, 0), ("lm_head", 1)):  # lm_head is [D, V]
         if path not in params:
             continue
         w = params[path]
@@ -158,7 +157,7 @@ def export(src_ckpt, dst, *, max_shard_size="5GB", dtype=None, overwrite: bool =
         if naming is not None:
             layout = {**layout, "naming": naming}
         hf = config.to_hf()
-        hf["dtype"] = dtype_name(target or params[embedding_path(config)].dtype)
+        hf["dtype"] = dtype_name(target or params[family_of(config).embedding].dtype)
         hf["torch_dtype"] = hf["dtype"]  # transformers 4.x reads this spelling
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         copy_tokenizer_files(src_ckpt, tmp)

@@ -13,8 +13,8 @@ from safetensors.numpy import save_file
 
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
-from diffujax.checkpoint.keymaps import LM_HEAD, embedding_path, keymap
-from diffujax.models.configs import ModelConfig
+from diffujax.models import ModelConfig, family_of
+from diffujax.models.family import LM_HEAD
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -35,7 +35,8 @@ def hf_tensors(config: ModelConfig, params: Mapping[str, np.ndarray], layout: Ma
     """``(name, shape, dtype, make)`` for each tensor of the Hugging Face file, in file order;
     ``make()`` builds the tensor (only then is memory spent on it)."""
     layout = layout or {}
-    kmap = keymap(config, layout.get("naming", "transformers"))
+    family = family_of(config)
+    kmap = family.keymap(config, layout.get("naming", "transformers"))
 
     def out_dtype(path):
         return np.dtype(dtype) if dtype is not None else params[path].dtype
@@ -47,7 +48,7 @@ def hf_tensors(config: ModelConfig, params: Mapping[str, np.ndarray], layout: Ma
     for name, (entry, layer) in kmap.expand(config.num_layers).items():
         yield name, entry.shape, out_dtype(entry.paths[0]), (lambda e=entry, i=layer: make(e, i))
     if config.tie_word_embeddings and layout.get("tied_head_stored"):
-        emb = embedding_path(config)
+        emb = family.embedding
         yield LM_HEAD, params[emb].shape, out_dtype(emb), lambda: params[emb].astype(out_dtype(emb))
 
 

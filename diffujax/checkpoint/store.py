@@ -30,9 +30,8 @@ from orbax.checkpoint import type_handlers as th
 from diffujax.checkpoint import tree
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
-from diffujax.checkpoint.keymaps import embedding_path
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models import param_specs
+from diffujax.models import family_of, param_specs
 from diffujax.models.configs import ModelConfig
 
 FORMAT = 1
@@ -88,7 +87,7 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
     directory = pathlib.Path(directory).absolute()
     layout = layout or {}
     hf = config.to_hf()
-    hf["dtype"] = dtype_name(params[embedding_path(config)].dtype)
+    hf["dtype"] = dtype_name(params[family_of(config).embedding].dtype)
     hf["diffujax"] = {"format": FORMAT, "hf_naming": layout.get("naming", "transformers"),
                       "hf_tied_head_stored": bool(layout.get("tied_head_stored", False))}
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -184,7 +183,7 @@ def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.Sta
     config, _ = read_meta(directory)
     dtype = parse_dtype(dtype)
     flat = _restore(directory, config, dtype, shardings)
-    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
     return config, tree.to_state(config, flat)
 
 
@@ -198,7 +197,7 @@ def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray
     config, meta = read_meta(directory)
     flat = _restore(directory, config, parse_dtype(dtype), None)
     flat = {k: tree.to_numpy(v) for k, v in flat.items()}
-    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
     layout = {"naming": meta.get("hf_naming", "transformers"),
               "tied_head_stored": meta.get("hf_tied_head_stored", False)}
     return config, flat, layout

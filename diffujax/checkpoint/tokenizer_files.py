@@ -7,6 +7,7 @@ import pathlib
 import shutil
 
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.data.tokenizer import declared_tokens, read_json_file
 
 # Files copied along with the weights (whichever exist). generation_config.json is not a
 # tokenizer file, but it holds the special ids generation uses, so it travels too.
@@ -26,22 +27,15 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 
 def _load(directory, name):
-    path = pathlib.Path(directory) / name
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(pathlib.Path(directory) / name)
     except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(str(e)) from None
 
 
 def _dump(directory, name, obj):
     (pathlib.Path(directory) / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
                                                 encoding="utf-8")
-
-
-def _content(token):
-    return token.get("content") if isinstance(token, dict) else token
 
 
 def token_ids(directory) -> dict[str, int]:
@@ -72,13 +66,12 @@ def tokenizer_size(directory) -> int | None:
 
 def find_mask_token(directory) -> int | None:
     """The id of the tokenizer's own mask token, if it declares one."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        content = _content((_load(directory, name) or {}).get("mask_token"))
-        if content:
-            ids = token_ids(directory)
-            if content in ids:
-                return int(ids[content])
-    return None
+    try:
+        content = declared_tokens(directory).get("mask", (None,))[0]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    ids = token_ids(directory) if content else {}
+    return int(ids[content]) if content in ids else None
 
 
 def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[str]:

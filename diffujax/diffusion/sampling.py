@@ -271,12 +271,3 @@ def sample_threshold(apply_fn: Callable, params, canvas, src, key, *, mask_token
                     pattern=pattern, max_steps=max_steps,
                     rule=_threshold_rule(threshold, block_length), temperature=temperature,
                     top_k=top_k, top_p=top_p, row_ids=row_ids, record_history=record_history)
-
-
-def truncate_after_eos(tokens, src, eos_id: int, pad_id: int) -> jax.Array:
-    """Stop handling: in each row, generated positions after the first generated EOS become
-    ``pad_id`` (fixed ``src`` positions are left alone)."""
-    generated = ~jnp.asarray(src, bool)
-    is_eos = generated & (tokens == eos_id)
-    after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
-    return jnp.where(generated & after_eos, jnp.asarray(pad_id, tokens.dtype), tokens)

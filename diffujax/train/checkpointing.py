@@ -42,7 +42,8 @@ from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models.configs import FAMILIES
+from diffujax.models import FAMILIES
+from diffujax.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,8 @@ class TrainCheckpointer:
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA: DataStateSave(data_state),
-            CONFIG: ocp.args.JsonSave(_jsonable(config or {})),
-            META: ocp.args.JsonSave(_jsonable(meta)),
+            CONFIG: ocp.args.JsonSave(to_plain(config or {})),
+            META: ocp.args.JsonSave(to_plain(meta)),
         })
         return bool(self.manager.save(step, args=args, force=True))
 
@@ -304,25 +305,6 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def _jsonable(obj):
-    """Config / meta trees as plain JSON (tuples -> lists, numpy scalars -> numbers)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic, jax.Array)):
-        return np.asarray(obj).item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a run's checkpoints without the run: the model config it recorded, its parameters.
-
-
 def find_step_dir(path, step: int | None = None) -> epath.Path:
     """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
     when ``step`` is None."""
@@ -384,12 +366,12 @@ def _unwrap_variables(tree):
 def model_config_to_dict(config) -> dict:
     """A model config as JSON-able fields plus its family (exact: ``model_config_from_dict``
     gives back an equal config)."""
-    return dict(_jsonable(dataclasses.asdict(config)), family=config.family)
+    return dict(to_plain(dataclasses.asdict(config)), family=config.family)
 
 
 def model_config_from_dict(d: dict):
     fields = dict(d)
-    cls = FAMILIES[fields.pop("family")]
+    cls = FAMILIES[fields.pop("family")].config
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
     fields = {k: tuples(v) for k, v in fields.items()}
     legacy_backend = fields.pop("attention_backend", "auto")  # metadata before AttentionConfig

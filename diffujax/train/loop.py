@@ -39,7 +39,7 @@ from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.pipeline import PipelineOptions, build_pipeline
 from diffujax.data.sources import make_source
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
+from diffujax.diffusion.sampling import sample_ancestral
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed, param_shardings, to_host)
@@ -48,7 +48,7 @@ from diffujax.train import metrics as M
 from diffujax.train.checkpointing import PreemptionGuard, save_model
 from diffujax.train.state import (abstract_train_state, create_train_state, params_of,
                                   train_state_shardings)
-from diffujax.train.step import make_eval_step, make_train_step
+from diffujax.train.step import heldout_nll, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -249,38 +249,28 @@ class _Evaluator:
     def elbo(self, params) -> dict | None:
         if not self.batches:
             return None
-        losses, total = [], None
-        for i, batch in enumerate(self.batches):  # the same noise every time: comparable numbers
-            sums = self.step(params, batch, jax.random.fold_in(self.key, i))
-            losses.append(sums)
-            total = sums if total is None else total + sums
-        per_batch = [float(s.loss) for s in losses]
-        nelbo = float(total.loss)
-        out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0)),
-               "tokens": float(total.targets), "draws": 1}
-        if len(per_batch) > 1:  # batch-means standard error of the per-token NELBO
-            out["nelbo_se"] = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
+        # The same key every time: the same noise, comparable numbers from one eval to the next.
+        est = heldout_nll(self.step, params, self.batches, self.key)
+        out = {"nelbo": est.mean_nll, "ppl_bound": math.exp(min(est.mean_nll, 700.0)),
+               "tokens": float(est.num_tokens), "draws": est.num_draws}
+        if math.isfinite(est.std_error):  # over sequences, as `diffujax eval` reports it
+            out["nelbo_se"] = est.std_error
         return out
 
     def samples(self, params, step: int) -> list[str]:
         mc, tok = self.model_cfg, self.tokenizer
-        bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
-        bos = bos if bos is not None else tok.eos_id
+        first = tok.start_id(mc.bos_token_id)
+        if first is None:
+            raise ValueError(f"tokenizer {tok.path} has no BOS or EOS token to start samples with")
         length = min(self.cfg.data.seq_len, SAMPLE_LEN)
         canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
-        canvas[:, 0] = bos
+        canvas[:, 0] = first
         src = np.zeros(canvas.shape, bool)
         src[:, 0] = True
         out = sample_ancestral(self.apply_fn, params, canvas, src,
                                jax.random.fold_in(self.key, 1_000_000 + step),
                                mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))
-        tokens = out.tokens
-        if tok.eos_id is not None:
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-            tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        rows = to_host(tokens)
-        special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-        return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
+        return [tok.decode_generated(row[1:]) for row in to_host(out.tokens)]
 
 
 # ------------------------------------------------------------------------------------ the loop

@@ -27,18 +27,9 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from diffujax.models.configs import ModelConfig
+from diffujax.models import ModelConfig, matmul_params
 
 # ------------------------------------------------------------------------------------ FLOPs, MFU
-
-
-def matmul_params(config: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (the ``N`` of ``6 N``)."""
-    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    attn = d * h * hd + 2 * d * kv * hd + h * hd * d  # q, k, v, o
-    mlp_mats = 3 if config.family == "llama" else 2  # SwiGLU gate/up/down vs. fc/proj
-    mlp = mlp_mats * d * config.intermediate_size
-    return config.num_layers * (attn + mlp) + d * config.vocab_size  # + output head (tied or not)
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -256,10 +256,3 @@ def test_worker_process(sp_tok):
         it.close()
 
 
-def test_state_json_encoding():
-    from diffujax.data.pipeline import _from_json, _to_json
-
-    state = {"a": (1, (-1, -1)), "f": {2: {"next_index": np.int64(3)}}, "l": [(0, 1)], "e": {}}
-    wire = json.loads(json.dumps(_to_json(state)))
-    assert _from_json(wire) == {"a": (1, (-1, -1)), "f": {2: {"next_index": 3}}, "l": [(0, 1)],
-                                "e": {}}

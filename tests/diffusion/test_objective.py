@@ -132,12 +132,14 @@ def test_ar_loss_matches_reference():
     seen = []
 
     def apply_fn(params, tokens, pattern):
-        seen.append(pattern.kind)
+        seen.append((pattern, np.asarray(tokens)))
         return logits
 
-    loss, _ = ar_loss(apply_fn, None, x, loss_mask=loss_mask)
-    assert seen == ["causal"]
+    loss, metrics = ar_loss(apply_fn, None, x, loss_mask=loss_mask)
+    [(pattern, tokens)] = seen  # one forward pass, causal, on the clean tokens
+    assert pattern == causal() and np.array_equal(tokens, x)
     everything = jnp.ones((B, L), bool)
     expected, _, _ = _reference(logits, x, everything, np.ones(B), ~everything, loss_mask, "tokens")
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    assert causal().kind == "causal"
+    # every next-token target counts except the two that loss_mask drops (row 3, positions 5, 6)
+    assert float(metrics["target_tokens"]) == B * (L - 1) - 2

@@ -12,7 +12,8 @@ import pytest
 from diffujax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"),
+                  *(ROOT / "diffujax" / "assets").glob("*.yaml")])
 
 
 def test_configs_exist():
