@@ -1,4 +1,5 @@
-"""``diffujax`` command line: convert | export | default-model | eval | generate | train | demo.
+"""``diffujax`` command line: convert | export | default-model | eval | generate | train | plan |
+demo.
 
 Each subcommand lives with its concern and exposes ``add_<name>_args(parser)`` and
 ``run_<name>(args) -> int``; this file only wires them up (imported lazily so ``--help`` is quick).
@@ -21,6 +22,7 @@ COMMANDS = {
     "eval": ("diffujax.evaluate", "perplexity: AR or diffusion ELBO bound"),
     "generate": ("diffujax.generate", "sample or infill text with a diffusion sampler"),
     "train": ("diffujax.train.loop", "diffusion (pre-)training from a YAML config"),
+    "plan": ("diffujax.plan", "compile a run for a Cloud TPU slice here: HBM, collectives, est. MFU"),
     "demo": ("diffujax.demo", "the README's main job on the embedded default model"),
 }
 

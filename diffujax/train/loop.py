@@ -417,9 +417,9 @@ class _Run:
         if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
             return self.train_step
         if self._full_attention_step is None:
-            from diffujax.train.step import make_train_step
+            from diffujax.train.step import after_annealing, make_train_step
 
-            cfg = dataclasses.replace(self.cfg, diffusion=dataclasses.replace(d, anneal_steps=0))
+            cfg = after_annealing(self.cfg)
             self._full_attention_step = make_train_step(cfg, self.model_cfg, self._apply_fn,
                                                         self.mesh, self.rules)
         return self._full_attention_step

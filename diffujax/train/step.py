@@ -68,6 +68,16 @@ def _with_positions(apply_fn, batch):
     return lambda params, tokens, pattern: apply_fn(params, tokens, pattern, batch["positions"])
 
 
+def after_annealing(run_cfg):
+    """The run config of the steps after the annealing ramp (r = 1): the same step with the plain
+    full pattern, which computes the same numbers but lets the attention kernels take their
+    full-attention paths."""
+    import dataclasses
+
+    return dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion,
+                                                                      anneal_steps=0))
+
+
 def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
     """``step(state, batch) -> (state, metrics)``, compiled once for the batch's shapes.
 
@@ -202,4 +212,4 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
                         out_shardings=replicated(mesh))
 
 
-__all__ = ["CompiledStep", "make_eval_step", "make_train_step"]
+__all__ = ["CompiledStep", "after_annealing", "make_eval_step", "make_train_step"]
