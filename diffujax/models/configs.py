@@ -32,9 +32,6 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"  # auto | xla | pallas_tpu | splash | cudnn | pallas_gpu
     remat: str = "none"  # none | full | dots: what the backward pass recomputes per layer
-    # False unrolls the layer loop: longer compiles, but XLA's cost analysis then counts every
-    # layer (a scanned body is counted once); ``diffujax plan`` uses it for its estimates.
-    scan_layers: bool = True
     # Keys of the source config.json that diffujax does not model but writes back on export, as
     # canonical JSON so the config stays hashable (it is static under jit).
     extra_hf: str = "{}"

@@ -75,7 +75,7 @@ class GPT2(nnx.Module):
             return constrain(x, ("batch", "length", "embed"))
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
-        x = L.scan_layers(block, x, stacked, c.remat, unroll=not c.scan_layers)
+        x = L.scan_layers(block, x, stacked, c.remat)
         x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
         head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)

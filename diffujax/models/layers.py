@@ -73,13 +73,11 @@ REMAT_POLICIES = {
 }
 
 
-def scan_layers(block, x, stacked_params, remat: str = "none", unroll: bool = False):
-    """Apply ``block(layer_params, x)`` for each slice of the stacked per-layer parameters (one
-    ``lax.scan``; ``unroll=True`` emits every layer's code instead of a loop)."""
+def scan_layers(block, x, stacked_params, remat: str = "none"):
+    """Apply ``block(layer_params, x)`` for each slice of the stacked per-layer parameters."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat policy {remat!r} is not one of {tuple(REMAT_POLICIES)}")
     if remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
-    x, _ = jax.lax.scan(lambda h, p: (block(p, h), None), x, stacked_params,
-                        unroll=bool(unroll))
+    x, _ = jax.lax.scan(lambda h, p: (block(p, h), None), x, stacked_params)
     return x

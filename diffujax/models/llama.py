@@ -61,7 +61,7 @@ class Llama(nnx.Module):
             return constrain(x, ("batch", "length", "embed"))
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
-        x = L.scan_layers(block, x, stacked, c.remat, unroll=not c.scan_layers)
+        x = L.scan_layers(block, x, stacked, c.remat)
         x = L.rms_norm(x, get(p, "final_norm"), c.rms_norm_eps)
         head = get(p, "embed").T if c.tie_word_embeddings else get(p, "lm_head")
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)

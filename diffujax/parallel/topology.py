@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import os
 
 GIB = 1024 ** 3
 
@@ -25,7 +27,9 @@ class Generation:
     cores_per_chip: int  # what N counts per chip in "<prefix>-N"
     chip_config: str  # libtpu chip_config_name
     hbm_bytes: int  # per chip
-    hbm_bandwidth: float  # bytes/s per chip (for a roofline when the compiler gives no estimate)
+    hbm_bandwidth: float  # bytes/s per chip
+    ici_bandwidth: float  # bytes/s per chip, all links together
+    clock_hz: float | None  # TensorCore clock (the unit of the compiler's cycle estimates)
     layouts: dict  # chips -> physical layout
 
 
@@ -35,11 +39,13 @@ _LAYOUTS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4,
 _LAYOUTS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
                128: (8, 16), 256: (16, 16)}
 
+# Per chip, from Cloud TPU's system-architecture pages: HBM, HBM and ICI bandwidth, clock.
 GENERATIONS = (
-    Generation("v4", "v4", 2, "megacore", 32 * GIB, 1.2e12, _LAYOUTS_3D),
-    Generation("v5litepod", "v5e", 1, "default", 16 * GIB, 0.819e12, _LAYOUTS_2D),
-    Generation("v5p", "v5p", 2, "megacore", 95 * GIB, 2.765e12, _LAYOUTS_3D),
-    Generation("v6e", "v6e", 1, "default", 32 * GIB, 1.64e12, _LAYOUTS_2D),
+    Generation("v4", "v4", 2, "megacore", 32 * GIB, 1.2e12, 300e9, 1.05e9, _LAYOUTS_3D),
+    Generation("v5litepod", "v5e", 1, "default", 16 * GIB, 0.819e12, 200e9, 1.5e9, _LAYOUTS_2D),
+    Generation("v5p", "v5p", 2, "megacore", 95 * GIB, 2.765e12, 600e9, 1.75e9, _LAYOUTS_3D),
+    # No published v6e clock on record here: plans report no step-time estimate for v6e.
+    Generation("v6e", "v6e", 1, "default", 32 * GIB, 1.64e12, 448e9, None, _LAYOUTS_2D),
 )
 ALIASES = {"v5e": "v5litepod"}  # "v5e-8" is what people say; Cloud TPU calls it v5litepod-8
 
@@ -96,8 +102,21 @@ def slice_devices(spec: SliceSpec, num_slices: int = 1) -> list:
                          num_slices))
 
 
+def _tpu_attached() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 @functools.lru_cache(maxsize=None)
 def _devices(topology: str, chip_config: str, host_bounds, num_slices: int):
+    # Compiling needs no TPU, so several planners (or a planner beside a training job) may load
+    # libtpu at once: without this libtpu takes a machine-wide lock and the second one fails.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not _tpu_attached():
+        # libtpu otherwise asks the cloud metadata server what this machine is, fails, and
+        # prints three screens of warnings; a compile-only client needs none of it.
+        for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
+                            ("TPU_WORKER_HOSTNAMES", "localhost")):
+            os.environ.setdefault(name, value)
     from jax.experimental import topologies
 
     try:

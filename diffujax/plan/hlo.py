@@ -1,9 +1,11 @@
-"""Reading an optimized HLO module's text: collectives by kind, with how often each runs.
+"""Reading an optimized TPU HLO module's text: collectives, and the compiler's cycle estimates.
 
 XLA's text names every instruction's result shape (``bf16[1,64,2,16]{...}``), so the bytes a
-collective produces per device can be read off it. Collectives inside a ``while`` body (the layer
-scan, gradient accumulation) run once per trip; the trip count of a scan is the constant its loop
-condition compares the counter with, and nested loops multiply.
+collective produces per device can be read off it, and the TPU backend writes its own cost model's
+``estimated_cycles`` into the backend config of each fusion and op. What runs inside a ``while``
+body (the layer scan, gradient accumulation, XLA's own windowed-einsum loops) runs once per trip:
+the trip count is the constant the loop condition compares the counter with, and nested loops
+multiply. (``compiled.cost_analysis()`` counts each loop body once, which is why it is not used.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _CALLEES = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_
                       r"=%?([^\s,}]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONSTANT = re.compile(r"^\s+%?([^\s=]+) = s32\[\][^ ]* constant\((\d+)\)")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_KERNEL_COST = re.compile(r'"cost_estimate":\{([^}]*)\}')
 
 
 def shape_dims(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -36,14 +40,7 @@ def shape_bytes(text: str) -> int:
     return int(sum(_BYTES[t] * math.prod(d) for t, d in shape_dims(text)))
 
 
-@dataclasses.dataclass
-class Collective:
-    kind: str  # one of COLLECTIVES
-    name: str
-    computation: str
-    result: str  # result shape text
-    bytes: int  # result bytes per device (the data each device ends up with)
-    runs: int  # executions per program run (loop trip counts multiplied)
+# ------------------------------------------------------------------------------ control flow
 
 
 @dataclasses.dataclass
@@ -86,56 +83,67 @@ def _trip_count(condition: _Computation | None) -> int:
     return 1
 
 
-def _multiplicities(comps: dict[str, _Computation], entry: str | None) -> dict[str, int]:
-    """How many times each computation runs per execution of the entry computation."""
-    calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
-    for comp in comps.values():
-        for line in comp.lines:
-            callees = dict(_CALLEES.findall(line))
-            for key, callee in callees.items():
-                trips = 1
-                if key == "body":
-                    trips = _trip_count(comps.get(callees.get("condition", "")))
-                calls[comp.name].append((callee, trips))
-            for group in _BRANCHES.findall(line):
-                for callee in group.split(","):
-                    calls[comp.name].append((callee.strip().lstrip("%"), 1))
-    runs: dict[str, int] = collections.Counter()
+def _walk(text: str):
+    """``(computation, instruction match, line, runs)`` for every instruction of the computations
+    that run as control flow (the entry, ``while`` bodies and conditions, ``call`` and
+    ``conditional`` targets), with how many times it runs per execution of the program. Fused
+    computations are not visited: a fusion instruction stands for its whole body."""
+    comps, entry = _computations(text)
 
-    def visit(name, count, depth=0):
+    def visit(name, runs, depth):
         if depth > 64 or name not in comps:
             return
-        runs[name] += count
-        for callee, trips in calls.get(name, ()):
-            visit(callee, count * trips, depth + 1)
+        for line in comps[name].lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            yield name, m, line, runs
+            opcode = m.group(3)
+            callees = dict(_CALLEES.findall(line))
+            if opcode == "while":
+                trips = _trip_count(comps.get(callees.get("condition", "")))
+                yield from visit(callees.get("condition"), runs * (trips + 1), depth + 1)
+                yield from visit(callees.get("body"), runs * trips, depth + 1)
+            elif opcode in ("call", "conditional"):
+                targets = [v for k, v in callees.items()
+                           if k in ("calls", "true_computation", "false_computation")]
+                for group in _BRANCHES.findall(line):
+                    targets += [c.strip().lstrip("%") for c in group.split(",")]
+                for target in targets:
+                    yield from visit(target, runs, depth + 1)
 
     if entry is not None:
-        visit(entry, 1)
-    return runs
+        yield from visit(entry, 1, 0)
+
+
+# ------------------------------------------------------------------------------ collectives
+
+
+@dataclasses.dataclass
+class Collective:
+    kind: str  # one of COLLECTIVES
+    name: str
+    computation: str
+    result: str  # result shape text
+    bytes: int  # result bytes per device (the data each device ends up with)
+    runs: int  # executions per program run (loop trip counts multiplied)
 
 
 def collectives(text: str) -> list[Collective]:
     """Every collective of an optimized HLO module. Asynchronous pairs are counted once, at the
     ``-done`` (whose result is the collective's output)."""
-    comps, entry = _computations(text)
-    runs = _multiplicities(comps, entry)
     out = []
-    for comp in comps.values():
-        for line in comp.lines:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            name, result, opcode = m.group(1), m.group(2), m.group(3)
-            kind = opcode[:-5] if opcode.endswith("-done") else opcode
-            if kind not in COLLECTIVES or opcode.endswith("-start"):
-                continue
-            out.append(Collective(kind, name, comp.name, result, shape_bytes(result),
-                                  max(1, runs.get(comp.name, 1))))
+    for comp, m, _, runs in _walk(text):
+        name, result, opcode = m.group(1), m.group(2), m.group(3)
+        kind = opcode[:-5] if opcode.endswith("-done") else opcode
+        if kind in COLLECTIVES and not opcode.endswith("-start"):
+            out.append(Collective(kind, name, comp, result, shape_bytes(result), runs))
     return out
 
 
 def summarize(items: list[Collective]) -> dict[str, dict[str, int]]:
-    """``{kind: {"ops", "bytes_per_run", "runs", "bytes_per_step"}}`` (bytes per device)."""
+    """``{kind: {"ops", "bytes", "executions", "bytes_per_step"}}``, bytes per device: ``bytes``
+    counts each op once, ``bytes_per_step`` every execution (one run of the program)."""
     out: dict[str, dict[str, int]] = {}
     for c in items:
         s = out.setdefault(c.kind, dict(ops=0, bytes=0, executions=0, bytes_per_step=0))
@@ -163,5 +171,39 @@ def gathered_whole(items: list[Collective], full_shapes: dict[str, tuple[int, ..
     return hits
 
 
-__all__ = ["COLLECTIVES", "Collective", "collectives", "gathered_whole", "shape_bytes",
-           "summarize"]
+# ------------------------------------------------------------------------------ cycles
+
+
+@dataclasses.dataclass
+class CycleCount:
+    """The TPU compiler's per-instruction estimates, summed over one run of the program."""
+
+    cycles: int  # sum of ``estimated_cycles`` x runs
+    instructions: int  # instructions that carry an estimate
+    kernel_calls: int  # Mosaic custom calls (Pallas kernels), counted once each
+    kernels: list  # (runs, {"flops", "bytes_accessed", ...}): the kernels' declared costs
+
+
+def estimated_cycles(text: str) -> CycleCount:
+    """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
+    backend config, times how often it runs. A Pallas kernel (a Mosaic custom call) carries no
+    cycle estimate but may carry its declared ``pl.CostEstimate``; those are returned for the
+    caller to turn into time."""
+    cycles = count = calls = 0
+    kernels = []
+    for _, m, line, runs in _walk(text):
+        found = _CYCLES.search(line)
+        if found:
+            cycles += int(found.group(1)) * runs
+            count += 1
+        elif m.group(3) == "custom-call" and "tpu_custom_call" in line:
+            calls += 1
+            cost = _KERNEL_COST.search(line)
+            if cost:
+                fields = dict(re.findall(r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1)))
+                kernels.append((runs, {k: float(v) for k, v in fields.items()}))
+    return CycleCount(cycles, count, calls, kernels)
+
+
+__all__ = ["COLLECTIVES", "Collective", "CycleCount", "collectives", "estimated_cycles",
+           "gathered_whole", "shape_bytes", "summarize"]
