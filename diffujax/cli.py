@@ -15,9 +15,9 @@ import yaml
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "convert": ("diffujax.checkpoint.commands", "Hugging Face directory -> diffujax checkpoint"),
-    "export": ("diffujax.checkpoint.commands", "diffujax checkpoint -> Hugging Face safetensors"),
-    "default-model": ("diffujax.checkpoint.commands",
+    "convert": ("diffujax.convert", "Hugging Face directory -> diffujax checkpoint"),
+    "export": ("diffujax.convert", "diffujax checkpoint -> Hugging Face safetensors"),
+    "default-model": ("diffujax.convert",
                       "materialise and convert the embedded SmolLM2-135M-Instruct; print its path"),
     "eval": ("diffujax.evaluate", "perplexity: AR or diffusion ELBO bound"),
     "generate": ("diffujax.generate", "sample or infill text with a diffusion sampler"),

@@ -19,7 +19,9 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax.attention.config import AttentionConfig
 from diffujax.models.configs import FAMILIES, ModelConfig
+from diffujax.parallel.logical import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,7 +42,8 @@ class ModelSection:
     init: dict[str, Any] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute (activations)
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
-    attention_backend: str | None = None
+    # backend, block sizes, interpret mode: ``model.attention.backend: pallas_tpu`` etc.
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     remat: Literal["none", "full", "dots"] | None = None
     init_seed: int = 0
 
@@ -49,11 +52,6 @@ class ModelSection:
             raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
         if self.init is not None:
             object.__setattr__(self, "init", _validate_init(self.init, f"{key}.init"))
-        from diffujax.attention import BACKENDS  # lazy: keeps `import diffujax.config` light
-
-        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
-            raise ConfigError(f"{key}.attention_backend: {self.attention_backend!r} is not one of"
-                              f" {BACKENDS}")
 
     def init_config(self) -> ModelConfig:
         """The model config described by ``init`` (before the overrides of this section)."""
@@ -153,8 +151,6 @@ class MeshSection:
     process_id: int | None = None
 
     def validate(self, key: str):
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         names, axes = {n for n, _ in DEFAULT_RULES}, ("data", "fsdp", "tensor")
         for name, target in self.rules.items():
             if name not in names:
@@ -167,8 +163,6 @@ class MeshSection:
 
     def rule_table(self) -> tuple:
         """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
-        from diffujax.parallel.logical import DEFAULT_RULES
-
         over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()}
         return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
 
@@ -252,7 +246,7 @@ class RunConfig:
     def model_overrides(self) -> dict[str, Any]:
         """Changes this run makes to the model config it loads or initialises."""
         m = self.model
-        out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_backend=m.attention_backend,
+        out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
                    remat=m.remat, mask_token_id=self.diffusion.mask_token_id)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -368,7 +362,12 @@ def _build(cls, raw, prefix: str):
             kwargs[field.name] = _build(hints[field.name], {}, _join(prefix, name))
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate(prefix)
+        try:
+            obj.validate(prefix)
+        except ConfigError:
+            raise
+        except ValueError as e:  # sections defined outside this module (attention) say ValueError
+            raise ConfigError(str(e)) from None
     return obj
 
 
@@ -451,7 +450,7 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
         raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
     cls = FAMILIES[family]
     hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf"}
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "attention"}
     out = {"family": family}
     for name, value in init.items():
         if name == "family":

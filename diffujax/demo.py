@@ -17,6 +17,15 @@ import tempfile
 
 import numpy as np
 
+from diffujax.attention import causal
+from diffujax.checkpoint import export, load_model
+from diffujax.checkpoint.smollm2 import default_model
+from diffujax.config import load_config
+from diffujax.evaluate import evaluate, read_blocks
+from diffujax.generate import build_canvas, sample
+from diffujax.runtime import load_for_inference
+from diffujax.train.loop import train
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "smollm2_135m_demo.yaml"
 DEFAULT_TEXTS = (pathlib.Path("/usr/share/common-licenses/GPL-3"),
@@ -48,9 +57,6 @@ def default_text(path: str | None) -> str:
 
 
 def score(checkpoint, text: str, args, *, ar: bool = True) -> None:
-    from diffujax.evaluate import evaluate, read_blocks
-    from diffujax.runtime import load_for_inference
-
     model = load_for_inference(str(checkpoint))
     blocks = read_blocks(model.tokenizer, text, args.seq_len, args.blocks)
     if ar:
@@ -61,9 +67,6 @@ def score(checkpoint, text: str, args, *, ar: bool = True) -> None:
 
 def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:
     """Continue pre-training with the diffusion objective (configs/smollm2_135m_demo.yaml)."""
-    from diffujax.config import load_config
-    from diffujax.train.loop import train
-
     overrides = [f"model.checkpoint={checkpoint}", f"output_dir={out}"]
     if steps is not None:
         overrides += [f"train.steps={steps}", f"diffusion.anneal_steps={max(1, steps // 2)}",
@@ -81,9 +84,6 @@ def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:
 
 
 def show_samples(checkpoint) -> None:
-    from diffujax.generate import build_canvas, sample
-    from diffujax.runtime import load_for_inference
-
     model = load_for_inference(str(checkpoint))
     for prompt, suffix, sampler in (("The GNU General Public License is", None, "topk"),
                                     ("You may convey", "of this License.", "topk")):
@@ -96,11 +96,10 @@ def show_samples(checkpoint) -> None:
 
 
 def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
+    # optional and heavy (the torch extra): only this last step needs them
     import torch
     from transformers import AutoModelForCausalLM
 
-    from diffujax.attention import causal
-    from diffujax.checkpoint import export, load_model
 
     export(str(checkpoint), str(dst), overwrite=True)
     files = sorted(p.name for p in dst.iterdir())
@@ -117,8 +116,6 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
 
 
 def run_demo(args) -> int:
-    from diffujax.checkpoint.smollm2 import default_model
-
     text = default_text(args.text)
     out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-")).absolute()
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")

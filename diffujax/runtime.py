@@ -23,8 +23,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
+from diffujax.checkpoint.store import load_model
+from diffujax.config import MeshSection, MeshShape
+from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import ModelConfig, functional
+from diffujax.parallel.logical import DEFAULT_RULES, axis_rules
+from diffujax.parallel.mesh import (AXES, batch_shard_count, data_shard, make_global_batch,
+                                    make_mesh, maybe_initialize_distributed, spec_for, to_host)
 
 MESH_HELP = ("device mesh: 'auto' (default: one device when there is only one, otherwise all"
              " devices on fsdp, as in training), 'none' (one device, no mesh), or axis sizes"
@@ -54,8 +61,6 @@ class LoadedModel:
         if self.mesh is None:
             yield
             return
-        from diffujax.parallel.logical import axis_rules
-
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             yield
 
@@ -63,8 +68,6 @@ class LoadedModel:
         """How many ways a batch is split over devices: batch sizes must be multiples of it."""
         if self.mesh is None:
             return 1
-        from diffujax.parallel.mesh import batch_shard_count
-
         return batch_shard_count(self.mesh, self.rules)
 
     def put_batch(self, rows: np.ndarray) -> jax.Array:
@@ -72,8 +75,6 @@ class LoadedModel:
         axes (each process contributes only its own block, so no data crosses hosts)."""
         if self.mesh is None:
             return jnp.asarray(rows)
-        from diffujax.parallel.mesh import data_shard, make_global_batch
-
         if len(rows) % self.batch_shards():
             raise ValueError(f"{len(rows)} rows do not split evenly over"
                              f" {self.batch_shards()} batch shards")
@@ -84,8 +85,6 @@ class LoadedModel:
 
     @staticmethod
     def fetch(x) -> np.ndarray:
-        from diffujax.parallel.mesh import to_host
-
         return to_host(x)
 
 
@@ -97,27 +96,19 @@ def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def load_for_inference(checkpoint: str, *, dtype: str | None = None,
-                       attention_backend: str | None = None, mesh=None,
+                       attention=None, mesh=None,
                        rules=None) -> LoadedModel:
     """Load parameters, config and tokenizer of a diffujax checkpoint directory: on the first
     device, or with ``mesh`` each parameter read straight into its shards (``rules``: a logical
     rule table, default ``DEFAULT_RULES``)."""
-    from diffujax.checkpoint.store import load_model
-    from diffujax.data.tokenizer import load_tokenizer
-
     shardings = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-
-        from diffujax.parallel.logical import DEFAULT_RULES
-        from diffujax.parallel.mesh import spec_for
-
         rules = DEFAULT_RULES if rules is None else tuple(rules)
         shardings = lambda path, spec: NamedSharding(  # noqa: E731
             mesh, spec_for(spec.axes, spec.shape, mesh, rules))
     config, model = load_model(checkpoint, dtype=dtype, shardings=shardings)
-    if attention_backend:
-        model.config = config = config.replace(attention_backend=attention_backend)
+    if attention is not None:  # an AttentionConfig: how this run computes attention
+        model.config = config = config.replace(attention=attention)
     apply_fn, params = functional(model)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)
@@ -136,9 +127,6 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
 
 def parse_mesh(text: str):
     """``--mesh`` -> ``"auto"``, ``None`` (no mesh) or a ``MeshShape``."""
-    from diffujax.config import MeshShape
-    from diffujax.parallel.mesh import AXES
-
     text = text.strip().lower()
     if text in ("auto", "none"):
         return None if text == "none" else "auto"
@@ -162,9 +150,6 @@ def parse_mesh(text: str):
 def mesh_from_args(args):
     """``(mesh, rules)`` for the ``--mesh`` / ``--distributed`` options, ``(None, None)`` for one
     device. Joins the multi-host job first, so call it before anything else touches a device."""
-    from diffujax.config import MeshSection
-    from diffujax.parallel.mesh import make_mesh, maybe_initialize_distributed
-
     shape = parse_mesh(args.mesh)
     distributed = {"auto": "auto", "true": True, "false": False}[args.distributed]
     maybe_initialize_distributed(MeshSection(distributed=distributed))

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from diffujax.checkpoint.commands import tool_main  # noqa: E402
+from diffujax.convert import tool_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(tool_main())

@@ -1,6 +1,10 @@
 """One attention entry point for every model; backends plug in behind ``attention``.
 
-Backends (``backend=`` argument, or the module default set by ``configure``):
+    attention(q, k, v, pattern, AttentionConfig(backend="pallas_tpu"))
+
+The ``AttentionConfig`` (``config.py``: backend, block sizes, interpret mode) is frozen and
+hashable; models carry it in their config, which is static under ``jax.jit``, so it is part of the
+compiled function. Backends:
 
 - ``xla``: ``reference_attention`` with the dense mask; the ground truth and the CPU default.
 - ``pallas_tpu``: the Pallas TPU flash kernel (``tpu.py``) with the pattern hashed in-kernel;
@@ -10,69 +14,38 @@ Backends (``backend=`` argument, or the module default set by ``configure``):
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; causal/full, no segment
   ids, bf16/f16.
 - ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern.
-- ``auto``: by platform. TPU: splash for causal/full when the length is a multiple of 128, else
-  ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN where it applies, else
-  ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not measurements: see
-  ``benchmarks/attention.py``.)
+- ``auto``: by the platform the program is built for (the active mesh's devices, so an abstract
+  TPU topology on a CPU host counts as TPU). TPU: splash for causal/full when the length is a
+  multiple of 128, else ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN where it
+  applies, else ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not
+  measurements: see ``benchmarks/attention.py``.)
 
-``interpret=True`` (``configure(interpret=True)`` or per call) runs the Pallas kernels in
-interpret mode, so a CPU test or training step can execute the TPU/GPU kernels exactly.
+On a mesh (``jax.set_mesh``), every kernel backend runs under ``jax.shard_map`` with specs from
+the active logical-axis rules (``sharded.py``: batch over data x fsdp, heads over tensor, GQA
+fallback). ``xla`` needs no map: XLA partitions it like any other op.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax
-
+from diffujax.attention import gpu, splash, tpu
+from diffujax.attention.config import (BACKENDS, AttentionConfig, GpuBlockSizes,
+                                       TpuBlockSizes)
 from diffujax.attention.pattern import (AttentionPattern, anneal_ratio, annealed, causal,
                                         dense_mask, for_training, full, is_open)
 from diffujax.attention.reference import reference_attention
+from diffujax.attention.sharded import kernel_layout, target_device
 
-BACKENDS = ("auto", "xla", "pallas_tpu", "splash", "cudnn", "pallas_gpu")
-
-_settings: dict[str, Any] = {
-    "backend": "auto",          # what backend="auto" resolves through first
-    "interpret": False,         # False | True | pltpu.InterpretParams(...)
-    "tpu_block_sizes": None,    # tpu.BlockSizes | None (per-chip defaults)
-    "gpu_block_sizes": None,    # gpu.BlockSizes | None
-    "splash_block": 512,
-}
+DEFAULT = AttentionConfig()
 
 
-def configure(**settings) -> dict[str, Any]:
-    """Set module defaults (``backend``, ``interpret``, ``tpu_block_sizes``, ``gpu_block_sizes``,
-    ``splash_block``); returns the previous values of the keys given."""
-    unknown = set(settings) - set(_settings)
-    if unknown:
-        raise ValueError(f"unknown attention settings {sorted(unknown)}; known: {sorted(_settings)}")
-    if settings.get("backend", "auto") not in BACKENDS:
-        raise ValueError(f"attention backend {settings['backend']!r} is not one of {BACKENDS}")
-    previous = {k: _settings[k] for k in settings}
-    _settings.update(settings)
-    return previous
-
-
-@contextlib.contextmanager
-def attention_config(**settings):
-    """``with attention_config(backend="pallas_tpu", interpret=True): ...``"""
-    previous = configure(**settings)
-    try:
-        yield
-    finally:
-        _settings.update(previous)
-
-
-def resolve_backend(q, k, pattern: AttentionPattern, backend: str = "auto") -> str:
+def resolve_backend(q, k, pattern: AttentionPattern, config: AttentionConfig = DEFAULT) -> str:
     """The concrete backend ``attention`` will run for these inputs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        backend = _settings["backend"]
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
+    config.validate()
+    if config.backend != "auto":
+        return config.backend
+    platform = target_device()[0]
     if platform == "tpu":
         if pattern.kind != "annealed" and q.shape[1] % 128 == 0 and q.shape[1] == k.shape[1]:
             return "splash"
@@ -85,35 +58,64 @@ def resolve_backend(q, k, pattern: AttentionPattern, backend: str = "auto") -> s
     return "xla"
 
 
-def attention(q, k, v, pattern: AttentionPattern, *, backend: str = "auto",
-              interpret: Any = None):
-    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` under ``pattern``."""
-    chosen = resolve_backend(q, k, pattern, backend)
-    interpret = _settings["interpret"] if interpret is None else interpret
+def attention(q, k, v, pattern: AttentionPattern, config: AttentionConfig = DEFAULT, *,
+              backend: str | None = None):
+    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` under ``pattern``.
+
+    ``backend`` overrides ``config.backend`` (a shorthand for ``config.replace(backend=...)``).
+    """
+    if backend is not None:
+        config = config.replace(backend=backend)
+    chosen = resolve_backend(q, k, pattern, config)
     if chosen == "xla":
         return reference_attention(q, k, v, pattern)
-    if chosen == "pallas_tpu":
-        from diffujax.attention import tpu
-        return tpu.flash_attention(q, k, v, pattern, block_sizes=_settings["tpu_block_sizes"],
-                                   interpret=interpret)
+    layout = kernel_layout(q, k)
     if chosen == "splash":
-        from diffujax.attention import splash
-        return splash.splash_attention(q, k, v, pattern, block=_settings["splash_block"],
-                                       dense_annealed=True, interpret=bool(interpret))
+        return _splash(q, k, v, pattern, config, layout)
+    local = _local_kernel(chosen, config, explicit=config.backend != "auto")
+    if layout is None:
+        return local(q, k, v, pattern)
+    return layout.run(local, q, k, v, pattern)
+
+
+def _local_kernel(chosen: str, config: AttentionConfig, explicit: bool):
+    """``fn(q, k, v, pattern)`` running backend ``chosen`` on one device's operands."""
+    interpret = config.interpret
+    if chosen == "pallas_tpu":
+        blocks = config.tpu_block_sizes or tpu.default_block_sizes(target_device()[1])
+        return lambda q, k, v, p: tpu.flash_attention(q, k, v, p, block_sizes=blocks,
+                                                      interpret=interpret)
+    flash = lambda q, k, v, p: gpu.flash_attention(  # noqa: E731
+        q, k, v, p, block_sizes=config.gpu_block_sizes, interpret=bool(interpret))
     if chosen == "pallas_gpu":
-        from diffujax.attention import gpu
-        return gpu.flash_attention(q, k, v, pattern, block_sizes=_settings["gpu_block_sizes"],
-                                   interpret=bool(interpret))
-    from diffujax.attention import gpu  # cudnn
-    if backend == "auto":
+        return flash
+    if explicit:
+        return gpu.cudnn_attention
+
+    def cudnn_or_kernel(q, k, v, p):
         try:
-            return gpu.cudnn_attention(q, k, v, pattern)
+            return gpu.cudnn_attention(q, k, v, p)
         except (ValueError, NotImplementedError):  # a shape/dtype cuDNN refuses: the kernel
-            return gpu.flash_attention(q, k, v, pattern,
-                                       block_sizes=_settings["gpu_block_sizes"])
-    return gpu.cudnn_attention(q, k, v, pattern)
+            return flash(q, k, v, p)
+    return cudnn_or_kernel
 
 
-__all__ = ["AttentionPattern", "attention", "anneal_ratio", "annealed", "attention_config",
-           "causal", "configure", "dense_mask", "for_training", "full", "is_open",
-           "reference_attention", "resolve_backend", "BACKENDS"]
+def _splash(q, k, v, pattern, config: AttentionConfig, layout):
+    splash.check(q, k, pattern, dense_annealed=True)
+    interpret = bool(config.interpret)
+    block = config.splash_block
+    local = lambda q, k, v, p, kernel=None: splash.apply_kernel(  # noqa: E731
+        kernel, q, k, v, p, block=block, interpret=interpret)
+    if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
+        return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
+    shards = 1 if layout is None else layout.head_shards
+    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards)
+    if layout is None:
+        return local(q, k, v, pattern, kernel)
+    spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))
+    return layout.run(local, q, k, v, pattern, extra=(kernel,), extra_specs=(spec,))
+
+
+__all__ = ["AttentionConfig", "AttentionPattern", "BACKENDS", "GpuBlockSizes", "TpuBlockSizes",
+           "anneal_ratio", "annealed", "attention", "causal", "dense_mask", "for_training", "full",
+           "is_open", "reference_attention", "resolve_backend"]

@@ -32,17 +32,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from diffujax.attention._vma import sds, unify
+from diffujax.attention.config import GpuBlockSizes as BlockSizes
+from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
+from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
+                                             row_sums)
 from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,16 +63,6 @@ def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    block_q: int = 64
-    block_kv: int = 64
-    block_q_bwd: int = 64
-    block_kv_bwd: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
 class _Cfg:
     kind: str
     segmented: bool
@@ -91,10 +80,6 @@ class _Cfg:
     num_stages: int
 
 
-def _div(x, n: int):
-    return lax.div(x, jnp.int32(n))  # non-negative operands: no floor/sign handling needed
-
-
 def _cdiv(x, n: int):
     return _div(x + (n - 1), n)
 
@@ -102,10 +87,6 @@ def _cdiv(x, n: int):
 def _dot(cfg: _Cfg, a, b, dims):
     prec = lax.Precision.HIGHEST if cfg.f32 else None
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
-
-
-def _pattern(cfg: _Cfg, s_ref) -> AttentionPattern:
-    return AttentionPattern(cfg.kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2])
 
 
 def _allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg):
@@ -161,7 +142,7 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         o_ref, lse_ref = rest
     bq, bkv = cfg.bq, cfg.bkv
     i = pl.program_id(0)
-    pattern = _pattern(cfg, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref)
     q = q_ref[...]
     q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
     q_seg = qseg_ref[...][:, None] if cfg.segmented else None
@@ -201,7 +182,7 @@ def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *
         (dq_ref,) = rest
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     i = pl.program_id(0)
-    pattern = _pattern(cfg, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
     q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
@@ -234,7 +215,7 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         dk_ref, dv_ref = rest
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     j = pl.program_id(0)
-    pattern = _pattern(cfg, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref)
     k, v = k_ref[...], v_ref[...]
     k_idx = j * bkv + jnp.arange(bkv, dtype=jnp.int32)[:, None]
     k_seg = kseg_ref[...][:, None] if cfg.segmented else None
@@ -337,25 +318,8 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
                  args, "diffujax_gpu_flash_dkv")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Cfg, scalars, q, k, v, seg):
-    return _forward(cfg, scalars, q, k, v, seg)[0]
-
-
-def _flash_fwd(cfg, scalars, q, k, v, seg):
-    o, lse = _forward(cfg, scalars, q, k, v, seg)
-    return o, (scalars, q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    scalars, q, k, v, seg, o, lse = res
-    delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1), 1, 2)
-    dq = _dq(cfg, scalars, q, k, v, do, lse, delta, seg)
-    dk, dv = _dkv(cfg, scalars, q, k, v, do, lse, delta, seg)
-    return None, dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# delta as [B, H, Lp], like lse.
+_flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: jnp.swapaxes(row_sums(o, do), 1, 2))
 
 
 def _pow2(n: int) -> bool:
@@ -389,6 +353,5 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     if cfg.segmented:
         seg = jnp.asarray(pattern.segment_ids, jnp.int32)
         seg = jnp.pad(seg, ((0, 0), (0, lp - lq))) if lp != lq else seg
-    scalars = jnp.stack([jnp.asarray(x, jnp.int32).reshape(())
-                         for x in (pattern.seed, pattern.step, pattern.threshold, 0)])
-    return _flash(cfg, scalars, pad(q), pad(k), pad(v), seg)[:, :lq]
+    # Four scalars: the operand is one (4,) block for Triton.
+    return _flash(cfg, pattern_scalars(pattern, 4), pad(q), pad(k), pad(v), seg)[:, :lq]

@@ -15,6 +15,11 @@ Contract differences handled here: splash takes no softmax scale (q is pre-scale
 cast back to q's dtype), works per example on ``[H, L, D]`` (vmapped over the batch), and needs
 the length to be a multiple of its blocks, which are multiples of 128. Inside ``shard_map`` it
 needs ``check_vma=False`` (its mask tables are unvarying constants next to varying q/k/v).
+
+Under a mesh (``diffujax.attention.attention``), the causal/full kernel is built once for all
+heads with its block tables split into the head shards (``make_splash_mha(head_shards=...)``) and
+handed to ``shard_map`` with the kernel's own ``manual_sharding_spec``, so each device runs its
+heads with its part of the tables; the annealed dense mask is built per device inside the map.
 """
 
 from __future__ import annotations
@@ -42,15 +47,20 @@ def _blocks(seq_len: int, block: int) -> sa.BlockSizes:
 
 
 @functools.lru_cache(maxsize=32)
-def _static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool):
+def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool,
+                  head_shards: int = 1) -> sa.SplashAttentionKernel:
+    """The causal/full kernel for ``heads`` query heads (all of them, not one shard's), its block
+    tables split into ``head_shards`` (the shards of a ``shard_map`` over heads: pass the kernel
+    in with ``kernel.manual_sharding_spec``)."""
     shape = (seq_len, seq_len)
     mask = sa.CausalMask(shape) if kind == "causal" else sa.FullMask(shape)
-    return sa.make_splash_mha_single_device(sa.MultiHeadMask([mask] * heads),
-                                            block_sizes=_blocks(seq_len, block),
-                                            interpret=interpret)
+    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=_blocks(seq_len, block),
+                              head_shards=head_shards, q_seq_shards=1, interpret=interpret)
 
 
 def _dynamic_kernel(mask, block_sizes, interpret):
+    # A mask computed on the device (per shard inside shard_map): the one-device form is the
+    # right one here, the [1, L, L] mask being the local (and global) mask of every head.
     kernel = sa.make_splash_mha_single_device(mask, block_sizes=block_sizes, interpret=interpret)
     # Built under jit, the ``is_dynamic_mask`` flag of the mask tables becomes a traced bool
     # (a pytree leaf passed through jnp.array) which splash then tests in Python: restore it.
@@ -61,22 +71,24 @@ def _dynamic_kernel(mask, block_sizes, interpret):
     return kernel
 
 
-def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                     block: int = DEFAULT_BLOCK, dense_annealed: bool = False,
-                     interpret: bool = False):
-    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` via splash attention."""
-    b, seq_len, h, d = q.shape
-    if k.shape[1] != seq_len:
+def check(q, k, pattern: AttentionPattern, dense_annealed: bool):
+    if k.shape[1] != q.shape[1]:
         raise ValueError("splash_attention here is self-attention only")
-    if pattern.kind == "annealed":
-        if not dense_annealed:
-            raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
-                             "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
+    if pattern.kind == "annealed" and not dense_annealed:
+        raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
+                         "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
+    _blocks(q.shape[1], 128)  # the length check, before any kernel is built
+
+
+def apply_kernel(kernel, q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
+                 block: int = DEFAULT_BLOCK, interpret: bool = False):
+    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]``. ``kernel``: a
+    ``static_kernel`` (causal/full), or ``None`` for the annealed pattern (dense mask built here)."""
+    seq_len, d = q.shape[1], q.shape[3]
+    if kernel is None:
         plain = AttentionPattern(pattern.kind, pattern.seed, pattern.step, pattern.threshold)
         kernel = _dynamic_kernel(dense_mask(plain, seq_len)[None], _blocks(seq_len, block),
                                  interpret)
-    else:
-        kernel = _static_kernel(pattern.kind, seq_len, h, block, bool(interpret))
     scale = d ** -0.5 if scale is None else scale
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qs, k, v))  # [B, heads, L, D]
@@ -87,3 +99,14 @@ def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None 
         out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sa.SegmentIds(s, s)))(
             qh, kh, vh, seg)
     return jnp.swapaxes(out, 1, 2)
+
+
+def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
+                     block: int = DEFAULT_BLOCK, dense_annealed: bool = False,
+                     interpret: bool = False):
+    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` via splash attention, on
+    one device (``diffujax.attention.attention`` runs it under ``shard_map`` on a mesh)."""
+    check(q, k, pattern, dense_annealed)
+    kernel = None if pattern.kind == "annealed" else static_kernel(
+        pattern.kind, q.shape[1], q.shape[2], block, bool(interpret))
+    return apply_kernel(kernel, q, k, v, pattern, scale=scale, block=block, interpret=interpret)

@@ -62,32 +62,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from diffujax.attention._vma import sds, unify
+from diffujax.attention.config import TpuBlockSizes as BlockSizes
+from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
+from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
+                                             row_sums)
 from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
 
 LANES = 128
-# Finite, so that (masked - masked) is 0, never NaN; far below any real score.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes. ``*_bwd`` are used by both backward kernels (default: the forward ones)."""
-    block_q: int = 512
-    block_kv: int = 512
-    block_q_bwd: int | None = None
-    block_kv_bwd: int | None = None
-    vmem_limit_bytes: int | None = None
-
-    def bwd(self) -> tuple[int, int]:
-        return (self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv)
 
 
 # Untuned starting points (see module docstring). v4 and v5p have two TensorCores per chip (the
@@ -101,6 +87,8 @@ _DEFAULTS = {
 
 
 def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
+    """The block sizes for a chip (``device_kind`` as JAX spells it, e.g. ``"TPU v5 lite"``);
+    ``None``: the first local device's."""
     if device_kind is None:
         device_kind = jax.devices()[0].device_kind
     kind = device_kind.lower()
@@ -168,10 +156,6 @@ def _lanes(x, n: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
 
-def _pattern(cfg: _Cfg, s_ref) -> AttentionPattern:
-    return AttentionPattern(cfg.kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2])
-
-
 def _block_status(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """``(run, needs_mask)`` for q block ``i`` x kv block ``j``: traced scalar booleans."""
     q_lo = i * bq
@@ -190,12 +174,6 @@ def _block_status(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     if cfg.segmented:
         mask = true
     return run, mask
-
-
-def _div(x, n: int):
-    # Non-negative operands: truncating division (floor division on traced ints lowers through
-    # ``sign``, which Mosaic's scalar path does not need).
-    return lax.div(x, jnp.int32(n))
 
 
 def _kv_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
@@ -221,7 +199,7 @@ def _q_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
 
 
 def _allowed(cfg: _Cfg, s_ref, q_idx, k_idx, q_seg, k_seg):
-    ok = is_open(_pattern(cfg, s_ref), q_idx, k_idx, q_seg, k_seg)
+    ok = is_open(pattern_from_scalars(cfg.kind, s_ref), q_idx, k_idx, q_seg, k_seg)
     if cfg.padded:
         ok = ok & (k_idx < cfg.seq_len)
     return ok
@@ -529,32 +507,8 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
 # custom_vjp on the heads-major, padded layout
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Cfg, scalars, q, k, v, seg):
-    return _forward(cfg, scalars, q, k, v, seg)[0]
-
-
-def _flash_fwd(cfg, scalars, q, k, v, seg):
-    o, lse = _forward(cfg, scalars, q, k, v, seg)
-    return o, (scalars, q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    scalars, q, k, v, seg, o, lse = res
-    # delta_i = sum_d o_id * do_id: the softmax-backward correction, one f32 per query row.
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
-    dq = _dq(cfg, scalars, q, k, v, do, lse, delta, seg)
-    dk, dv = _dkv(cfg, scalars, q, k, v, do, lse, delta, seg)
-    return None, dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def pattern_scalars(pattern: AttentionPattern) -> jax.Array:
-    """``[seed, step, threshold]`` as int32: the kernel's scalar-prefetch operand."""
-    return jnp.stack([jnp.asarray(x, jnp.int32).reshape(())
-                      for x in (pattern.seed, pattern.step, pattern.threshold)])
+# delta as a lane row per (batch, head): [B, H, 1, Lp], like lse.
+_flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None, :])
 
 
 def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,

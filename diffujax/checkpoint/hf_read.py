@@ -14,6 +14,7 @@ from typing import Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.keymaps import LM_HEAD, detect_naming, embedding_path, keymap
@@ -79,7 +80,7 @@ class TensorSource:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # optional (the torch extra): only torch tensors get here
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
@@ -124,8 +125,6 @@ class SafetensorsSource(TensorSource):
     by ``safe_open``; ``get`` copies a single tensor out)."""
 
     def __init__(self, files: list[pathlib.Path], weight_map: dict[str, str] | None = None):
-        from safetensors import safe_open
-
         self._handles, self._file, self._meta = {}, {}, {}
         for path in files:
             try:
@@ -189,7 +188,7 @@ class TorchBinSource(TensorSource):
 
     def __init__(self, files: list[pathlib.Path]):
         try:
-            import torch
+            import torch  # optional (the torch extra): only .bin checkpoints need it
         except ImportError:
             raise CheckpointError(f"{files[0]}: reading pytorch_model.bin needs torch; install it"
                                   " (pip install torch) or convert the checkpoint to safetensors")
@@ -212,7 +211,7 @@ class TorchBinSource(TensorSource):
         return tuple(self._tensors[name].shape)
 
     def dtype(self, name):
-        import torch
+        import torch  # optional, and present: __init__ imported it
 
         t = self._tensors[name]
         if t.dtype == torch.bfloat16:

@@ -9,6 +9,7 @@ import re
 from typing import Iterator, Mapping
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
@@ -54,8 +55,6 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     """Write ``(name, shape, dtype, make)`` tensors into ``model.safetensors``, or into
     ``model-0000k-of-0000n.safetensors`` shards plus an index when they exceed ``max_shard_size``
     (a tensor larger than the limit gets a shard of its own). One shard in memory at a time."""
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
     limit = parse_size(max_shard_size)
     shards: list[list] = [[]]

@@ -61,6 +61,7 @@ def materialize_hf(cache=None) -> pathlib.Path:
     """The Hugging Face directory of SmolLM2-135M-Instruct (GGUF dequantised by transformers)."""
 
     def build(tmp):
+        # optional and heavy (the torch extra): only the first materialisation needs them
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

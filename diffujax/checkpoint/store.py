@@ -23,7 +23,9 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import type_handlers as th
 
 from diffujax.checkpoint import tree
 from diffujax.checkpoint.errors import CheckpointError
@@ -68,8 +70,6 @@ def atomic_directory(dst, overwrite: bool = False):
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer()
 
 
@@ -77,9 +77,6 @@ def _saver():
     """A synchronous PyTree saver that writes host (numpy) arrays without first deep-copying
     them (orbax's default, a guard for async saves), so converting a model costs one copy of it,
     not two. The files are those of StandardCheckpointer, which restores them."""
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import type_handlers as th
-
     registry = th.create_type_handler_registry(
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, th.get_type_handler(jax.Array)))
@@ -88,8 +85,6 @@ def _saver():
 
 def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Mapping | None = None):
     """Write config.json and params/ into the (existing, empty) ``directory``; no marker."""
-    import orbax.checkpoint as ocp
-
     directory = pathlib.Path(directory).absolute()
     layout = layout or {}
     hf = config.to_hf()

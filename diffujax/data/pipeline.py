@@ -39,6 +39,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from diffujax.data.sources import DataError
 from diffujax.data.tokenizer import Tokenizer, VocabMismatchError
@@ -99,8 +100,6 @@ class DocStats:
 def ensure_absl_flags_parsed() -> None:
     """grain's worker processes read absl flags; a program that does not run ``absl.app`` must
     mark them parsed in ``__main__`` before starting workers (``worker_count > 0``)."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

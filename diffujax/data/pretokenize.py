@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from diffujax.data.sources import FORMATS, DataError, SourceReport, make_source
+from diffujax.data.sources import (FORMATS, PRETOKENIZED_FORMAT, PRETOKENIZED_VERSION, DataError,
+                                   SourceReport, make_source)
 from diffujax.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "diffujax-pretokenized"
-VERSION = 1
 _BATCH = 256  # documents tokenised per encode_batch call
 
 
@@ -54,6 +53,7 @@ def _atomic_json(path: pathlib.Path, obj: Any) -> None:
 
 def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -> dict:
     """Tokenise documents of shard ``k`` and write its ArrayRecord file, then its ``.json``."""
+    # array_record is a Linux-only dependency (pyproject marker): imported where it is written
     from array_record.python.array_record_module import ArrayRecordWriter
 
     n, L = config["num_shards"], config["seq_len"]
@@ -148,58 +148,13 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
             total[key] = total.get(key, 0) + v
     report: SourceReport | None = getattr(source, "report", None)
     meta = dict(
-        format=FORMAT, version=VERSION, layout="tokens" if seq_len is None else "blocks",
+        format=PRETOKENIZED_FORMAT, version=PRETOKENIZED_VERSION,
+        layout="tokens" if seq_len is None else "blocks",
         shards=[_shard_name(k, num_shards) for k in range(num_shards)],
         counts=total, source_skipped=dict(report.skipped) if report else {}, **config,
     )
     _atomic_json(out / "metadata.json", meta)
     return meta
-
-
-class PretokenizedSource:
-    """Reads a ``pretokenize`` output directory: a grain source of int32 token arrays (blocks of
-    ``seq_len``, or documents), with ``layout``, ``seq_len`` and ``special`` from its metadata."""
-
-    def __init__(self, directory):
-        import grain
-
-        self.directory = pathlib.Path(directory)
-        meta_path = self.directory / "metadata.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: not a pretokenize output directory "
-                                    "(or the run did not finish)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise DataError(f"{meta_path}: unknown format {self.meta.get('format')!r} "
-                            f"version {self.meta.get('version')!r}")
-        paths = [self.directory / s for s in self.meta["shards"]]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"pretokenized shards missing: {missing}")
-        self.layout = self.meta["layout"]
-        self.seq_len = self.meta["seq_len"]
-        self.special = self.meta["special"]
-        self.vocab_size = self.meta["tokenizer"]["vocab_size"]
-        self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(paths),
-                                   documents=self.meta["counts"]["records"])
-        self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-        if len(self._records) != self.meta["counts"]["records"]:
-            raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
-                            f"says {self.meta['counts']['records']}")
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index) -> np.ndarray:
-        ids = np.frombuffer(self._records[int(index)], self._dtype).astype(np.int32)
-        if self.layout == "blocks" and ids.size != self.seq_len:
-            raise DataError(f"{self.directory} record {int(index)}: {ids.size} tokens, "
-                            f"expected {self.seq_len}")
-        return ids
-
-    def __repr__(self) -> str:
-        return f"PretokenizedSource({str(self.directory)!r}, {self.layout}, {len(self)} records)"
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""grain random-access data sources: text files, jsonl, parquet, ArrayRecord, TFDS.
+"""grain random-access sources: text files, jsonl, parquet, ArrayRecord, TFDS, pretokenized.
 
 Every source has ``__len__`` and ``__getitem__`` (what ``grain.MapDataset.source`` needs), pickles
 without open handles (grain workers are spawned processes), and yields one *document* per index:
@@ -34,7 +34,9 @@ import pathlib
 import threading
 from typing import Any, Sequence
 
+import grain
 import numpy as np
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +339,6 @@ class ParquetSource(_LazyRecords):
     _CACHE = 4
 
     def __init__(self, paths, column: str | Sequence[str] = "text", errors: str = "strict"):
-        import pyarrow.parquet as pq
-
         super().__init__(f"parquet[{column}]", column, errors)
         self.paths = [str(p) for p in expand_paths(paths)]
         self.report.files = len(self.paths)
@@ -373,13 +373,12 @@ class ParquetSource(_LazyRecords):
         return self.report.documents
 
     def _row_group(self, g: int) -> dict[str, list]:
-        import pyarrow.parquet as pq
-
         with self._lock:
             table = self._cache.get(g)
             if table is None:
                 fi, rg = self._groups[g]
-                table = pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=list(self.fields))
+                table = pq.ParquetFile(self.paths[fi]).read_row_group(
+                    rg, columns=list(self.fields))
                 table = {c: table.column(c).to_pylist() for c in self.fields}
                 if len(self._cache) >= self._CACHE:
                     self._cache.pop(next(iter(self._cache)))  # oldest first
@@ -401,7 +400,7 @@ class ArrayRecordSource(_LazyRecords):
     names the text field, or several fields for dicts)."""
 
     def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
-        import grain
+        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
         from array_record.python.array_record_module import ArrayRecordReader
 
         super().__init__(f"array_record[{field or 'text'}]", field, errors)
@@ -467,7 +466,7 @@ class TfdsSource(_LazyRecords):
         self._finish_scan()
 
     def _open(self):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
 
         a = self._args
         try:
@@ -494,6 +493,56 @@ class TfdsSource(_LazyRecords):
     def __getitem__(self, index):
         index = int(index)
         return self._document(self._ds[index], f"{self.report.name} example {index}")
+
+
+# ``diffujax.data.pretokenize`` writes this format; PretokenizedSource reads it.
+PRETOKENIZED_FORMAT = "diffujax-pretokenized"
+PRETOKENIZED_VERSION = 1
+
+
+class PretokenizedSource:
+    """Reads a ``pretokenize`` output directory: a grain source of int32 token arrays (blocks of
+    ``seq_len``, or documents), with ``layout``, ``seq_len`` and ``special`` from its metadata."""
+
+    def __init__(self, directory):
+        self.directory = pathlib.Path(directory)
+        meta_path = self.directory / "metadata.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: not a pretokenize output directory "
+                                    "(or the run did not finish)")
+        self.meta = json.loads(meta_path.read_text())
+        if (self.meta.get("format"), self.meta.get("version")) != (PRETOKENIZED_FORMAT,
+                                                                  PRETOKENIZED_VERSION):
+            raise DataError(f"{meta_path}: unknown format {self.meta.get('format')!r} "
+                            f"version {self.meta.get('version')!r}")
+        paths = [self.directory / s for s in self.meta["shards"]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"pretokenized shards missing: {missing}")
+        self.layout = self.meta["layout"]
+        self.seq_len = self.meta["seq_len"]
+        self.special = self.meta["special"]
+        self.vocab_size = self.meta["tokenizer"]["vocab_size"]
+        self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(paths),
+                                   documents=self.meta["counts"]["records"])
+        self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        if len(self._records) != self.meta["counts"]["records"]:
+            raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
+                            f"says {self.meta['counts']['records']}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index) -> np.ndarray:
+        ids = np.frombuffer(self._records[int(index)], self._dtype).astype(np.int32)
+        if self.layout == "blocks" and ids.size != self.seq_len:
+            raise DataError(f"{self.directory} record {int(index)}: {ids.size} tokens, "
+                            f"expected {self.seq_len}")
+        return ids
+
+    def __repr__(self) -> str:
+        return f"PretokenizedSource({str(self.directory)!r}, {self.layout}, {len(self)} records)"
 
 
 FORMATS = ("text", "jsonl", "parquet", "array_record", "tfds", "pretokenized")
@@ -543,7 +592,5 @@ def make_source(
         return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",
                           builder_kwargs=builder_kwargs, errors=errors)
     if fmt == "pretokenized":
-        from diffujax.data.pretokenize import PretokenizedSource
-
         return PretokenizedSource(inputs[0])
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")

@@ -19,6 +19,9 @@ import pathlib
 import threading
 from typing import Any, Sequence
 
+import sentencepiece as spm
+from tokenizers import Tokenizer as _HF
+
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "mask")
 
 
@@ -146,8 +149,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def _load(self):
-        import sentencepiece as spm
-
         return spm.SentencePieceProcessor(model_file=self.path)
 
     def _default_special(self) -> SpecialTokens:
@@ -184,8 +185,6 @@ class HFTokenizer(Tokenizer):
         super().__init__(path, special)
 
     def _load(self):
-        from tokenizers import Tokenizer as _HF
-
         tok = _HF.from_file(self.path)
         tok.encode_special_tokens = not self.parse_special
         return tok

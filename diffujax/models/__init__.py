@@ -3,6 +3,7 @@
     model = create_model(config, seed=0)          # an NNX module
     logits = model(tokens, pattern)               # [B, L, V] float32
     apply_fn, params = functional(model)          # pure: apply_fn(params, tokens, pattern)
+    apply_fn, params = sharded_init(config, mesh, rules, seed=0)   # initialised in its shards
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flax import nnx
 from diffujax.models import gpt2, llama
 from diffujax.models.configs import GPT2Config, LlamaConfig, ModelConfig, config_from_hf
 from diffujax.models.params import ParamSpec
+from diffujax.parallel.mesh import param_shardings
 
 _FAMILIES = {"gpt2": (gpt2.GPT2, gpt2.param_specs), "llama": (llama.Llama, llama.param_specs)}
 
@@ -41,5 +43,15 @@ def functional(model: nnx.Module):
     return apply_fn, params
 
 
+def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0):
+    """``(apply_fn, params)`` of a freshly initialised model, created directly in its shards: the
+    initialiser is jitted with ``out_shardings``, so no host ever holds a full copy."""
+    apply_fn, abstract = functional(abstract_model(config))
+    shardings = param_shardings(abstract, mesh, rules)
+    init = jax.jit(lambda: functional(create_model(config, seed))[1], out_shardings=shardings)
+    with jax.set_mesh(mesh):
+        return apply_fn, init()
+
+
 __all__ = ["GPT2Config", "LlamaConfig", "ModelConfig", "abstract_model", "config_from_hf",
-           "create_model", "functional", "param_specs"]
+           "create_model", "functional", "param_specs", "sharded_init"]

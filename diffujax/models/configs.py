@@ -7,6 +7,8 @@ import dataclasses
 import json
 from typing import ClassVar
 
+from diffujax.attention.config import AttentionConfig
+
 
 class ConfigError(ValueError):
     """A config.json that diffujax cannot turn into a model config; the message names the key."""
@@ -30,7 +32,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_backend: str = "auto"  # auto | xla | pallas_tpu | splash | cudnn | pallas_gpu
+    # How attention is computed (backend, block sizes): part of the compiled program, not of
+    # the model's weights; never written to config.json.
+    attention: AttentionConfig = AttentionConfig()
     remat: str = "none"  # none | full | dots: what the backward pass recomputes per layer
     # Keys of the source config.json that diffujax does not model but writes back on export, as
     # canonical JSON so the config stays hashable (it is static under jit).

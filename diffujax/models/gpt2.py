@@ -66,7 +66,7 @@ class GPT2(nnx.Module):
             k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
             v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
-            a = attention(q, k, v, pattern, backend=c.attention_backend)
+            a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
             h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
             h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),

@@ -54,7 +54,7 @@ class Llama(nnx.Module):
             k = L.apply_rope(L.dense(h, w["wk"], "bld,dhk->blhk"), cos, sin)
             v = L.dense(h, w["wv"], "bld,dhk->blhk")
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
-            a = attention(q, k, v, pattern, backend=c.attention_backend)
+            a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
             h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])

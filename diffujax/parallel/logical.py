@@ -40,6 +40,11 @@ def axis_rules(rules=DEFAULT_RULES):
         _RULES.reset(token)
 
 
+def active_rules():
+    """The rule table in effect: the one ``axis_rules`` activated, else ``DEFAULT_RULES``."""
+    return _RULES.get() or DEFAULT_RULES
+
+
 def logical_to_spec(names, rules=None, mesh_axes=None) -> P:
     """PartitionSpec for a tuple of logical names. A mesh axis is used at most once (the first
     dimension to claim it wins), and axes missing from the mesh or of size 1 are skipped."""

@@ -11,7 +11,6 @@ inside a slice, using ``mesh_utils.create_hybrid_device_mesh``.
     maybe_initialize_distributed(cfg.mesh)     # before anything touches a device
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rule_table()
-    apply_fn, params = sharded_init(model_cfg, mesh, rules, seed=0)
     batch = make_global_batch(local_numpy_batch, mesh, rules)
 """
 
@@ -24,7 +23,7 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -63,14 +62,11 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
 
     Axes are ``Auto``: shardings are declared through the logical rules and propagated by XLA.
     """
-    from diffujax.config import MeshSection
-
-    mesh_cfg = mesh_cfg or MeshSection()
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_shape(mesh_cfg.shape, len(devices))
+    sizes = resolve_shape(mesh_cfg.shape if mesh_cfg else {"fsdp": -1}, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     auto = (AxisType.Auto,) * len(AXES)
-    slices = mesh_cfg.num_slices
+    slices = mesh_cfg.num_slices if mesh_cfg else 1
     if slices == 1:
         return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
     if sizes["data"] % slices:
@@ -131,19 +127,6 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
     return True
 
 
-def sync_processes(name: str, timeout_s: int = 600) -> None:
-    """Barrier over all processes through the coordination service (no device collective).
-
-    Useful after compiling on CPU: gloo gives a peer only 30 s to show up at the first collective,
-    so processes whose compile times differ should meet here first. No-op on one process.
-    """
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed  # the client has no public handle
-
-    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
-
-
 # -------------------------------------------------------------------------------------- shardings
 
 
@@ -202,8 +185,6 @@ def batch_shard_count(mesh: Mesh, rules=None) -> int:
 def to_host(x) -> np.ndarray:
     """Host copy of an array, also when its shards live on several processes."""
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -246,25 +227,3 @@ def make_global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
         spec = P(*sharding.spec[: value.ndim])  # 1-D per-sequence fields shard like the batch
         out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
     return out
-
-
-# ------------------------------------------------------------------------------ initialisation
-
-
-def sharded_init(model_cfg, mesh: Mesh, rules=None, seed: int = 0):
-    """``(apply_fn, params)`` of a freshly initialised model, created directly in its shards: the
-    initialiser is jitted with ``out_shardings``, so no host ever holds a full copy."""
-    from diffujax.models import abstract_model, create_model, functional
-
-    apply_fn, abstract = functional(abstract_model(model_cfg))
-    shardings = param_shardings(abstract, mesh, rules)
-    init = jax.jit(lambda: functional(create_model(model_cfg, seed))[1], out_shardings=shardings)
-    with jax.set_mesh(mesh):
-        return apply_fn, init()
-
-
-def shard_params(params, mesh: Mesh, rules=None, dtype=None):
-    """Lay out (and optionally cast) an existing params state as the rules say."""
-    shardings = param_shardings(params, mesh, rules)
-    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
-    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -34,8 +35,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from diffujax.attention.config import AttentionConfig
+from diffujax.checkpoint import store, tree
+from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
+from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.models.configs import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +146,6 @@ class PreemptionGuard:
         """Must be called by every process at every step (multi-host: it is a collective)."""
         if self._multihost:
             try:
-                from jax.experimental import multihost_utils
                 if multihost_utils.reached_preemption_sync_point(step):
                     self.signal_name = self.signal_name or "preemption notice"
             except RuntimeError:  # preemption service disabled
@@ -295,7 +301,6 @@ class TrainCheckpointer:
 
 def _sync(name: str):
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -383,12 +388,14 @@ def model_config_to_dict(config) -> dict:
 
 
 def model_config_from_dict(d: dict):
-    from diffujax.models.configs import FAMILIES
-
     fields = dict(d)
     cls = FAMILIES[fields.pop("family")]
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
-    return cls(**{k: tuples(v) for k, v in fields.items()})
+    fields = {k: tuples(v) for k, v in fields.items()}
+    legacy_backend = fields.pop("attention_backend", "auto")  # metadata before AttentionConfig
+    fields["attention"] = AttentionConfig.from_dict(
+        fields.get("attention", {"backend": legacy_backend}))
+    return cls(**fields)
 
 
 def saved_model_config(directory):
@@ -415,9 +422,6 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
     marker, then renames it into place.
     """
-    from diffujax.checkpoint import store, tree
-    from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-
     directory = epath.Path(os.path.abspath(os.fspath(directory)))
     if jax.process_count() == 1:
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
@@ -450,8 +454,6 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
     ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
     ``step``: None for the newest. Only the parameters (or the EMA) are read. Single process.
     """
-    from diffujax.checkpoint import store
-
     step_dir = find_step_dir(run_dir, step)
     meta = read_meta(step_dir)
     model_cfg = model_config_from_dict(meta["model_config"])
@@ -462,7 +464,6 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
         tokenizer_dir = None
     store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
     if hf_dir is not None:
-        from diffujax.checkpoint.convert import export
         export(dst, hf_dir, overwrite=overwrite)
     return epath.Path(os.fspath(dst))
 
@@ -471,10 +472,6 @@ def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **expo
     """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
     a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
     with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
-    import tempfile
-
-    from diffujax.checkpoint.convert import export
-
     parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:

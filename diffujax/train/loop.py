@@ -28,8 +28,27 @@ import pathlib
 import time
 import warnings
 
+import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from diffujax.checkpoint import store
+from diffujax.checkpoint.smollm2 import default_model
+from diffujax.config import load_config, to_dict, to_yaml
+from diffujax.data.pipeline import PipelineOptions, build_pipeline
+from diffujax.data.sources import make_source
+from diffujax.data.tokenizer import load_tokenizer
+from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
+from diffujax.models import abstract_model, functional
+from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
+                                    maybe_initialize_distributed, param_shardings, to_host)
+from diffujax.train import checkpointing as C
+from diffujax.train import metrics as M
+from diffujax.train.checkpointing import PreemptionGuard, save_model
+from diffujax.train.state import (abstract_train_state, create_train_state, params_of,
+                                  train_state_shardings)
+from diffujax.train.step import after_annealing, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +71,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from diffujax.config import load_config
-
-    # Before any JAX call: multi-host jobs must join the distributed runtime first.
-    from diffujax.parallel.mesh import maybe_initialize_distributed
-
     cfg = load_config(args.config, args.overrides)
+    # Before any JAX call: multi-host jobs must join the distributed runtime first.
     maybe_initialize_distributed(cfg.mesh)
     _enable_compilation_cache()
     return train(cfg)
@@ -78,7 +93,6 @@ def model_checkpoint(cfg) -> str | None:
     (materialised and converted on first use, see ``diffujax default-model``)."""
     path = cfg.model.checkpoint
     if path == "default":
-        from diffujax.checkpoint.smollm2 import default_model
         return str(default_model())
     return None if path is None else os.path.abspath(os.path.expanduser(path))
 
@@ -87,8 +101,6 @@ def model_checkpoint(cfg) -> str | None:
 
 
 def _make_source(spec: dict, what: str, sft_fields: tuple[str, str] | None = None):
-    from diffujax.data.sources import make_source
-
     spec = dict(spec)
     if "path" not in spec:
         raise ValueError(f"{what}: each source needs a 'path' (got keys {sorted(spec)})")
@@ -109,9 +121,6 @@ def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False, shard=Non
     """``(pipeline, sources)``: the process-local pipeline of ``data.sources`` (or, with
     ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none).
     ``shard``: this process's ``(index, count)`` block of the global batch (``data_shard``)."""
-    import grain
-
-    from diffujax.data.pipeline import PipelineOptions, build_pipeline
 
     d = cfg.data
     specs = d.eval_sources if eval_split else d.sources
@@ -165,10 +174,6 @@ def _tokenizer_dir(cfg) -> str:
 def _initial_state(cfg, mesh, rules, ckpt, logger_messages):
     """``(model_cfg, state, restored)``: restored from the newest usable checkpoint of this run,
     or freshly built (from ``model.checkpoint`` or ``model.init``), sharded either way."""
-    from diffujax.train import checkpointing as C
-    from diffujax.train.state import (abstract_train_state, create_train_state,
-                                      train_state_shardings)
-
     saved = C.saved_model_config(ckpt.directory)
     if saved is not None:
         # The run's own record of the model config: resuming never needs the base checkpoint.
@@ -181,10 +186,6 @@ def _initial_state(cfg, mesh, rules, ckpt, logger_messages):
             return model_cfg, restored.state, restored
     base = model_checkpoint(cfg)
     if base:
-        from diffujax.checkpoint import store
-        from diffujax.models import abstract_model, functional
-        from diffujax.parallel.mesh import param_shardings
-
         loaded_cfg, _ = store.read_meta(base)
         model_cfg = cfg.resolve_model_config(loaded_cfg)
         shardings = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
@@ -216,7 +217,6 @@ def _config_changes(old: dict | None, new: dict) -> list[str]:
 def _min_over_processes(n: int) -> int:
     if jax.process_count() == 1:
         return n
-    from jax.experimental import multihost_utils
     return int(np.min(multihost_utils.process_allgather(np.int32(n))))
 
 
@@ -224,9 +224,6 @@ class _Evaluator:
     """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
 
     def __init__(self, cfg, model_cfg, apply_fn, mesh, rules, tokenizer):
-        from diffujax.parallel.mesh import data_shard, make_global_batch
-        from diffujax.train.step import make_eval_step
-
         self.cfg, self.model_cfg, self.apply_fn = cfg, model_cfg, apply_fn
         self.tokenizer = tokenizer
         self.batches, self.reports = [], []
@@ -266,8 +263,6 @@ class _Evaluator:
         return out
 
     def samples(self, params, step: int) -> list[str]:
-        from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
-
         mc, tok = self.model_cfg, self.tokenizer
         bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
         bos = bos if bos is not None else tok.eos_id
@@ -283,8 +278,6 @@ class _Evaluator:
         if tok.eos_id is not None:
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        from diffujax.parallel.mesh import to_host
-
         rows = to_host(tokens)
         special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
         return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
@@ -318,8 +311,6 @@ class _Window:
 
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
-    from diffujax.train.checkpointing import PreemptionGuard
-
     if not cfg.output_dir:
         raise ValueError("output_dir is not set (add output_dir=PATH)")
     for key, value in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint)):
@@ -340,14 +331,6 @@ class _Run:
     """One attempt at a run: set-up (restore or initialise), the step loop, the way out."""
 
     def __init__(self, cfg, guard):
-        from diffujax.config import to_dict, to_yaml
-        from diffujax.data.tokenizer import load_tokenizer
-        from diffujax.models import abstract_model, functional
-        from diffujax.parallel.mesh import data_shard, make_mesh
-        from diffujax.train import checkpointing as C
-        from diffujax.train import metrics as M
-        from diffujax.train.step import make_train_step
-
         t0 = self.t0 = time.perf_counter()
         self.cfg, self.guard = cfg, guard
         self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
@@ -417,8 +400,6 @@ class _Run:
         if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
             return self.train_step
         if self._full_attention_step is None:
-            from diffujax.train.step import after_annealing, make_train_step
-
             cfg = after_annealing(self.cfg)
             self._full_attention_step = make_train_step(cfg, self.model_cfg, self._apply_fn,
                                                         self.mesh, self.rules)
@@ -427,9 +408,6 @@ class _Run:
     # -- the loop --------------------------------------------------------------------------------
 
     def loop(self) -> int:
-        from diffujax.parallel.mesh import make_global_batch
-        from diffujax.train.state import params_of
-
         cfg, total = self.cfg, self.cfg.train.steps
         pending = None  # (step, device metrics) of the last dispatched step, read one step later
         stop = None
@@ -577,8 +555,6 @@ def _periodic_eval(cfg, evaluator, logger, params, step):
 
 def _export_final(out_dir, model_cfg, state, cfg, logger):
     """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints."""
-    from diffujax.train.checkpointing import save_model
-
     targets = [("final", state.params)]
     if state.ema is not None:
         targets.append(("final_ema", state.ema))

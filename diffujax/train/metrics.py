@@ -24,6 +24,8 @@ import sys
 import time
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from diffujax.models.configs import ModelConfig
 
@@ -220,12 +222,10 @@ class RunLogger:
         _truncate_jsonl(path, start_step)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
                                      purge_step=start_step + 1 if start_step else None,
                                      flush_secs=30)
         if progress and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                              dynamic_ncols=True, desc="train",
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"

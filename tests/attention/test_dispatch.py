@@ -15,16 +15,20 @@ def test_auto_is_the_reference_on_cpu():
                                   A.reference_attention(q, k, v, pattern))
 
 
-def test_settings_and_explicit_backends():
+def test_config_and_explicit_backends():
     q, k, v, _ = make_inputs(1, 24, 2, 1, 8)
     pattern = make_pattern("causal")
-    with A.attention_config(backend="pallas_tpu", interpret=True):
-        assert A.resolve_backend(q, k, pattern) == "pallas_tpu"
-        assert A.resolve_backend(q, k, pattern, "xla") == "xla"  # explicit beats the setting
-        np.testing.assert_allclose(A.attention(q, k, v, pattern),
-                                   A.reference_attention(q, k, v, pattern), atol=1e-5)
-    assert A.resolve_backend(q, k, pattern) == "xla"  # restored
+    config = A.AttentionConfig(backend="pallas_tpu", interpret=True,
+                               tpu_block_sizes=A.TpuBlockSizes(8, 8))
+    assert A.resolve_backend(q, k, pattern, config) == "pallas_tpu"
+    assert A.resolve_backend(q, k, pattern, config.replace(backend="xla")) == "xla"
+    np.testing.assert_allclose(A.attention(q, k, v, pattern, config),
+                               A.reference_attention(q, k, v, pattern), atol=1e-5)
+    assert A.resolve_backend(q, k, pattern) == "xla"  # nothing global changed
+    # Hashable: the config is static under jit (carried by the model config).
+    assert hash(config) == hash(A.AttentionConfig(backend="pallas_tpu", interpret=True,
+                                                  tpu_block_sizes=A.TpuBlockSizes(8, 8)))
     with pytest.raises(ValueError, match="not one of"):
         A.attention(q, k, v, pattern, backend="flash")
-    with pytest.raises(ValueError, match="unknown"):
-        A.configure(block=1)
+    with pytest.raises(ValueError, match="splash_block: 100"):
+        A.attention(q, k, v, pattern, A.AttentionConfig(splash_block=100))

@@ -10,7 +10,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attn_testlib import (PATTERN_NAMES, check_against_reference, make_inputs, make_pattern,
                           mask_reader, segment_ids)
-from diffujax.attention import attention, attention_config, pattern as P
+from diffujax.attention import AttentionConfig, attention, pattern as P
 from diffujax.attention import tpu
 from diffujax.attention.reference import reference_attention
 
@@ -90,18 +90,19 @@ def test_training_step_through_dispatch():
                   wv=jax.random.normal(ks[2], (dm, kvh * d)) / dm ** 0.5,
                   wo=jax.random.normal(ks[3], (h * d, dm)) / (h * d) ** 0.5)
 
-    def loss(params, x, pattern, backend):
+    def loss(params, x, pattern, config: AttentionConfig):
         q = (x @ params["wq"]).reshape(b, length, h, d)
         k = (x @ params["wk"]).reshape(b, length, kvh, d)
         v = (x @ params["wv"]).reshape(b, length, kvh, d)
-        o = attention(q, k, v, pattern, backend=backend).reshape(b, length, h * d)
+        o = attention(q, k, v, pattern, config).reshape(b, length, h * d)
         return jnp.mean((o @ params["wo"] - x) ** 2)
 
     pattern = P.for_training(jnp.int32(30), anneal_steps=100, seed=3,
                              segment_ids=segment_ids(b, length))
-    with attention_config(interpret=True, tpu_block_sizes=SMALL):
-        got = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern, "pallas_tpu")
-    want = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern, "xla")
+    kernel_cfg = AttentionConfig(backend="pallas_tpu", interpret=True, tpu_block_sizes=SMALL)
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern, kernel_cfg)
+    want = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern,
+                                                              AttentionConfig(backend="xla"))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for name in params:
         np.testing.assert_allclose(got[1][name], want[1][name], atol=1e-5, rtol=1e-4,

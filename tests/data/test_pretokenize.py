@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from diffujax.data.pipeline import PipelineOptions, build_pipeline
-from diffujax.data.pretokenize import PretokenizedSource, main
-from diffujax.data.sources import TextSource
+from diffujax.data.pretokenize import main
+from diffujax.data.sources import PretokenizedSource, TextSource
 
 ONE = grain.sharding.ShardOptions(0, 1)
 

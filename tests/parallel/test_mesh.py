@@ -9,10 +9,9 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from diffujax.config import MeshSection, MeshShape
-from diffujax.models import LlamaConfig, create_model, functional
+from diffujax.models import LlamaConfig, create_model, functional, sharded_init
 from diffujax.parallel.mesh import (batch_sharding, data_shard, make_global_batch, make_mesh,
-                                    maybe_initialize_distributed, resolve_shape, sharded_init,
-                                    spec_for)
+                                    maybe_initialize_distributed, resolve_shape, spec_for)
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                    intermediate_size=64)

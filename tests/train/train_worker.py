@@ -11,7 +11,9 @@ writes the losses and parameter checksums (process 0) as JSON.
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
+import time
 
 STEPS = 3
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 16, 128
@@ -65,12 +67,26 @@ def checksums(params):
     return [[float(a), float(b)] for a, b in fn(params)]
 
 
-def run(cfg, devices=None, steps=STEPS):
-    """Train ``steps`` steps; returns (state, [metrics per step])."""
+def file_barrier(directory, name: str, index: int, count: int, timeout_s: float = 600) -> None:
+    """Wait until all ``count`` processes reached ``name`` (a marker file each in a shared
+    directory): no device collective, so it may precede the first one (gloo gives a peer only
+    30 s to show up there, and the processes' compile times differ)."""
+    marker = lambda i: pathlib.Path(directory, f"{name}.{i}")  # noqa: E731
+    marker(index).touch()
+    deadline = time.monotonic() + timeout_s
+    while not all(marker(i).exists() for i in range(count)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {name!r}: not every process arrived in {timeout_s} s")
+        time.sleep(0.05)
+
+
+def run(cfg, devices=None, steps=STEPS, barrier=None):
+    """Train ``steps`` steps; returns (state, [metrics per step]). ``barrier()`` (multi-process)
+    is called once the step is compiled."""
     import jax
 
     from diffujax.models import abstract_model, functional
-    from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh, sync_processes
+    from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
 
@@ -87,9 +103,9 @@ def run(cfg, devices=None, steps=STEPS):
     history = []
     for i, batch in enumerate(global_batches(steps)):
         local = make_global_batch({k: v[lo:lo + rows] for k, v in batch.items()}, mesh, rules)
-        if i == 0 and jax.process_count() > 1:
+        if i == 0 and barrier is not None:
             step.lower(state, local).compile()  # the call below reuses this executable
-            sync_processes("compiled")
+            barrier()
         state, metrics = step(state, local)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
@@ -105,7 +121,8 @@ def main(argv):
     maybe_initialize_distributed(MeshSection(distributed=True, coordinator=f"127.0.0.1:{port}",
                                              num_processes=int(nproc), process_id=int(pid)))
     cfg = make_config(family, int(data), int(fsdp), int(tensor))
-    state, history = run(cfg)
+    state, history = run(cfg, barrier=lambda: file_barrier(pathlib.Path(out).parent, "compiled",
+                                                           int(pid), int(nproc)))
     result = {"process_count": jax.process_count(), "devices": jax.device_count(),
               "losses": [m["loss"] for m in history], "checksums": checksums(state.params)}
     if jax.process_index() == 0:

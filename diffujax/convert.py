@@ -1,11 +1,16 @@
-"""Command-line faces of the checkpoint package, shared by ``diffujax {convert,export,default-model}``
-and ``tools/convert_torch_weights.py``. Each ``run_*`` returns the process exit code and prints
-a ``CheckpointError`` as one line on stderr (exit code 1)."""
+"""``diffujax {convert,export,default-model}`` and ``tools/convert_torch_weights.py``: the
+command-line faces of the checkpoint package (and of training checkpoints, which ``export`` also
+takes). Each ``run_*`` returns the process exit code and prints a ``CheckpointError`` as one line
+on stderr (exit code 1)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from diffujax.checkpoint import convert, export, smollm2
+from diffujax.checkpoint.errors import CheckpointError
+from diffujax.train.checkpointing import export_hf, is_training_checkpoint
 
 
 def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,8 +49,6 @@ def add_default_model_args(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def _report(fn) -> int:
-    from diffujax.checkpoint.errors import CheckpointError
-
     try:
         print(fn())
     except CheckpointError as e:
@@ -55,8 +58,6 @@ def _report(fn) -> int:
 
 
 def run_convert(args) -> int:
-    from diffujax.checkpoint import convert
-
     return _report(lambda: convert(args.src, args.dst, dtype=args.dtype,
                                    mask_token_id=args.mask_token_id,
                                    no_mask_token=args.no_mask_token, overwrite=args.overwrite))
@@ -64,9 +65,6 @@ def run_convert(args) -> int:
 
 def run_export(args) -> int:
     """Export a model checkpoint, or a training run / training step (its model weights)."""
-    from diffujax.checkpoint import export
-    from diffujax.train.checkpointing import export_hf, is_training_checkpoint
-
     exporter = export_hf if is_training_checkpoint(args.src) else export
     return _report(lambda: exporter(args.src, args.dst, max_shard_size=args.max_shard_size,
                                     dtype=args.dtype, overwrite=args.overwrite,
@@ -74,8 +72,6 @@ def run_export(args) -> int:
 
 
 def run_default_model(args) -> int:
-    from diffujax.checkpoint import smollm2
-
     return _report(lambda: smollm2.default_model(args.cache_dir))
 
 

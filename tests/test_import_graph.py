@@ -1,0 +1,72 @@
+"""The package's import graph is acyclic and downward (tools/import_graph.py is the reference).
+
+The checker is tested on small synthetic packages first, so a pass on diffujax means something.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+import_graph = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(import_graph)
+
+
+def _package(tmp_path, files: dict[str, str]) -> pathlib.Path:
+    for name, text in files.items():
+        path = tmp_path / "diffujax" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    for d in (tmp_path / "diffujax").rglob("*"):
+        if d.is_dir() and not (d / "__init__.py").exists():
+            (d / "__init__.py").write_text("")
+    (tmp_path / "diffujax" / "__init__.py").touch()
+    return tmp_path
+
+
+def test_checker_finds_a_hidden_cycle_an_upward_edge_and_deferred_imports(tmp_path):
+    root = _package(tmp_path, {
+        "data/sources.py": """
+            def make():
+                from diffujax.data.pretokenize import Reader  # hidden edge closing a cycle
+                return Reader
+            """,
+        "data/pretokenize.py": "from diffujax.data.sources import make\n",
+        "parallel/mesh.py": "from diffujax.config import X\n",  # layer 0 -> layer 3
+        "config.py": """
+            import typing
+            if typing.TYPE_CHECKING:
+                from diffujax.train import loop  # never runs: no edge
+            def f():
+                import torch  # optional: allowed
+                import yaml  # not optional: must be at the top
+            """,
+        "train/loop.py": "",
+    })
+    found = import_graph.problems(root)
+    assert "module cycle: diffujax.data.pretokenize <-> diffujax.data.sources" in found
+    assert "upward import: diffujax.parallel (layer 0) -> diffujax.config (layer 3)" in found
+    assert any("function-level import of diffujax.data.pretokenize in diffujax.data.sources"
+               in p for p in found)
+    assert any("function-level import of yaml in diffujax.config" in p for p in found)
+    assert not any("torch" in p or "diffujax.train" in p for p in found), found
+    assert len(found) == 4, found
+
+
+def test_checker_names_a_package_cycle_and_an_unplaced_package(tmp_path):
+    root = _package(tmp_path, {
+        "models/a.py": "from diffujax.diffusion import b\n",
+        "diffusion/b.py": "import diffujax.models.c\n",
+        "models/c.py": "",
+        "newthing/x.py": "",
+    })
+    found = import_graph.problems(root)
+    assert "package cycle: diffujax.diffusion <-> diffujax.models" in found
+    assert any(p.startswith("diffujax.newthing is in no layer") for p in found)
+
+
+def test_diffujax_import_graph_is_acyclic_and_downward():
+    assert import_graph.problems(ROOT) == []
