@@ -22,6 +22,7 @@ import yaml
 from diffujax.attention.config import AttentionConfig
 from diffujax.models.configs import FAMILIES, ModelConfig
 from diffujax.parallel.logical import DEFAULT_RULES
+from diffujax.parallel.topology import parse_slice
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -215,8 +216,6 @@ class PlanSection:
 
     def validate(self, key: str):
         if self.topology is not None:
-            from diffujax.parallel.topology import parse_slice
-
             try:
                 parse_slice(self.topology)
             except ValueError as e:

@@ -31,7 +31,7 @@ LAYERS = (
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
-    ("diffujax.evaluate", "diffujax.generate", "diffujax.convert"),  # commands
+    ("diffujax.evaluate", "diffujax.generate", "diffujax.convert", "diffujax.plan"),  # commands
     ("diffujax.demo", "diffujax.cli"),
 )
 

@@ -17,6 +17,9 @@ import functools
 import glob
 import os
 
+import jax
+from jax.experimental import topologies
+
 GIB = 1024 ** 3
 
 
@@ -117,7 +120,6 @@ def _devices(topology: str, chip_config: str, host_bounds, num_slices: int):
         for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
                             ("TPU_WORKER_HOSTNAMES", "localhost")):
             os.environ.setdefault(name, value)
-    from jax.experimental import topologies
 
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
@@ -125,8 +127,6 @@ def _devices(topology: str, chip_config: str, host_bounds, num_slices: int):
                                             chips_per_host_bounds=host_bounds,
                                             num_slices=num_slices)
     except (RuntimeError, ImportError) as e:  # no libtpu, or one that does not know the chip
-        import jax
-
         raise ValueError(f"libtpu cannot describe TPU topology {topology!r} ({e}); install the"
                          f" TPU compiler with: pip install 'jax[tpu]=={jax.__version__}'") from None
     return tuple(desc.devices)

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from diffujax.parallel.mesh import batch_shard_count
+from diffujax.plan.analysis import compile_program, make_target
+from diffujax.plan.estimate import estimate_step
+from diffujax.plan.programs import plan_model_config, train_programs
+from diffujax.train import metrics as M
+
 REMATS = ("none", "dots", "full")
 
 
@@ -29,12 +35,6 @@ def accumulation_choices(global_batch: int, batch_shards: int) -> list[int]:
 
 
 def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log=None) -> dict:
-    from diffujax.parallel.mesh import batch_shard_count
-    from diffujax.plan import compile_program, make_target
-    from diffujax.plan import estimate as E
-    from diffujax.plan.programs import plan_model_config, train_programs
-    from diffujax.train import metrics as M
-
     log = log or (lambda msg: None)
     model_cfg, _ = plan_model_config(cfg)
     target = make_target(cfg, topology, num_slices)
@@ -58,7 +58,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log
                 mem = compiled["memory"]
                 result["total"] = max(result["total"], mem["total"])
                 if "step_seconds" not in result:
-                    est = E.estimate_step(compiled, target, peak, model_flops, tokens)
+                    est = estimate_step(compiled, target, peak, model_flops, tokens)
                     result.update(step_seconds=est["step_seconds"], mfu=est.get("mfu"))
                 if not mem["fits"]:
                     result["fits"] = False

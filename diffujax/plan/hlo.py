@@ -36,6 +36,10 @@ def shape_dims(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(text)]
 
 
+def dtype_bytes(dtype: str) -> float:
+    return _BYTES[dtype]
+
+
 def shape_bytes(text: str) -> int:
     return int(sum(_BYTES[t] * math.prod(d) for t, d in shape_dims(text)))
 
@@ -50,6 +54,8 @@ class _Computation:
 
 
 def _computations(text: str) -> tuple[dict[str, _Computation], str | None]:
+    """Computations by name, one joined line per instruction (a kernel's metadata can span
+    several text lines; only a lone ``}`` closes a computation)."""
     comps, entry, current = {}, None, None
     for line in text.splitlines():
         if current is None:
@@ -59,10 +65,12 @@ def _computations(text: str) -> tuple[dict[str, _Computation], str | None]:
                 if line.startswith("ENTRY"):
                     entry = m.group(1)
             continue
-        if line.startswith("}"):
+        if line.strip() == "}":
             current = None
-        else:
+        elif line.startswith((" ", "\t")) or not current.lines:
             current.lines.append(line)
+        else:  # the continuation of the instruction above
+            current.lines[-1] += " " + line
     return comps, entry
 
 
@@ -175,21 +183,44 @@ def gathered_whole(items: list[Collective], full_shapes: dict[str, tuple[int, ..
 
 
 @dataclasses.dataclass
+class KernelCall:
+    """One Mosaic custom call (a Pallas kernel) and what the HLO says about its cost."""
+
+    name: str  # instruction name, e.g. "splash_mha_fwd_residuals.1"
+    runs: int
+    declared: dict | None  # its ``pl.CostEstimate`` (flops, bytes_accessed, ...) if it has one
+    operands: list  # (dtype, dims) of each operand, from operand_layout_constraints
+    results: list  # (dtype, dims) of each result
+
+
+@dataclasses.dataclass
 class CycleCount:
     """The TPU compiler's per-instruction estimates, summed over one run of the program."""
 
     cycles: int  # sum of ``estimated_cycles`` x runs
     instructions: int  # instructions that carry an estimate
-    kernel_calls: int  # Mosaic custom calls (Pallas kernels), counted once each
-    kernels: list  # (runs, {"flops", "bytes_accessed", ...}): the kernels' declared costs
+    kernels: list  # KernelCall of every Pallas kernel (they carry no cycle estimate)
+
+
+def _braced(line: str, key: str) -> str:
+    """The text inside the balanced braces that follow ``key`` ('' if absent)."""
+    start = line.find(key + "{")
+    if start < 0:
+        return ""
+    depth, i = 0, start + len(key)
+    for j in range(i, len(line)):
+        depth += {"{": 1, "}": -1}.get(line[j], 0)
+        if depth == 0:
+            return line[i + 1:j]
+    return ""
 
 
 def estimated_cycles(text: str) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
-    backend config, times how often it runs. A Pallas kernel (a Mosaic custom call) carries no
-    cycle estimate but may carry its declared ``pl.CostEstimate``; those are returned for the
-    caller to turn into time."""
-    cycles = count = calls = 0
+    backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
+    estimate; they are returned with their declared ``pl.CostEstimate`` (if any) and operand
+    shapes for the caller to cost."""
+    cycles = count = 0
     kernels = []
     for _, m, line, runs in _walk(text):
         found = _CYCLES.search(line)
@@ -197,13 +228,16 @@ def estimated_cycles(text: str) -> CycleCount:
             cycles += int(found.group(1)) * runs
             count += 1
         elif m.group(3) == "custom-call" and "tpu_custom_call" in line:
-            calls += 1
             cost = _KERNEL_COST.search(line)
+            declared = None
             if cost:
-                fields = dict(re.findall(r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1)))
-                kernels.append((runs, {k: float(v) for k, v in fields.items()}))
-    return CycleCount(cycles, count, calls, kernels)
+                fields = re.findall(r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1))
+                declared = {k: float(v) for k, v in fields}
+            operands = shape_dims(_braced(line, "operand_layout_constraints="))
+            kernels.append(KernelCall(m.group(1), runs, declared, operands,
+                                      shape_dims(m.group(2))))
+    return CycleCount(cycles, count, kernels)
 
 
-__all__ = ["COLLECTIVES", "Collective", "CycleCount", "collectives", "estimated_cycles",
-           "gathered_whole", "shape_bytes", "summarize"]
+__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "collectives",
+           "dtype_bytes", "estimated_cycles", "gathered_whole", "shape_bytes", "summarize"]

@@ -15,7 +15,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffujax.checkpoint import store
+from diffujax.diffusion.sampling import sample_confidence
+from diffujax.models import abstract_model, functional
+from diffujax.models.configs import FAMILIES
+from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
+from diffujax.train.checkpointing import abstract_like
+from diffujax.train.loop import model_checkpoint
+from diffujax.train.state import abstract_train_state, train_state_shardings
+from diffujax.train.step import after_annealing, make_eval_step, make_train_step
 
 # The default sampler of ``diffujax generate`` and its default number of passes.
 GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
@@ -38,19 +47,13 @@ def plan_model_config(cfg):
     """``(model_cfg, source)`` of the run without reading any weights: the base checkpoint's
     ``config.json`` when it is on disk, else ``model.init``, else ``plan.model`` (the
     architecture a config names for planning without the checkpoint)."""
-    from diffujax.train.loop import model_checkpoint
-
     if cfg.model.init is not None:
         return cfg.resolve_model_config(), "model.init"
     path = cfg.model.checkpoint
     if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
         base = cfg.plan.model.copy()
-        from diffujax.models.configs import FAMILIES
-
         loaded = FAMILIES[base.pop("family")](**base)
         return cfg.resolve_model_config(loaded), f"plan.model (no checkpoint at {path})"
-    from diffujax.checkpoint import store
-
     path = model_checkpoint(cfg)
     try:
         loaded, _ = store.read_meta(path)
@@ -81,9 +84,6 @@ def abstract_batch(cfg, rows: int, mesh, rules) -> dict:
 
 
 def abstract_state(cfg, model_cfg, mesh, rules):
-    from diffujax.train.checkpointing import abstract_like
-    from diffujax.train.state import abstract_train_state, train_state_shardings
-
     return abstract_like(abstract_train_state(cfg, model_cfg),
                          train_state_shardings(cfg, model_cfg, mesh, rules))
 
@@ -103,9 +103,6 @@ def micro_batch(cfg) -> int:
 def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
     """The step ``diffujax train`` runs while the attention mask anneals (when
     ``diffusion.anneal_steps > 0``) and the full-attention step it switches to afterwards."""
-    from diffujax.models import abstract_model, functional
-    from diffujax.train.step import after_annealing, make_train_step
-
     apply_fn = functional(abstract_model(model_cfg))[0]
     state = abstract_state(cfg, model_cfg, mesh, rules)
     batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
@@ -128,9 +125,6 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
 
 def eval_program(cfg, model_cfg, mesh, rules) -> Program:
     """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
-    from diffujax.models import abstract_model, functional
-    from diffujax.train.step import make_eval_step
-
     apply_fn = functional(abstract_model(model_cfg))[0]
     params = abstract_state(cfg, model_cfg, mesh, rules).params
     rows = micro_batch(cfg)
@@ -145,10 +139,6 @@ def eval_program(cfg, model_cfg, mesh, rules) -> Program:
 def generate_program(cfg, model_cfg, mesh, rules) -> Program:
     """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
     tokens (a whole denoising loop: one compiled ``while``)."""
-    from diffujax.diffusion.sampling import sample_confidence
-    from diffujax.models import abstract_model, functional
-    from diffujax.parallel.logical import axis_rules
-
     apply_fn = functional(abstract_model(model_cfg))[0]
     params = abstract_state(cfg, model_cfg, mesh, rules).params
     rows = batch_shard_count(mesh, rules)

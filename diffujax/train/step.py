@@ -19,6 +19,8 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,8 +74,6 @@ def after_annealing(run_cfg):
     """The run config of the steps after the annealing ramp (r = 1): the same step with the plain
     full pattern, which computes the same numbers but lets the attention kernels take their
     full-attention paths."""
-    import dataclasses
-
     return dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion,
                                                                       anneal_steps=0))
 
