@@ -24,7 +24,7 @@ from diffujax.config import load_config
 from diffujax.parallel.topology import parse_slice
 from diffujax.plan import report as R
 from diffujax.plan.analysis import Target, compile_program, make_target, plan
-from diffujax.plan.fit import fit
+from diffujax.plan.search import fit
 
 WHAT = ("train", "eval", "generate")
 
