@@ -1,4 +1,5 @@
-"""Ancestral sampling speed, diffujax vs a plain PyTorch loop on the same weights (SPEC 6).
+"""Ancestral sampling speed, diffujax vs a plain PyTorch loop on the same weights
+(docs/algorithms.md §6).
 
     python benchmarks/sampling.py --checkpoint CKPT [--hf-dir HF_DIR]
     python benchmarks/sampling.py --hf-dir HF_DIR          # converts in memory, no mask row added

@@ -13,6 +13,8 @@ import sys
 
 import yaml
 
+from diffujax import console
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "convert": ("diffujax.convert", "Hugging Face directory -> diffujax checkpoint"),
@@ -27,8 +29,7 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit status 2."""
+DEBUG_HELP = "debug log records, and a traceback with any error"
 
 
 def _fn(command: str, verb: str):
@@ -39,10 +40,13 @@ def _fn(command: str, verb: str):
 
 def build_parser(argv) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffujax", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the command; SUPPRESS keeps `diffujax --debug CMD` working.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if name == wanted:  # only import the module of the subcommand being run
             _fn(name, "add")(p)
     return parser
@@ -51,11 +55,12 @@ def build_parser(argv) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    console.setup_logging(debug=args.debug)
     try:
         return int(_fn(args.command, "run")(args) or 0)
-    except (UserError, OSError, ValueError, yaml.YAMLError) as e:
-        # Bad input: one clear line naming what is at fault, no traceback, non-zero exit.
-        print(f"diffujax {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        # Bad input: one clear line naming what is at fault, non-zero exit (--debug: traceback).
+        console.error_line(e, f"diffujax {args.command}")
         return 2
     except KeyboardInterrupt:
         return 130

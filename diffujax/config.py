@@ -19,12 +19,12 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
+from diffujax import paths
 from diffujax.attention.config import AttentionConfig
-from diffujax.models.configs import FAMILIES, ModelConfig
-from diffujax.parallel.logical import DEFAULT_RULES
+from diffujax.models import FAMILIES, ModelConfig, weight_axes
+from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
 from diffujax.parallel.topology import parse_slice
-
-DTYPES = ("float32", "bfloat16", "float16")
+from diffujax.plain import to_plain
 
 
 class ConfigError(ValueError):
@@ -57,13 +57,13 @@ class ModelSection:
     def init_config(self) -> ModelConfig:
         """The model config described by ``init`` (before the overrides of this section)."""
         fields = dict(self.init)
-        return FAMILIES[fields.pop("family")](**fields)
+        return FAMILIES[fields.pop("family")].config(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionSection:
     mask_token_id: int | None = None  # overrides the model config's
-    anneal_steps: int = 0  # 0: full attention from the start (SPEC 3)
+    anneal_steps: int = 0  # 0: full attention from the start (docs/algorithms.md §3)
     anneal_seed: int = 0
     normalization: Literal["masked", "tokens"] = "masked"
     stratified_t: bool = False
@@ -160,6 +160,11 @@ class MeshSection:
             if not isinstance(targets, (list, tuple)) or any(t not in axes for t in targets):
                 raise ConfigError(f"{key}.rules.{name}: {target!r} must be null, a mesh axis or a"
                                   f" list of mesh axes among {axes}")
+        for names in ACTIVATIONS + tuple(sorted(weight_axes(), key=str)):
+            try:
+                check_collisions(names, self.rule_table())
+            except ValueError as e:
+                raise ConfigError(f"{key}.rules: {e}") from None
         _check(self.num_slices >= 1, f"{key}.num_slices", "must be >= 1")
 
     def rule_table(self) -> tuple:
@@ -180,6 +185,9 @@ class CheckpointSection:
         _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
 
 
+WANDB_KEYS = ("project", "name", "entity", "group", "tags", "notes", "mode", "id", "dir")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
     every_steps: int = 10
@@ -188,9 +196,19 @@ class LoggingSection:
     eval_batches: int = 8
     sample_every: int = 0
     profile_steps: tuple[int, ...] = ()  # (first, last) step to trace, or empty
+    # Weights & Biases, off unless set: {project, name, entity, group, tags, notes, mode, id}
+    wandb: dict[str, Any] | None = None
 
     def validate(self, key: str):
         _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+        if self.wandb is not None:
+            w = self.wandb
+            _check(isinstance(w, dict), f"{key}.wandb", "must be a mapping like {project: NAME}")
+            unknown = sorted(set(w) - set(WANDB_KEYS))
+            _check(not unknown, f"{key}.wandb.{(unknown or [''])[0]}",
+                   f"unknown key; known: {list(WANDB_KEYS)}")
+            _check(isinstance(w.get("project"), str) and bool(w["project"]),
+                   f"{key}.wandb.project", "must be set (the W&B project to log to)")
         _check(len(self.profile_steps) in (0, 2), f"{key}.profile_steps",
                "must be empty or [first, last]")
 
@@ -264,8 +282,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfi
     overrides in order, validate, and return the ``RunConfig``."""
     raw: dict = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = yaml.safe_load(paths.resolve(path).read_text()) or {}  # a file or a URL
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
@@ -298,13 +315,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg) -> dict:
     """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
-    if dataclasses.is_dataclass(cfg):
-        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, Mapping):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    return cfg
+    return to_plain(cfg, field_key=_key)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -447,7 +458,7 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
     family = init.get("family")
     if family not in FAMILIES:
         raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
-    cls = FAMILIES[family]
+    cls = FAMILIES[family].config
     hints = typing.get_type_hints(cls)
     allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "attention"}
     out = {"family": family}

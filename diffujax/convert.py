@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffujax import console
 from diffujax.checkpoint import convert, export, smollm2
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.train.checkpointing import export_hf, is_training_checkpoint
@@ -52,7 +53,7 @@ def _report(fn) -> int:
     try:
         print(fn())
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error_line(e)  # one line (--debug: with the traceback)
         return 1
     return 0
 
@@ -85,5 +86,7 @@ def tool_main(argv=None) -> int:
     parser.add_argument("--to-hf", action="store_true",
                         help="export a diffujax checkpoint SRC as a Hugging Face directory DST")
     (add_export_args if to_hf else add_convert_args)(parser)
+    parser.add_argument("--debug", action="store_true", help="debug log records, tracebacks")
     args = parser.parse_args(argv)
+    console.setup_logging(debug=args.debug)
     return (run_export if to_hf else run_convert)(args)

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.resources
 import pathlib
-import sysconfig
 import tempfile
 
 import numpy as np
@@ -26,34 +25,28 @@ from diffujax.generate import build_canvas, sample
 from diffujax.runtime import load_for_inference
 from diffujax.train.loop import train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "smollm2_135m_demo.yaml"
-DEFAULT_TEXTS = (pathlib.Path("/usr/share/common-licenses/GPL-3"),
-                 pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
+# Everything the demo reads ships inside the package (package data): it runs from a wheel.
+PACKAGE = pathlib.Path(str(importlib.resources.files("diffujax")))
+ASSETS = PACKAGE / "assets"
+DEMO_CONFIG = ASSETS / "smollm2_135m_demo.yaml"
+DEFAULT_TEXT = ASSETS / "gpl-3.0.txt"  # the GNU GPL v3, verbatim (its own terms allow that)
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", default=None, help="text file to score (default: GPL-3 or Python's"
-                                                " LICENSE.txt, whichever exists)")
+    p.add_argument("--text", default=str(DEFAULT_TEXT),
+                   help="text file to score (default: the GPL-3 text bundled with diffujax,"
+                        " %(default)s)")
     p.add_argument("--seq-len", type=int, default=64, help="evaluation block length")
     p.add_argument("--blocks", type=int, default=4, help="evaluation blocks")
     p.add_argument("--draws", type=int, default=8, help="ELBO noise draws per block")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="adaptation steps (default: configs/smollm2_135m_demo.yaml); 0 skips")
+                   help="adaptation steps (default: those of the bundled"
+                        " smollm2_135m_demo.yaml); 0 skips")
     p.add_argument("--output-dir", default=None, help="where the run and the export go")
 
 
 def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def default_text(path: str | None) -> str:
-    if path:
-        return path
-    for candidate in DEFAULT_TEXTS:
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"none of {[str(p) for p in DEFAULT_TEXTS]} exists: pass --text")
 
 
 def score(checkpoint, text: str, args, *, ar: bool = True) -> None:
@@ -65,19 +58,22 @@ def score(checkpoint, text: str, args, *, ar: bool = True) -> None:
           f"{evaluate(model, blocks, objective='diffusion', draws=args.draws)}", flush=True)
 
 
-def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:
-    """Continue pre-training with the diffusion objective (configs/smollm2_135m_demo.yaml)."""
-    overrides = [f"model.checkpoint={checkpoint}", f"output_dir={out}"]
+def demo_config(checkpoint, out: pathlib.Path, steps: int | None):
+    """The bundled adaptation config with absolute corpus paths: diffujax's own installed
+    sources to train on, the bundled text held out (so nothing depends on the directory)."""
+    overrides = [f"model.checkpoint={checkpoint}", f"output_dir={out}",
+                 f"data.sources=[{{path: '{PACKAGE}/**/*.py'}}]",
+                 f"data.eval_sources=[{{path: '{DEFAULT_TEXT}'}}]"]
     if steps is not None:
         overrides += [f"train.steps={steps}", f"diffusion.anneal_steps={max(1, steps // 2)}",
                       f"optimizer.warmup_steps={max(1, min(20, steps // 10))}",
                       f"logging.eval_every={steps}"]
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the config's corpus paths are relative to the repository root
-    try:
-        status = train(load_config(DEMO_CONFIG, overrides))
-    finally:
-        os.chdir(cwd)
+    return load_config(DEMO_CONFIG, overrides)
+
+
+def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:
+    """Continue pre-training with the diffusion objective (the bundled demo config)."""
+    status = train(demo_config(checkpoint, out, steps))
     if status != 0:
         raise RuntimeError(f"training stopped with status {status}; see {out}")
     return out / "final"
@@ -116,7 +112,7 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
 
 
 def run_demo(args) -> int:
-    text = default_text(args.text)
+    text = args.text
     out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-")).absolute()
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")
     checkpoint = default_model()

@@ -1,4 +1,5 @@
-"""``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound, SPEC 5)."""
+"""``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound,
+docs/algorithms.md §5)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffujax import console, paths
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.runtime import LoadedModel, add_mesh_args, load_from_args, pad_rows
 
@@ -19,8 +21,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--objective", choices=("ar", "diffusion"), default="diffusion")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
-    p.add_argument("--blocks", type=int, default=1,
-                   help="score the first BLOCKS x SEQ_LEN tokens, as BLOCKS sequences")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="score only the first BLOCKS x SEQ_LEN tokens (default: the whole file,"
+                        " as many SEQ_LEN blocks as it holds)")
     p.add_argument("--draws", type=int, default=16,
                    help="diffusion: noise draws per block (t stratified over all draws)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -33,16 +36,16 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_mesh_args(p)
 
 
-def read_blocks(tokenizer, path: str, seq_len: int, blocks: int) -> np.ndarray:
-    """The first ``blocks * seq_len`` tokens of a file as ``[blocks, seq_len]`` (fewer blocks if
-    the file is short; an error if it has less than one block)."""
+def read_blocks(tokenizer, path: str, seq_len: int, blocks: int | None = None) -> np.ndarray:
+    """The first ``blocks * seq_len`` tokens of a file as ``[blocks, seq_len]`` (``None``: every
+    whole block in the file; fewer blocks if the file is short; an error if it has less than one
+    block). Tokens after the last whole block are not scored."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = paths.resolve(path).read_bytes().decode("utf-8")  # a local file or a URL
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     ids = tokenizer.encode(text)
-    available = min(blocks, len(ids) // seq_len)
+    available = len(ids) // seq_len if blocks is None else min(blocks, len(ids) // seq_len)
     if available == 0:
         raise ValueError(f"{path}: {len(ids)} tokens, fewer than one block of --seq-len {seq_len}")
     return np.asarray(ids[: available * seq_len], np.int32).reshape(available, seq_len)
@@ -76,8 +79,10 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
             global_batch=len(rows)))
     key = jax.random.key(seed)
     nll, targets = [], []
+    bar = console.progress(_batches(rows, batch_size), total=-(-len(rows) // batch_size),
+                           desc=f"eval {objective}", unit="batch")
     with model.active():
-        for start, count, batch in _batches(rows, batch_size):
+        for start, count, batch in bar:
             batch = model.put_batch(batch)
             if objective == "ar":
                 out = fn(model.params, batch)
@@ -109,5 +114,6 @@ def run_eval(args) -> int:
                           "tokens": est.num_tokens, "draws": est.num_draws}))
     else:
         kind = "AR perplexity" if args.objective == "ar" else "diffusion ELBO perplexity bound"
-        print(f"{kind} of {args.text} ({blocks.shape[0]} x {blocks.shape[1]} tokens): {est}")
+        print(f"{kind} of {args.text} ({blocks.shape[0]} x {blocks.shape[1]} tokens"
+              f"{'' if args.blocks else ', the whole file but its last partial block'}): {est}")
     return 0

@@ -1,4 +1,5 @@
-"""``diffujax generate``: sample a continuation or an infill with one of the SPEC 6 samplers."""
+"""``diffujax generate``: sample a continuation or an infill with one of the docs/algorithms.md §6
+samplers."""
 
 from __future__ import annotations
 
@@ -43,15 +44,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
     """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span.
 
-    Position 0 must be a real token (SPEC 1, shift): the BOS token when there is one, otherwise
-    the first prompt token. Returns (tokens [L], src [L], span slice, dropped_first)."""
+    Position 0 must be a real token (docs/algorithms.md §1, shift): ``Tokenizer.start_id`` (BOS,
+    else EOS) when there is one, otherwise the first prompt token. Returns (tokens [L], src [L],
+    span slice, dropped_first)."""
     tok, mask_id = model.tokenizer, model.mask_token_id()
     prompt_ids = tok.encode(prompt) if prompt else []
     suffix_ids = tok.encode(suffix) if suffix else []
-    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_token_id
-    lead = [] if bos is None else [bos]
+    first = tok.start_id(model.config.bos_token_id)
+    lead = [] if first is None else [first]
     if not lead and not prompt_ids:
-        raise ValueError("the tokenizer has no BOS token: give a --prompt so position 0 is real")
+        raise ValueError("the tokenizer has no BOS or EOS token: give a --prompt so position 0"
+                         " is real")
     ids = lead + prompt_ids + [mask_id] * length + suffix_ids
     src = np.ones(len(ids), bool)
     start = len(lead) + len(prompt_ids)
@@ -105,14 +108,9 @@ def run_generate(args) -> int:
                           top_k=args.top_k, block_length=args.block_length,
                           threshold=args.threshold)
     tokens = np.asarray(out.tokens)
-    eos = model.tokenizer.eos_id
-    texts = []
-    for row in tokens:
-        generated = [int(t) for t in row[span]]
-        if eos is not None and not args.keep_after_eos and eos in generated:
-            generated = generated[:generated.index(eos)]
-        text = model.tokenizer.decode(generated)
-        texts.append(args.prompt + text + (args.suffix or ""))
+    texts = [args.prompt + model.tokenizer.decode_generated(row[span],
+                                                            stop_at_eos=not args.keep_after_eos)
+             + (args.suffix or "") for row in tokens]
     rate = args.num_samples * length / seconds if seconds > 0 else float("inf")
     if jax.process_index() != 0:  # every process holds the same samples; one prints them
         return 0

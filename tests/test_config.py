@@ -24,7 +24,7 @@ optimizer:
   schedule: linear
 mesh:
   shape: {data: 2, fsdp: -1, tensor: 2}
-  rules: {embed: null, batch: [data]}
+  rules: {embed: null, activation_batch: [data]}
 checkpoint:
   async: false
 """
@@ -49,7 +49,8 @@ def test_yaml_plus_overrides(path):
     assert cfg.diffusion.stratified_t and cfg.optimizer.ema_decay == 0.999
     assert cfg.checkpoint.async_save is False
     rules = dict(cfg.mesh.rule_table())
-    assert rules["embed"] is None and rules["batch"] == ("data",) and rules["mlp"] == "tensor"
+    assert rules["embed"] is None and rules["activation_batch"] == ("data",)
+    assert rules["mlp"] == "tensor"
 
 
 def test_model_config_resolution(path):
@@ -95,6 +96,12 @@ def test_unknown_keys_are_named(path, override, message):
     ("model.init.num_layers=two", "model.init.num_layers: expected an integer"),
     ("mesh.distributed=maybe", "mesh.distributed: expected bool or 'auto'"),
     ("mesh.rules.embed=fsd", "mesh.rules.embed: 'fsd' must be null, a mesh axis"),
+    # One array, one mesh axis twice: an error naming both logical axes, not a silent drop.
+    ("mesh.rules.activation_embed=data", "mesh.rules: logical axes ('activation_batch',"
+     " 'activation_length', 'activation_embed'): mesh axis 'data' is mapped from both"
+     " 'activation_batch' and 'activation_embed'"),
+    ("mesh.rules.head_dim=tensor", "mesh axis 'tensor' is mapped from both 'heads' and"
+                                   " 'head_dim'"),
     ("mesh.shape.fsdp=0", "mesh.shape: axis sizes must be >= 1 or -1"),
     ("optimizer=3", "optimizer: expected a mapping, got int 3"),
     ("optimizer.grad_accum_steps=3", "optimizer.grad_accum_steps: (3) must divide"
@@ -120,6 +127,8 @@ def test_a_model_is_required():
         from_dict({})
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_shipped_configs_validate(name):
-    load_config(ROOT / "configs" / name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs").glob("*.yaml"),
+                                          *(ROOT / "diffujax" / "assets").glob("*.yaml")]),
+                         ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)

@@ -26,7 +26,9 @@ PACKAGE = "diffujax"
 
 # Bottom to top; a package imports only packages of its own layer or below.
 LAYERS = (
-    ("diffujax.attention", "diffujax.parallel"),  # kernels and masks; mesh and logical axes
+    # JSON; kernels; mesh; local paths vs bucket URLs; what a person sees (logs, errors, bars)
+    ("diffujax.plain", "diffujax.attention", "diffujax.parallel", "diffujax.paths",
+     "diffujax.console"),
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree
@@ -37,7 +39,7 @@ LAYERS = (
 
 # Third-party modules that may be imported inside a function: optional extras or heavy imports
 # that only one path needs (each such import says why on its line or the line above).
-DEFERRABLE = ("torch", "transformers", "tensorflow_datasets", "array_record", "libtpu")
+DEFERRABLE = ("torch", "transformers", "tensorflow_datasets", "array_record", "libtpu", "wandb")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -4,7 +4,7 @@ A pattern is a small pytree: a static ``kind`` (causal | full | annealed), three
 (``seed``, ``step``, ``threshold``) and optional ``segment_ids``. Scalars are traced values, so a
 new step or annealing ratio never recompiles anything.
 
-The annealed pattern (SPEC section 3) keeps the causal part always open and opens each future
+The annealed pattern (docs/algorithms.md §3) keeps the causal part always open and opens each future
 entry ``(i, j > i)`` when a counter-based hash of ``(seed, step, i, j)`` falls under the ratio.
 ``is_open`` is the single definition of that rule: the dense mask used by the reference attention
 and the kernels (which evaluate it per tile, in-kernel) both call it, so they agree bit for bit.
@@ -36,9 +36,6 @@ class AttentionPattern:
         if self.kind not in KINDS:
             raise ValueError(f"attention pattern kind {self.kind!r} is not one of {KINDS}")
 
-    def with_segments(self, segment_ids) -> "AttentionPattern":
-        return dataclasses.replace(self, segment_ids=segment_ids)
-
 
 def causal(segment_ids=None) -> AttentionPattern:
     return AttentionPattern("causal", segment_ids=segment_ids)
@@ -66,7 +63,7 @@ def anneal_ratio(step, anneal_steps: int) -> jax.Array:
 
 
 def for_training(step, anneal_steps: int, seed=0, segment_ids=None) -> AttentionPattern:
-    """The pattern of training step ``step`` (SPEC 3): full once the ramp is over."""
+    """The pattern of training step ``step`` (docs/algorithms.md §3): full once the ramp is over."""
     if anneal_steps <= 0:
         return full(segment_ids)
     return annealed(seed, step, anneal_ratio(step, anneal_steps), segment_ids)

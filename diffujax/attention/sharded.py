@@ -32,10 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.attention.flash_common import pattern_scalars
 from diffujax.attention.pattern import AttentionPattern
+from diffujax.parallel.logical import QUERY as Q_NAMES  # q's dimensions [B, L, H, D]
 from diffujax.parallel.logical import active_rules, logical_to_spec
-
-# The logical names of the attention operands' dimensions (q: [B, L, H, D]).
-Q_NAMES = ("batch", "length", "heads", "head_dim")
 
 
 def target_device():

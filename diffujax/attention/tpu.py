@@ -1,9 +1,9 @@
 """Blockwise (flash) attention for TPU in Pallas/Mosaic, with the attention pattern hashed in-kernel.
 
-Why a kernel of our own: the annealed pattern (SPEC 3) is a random ``L x L`` matrix that changes
-every step. This kernel regenerates any tile of it from ``(seed, step, q, k)`` by calling
-``pattern.is_open`` on iota tile indices, so no ``L x L`` array is ever read or stored, and the
-scalars ``seed/step/threshold`` arrive through scalar prefetch (SMEM): a new step or a new ratio
+Why a kernel of our own: the annealed pattern (docs/algorithms.md §3) is a random ``L x L`` matrix
+that changes every step. This kernel regenerates any tile of it from ``(seed, step, q, k)`` by
+calling ``pattern.is_open`` on iota tile indices, so no ``L x L`` array is ever read or stored, and
+the scalars ``seed/step/threshold`` arrive through scalar prefetch (SMEM): a new step or a new ratio
 never recompiles.
 
 Layout: the public entry takes ``[B, L, H, D]`` like the reference and works internally on
@@ -39,18 +39,21 @@ own key (diagonal), so no row is ever fully masked; rows that are fully masked w
 the reference (which spreads them uniformly), but none of the patterns produce them.
 
 Block sizes are multiples of 128 by default (lanes); small multiples of 8 are accepted for tests
-in interpret mode. The per-generation defaults below are starting points that have NOT been tuned
-on hardware (this code was written without TPU access): run ``benchmarks/attention.py`` on the
-target chip and adjust.
+in interpret mode. The per-chip defaults below are the largest that Mosaic compiles within the
+default scoped VMEM for head_dim 64 and 128, measured by ``benchmarks/tpu_block_sizes.py`` (with
+libtpu, no TPU needed); fitting is not speed: time them with ``benchmarks/attention.py`` on the
+chip.
 
 Verified without a TPU: numerics in both interpreters (``interpret=True`` and
-``pltpu.InterpretParams``), and that every kernel lowers to Mosaic (``jax.export`` for platform
-``tpu``, bf16, D 64/128, all patterns). The hash's uint32 arithmetic lowers to plain signless i32
-``muli/xori/shrui`` and a signed compare, so ``pattern_hash`` needed no int32 rewrite. Not verified:
-Mosaic's own compilation and the speed on a chip.
+``pltpu.InterpretParams``); that every kernel lowers to Mosaic (``jax.export`` for platform
+``tpu``); and that libtpu compiles them, forward and backward under ``shard_map``, for v5e and
+v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128). The hash's
+uint32 arithmetic lowers to plain signless i32 ``muli/xori/shrui`` and a signed compare, so
+``pattern_hash`` needed no int32 rewrite. Not verified: the speed on a chip.
 
-Under ``jax.shard_map`` the kernels declare their outputs' varying axes (``_vma.py``); in
-interpret mode JAX's interpreter needs ``check_vma=False``.
+On a mesh, ``diffujax.attention.attention`` runs these kernels under ``jax.shard_map``
+(``sharded.py``). Called under a user's own ``shard_map(check_vma=True)`` they declare their
+outputs' varying axes (``_vma.py``); in interpret mode JAX's interpreter needs ``check_vma=False``.
 """
 
 from __future__ import annotations
@@ -511,6 +514,20 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
 _flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None, :])
 
 
+def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, groups: int,
+                  block_sizes: BlockSizes, *, scale: float | None = None,
+                  interpret: Any = False) -> _Cfg:
+    """The static configuration of the three kernels for one call shape (also what
+    ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one)."""
+    bq_b, bkv_b = block_sizes.bwd()
+    lp, (bq, bkv, bq_b, bkv_b) = _layout(
+        seq_len, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
+    return _Cfg(kind=kind, segmented=segmented, seq_len=seq_len, padded_len=lp, bq=bq, bkv=bkv,
+                bq_bwd=bq_b, bkv_bwd=bkv_b,
+                scale=float(head_dim ** -0.5 if scale is None else scale), groups=groups,
+                interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+
+
 def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: Any = False):
     """Pallas TPU flash attention; same contract as ``reference_attention``.
@@ -529,13 +546,9 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
         raise ValueError(f"k {k.shape} and v {v.shape} differ")
     if block_sizes is None:
         block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
-    bq_b, bkv_b = block_sizes.bwd()
-    lp, (bq, bkv, bq_b, bkv_b) = _layout(
-        lq, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
-    cfg = _Cfg(kind=pattern.kind, segmented=pattern.segment_ids is not None, seq_len=lq,
-               padded_len=lp, bq=bq, bkv=bkv, bq_bwd=bq_b, bkv_bwd=bkv_b,
-               scale=float(d ** -0.5 if scale is None else scale), groups=h // kvh,
-               interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+    cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // kvh,
+                        block_sizes, scale=scale, interpret=interpret)
+    lp = cfg.padded_len
 
     def prep(x):
         x = jnp.swapaxes(x, 1, 2)

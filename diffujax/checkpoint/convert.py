@@ -10,15 +10,15 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
+from diffujax import paths
 from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import (DictSource, dtype_name, open_weights, parse_dtype,
                                          read_config, read_params)
 from diffujax.checkpoint.hf_write import hf_tensors, write_safetensors
-from diffujax.checkpoint.keymaps import embedding_path
 from diffujax.checkpoint.tokenizer_files import (MASK_TOKEN, add_mask_token, copy_tokenizer_files,
                                                  find_mask_token, token_ids, tokenizer_size)
-from diffujax.models.configs import ConfigError, ModelConfig, config_from_hf
+from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
 
 # -- in memory ----------------------------------------------------------------------------------
 
@@ -28,7 +28,7 @@ def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[Model
     and its config (a ``config.json`` dict or a diffujax config) -> ``(config, params)``."""
     config = hf_config if isinstance(hf_config, ModelConfig) else _config(hf_config, "config")
     params, _ = read_params(config, DictSource(tensors), parse_dtype(dtype))
-    config = config.replace(param_dtype=dtype_name(params[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(params[family_of(config).embedding].dtype))
     return config, tree.to_state(config, params)
 
 
@@ -46,14 +46,14 @@ def _config(hf: dict, source: str) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-# -- the mask token (SPEC 1) --------------------------------------------------------------------
+# -- the mask token (docs/algorithms.md §1) --------------------------------------------------------
 
 
 def _init_mask_row(config: ModelConfig, params: dict, row: int) -> ModelConfig:
     """Give token ``row`` (``== vocab_size``: a new row; below it: an unused padding row) the
     mean embedding, and an untied head its mean output vector: the new token starts "average"."""
     grow = row == config.vocab_size
-    for path, axis in ((embedding_path(config), 0), ("lm_head", 1)):  # lm_head is [D, V]
+    for path, axis in ((family_of(config).embedding, 0), ("lm_head", 1)):  # lm_head is [D, V]
         if path not in params:
             continue
         w = params[path]
@@ -114,7 +114,7 @@ def _place_fresh_mask(config: ModelConfig, src: pathlib.Path, requested: int | N
 
 
 def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
-            no_mask_token: bool = False, overwrite: bool = False) -> pathlib.Path:
+            no_mask_token: bool = False, overwrite: bool = False):
     """Hugging Face model directory ``src`` -> diffujax checkpoint ``dst`` (see ``store``).
 
     The mask token is ``mask_token_id`` if given (``== vocab_size`` adds a new token there), else
@@ -122,11 +122,12 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
     (embedding + untied head grow by a row initialised to the mean; the copied tokenizer files
     learn the token). ``no_mask_token`` leaves the vocabulary untouched (a bit-exact copy).
     """
-    src = pathlib.Path(src).expanduser()
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a directory")
+    if not paths.resolve(src).is_dir():
+        raise CheckpointError(f"{paths.resolve(src)}: not a directory")
     target = parse_dtype(dtype)
-    with store.atomic_directory(dst, overwrite) as tmp:
+    # safetensors reads local files: a model in a bucket is read from a temporary local copy.
+    with store.atomic_directory(dst, overwrite) as tmp, paths.local_view(src) as src:
+        src = pathlib.Path(src)
         _, config = read_config(src)
         mask_id, fresh = _choose_mask_token(config, src, mask_token_id, no_mask_token)
         with open_weights(src) as source:
@@ -142,25 +143,25 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
             config = config.replace(mask_token_id=int(mask_id))
         store.write(tmp, config, params, layout)
         store.mark_complete(tmp)
-    return pathlib.Path(dst)
+    return paths.resolve(dst)
 
 
 def export(src_ckpt, dst, *, max_shard_size="5GB", dtype=None, overwrite: bool = False,
-           naming: str | None = None) -> pathlib.Path:
+           naming: str | None = None):
     """diffujax checkpoint -> Hugging Face directory: config.json (with ``mask_token_id``),
     safetensors (sharded above ``max_shard_size``), tokenizer files. Tensor names, shapes and
     dtypes are those of the converted source (``naming`` overrides the names: "transformers"
     gives what ``AutoModelForCausalLM`` loads); ``dtype`` casts."""
-    src_ckpt = pathlib.Path(src_ckpt).expanduser()
+    src_ckpt = paths.resolve(src_ckpt)
     target = parse_dtype(dtype)
     with store.atomic_directory(dst, overwrite) as tmp:
         config, params, layout = store.load_numpy(src_ckpt)
         if naming is not None:
             layout = {**layout, "naming": naming}
         hf = config.to_hf()
-        hf["dtype"] = dtype_name(target or params[embedding_path(config)].dtype)
+        hf["dtype"] = dtype_name(target or params[family_of(config).embedding].dtype)
         hf["torch_dtype"] = hf["dtype"]  # transformers 4.x reads this spelling
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         copy_tokenizer_files(src_ckpt, tmp)
         write_safetensors(tmp, hf_tensors(config, params, layout, target), max_shard_size)
-    return pathlib.Path(dst)
+    return paths.resolve(dst)

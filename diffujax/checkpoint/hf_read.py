@@ -16,10 +16,11 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
-from diffujax.checkpoint.keymaps import LM_HEAD, detect_naming, embedding_path, keymap
 from diffujax.models import param_specs
-from diffujax.models.configs import ConfigError, ModelConfig, config_from_hf
+from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
+from diffujax.models.family import LM_HEAD
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -243,7 +244,7 @@ def open_weights(directory) -> TensorSource:
 
 def read_config(directory) -> tuple[dict, ModelConfig]:
     """``config.json`` of a Hugging Face (or diffujax) directory: the raw dict and the config."""
-    path = pathlib.Path(directory) / "config.json"
+    path = paths.resolve(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a model directory?)")
     try:
@@ -277,8 +278,9 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
     """
     target = parse_dtype(dtype)
     names = source.names()
-    naming = detect_naming(config, names)
-    kmap = keymap(config, naming)
+    family = family_of(config)
+    naming = family.detect_naming(names)
+    kmap = family.keymap(config, naming)
     expected = kmap.expand(config.num_layers)
     # A tied model may still carry lm_head (the DiffuGPT wrapper, torch state dicts): accepted
     # if it equals the embedding, checked after reading.
@@ -297,7 +299,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         raise CheckpointError(f"missing tensor(s) {_listing(missing)} for the {config.family}"
                               f" model described by config.json ({config.num_layers} layers,"
                               f" {'tied' if config.tie_word_embeddings else 'untied'} embeddings)")
-    emb_shape = kmap.entries[0].shape
+    emb_shape = kmap.entry_for(family.embedding).shape
     for name in names:
         if name not in known:
             continue
@@ -312,7 +314,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
 
     specs = param_specs(config)
     params: dict[str, np.ndarray] = {}
-    for name in names:
+    for name in console.progress(names, total=len(names), desc="read", unit="tensor"):
         if name not in expected:
             continue
         entry, layer = expected[name]
@@ -328,7 +330,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         del tensor
 
     if tied_head:
-        emb = params[embedding_path(config)]
+        emb = params[family.embedding]
         head = source.get(LM_HEAD).astype(emb.dtype, copy=False)
         if not np.array_equal(head.view(np.uint8), emb.view(np.uint8)):
             raise CheckpointError(f"{source.where(LM_HEAD)}: tensor {LM_HEAD!r} differs from the"

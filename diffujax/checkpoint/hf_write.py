@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from typing import Iterator, Mapping
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import SAFETENSORS, SAFETENSORS_INDEX
-from diffujax.checkpoint.keymaps import LM_HEAD, embedding_path, keymap
-from diffujax.models.configs import ModelConfig
+from diffujax.models import ModelConfig, family_of
+from diffujax.models.family import LM_HEAD
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -35,7 +35,8 @@ def hf_tensors(config: ModelConfig, params: Mapping[str, np.ndarray], layout: Ma
     """``(name, shape, dtype, make)`` for each tensor of the Hugging Face file, in file order;
     ``make()`` builds the tensor (only then is memory spent on it)."""
     layout = layout or {}
-    kmap = keymap(config, layout.get("naming", "transformers"))
+    family = family_of(config)
+    kmap = family.keymap(config, layout.get("naming", "transformers"))
 
     def out_dtype(path):
         return np.dtype(dtype) if dtype is not None else params[path].dtype
@@ -47,7 +48,7 @@ def hf_tensors(config: ModelConfig, params: Mapping[str, np.ndarray], layout: Ma
     for name, (entry, layer) in kmap.expand(config.num_layers).items():
         yield name, entry.shape, out_dtype(entry.paths[0]), (lambda e=entry, i=layer: make(e, i))
     if config.tie_word_embeddings and layout.get("tied_head_stored"):
-        emb = embedding_path(config)
+        emb = family.embedding
         yield LM_HEAD, params[emb].shape, out_dtype(emb), lambda: params[emb].astype(out_dtype(emb))
 
 
@@ -55,7 +56,7 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     """Write ``(name, shape, dtype, make)`` tensors into ``model.safetensors``, or into
     ``model-0000k-of-0000n.safetensors`` shards plus an index when they exceed ``max_shard_size``
     (a tensor larger than the limit gets a shard of its own). One shard in memory at a time."""
-    directory = pathlib.Path(directory)
+    directory = paths.resolve(directory)
     limit = parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -71,14 +72,20 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     weight_map, total = {}, 0
     umask = os.umask(0)
     os.umask(umask)
+    bar = console.progress(total=sum(map(len, shards)), desc="write", unit="tensor")
     for file, shard in zip(files, shards):
-        arrays = {name: make() for name, _, _, make in shard}
-        save_file(arrays, str(directory / file), metadata={"format": "pt"})
-        os.chmod(directory / file, 0o666 & ~umask)  # safetensors creates it 0600
+        arrays = {}
+        for name, _, _, make in shard:
+            arrays[name] = make()
+            bar.update(1)
+        with paths.writing_file(directory / file) as local:  # safetensors writes local files
+            save_file(arrays, str(local), metadata={"format": "pt"})
+            os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes
         del arrays
+    bar.close()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

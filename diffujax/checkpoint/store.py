@@ -13,60 +13,33 @@ model is never materialised whole on one device when a mesh is used.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import type_handlers as th
 
+from diffujax import paths
 from diffujax.checkpoint import tree
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
-from diffujax.checkpoint.keymaps import embedding_path
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models import param_specs
+from diffujax.models import family_of, param_specs
 from diffujax.models.configs import ModelConfig
 
 FORMAT = 1
 PARAMS = "params"
-COMPLETE = ".complete"
+COMPLETE = paths.COMPLETE
 
 
-@contextlib.contextmanager
 def atomic_directory(dst, overwrite: bool = False):
-    """Yield a fresh temporary directory next to ``dst``; on success it is renamed to ``dst``
-    (replacing it only when ``overwrite``), on failure it is removed: never a half-written dst."""
-    dst = pathlib.Path(dst).expanduser().absolute()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to"
-                              " replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
-        yield tmp
-        if dst.exists():
-            if not overwrite:  # appeared while we were writing
-                raise CheckpointError(f"{dst}: already exists (created by another process?)")
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "x")
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Yield where to write ``dst``'s contents; never a half-written ``dst`` (``paths``: a
+    temporary directory renamed into place, or on an object store a completion marker)."""
+    return paths.atomic_directory(dst, overwrite, error=CheckpointError)
 
 
 def _checkpointer():
@@ -85,10 +58,10 @@ def _saver():
 
 def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Mapping | None = None):
     """Write config.json and params/ into the (existing, empty) ``directory``; no marker."""
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     layout = layout or {}
     hf = config.to_hf()
-    hf["dtype"] = dtype_name(params[embedding_path(config)].dtype)
+    hf["dtype"] = dtype_name(params[family_of(config).embedding].dtype)
     hf["diffujax"] = {"format": FORMAT, "hf_naming": layout.get("naming", "transformers"),
                       "hf_tied_head_stored": bool(layout.get("tied_head_stored", False))}
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -100,11 +73,11 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
 
 
 def mark_complete(directory):
-    (pathlib.Path(directory) / COMPLETE).write_text("ok\n")
+    (paths.resolve(directory) / COMPLETE).write_text("ok\n")
 
 
 def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=None,
-         overwrite: bool = False) -> pathlib.Path:
+         overwrite: bool = False) -> epath.Path:
     """Save a model (``params``: its ``nnx.State``, or a flat / nested dict of arrays) with its
     config, and the tokenizer files found in ``tokenizer_from``. Single-process, atomic."""
     flat = tree.from_state(config, params)
@@ -114,7 +87,7 @@ def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=
             copy_tokenizer_files(tokenizer_from, tmp)
         write(tmp, config, flat, layout)
         mark_complete(tmp)
-    return pathlib.Path(directory)
+    return paths.resolve(directory)
 
 
 def _check_shapes(config, flat, where):
@@ -128,7 +101,7 @@ def _check_shapes(config, flat, where):
 
 def read_meta(directory) -> tuple[ModelConfig, dict]:
     """Config and the "diffujax" section of a checkpoint's config.json (checks completeness)."""
-    directory = pathlib.Path(directory)
+    directory = paths.resolve(directory)
     if not (directory / COMPLETE).is_file():
         what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
@@ -155,7 +128,7 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
 
 
 def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory)
     ckptr = _checkpointer()
     try:
         where = directory / PARAMS
@@ -184,7 +157,7 @@ def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.Sta
     config, _ = read_meta(directory)
     dtype = parse_dtype(dtype)
     flat = _restore(directory, config, dtype, shardings)
-    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
     return config, tree.to_state(config, flat)
 
 
@@ -198,7 +171,7 @@ def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray
     config, meta = read_meta(directory)
     flat = _restore(directory, config, parse_dtype(dtype), None)
     flat = {k: tree.to_numpy(v) for k, v in flat.items()}
-    config = config.replace(param_dtype=dtype_name(flat[embedding_path(config)].dtype))
+    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
     layout = {"naming": meta.get("hf_naming", "transformers"),
               "tied_head_stored": meta.get("hf_tied_head_stored", False)}
     return config, flat, layout

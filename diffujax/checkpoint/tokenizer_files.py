@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
+from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.data.tokenizer import declared_tokens, read_json_file
 
 # Files copied along with the weights (whichever exist). generation_config.json is not a
 # tokenizer file, but it holds the special ids generation uses, so it travels too.
@@ -18,30 +18,24 @@ MASK_TOKEN = "<|mask|>"
 
 def copy_tokenizer_files(src, dst) -> list[str]:
     copied = []
+    src, dst = paths.resolve(src), paths.resolve(dst)
     for name in TOKENIZER_FILES:
-        if (pathlib.Path(src) / name).is_file():
-            shutil.copy2(pathlib.Path(src) / name, pathlib.Path(dst) / name)
+        if (src / name).is_file():
+            paths.copy_file(src / name, dst / name)
             copied.append(name)
     return copied
 
 
 def _load(directory, name):
-    path = pathlib.Path(directory) / name
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(paths.resolve(directory) / name)
     except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(str(e)) from None
 
 
 def _dump(directory, name, obj):
-    (pathlib.Path(directory) / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
-
-
-def _content(token):
-    return token.get("content") if isinstance(token, dict) else token
+    (paths.resolve(directory) / name).write_text(
+        json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def token_ids(directory) -> dict[str, int]:
@@ -72,13 +66,12 @@ def tokenizer_size(directory) -> int | None:
 
 def find_mask_token(directory) -> int | None:
     """The id of the tokenizer's own mask token, if it declares one."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        content = _content((_load(directory, name) or {}).get("mask_token"))
-        if content:
-            ids = token_ids(directory)
-            if content in ids:
-                return int(ids[content])
-    return None
+    try:
+        content = declared_tokens(directory).get("mask", (None,))[0]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    ids = token_ids(directory) if content else {}
+    return int(ids[content]) if content in ids else None
 
 
 def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[str]:
@@ -106,7 +99,7 @@ def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[
         _dump(directory, "special_tokens_map.json", special)
         changed.append("special_tokens_map.json")
     # Slow tokenizers (vocab.json + merges.txt, sentencepiece) read extra ids from added_tokens.json.
-    slow = any((pathlib.Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
+    slow = any((paths.resolve(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
     if tok is None and slow:
         extra = _load(directory, "added_tokens.json") or {}
         extra[content] = token_id

@@ -17,8 +17,8 @@ Each batch is a dict of numpy arrays, all ``[local_batch, seq_len]``:
   ``segment_ids=True``; all ones otherwise (the reference attends across documents);
 - ``src`` bool: positions never noised (SFT prompt); all False for pretraining;
 - ``loss_mask`` bool: False only on filler that belongs to no document (the tail of the last
-  block of a finite run, the free space of a packed SFT row). SFT padding *is* a target (SPEC 4),
-  so an unpacked SFT row is all True;
+  block of a finite run, the free space of a packed SFT row). SFT padding *is* a target
+  (docs/algorithms.md §4), so an unpacked SFT row is all True;
 - ``positions`` int32 (only with ``positions=True``): position inside each segment of the row
   (a document continued from the previous row restarts at 0), 0 on filler.
 
@@ -43,6 +43,7 @@ from absl import flags
 
 from diffujax.data.sources import DataError
 from diffujax.data.tokenizer import Tokenizer, VocabMismatchError
+from diffujax.plain import from_tagged, to_tagged
 from diffujax.diffusion.sft import build_sft_example
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class PipelineOptions:
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     mode: str = "pretrain"  # "pretrain" | "sft"
-    segment_ids: bool = False  # off for parity with the reference (SPEC 2.7)
+    segment_ids: bool = False  # off for parity with the reference (docs/algorithms.md §2.7)
     positions: bool = False
     add_bos: bool = False  # pretraining: BOS before every document
     # SFT: fields of the source's records, separator and packing.
@@ -210,34 +211,6 @@ def _positions(seg: np.ndarray) -> np.ndarray:
 # -- JSON-safe iterator state ---------------------------------------------------------------------
 
 
-def _to_json(x):
-    """grain states hold tuples (packing slices), int-keyed dicts (interleave) and numpy scalars;
-    JSON keeps none of them, so they are tagged and restored by ``_from_json``."""
-    if isinstance(x, tuple):
-        return {"__tuple__": [_to_json(v) for v in x]}
-    if isinstance(x, list):
-        return [_to_json(v) for v in x]
-    if isinstance(x, dict):
-        if all(isinstance(k, str) for k in x):
-            return {k: _to_json(v) for k, v in x.items()}
-        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
-def _from_json(x):
-    if isinstance(x, dict):
-        if set(x) == {"__tuple__"}:
-            return tuple(_from_json(v) for v in x["__tuple__"])
-        if set(x) == {"__items__"}:
-            return {_from_json(k): _from_json(v) for k, v in x["__items__"]}
-        return {k: _from_json(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_json(v) for v in x]
-    return x
-
-
 class DataIterator:
     """A grain iterator whose state survives a JSON round trip (the checkpoint stores JSON)."""
 
@@ -255,10 +228,10 @@ class DataIterator:
         return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
-        return _to_json(self._it.get_state())
+        return to_tagged(self._it.get_state())
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(_from_json(state))
+        self._it.set_state(from_tagged(state))
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)

@@ -14,8 +14,9 @@ Two layouts:
 
 Records are the raw little-endian ids (uint16 when the vocabulary fits, else int32). Shard k of N
 takes the k-th contiguous slice of the documents. Every file is written to a temporary name and
-renamed into place; a shard's ``.json`` (its counts) is written last and marks it complete, so a
-re-run resumes by skipping complete shards. ``metadata.json`` describes the whole output.
+renamed into place (or, for ``--out gs://...``, written locally and uploaded); a shard's ``.json``
+(its counts) is written after it and marks it complete, so a re-run resumes by skipping complete
+shards. ``metadata.json``, written last, describes the whole output; readers require it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import json
 import logging
 import multiprocessing
 import os
-import pathlib
 import sys
 from typing import Any
 
 import numpy as np
 
+from diffujax import console, paths
 from diffujax.data.sources import (FORMATS, PRETOKENIZED_FORMAT, PRETOKENIZED_VERSION, DataError,
                                    SourceReport, make_source)
 from diffujax.data.tokenizer import Tokenizer, load_tokenizer
@@ -45,10 +46,9 @@ def _shard_name(k: int, n: int) -> str:
     return f"data-{k:05d}-of-{n:05d}.array_record"
 
 
-def _atomic_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def _atomic_json(path, obj: Any) -> None:
+    with paths.writing_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -> dict:
@@ -60,51 +60,56 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
     dtype = np.dtype(config["dtype"]).newbyteorder("<")
     eos, bos = config["special"]["eos"], config["special"].get("bos")
     lo, hi = len(source) * k // n, len(source) * (k + 1) // n
-    final = pathlib.Path(out) / _shard_name(k, n)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    final = paths.resolve(out) / _shard_name(k, n)
     counts = dict(documents=0, tokens=0, records=0, empty_documents_skipped=0,
                   unreadable_skipped=0, documents_longer_than_block=0, tail_tokens_dropped=0)
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")  # records are read one at a time
+    with paths.writing_file(final) as tmp:
+        writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # records are read one by one
+        try:
+            _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config, counts)
+        finally:
+            writer.close()
+    _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+    return counts
+
+
+def _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config, counts):
+    """Documents ``lo..hi`` of ``source`` as records (``L`` None: one per document, else packed
+    blocks of ``L`` tokens); ``counts`` is updated in place."""
     pending: list[int] = []  # blocks layout: tokens not yet written
 
     def emit(ids):
         writer.write(np.asarray(ids, dtype).tobytes())
         counts["records"] += 1
 
-    try:
-        for start in range(lo, hi, _BATCH):
-            docs = [source[i] for i in range(start, min(hi, start + _BATCH))]
-            counts["unreadable_skipped"] += sum(d is None for d in docs)
-            texts = [d for d in docs if d is not None]
-            for ids in tokenizer.encode_batch(texts):
-                if not ids:
-                    counts["empty_documents_skipped"] += 1
-                    continue
-                counts["documents"] += 1
-                if L is None:
-                    counts["tokens"] += len(ids)
-                    emit(ids)
-                    continue
-                ids = ([bos] if config["add_bos"] else []) + ids + [eos]
+    for start in range(lo, hi, _BATCH):
+        docs = [source[i] for i in range(start, min(hi, start + _BATCH))]
+        counts["unreadable_skipped"] += sum(d is None for d in docs)
+        texts = [d for d in docs if d is not None]
+        for ids in tokenizer.encode_batch(texts):
+            if not ids:
+                counts["empty_documents_skipped"] += 1
+                continue
+            counts["documents"] += 1
+            if L is None:
                 counts["tokens"] += len(ids)
-                counts["documents_longer_than_block"] += len(ids) > L
-                pending.extend(ids)
-                while len(pending) >= L:
-                    emit(pending[:L])
-                    del pending[:L]
-        counts["tail_tokens_dropped"] = len(pending)
-    finally:
-        writer.close()
-    os.replace(tmp, final)
-    _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
-    return counts
+                emit(ids)
+                continue
+            ids = ([bos] if config["add_bos"] else []) + ids + [eos]
+            counts["tokens"] += len(ids)
+            counts["documents_longer_than_block"] += len(ids) > L
+            pending.extend(ids)
+            while len(pending) >= L:
+                emit(pending[:L])
+                del pending[:L]
+    counts["tail_tokens_dropped"] = len(pending)
 
 
 def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_len: int | None,
                 add_bos: bool = False, model_vocab_size: int | None = None,
                 workers: int = 1) -> dict:
     """Write ``num_shards`` shards of ``source`` into ``out_dir``; returns the metadata."""
-    out = pathlib.Path(out_dir)
+    out = paths.resolve(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model_vocab_size is not None:
         tokenizer.check_model_vocab(model_vocab_size)
@@ -137,11 +142,11 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
     if workers > 1 and len(todo) > 1:
         ctx = multiprocessing.get_context("spawn")  # tokenizer libraries dislike fork
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as ex:
-            futures = {k: ex.submit(_write_shard, source, tokenizer, str(out), k, config)
+            futures = {k: ex.submit(_write_shard, source, tokenizer, os.fspath(out), k, config)
                        for k in todo}
             counts.update({k: f.result() for k, f in futures.items()})
     else:
-        counts.update({k: _write_shard(source, tokenizer, str(out), k, config) for k in todo})
+        counts.update({k: _write_shard(source, tokenizer, os.fspath(out), k, config) for k in todo})
     total: dict[str, int] = {}
     for c in counts.values():
         for key, v in c.items():
@@ -177,8 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--add-bos", action="store_true")
     p.add_argument("--model-vocab-size", type=int)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--debug", action="store_true", help="debug log records, tracebacks on errors")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    console.setup_logging(debug=args.debug)
     try:
         source = make_source(args.format, args.inputs, field=args.field, mode=args.mode,
                              errors=args.errors, split=args.split, data_dir=args.data_dir)
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
                            add_bos=args.add_bos, model_vocab_size=args.model_vocab_size,
                            workers=args.workers)
     except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error_line(e)
         return 1
     print(json.dumps({"out": args.out, "layout": meta["layout"], **meta["counts"],
                       "source_skipped": meta["source_skipped"]}, sort_keys=True))

@@ -1,4 +1,11 @@
-"""grain random-access sources: text files, jsonl, parquet, ArrayRecord, TFDS, pretokenized.
+"""grain random-access sources: text files, jsonl, parquet, ArrayRecord, arrow, TFDS,
+pretokenized.
+
+Inputs are files, directories (every data file below them) or glob patterns, local or remote
+(``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). Text and jsonl files may be
+compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``: decompressed once into the cache). ``arrow``
+reads Hugging Face ``datasets`` saved with ``save_to_disk`` (a ``Dataset`` or one split of a
+``DatasetDict``) and plain ``.arrow`` files.
 
 Every source has ``__len__`` and ``__getitem__`` (what ``grain.MapDataset.source`` needs), pickles
 without open handles (grain workers are spawned processes), and yields one *document* per index:
@@ -26,17 +33,19 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import glob
 import json
 import logging
 import os
-import pathlib
 import threading
 from typing import Any, Sequence
 
 import grain
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from diffujax import paths
+from diffujax.data import files as F
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +83,11 @@ class SourceReport:
         return text
 
 
-def expand_paths(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+def expand_paths(inputs, keep=None) -> list:
     """Files named by ``inputs``: files, directories (all non-hidden files below, sorted) and glob
-    patterns. Anything that names nothing raises ``FileNotFoundError``."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    out: list[pathlib.Path] = []
-    for item in inputs:
-        item = str(item)
-        if any(c in item for c in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no file matches the pattern {item!r}")
-            out.extend(pathlib.Path(m) for m in matches if os.path.isfile(m))
-        elif os.path.isdir(item):
-            files = sorted(
-                p
-                for p in pathlib.Path(item).rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.parts)
-            )
-            if not files:
-                raise FileNotFoundError(f"directory {item} contains no files")
-            out.extend(files)
-        elif os.path.isfile(item):
-            out.append(pathlib.Path(item))
-        else:
-            raise FileNotFoundError(f"input file {item} does not exist")
-    return out
+    patterns, local or remote (``epath.Path`` objects). Anything that names nothing raises
+    ``FileNotFoundError``."""
+    return F.expand(inputs, keep)[0]
 
 
 def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
@@ -131,6 +118,15 @@ class _Source:
         self.report.skip(reason, where)
         return None
 
+    def _list(self, paths_, suffixes: tuple[str, ...] | None = None) -> list[str]:
+        """The files of ``paths_``; in directories, only those with ``suffixes`` (others are
+        counted in the report)."""
+        found, ignored = F.expand(paths_, F.has_suffix(*suffixes) if suffixes else None)
+        for path in ignored:
+            self.report.skip("files of another format", path)
+        self.report.files = len(found)
+        return [os.fspath(p) for p in found]
+
     def _finish_scan(self):
         if self.report.skipped:
             log.warning("%s", self.report.summary())
@@ -142,15 +138,18 @@ class _Source:
 
 
 class _IndexedFiles(_Source):
-    """A source over byte ranges of local files, found by a scan at construction."""
+    """A source over byte ranges of files, found by a scan at construction. ``paths`` name the
+    files (in messages); ``_data`` is what is read (a compressed file's decompressed copy)."""
 
-    def __init__(self, paths, errors: str, name: str):
+    suffixes: tuple[str, ...] | None = None  # in directories, read only files ending so
+
+    def __init__(self, inputs, errors: str, name: str):
         super().__init__(name, errors)
-        self.paths = [str(p) for p in expand_paths(paths)]
-        self.report.files = len(self.paths)
+        self.paths = self._list(inputs, self.suffixes)
+        self._data = [F.readable(p) for p in self.paths]
         file_idx, starts, ends, lines = [], [], [], []
         for i, path in enumerate(self.paths):
-            for start, end, line in self._scan(path):
+            for start, end, line in self._scan(path, self._data[i]):
                 file_idx.append(i)
                 starts.append(start)
                 ends.append(end)
@@ -167,13 +166,14 @@ class _IndexedFiles(_Source):
 
     def _read(self, index: int) -> tuple[str, str, int]:
         i = int(index)
-        path = self.paths[self._file[i]]
-        with open(path, "rb") as f:
-            f.seek(int(self._start[i]))
-            data = f.read(int(self._end[i] - self._start[i]))
-        return data.decode("utf-8"), path, int(self._line[i])  # validated by the scan
+        f = self._file[i]
+        data = F.read_range(self._data[f], int(self._start[i]),
+                            int(self._end[i] - self._start[i]))
+        return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
 
-    def _scan(self, path: str):
+    def _scan(self, path: str, data: str):
+        """``(start, end, first line)`` of each document of the file named ``path``, whose
+        contents are read from ``data``."""
         raise NotImplementedError
 
 
@@ -197,11 +197,11 @@ class TextSource(_IndexedFiles):
     def __getitem__(self, index) -> str:
         return self._read(index)[0]
 
-    def _scan(self, path):
+    def _scan(self, path, data):
         """Line by line, so a huge file is never held in memory; UTF-8 is checked per line
         (a multi-byte character never spans a newline), which gives exact offsets."""
         doc = None  # [start offset, end offset, first line, first bad line or None]
-        with open(path, "rb") as f:
+        with paths.resolve(data).open("rb") as f:
             for offset, n, line in _lines_with_offsets(f):
                 if not line.strip():
                     if self.mode == "lines":
@@ -260,6 +260,8 @@ class JsonlSource(_IndexedFiles):
     """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
     dict of those strings. Every line is parsed once at construction to find bad records early."""
 
+    suffixes = (".jsonl", ".json", ".ndjson")
+
     def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
         self.single = isinstance(field, str)
         self.fields = (field,) if self.single else tuple(field)
@@ -270,11 +272,11 @@ class JsonlSource(_IndexedFiles):
         values = _json_fields(json.loads(text), self.fields, f"{path}:{line}")
         return values[self.fields[0]] if self.single else values
 
-    def _scan(self, path):
-        if os.path.getsize(path) == 0:
+    def _scan(self, path, data):
+        if F.size(data) == 0:
             self.report.skip("empty files", path)
             return
-        with open(path, "rb") as f:
+        with paths.resolve(data).open("rb") as f:
             for offset, n, line in _lines_with_offsets(f):
                 where = f"{path}:{n}"
                 if not line.strip():
@@ -338,14 +340,17 @@ class ParquetSource(_LazyRecords):
 
     _CACHE = 4
 
-    def __init__(self, paths, column: str | Sequence[str] = "text", errors: str = "strict"):
+    def __init__(self, inputs, column: str | Sequence[str] = "text", errors: str = "strict"):
         super().__init__(f"parquet[{column}]", column, errors)
-        self.paths = [str(p) for p in expand_paths(paths)]
-        self.report.files = len(self.paths)
+        self.paths = self._list(inputs, (".parquet", ".pq"))
         self._groups: list[tuple[int, int]] = []  # (file index, row group)
         counts = []
         for i, path in enumerate(self.paths):
-            meta = pq.ParquetFile(path).metadata
+            try:
+                with paths.resolve(path).open("rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+            except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
+                raise DataError(f"{path}: not a readable parquet file ({e})") from None
             names = meta.schema.names
             missing = [c for c in self.fields if c not in names]
             if missing:
@@ -377,8 +382,8 @@ class ParquetSource(_LazyRecords):
             table = self._cache.get(g)
             if table is None:
                 fi, rg = self._groups[g]
-                table = pq.ParquetFile(self.paths[fi]).read_row_group(
-                    rg, columns=list(self.fields))
+                with paths.resolve(self.paths[fi]).open("rb") as f:
+                    table = pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
                 table = {c: table.column(c).to_pylist() for c in self.fields}
                 if len(self._cache) >= self._CACHE:
                     self._cache.pop(next(iter(self._cache)))  # oldest first
@@ -405,19 +410,19 @@ class ArrayRecordSource(_LazyRecords):
 
         super().__init__(f"array_record[{field or 'text'}]", field, errors)
         self.json = field is not None
-        self.paths = [str(p) for p in expand_paths(paths)]
-        self.report.files = len(self.paths)
+        self.paths = self._list(paths, (".array_record", ".arrayrecord"))
+        local = F.local_files(self.paths)  # the reader opens local files only
         counts = []
-        for path in self.paths:
+        for path in local:
             reader = ArrayRecordReader(path)
             counts.append(reader.num_records())
             reader.close()
             if counts[-1] == 0:
-                self.report.skip("empty files", path)
+                self.report.skip("empty files", self.paths[len(counts) - 1])
         self._ends = np.cumsum(counts, dtype=np.int64).tolist()
         self.report.documents = self._ends[-1] if self._ends else 0
         self._finish_scan()
-        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+        self._records = grain.sources.ArrayRecordDataSource(local)
 
     def __len__(self) -> int:
         return self.report.documents
@@ -495,6 +500,78 @@ class TfdsSource(_LazyRecords):
         return self._document(self._ds[index], f"{self.report.name} example {index}")
 
 
+class ArrowSource(_LazyRecords):
+    """Arrow IPC files (stream or file format), read through memory maps: a Hugging Face
+    ``datasets`` directory saved with ``save_to_disk`` (``split`` picks one of a ``DatasetDict``)
+    or ``.arrow`` files. ``field`` names the text column (several give dicts)."""
+
+    def __init__(self, inputs, field: str | Sequence[str] = "text", split: str = "train",
+                 errors: str = "strict"):
+        super().__init__(f"arrow[{field}]", field, errors)
+        self.paths = []
+        for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+            self.paths += self._files(item, split)
+        self.report.files = len(self.paths)
+        self._local = F.local_files(self.paths)
+        self._tables: dict = {}
+        counts = []
+        for f, path in enumerate(self.paths):
+            table = self._table(f)
+            missing = [c for c in self.fields if c not in table.schema.names]
+            if missing:
+                raise DataError(f"{path}: no column {missing} (columns: {table.schema.names})")
+            counts.append(table.num_rows)
+            if not table.num_rows:
+                self.report.skip("empty files", path)
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.report.documents = self._ends[-1] if self._ends else 0
+        self._finish_scan()
+
+    def _files(self, item, split: str) -> list[str]:
+        """The arrow files of one input, in the order ``datasets`` records them."""
+        root = paths.resolve(item)
+        if (root / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+            splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+            if split not in splits:
+                raise DataError(f"{root}: no split {split!r} (splits: {splits})")
+            root = root / split
+        if (root / "state.json").is_file():  # Dataset.save_to_disk
+            state = json.loads((root / "state.json").read_text())
+            names = [d["filename"] for d in state.get("_data_files", [])]
+            if names:
+                return [os.fspath(root / n) for n in names]
+        return self._list([os.fspath(root)], (".arrow",))
+
+    def _table(self, f: int):
+        table = self._tables.get(f)
+        if table is None:
+            source = pa.memory_map(self._local[f])
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:  # datasets writes the stream format
+                source.seek(0)
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid as e:
+                    raise DataError(f"{self.paths[f]}: not an arrow file ({e})") from None
+            self._tables[f] = table
+        return table
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tables": {}}
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def __getitem__(self, index):
+        index = int(index)
+        f = bisect.bisect_right(self._ends, index)
+        row = index - (self._ends[f - 1] if f else 0)
+        table = self._table(f)
+        record = {c: table.column(c)[row].as_py() for c in self.fields}
+        return self._document(record, f"{self.paths[f]} row {row}")
+
+
 # ``diffujax.data.pretokenize`` writes this format; PretokenizedSource reads it.
 PRETOKENIZED_FORMAT = "diffujax-pretokenized"
 PRETOKENIZED_VERSION = 1
@@ -505,7 +582,7 @@ class PretokenizedSource:
     ``seq_len``, or documents), with ``layout``, ``seq_len`` and ``special`` from its metadata."""
 
     def __init__(self, directory):
-        self.directory = pathlib.Path(directory)
+        self.directory = paths.resolve(directory)
         meta_path = self.directory / "metadata.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: not a pretokenize output directory "
@@ -515,8 +592,8 @@ class PretokenizedSource:
                                                                   PRETOKENIZED_VERSION):
             raise DataError(f"{meta_path}: unknown format {self.meta.get('format')!r} "
                             f"version {self.meta.get('version')!r}")
-        paths = [self.directory / s for s in self.meta["shards"]]
-        missing = [str(p) for p in paths if not p.is_file()]
+        shards = [self.directory / s for s in self.meta["shards"]]
+        missing = [os.fspath(p) for p in shards if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"pretokenized shards missing: {missing}")
         self.layout = self.meta["layout"]
@@ -524,9 +601,10 @@ class PretokenizedSource:
         self.special = self.meta["special"]
         self.vocab_size = self.meta["tokenizer"]["vocab_size"]
         self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(paths),
+        self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(shards),
                                    documents=self.meta["counts"]["records"])
-        self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        # The ArrayRecord reader opens local files: shards in a bucket are copied to the cache.
+        self._records = grain.sources.ArrayRecordDataSource(F.local_files(shards))
         if len(self._records) != self.meta["counts"]["records"]:
             raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
                             f"says {self.meta['counts']['records']}")
@@ -545,20 +623,32 @@ class PretokenizedSource:
         return f"PretokenizedSource({str(self.directory)!r}, {self.layout}, {len(self)} records)"
 
 
-FORMATS = ("text", "jsonl", "parquet", "array_record", "tfds", "pretokenized")
+FORMATS = ("text", "jsonl", "parquet", "array_record", "arrow", "tfds", "pretokenized")
+_SUFFIXES = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+             (".parquet", "parquet"), (".array_record", "array_record"), (".arrow", "arrow"))
+
+
+def _format_of(name: str) -> str:
+    name = F.strip_compression(name.lower())
+    return next((fmt for suffix, fmt in _SUFFIXES if suffix in name), "text")
 
 
 def guess_format(path: str) -> str:
-    """``pretokenized`` for a pretokenize output dir, else by suffix; plain text otherwise."""
-    p = pathlib.Path(path)
-    if p.is_dir() and (p / "metadata.json").is_file():
-        return "pretokenized"
-    name = p.name.lower()
-    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"),
-                        (".array_record", "array_record")):
-        if suffix in name:
-            return fmt
-    return "text"
+    """``pretokenized`` for a pretokenize output dir, ``arrow`` for a ``datasets`` directory; else
+    by suffix (of a file, or of the data files in a directory); plain text otherwise."""
+    p = paths.resolve(path)
+    if p.is_dir():
+        if (p / "metadata.json").is_file():
+            return "pretokenized"
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return "arrow"
+        found = {_format_of(f.name) for f in F.expand([os.fspath(p)])[0]}
+        typed = sorted(found - {"text"})
+        if len(typed) > 1:
+            raise DataError(f"{p} holds files of several formats ({typed}); name the files (a "
+                            "glob) or set the source's format")
+        return typed[0] if typed else "text"
+    return _format_of(p.name)
 
 
 def make_source(
@@ -575,8 +665,8 @@ def make_source(
     """Build a source from a format name (``FORMATS`` or ``"auto"``) and inputs. For ``tfds``,
     ``inputs`` is the dataset name (``name`` or ``name:split``)."""
     if isinstance(inputs, (str, os.PathLike)):
-        inputs = [str(inputs)]
-    inputs = [str(x) for x in inputs]
+        inputs = [inputs]
+    inputs = [os.fspath(x) for x in inputs]
     if fmt == "auto":
         fmt = guess_format(inputs[0])
     if fmt == "text":
@@ -587,6 +677,8 @@ def make_source(
         return ParquetSource(inputs, column=field or "text", errors=errors)
     if fmt == "array_record":
         return ArrayRecordSource(inputs, field=field, errors=errors)
+    if fmt == "arrow":
+        return ArrowSource(inputs, field=field or "text", split=split, errors=errors)
     if fmt == "tfds":
         name, _, sp = inputs[0].partition(":")
         return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",

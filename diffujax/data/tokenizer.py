@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HF
 
+from diffujax import paths
+
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "mask")
 
 
@@ -97,6 +99,23 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend_decode([int(i) for i in ids])
+
+    def decode_generated(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
+        """Text of generated ids, cut before the first EOS (the model ending the text)."""
+        ids = [int(i) for i in ids]
+        if stop_at_eos and self.eos_id is not None and self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.decode(ids)
+
+    def start_id(self, config_bos: int | None = None) -> int | None:
+        """The token a canvas starts with (position 0 is conditioned on, never generated):
+        this tokenizer's BOS (what the data pipeline puts before SFT rows and, with ``add_bos``,
+        documents), else the model config's ``bos_token_id``, else EOS (packed pretraining puts
+        one before every document); None when there is none of them."""
+        for tid in (self.bos_id, config_bos, self.eos_id):
+            if tid is not None:
+                return int(tid)
+        return None
 
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
@@ -209,6 +228,18 @@ class HFTokenizer(Tokenizer):
 # -- finding a tokenizer in a directory ---------------------------------------------------------
 
 
+def read_json_file(path) -> Any:
+    """A Hugging Face side file's JSON, None when the file is absent; invalid JSON is a
+    ValueError naming the file (local or in a bucket)."""
+    path = paths.resolve(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _token_content(value: Any) -> str | None:
     """tokenizer_config / special_tokens_map spell a token as a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -216,38 +247,44 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def declared_tokens(directory) -> dict[str, tuple[str, pathlib.Path]]:
+    """``{name: (token string, file)}`` of the special tokens (``bos``, ``eos``, ..., ``mask``)
+    the side files declare; tokenizer_config.json wins over special_tokens_map.json. The one
+    reader of these files (the converter finds the mask token with it too)."""
+    found = {}
+    for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = paths.resolve(directory) / fname
+        cfg = read_json_file(path) or {}
+        for name in _SPECIAL_NAMES:
+            content = _token_content(cfg.get(f"{name}_token"))
+            if content is not None:
+                found[name] = (content, path)
+    return found
 
 
 def _special_from_dir(tok: Tokenizer, directory: pathlib.Path) -> SpecialTokens:
     """Special ids from the HF side files, most specific first:
     tokenizer_config.json > special_tokens_map.json > config.json (*_token_id) > the tokenizer."""
     found = tok.special.as_dict()
-    model_cfg = _read_json(directory / "config.json")
+    model_cfg = read_json_file(directory / "config.json") or {}
     for name in _SPECIAL_NAMES:
         tid = model_cfg.get(f"{name}_token_id")
         if isinstance(tid, list):  # HF allows a list of EOS ids; the first is the one we append
             tid = tid[0] if tid else None
         if isinstance(tid, int):
             found[name] = tid
-    for fname in ("special_tokens_map.json", "tokenizer_config.json"):
-        cfg = _read_json(directory / fname)
-        for name in _SPECIAL_NAMES:
-            content = _token_content(cfg.get(f"{name}_token"))
-            if content is None:
-                continue
-            tid = tok.token_to_id(content)
-            if tid is None:
-                raise ValueError(
-                    f"{directory / fname}: {name}_token {content!r} is not in the vocabulary of "
-                    f"{tok.path}"
-                )
-            found[name] = tid
+    for name, (content, path) in declared_tokens(directory).items():
+        tid = tok.token_to_id(content)
+        if tid is None:
+            raise ValueError(f"{path}: {name}_token {content!r} is not in the vocabulary of"
+                             f" {tok.path}")
+        found[name] = tid
     return SpecialTokens(**found)
+
+
+# What ``load_tokenizer`` reads from a directory (copied to the cache from a bucket).
+_FILES_READ = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "config.json")
 
 
 def load_tokenizer(
@@ -265,6 +302,11 @@ def load_tokenizer(
     the side files (see ``_special_from_dir``); keyword ``overrides`` (``bos=1, pad=0``...) win.
     With ``model_vocab_size`` the tokenizer is checked against the model's embedding table.
     """
+    if paths.is_remote(directory):  # the tokenizer libraries read local files
+        remote = paths.resolve(directory)
+        if not remote.exists():
+            raise FileNotFoundError(f"tokenizer path {remote} does not exist")
+        directory = paths.local_copy(remote, None if remote.is_file() else _FILES_READ)
     path = pathlib.Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")

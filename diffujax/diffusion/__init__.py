@@ -16,7 +16,7 @@ from diffujax.diffusion.objective import (NORMALIZATIONS, LossSums, ar_loss, ar_
                                           loss_sums_from_logits, per_sequence_terms,
                                           shifted_cross_entropy, target_positions)
 from diffujax.diffusion.sampling import (SampleOutput, sample_ancestral, sample_confidence,
-                                         sample_semi_ar, sample_threshold, truncate_after_eos)
+                                         sample_semi_ar, sample_threshold)
 from diffujax.diffusion.sft import build_sft_batch, build_sft_example
 
 __all__ = [
@@ -28,5 +28,5 @@ __all__ = [
     "multiple_choice_score", "per_sequence_terms", "race_winner", "row_keys", "sample_ancestral",
     "sample_categorical", "sample_confidence", "sample_exact_count_mask", "sample_noise_mask",
     "sample_semi_ar", "sample_t", "sample_threshold", "shifted_cross_entropy", "summarize_nll",
-    "target_positions", "truncate_after_eos", "uniform_from_bits",
+    "target_positions", "uniform_from_bits",
 ]

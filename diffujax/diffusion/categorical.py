@@ -1,4 +1,4 @@
-"""Drawing tokens from model logits, exactly in float32 (SPEC section 6, last paragraph).
+"""Drawing tokens from model logits, exactly in float32 (docs/algorithms.md §6, last paragraph).
 
 A float32 uniform has 2^-24 resolution near 1, so textbook Gumbel-max ``-log(-log(u))`` can never
 produce the rare, very small ``-log(u)`` that lets a low-probability token win: the tail of the

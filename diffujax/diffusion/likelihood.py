@@ -1,4 +1,4 @@
-"""Likelihood, perplexity and scoring, SPEC section 5.
+"""Likelihood, perplexity and scoring, docs/algorithms.md §5.
 
 The ``*_terms`` functions are pure JAX over one batch and return per-sequence numbers; run them
 over an evaluation set, concatenate, and turn them into the reported figure with
@@ -32,18 +32,27 @@ def _first_position(tokens) -> jax.Array:
 # --- ELBO perplexity of the diffusion model ---------------------------------------------------
 
 def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
-               pattern: AttentionPattern | None = None, loss_mask=None, num_draws: int = 1,
-               stratified: bool = True, eps: float = DEFAULT_EPS, row_offset=0,
-               global_batch: int | None = None):
-    """Per-sequence NELBO of positions ``1..L-1`` given position 0 (MDLM protocol, SPEC 5).
+               pattern: AttentionPattern | None = None, src=None, loss_mask=None,
+               num_draws: int = 1, stratified: bool = True, eps: float = DEFAULT_EPS,
+               row_offset=0, global_batch: int | None = None):
+    """Per-sequence NELBO of positions ``1..L-1`` given position 0 (MDLM protocol,
+    docs/algorithms.md §5).
 
-    Each of ``num_draws`` draws takes one ``t`` per sequence (stratified across the global batch)
-    and one noise draw; returns ``(nelbo [B], targets [B])``: the weighted ce summed over the
-    sequence's target tokens and averaged over draws (nats), and its number of target tokens.
-    ``mean over data of nelbo / targets`` upper-bounds the per-token NLL ("tokens" normalisation).
+    Each of ``num_draws`` draws takes one ``t`` per sequence (stratified across the global batch
+    of ``global_batch`` rows, this batch being rows ``row_offset..``) and one noise draw; returns
+    ``(nelbo [B], targets [B])``: the weighted ce summed over the sequence's target tokens and
+    averaged over draws (nats), and its number of target tokens. ``mean over data of nelbo /
+    targets`` upper-bounds the per-token NLL ("tokens" normalisation). Besides position 0, ``src``
+    (e.g. an SFT prompt) and the positions outside ``loss_mask`` (padding) are conditioned on:
+    never noised, never scored, so the figure bounds the NLL of the scored tokens given them.
     """
     pattern = full() if pattern is None else pattern
-    src = _first_position(tokens)
+    conditioned = _first_position(tokens)
+    if src is not None:
+        conditioned = conditioned | jnp.asarray(src, bool)
+    if loss_mask is not None:
+        conditioned = conditioned | ~jnp.asarray(loss_mask, bool)
+    src = conditioned
 
     def one_draw(draw):
         noised = forward_process(jax.random.fold_in(key, draw), tokens,
@@ -125,7 +134,7 @@ def _continuation(tokens, src, loss_mask):
 def multiple_choice_score(apply_fn: ApplyFn, params, tokens, src, key, *, mask_token_id: int,
                           pattern: AttentionPattern | None = None, loss_mask=None,
                           num_levels: int = 32, row_offset=0):
-    """The reference's multiple-choice score (SPEC 5), ``[B]``, lower is better.
+    """The reference's multiple-choice score (docs/algorithms.md §5), ``[B]``, lower is better.
 
     For ``k = T..1`` noise the continuation (``~src``) at rate ``k / T`` with one draw, take the
     unweighted mean ce over the noised positions (shifted), skip levels with none noised; the
@@ -150,7 +159,7 @@ def multiple_choice_score(apply_fn: ApplyFn, params, tokens, src, key, *, mask_t
 def conditional_nll(apply_fn: ApplyFn, params, tokens, src, key, *, mask_token_id: int,
                     pattern: AttentionPattern | None = None, loss_mask=None,
                     num_draws: int = 128, draws_per_forward: int = 1, row_offset=0):
-    """LLaDA's estimate of ``-log p(answer | prompt)`` per row, ``[B]`` (SPEC 5).
+    """LLaDA's estimate of ``-log p(answer | prompt)`` per row, ``[B]`` (docs/algorithms.md §5).
 
     The answer is ``~src`` (within ``loss_mask``), of length ``n``. Each draw takes
     ``l ~ U{1..n}`` (stratified over the row's draws), noises exactly ``l`` answer tokens chosen

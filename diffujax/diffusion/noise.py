@@ -1,4 +1,4 @@
-"""The forward (noising) process of absorbing-state diffusion, SPEC section 2 steps 1-2.
+"""The forward (noising) process of absorbing-state diffusion, docs/algorithms.md §2 steps 1-2.
 
 Every random draw for a sequence comes from ``fold_in(key, row)`` where ``row`` is the sequence's
 index in the *global* batch (``row_offset + b``). So a micro-batch of rows ``[r0, r0 + B)`` draws
@@ -35,7 +35,7 @@ def row_keys(key, batch_size: int, row_offset=0) -> jax.Array:
 
 def sample_t(key, batch_size: int, *, eps: float = DEFAULT_EPS, stratified: bool = False,
              row_offset=0, global_batch: int | None = None) -> jax.Array:
-    """``t = (1 - eps) * u + eps`` per sequence (SPEC 2.1), float32 ``[batch_size]``.
+    """``t = (1 - eps) * u + eps`` per sequence (docs/algorithms.md §2.1), float32 ``[batch_size]``.
 
     iid: ``u_b ~ U[0, 1)`` drawn from the row's own key. Stratified (antithetic):
     ``u_b = (u_0 + b / B) mod 1`` with one ``u_0`` for the whole global batch of
@@ -53,7 +53,8 @@ def sample_t(key, batch_size: int, *, eps: float = DEFAULT_EPS, stratified: bool
 
 
 def sample_noise_mask(key, t, seq_len: int, *, src=None, row_offset=0) -> jax.Array:
-    """``noise[b, i] = (U[b, i] < t_b) & ~src[b, i]`` (SPEC 2.2); ``t`` is ``[B]``."""
+    """``noise[b, i] = (U[b, i] < t_b) & ~src[b, i]`` (docs/algorithms.md §2.2); ``t`` is
+    ``[B]``."""
     t = jnp.asarray(t, jnp.float32)
     keys = row_keys(jax.random.fold_in(key, 1), t.shape[0], row_offset)
     u = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,), jnp.float32))(keys)
@@ -65,7 +66,7 @@ def sample_noise_mask(key, t, seq_len: int, *, src=None, row_offset=0) -> jax.Ar
 
 def sample_exact_count_mask(key, eligible, count, *, row_offset=0) -> jax.Array:
     """Noise exactly ``min(count[b], eligible[b].sum())`` eligible positions of each row, chosen
-    uniformly at random (the LLaDA conditional-likelihood draw, SPEC 5)."""
+    uniformly at random (the LLaDA conditional-likelihood draw, docs/algorithms.md §5)."""
     eligible = jnp.asarray(eligible, bool)
     keys = row_keys(key, eligible.shape[0], row_offset)
     priority = jax.vmap(lambda k: jax.random.uniform(k, eligible.shape[1:], jnp.float32))(keys)

@@ -1,8 +1,9 @@
-"""The training objective, SPEC section 2 steps 3-6 (and the AR baseline loss of SPEC 5).
+"""The training objective, docs/algorithms.md §2 steps 3-6 (and the AR baseline loss of
+docs/algorithms.md §5).
 
 Losses are returned as :class:`LossSums`: numerators and denominators summed over the rows of a
 (micro-)batch. Sums of micro-batches add up (``a + b``), and only the caller divides, so gradient
-accumulation is normalised over the global batch (SPEC 2.6)::
+accumulation is normalised over the global batch (docs/algorithms.md §2.6)::
 
     sums = [diffusion_loss_sums(apply_fn, params, mb, key, ..., row_offset=r, global_batch=B)
             for r, mb in micro_batches]                      # per micro-batch
@@ -60,7 +61,7 @@ class LossSums:
 def shifted_cross_entropy(logits, tokens) -> jax.Array:
     """``ce[b, i] = -log softmax(logits[b, i])[tokens[b, i + 1]]`` for ``i < L - 1``, float32.
 
-    The shift of SPEC 1: the logits at position ``i`` predict the token at ``i + 1``.
+    The shift of docs/algorithms.md §1: the logits at position ``i`` predict the token at ``i + 1``.
     """
     logits = logits[:, :-1].astype(jnp.float32)
     targets = tokens[:, 1:]
@@ -98,7 +99,8 @@ def per_sequence_terms(logits, tokens, noised: NoisedBatch, *, src=None, loss_ma
 
 def loss_sums_from_logits(logits, tokens, noised: NoisedBatch, *, src=None, loss_mask=None,
                           normalization: str = "masked") -> LossSums:
-    """SPEC 2 steps 4-6, given ``logits [B, L, V]`` of ``noised.x_t`` (any float dtype)."""
+    """docs/algorithms.md §2 steps 4-6, given ``logits [B, L, V]`` of ``noised.x_t`` (any float
+    dtype)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization {normalization!r} is not one of {NORMALIZATIONS}")
     terms = per_sequence_terms(logits, tokens, noised, src=src, loss_mask=loss_mask)
@@ -119,7 +121,8 @@ def diffusion_loss_sums(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id
                         normalization: str = "masked", stratified: bool = False,
                         eps: float = DEFAULT_EPS, row_offset=0,
                         global_batch: int | None = None) -> LossSums:
-    """Noise ``tokens [B, L]``, run the model under ``pattern`` and return the loss sums (SPEC 2).
+    """Noise ``tokens [B, L]``, run the model under ``pattern`` and return the loss sums
+    (docs/algorithms.md §2).
 
     ``row_offset`` / ``global_batch`` place this micro-batch in the global batch, so that its
     draws (and the stratification of ``t``) are those of the full batch.

@@ -1,11 +1,11 @@
-"""Samplers of the reverse process, SPEC section 6.
+"""Samplers of the reverse process, docs/algorithms.md §6.
 
 Every sampler fills a batch of canvases ``[B, L]``: positions in ``src`` keep their token, every
 other position starts as the mask token and is committed once, for good. One loop iteration is
 one forward pass; the loop is a ``lax.while_loop`` over static shapes (one compilation per shape
-and setting) that stops as soon as nothing is masked. The SPEC 1 shift applies: the prediction
-for position ``j`` is read from the logits at ``j - 1``, so position 0 is never generated and
-must hold a real token (BOS or the first prompt token).
+and setting) that stops as soon as nothing is masked. The docs/algorithms.md §1 shift applies: the
+prediction for position ``j`` is read from the logits at ``j - 1``, so position 0 is never generated
+and must hold a real token (BOS or the first prompt token).
 
 Randomness: row ``b`` uses ``fold_in(key, row_ids[b])`` and step ``s`` folds ``s`` into that, so a
 row's output depends only on its own canvas and key, never on the batch it is in (given a model
@@ -244,12 +244,3 @@ def sample_threshold(apply_fn: Callable, params, canvas, src, key, *, mask_token
                     pattern=pattern, max_steps=max_steps,
                     rule=_threshold_rule(threshold, block_length), temperature=temperature,
                     top_k=top_k, top_p=top_p, row_ids=row_ids, record_history=record_history)
-
-
-def truncate_after_eos(tokens, src, eos_id: int, pad_id: int) -> jax.Array:
-    """Stop handling: in each row, generated positions after the first generated EOS become
-    ``pad_id`` (fixed ``src`` positions are left alone)."""
-    generated = ~jnp.asarray(src, bool)
-    is_eos = generated & (tokens == eos_id)
-    after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
-    return jnp.where(generated & after_eos, jnp.asarray(pad_id, tokens.dtype), tokens)

@@ -1,4 +1,4 @@
-"""The supervised fine-tuning data contract, SPEC section 4 (numpy, host side).
+"""The supervised fine-tuning data contract, docs/algorithms.md §4 (numpy, host side).
 
 ``tokens = [BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...`` in ``length`` positions, with the
 prompt left-truncated first (its most recent tokens survive) and then the tail cut if the

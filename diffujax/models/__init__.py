@@ -1,9 +1,11 @@
-"""Networks only (no diffusion): GPT-2 and the LLaMA family behind one face.
+"""Networks only (no diffusion): GPT-2, the LLaMA family and Qwen2 behind one face.
 
     model = create_model(config, seed=0)          # an NNX module
     logits = model(tokens, pattern)               # [B, L, V] float32
     apply_fn, params = functional(model)          # pure: apply_fn(params, tokens, pattern)
     apply_fn, params = sharded_init(config, mesh, rules, seed=0)   # initialised in its shards
+
+Each family is one record (``family.Family``) in ``registry.FAMILIES``.
 """
 
 from __future__ import annotations
@@ -11,20 +13,28 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from diffujax.models import gpt2, llama
-from diffujax.models.configs import GPT2Config, LlamaConfig, ModelConfig, config_from_hf
+from diffujax.models.configs import ConfigError, ModelConfig
+from diffujax.models.family import Family
+from diffujax.models.gpt2 import GPT2Config
+from diffujax.models.llama import LlamaConfig
 from diffujax.models.params import ParamSpec
+from diffujax.models.qwen2 import Qwen2Config
+from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
+                                      weight_axes)
 from diffujax.parallel.mesh import param_shardings
-
-_FAMILIES = {"gpt2": (gpt2.GPT2, gpt2.param_specs), "llama": (llama.Llama, llama.param_specs)}
 
 
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
-    return _FAMILIES[config.family][1](config)
+    return family_of(config).param_specs(config)
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters in a matmul per token (the ``N`` of ``6 N``), from the family's weight table."""
+    return family_of(config).matmul_params(config)
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
-    return _FAMILIES[config.family][0](config, jax.random.key(seed))
+    return family_of(config).module(config, jax.random.key(seed))
 
 
 def abstract_model(config: ModelConfig) -> nnx.Module:
@@ -53,5 +63,6 @@ def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0):
         return apply_fn, init()
 
 
-__all__ = ["GPT2Config", "LlamaConfig", "ModelConfig", "abstract_model", "config_from_hf",
-           "create_model", "functional", "param_specs", "sharded_init"]
+__all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "LlamaConfig", "ModelConfig",
+           "Qwen2Config", "abstract_model", "config_class", "config_from_hf", "create_model",
+           "family_of", "functional", "matmul_params", "param_specs", "sharded_init", "weight_axes"]

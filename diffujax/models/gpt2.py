@@ -2,15 +2,81 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.configs import GPT2Config
+from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first_id, require,
+                                     special_ids)
+from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, ParamTree, get
-from diffujax.parallel.logical import constrain
+from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config(ModelConfig):
+    family: ClassVar[str] = "gpt2"
+    max_positions: int = 1024
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+
+    _MODELED: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
+        "activation_function", "tie_word_embeddings", "mask_token_id", "architectures",
+        "model_type", "torch_dtype", "dtype", "n_ctx", "transformers_version",
+    )
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "GPT2Config":
+        a = "GPT-2"
+        d = int(require(hf, "n_embd", a))
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"config.json key 'activation_function'={act!r} is not supported")
+        for key, supported in (("scale_attn_by_inverse_layer_idx", False),
+                               ("reorder_and_upcast_attn", False), ("scale_attn_weights", True)):
+            if bool(hf.get(key, supported)) != supported:
+                raise ConfigError(f"config.json key {key!r}={hf[key]!r} is not supported")
+        cfg = cls(
+            vocab_size=int(require(hf, "vocab_size", a)),
+            hidden_size=d,
+            num_layers=int(require(hf, "n_layer", a)),
+            num_heads=int(require(hf, "n_head", a)),
+            num_kv_heads=int(require(hf, "n_head", a)),
+            intermediate_size=int(hf.get("n_inner") or 4 * d),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            mask_token_id=hf.get("mask_token_id"),
+            bos_token_id=first_id(hf.get("bos_token_id")),
+            eos_token_id=first_id(hf.get("eos_token_id")),
+            pad_token_id=first_id(hf.get("pad_token_id")),
+            max_positions=int(hf.get("n_positions", 1024)),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            activation=act,
+            extra_hf=extra_json(hf, cls._MODELED),
+        )
+        return cfg.replace(**overrides)
+
+    def to_hf(self) -> dict:
+        hf = json.loads(self.extra_hf)
+        hf.update(
+            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=self.vocab_size,
+            n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
+            n_inner=(None if self.intermediate_size == 4 * self.hidden_size
+                     else self.intermediate_size),
+            n_positions=self.max_positions, n_ctx=self.max_positions,
+            layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        special_ids(hf, self)
+        if self.mask_token_id is not None:
+            hf["mask_token_id"] = self.mask_token_id
+        return hf
 
 
 def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
@@ -57,7 +123,7 @@ class GPT2(nnx.Module):
         if positions is None:
             positions = jnp.arange(tokens.shape[1])[None]
         x = get(p, "wte").astype(dtype)[tokens] + get(p, "wpe").astype(dtype)[positions]
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, HIDDEN)
         approximate = c.activation != "gelu"
 
         def block(w, x):
@@ -65,18 +131,70 @@ class GPT2(nnx.Module):
             q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
             k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
             v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
-            q = constrain(q, ("batch", "length", "heads", "head_dim"))
+            q = constrain(q, QUERY)
             a = attention(q, k, v, pattern, c.attention)
             x = x + L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
             h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
             h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
                             approximate=approximate)
             x = x + L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
-            return constrain(x, ("batch", "length", "embed"))
+            return constrain(x, HIDDEN)
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
         x = L.scan_layers(block, x, stacked, c.remat)
         x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
         head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, LOGITS)
+
+
+# -- Hugging Face tensor names --------------------------------------------------------------------
+
+# Prefixes of the three spellings: save_pretrained of GPT2LMHeadModel, the hub's bare GPT2Model
+# names (openai-community/gpt2), and the DiffuGPT reference wrapper (embedding pulled out of the
+# transformer as `embed_tokens`, the rest under `denoise_model`).
+NAMINGS = {"transformers": "transformer.", "bare": "", "diffugpt": "denoise_model."}
+
+
+def hf_keys(c: GPT2Config, naming: str = "transformers") -> KeyMap:
+    p = NAMINGS[naming]
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    h = f"{p}h.{{i}}."
+    wte = "embed_tokens.weight" if naming == "diffugpt" else f"{p}wte.weight"
+    entries = [
+        Entry(wte, ("wte",), (v, d)),
+        Entry(f"{p}wpe.weight", ("wpe",), (c.max_positions, d)),
+        Entry(h + "ln_1.weight", ("layers/ln1_scale",), (d,)),
+        Entry(h + "ln_1.bias", ("layers/ln1_bias",), (d,)),
+        # Conv1D weights are already [in, out]; c_attn is q|k|v concatenated on the output axis.
+        Entry(h + "attn.c_attn.weight", ("layers/wq", "layers/wk", "layers/wv"), (d, 3 * d)),
+        Entry(h + "attn.c_attn.bias", ("layers/bq", "layers/bk", "layers/bv"), (3 * d,)),
+        Entry(h + "attn.c_proj.weight", ("layers/wo",), (d, d)),
+        Entry(h + "attn.c_proj.bias", ("layers/bo",), (d,)),
+        Entry(h + "ln_2.weight", ("layers/ln2_scale",), (d,)),
+        Entry(h + "ln_2.bias", ("layers/ln2_bias",), (d,)),
+        Entry(h + "mlp.c_fc.weight", ("layers/w_fc",), (d, f)),
+        Entry(h + "mlp.c_fc.bias", ("layers/b_fc",), (f,)),
+        Entry(h + "mlp.c_proj.weight", ("layers/w_proj",), (f, d)),
+        Entry(h + "mlp.c_proj.bias", ("layers/b_proj",), (d,)),
+        Entry(f"{p}ln_f.weight", ("ln_f_scale",), (d,)),
+        Entry(f"{p}ln_f.bias", ("ln_f_bias",), (d,)),
+    ]
+    if not c.tie_word_embeddings:
+        entries.append(Entry(LM_HEAD, ("lm_head",), (v, d), transpose=True))
+    # The causal-mask buffers older transformers versions saved with the weights.
+    return KeyMap(naming, tuple(entries), (r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",))
+
+
+def naming_of(names: list[str]) -> str:
+    if any(n.startswith("denoise_model.") or n == "embed_tokens.weight" for n in names):
+        return "diffugpt"
+    if any(n.startswith("transformer.") for n in names):
+        return "transformers"
+    return "bare"
+
+
+FAMILY = Family(
+    name="gpt2", config=GPT2Config, module=GPT2, param_specs=param_specs, hf_keys=hf_keys,
+    embedding="wte", lookups=("wpe",), hf_model_types=("gpt2",),
+    hf_architectures=("GPT2LMHeadModel", "GPT2Model"), namings=tuple(NAMINGS), naming_of=naming_of)

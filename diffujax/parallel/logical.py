@@ -1,8 +1,15 @@
 """Logical axis names -> mesh axes.
 
-Models name every parameter dimension and the main activations with logical names (batch, length,
-embed, heads, kv_heads, head_dim, mlp, vocab, layers). A rule table maps each name to mesh axes
-(``data``, ``fsdp``, ``tensor``). Nothing else in the code knows about the mesh.
+Models name every parameter dimension (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
+``vocab``, ``layers``, ``positions``) and the dimensions of the main activations and data
+batches (``activation_*``) with logical names; a rule table maps each name to mesh axes (``data``,
+``fsdp``, ``tensor``). Nothing else in the code knows about the mesh.
+
+Weights and activations have names of their own, so each gets its own rule: FSDP shards the
+weights' ``embed`` dimension, while the activations' hidden dimension (``activation_embed``)
+stays whole whatever the batch is sharded over. A mesh axis shards at most one dimension of an
+array: a table that maps two of one array's names onto the same mesh axis is an error (naming
+both), never a silent drop of one of them.
 """
 
 from __future__ import annotations
@@ -13,10 +20,15 @@ import contextvars
 import jax
 from jax.sharding import PartitionSpec as P
 
-# FSDP shards parameters along `embed`; tensor parallelism shards heads, MLP and vocabulary.
+# FSDP shards parameters along `embed`; tensor parallelism shards heads, MLP and vocabulary; the
+# batch is split over data x fsdp.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -26,6 +38,13 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
     ("layers", None),
     ("positions", None),
 )
+
+# The logical names of the activations and data arrays the code constrains.
+BATCH = ("activation_batch", "activation_length")  # tokens and the other [B, L] batch fields
+HIDDEN = BATCH + ("activation_embed",)  # the residual stream [B, L, D]
+QUERY = BATCH + ("activation_heads", "activation_head_dim")  # attention q [B, L, H, D]
+LOGITS = BATCH + ("activation_vocab",)  # [B, L, V]
+ACTIVATIONS = (BATCH, HIDDEN, QUERY, LOGITS)
 
 _RULES: contextvars.ContextVar = contextvars.ContextVar("diffujax_logical_rules", default=None)
 
@@ -45,17 +64,33 @@ def active_rules():
     return _RULES.get() or DEFAULT_RULES
 
 
+def _targets(rules: dict, name) -> tuple[str, ...]:
+    target = rules.get(name) if name is not None else None
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def check_collisions(names, rules) -> None:
+    """ValueError when ``rules`` map two of the logical ``names`` of one array onto one mesh axis
+    (a mesh axis can shard only one dimension of an array)."""
+    rules, owner = dict(rules), {}
+    for name in names:
+        for axis in _targets(rules, name):
+            if axis in owner:
+                raise ValueError(f"logical axes {tuple(names)}: mesh axis {axis!r} is mapped from"
+                                 f" both {owner[axis]!r} and {name!r}; give them different mesh"
+                                 " axes in the rule table (mesh.rules)")
+            owner[axis] = name
+
+
 def logical_to_spec(names, rules=None, mesh_axes=None) -> P:
-    """PartitionSpec for a tuple of logical names. A mesh axis is used at most once (the first
-    dimension to claim it wins), and axes missing from the mesh or of size 1 are skipped."""
+    """PartitionSpec for a tuple of logical names; axes missing from the mesh or of size 1 are
+    skipped. Two names mapped onto one mesh axis are an error (``check_collisions``)."""
     rules = dict(rules if rules is not None else (_RULES.get() or DEFAULT_RULES))
-    used: set[str] = set()
+    check_collisions(names, rules)
     spec = []
     for name in names:
-        target = rules.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if a not in used and (mesh_axes is None or mesh_axes.get(a, 1) > 1))
-        used.update(axes)
+        axes = tuple(a for a in _targets(rules, name)
+                     if mesh_axes is None or mesh_axes.get(a, 1) > 1)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
 

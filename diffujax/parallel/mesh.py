@@ -27,10 +27,10 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffujax.parallel.logical import BATCH as BATCH_AXES  # logical names of [B, L] batch arrays
 from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("batch", "length")  # logical names of a [B, L] batch array
 
 log = logging.getLogger(__name__)
 

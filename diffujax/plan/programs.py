@@ -131,9 +131,10 @@ def eval_program(cfg, model_cfg, mesh, rules) -> Program:
     batch = abstract_batch(cfg, rows, mesh, rules)
     step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
     key = abstract_key(mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))  # row offset, rows
     return Program("eval", "held-out ELBO step (one micro-batch)",
-                   lambda: step.lower(params, batch, key), {"params": params, "batch": batch},
-                   "full", rows)
+                   lambda: step.lower(params, batch, key, scalar, scalar),
+                   {"params": params, "batch": batch}, "full", rows)
 
 
 def generate_program(cfg, model_cfg, mesh, rules) -> Program:

@@ -37,12 +37,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffujax import paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint import store, tree
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError as _CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models.configs import FAMILIES
+from diffujax.models import FAMILIES
+from diffujax.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ class TrainCheckpointer:
 
     def __init__(self, directory, *, save_every: int = 1000, keep_last: int = 3,
                  keep_every: int | None = None, async_save: bool = True):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.directory = paths.resolve(directory)  # a local path or a bucket URL
         self.save_every = int(save_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last if keep_last and keep_last > 0 else None,
@@ -222,8 +224,8 @@ class TrainCheckpointer:
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA: DataStateSave(data_state),
-            CONFIG: ocp.args.JsonSave(_jsonable(config or {})),
-            META: ocp.args.JsonSave(_jsonable(meta)),
+            CONFIG: ocp.args.JsonSave(to_plain(config or {})),
+            META: ocp.args.JsonSave(to_plain(meta)),
         })
         return bool(self.manager.save(step, args=args, force=True))
 
@@ -304,29 +306,10 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def _jsonable(obj):
-    """Config / meta trees as plain JSON (tuples -> lists, numpy scalars -> numbers)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic, jax.Array)):
-        return np.asarray(obj).item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a run's checkpoints without the run: the model config it recorded, its parameters.
-
-
 def find_step_dir(path, step: int | None = None) -> epath.Path:
     """Accept ``RUN_DIR``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP``; newest step
     when ``step`` is None."""
-    path = epath.Path(os.path.abspath(os.fspath(path)))
+    path = paths.resolve(path)
     if (path / META).exists() and (path / STATE).exists():
         return path
     if (path / "checkpoints").is_dir():
@@ -384,12 +367,12 @@ def _unwrap_variables(tree):
 def model_config_to_dict(config) -> dict:
     """A model config as JSON-able fields plus its family (exact: ``model_config_from_dict``
     gives back an equal config)."""
-    return dict(_jsonable(dataclasses.asdict(config)), family=config.family)
+    return dict(to_plain(dataclasses.asdict(config)), family=config.family)
 
 
 def model_config_from_dict(d: dict):
     fields = dict(d)
-    cls = FAMILIES[fields.pop("family")]
+    cls = FAMILIES[fields.pop("family")].config
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # JSON lists back
     fields = {k: tuples(v) for k, v in fields.items()}
     legacy_backend = fields.pop("attention_backend", "auto")  # metadata before AttentionConfig
@@ -420,14 +403,16 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
 
     Single process: ``store.save`` (atomic). Several processes: every process writes its shards
     with orbax into ``DIR.tmp``; process 0 adds config, tokenizer files and the completion
-    marker, then renames it into place.
+    marker, then renames it into place (in a bucket, where directories cannot be renamed, they
+    write ``DIR`` itself and the marker written last says it is complete).
     """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = paths.resolve(directory)
     if jax.process_count() == 1:
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
         store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
         return directory
-    tmp = directory.parent / f"{directory.name}.tmp"
+    remote = paths.is_remote(directory)
+    tmp = directory if remote else directory.parent / f"{directory.name}.tmp"
     if jax.process_index() == 0 and tmp.exists():
         tmp.rmtree()
     _sync("diffujax_save_model_start")
@@ -440,9 +425,10 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)
         store.mark_complete(tmp)
-        if directory.exists():
-            directory.rmtree()
-        tmp.rename(directory)
+        if not remote:
+            if directory.exists():
+                directory.rmtree()
+            tmp.rename(directory)
     _sync("diffujax_save_model_done")
     return directory
 
@@ -459,21 +445,23 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
     model_cfg = model_config_from_dict(meta["model_config"])
     params = load_params(step_dir, params_key="ema" if ema else "params")
     tokenizer_dir = meta.get("tokenizer_dir")
-    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+    if tokenizer_dir and not paths.resolve(tokenizer_dir).is_dir():
         warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
         tokenizer_dir = None
     store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
     if hf_dir is not None:
         export(dst, hf_dir, overwrite=overwrite)
-    return epath.Path(os.fspath(dst))
+    return paths.resolve(dst)
 
 
 def export_hf(src, hf_dir, *, step: int | None = None, ema: bool = False, **export_kwargs):
     """Training checkpoint -> Hugging Face directory in one go (``diffujax export RUN_DIR HF``):
     a temporary diffujax model checkpoint next to ``hf_dir``, then ``checkpoint.convert.export``
     with ``export_kwargs`` (max_shard_size, dtype, overwrite, naming)."""
-    parent = os.path.dirname(os.path.abspath(os.fspath(hf_dir)))
-    os.makedirs(parent, exist_ok=True)
+    parent = None  # a bucket destination: the intermediate checkpoint goes to local scratch
+    if not paths.is_remote(hf_dir):
+        parent = os.fspath(paths.resolve(hf_dir).parent)
+        os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".diffujax-export-", dir=parent) as tmp:
         model_dir = export_step(src, step, os.path.join(tmp, "model"), ema=ema)
         return export(model_dir, hf_dir, **export_kwargs)

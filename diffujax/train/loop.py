@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import math
 import os
-import pathlib
 import time
 import warnings
 
@@ -33,22 +32,24 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from diffujax import paths
 from diffujax.checkpoint import store
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.pipeline import PipelineOptions, build_pipeline
 from diffujax.data.sources import make_source
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.diffusion.sampling import sample_ancestral, truncate_after_eos
+from diffujax.diffusion.sampling import sample_ancestral
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed, param_shardings, to_host)
 from diffujax.train import checkpointing as C
 from diffujax.train import metrics as M
 from diffujax.train.checkpointing import PreemptionGuard, save_model
+from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.state import (abstract_train_state, create_train_state, params_of,
                                   train_state_shardings)
-from diffujax.train.step import after_annealing, make_eval_step, make_train_step
+from diffujax.train.step import after_annealing, heldout_nll, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def model_checkpoint(cfg) -> str | None:
     path = cfg.model.checkpoint
     if path == "default":
         return str(default_model())
-    return None if path is None else os.path.abspath(os.path.expanduser(path))
+    return None if path is None else os.fspath(paths.resolve(path))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -168,7 +169,7 @@ def _tokenizer_dir(cfg) -> str:
     path = cfg.data.tokenizer or model_checkpoint(cfg)
     if path is None:
         raise ValueError("data.tokenizer is required when the model is initialised from model.init")
-    return os.path.abspath(path)
+    return os.fspath(paths.resolve(path))
 
 
 def _initial_state(cfg, mesh, rules, ckpt, logger_messages):
@@ -249,38 +250,28 @@ class _Evaluator:
     def elbo(self, params) -> dict | None:
         if not self.batches:
             return None
-        losses, total = [], None
-        for i, batch in enumerate(self.batches):  # the same noise every time: comparable numbers
-            sums = self.step(params, batch, jax.random.fold_in(self.key, i))
-            losses.append(sums)
-            total = sums if total is None else total + sums
-        per_batch = [float(s.loss) for s in losses]
-        nelbo = float(total.loss)
-        out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0)),
-               "tokens": float(total.targets), "draws": 1}
-        if len(per_batch) > 1:  # batch-means standard error of the per-token NELBO
-            out["nelbo_se"] = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
+        # The same key every time: the same noise, comparable numbers from one eval to the next.
+        est = heldout_nll(self.step, params, self.batches, self.key)
+        out = {"nelbo": est.mean_nll, "ppl_bound": math.exp(min(est.mean_nll, 700.0)),
+               "tokens": float(est.num_tokens), "draws": est.num_draws}
+        if math.isfinite(est.std_error):  # over sequences, as `diffujax eval` reports it
+            out["nelbo_se"] = est.std_error
         return out
 
     def samples(self, params, step: int) -> list[str]:
         mc, tok = self.model_cfg, self.tokenizer
-        bos = mc.bos_token_id if mc.bos_token_id is not None else tok.bos_id
-        bos = bos if bos is not None else tok.eos_id
+        first = tok.start_id(mc.bos_token_id)
+        if first is None:
+            raise ValueError(f"tokenizer {tok.path} has no BOS or EOS token to start samples with")
         length = min(self.cfg.data.seq_len, SAMPLE_LEN)
         canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
-        canvas[:, 0] = bos
+        canvas[:, 0] = first
         src = np.zeros(canvas.shape, bool)
         src[:, 0] = True
         out = sample_ancestral(self.apply_fn, params, canvas, src,
                                jax.random.fold_in(self.key, 1_000_000 + step),
                                mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))
-        tokens = out.tokens
-        if tok.eos_id is not None:
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-            tokens = truncate_after_eos(tokens, src, tok.eos_id, pad)
-        rows = to_host(tokens)
-        special = {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-        return [tok.decode([int(t) for t in row[1:] if int(t) not in special]) for row in rows]
+        return [tok.decode_generated(row[1:]) for row in to_host(out.tokens)]
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -311,14 +302,7 @@ class _Window:
 
 def train(cfg) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit status."""
-    if not cfg.output_dir:
-        raise ValueError("output_dir is not set (add output_dir=PATH)")
-    for key, value in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint)):
-        if value and "://" in str(value):
-            # Paths are handled as local files throughout; a URL would be written to a local
-            # directory named after it and lost with the VM.
-            raise ValueError(f"{key}={value}: URLs are not supported; mount the bucket (for"
-                             " example with gcsfuse) or use a shared filesystem and pass its path")
+    resolve_output_dir(cfg.output_dir)  # refused before anything is written, if it cannot work
     with PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT mean "save, then exit"
         run = _Run(cfg, guard)
         try:
@@ -333,7 +317,7 @@ class _Run:
     def __init__(self, cfg, guard):
         t0 = self.t0 = time.perf_counter()
         self.cfg, self.guard = cfg, guard
-        self.out_dir = out_dir = pathlib.Path(cfg.output_dir).absolute()
+        self.out_dir = out_dir = paths.resolve(cfg.output_dir)  # a local path or a bucket URL
         if jax.process_index() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -364,7 +348,8 @@ class _Run:
         self._apply_fn = apply_fn
 
         self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
-                                  tensorboard=lg.tensorboard)
+                                  tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                  run_config=to_dict(cfg))
         for line in notes + _source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         self.run_config = to_dict(cfg)
@@ -477,6 +462,7 @@ class _Run:
             return False
         jax.block_until_ready(self.state)  # time the save, not the step before it
         t = time.perf_counter()
+        self.logger.flush()  # a bucket's metrics.jsonl is uploaded by this, at least per checkpoint
         started = self.ckpt.save(self.step, self.state, data_state=self.data_state,
                                  config=self.run_config, force=force,
                                  meta=dict(self.meta, tokens_seen=self.step * self.tokens_per_step))

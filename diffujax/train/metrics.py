@@ -20,25 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from diffujax.models.configs import ModelConfig
+from diffujax import paths
+from diffujax.models import ModelConfig, matmul_params
+from diffujax.train import tb_remote
+from diffujax.train.wandb_log import WandbLogger
 
 # ------------------------------------------------------------------------------------ FLOPs, MFU
-
-
-def matmul_params(config: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (the ``N`` of ``6 N``)."""
-    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    attn = d * h * hd + 2 * d * kv * hd + h * hd * d  # q, k, v, o
-    mlp_mats = 3 if config.family == "llama" else 2  # SwiGLU gate/up/down vs. fc/proj
-    mlp = mlp_mats * d * config.intermediate_size
-    return config.num_layers * (attn + mlp) + d * config.vocab_size  # + output head (tied or not)
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -202,7 +198,8 @@ _TB_TAGS = {
 
 
 class RunLogger:
-    """Console + TensorBoard + ``metrics.jsonl`` for one run; a no-op on processes other than 0.
+    """Console + TensorBoard + ``metrics.jsonl`` (+ W&B with ``wandb``, the ``logging.wandb``
+    settings) for one run; a no-op on processes other than 0.
 
     On resume from ``start_step`` the JSONL records and TensorBoard events of later steps (written
     by the interrupted attempt after its last checkpoint) are dropped, so every step appears once.
@@ -210,21 +207,25 @@ class RunLogger:
 
     def __init__(self, output_dir, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True, enabled: bool | None = None,
-                 stream=None):
+                 stream=None, wandb: dict | None = None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._tb = self._jsonl = self._wandb = None
         if not self.enabled:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
+        output_dir = paths.resolve(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / "metrics.jsonl"
         _truncate_jsonl(path, start_step)
-        self._jsonl = open(path, "a", buffering=1)
+        self._jsonl = paths.open_append(path)  # in a bucket: uploaded by flush() and close()
         if tensorboard:
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+            tb_remote.install()  # event files in a bucket go through diffujax.paths too
+            self._tb = SummaryWriter(os.fspath(output_dir / "tensorboard"),
                                      purge_step=start_step + 1 if start_step else None,
                                      flush_secs=30)
+        if wandb is not None:
+            self._wandb = WandbLogger(wandb, output_dir, run_config)
         if progress and getattr(self.stream, "isatty", lambda: False)():
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                              dynamic_ncols=True, desc="train",
@@ -236,8 +237,11 @@ class RunLogger:
         if not self.enabled:
             return
         self._record("train", step, scalars)
-        for k, v in scalars.items():
-            self._scalar(_TB_TAGS.get(k, f"train/{k}"), v, step)
+        tagged = {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()}
+        for tag, v in tagged.items():
+            self._scalar(tag, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
         if self._bar is not None:
             self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
@@ -249,8 +253,11 @@ class RunLogger:
         if not self.enabled:
             return
         self._record(prefix, step, scalars)
-        for k, v in scalars.items():
-            self._scalar(f"{prefix}/{k}", v, step)
+        tagged = {f"{prefix}/{k}": v for k, v in scalars.items()}
+        for tag, v in tagged.items():
+            self._scalar(tag, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
         self.message(f"{prefix} @ step {step}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
 
@@ -263,6 +270,8 @@ class RunLogger:
         if self._tb is not None:
             body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
             self._tb.add_text(tag, body, step)
+        if self._wandb is not None:
+            self._wandb.text(step, tag, texts)
 
     def message(self, line: str):
         if not self.enabled:
@@ -273,6 +282,9 @@ class RunLogger:
             print(line, file=self.stream, flush=True)
 
     def flush(self):
+        """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
+        if self._jsonl is not None:
+            self._jsonl.flush(force=True)
         if self._tb is not None:
             self._tb.flush()
 
@@ -283,7 +295,9 @@ class RunLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.close()
+        self._bar = self._tb = self._jsonl = self._wandb = None
 
     def _scalar(self, tag, value, step):
         if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
@@ -295,28 +309,25 @@ class RunLogger:
                                          allow_nan=True) + "\n")
 
 
-def _truncate_jsonl(path: str, start_step: int):
+def _truncate_jsonl(path, start_step: int):
     """Keep only records of steps <= start_step (a fresh run, start_step 0, starts empty)."""
-    if not os.path.exists(path):
+    path = paths.resolve(path)
+    if not path.exists():
         return
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= start_step:
-                    keep.append(line)
-            except (ValueError, KeyError):
-                continue  # a half-written last line of a killed run
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= start_step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a half-written last line of a killed run
+    paths.write_text_atomic(path, "".join(keep))
 
 
 def read_jsonl(path, kind: str | None = "train") -> list[dict]:
     """The records of a run's ``metrics.jsonl`` (of one kind, or all with ``kind=None``)."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    text = paths.resolve(path).read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
@@ -326,17 +337,29 @@ def read_jsonl(path, kind: str | None = "train") -> list[dict]:
 class StepProfiler:
     """Trace steps ``first..last`` (inclusive, step numbers as the loop counts them) into
     ``logdir`` (``logdir/plugins/profile``: TensorBoard's profile tab when ``logdir`` is the
-    TensorBoard dir; the ``.trace.json.gz`` opens in Perfetto)."""
+    TensorBoard dir; the ``.trace.json.gz`` opens in Perfetto). A ``logdir`` in a bucket gets
+    the trace uploaded once it is written (the profiler writes local files)."""
 
     def __init__(self, logdir, steps=()):
         self.logdir = os.fspath(logdir)
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
         self.active = False
+        self._local = None
 
     def before(self, step: int):
         if self.first is not None and not self.active and self.first <= step <= self.last:
-            jax.profiler.start_trace(self.logdir)
+            if paths.is_remote(self.logdir):
+                self._local = tempfile.mkdtemp(prefix="diffujax-profile-")
+            jax.profiler.start_trace(self._local or self.logdir)
             self.active = True
+
+    def _stop(self):
+        jax.profiler.stop_trace()
+        self.active = False
+        if self._local is not None:
+            paths.copy_tree(self._local, self.logdir)
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
 
     def after(self, step: int, sync=None) -> bool:
         """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
@@ -344,12 +367,10 @@ class StepProfiler:
         if self.active and step >= self.last:
             if sync is not None:
                 jax.block_until_ready(sync)
-            jax.profiler.stop_trace()
-            self.active = False
+            self._stop()
             return True
         return False
 
     def close(self):
         if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
+            self._stop()

@@ -10,8 +10,8 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
   reproducible and resumes exactly;
 - gradient accumulation scans over ``grad_accum_steps`` micro-batches of consecutive rows; the
   objective draws each row's noise from its *global* row index and returns numerator and
-  denominator sums, which are added over micro-batches and divided once (SPEC 2.6), so any
-  number of micro-batches computes the same update;
+  denominator sums, which are added over micro-batches and divided once (docs/algorithms.md §2.6),
+  so any number of micro-batches computes the same update;
 - a step whose loss or gradients are not finite changes neither params nor optimizer state; it is
   counted (``bad_steps`` consecutive, ``total_bad_steps`` overall) and the loop decides when to
   give up (``train.max_bad_steps``).
@@ -23,14 +23,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
-from diffujax.diffusion.objective import ar_loss_sums, diffusion_loss_sums
+from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
+from diffujax.diffusion.objective import diffusion_loss_sums
 from diffujax.models import abstract_model, functional
 from diffujax.parallel.logical import axis_rules, constrain
 from diffujax.parallel.mesh import (batch_shard_count, batch_sharding, param_shardings,
-                                    replicated)
+                                    replicated, to_host)
 from diffujax.train.optim import ema_update, make_schedule
 from diffujax.train.state import TrainState, optimizer_for, train_state_shardings
 
@@ -84,6 +86,12 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     ``batch`` holds global ``[B, L]`` arrays: ``tokens`` and optionally ``src`` (SFT prompt, never
     noised), ``loss_mask``, ``segment_ids`` (used when ``diffusion.segment_ids``) and
     ``positions``. ``metrics`` are replicated float32/int32 scalars.
+
+    Non-finite steps are skipped here, not with ``optax.apply_if_finite``: that wrapper looks
+    at the updates only (not the loss), keeps its counters inside the optimizer state (the loop
+    and the logs read them from the ``TrainState``), leaves the EMA to be guarded separately,
+    and applies a non-finite update once ``max_consecutive_errors`` is reached, where a run
+    must instead stop with its last good state.
     """
     rules = _rules(run_cfg, rules)
     d, opt = run_cfg.diffusion, run_cfg.optimizer
@@ -124,7 +132,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         # gradients).
         micro_batches = jax.tree.map(
             lambda x: constrain(x.reshape(accum, micro, *x.shape[1:]),
-                                (None, "batch") + (None,) * (x.ndim - 1)), batch)
+                                (None, "activation_batch") + (None,) * (x.ndim - 1)), batch)
 
         def body(carry, xs):
             i, mb = xs
@@ -173,13 +181,14 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
 
 def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
                    kind: str = "elbo") -> CompiledStep:
-    """``eval_step(params, batch, key) -> LossSums`` (replicated sums; add them over batches and
-    take ``.loss`` at the end, so the mean is over all tokens of the evaluation set).
+    """``eval_step(params, batch, key, row_offset, rows) -> (nll [B], targets [B])``, the
+    per-sequence terms of ``diffujax eval`` (replicated); ``heldout_nll`` runs it over batches.
 
-    ``kind="elbo"``: the diffusion NELBO per target token (SPEC 5: ``"tokens"`` normalisation,
-    full attention, stratified ``t`` over the batch, position 0 never noised); its ``exp`` bounds
-    the perplexity. ``kind="ar"``: next-token loss with causal attention (the AR baseline).
-    ``params`` may be ``state.params`` or ``state.ema``; ``key`` a typed key (vary it per batch).
+    ``kind="elbo"``: ``elbo_terms``, the diffusion NELBO (docs/algorithms.md §5: full attention,
+    position 0, ``src`` and padding conditioned on, ``t`` stratified over all ``rows`` of the
+    evaluation set, this batch being rows ``row_offset..``); ``kind="ar"``: ``ar_nll_terms``,
+    next-token NLL with causal attention (the AR baseline; key and rows unused). ``params`` may be
+    ``state.params`` or ``state.ema``.
     """
     if kind not in ("elbo", "ar"):
         raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")
@@ -188,28 +197,37 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     mask_id = _mask_token_id(model_cfg) if kind == "elbo" else None
     params_sh = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
 
-    def eval_fn(params, batch, key):
+    def eval_fn(params, batch, key, row_offset, rows):
         tokens = batch["tokens"]
         segments = batch.get("segment_ids") if d.segment_ids else None
         fn = _with_positions(apply_fn, batch)
         if kind == "ar":
-            return ar_loss_sums(fn, params, tokens, pattern=causal(segments),
+            return ar_nll_terms(fn, params, tokens, pattern=causal(segments),
                                 loss_mask=batch.get("loss_mask"))
-        # Position 0 and padding are conditioned on, never noised, so the sum stays the SPEC 5
-        # bound on the NLL of the real tokens.
-        src = jnp.zeros(tokens.shape, bool).at[:, 0].set(True)
-        if "src" in batch:
-            src = src | batch["src"]
-        if "loss_mask" in batch:
-            src = src | ~batch["loss_mask"]
-        return diffusion_loss_sums(fn, params, tokens, key, mask_token_id=mask_id,
-                                   pattern=full(segments), src=src,
-                                   loss_mask=batch.get("loss_mask"), normalization="tokens",
-                                   stratified=True, eps=d.eps)
+        return elbo_terms(fn, params, tokens, key, mask_token_id=mask_id, pattern=full(segments),
+                          src=batch.get("src"), loss_mask=batch.get("loss_mask"), eps=d.eps,
+                          row_offset=row_offset, global_batch=rows)
 
+    scalar = replicated(mesh)
     return CompiledStep(eval_fn, mesh, rules,
-                        in_shardings=(params_sh, batch_sharding(mesh, rules), replicated(mesh)),
-                        out_shardings=replicated(mesh))
+                        in_shardings=(params_sh, batch_sharding(mesh, rules), scalar, scalar,
+                                      scalar),
+                        out_shardings=scalar)
 
 
-__all__ = ["CompiledStep", "after_annealing", "make_eval_step", "make_train_step"]
+def heldout_nll(eval_step: CompiledStep, params, batches, key, *, kind: str = "elbo"):
+    """``summarize_nll`` of ``eval_step`` over ``batches`` (global batches, all of one shape):
+    the ``NLLEstimate`` of ``diffujax eval`` on the same rows with one draw each (same ``key``,
+    rows numbered across batches), its error bar over sequences."""
+    rows = sum(int(b["tokens"].shape[0]) for b in batches)
+    nll, targets, offset = [], [], 0
+    for batch in batches:
+        out = eval_step(params, batch, key, jnp.int32(offset), jnp.int32(rows))
+        nll.append(to_host(out[0]))
+        targets.append(to_host(out[1]))
+        offset += int(batch["tokens"].shape[0])
+    return summarize_nll(np.concatenate(nll), np.concatenate(targets),
+                         num_draws=0 if kind == "ar" else 1)
+
+
+__all__ = ["CompiledStep", "after_annealing", "heldout_nll", "make_eval_step", "make_train_step"]

@@ -48,6 +48,22 @@ def test_pallas_tpu_under_shard_map(kv_heads):
     assert "shard_map" in text or "sdy.manual_computation" in text
 
 
+def test_replicated_when_nothing_divides():
+    # Batch 3 on data x fsdp = 4 and 3 heads on tensor = 2: every device computes the whole call;
+    # the gradients must not be summed over the replicas.
+    mesh = _mesh(2, 2, 2)
+    q, k, v, do = make_inputs(3, 24, 3, 1, 8, seed=10)
+    config = AttentionConfig(backend="pallas_tpu", interpret=True, tpu_block_sizes=SMALL)
+    fn = lambda q, k, v, p: attention(q, k, v, p, config)  # noqa: E731
+    pattern = make_pattern("causal")
+    with jax.set_mesh(mesh), axis_rules():
+        got = out_and_grads(fn, pattern, q, k, v, do)
+    want = out_and_grads(reference_attention, pattern, q, k, v, do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-5, rtol=1e-5,
+                                   err_msg=name)
+
+
 def test_splash_multi_head_form_under_shard_map():
     mesh = _mesh(2, 1, 2)
     b, length = 2, 256
@@ -75,7 +91,8 @@ def test_layout_rules():
         lay = kernel_layout(*qkv(3, 3, 1))  # nothing divides: every device computes everything
         assert (lay.batch, lay.heads, lay.axes) == ((), (), ("data", "fsdp", "tensor"))
         # A rule table that puts the batch on data only leaves fsdp replicated.
-        lay = kernel_layout(*qkv(4, 8, 8), rules=(("batch", "data"), ("heads", "tensor")))
+        lay = kernel_layout(*qkv(4, 8, 8), rules=(("activation_batch", "data"),
+                                                        ("activation_heads", "tensor")))
         assert (lay.batch, lay.heads) == (("data",), ("tensor",))
     with jax.set_mesh(_mesh(1, 1, 1)):
         assert kernel_layout(*qkv(4, 8, 2)) is None  # one device: the kernel is called directly

@@ -15,6 +15,7 @@ GPT2 = dict(model_type="gpt2", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_p
 LLAMA = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=32, bos_token_id=63, eos_token_id=63)
+QWEN2 = dict(LLAMA, model_type="qwen2", rope_theta=1000000.0)  # + q/k/v biases
 
 
 def tiny_model(hf_config: dict, dtype=torch.float32, seed=0):
@@ -92,6 +93,6 @@ def hf():
     """The helpers above, for tests (conftest modules are not importable by name)."""
     import types
 
-    return types.SimpleNamespace(V=V, GPT2=GPT2, LLAMA=LLAMA, tiny_model=tiny_model,
+    return types.SimpleNamespace(V=V, GPT2=GPT2, LLAMA=LLAMA, QWEN2=QWEN2, tiny_model=tiny_model,
                                  write_hf=write_hf, write_tokenizer=write_tokenizer,
                                  rename=rename, leftovers=leftovers)

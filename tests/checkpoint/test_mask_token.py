@@ -1,6 +1,6 @@
-"""Choosing / adding the mask token (SPEC 1). References: numpy's mean of the source embedding,
-the tokenizers library and transformers' AutoTokenizer reading the written tokenizer files, and
-transformers loading the exported model."""
+"""Choosing / adding the mask token (docs/algorithms.md §1). References: numpy's mean of the source
+embedding, the tokenizers library and transformers' AutoTokenizer reading the written tokenizer
+files, and transformers loading the exported model."""
 
 import json
 

@@ -51,6 +51,8 @@ CASES = {  # family config, torch dtype, source format, GPT-2 naming
     "llama_untied_bf16": ("LLAMA", {"tie_word_embeddings": False}, torch.bfloat16, "safetensors", "transformers"),
     "llama_untied_bf16_sharded": ("LLAMA", {"tie_word_embeddings": False}, torch.bfloat16, "sharded", "transformers"),
     "llama_tied_bf16_bin": ("LLAMA", {"tie_word_embeddings": True}, torch.bfloat16, "bin", "transformers"),
+    "qwen2_tied_f32": ("QWEN2", {"tie_word_embeddings": True}, torch.float32, "safetensors", "transformers"),
+    "qwen2_untied_bf16_sharded": ("QWEN2", {"tie_word_embeddings": False}, torch.bfloat16, "sharded", "transformers"),
 }
 
 
@@ -146,7 +148,7 @@ def test_save_of_loaded_params(hf_gpt2, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("family", ["GPT2", "LLAMA"])
+@pytest.mark.parametrize("family", ["GPT2", "LLAMA", "QWEN2"])
 def test_state_dict_round_trip_in_memory(hf, family):
     from diffujax.checkpoint import from_state_dict, to_state_dict
 

@@ -2,27 +2,22 @@
 
 import json
 import pathlib
-import random
 
 import pytest
 
-LICENSES = pathlib.Path("/usr/share/common-licenses")
+TEXT = pathlib.Path(__file__).resolve().parents[2] / "diffujax" / "assets" / "gpl-3.0.txt"
 
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> pathlib.Path:
-    """A handful of text files: the system's license texts, or generated prose where absent."""
+    """A handful of text files: the GPL-3 text that ships with diffujax, cut into six files at
+    paragraph boundaries (the same corpus on every machine)."""
     out = tmp_path_factory.mktemp("corpus")
-    files = sorted(p for p in LICENSES.glob("*") if p.is_file() and not p.is_symlink())
-    if files:
-        for p in files:
-            (out / f"{p.name}.txt").write_bytes(p.read_bytes())
-    else:
-        rng = random.Random(0)
-        words = "the of and to in license software copy free work source any may you".split()
-        for i in range(12):
-            paras = [" ".join(rng.choices(words, k=rng.randint(20, 80))) for _ in range(30)]
-            (out / f"doc{i}.txt").write_text("\n\n".join(paras) + "\n")
+    paragraphs = TEXT.read_text(encoding="utf-8").split("\n\n")
+    size = -(-len(paragraphs) // 6)
+    for i in range(6):
+        chunk = paragraphs[i * size:(i + 1) * size]
+        (out / f"part{i}.txt").write_text("\n\n".join(chunk) + "\n", encoding="utf-8")
     return out
 
 

@@ -192,7 +192,7 @@ def test_sft_rows_follow_the_contract(sp_tok, sft_jsonl):
     refs = [sft_reference(sp_tok, sft_jsonl[i], L) for i in range(len(sft_jsonl))]
     np.testing.assert_array_equal(rows(batches), np.stack([t for t, _ in refs]))
     np.testing.assert_array_equal(rows(batches, "src"), np.stack([s for _, s in refs]))
-    assert rows(batches, "loss_mask").all()  # padding is a target (SPEC 4)
+    assert rows(batches, "loss_mask").all()  # padding is a target (docs/algorithms.md §4)
     assert (rows(batches, "segment_ids") == 1).all()
 
 
@@ -256,10 +256,3 @@ def test_worker_process(sp_tok):
         it.close()
 
 
-def test_state_json_encoding():
-    from diffujax.data.pipeline import _from_json, _to_json
-
-    state = {"a": (1, (-1, -1)), "f": {2: {"next_index": np.int64(3)}}, "l": [(0, 1)], "e": {}}
-    wire = json.loads(json.dumps(_to_json(state)))
-    assert _from_json(wire) == {"a": (1, (-1, -1)), "f": {2: {"next_index": 3}}, "l": [(0, 1)],
-                                "e": {}}

@@ -103,3 +103,21 @@ def test_model_vocab_check(any_tok):
         any_tok.check_model_vocab(300)
     with pytest.raises(VocabMismatchError):
         load_tokenizer(any_tok.path, model_vocab_size=399)
+
+
+def test_generated_text_stops_at_the_first_eos(hf_tok):
+    a, b = hf_tok.encode("free"), hf_tok.encode(" software")
+    eos = hf_tok.eos_id
+    ids = a + [eos] + b + [eos]
+    assert hf_tok.decode_generated(ids) == "free"
+    assert hf_tok.decode_generated(ids, stop_at_eos=False) == hf_tok.decode(ids)
+    assert hf_tok.decode_generated(a + b) == "free software"  # no EOS: everything
+
+
+def test_start_id_prefers_the_tokenizers_bos(sp_dir, hf_tok):
+    sp = load_tokenizer(sp_dir)
+    assert sp.start_id(config_bos=7) == 1  # the tokenizer's BOS: what the pipeline used
+    assert load_tokenizer(sp_dir, bos=None).start_id(config_bos=7) == 7
+    assert load_tokenizer(sp_dir, bos=None).start_id() == 2  # EOS: a document boundary
+    assert load_tokenizer(sp_dir, bos=None, eos=None).start_id() is None
+    assert hf_tok.start_id() == hf_tok.bos_id == 0

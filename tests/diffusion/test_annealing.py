@@ -1,6 +1,7 @@
-"""Attention-mask annealing (SPEC 3), as the training loop uses it through
-``diffujax.attention.pattern``. References: the SPEC ratio formula, the exact causal / full masks
-(numpy ``tril`` / ``ones``) and the binomial distribution of the opened future entries."""
+"""Attention-mask annealing (docs/algorithms.md §3), as the training loop uses it through
+``diffujax.attention.pattern``. References: the docs/algorithms.md ratio formula, the exact causal /
+full masks (numpy ``tril`` / ``ones``) and the binomial distribution of the opened future
+entries."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,6 @@
-"""Float32-exact categorical sampling (SPEC 6). Reference: the same random bits turned into an
-exponential race in float64 numpy, and chi-square tests (scipy) against float64 probabilities."""
+"""Float32-exact categorical sampling (docs/algorithms.md §6). Reference: the same random bits
+turned into an exponential race in float64 numpy, and chi-square tests (scipy) against float64
+probabilities."""
 
 import jax
 import jax.numpy as jnp

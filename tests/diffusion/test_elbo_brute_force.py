@@ -1,4 +1,4 @@
-"""The "tokens" objective as a likelihood bound, by brute force (SPEC 2.6 and 5).
+"""The "tokens" objective as a likelihood bound, by brute force (docs/algorithms.md §2.6 and 5).
 
 Reference: exact enumeration in float64 numpy over a vocabulary of 3 real tokens plus the mask
 and sequences of length 4 (position 0 given, 3 targets). For a masked set ``S`` of size ``k`` out

@@ -1,6 +1,7 @@
-"""Scoring and likelihood estimators (SPEC 5). References: float64 numpy re-implementations from
-the SPEC text (multiple-choice score on the same noise draws, AR NLL, the ratio standard error)
-and, for LLaDA's estimator, its exact expectation by enumerating every noised subset."""
+"""Scoring and likelihood estimators (docs/algorithms.md §5). References: float64 numpy
+re-implementations from the docs/algorithms.md text (multiple-choice score on the same noise draws,
+AR NLL, the ratio standard error) and, for LLaDA's estimator, its exact expectation by enumerating
+every noised subset."""
 
 import itertools
 

@@ -1,5 +1,6 @@
-"""Loss parity with PyTorch. Reference: the SPEC 2 loss written in plain torch on a transformers
-``LlamaForCausalLM`` run with full (bidirectional) attention, fed the same ``t`` and noise mask.
+"""Loss parity with PyTorch. Reference: the docs/algorithms.md §2 loss written in plain torch on a
+transformers ``LlamaForCausalLM`` run with full (bidirectional) attention, fed the same ``t`` and
+noise mask.
 
 Two levels: (1) diffujax's loss on the logits torch computed (checks the loss math alone);
 (2) diffujax's loss on diffujax's own Llama holding the same weights, converted with
@@ -10,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from diffujax.attention.pattern import full
+from diffujax.checkpoint import from_state_dict
 from diffujax.diffusion import diffusion_loss, forward_process
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from diffujax.models import create_model, functional
 
 B, L, V, M = 3, 12, 97, 96
 HF_CONFIG = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -39,7 +41,7 @@ def torch_logits(model, x_t):
 
 
 def torch_reference_loss(logits, x, noise, t, src, normalization):
-    """SPEC 2.4-2.6 in torch."""
+    """docs/algorithms.md §2.4-2.6 in torch."""
     x, noise, t, src = (torch.tensor(np.array(a)) for a in (x, noise, t, src))
     x = x.long()
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1),
@@ -89,19 +91,13 @@ def test_loss_on_torch_logits_matches_torch_reference(torch_model):
 
 def _diffujax_llama(torch_model):
     """diffujax's Llama holding the torch weights, through the checkpoint converter."""
-    from diffujax.checkpoint import from_state_dict
-    from diffujax.models import create_model, functional
-
     config, params = from_state_dict(torch_model.config.to_dict(), torch_model.state_dict())
     apply_fn, _ = functional(create_model(config, seed=0))
     return apply_fn, params
 
 
 def test_loss_on_diffujax_llama_matches_torch_reference(torch_model):
-    try:
-        apply_fn, params = _diffujax_llama(torch_model)
-    except ImportError as e:  # models / converter not in this checkout
-        pytest.skip(f"diffujax model or checkpoint converter unavailable: {e}")
+    apply_fn, params = _diffujax_llama(torch_model)
     x, src = _batch()
     key = jax.random.key(2)
     _check(_diffujax_losses(apply_fn, params, x, src, key), torch_model, x, src, key)

@@ -1,5 +1,5 @@
-"""Forward process (SPEC 2 steps 1-2). References: the SPEC formulas, the uniform distribution
-(Kolmogorov-Smirnov via scipy) and binomial counts."""
+"""Forward process (docs/algorithms.md §2 steps 1-2). References: the docs/algorithms.md formulas,
+the uniform distribution (Kolmogorov-Smirnov via scipy) and binomial counts."""
 
 import jax
 import jax.numpy as jnp

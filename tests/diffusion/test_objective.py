@@ -1,5 +1,6 @@
-"""Training objective (SPEC 2 steps 4-6) and the AR loss. Reference: a float64 numpy loop written
-from the SPEC formulas; gradient accumulation is checked against the full-batch gradient."""
+"""Training objective (docs/algorithms.md §2 steps 4-6) and the AR loss. Reference: a float64 numpy
+loop written from the docs/algorithms.md formulas; gradient accumulation is checked against the
+full-batch gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ B, L, V, M = 4, 7, 11, 10
 
 
 def _reference(logits, x, noise, t, src, loss_mask, normalization):
-    """SPEC 2.4-2.6 as loops in float64."""
+    """docs/algorithms.md §2.4-2.6 as loops in float64."""
     logits = np.asarray(logits, np.float64)
     x, noise, t = np.asarray(x), np.asarray(noise), np.asarray(t, np.float64)
     src, loss_mask = np.asarray(src), np.asarray(loss_mask)
@@ -132,12 +133,14 @@ def test_ar_loss_matches_reference():
     seen = []
 
     def apply_fn(params, tokens, pattern):
-        seen.append(pattern.kind)
+        seen.append((pattern, np.asarray(tokens)))
         return logits
 
-    loss, _ = ar_loss(apply_fn, None, x, loss_mask=loss_mask)
-    assert seen == ["causal"]
+    loss, metrics = ar_loss(apply_fn, None, x, loss_mask=loss_mask)
+    [(pattern, tokens)] = seen  # one forward pass, causal, on the clean tokens
+    assert pattern == causal() and np.array_equal(tokens, x)
     everything = jnp.ones((B, L), bool)
     expected, _, _ = _reference(logits, x, everything, np.ones(B), ~everything, loss_mask, "tokens")
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    assert causal().kind == "causal"
+    # every next-token target counts except the two that loss_mask drops (row 3, positions 5, 6)
+    assert float(metrics["target_tokens"]) == B * (L - 1) - 2

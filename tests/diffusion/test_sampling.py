@@ -1,6 +1,6 @@
-"""Samplers (SPEC 6). References: the exact distribution of the T-step ancestral sampler by
-enumeration (float64 numpy) with a chi-square test (scipy); the SPEC rules checked on recorded
-trajectories; argmax of a fixed logits table for the shift convention."""
+"""Samplers (docs/algorithms.md §6). References: the exact distribution of the T-step ancestral
+sampler by enumeration (float64 numpy) with a chi-square test (scipy); the docs/algorithms.md rules
+checked on recorded trajectories; argmax of a fixed logits table for the shift convention."""
 
 import itertools
 
@@ -11,7 +11,7 @@ import pytest
 from scipy import special, stats
 
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
-                                sample_threshold, truncate_after_eos)
+                                sample_threshold)
 from diffusion_toys import fixed_apply, mixing_apply, sequence_index, table_apply
 
 # --- exact distribution of the ancestral sampler -------------------------------------------
@@ -166,13 +166,6 @@ def test_threshold_decoding_needs_fewer_passes_on_a_confident_model():
                             mask_token_id=MASK, threshold=0.9)
     np.testing.assert_array_equal(fast.tokens, greedy.tokens)
     assert int(fast.forwards) == 1 and int(greedy.forwards) == generated
-
-
-def test_truncate_after_eos():
-    tokens = jnp.array([[1, 2, 9, 3, 9, 4], [1, 9, 2, 3, 4, 5]])
-    src = jnp.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], bool)  # a fixed EOS is not a stop
-    np.testing.assert_array_equal(truncate_after_eos(tokens, src, eos_id=9, pad_id=0),
-                                  [[1, 2, 9, 0, 0, 0], [1, 9, 2, 3, 4, 5]])
 
 
 @pytest.mark.parametrize("sampler", [sample_ancestral, sample_confidence])

@@ -1,6 +1,6 @@
-"""SFT data contract (SPEC 4). Reference: the sequences written out by hand from the SPEC layout
-``[BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...``; and the objective's normalisations on
-that layout computed by hand."""
+"""SFT data contract (docs/algorithms.md §4). Reference: the sequences written out by hand from the
+docs/algorithms.md layout ``[BOS] + prompt + [SEP] + answer + [EOS] + [PAD]...``; and the
+objective's normalisations on that layout computed by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -43,23 +43,28 @@ def test_without_separator_and_batching():
         build_sft_batch([], length=4, **IDS)
 
 
-def test_padding_is_a_target_and_sequence_normalisation():
-    """Answer, EOS and PAD are noised targets; "sequence" divides by each row's target count."""
+def test_padding_is_a_target_and_the_three_normalisations():
+    """Answer, EOS and PAD are targets; "tokens" divides by all targets, "masked" by the noised
+    ones, "sequence" averages each row's sum over its own target count. Two targets are left
+    clean, so the three denominators differ."""
     tokens, src = build_sft_batch([([10], [20]), ([10, 11], [20, 21, 22])], length=8, **IDS)
     tokens, src = jnp.asarray(tokens), jnp.asarray(src)
-    noise = ~src  # everything that may be noised is
+    # noised: all non-src positions but row 0's last PAD and row 1's "21"
+    noise = ~src & ~jnp.zeros((2, 8), bool).at[0, 7].set(True).at[1, 5].set(True)
     t = jnp.array([0.5, 0.25])
     logits = jax.random.normal(jax.random.key(0), (2, 8, 32))
     noised = NoisedBatch(t, noise, jnp.where(noise, 31, tokens))
     ce = -jax.nn.log_softmax(logits[:, :-1], axis=-1)
     ce = np.asarray(jnp.take_along_axis(ce, tokens[:, 1:, None], axis=-1)[..., 0])
-    targets = np.asarray(noise[:, 1:])
+    noised_targets = np.asarray(noise[:, 1:])
     # row 0 [BOS 10 SEP | 20 EOS PAD PAD PAD], row 1 [BOS 10 11 SEP | 20 21 22 EOS]
-    assert targets.sum(axis=1).tolist() == [5, 4]
-    per_row = (ce * targets).sum(axis=1) / np.asarray(t)
-    for normalization, expected in [("tokens", per_row.sum() / 9),
-                                    ("masked", per_row.sum() / 9),
-                                    ("sequence", (per_row / [5, 4]).mean())]:
+    targets = np.asarray(~src[:, 1:]).sum(axis=1)
+    assert targets.tolist() == [5, 4] and noised_targets.sum(axis=1).tolist() == [4, 3]
+    per_row = (ce * noised_targets).sum(axis=1) / np.asarray(t)
+    expected = {"tokens": per_row.sum() / 9, "masked": per_row.sum() / 7,
+                "sequence": (per_row / [5, 4]).mean()}
+    assert len({round(float(v), 6) for v in expected.values()}) == 3  # distinguishable
+    for normalization, value in expected.items():
         sums = jax.jit(loss_sums_from_logits, static_argnames="normalization")(
             logits, tokens, noised, src=src, normalization=normalization)
-        np.testing.assert_allclose(sums.loss, expected, rtol=1e-5)
+        np.testing.assert_allclose(sums.loss, value, rtol=1e-5)

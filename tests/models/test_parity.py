@@ -1,5 +1,5 @@
 """Logits parity with Hugging Face transformers (the independent reference: torch, CPU, float32)
-on tiny randomly initialised GPT-2 and LLaMA models, through the converter's in-memory path.
+on tiny randomly initialised GPT-2, LLaMA and Qwen2 models, through the converter's in-memory path.
 
 Error measure: max |diffujax - torch| over all logits, relative to max |torch logit|.
 Full attention is compared with torch given an all-zeros 4D additive mask (no causal mask).
@@ -20,6 +20,11 @@ GPT2 = dict(model_type="gpt2", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_p
 LLAMA = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
              rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+# Qwen2: q/k/v biases (randomised below, so a dropped bias shows), a large RoPE base.
+QWEN2 = dict(model_type="qwen2", vocab_size=V, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=0,
+             eos_token_id=0)
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=16)  # L=24 runs past the original length
 
@@ -35,6 +40,8 @@ CASES = {
     # transformers 5.x spelling: everything under rope_parameters.
     "llama3_rope_parameters": {**LLAMA, "num_key_value_heads": 1, "tie_word_embeddings": True,
                                "rope_parameters": {"rope_theta": 10000.0, **LLAMA3_SCALING}},
+    "qwen2_gqa_tied": {**QWEN2, "tie_word_embeddings": True},  # Qwen2.5-0.5B's shape
+    "qwen2_mha_untied": {**QWEN2, "num_key_value_heads": 4, "tie_word_embeddings": False},
 }
 
 
@@ -94,7 +101,7 @@ def test_logits_match_transformers(models, case, bidirectional):
     assert rel_err(ours, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama_gqa_tied"])
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa_tied", "qwen2_gqa_tied"])
 def test_full_attention_is_bidirectional(models, case):
     """Changing the last token moves the logits at position 0 under full attention only."""
     ref_model, _, model = models(case)
@@ -106,7 +113,7 @@ def test_full_attention_is_bidirectional(models, case):
     assert np.array_equal(np.asarray(model(a, causal()))[:, :-1], np.asarray(model(b, causal()))[:, :-1])
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama_gqa_tied"])
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa_tied", "qwen2_gqa_tied"])
 def test_bfloat16_stays_close(models, case):
     """bfloat16 parameters and compute against the float32 torch reference: loose tolerance."""
     ref_model, _, _ = models(case)

@@ -132,7 +132,7 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 
 def test_model_config_round_trip():
-    from diffujax.models.configs import LlamaConfig
+    from diffujax.models import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                       intermediate_size=32, mask_token_id=3,

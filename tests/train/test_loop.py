@@ -1,6 +1,6 @@
 """The shipped run configs, and the loop's non-finite safety stop (in-process).
 
-Reference for the hyperparameters: SPEC section 2 (paper and reference code)."""
+Reference for the hyperparameters: docs/algorithms.md §2 (paper and reference code)."""
 
 import pathlib
 
@@ -12,7 +12,8 @@ import pytest
 from diffujax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"),
+                  *(ROOT / "diffujax" / "assets").glob("*.yaml")])
 
 
 def test_configs_exist():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from diffujax.models.configs import GPT2Config, LlamaConfig
+from diffujax.models import GPT2Config, LlamaConfig
 from diffujax.train import metrics as M
 
 GPT2_SMALL = GPT2Config(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,

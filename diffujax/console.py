@@ -1,0 +1,90 @@
+"""What the command line shows a person: log records, errors, progress bars. One place for each.
+
+- ``setup_logging(debug)``: diffujax's log records reach stderr (INFO and up; ``--debug``:
+  DEBUG), written through tqdm so they never tear a progress bar.
+- ``error_line(exc, prefix)``: bad input is one line; with ``--debug`` the traceback too.
+- ``progress(iterable, total=, desc=)``: a tqdm bar on stderr when stderr is a terminal (or
+  ``DIFFUJAX_PROGRESS=1``); nothing in log files and pipes (or ``DIFFUJAX_PROGRESS=0``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from tqdm import tqdm
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_debug = False
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """A stderr handler that prints above any active tqdm bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging take the program down
+            self.handleError(record)
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Show diffujax's log records on stderr (INFO and up; ``debug``: DEBUG and up). The handler
+    sits on diffujax's own loggers, which do not propagate, so a library that configures the root
+    logger (``logging.basicConfig``) neither duplicates nor reformats them; library records keep
+    going to the root logger (by default: WARNING and up on stderr). Idempotent."""
+    global _debug
+    _debug = debug
+    for name in ("diffujax", "__main__"):  # __main__: a module run as `python -m diffujax.x`
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+            handler = _TqdmHandler()
+            handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+        logger.propagate = False
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+def error_line(exc: BaseException, prefix: str | None = None) -> None:
+    """``[prefix: ]error: message`` on stderr; under ``--debug`` preceded by the traceback."""
+    if _debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"{prefix + ': ' if prefix else ''}error: {exc}", file=sys.stderr)
+
+
+def progress_enabled() -> bool:
+    setting = os.environ.get("DIFFUJAX_PROGRESS", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return sys.stderr.isatty()
+
+
+def progress(iterable=None, *, total=None, desc=None, unit="it"):
+    """``iterable`` wrapped in a progress bar (or unchanged when bars are off). Without an
+    iterable: an object with ``update(n)`` and ``close()``, usable as a context manager."""
+    if progress_enabled():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
+                    dynamic_ncols=True)
+    return iterable if iterable is not None else _NoBar()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

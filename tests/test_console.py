@@ -1,0 +1,144 @@
+"""What the command line shows: log records reach stderr, `--debug` turns a one-line error into a
+traceback, progress bars appear on a terminal (forced here with DIFFUJAX_PROGRESS=1) and never in
+pipes. Each case runs the real CLI in a fresh interpreter, as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+def cli(*args, env=None, module="diffujax.cli"):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_bad_input_is_one_line_and_debug_adds_the_traceback(tmp_path):
+    missing = tmp_path / "no-such-model"
+    plain = cli("export", str(missing), str(tmp_path / "out"))
+    assert plain.returncode != 0
+    lines = plain.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and str(missing) in lines[0]
+    for argv in (("--debug", "export"), ("export", "--debug")):  # before or after the command
+        debug = cli(*argv, str(missing), str(tmp_path / "out"))
+        assert debug.returncode == plain.returncode
+        assert "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1] == lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_config_error_debug_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_key: 1\n")
+    plain = cli("train", "--config", str(bad))
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
+    assert "no_such_key" in plain.stderr
+    debug = cli("--debug", "train", "--config", str(bad))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_log_records_are_shown_once(tmp_path):
+    """pretokenize logs through `logging` (INFO): the records reach stderr with time, level and
+    logger name, once, even when a library has configured the root logger (absl does so as soon
+    as orbax is imported)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(30)} | {"<unk>": 30, "<eos>": 31}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    text = tmp_path / "a.txt"
+    text.write_text(" ".join(f"w{i % 30}" for i in range(400)))
+    args = ["--tokenizer", str(tok_dir), "--shards", "2", "--seq-len", "16", str(text)]
+    message = "pretokenize: 2 of 2 shards to write"
+    # As documented: python -m diffujax.data.pretokenize (the module is __main__ then).
+    done = cli("--out", str(tmp_path / "a"), *args, module="diffujax.data.pretokenize")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(message) == 1 and " INFO __main__: " + message in done.stderr
+    # Imported, after a library called logging.basicConfig().
+    code = ("import logging, sys; logging.basicConfig(); "
+            "from diffujax.data.pretokenize import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "b"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(message) == 1
+    assert " INFO diffujax.data.pretokenize: " + message in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "tests" / "checkpoint"))
+    try:
+        from conftest import GPT2, tiny_model, write_hf, write_tokenizer
+    finally:
+        sys.path.pop(0)
+    d = tmp_path_factory.mktemp("hf")
+    write_hf(d, tiny_model(GPT2))
+    write_tokenizer(d)
+    return d
+
+
+def test_progress_bars_on_convert_export_eval(tiny_hf, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(200)))
+    forced = {"DIFFUJAX_PROGRESS": "1"}
+    conv = cli("convert", str(tiny_hf), str(ckpt), "--no-mask-token", env=forced)
+    assert conv.returncode == 0, conv.stderr
+    assert "read: 100%" in conv.stderr and "tensor" in conv.stderr
+    exp = cli("export", str(ckpt), str(out), env=forced)
+    assert exp.returncode == 0, exp.stderr
+    assert "write: 100%" in exp.stderr
+    ev = cli("eval", "--checkpoint", str(ckpt), "--text", str(text), "--objective", "ar",
+             "--seq-len", "16", "--batch-size", "8", env=forced)
+    assert ev.returncode == 0, ev.stderr
+    # The whole file is scored by default: 200 tokens -> 12 blocks of 16 -> 2 batches of 8.
+    assert "eval ar: 100%" in ev.stderr and "2/2" in ev.stderr
+    assert "(12 x 16 tokens, the whole file but its last partial block)" in ev.stdout
+
+
+def test_bars_only_on_a_terminal_unless_forced(monkeypatch):
+    from diffujax import console
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for tty, setting, shown in ((False, None, False), (True, None, True), (False, "1", True),
+                                (True, "0", False)):
+        monkeypatch.setattr(sys, "stderr", Stream(tty))
+        if setting is None:
+            monkeypatch.delenv("DIFFUJAX_PROGRESS", raising=False)
+        else:
+            monkeypatch.setenv("DIFFUJAX_PROGRESS", setting)
+        assert console.progress_enabled() is shown
+    items = [1, 2]
+    assert console.progress(items, total=2) is items  # off: the iterable itself, untouched
+
+
+def test_eval_blocks_default_to_the_whole_file(tmp_path):
+    from diffujax.evaluate import read_blocks
+
+    class Words:  # one token per character
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    text = tmp_path / "t.txt"
+    text.write_text("x" * 50)
+    assert read_blocks(Words(), str(text), 16).shape == (3, 16)  # 48 of 50 tokens
+    assert read_blocks(Words(), str(text), 16, 2).shape == (2, 16)
+    assert read_blocks(Words(), str(text), 16, 9).shape == (3, 16)
