@@ -241,6 +241,11 @@ class PlanSection:
         if self.model is not None:
             object.__setattr__(self, "model", _validate_init(self.model, f"{key}.model"))
 
+    def model_config(self) -> ModelConfig:
+        """The architecture described by ``model`` (as ``ModelSection.init_config``)."""
+        fields = dict(self.model)
+        return FAMILIES[fields.pop("family")].config(**fields)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:

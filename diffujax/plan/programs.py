@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from diffujax.checkpoint import store
 from diffujax.diffusion.sampling import sample_confidence
 from diffujax.models import abstract_model, functional
-from diffujax.models.configs import FAMILIES
 from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
@@ -51,9 +50,8 @@ def plan_model_config(cfg):
         return cfg.resolve_model_config(), "model.init"
     path = cfg.model.checkpoint
     if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
-        base = cfg.plan.model.copy()
-        loaded = FAMILIES[base.pop("family")](**base)
-        return cfg.resolve_model_config(loaded), f"plan.model (no checkpoint at {path})"
+        return (cfg.resolve_model_config(cfg.plan.model_config()),
+                f"plan.model (no checkpoint at {path})")
     path = model_checkpoint(cfg)
     try:
         loaded, _ = store.read_meta(path)
