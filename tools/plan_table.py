@@ -23,7 +23,6 @@ START, END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"
 # (config, slice or None for the config's plan.topology, overrides)
 ROWS = (
     ("configs/diffugpt_s.yaml", None, ()),
-    ("configs/diffugpt_s.yaml", "v5p-8", ()),
     ("configs/diffugpt_m.yaml", None, ()),
     ("configs/diffullama_7b.yaml", None, ()),
 )
