@@ -1,4 +1,5 @@
-"""``diffujax`` command line: convert | export | eval | generate | tasks | lm-eval | train | demo.
+"""``diffujax`` command line: convert | export | default-model | eval | generate | tasks |
+lm-eval | train | plan | demo.
 
 Each subcommand lives with its concern and exposes ``add_<name>_args(parser)`` and
 ``run_<name>(args) -> int``; this file only wires them up (imported lazily so ``--help`` is quick).
@@ -26,6 +27,7 @@ COMMANDS = {
               " from local files"),
     "lm-eval": ("diffujax.tasks.harness", "lm-evaluation-harness with the diffujax model"),
     "train": ("diffujax.train.loop", "diffusion (pre-)training from a YAML config"),
+    "plan": ("diffujax.plan", "compile a run for a Cloud TPU slice here: HBM, collectives, est. MFU"),
     "demo": ("diffujax.demo", "the README's main job on the embedded default model"),
 }
 

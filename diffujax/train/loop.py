@@ -49,7 +49,7 @@ from diffujax.train.checkpointing import PreemptionGuard, save_model
 from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.state import (abstract_train_state, create_train_state, params_of,
                                   train_state_shardings)
-from diffujax.train.step import heldout_nll, make_eval_step, make_train_step
+from diffujax.train.step import after_annealing, heldout_nll, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ class _Run:
         if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
             return self.train_step
         if self._full_attention_step is None:
-            cfg = dataclasses.replace(self.cfg, diffusion=dataclasses.replace(d, anneal_steps=0))
+            cfg = after_annealing(self.cfg)
             self._full_attention_step = make_train_step(cfg, self.model_cfg, self._apply_fn,
                                                         self.mesh, self.rules)
         return self._full_attention_step

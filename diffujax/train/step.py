@@ -19,6 +19,7 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -96,6 +97,14 @@ def training_dropout(run_cfg, model_cfg) -> bool:
         log.warning("attn_pdrop %g is not applied: the attention kernels have no dropout on the"
                     " attention probabilities", rates["attn_pdrop"])
     return bool(rates["embd_pdrop"] or rates["resid_pdrop"])
+
+
+def after_annealing(run_cfg):
+    """The run config of the steps after the annealing ramp (r = 1): the same step with the plain
+    full pattern, which computes the same numbers but lets the attention kernels take their
+    full-attention paths."""
+    return dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion,
+                                                                      anneal_steps=0))
 
 
 def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
@@ -253,4 +262,4 @@ def heldout_nll(eval_step: CompiledStep, params, batches, key, *, kind: str = "e
                          num_draws=0 if kind == "ar" else 1)
 
 
-__all__ = ["CompiledStep", "heldout_nll", "make_eval_step", "make_train_step"]
+__all__ = ["CompiledStep", "after_annealing", "heldout_nll", "make_eval_step", "make_train_step"]
