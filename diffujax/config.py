@@ -26,6 +26,7 @@ from diffujax.data.pipeline import PipelineOptions
 from diffujax.data.sources import FORMATS
 from diffujax.models import FAMILIES, ModelConfig, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
+from diffujax.parallel.topology import parse_slice
 from diffujax.plain import to_plain
 
 
@@ -49,6 +50,10 @@ class ModelSection:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     remat: Literal["none", "full", "dots"] | None = None
     init_seed: int = 0
+    # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
+    # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
+    # sampling. Models without dropout in their config (LLaMA) are unaffected.
+    dropout: bool = True
 
     def validate(self, key: str):
         if (self.checkpoint is None) == (self.init is None):
@@ -239,6 +244,29 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class PlanSection:
+    """What ``diffujax plan`` needs besides the run itself (``train`` ignores it)."""
+
+    topology: str | None = None  # the Cloud TPU slice the run is meant for, e.g. v5p-128
+    # The architecture of model.checkpoint (model.init fields), so that plan runs without it.
+    model: dict[str, Any] | None = None
+
+    def validate(self, key: str):
+        if self.topology is not None:
+            try:
+                parse_slice(self.topology)
+            except ValueError as e:
+                raise ConfigError(f"{key}.topology: {e}") from None
+        if self.model is not None:
+            object.__setattr__(self, "model", _validate_init(self.model, f"{key}.model"))
+
+    def model_config(self) -> ModelConfig:
+        """The architecture described by ``model`` (as ``ModelSection.init_config``)."""
+        fields = dict(self.model)
+        return FAMILIES[fields.pop("family")].config(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     output_dir: str | None = None
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -249,6 +277,7 @@ class RunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    plan: PlanSection = dataclasses.field(default_factory=PlanSection)
 
     def validate(self, key: str):
         accum = self.optimizer.grad_accum_steps

@@ -33,7 +33,8 @@ LAYERS = (
     ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
     ("diffujax.config",),  # the run config tree
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
-    ("diffujax.evaluate", "diffujax.generate", "diffujax.convert"),  # commands
+    ("diffujax.evaluate", "diffujax.generate", "diffujax.convert", "diffujax.plan"),  # commands
+    ("diffujax.tasks",),  # the task harness and the lm-eval model (on eval/generate's pieces)
     ("diffujax.demo", "diffujax.cli"),
 )
 

@@ -47,7 +47,7 @@ from diffujax.train.resume import check_resume
 from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.startup import initial_state
 from diffujax.train.state import params_of
-from diffujax.train.step import make_train_step
+from diffujax.train.step import after_annealing, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +220,8 @@ class _Run:
         if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
             return self.train_step
         if self._full_attention_step is None:
-            cfg = dataclasses.replace(self.cfg, diffusion=dataclasses.replace(d, anneal_steps=0))
-            self._full_attention_step = make_train_step(cfg, self.model_cfg, self._apply_fn,
-                                                        self.mesh, self.rules)
+            self._full_attention_step = make_train_step(after_annealing(self.cfg), self.model_cfg,
+                                                        self._apply_fn, self.mesh, self.rules)
         return self._full_attention_step
 
     # -- the loop --------------------------------------------------------------------------------

@@ -1,0 +1,208 @@
+"""One training step, diffujax vs plain PyTorch + transformers, on the same machine.
+
+    python benchmarks/train_step.py                         # CPU: SmolLM2-135M at L = 256
+    python benchmarks/train_step.py --batch 8 --steps 5
+    python benchmarks/train_step.py --gpu                   # GPU: SmolLM2 and a 1.1B LLaMA, L = 2048
+
+Both sides take the same step: the masked-diffusion loss (docs/algorithms.md §2: the same noised
+batch x_t, the same noise mask and t, shift, ``1/t`` weights, "masked" normalisation) with full
+bidirectional attention, its gradient, global-norm clipping at 1.0 and AdamW, on the same
+weights. diffujax runs its real ``make_train_step`` (what ``diffujax train`` runs: noise drawn
+inside the step from the step's key); the torch side is the straightforward implementation
+(``LlamaForCausalLM`` with an all-zero 4D additive mask, ``torch.optim.AdamW``). The batch's
+noise is drawn once with diffujax's own ``forward_process`` and the same key, so the first-step
+losses must agree (printed as a check). Times exclude compilation / a warm-up step; reported:
+tokens per second (``B * L / step time``, median of ``--steps``) side by side, their ratio, and on
+a GPU the MFU (model FLOPs: 6N + full attention, ``train/metrics.py``).
+
+Models: SmolLM2-135M-Instruct (the embedded default model, ``diffujax default-model``) and, on a
+GPU, a TinyLlama-1.1B-shaped LLaMA with random weights (same weights on both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffujax.attention.pattern import full
+from diffujax.checkpoint import load, to_state_dict
+from diffujax.checkpoint.smollm2 import default_model
+from diffujax.config import from_dict
+from diffujax.diffusion.noise import forward_process
+from diffujax.models import LlamaConfig, abstract_model, create_model, functional
+from diffujax.parallel.mesh import make_global_batch, make_mesh
+from diffujax.train import metrics as M
+from diffujax.train.state import create_train_state
+from diffujax.train.step import make_train_step
+
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.0, 1.0
+TINYLLAMA = LlamaConfig(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
+                        num_kv_heads=4, intermediate_size=5632, max_positions=2048,
+                        tie_word_embeddings=False, mask_token_id=31999, bos_token_id=1,
+                        eos_token_id=2)
+
+
+def run_config(batch: int, seq_len: int, dtype: str):
+    """The diffujax run config of the step (one device, full attention from step 0)."""
+    return from_dict({
+        "output_dir": "unused",
+        "model": {"init": {"family": "llama", "vocab_size": 8, "hidden_size": 8, "num_layers": 1,
+                           "num_heads": 1, "intermediate_size": 8}, "dtype": dtype,
+                  "param_dtype": "float32"},
+        "diffusion": {"anneal_steps": 0, "normalization": "masked"},
+        "data": {"seq_len": seq_len, "global_batch": batch},
+        "optimizer": {"peak_lr": LR, "schedule": "constant", "b1": BETAS[0], "b2": BETAS[1],
+                      "eps": EPS, "weight_decay": WEIGHT_DECAY, "clip_norm": CLIP},
+        "mesh": {"shape": {"data": 1, "fsdp": 1, "tensor": 1}},
+        "train": {"steps": 1000},
+    })
+
+
+def models(name: str, dtype: str):
+    """``(model_cfg, params)``: the same weights for both sides."""
+    if name == "smollm2":
+        config, params = load(default_model(), dtype="float32")
+    else:
+        config = TINYLLAMA
+        params = functional(create_model(config, seed=0))[1]
+    return config.replace(dtype=dtype, param_dtype="float32"), params
+
+
+def the_batch(config, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.mask_token_id, (batch, seq_len), dtype=np.int32)
+    tokens[:, 0] = config.bos_token_id or 0
+    return tokens
+
+
+def time_steps(step_once, steps: int) -> float:
+    """Median seconds of ``steps`` calls after one warm-up call."""
+    step_once()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step_once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def diffujax_side(config, params, tokens, cfg, steps: int):
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    rules = cfg.mesh.rule_table()
+    apply_fn = functional(abstract_model(config))[0]
+    state = create_train_state(cfg, config, mesh, rules, params=params)
+    step = make_train_step(cfg, config, apply_fn, mesh, rules)
+    batch = make_global_batch({"tokens": tokens}, mesh, rules)
+    holder = {"state": state}
+    state, metrics = step(state, batch)  # compiles; its loss is the first step's
+    first_loss = float(metrics["loss"])
+    holder["state"] = state
+
+    def once():
+        holder["state"], m = step(holder["state"], batch)
+        jax.block_until_ready(m["loss"])
+
+    return first_loss, time_steps(once, steps)
+
+
+def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: str):
+    import torch  # optional: the torch extra
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    state = {k: torch.from_numpy(np.array(v, np.float32))
+             for k, v in to_state_dict(config, params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise SystemExit(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    if "lm_head.weight" in missing:
+        model.tie_weights()
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                  weight_decay=WEIGHT_DECAY)
+    x_t = torch.as_tensor(np.asarray(noised.x_t), dtype=torch.long, device=device)
+    x0 = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    noise = torch.as_tensor(np.asarray(noised.noise), device=device)[:, 1:]
+    t = torch.as_tensor(np.asarray(noised.t), device=device)
+    b, length = tokens.shape
+    full_attention = torch.zeros(b, 1, length, length, device=device)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+                if dtype == "bfloat16" else torch.autocast(device_type="cpu", enabled=False))
+
+    def loss_fn():
+        with autocast:
+            logits = model(input_ids=x_t, attention_mask=full_attention).logits
+        # shift: logits at i predict token i + 1; weight 1/t on noised targets; "masked" norm
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), x0[:, 1:],
+                                               reduction="none")
+        return (torch.where(noise, ce, 0.0) / t[:, None]).sum() / noise.sum().clamp(min=1)
+
+    def once():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    first_loss = float(once())  # the same weights and batch as diffujax's first step
+    return first_loss, time_steps(once, steps)
+
+
+def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: str) -> dict:
+    config, params = models(name, dtype)
+    cfg = run_config(batch, seq_len, dtype)
+    tokens = the_batch(config, batch, seq_len)
+    # The step's noise: key fold_in(seed, step 0), as make_train_step draws it.
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
+    noised = forward_process(key, jnp.asarray(tokens), mask_token_id=config.mask_token_id,
+                             eps=cfg.diffusion.eps, global_batch=batch)
+    jax_loss, jax_s = diffujax_side(config, params, tokens, cfg, steps)
+    torch_loss, torch_s = torch_side(config, params, tokens, noised, steps, device, dtype)
+    flops = M.train_flops_per_token(config, seq_len) * batch * seq_len
+    peak = M.peak_flops_per_device()
+    return dict(model=name, batch=batch, seq_len=seq_len, dtype=dtype,
+                jax_loss=jax_loss, torch_loss=torch_loss,
+                jax_tokens_s=batch * seq_len / jax_s, torch_tokens_s=batch * seq_len / torch_s,
+                jax_mfu=flops / jax_s / peak if peak else None,
+                torch_mfu=flops / torch_s / peak if peak else None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="bf16 on the GPU: SmolLM2 and 1.1B, L=2048")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (median)")
+    args = p.parse_args(argv)
+    if args.gpu:
+        runs = [("smollm2", args.batch or 16), ("tinyllama-1.1b", args.batch or 8)]
+        seq_len, dtype, device = args.seq_len or 2048, "bfloat16", "cuda"
+    else:
+        runs = [("smollm2", args.batch or 4)]
+        seq_len, dtype, device = args.seq_len or 256, "float32", "cpu"
+    print(f"{jax.devices()[0].device_kind}: one train step (masked-diffusion loss, full"
+          f" attention, AdamW, clip {CLIP}), {dtype}")
+    print(f"{'model':<16}{'B x L':>12}{'loss jax / torch':>22}{'diffujax tok/s':>16}"
+          f"{'torch tok/s':>14}{'ratio':>8}{'MFU jax / torch':>18}")
+    for name, batch in runs:
+        r = bench(name, batch, seq_len, args.steps, dtype, device)
+        mfu = ("n/a" if r["jax_mfu"] is None
+               else f"{100 * r['jax_mfu']:.0f}% / {100 * r['torch_mfu']:.0f}%")
+        print(f"{name:<16}{f'{batch} x {seq_len}':>12}"
+              f"{r['jax_loss']:>11.4f} / {r['torch_loss']:<8.4f}{r['jax_tokens_s']:>16,.0f}"
+              f"{r['torch_tokens_s']:>14,.0f}{r['jax_tokens_s'] / r['torch_tokens_s']:>8.2f}"
+              f"{mfu:>18}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""``diffujax plan``: compile a run for a Cloud TPU slice on any machine and report what it needs.
+
+    diffujax plan --config configs/diffullama_7b.yaml --topology v5p-128 [--num-slices N]
+                  [--what train|eval|generate] [--fit] [--json] [key=value ...]
+
+The programs are compiled by the real TPU compiler (libtpu) for compile-only devices of the named
+slice, from abstract inputs that carry the run's shardings (``programs.py``): no weights, no data,
+no TPU. The report gives, per program: the mesh; HBM per chip (parameters, optimizer state, batch,
+temporaries, total) against the chip's HBM; compile time; the attention backend; the collectives
+of the optimized HLO (``hlo.py``) and any parameter gathered whole; and for the train step the
+model FLOPs and, from XLA's own cost model, an *estimated* step time and MFU (``estimate.py``).
+``--fit`` searches ``optimizer.grad_accum_steps`` (the micro-batch, with the global batch fixed)
+and ``model.remat`` for the fastest setting that fits and prints the overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from diffujax.config import load_config
+from diffujax.parallel.topology import parse_slice
+from diffujax.plan import report as R
+from diffujax.plan.analysis import Target, compile_program, make_target, plan
+from diffujax.plan.search import fit
+
+WHAT = ("train", "eval", "generate")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("example: diffujax plan --config configs/diffugpt_s.yaml --topology v5litepod-8\n"
+                "Compiles with the real TPU compiler on this machine (no TPU, no weights, no"
+                " data).\nExit status: 0 fits, 1 does not fit, 2 bad input.")
+    p.add_argument("--config", metavar="PATH", required=True, help="run config (YAML)")
+    p.add_argument("--topology", metavar="SLICE", default=None,
+                   help="Cloud TPU slice, e.g. v4-8, v5litepod-16, v5p-128, v6e-8 (default: the"
+                        " config's plan.topology)")
+    p.add_argument("--num-slices", type=int, default=None,
+                   help="slices over DCN (default: mesh.num_slices)")
+    p.add_argument("--what", choices=WHAT, default="train",
+                   help="the train step (default), the eval step or the sampler")
+    p.add_argument("--fit", action="store_true",
+                   help="search grad_accum_steps and remat for the fastest setting that fits")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def run_plan(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    topology = args.topology or cfg.plan.topology
+    if not topology:
+        raise ValueError("no slice to plan for: pass --topology (e.g. v5p-128) or set"
+                         " plan.topology in the config")
+    parse_slice(topology)  # a bad name fails before anything is compiled
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.json else None
+    if args.fit:
+        result = fit(cfg, topology, num_slices=args.num_slices, log=log)
+        print(json.dumps(result) if args.json else R.format_fit(result))
+        return 0 if result.get("best") else 1
+    report = plan(cfg, topology, num_slices=args.num_slices, what=args.what, log=log)
+    report["config"]["path"] = os.fspath(args.config)
+    print(json.dumps(report) if args.json else R.format_report(report))
+    return 0 if report["fits"] else 1
+
+
+__all__ = ["Target", "add_plan_args", "compile_program", "fit", "make_target", "plan",
+           "run_plan"]

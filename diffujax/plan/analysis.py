@@ -1,0 +1,171 @@
+"""Compile a run's programs for a slice and read what the compiler says about them.
+
+    target = make_target(cfg, "v5p-128")              # the trainer's mesh on compile-only devices
+    report = plan(cfg, "v5p-128", what="train")       # a JSON-able dict (see ``compile_program``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from diffujax.attention import resolve_backend
+from diffujax.attention.pattern import AttentionPattern
+from diffujax.models import param_specs
+from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
+from diffujax.plan import hlo
+from diffujax.plan.estimate import estimate_step, kernel_summary
+from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
+from diffujax.train import metrics as M
+
+
+@dataclasses.dataclass
+class Target:
+    """Where a plan compiles for: the slice(s), their mesh and the logical rules."""
+
+    slice: SliceSpec
+    num_slices: int
+    mesh: jax.sharding.Mesh
+    rules: tuple
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def device_kind(self) -> str:
+        return self.mesh.devices.flat[0].device_kind
+
+
+def make_target(cfg, topology: str, num_slices: int | None = None) -> Target:
+    """The trainer's mesh (``mesh.shape``; with ``mesh.num_slices`` or ``num_slices`` > 1 the
+    hybrid DCN mesh, ``data`` across slices) over compile-only devices of ``topology``."""
+    spec = parse_slice(topology)
+    slices = cfg.mesh.num_slices if num_slices is None else num_slices
+    mesh_cfg = dataclasses.replace(cfg.mesh, num_slices=slices)
+    mesh = make_mesh(mesh_cfg, slice_devices(spec, slices))
+    return Target(spec, slices, mesh, cfg.mesh.rule_table())
+
+
+# ------------------------------------------------------------------------------ one program
+
+
+def compile_program(program, target: Target, model_cfg) -> dict:
+    """Compile one program; report its memory, collectives and the compiler's cycle estimates.
+    A program the TPU compiler refuses for lack of HBM is reported as not fitting, with the
+    compiler's own numbers (it stops at the first buffer set that does not fit)."""
+    groups = {name: bytes_per_device(tree) for name, tree in program.inputs.items()
+              if tree is not None}
+    hbm = target.slice.hbm_bytes
+    out = dict(name=program.name, description=program.description, rows=program.rows,
+               attention=attention_backend(model_cfg, program, target))
+    t0 = time.perf_counter()
+    try:
+        compiled = program.lower().compile()
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is handled
+        needed = out_of_memory(e)
+        if needed is None:
+            raise
+        out["compile_seconds"] = round(time.perf_counter() - t0, 2)
+        temps, usable = needed
+        out["memory"] = dict(groups, temporaries=temps, total=sum(groups.values()) + temps,
+                             hbm=hbm, hbm_usable=usable, fits=False,
+                             compiler=str(e).strip().splitlines()[0][:400])
+        return out
+    out["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    mem = compiled.memory_analysis()
+    args, temps = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes  # donated state is reused
+    code = mem.generated_code_size_in_bytes
+    total = args + outputs + temps + code
+    # XLA's argument size minus the logical bytes above: tile padding of small arrays, counters.
+    padding = max(0, args - sum(groups.values()))
+    out["memory"] = dict(groups, input_padding=padding, outputs=outputs, temporaries=temps,
+                         code=code, total=total, hbm=hbm, fits=total <= hbm)
+    text = compiled.as_text()
+    items = hlo.collectives(text)
+    shapes = {path: spec.shape for path, spec in param_specs(model_cfg).items()}
+    counts = hlo.estimated_cycles(text)
+    out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
+               kernel_calls=len(counts.kernels),
+               compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
+                                    kernels=[kernel_summary(k) for k in counts.kernels]))
+    return out
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def out_of_memory(error) -> tuple[int, int] | None:
+    """``(required temporaries, available HBM)`` in bytes from the TPU compiler's
+    RESOURCE_EXHAUSTED message (``(0, 0)`` if it gives no sizes), or None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+        return None
+    sizes = [float(v) * _UNITS[u] for v, u in re.findall(r"\((\d+(?:\.\d+)?)([KMGT]?)i?B?\)",
+                                                          text)]
+    return (int(sizes[0]), int(sizes[1])) if len(sizes) >= 2 else (0, 0)
+
+
+def attention_backend(model_cfg, program, target: Target) -> dict:
+    """``{pattern kind: backend}`` of the program's attention layers, as ``attention()`` resolves
+    it for these shapes under the target's mesh."""
+    dtype = jnp.dtype(model_cfg.dtype)
+    length = next(iter(program.inputs["batch"].values())).shape[1]
+    q = jax.ShapeDtypeStruct((1, length, model_cfg.num_heads, model_cfg.head_dim), dtype)
+    k = jax.ShapeDtypeStruct((1, length, model_cfg.num_kv_heads, model_cfg.head_dim), dtype)
+    with jax.set_mesh(target.mesh):
+        chosen = resolve_backend(q, k, AttentionPattern(program.pattern), model_cfg.attention)
+    return {program.pattern: chosen}
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "train",
+         model_cfg=None, log=None) -> dict:
+    """Compile ``what`` (train | eval | generate) for the slice and return the report."""
+    log = log or (lambda msg: None)
+    source = "given"
+    if model_cfg is None:
+        model_cfg, source = plan_model_config(cfg)
+    target = make_target(cfg, topology, num_slices)
+    peak = M.peak_flops_per_device(target.device_kind)
+    accum = cfg.optimizer.grad_accum_steps
+    report = dict(
+        config=dict(seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
+                    grad_accum_steps=accum, micro_batch=cfg.data.global_batch // accum,
+                    remat=model_cfg.remat, dtype=model_cfg.dtype,
+                    param_dtype=model_cfg.param_dtype),
+        model=dict(family=model_cfg.family, source=source, layers=model_cfg.num_layers,
+                   hidden=model_cfg.hidden_size, heads=model_cfg.num_heads,
+                   kv_heads=model_cfg.num_kv_heads, vocab=model_cfg.vocab_size,
+                   params=int(sum(math.prod(s.shape) for s in param_specs(model_cfg).values()))),
+        target=dict(topology=target.slice.name, libtpu_topology=target.slice.topology,
+                    num_slices=target.num_slices, devices=target.num_devices,
+                    device_kind=target.device_kind,
+                    hbm_per_chip_gib=round(target.slice.hbm_bytes / GIB, 2),
+                    peak_flops_per_chip=peak,
+                    mesh=dict(zip(target.mesh.axis_names, map(int, target.mesh.axis_sizes)))),
+        programs=[])
+    for program in programs_for(what, cfg, model_cfg, target.mesh, target.rules):
+        log(f"compiling {program.name} ({program.description}) for {target.slice.name} ...")
+        report["programs"].append(compile_program(program, target, model_cfg))
+    report["fits"] = all(p["memory"]["fits"] for p in report["programs"])
+    if what == "train":
+        tokens = cfg.data.global_batch * cfg.data.seq_len
+        flops = M.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+        report["model_flops_per_step"] = flops
+        # The steady state: the full-attention step (the last train program).
+        report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)
+    return report
+
+
+__all__ = ["Target", "attention_backend", "compile_program", "make_target", "out_of_memory",
+           "plan"]

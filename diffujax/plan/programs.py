@@ -1,0 +1,187 @@
+"""The programs a run compiles, built from abstract inputs: no weights, no data, real shardings.
+
+Each builder reuses what ``diffujax train`` / ``eval`` / ``generate`` call (``make_train_step``,
+``train_state_shardings``, ``make_eval_step``, the samplers), so what is compiled here is what a
+run compiles; only the arrays are ``jax.ShapeDtypeStruct`` s carrying their ``NamedSharding``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffujax.checkpoint import store
+from diffujax.diffusion.sampling import sample_confidence
+from diffujax.models import abstract_model, functional
+from diffujax.parallel.logical import axis_rules
+from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
+from diffujax.train.checkpointing import abstract_like
+from diffujax.train.loop import model_checkpoint
+from diffujax.train.state import abstract_train_state, train_state_shardings
+from diffujax.train.step import after_annealing, make_eval_step, make_train_step
+
+# The default sampler of ``diffujax generate`` and its default number of passes.
+GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
+
+
+@dataclasses.dataclass
+class Program:
+    name: str  # "train", "train_full", "eval", "generate"
+    description: str
+    lower: Callable[[], Any]  # () -> jax.stages.Lowered
+    inputs: dict[str, Any]  # group ("params", "optimizer", ...) -> pytree of ShapeDtypeStructs
+    pattern: str  # the attention pattern kind its layers run
+    rows: int  # batch rows per call
+
+
+# ------------------------------------------------------------------------------ the model config
+
+
+def plan_model_config(cfg):
+    """``(model_cfg, source)`` of the run without reading any weights: the base checkpoint's
+    ``config.json`` when it is on disk, else ``model.init``, else ``plan.model`` (the
+    architecture a config names for planning without the checkpoint)."""
+    if cfg.model.init is not None:
+        return cfg.resolve_model_config(), "model.init"
+    path = cfg.model.checkpoint
+    if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
+        return (cfg.resolve_model_config(cfg.plan.model_config()),
+                f"plan.model (no checkpoint at {path})")
+    path = model_checkpoint(cfg)
+    try:
+        loaded, _ = store.read_meta(path)
+    except Exception as e:  # noqa: BLE001 - one line saying what plan needs
+        raise ValueError(f"model.checkpoint: {e}; plan reads only its config.json; without the"
+                         " checkpoint, describe the architecture in plan.model (model.init"
+                         " fields)") from None
+    return cfg.resolve_model_config(loaded), f"{path}/config.json"
+
+
+# ------------------------------------------------------------------------------ abstract inputs
+
+
+def _sds(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def abstract_batch(cfg, rows: int, mesh, rules) -> dict:
+    """The batch the data pipeline yields (its output contract: tokens, segment_ids, src,
+    loss_mask, and positions when ``data.options.positions``), as global ``[rows, L]`` arrays."""
+    sharding = batch_sharding(mesh, rules)
+    shape = (rows, cfg.data.seq_len)
+    fields = {"tokens": jnp.int32, "segment_ids": jnp.int32, "src": jnp.bool_,
+              "loss_mask": jnp.bool_}
+    if cfg.data.options.get("positions"):
+        fields["positions"] = jnp.int32
+    return {name: _sds(shape, dtype, sharding) for name, dtype in fields.items()}
+
+
+def abstract_state(cfg, model_cfg, mesh, rules):
+    return abstract_like(abstract_train_state(cfg, model_cfg),
+                         train_state_shardings(cfg, model_cfg, mesh, rules))
+
+
+def abstract_key(mesh):
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
+
+
+def micro_batch(cfg) -> int:
+    return cfg.data.global_batch // cfg.optimizer.grad_accum_steps
+
+
+# ------------------------------------------------------------------------------ the programs
+
+
+def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
+    """The step ``diffujax train`` runs while the attention mask anneals (when
+    ``diffusion.anneal_steps > 0``) and the full-attention step it switches to afterwards."""
+    apply_fn = functional(abstract_model(model_cfg))[0]
+    state = abstract_state(cfg, model_cfg, mesh, rules)
+    batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
+    inputs = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema,
+              "batch": batch}
+    phases = []
+    if cfg.diffusion.anneal_steps > 0:
+        phases.append(("train", cfg, "annealed",
+                       f"train step, annealed mask (steps 1..{cfg.diffusion.anneal_steps})"))
+    full_cfg = after_annealing(cfg)
+    phases.append(("train_full" if phases else "train", full_cfg, "full",
+                   "train step, full attention" + (" (after annealing)" if phases else "")))
+    out = []
+    for name, run_cfg, pattern, text in phases:
+        step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+        out.append(Program(name, text, lambda step=step: step.lower(state, batch), inputs, pattern,
+                           cfg.data.global_batch))
+    return out
+
+
+def eval_program(cfg, model_cfg, mesh, rules) -> Program:
+    """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
+    apply_fn = functional(abstract_model(model_cfg))[0]
+    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    rows = micro_batch(cfg)
+    batch = abstract_batch(cfg, rows, mesh, rules)
+    step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
+    key = abstract_key(mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))  # row offset, rows
+    return Program("eval", "held-out ELBO step (one micro-batch)",
+                   lambda: step.lower(params, batch, key, scalar, scalar),
+                   {"params": params, "batch": batch}, "full", rows)
+
+
+def generate_program(cfg, model_cfg, mesh, rules) -> Program:
+    """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
+    tokens (a whole denoising loop: one compiled ``while``)."""
+    apply_fn = functional(abstract_model(model_cfg))[0]
+    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    rows = batch_shard_count(mesh, rules)
+    sharding = batch_sharding(mesh, rules)
+    canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
+    src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
+    key = abstract_key(mesh)
+    mask_id = model_cfg.mask_token_id
+    if mask_id is None:
+        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+
+    def lower():
+        with jax.set_mesh(mesh), axis_rules(rules):
+            return sample_confidence.lower(apply_fn, params, canvas, src, key,
+                                           mask_token_id=int(mask_id), steps=GENERATE_STEPS)
+
+    return Program("generate", f"sampler '{GENERATE_SAMPLER}', {GENERATE_STEPS} passes, one row"
+                   " per batch shard", lower, {"params": params, "batch": {"canvas": canvas,
+                                                                            "src": src}},
+                   "full", rows)
+
+
+def programs_for(what: str, cfg, model_cfg, mesh, rules) -> list[Program]:
+    if what == "train":
+        return train_programs(cfg, model_cfg, mesh, rules)
+    if what == "eval":
+        return [eval_program(cfg, model_cfg, mesh, rules)]
+    if what == "generate":
+        return [generate_program(cfg, model_cfg, mesh, rules)]
+    raise ValueError(f"--what {what!r} is not one of train, eval, generate")
+
+
+# ------------------------------------------------------------------------------ sizes
+
+
+def bytes_per_device(tree) -> int:
+    """HBM one device holds for a pytree of sharded ShapeDtypeStructs (its shard of each)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+__all__ = ["Program", "abstract_batch", "abstract_state", "bytes_per_device", "eval_program",
+           "generate_program", "micro_batch", "plan_model_config", "programs_for",
+           "train_programs"]

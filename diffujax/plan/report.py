@@ -1,0 +1,83 @@
+"""The text form of a plan report and of a ``--fit`` search (the JSON form is the dict itself)."""
+
+from __future__ import annotations
+
+from diffujax.parallel.topology import GIB
+
+
+def gib(n) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _bytes(n) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_report(r: dict) -> str:
+    t, c, m = r["target"], r["config"], r["model"]
+    mesh = " x ".join(f"{k}={v}" for k, v in t["mesh"].items())
+    lines = [
+        f"plan for {t['topology']} x {t['num_slices']} slice(s): {t['devices']} x {t['device_kind']}"
+        f" (libtpu topology {t['libtpu_topology']}), {t['hbm_per_chip_gib']:.1f} GiB HBM per chip",
+        f"mesh: {mesh}",
+        f"model: {m['family']}, {m['params'] / 1e6:.1f}M parameters ({m['source']}); seq_len"
+        f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
+        f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
+        f" {c['dtype']}, master weights {c['param_dtype']}",
+    ]
+    for p in r["programs"]:
+        mem = p["memory"]
+        attention = ", ".join(f"{k} -> {v}" for k, v in p["attention"].items())
+        kernels = f", {p['kernel_calls']} Pallas kernel calls" if p.get("kernel_calls") else ""
+        lines += ["", f"[{p['name']}] {p['description']}: {p['rows']} rows, compiled in"
+                      f" {p['compile_seconds']:.1f} s; attention {attention}{kernels}"]
+        parts = [f"{k} {_bytes(mem[k])}" for k in ("params", "optimizer", "ema", "batch",
+                                                 "temporaries") if k in mem]
+        verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+        lines.append(f"  HBM per chip: {', '.join(parts)}; total {_bytes(mem['total'])} of"
+                     f" {gib(mem['hbm'])}: {verdict}")
+        if "compiler" in mem:
+            lines.append(f"  compiler: {mem['compiler']}")
+        if p.get("collectives"):
+            lines.append("  collectives (bytes per device; ops in loops counted per trip):")
+            for kind, s in p["collectives"].items():
+                lines.append(f"    {kind:<19} {s['ops']:>4} ops, {s['executions']:>6} runs per"
+                             f" call, {_bytes(s['bytes_per_step'])} per call")
+        if p.get("gathered_whole"):
+            lines.append(f"  parameters gathered whole: {', '.join(p['gathered_whole'])}")
+    if "model_flops_per_step" in r:
+        lines += ["", f"model FLOPs per step: {r['model_flops_per_step']:.3e} (6N + full"
+                      " bidirectional attention)"]
+    e = r.get("estimate")
+    if e and not e.get("step_seconds"):
+        lines.append(f"no estimate: {e['source']}")
+    elif e:
+        lines.append(f"ESTIMATE ({e['source']}; not a measurement): step {e['step_seconds']:.3f}"
+                     f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s"
+                     f" (compute {e['compute_seconds']:.3f} s of which Pallas kernels"
+                     f" {e['kernel_seconds']:.3f} s; collectives need >="
+                     f" {e['collective_seconds_bound']:.3f} s at full ICI bandwidth, overlapped)")
+    lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
+    return "\n".join(lines)
+
+
+def format_fit(r: dict) -> str:
+    lines = [f"fit search on {r['topology']} (global batch {r['global_batch']} kept):"]
+    for t in r["tried"]:
+        est = t.get("step_seconds")
+        lines.append(f"  remat={t['remat']:<5} grad_accum_steps={t['grad_accum_steps']:<4}"
+                     f" HBM {gib(t['total'])}: {'fits' if t['fits'] else 'does not fit'}"
+                     + (f"; est. step {est:.3f} s, MFU {100 * t['mfu']:.1f}%" if est else ""))
+    best = r.get("best")
+    if not best:
+        lines.append("nothing tried fits: use a larger slice, tensor parallelism"
+                     " (mesh.shape.tensor) or a shorter seq_len")
+        return "\n".join(lines)
+    lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}")
+    return "\n".join(lines)
+
+
+__all__ = ["format_fit", "format_report"]

@@ -1,0 +1,91 @@
+"""``diffujax plan --fit``: the fastest micro-batch / remat setting that fits the slice.
+
+The global batch stays what the config says (it is a hyperparameter of the run); the search moves
+``optimizer.grad_accum_steps`` (so the micro-batch is ``global_batch / grad_accum_steps``, a
+multiple of the mesh's batch shards) and ``model.remat`` (none, dots, full: ever more recompute,
+ever less memory). For each policy a bisection finds the fewest accumulation steps that fit (HBM
+only falls as the micro-batch shrinks); every compiled setting that fits is ranked by its
+estimated step time (``estimate.py``: from the same compile, no extra work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffujax.parallel.mesh import batch_shard_count
+from diffujax.plan.analysis import compile_program, make_target
+from diffujax.plan.estimate import estimate_step
+from diffujax.plan.programs import plan_model_config, train_programs
+from diffujax.train import metrics as M
+
+REMATS = ("none", "dots", "full")
+
+
+def _with(cfg, model_cfg, remat: str, accum: int):
+    cfg = dataclasses.replace(
+        cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum),
+        model=dataclasses.replace(cfg.model, remat=remat))
+    return cfg, model_cfg.replace(remat=remat)
+
+
+def accumulation_choices(global_batch: int, batch_shards: int) -> list[int]:
+    """Accumulation steps whose micro-batch splits evenly over the batch shards."""
+    return [a for a in range(1, global_batch + 1)
+            if global_batch % a == 0 and (global_batch // a) % batch_shards == 0]
+
+
+def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log=None) -> dict:
+    log = log or (lambda msg: None)
+    model_cfg, _ = plan_model_config(cfg)
+    target = make_target(cfg, topology, num_slices)
+    peak = M.peak_flops_per_device(target.device_kind)
+    tokens = cfg.data.global_batch * cfg.data.seq_len
+    model_flops = M.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+    choices = accumulation_choices(cfg.data.global_batch,
+                                   batch_shard_count(target.mesh, target.rules))
+    tried: list[dict] = []
+    memo: dict[tuple[str, int], dict] = {}
+
+    def check(remat: str, accum: int) -> dict:
+        if (remat, accum) not in memo:
+            run_cfg, mc = _with(cfg, model_cfg, remat, accum)
+            log(f"  remat={remat} grad_accum_steps={accum} ...")
+            result = dict(remat=remat, grad_accum_steps=accum, total=0, fits=True)
+            # The full-attention step first (the run's steady state, estimated), then the
+            # annealing one, which must fit too.
+            for program in reversed(train_programs(run_cfg, mc, target.mesh, target.rules)):
+                compiled = compile_program(program, target, mc)
+                mem = compiled["memory"]
+                result["total"] = max(result["total"], mem["total"])
+                if "step_seconds" not in result:
+                    est = estimate_step(compiled, target, peak, model_flops, tokens)
+                    result.update(step_seconds=est["step_seconds"], mfu=est.get("mfu"))
+                if not mem["fits"]:
+                    result["fits"] = False
+                    break
+            memo[remat, accum] = result
+            tried.append(result)
+        return memo[remat, accum]
+
+    for remat in remats:
+        if not check(remat, choices[-1])["fits"]:
+            continue
+        lo, hi = 0, len(choices) - 1  # choices[hi] fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if check(remat, choices[mid])["fits"]:
+                hi = mid
+            else:
+                lo = mid + 1
+    ranked = sorted((t for t in tried if t["fits"] and t.get("step_seconds")),
+                    key=lambda t: t["step_seconds"])
+    best = None
+    if ranked:
+        top = ranked[0]
+        best = dict(top, overrides=[f"optimizer.grad_accum_steps={top['grad_accum_steps']}",
+                                    f"model.remat={top['remat']}"])
+    return dict(topology=target.slice.name, global_batch=cfg.data.global_batch, tried=tried,
+                best=best)
+
+
+__all__ = ["REMATS", "accumulation_choices", "fit"]
