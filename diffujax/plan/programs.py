@@ -21,7 +21,6 @@ from diffujax.models import abstract_model, functional
 from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
-from diffujax.train.loop import model_checkpoint
 from diffujax.train.state import abstract_train_state, train_state_shardings
 from diffujax.train.step import after_annealing, make_eval_step, make_train_step
 
@@ -52,7 +51,7 @@ def plan_model_config(cfg):
     if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
         return (cfg.resolve_model_config(cfg.plan.model_config()),
                 f"plan.model (no checkpoint at {path})")
-    path = model_checkpoint(cfg)
+    path = cfg.model_checkpoint()
     try:
         loaded, _ = store.read_meta(path)
     except Exception as e:  # noqa: BLE001 - one line saying what plan needs

@@ -22,7 +22,7 @@ from diffujax.plan import search as fit_module
 from diffujax.plan import plan
 from diffujax.plan.analysis import make_target
 from diffujax.plan.programs import abstract_batch, plan_model_config
-from diffujax.train.loop import build_data
+from diffujax.train.data import build_data
 
 FSDP_X_TP = ["mesh.shape.fsdp=2", "mesh.shape.tensor=2"]  # 4 chips of v5p-8
 
