@@ -12,11 +12,11 @@ fits when the kernel compiles within the default scoped-VMEM limit; otherwise th
 how much it needed (``CompileTimeScopedVmemOom``), reported as ``needs X of Y MiB``.
 
 Candidates are tried largest first (area, then block_q) and the search of a kernel stops at the
-first that compiles (VMEM use grows with the blocks, so the smaller ones fit too). The search runs
-at L = 2048, where every candidate is a legal tiling (a kernel's VMEM use depends on the blocks,
-not on L); the chosen sizes are then compiled again at L = 8192 to confirm. The pick per chip is
-the largest forward pair and the largest backward pair (dq and dk/dv share their blocks) that
-fit for every head_dim searched (64 and 128 ship: GPT-2 and LLaMA).
+first that compiles (VMEM use grows with the blocks, so the smaller ones fit too), first at
+L = 2048, then at L = 8192 from that pick down (VMEM use also grows a little with L: Mosaic's
+register allocation, e.g. v5p's forward at head_dim 128 fits 2048x1024 at L = 2048 but not at
+8192). The pick per chip is the largest forward pair and the largest backward pair (dq and dk/dv
+share their blocks) that fit for every head_dim and L searched (64 and 128 ship: GPT-2, LLaMA).
 
 "Largest that compiles" is the criterion here, not speed: time them on a chip with
 ``benchmarks/attention.py`` before trusting them for speed.
@@ -49,6 +49,7 @@ CANDIDATES = [(2048, 2048), (2048, 1024), (1024, 2048), (1024, 1024), (1024, 512
               (512, 512), (512, 256), (256, 512), (256, 256), (128, 128)]
 KERNELS = ("fwd", "dq", "dkv")
 HEADS, KV_HEADS, BATCH = 8, 2, 1
+LENGTHS = (2048, 8192)
 # The two ways Mosaic / XLA:TPU word a VMEM overflow.
 _OOM = re.compile(r"size ([\d.]+)([KMG]) and limit ([\d.]+)([KMG])|"
                   r"Used ([\d.]+)([KMG]) of ([\d.]+)([KMG]) vmem")
@@ -99,31 +100,29 @@ def _compile(device, kernel: str, length: int, dim: int, blocks: tuple[int, int]
                       seconds=time.perf_counter() - start)
 
 
-def search(chip: str, dims, log=print) -> dict:
+def search(chip: str, dims, candidates=CANDIDATES, lengths=LENGTHS, log=print) -> dict:
+    """Per kernel and head_dim: the largest candidate that compiles at the first length, then
+    at each longer length the largest from there down (a longer grid never needs less VMEM)."""
     device = _device(chip)
     rows, best = [], {}
     for dim in dims:
         for kernel in KERNELS:
-            for blocks in CANDIDATES:
-                ok, info = _compile(device, kernel, 2048, dim, blocks)
-                rows.append(dict(chip=chip, kernel=kernel, head_dim=dim, L=2048,
-                                 block_q=blocks[0], block_kv=blocks[1], fits=ok, **info))
-                log(_row_text(rows[-1]))
-                if ok:
-                    best[(kernel, dim)] = blocks
-                    break
-    fwd = _common([best.get(("fwd", d)) for d in dims])
-    bwd = _common([best.get((k, d)) for k in ("dq", "dkv") for d in dims])
-    confirm = {}
-    for dim in dims:
-        for kernel, blocks in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
-            ok, info = _compile(device, kernel, 8192, dim, blocks)
-            confirm[f"{kernel}_D{dim}_L8192"] = ok
-            rows.append(dict(chip=chip, kernel=kernel, head_dim=dim, L=8192, block_q=blocks[0],
-                             block_kv=blocks[1], fits=ok, **info))
-            log(_row_text(rows[-1]))
-    return dict(chip=chip, device_kind=DEVICE_KINDS[chip], forward=fwd, backward=bwd,
-                confirmed_at_8192=all(confirm.values()), rows=rows)
+            start = 0
+            for length in lengths:
+                for index in range(start, len(candidates)):
+                    blocks = candidates[index]
+                    ok, info = _compile(device, kernel, length, dim, blocks)
+                    rows.append(dict(chip=chip, kernel=kernel, head_dim=dim, L=length,
+                                     block_q=blocks[0], block_kv=blocks[1], fits=ok, **info))
+                    log(_row_text(rows[-1]))
+                    if ok:
+                        best[(kernel, dim, length)] = blocks
+                        start = index
+                        break
+    pick = lambda kernels: _common([best.get((k, d, n)) for k in kernels for d in dims  # noqa
+                                    for n in lengths])
+    return dict(chip=chip, device_kind=DEVICE_KINDS[chip], forward=pick(("fwd",)),
+                backward=pick(("dq", "dkv")), rows=rows)
 
 
 def _common(picks):
@@ -146,23 +145,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
     p.add_argument("--dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--candidates", help="comma-separated QxKV pairs, largest first (default: "
+                   + ",".join(f"{q}x{k}" for q, k in CANDIDATES) + ")")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    candidates = CANDIDATES
+    if args.candidates:
+        candidates = [tuple(int(x) for x in pair.split("x")) for pair in args.candidates.split(",")]
+        unknown = [c for c in candidates if c not in CANDIDATES]
+        if unknown:
+            p.error(f"--candidates {unknown} are not among {CANDIDATES}")
     print(f"jax {jax.__version__}; bf16, {HEADS} heads / {KV_HEADS} K/V heads, annealed + "
-          "segment ids; search at L=2048, picks confirmed at L=8192")
+          f"segment ids; L = {', '.join(map(str, LENGTHS))}")
     print(f"{'chip':<5}{'kern':<5}{'D':>4}{'L':>6}{'blocks':>13} {'VMEM verdict':<26}"
           f"{'compiled':<16}{'time':>7}")
     results = []
     for chip in args.chips:
         try:
-            results.append(search(chip, args.dims, log=lambda s: print(s, flush=True)))
+            results.append(search(chip, args.dims, candidates,
+                                  log=lambda s: print(s, flush=True)))
         except Exception as e:  # noqa: BLE001 - a chip this libtpu does not describe
             print(f"{chip}: not available here ({type(e).__name__}: {str(e)[:100]})")
-    print("\npick (largest that compiles for every head_dim; forward / backward blocks):")
+    print("\npick (largest that compiles for every head_dim and L; forward / backward blocks):")
     for r in results:
         print(f"  {r['chip']:<4} ({r['device_kind']}): forward {r['forward'][0]}x{r['forward'][1]},"
-              f" backward {r['backward'][0]}x{r['backward'][1]}, confirmed at L=8192: "
-              f"{r['confirmed_at_8192']}")
+              f" backward {r['backward'][0]}x{r['backward'][1]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

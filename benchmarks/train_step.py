@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --batch 8 --steps 5
     python benchmarks/train_step.py --gpu                   # GPU: SmolLM2 and a 1.1B LLaMA, L = 2048
 
-Both sides take the same step: the masked-diffusion loss (SPEC 2: the same noised batch x_t,
-the same noise mask and t, shift, ``1/t`` weights, "masked" normalisation) with full
+Both sides take the same step: the masked-diffusion loss (docs/algorithms.md §2: the same noised
+batch x_t, the same noise mask and t, shift, ``1/t`` weights, "masked" normalisation) with full
 bidirectional attention, its gradient, global-norm clipping at 1.0 and AdamW, on the same
 weights. diffujax runs its real ``make_train_step`` (what ``diffujax train`` runs: noise drawn
 inside the step from the step's key); the torch side is the straightforward implementation

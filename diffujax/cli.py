@@ -1,5 +1,5 @@
-"""``diffujax`` command line: convert | export | default-model | eval | generate | train | plan |
-demo.
+"""``diffujax`` command line: convert | export | default-model | eval | generate | tasks |
+lm-eval | train | plan | demo.
 
 Each subcommand lives with its concern and exposes ``add_<name>_args(parser)`` and
 ``run_<name>(args) -> int``; this file only wires them up (imported lazily so ``--help`` is quick).
@@ -23,6 +23,9 @@ COMMANDS = {
                       "materialise and convert the embedded SmolLM2-135M-Instruct; print its path"),
     "eval": ("diffujax.evaluate", "perplexity: AR or diffusion ELBO bound"),
     "generate": ("diffujax.generate", "sample or infill text with a diffusion sampler"),
+    "tasks": ("diffujax.tasks.command", "the paper's tasks (Lambada, HellaSwag, ..., GSM8K)"
+              " from local files"),
+    "lm-eval": ("diffujax.tasks.harness", "lm-evaluation-harness with the diffujax model"),
     "train": ("diffujax.train.loop", "diffusion (pre-)training from a YAML config"),
     "plan": ("diffujax.plan", "compile a run for a Cloud TPU slice here: HBM, collectives, est. MFU"),
     "demo": ("diffujax.demo", "the README's main job on the embedded default model"),
@@ -54,6 +57,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+        return int(_fn("lm-eval", "run")(argv[1:]) or 0)  # lm-eval parses its own arguments
     args = build_parser(argv).parse_args(argv)
     console.setup_logging(debug=args.debug)
     try:

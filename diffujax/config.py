@@ -47,6 +47,10 @@ class ModelSection:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     remat: Literal["none", "full", "dots"] | None = None
     init_seed: int = 0
+    # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
+    # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
+    # sampling. Models without dropout in their config (LLaMA) are unaffected.
+    dropout: bool = True
 
     def validate(self, key: str):
         if (self.checkpoint is None) == (self.init is None):

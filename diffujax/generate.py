@@ -62,6 +62,29 @@ def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | Non
     return np.asarray(ids, np.int32), src, slice(start, start + length), len(lead)
 
 
+def sampler_call(sampler: str, *, steps: int, generated: int, block_length: int = 32,
+                 threshold: float = 0.9, ranking: str = "masked",
+                 confidence_temperature: float | None = None):
+    """``(sampler function, its sampler-specific keyword arguments)`` for a sampler name;
+    ``generated``: positions to generate per row (the blocks sampler spends the total budget of
+    ``steps`` evenly over its blocks). ``ranking`` / ``confidence_temperature``: the topk
+    sampler's reference-parity options (``sample_confidence``)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+    if sampler != "topk" and (ranking != "masked" or confidence_temperature is not None):
+        raise ValueError("the reference ranking / tempered confidence options apply to the"
+                         " topk sampler only")
+    num_blocks = -(-generated // block_length)
+    return {
+        "ancestral": (sample_ancestral, dict(steps=steps)),
+        "topk": (sample_confidence, dict(steps=steps, ranking=ranking,
+                                         confidence_temperature=confidence_temperature)),
+        "blocks": (sample_semi_ar, dict(steps=max(1, steps // max(1, num_blocks)),
+                                        block_length=block_length)),
+        "threshold": (sample_threshold, dict(threshold=threshold)),
+    }[sampler]
+
+
 def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: int,
            temperature: float | None = None, top_p=None, top_k=None, block_length: int = 32,
            threshold: float = 0.9):
@@ -73,15 +96,8 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
         temperature = 1.0 if sampler == "ancestral" else 0.0
     common = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     mask = dict(mask_token_id=model.mask_token_id())  # traced, so the compiled call takes it too
-    num_blocks = -(-int((~np.asarray(src[0])).sum()) // block_length)
-    fn, extra = {
-        "ancestral": (sample_ancestral, dict(steps=steps)),
-        "topk": (sample_confidence, dict(steps=steps)),
-        # `steps` is the total budget; the blocks sampler spends it evenly over its blocks.
-        "blocks": (sample_semi_ar, dict(steps=max(1, steps // max(1, num_blocks)),
-                                        block_length=block_length)),
-        "threshold": (sample_threshold, dict(threshold=threshold)),
-    }[sampler]
+    fn, extra = sampler_call(sampler, steps=steps, generated=int((~np.asarray(src[0])).sum()),
+                             block_length=block_length, threshold=threshold)
     rows, shards = len(canvas), model.batch_shards()
     with model.active():
         args = (model.apply_fn, model.params, model.put_batch(pad_rows(np.asarray(canvas), shards)),

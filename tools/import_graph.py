@@ -34,6 +34,7 @@ LAYERS = (
     ("diffujax.config",),  # the run config tree
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
     ("diffujax.evaluate", "diffujax.generate", "diffujax.convert", "diffujax.plan"),  # commands
+    ("diffujax.tasks",),  # the task harness and the lm-eval model (on eval/generate's pieces)
     ("diffujax.demo", "diffujax.cli"),
 )
 

@@ -79,13 +79,16 @@ from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
 LANES = 128
 
 
-# Untuned starting points (see module docstring). v4 and v5p have two TensorCores per chip (the
-# "parallel" grid axes are split across them); v5e/v6e have one, with more VMEM on v6e.
+# The largest blocks Mosaic compiles within the default scoped VMEM (16 MiB on v4/v5e/v5p, 32 MiB
+# on v6e) for head_dim 64 and 128 at L = 2048 and 8192, bf16, the most VMEM-hungry variant
+# (annealed + segment ids), measured with libtpu by ``benchmarks/tpu_block_sizes.py`` (rerun it
+# after changing a kernel). Forward pair, then the backward pair shared by dq and dk/dv (dk/dv,
+# with two f32 accumulators, is the limit). Fitting is not speed: time on the chip.
 _DEFAULTS = {
-    "v4": BlockSizes(512, 512, 512, 256),
-    "v5e": BlockSizes(512, 512, 512, 512),
-    "v5p": BlockSizes(512, 512, 512, 512),
-    "v6e": BlockSizes(1024, 512, 512, 512),
+    "v4": BlockSizes(1024, 2048, 1024, 1024),
+    "v5e": BlockSizes(2048, 1024, 1024, 1024),
+    "v5p": BlockSizes(1024, 2048, 1024, 1024),
+    "v6e": BlockSizes(2048, 2048, 2048, 1024),
 }
 
 

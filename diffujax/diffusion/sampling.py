@@ -39,14 +39,18 @@ class SampleOutput:
 
 # --- candidates ----------------------------------------------------------------------------
 
-def _draw_candidates(keys, logits, *, temperature, top_k, top_p):
+def _draw_candidates(keys, logits, *, temperature, top_k, top_p, confidence_temperature=None):
     """Candidate token per position and its confidence: the log-probability of the candidate
-    under the model's own (untempered, unfiltered) distribution. ``temperature == 0``: greedy."""
+    under the model's own (untempered, unfiltered) distribution. ``temperature == 0``: greedy.
+    ``confidence_temperature``: score under ``softmax(logits / confidence_temperature)`` instead
+    (the reference ranks by its sampling temperature's probability, greedy decoding included)."""
     if temperature == 0:
         candidates = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         candidates = jax.vmap(sample_categorical)(keys, filtered)
+    if confidence_temperature is not None:
+        logits = logits / confidence_temperature
     picked = jnp.take_along_axis(logits, candidates[..., None], axis=-1)[..., 0]
     return candidates, picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -78,12 +82,28 @@ def _ancestral_rule(steps):
     return rule
 
 
-def _confidence_rule(steps):
+RANKINGS = ("masked", "all")
+
+
+def _confidence_rule(steps, ranking="masked"):
+    """``ranking="masked"`` (diffujax): the ``keep`` lowest-confidence *masked* positions stay
+    masked, so every step commits exactly the nominal schedule. ``"all"`` (the reference's
+    ``generate_samples``): rank among all initially masked positions, committed ones included
+    (scored by the fresh prediction, which is then discarded), and keep those strictly below the
+    ``keep``-th smallest score; committed positions that rank low take up slots, so the step
+    commits more than the schedule says."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking {ranking!r} is not one of {RANKINGS}")
+
     def rule(step, masked, confidence, keys, generate):
         # keep floor(N * s / T) lowest-confidence positions masked, N = initially masked count
         s = steps - 1 - step
         keep = generate.sum(axis=1) * s // steps
-        return masked & ~_lowest(confidence, masked, keep)
+        if ranking == "masked":
+            return masked & ~_lowest(confidence, masked, keep)
+        ranked = jnp.sort(jnp.where(generate, confidence, jnp.inf), axis=-1)
+        cutoff = jnp.take_along_axis(ranked, keep[:, None], axis=-1)
+        return masked & ~(generate & (confidence < cutoff))
     return rule
 
 
@@ -122,7 +142,7 @@ def _threshold_rule(threshold, block_length):
 
 def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_steps, rule,
              temperature, top_k, top_p, row_ids, record_history,
-             schedule_only: bool = False) -> SampleOutput:
+             schedule_only: bool = False, confidence_temperature=None) -> SampleOutput:
     """The shared loop. ``schedule_only``: the rule ignores the model's confidence (ancestral),
     which lets a step that reveals nothing skip its forward pass."""
     batch, length = canvas.shape
@@ -147,7 +167,7 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
     def candidates_for(x, draw_keys):
         logits = _predictions(apply_fn, params, x, pattern, mask_token)
         return _draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
-                                top_p=top_p)
+                                top_p=top_p, confidence_temperature=confidence_temperature)
 
     def one_pass(state):
         step, x, masked = state["step"], state["x"], state["masked"]
@@ -197,19 +217,26 @@ def sample_ancestral(apply_fn: Callable, params, canvas, src, key, *, mask_token
                     record_history=record_history, schedule_only=True)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("ranking", "confidence_temperature"))
 def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_token_id: int,
                       steps: int, pattern: AttentionPattern | None = None,
                       temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, row_ids=None,
-                      record_history: bool = False) -> SampleOutput:
+                      record_history: bool = False, ranking: str = "masked",
+                      confidence_temperature: float | None = None) -> SampleOutput:
     """MaskGIT-style "topk" (the reference's conditional sampler): after step ``T - s`` the
     ``floor(N * s / T)`` masked positions whose candidates have the lowest log-probability stay
-    masked and the rest are committed. ``temperature=0`` is greedy and deterministic."""
+    masked and the rest are committed. ``temperature=0`` is greedy and deterministic.
+
+    Reference parity (``generate_samples`` of HKUNLP/DiffuLLaMA): ``ranking="all"`` ranks among
+    all initially masked positions (see ``_confidence_rule``) and ``confidence_temperature=tau``
+    scores candidates by ``softmax(logits / tau)`` (the reference's ``logits_temp``, also when
+    it decodes greedily). The defaults are diffujax's rule: the nominal schedule, untempered."""
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
-                    pattern=pattern, max_steps=steps, rule=_confidence_rule(steps),
+                    pattern=pattern, max_steps=steps, rule=_confidence_rule(steps, ranking),
                     temperature=temperature, top_k=top_k, top_p=top_p, row_ids=row_ids,
-                    record_history=record_history)
+                    record_history=record_history,
+                    confidence_temperature=confidence_temperature)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("block_length",))

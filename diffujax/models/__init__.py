@@ -47,8 +47,11 @@ def functional(model: nnx.Module):
     parameter state (an ``nnx.State`` pytree): jit functions of the state, not of the module."""
     graphdef, params = nnx.split(model, nnx.Param)
 
-    def apply_fn(params, tokens, pattern, positions=None):
-        return nnx.merge(graphdef, params)(tokens, pattern, positions)
+    def apply_fn(params, tokens, pattern, positions=None, dropout_key=None):
+        model = nnx.merge(graphdef, params)
+        if dropout_key is None:  # evaluation and sampling: never any dropout
+            return model(tokens, pattern, positions)
+        return model(tokens, pattern, positions, dropout_key=dropout_key)
 
     return apply_fn, params
 

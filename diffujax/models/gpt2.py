@@ -25,9 +25,14 @@ class GPT2Config(ModelConfig):
     max_positions: int = 1024
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
+    # Training dropout, HF's names and meaning (a config.json without them means 0.1 each, as
+    # in transformers); applied only when the model is called with a dropout key (training).
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0  # not applied (no dropout in the attention kernels); training warns
 
     _MODELED: ClassVar[tuple[str, ...]] = (
-        "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
+        "embd_pdrop", "resid_pdrop", "attn_pdrop", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
         "activation_function", "tie_word_embeddings", "mask_token_id", "architectures",
         "model_type", "torch_dtype", "dtype", "n_ctx", "transformers_version",
     )
@@ -58,6 +63,7 @@ class GPT2Config(ModelConfig):
             max_positions=int(hf.get("n_positions", 1024)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             activation=act,
+            **{k: float(hf.get(k, 0.1)) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")},
             extra_hf=extra_json(hf, cls._MODELED),
         )
         return cfg.replace(**overrides)
@@ -71,7 +77,8 @@ class GPT2Config(ModelConfig):
                      else self.intermediate_size),
             n_positions=self.max_positions, n_ctx=self.max_positions,
             layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
-            tie_word_embeddings=self.tie_word_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, embd_pdrop=self.embd_pdrop,
+            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop,
         )
         special_ids(hf, self)
         if self.mask_token_id is not None:
@@ -113,8 +120,13 @@ class GPT2(nnx.Module):
         self.config = config
         self.params = ParamTree(param_specs(config), jnp.dtype(config.param_dtype), key)
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None):
-        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``."""
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
+        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``.
+
+        ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop`` on
+        the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
+        the attention probabilities) is not applied: the fused attention kernels have no
+        dropout. Without a key (evaluation, sampling) nothing is dropped."""
         c, p = self.config, self.params
         dtype = jnp.dtype(c.dtype)
         if tokens.shape[1] > c.max_positions:
@@ -125,6 +137,9 @@ class GPT2(nnx.Module):
         x = get(p, "wte").astype(dtype)[tokens] + get(p, "wpe").astype(dtype)[positions]
         x = constrain(x, HIDDEN)
         approximate = c.activation != "gelu"
+        drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
+        if drop:
+            x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
 
         def block(w, x):
             h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
@@ -133,14 +148,21 @@ class GPT2(nnx.Module):
             v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
             q = constrain(q, QUERY)
             a = attention(q, k, v, pattern, c.attention)
-            x = x + L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+            out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop
+                     else out)
             h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
             h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
                             approximate=approximate)
-            x = x + L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+            out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop
+                     else out)
             return constrain(x, HIDDEN)
 
         stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
+        if drop:  # one key per layer, scanned with the layer's weights
+            stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+                jnp.arange(c.num_layers))
         x = L.scan_layers(block, x, stacked, c.remat)
         x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
         head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")

@@ -81,3 +81,12 @@ def scan_layers(block, x, stacked_params, remat: str = "none"):
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
     x, _ = jax.lax.scan(lambda h, p: (block(p, h), None), x, stacked_params)
     return x
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
+    ``1 / (1 - rate)`` (``rate == 0``: ``x`` unchanged)."""
+    if rate <= 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))

@@ -20,6 +20,7 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +66,37 @@ def _mask_token_id(model_cfg) -> int:
     return int(model_cfg.mask_token_id)
 
 
-def _with_positions(apply_fn, batch):
-    """Packed documents may carry per-document positions; the objective calls apply_fn without."""
-    if "positions" not in batch:
+log = logging.getLogger(__name__)
+
+_DROPOUT_STREAM = 0x64726F70  # folded into the step's key: dropout draws apart from the noise
+
+
+def _with_positions(apply_fn, batch, dropout_key=None):
+    """Packed documents may carry per-document positions, training may drop out; the objective
+    calls ``apply_fn(params, tokens, pattern)`` either way."""
+    if "positions" not in batch and dropout_key is None:
         return apply_fn
-    return lambda params, tokens, pattern: apply_fn(params, tokens, pattern, batch["positions"])
+    return lambda params, tokens, pattern: apply_fn(params, tokens, pattern,
+                                                    batch.get("positions"),
+                                                    dropout_key=dropout_key)
+
+
+def training_dropout(run_cfg, model_cfg) -> bool:
+    """Whether the train step drops out: ``model.dropout`` and a model config with non-zero
+    ``embd_pdrop`` / ``resid_pdrop`` (GPT-2). Says so in the log, and that ``attn_pdrop`` is
+    not applied, so no rate of the checkpoint's config is ignored silently."""
+    rates = {k: getattr(model_cfg, k, 0.0) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
+    if not any(rates.values()):
+        return False
+    if not run_cfg.model.dropout:
+        log.info("dropout off (model.dropout: false); the checkpoint's config has %s", rates)
+        return False
+    log.info("training dropout: embd_pdrop %g, resid_pdrop %g (from the model config; none in"
+             " evaluation or sampling)", rates["embd_pdrop"], rates["resid_pdrop"])
+    if rates["attn_pdrop"]:
+        log.warning("attn_pdrop %g is not applied: the attention kernels have no dropout on the"
+                    " attention probabilities", rates["attn_pdrop"])
+    return bool(rates["embd_pdrop"] or rates["resid_pdrop"])
 
 
 def after_annealing(run_cfg):
@@ -103,14 +130,19 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
     batch_sh = batch_sharding(mesh, rules)
     shards = batch_shard_count(mesh, rules)
+    dropout = training_dropout(run_cfg, model_cfg)
 
     def micro_loss(params, mb, key, step, row_offset, global_batch):
         if d.sft and "src" not in mb:
             raise ValueError("diffusion.sft is set but the batch has no 'src'")
         pattern = for_training(step, d.anneal_steps, d.anneal_seed,
                                mb.get("segment_ids") if d.segment_ids else None)
+        # dropout from the step's key and the micro-batch: resuming redraws the same masks
+        dropout_key = (jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM), row_offset)
+                       if dropout else None)
         sums = diffusion_loss_sums(
-            _with_positions(apply_fn, mb), params, mb["tokens"], key, mask_token_id=mask_id,
+            _with_positions(apply_fn, mb, dropout_key), params, mb["tokens"], key,
+            mask_token_id=mask_id,
             pattern=pattern, src=mb.get("src"), loss_mask=mb.get("loss_mask"),
             normalization=normalization, stratified=d.stratified_t, eps=d.eps,
             row_offset=row_offset, global_batch=global_batch)

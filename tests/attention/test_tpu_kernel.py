@@ -130,12 +130,20 @@ def test_rejects_bad_shapes():
 
 
 def test_default_block_sizes_per_chip():
-    assert tpu.default_block_sizes("TPU v5 lite").block_q == 512
-    assert tpu.default_block_sizes("TPU v6e").block_q == 1024
-    assert tpu.default_block_sizes("TPU v4").bwd() == (512, 256)
+    # JAX's device kinds -> the table measured by benchmarks/tpu_block_sizes.py.
+    assert tpu.default_block_sizes("TPU v5 lite") is tpu._DEFAULTS["v5e"]
+    assert tpu.default_block_sizes("TPU v5") is tpu._DEFAULTS["v5p"]
+    assert tpu.default_block_sizes("TPU v5p") is tpu._DEFAULTS["v5p"]
+    assert tpu.default_block_sizes("TPU v6 lite") is tpu._DEFAULTS["v6e"]
+    assert tpu.default_block_sizes("TPU v4") is tpu._DEFAULTS["v4"]
+    assert tpu.default_block_sizes("cpu") == tpu.BlockSizes()
     for kind in ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite", "cpu"):
         bs = tpu.default_block_sizes(kind)
         assert all(x % 128 == 0 for x in (bs.block_q, bs.block_kv, *bs.bwd()))
+    # Short sequences shrink the large defaults to one block; long ones tile exactly.
+    blocks = tpu._DEFAULTS["v6e"]
+    assert tpu._layout(1024, (blocks.block_q, blocks.block_kv, *blocks.bwd()))[0] == 1024
+    assert tpu._layout(8192, (blocks.block_q, blocks.block_kv, *blocks.bwd()))[0] == 8192
 
 
 def test_inside_shard_map():

@@ -1,0 +1,95 @@
+"""``diffujax tasks``: the paper's tasks on a checkpoint, from local files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+
+from diffujax.generate import SAMPLERS
+from diffujax.runtime import add_mesh_args, load_from_args
+from diffujax.tasks.encode import Encoder
+from diffujax.tasks.engine import Engine
+from diffujax.tasks.runner import OBJECTIVES, TASKS, Settings, TaskRunner, run_task
+
+
+def add_tasks_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "task files (--data):\n" + "\n".join(
+        f"  {name:11s} {spec.data}" for name, spec in TASKS.items())
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, help="the task's file, in its distributed format")
+    p.add_argument("--limit", type=int, default=None, help="the first N items only")
+    p.add_argument("--objective", choices=OBJECTIVES, default="diffusion",
+                   help="diffusion (the adapted model) or ar (the base model, causal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per forward pass (rounded up to the mesh's batch shards)")
+    p.add_argument("--levels", type=int, default=32,
+                   help="multiple choice, diffusion: noise levels T of the score")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising passes (default: Lambada the word's token count, GSM8K 64,"
+                        " otherwise 32)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="topk")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--reference-parity", action="store_true",
+                   help="score and sample as the reference's evaluation scripts did, for"
+                        " numbers comparable with the paper (README: Tasks)")
+    p.add_argument("--logits-temp", type=float, default=0.95,
+                   help="--reference-parity: the reference's temperature (DiffuGPT 0.95,"
+                        " DiffuLLaMA 0.9)")
+    p.add_argument("--seq-len", type=int, default=256, help="GSM8K: canvas length")
+    p.add_argument("--sep-id", type=int, default=None,
+                   help="GSM8K: the separator token of the SFT data (configs/gsm8k_sft_*.yaml)")
+    p.add_argument("--pad-id", type=int, default=None,
+                   help="GSM8K: the padding token of the SFT data (default: the tokenizer's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
+    p.add_argument("--per-item", default=None,
+                   help="JSON lines of every item's result; an existing file with the same"
+                        " settings is resumed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    add_mesh_args(p)
+
+
+def make_encoder(model, *, sep_id=None, pad_id=None) -> Encoder:
+    tok = model.tokenizer
+    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_token_id
+    return Encoder(tok, mask_token_id=model.config.mask_token_id, bos_id=bos, sep_id=sep_id,
+                   eos_id=tok.eos_id, pad_id=tok.pad_id if pad_id is None else pad_id)
+
+
+def format_result(result: dict) -> str:
+    scores = ", ".join(f"{name} {m['value']:.2f} +- {m['stderr']:.2f}"
+                       for name, m in result["metrics"].items())
+    extras = [f"{result['items']} items", f"seed {result['seed']}", f"draws: {result['draws']}"]
+    if result.get("steps") is not None:
+        extras.append(f"steps: {result['steps']}")
+    if result.get("reference_parity"):
+        extras.append("reference parity")
+    return f"{result['task']} ({result['objective']}): {scores} ({'; '.join(extras)})"
+
+
+def run_tasks(args) -> int:
+    settings = Settings(objective=args.objective, seed=args.seed, num_levels=args.levels,
+                        steps=args.steps, sampler=args.sampler, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, reference=args.reference_parity,
+                        logits_temp=args.logits_temp, seq_len=args.seq_len, timeout=args.timeout)
+    model = load_from_args(args)
+    if args.objective == "diffusion":
+        model.mask_token_id()  # one clear line now if the checkpoint has no mask token
+    engine = Engine(model, batch_size=args.batch_size, seed=args.seed)
+    runner = TaskRunner(engine, make_encoder(model, sep_id=args.sep_id, pad_id=args.pad_id),
+                        args.task, settings)
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    first = jax.process_index() == 0  # every process computes the same; one writes and prints
+    result, _ = run_task(runner, args.data, limit=args.limit, per_item=args.per_item,
+                         progress=progress and first, write=first)
+    if first:
+        print(json.dumps(result) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,275 @@
+"""Batched scoring and decoding of token rows over the mesh.
+
+A *row* is a token list with a ``fixed`` flag per position (context: never noised, never
+scored, never generated) and a ``row_id`` that fixes its random draws. Rows are packed in their
+given order into batches of a fixed number of rows (a multiple of the mesh's batch shards;
+short batches are filled with copies of their first row, dropped afterwards) and a bucketed
+length (powers of two from 32, so only a few programs compile). Padding never changes a score:
+pad positions are fixed, outside every sum, and in their own attention segment, so no real
+position attends to them; every draw of a row is made from ``row_id`` alone, and position-wise
+draws are prefix-consistent in the length, so a row scores the same alone and unpadded as in a
+padded batch. (Sampled decoding is the exception: its candidate draws depend on the bucketed
+canvas length; greedy decoding does not.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffujax.attention.pattern import causal, full
+from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
+                                multiple_choice_score, per_sequence_terms, sample_noise_mask,
+                                shifted_cross_entropy)
+from diffujax.generate import sampler_call
+from diffujax.runtime import LoadedModel, pad_rows
+
+MIN_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    tokens: tuple[int, ...]
+    fixed: tuple[bool, ...]  # True: context; False: scored / generated
+    row_id: int
+
+    @staticmethod
+    def make(context: Sequence[int], target: Sequence[int], row_id: int,
+             suffix: Sequence[int] = ()) -> "Row":
+        tokens = tuple(int(t) for t in (*context, *target, *suffix))
+        fixed = (True,) * len(context) + (False,) * len(target) + (True,) * len(suffix)
+        return Row(tokens, fixed, int(row_id))
+
+
+def bucket_length(n: int, limit: int | None = None) -> int:
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    if limit is not None and n > limit:
+        raise ValueError(f"a row of {n} tokens exceeds the model's {limit} positions")
+    return size if limit is None else min(size, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    tokens: np.ndarray  # [B, L] int32 (0 at padding)
+    fixed: np.ndarray  # [B, L] bool (True at padding)
+    real: np.ndarray  # [B, L] bool
+    segments: np.ndarray  # [B, L] int32: 1 on the row, 0 on padding
+    row_ids: np.ndarray  # [B] int32
+    count: int  # rows before the batch padding
+
+
+def pack(rows: Sequence[Row], batch_rows: int, length: int) -> Packed:
+    tokens = np.zeros((len(rows), length), np.int32)
+    fixed = np.ones((len(rows), length), bool)
+    real = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
+        tokens[i, :n], fixed[i, :n], real[i, :n] = row.tokens, row.fixed, True
+    ids = np.asarray([r.row_id for r in rows], np.int32)
+    arrays = [pad_rows(a, batch_rows) for a in (tokens, fixed, real, ids)]
+    return Packed(arrays[0], arrays[1], arrays[2], arrays[2].astype(np.int32), arrays[3],
+                  len(rows))
+
+
+def _offsets(row_ids):
+    """The ``row_offset`` that makes row ``b`` of a batch draw as global row ``row_ids[b]``."""
+    return row_ids - jnp.arange(row_ids.shape[0], dtype=jnp.int32)
+
+
+class Engine:
+    """Scoring and decoding for one loaded model; ``batch_size`` rows per forward pass."""
+
+    def __init__(self, model: LoadedModel, *, batch_size: int = 8, seed: int = 0):
+        shards = model.batch_shards()
+        self.model = model
+        self.batch_size = -(-batch_size // shards) * shards
+        self.seed = seed
+        self.key = jax.random.key(seed)
+        self._jitted: dict = {}
+        self._limit = getattr(model.config, "max_positions", None)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _jit(self, name, build: Callable):
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(build())
+        return self._jitted[name]
+
+    def _run(self, rows: Sequence[Row], fn, *extra):
+        """``fn(params, tokens, fixed, real, segments, row_ids, *extra)`` over batches; returns
+        the outputs (a tuple of ``[rows]`` host arrays) in the order of ``rows``."""
+        outputs = []
+        m = self.model
+        with m.active():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
+                p = pack(chunk, self.batch_size, length)
+                args = [m.put_batch(a) for a in (p.tokens, p.fixed, p.real, p.segments,
+                                                  p.row_ids)]
+                out = fn(m.params, *args, *extra)
+                out = out if isinstance(out, tuple) else (out,)
+                outputs.append(tuple(m.fetch(o)[:p.count] for o in out))
+        # per-row outputs ([rows]); per-position ones differ in length between batches: a list
+        return tuple(np.concatenate(parts) if parts[0].ndim == 1 else
+                     [row for part in parts for row in part] for parts in zip(*outputs))
+
+    # --- scores ------------------------------------------------------------------------------
+
+    def diffusion_score(self, rows, *, num_levels: int = 32, reference_levels: bool = False):
+        """The reference's multiple-choice score of the non-fixed span, ``[rows]``, lower is
+        better (``multiple_choice_score``)."""
+        apply, mask = self.model.apply_fn, self.model.mask_token_id()
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                return multiple_choice_score(apply, params, tokens, fixed, self.key,
+                                             mask_token_id=mask, pattern=full(segments),
+                                             loss_mask=real, num_levels=num_levels,
+                                             row_offset=_offsets(row_ids),
+                                             reference_levels=reference_levels)
+            return fn
+        return self._run(rows, self._jit(("score", num_levels, reference_levels), build))[0]
+
+    def conditional_nll(self, rows, *, num_draws: int = 128):
+        """LLaDA's Monte-Carlo estimate of ``-log p(span | context)``, ``[rows]``."""
+        apply, mask = self.model.apply_fn, self.model.mask_token_id()
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                return conditional_nll(apply, params, tokens, fixed, self.key, mask_token_id=mask,
+                                       pattern=full(segments), loss_mask=real,
+                                       num_draws=num_draws, row_offset=_offsets(row_ids))
+            return fn
+        return self._run(rows, self._jit(("llada", num_draws), build))[0]
+
+    def conditional_elbo(self, rows, *, num_draws: int = 8, eps: float = DEFAULT_EPS):
+        """Negative ELBO of the span given the context (docs/algorithms.md §5's bound with ``src`` =
+        context): ``num_draws`` draws of ``t`` per row, stratified over the row's draws, each with
+        its own noise of the span; ``(nelbo [rows], span tokens [rows])``, nats, averaged over
+        draws. ``-nelbo`` lower-bounds ``log p(span | context)``."""
+        apply, mask = self.model.apply_fn, self.model.mask_token_id()
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                offsets = _offsets(row_ids)
+                base = jax.random.fold_in(self.key, 0)
+                u0 = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(base, r), ()))(
+                    row_ids)
+                hold = fixed | ~real
+
+                def one_draw(draw):
+                    u = jnp.mod(u0 + draw.astype(jnp.float32) / num_draws, 1.0)
+                    t = (1.0 - eps) * u + eps
+                    noise = sample_noise_mask(jax.random.fold_in(self.key, draw + 1), t,
+                                              tokens.shape[1], src=hold, row_offset=offsets)
+                    logits = apply(params, apply_noise(tokens, noise, mask), full(segments))
+                    terms = per_sequence_terms(logits, tokens, NoisedBatch(t, noise, tokens),
+                                               src=hold)
+                    return terms["weighted"]
+
+                draws = jnp.arange(num_draws, dtype=jnp.int32)
+                span = (~hold)[:, 1:].sum(axis=1).astype(jnp.float32)
+                return jax.lax.map(one_draw, draws).mean(axis=0), span
+            return fn
+        return self._run(rows, self._jit(("elbo", num_draws, eps), build))
+
+    def diffusion_greedy(self, rows):
+        """Bool ``[rows]``: with the whole span masked, one pass's argmax (mask token excluded)
+        reproduces the span (lm-eval's ``is_greedy`` for a diffusion model)."""
+        apply, mask = self.model.apply_fn, self.model.mask_token_id()
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                span = ~fixed & real & (jnp.arange(tokens.shape[1]) > 0)
+                logits = apply(params, jnp.where(span, mask, tokens), full(segments))
+                logits = jnp.where(jnp.arange(logits.shape[-1]) == mask, -jnp.inf, logits)
+                guess = jnp.argmax(logits[:, :-1], axis=-1)
+                hit = (guess == tokens[:, 1:]) | ~span[:, 1:]
+                return hit.all(axis=1)
+            return fn
+        return self._run(rows, self._jit("diffusion_greedy", build))[0]
+
+    def ar_logprob(self, rows):
+        """AR (causal) log-probability of the span: ``(sum [rows], tokens [rows],
+        greedy [rows])``, greedy = every span token is the argmax of its prediction."""
+        apply = self.model.apply_fn
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                logits = apply(params, tokens, causal(segments))
+                scored = (~fixed & real)[:, 1:]
+                logp = -shifted_cross_entropy(logits, tokens)
+                greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+                return (jnp.where(scored, logp, 0.0).sum(axis=1),
+                        scored.sum(axis=1).astype(jnp.float32),
+                        (greedy | ~scored).all(axis=1))
+            return fn
+        return self._run(rows, self._jit("ar", build))
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def diffusion_decode(self, rows, *, sampler: str = "topk", steps: int = 32,
+                         temperature: float = 0.0, top_k=None, top_p=None,
+                         ranking: str = "masked", confidence_temperature=None,
+                         block_length: int = 32, threshold: float = 0.9) -> list[list[int]]:
+        """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
+        span of every row (token lists). ``steps`` is the number of denoising passes."""
+        apply, mask = self.model.apply_fn, self.model.mask_token_id()
+        outputs = []
+        m = self.model
+        with m.active():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
+                p = pack(chunk, self.batch_size, length)
+                longest = max(sum(1 for f in r.fixed if not f) for r in chunk)
+                fn, extra = sampler_call(sampler, steps=steps, generated=longest,
+                                         block_length=block_length, threshold=threshold,
+                                         ranking=ranking,
+                                         confidence_temperature=confidence_temperature)
+                tokens, fixed, segments, ids = (m.put_batch(a) for a in (
+                    p.tokens, p.fixed, p.segments, p.row_ids))
+                out = fn(apply, m.params, tokens, fixed, self.key, mask_token_id=mask,
+                         pattern=full(segments), temperature=temperature, top_k=top_k,
+                         top_p=top_p, row_ids=ids, **extra)
+                filled = m.fetch(out.tokens)[:p.count]
+                for row, values in zip(chunk, filled):
+                    outputs.append([int(values[i]) for i, f in enumerate(row.fixed) if not f])
+        return outputs
+
+    def ar_decode(self, rows) -> list[list[int]]:
+        """Greedy AR decoding of each row's non-fixed span (which must follow the context; one
+        full forward pass per generated token, no KV cache)."""
+        apply = self.model.apply_fn
+
+        def build():
+            def fn(params, tokens, fixed, real, segments, row_ids):
+                span = ~fixed & real
+                first = jnp.argmax(span, axis=1)  # the span's first position per row
+                count = span.sum(axis=1)
+                rows_index = jnp.arange(tokens.shape[0])
+
+                def step(k, x):
+                    logits = apply(params, x, causal(segments))
+                    position = jnp.minimum(first + k, x.shape[1] - 1)
+                    guess = jnp.argmax(logits[rows_index, position - 1], axis=-1)
+                    write = k < count
+                    value = jnp.where(write, guess.astype(x.dtype), x[rows_index, position])
+                    return x.at[rows_index, position].set(value)
+
+                return jax.lax.fori_loop(0, count.max(), step, tokens)
+            return fn
+
+        for row in rows:
+            span = [i for i, f in enumerate(row.fixed) if not f]
+            if span and (span[0] == 0 or span != list(range(span[0], span[0] + len(span)))):
+                raise ValueError("AR decoding needs one contiguous span after a non-empty context")
+        filled = self._run(rows, self._jit("ar_decode", build))[0]
+        return [[int(v[i]) for i, f in enumerate(r.fixed) if not f] for r, v in zip(rows, filled)]

@@ -1,0 +1,233 @@
+"""An lm-evaluation-harness model: ``--model diffujax`` (``diffujax lm-eval`` registers it and
+hands its arguments to lm-eval's own command line, offline).
+
+    diffujax lm-eval --model diffujax --model_args checkpoint=CKPT,objective=diffusion \\
+        --tasks lambada_openai --include_path my_tasks/ --limit 100
+
+``model_args``: ``checkpoint`` (required); ``objective`` diffusion | ar; ``score`` reference
+(the T = 32 multiple-choice score, negated, with ``levels``) | mc (LLaDA's Monte-Carlo
+estimate of log p(continuation | context) with ``mc_num`` draws); ``rolling_draws`` (the
+ELBO's draws of t per rolling window in ``loglikelihood_rolling``, a lower bound on the
+log-likelihood, stratified per window); ``sampler`` / ``steps`` / ``temperature`` /
+``ranking`` / ``confidence_temperature`` for ``generate_until`` (stop sequences and EOS are
+honoured; ``steps`` defaults to the number of tokens to generate); ``batch_size``, ``seed``,
+``dtype``, ``mesh``, ``max_length``, ``max_gen_toks``, ``add_bos_token``.
+
+With ``objective=ar`` every request is exact causal scoring, so an unadapted model gives the
+numbers of lm-eval's own ``hf`` model (tested to 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them
+    # only while it is empty, and registering ours makes it non-empty)
+    from lm_eval import utils as lm_utils
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences
+except ModuleNotFoundError as e:  # an optional extra
+    raise ModuleNotFoundError(f"{e}: diffujax lm-eval needs lm-evaluation-harness, pip install"
+                              " 'diffujax[eval]'") from e
+
+from diffujax.runtime import load_for_inference, mesh_from_args
+from diffujax.tasks.engine import Engine, Row
+
+SCORES = ("reference", "mc")
+
+
+def _sorted_by_length(rows):
+    """Indices of ``rows`` longest first (full batches of similar length)."""
+    return sorted(range(len(rows)), key=lambda k: -len(rows[k].tokens))
+
+
+def _in_order(rows, compute):
+    """``compute`` on ``rows`` longest first, results back in the order of ``rows``."""
+    order = _sorted_by_length(rows)
+    out = compute([rows[k] for k in order])
+    single = not isinstance(out, tuple)
+    out = (out,) if single else out
+    restored = []
+    for values in out:
+        back = [None] * len(rows)
+        for position, k in enumerate(order):
+            back[k] = values[position]
+        restored.append(back)
+    return restored[0] if single else tuple(restored)
+
+
+@register_model("diffujax")
+class DiffujaxLM(TemplateLM):
+    def __init__(self, checkpoint: str, objective: str = "diffusion", score: str = "reference",
+                 levels: int = 32, mc_num: int = 128, rolling_draws: int = 8,
+                 sampler: str = "topk", steps: int | None = None, temperature: float = 0.0,
+                 ranking: str = "masked", confidence_temperature: float | None = None,
+                 batch_size: int | str = 8, seed: int = 0, dtype: str | None = None,
+                 mesh: str = "auto", max_length: int | None = None, max_gen_toks: int = 256,
+                 add_bos_token: bool = False, **unused):
+        super().__init__()
+        if objective not in ("diffusion", "ar"):
+            raise ValueError(f"model_args objective={objective!r}: must be diffusion or ar")
+        if score not in SCORES:
+            raise ValueError(f"model_args score={score!r}: must be one of {SCORES}")
+        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=str(mesh), distributed="auto"))
+        self.model = load_for_inference(str(checkpoint), dtype=dtype, mesh=mesh_, rules=rules)
+        if objective == "diffusion":
+            self.model.mask_token_id()  # one clear line if the checkpoint has none
+        size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.engine = Engine(self.model, batch_size=size, seed=int(seed))
+        self.tokenizer = self.model.tokenizer
+        self.objective, self.score = objective, score
+        self.levels, self.mc_num, self.rolling_draws = int(levels), int(mc_num), int(rolling_draws)
+        self.decoding = dict(sampler=sampler, temperature=float(temperature), ranking=ranking,
+                             confidence_temperature=None if confidence_temperature is None
+                             else float(confidence_temperature))
+        self.steps = None if steps is None else int(steps)
+        positions = getattr(self.model.config, "max_positions", None) or 2048
+        self._max_length = int(max_length) if max_length else positions - 1
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = bool(add_bos_token)
+
+    # --- what TemplateLM needs ------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return os.path.basename(str(self.tokenizer))
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+        ids = list(self.tokenizer.encode(string))
+        bos = self.tokenizer.bos_id
+        if (add_special_tokens or (add_special_tokens is None and self.add_bos_token)) and \
+                bos is not None:
+            ids = [bos] + ids
+        return ids
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def _rows(self, pairs):
+        rows = []
+        for k, (context, continuation) in enumerate(pairs):
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            cut = len(whole) - len(continuation)
+            rows.append(Row.make(whole[:cut], whole[cut:], k))
+        return rows
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        rows = self._rows([(ctx, cont) for _, ctx, cont in requests])
+        if not rows:
+            return []
+        if self.objective == "ar":
+            sums, _, greedy = _in_order(rows, self.engine.ar_logprob)
+            return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
+        if self.score == "reference":
+            values = _in_order(rows, lambda r: self.engine.diffusion_score(r, num_levels=self.levels))
+        else:
+            values = _in_order(rows, lambda r: self.engine.conditional_nll(r, num_draws=self.mc_num))
+        greedy = _in_order(rows, self.engine.diffusion_greedy)
+        return [(-float(v), bool(g)) for v, g in zip(values, greedy)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """AR: the exact log-likelihood over lm-eval's disjoint rolling windows. Diffusion: the
+        sum over windows of the negative ELBO's negation (``rolling_draws`` draws of t per
+        window): a lower bound on each document's log-likelihood."""
+        windows, owner = [], []
+        for k, req in enumerate(requests):
+            (string,) = req.args
+            for context, target in map(lm_utils.make_disjoint_window,
+                                       lm_utils.get_rolling_token_windows(
+                                           token_list=self.tok_encode(string),
+                                           prefix_token=self.prefix_token_id,
+                                           max_seq_len=self.max_length, context_len=1)):
+                windows.append((context, target))
+                owner.append(k)
+        rows = self._rows(windows)
+        if self.objective == "ar":
+            values = _in_order(rows, self.engine.ar_logprob)[0] if rows else []
+        else:
+            nelbo = _in_order(rows, lambda r: self.engine.conditional_elbo(
+                r, num_draws=self.rolling_draws))[0] if rows else []
+            values = [-v for v in nelbo]
+        totals = [0.0] * len(requests)
+        for k, v in zip(owner, values):
+            totals[k] += float(v)
+        return totals
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        eos_text = self.tok_decode([self.eot_token_id])
+        groups: dict[int, list[int]] = {}
+        plans = []
+        for k, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+            count = int(gen_kwargs.pop("max_gen_toks", self._max_gen_toks))
+            ids = self.tok_encode(context) or [self.prefix_token_id]
+            ids = ids[-max(1, self.max_length - count):]
+            plans.append((Row.make(ids, [0] * count, k), until))
+            groups.setdefault(count, []).append(k)
+        texts = [None] * len(requests)
+        for count, members in groups.items():
+            rows = [plans[k][0] for k in members]
+            if self.objective == "ar":
+                spans = self.engine.ar_decode(rows)
+            else:
+                spans = self.engine.diffusion_decode(rows, steps=self.steps or count,
+                                                     **self.decoding)
+            for k, span in zip(members, spans):
+                ids = []
+                for t in span:
+                    if t == self.eot_token_id:
+                        break
+                    ids.append(t)
+                text = self.tok_decode(ids)
+                for stop in plans[k][1]:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                texts[k] = text
+        return texts
+
+
+# --- ``diffujax lm-eval`` ---------------------------------------------------------------------------
+
+def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("lm-evaluation-harness's command line (lm_eval run ...) with the diffujax"
+                     " model registered and the Hugging Face hub offline; every argument after"
+                     " 'lm-eval' goes to lm_eval")
+
+
+def run_lm_eval(argv) -> int:
+    """Hand ``argv`` (the arguments after ``diffujax lm-eval``) to lm-eval's own CLI."""
+    if isinstance(argv, argparse.Namespace):
+        argv = []
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0

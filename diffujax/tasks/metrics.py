@@ -1,0 +1,97 @@
+"""Per-item scores and their aggregate: mean with its standard error, ROUGE-1/2/L (the
+``rouge_score`` definitions: lower-cased alphanumeric tokens, no stemming, F-measure), GSM8K
+answer parsing, Lambada's exact match."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Sequence
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n), as
+    lm-evaluation-harness reports it); the error is NaN for fewer than two items."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+# --- ROUGE ---------------------------------------------------------------------------------------
+
+def rouge_tokens(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _f_measure(overlap: int, predicted: int, reference: int) -> float:
+    if overlap == 0 or predicted == 0 or reference == 0:
+        return 0.0
+    precision, recall = overlap / predicted, overlap / reference
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_n(prediction: str, reference: str, n: int) -> float:
+    def grams(tokens):
+        return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+    p, r = grams(rouge_tokens(prediction)), grams(rouge_tokens(reference))
+    overlap = sum(min(count, r[g]) for g, count in p.items())
+    return _f_measure(overlap, sum(p.values()), sum(r.values()))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
+    return _f_measure(_lcs(p, r), len(p), len(r))
+
+
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures in percent."""
+    return {"rouge1": 100 * rouge_n(prediction, reference, 1),
+            "rouge2": 100 * rouge_n(prediction, reference, 2),
+            "rougeL": 100 * rouge_l(prediction, reference)}
+
+
+# --- GSM8K ---------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gsm_number(text: str) -> str | None:
+    """The number after the last '####' (commas dropped, ``12.0`` -> ``12``), or None."""
+    if "####" not in text:
+        return None
+    match = _NUMBER.search(text.rsplit("####", 1)[1])
+    if match is None:
+        return None
+    number = match.group().replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number
+
+
+def gsm_correct(prediction: str, gold: str, *, reference: bool = False) -> bool:
+    """diffujax: the parsed numbers are equal. ``reference``: the reference's ``gsm_eval``,
+    the whole text after the last '####', stripped and without commas, equals the gold's."""
+    if reference:
+        return prediction.split("####")[-1].strip().replace(",", "") == gold
+    return gsm_number(prediction) == gold
+
+
+def lambada_correct(prediction: str, target: str) -> bool:
+    """Exact match of the decoded last word (both stripped), once per passage."""
+    return prediction.strip() == target.strip()

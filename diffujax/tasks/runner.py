@@ -1,0 +1,332 @@
+"""Running one task: items -> rows -> scores or decodes -> per-item records -> the metric.
+
+Each task runs in chunks of items; with a per-item file every finished chunk is appended to it
+(one JSON line per item, after a header line with the settings), so a stopped run restarts
+where it stopped and gives the same numbers: every random draw follows from the seed and the
+item's index alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable
+
+from tqdm import tqdm
+
+from diffujax.tasks import formats, metrics
+from diffujax.tasks.encode import Encoder
+from diffujax.tasks.engine import Engine
+from diffujax.tasks.execution import humaneval_program, run_program
+
+OBJECTIVES = ("diffusion", "ar")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    load: Callable[[str], list]
+    kind: str  # choice | last_word | infill | code | answer
+    ar_reduce: str = "sum"  # choice tasks, AR objective: sum or mean log-prob (eval-llm.py)
+    steps: int | None = 32  # default denoising passes (None: the span's token count)
+    data: str = ""  # the format of --data, for --help and errors
+
+
+TASKS = {
+    "lambada": TaskSpec(formats.lambada, "last_word", steps=None,
+                        data="plain text, one passage a line (lambada_test_plain_text.txt)"),
+    "hellaswag": TaskSpec(formats.hellaswag, "choice", ar_reduce="mean",
+                          data="jsonl: activity_label, ctx_a, ctx_b, endings, label"),
+    "winogrande": TaskSpec(formats.winogrande, "choice", ar_reduce="mean",
+                           data="jsonl: sentence (with '_'), option1, option2, answer"),
+    "siqa": TaskSpec(formats.siqa, "choice",
+                     data="jsonl: context, question, answerA/B/C, label (1-3)"),
+    "piqa": TaskSpec(formats.piqa, "choice", data="jsonl: goal, sol1, sol2, label (0/1)"),
+    "rocstories": TaskSpec(formats.rocstories, "infill",
+                           data="csv: the cloze test (InputSentence1-4, RandomFifthSentenceQuiz1/2,"
+                                " AnswerRightEnding) or sentence1-5"),
+    "humaneval": TaskSpec(formats.humaneval, "code",
+                          data="jsonl: task_id, prompt, suffix, canonical_solution, test,"
+                               " entry_point (HumanEval infilling)"),
+    "gsm8k": TaskSpec(formats.gsm8k, "answer", steps=64,
+                      data="jsonl: question, answer ('... #### N'), or instruction/output"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    objective: str = "diffusion"
+    seed: int = 0
+    num_levels: int = 32  # multiple-choice score levels T
+    steps: int | None = None  # denoising passes (None: the task's default)
+    sampler: str = "topk"
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    reference: bool = False  # reproduce the reference's scoring / sampling (see README)
+    logits_temp: float = 0.95  # the reference's temperature (eval-diffugpt.py default)
+    seq_len: int = 256  # GSM8K: canvas length (the reference's cutoff_len)
+    timeout: float = 10.0  # HumanEval: seconds per program
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.num_levels < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError("--levels and --steps must be >= 1")
+        if self.reference and self.sampler != "topk":
+            raise ValueError("--reference-parity uses the reference's topk sampler: drop --sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """How one task decodes with the diffusion objective."""
+    steps: int | None
+    temperature: float
+    ranking: str = "masked"
+    confidence_temperature: float | None = None
+
+    def describe(self) -> dict:
+        draws = "greedy" if self.temperature == 0 else f"1 sample at temperature {self.temperature}"
+        return {"steps": self.steps if self.steps is not None else "the span's token count",
+                "draws": draws, "ranking": self.ranking,
+                "confidence_temperature": self.confidence_temperature}
+
+
+def decode_plan(spec: TaskSpec, s: Settings) -> DecodePlan:
+    steps = s.steps if s.steps is not None else spec.steps
+    if not s.reference:
+        return DecodePlan(steps, s.temperature)
+    # The reference: Lambada samples at temperature 1 with T = the token count; GSM8K decodes
+    # greedily ranking by temperature-1 probabilities (its gsm inference config); the infilling
+    # tasks sample at logits_temp and rank by it. Each task sets its own values (the reference
+    # overwrote them for every later task after Lambada).
+    if spec.kind == "last_word":
+        return DecodePlan(steps, 1.0, "all", 1.0)
+    if spec.kind == "answer":
+        return DecodePlan(steps, 0.0, "all", 1.0)
+    return DecodePlan(steps, s.logits_temp, "all", s.logits_temp)
+
+
+class TaskRunner:
+    def __init__(self, engine: Engine, encoder: Encoder, name: str, settings: Settings):
+        if name not in TASKS:
+            raise ValueError(f"--task {name!r} is not one of {sorted(TASKS)}")
+        self.engine, self.encoder, self.name, self.s = engine, encoder, name, settings
+        self.spec = TASKS[name]
+        self.plan = decode_plan(self.spec, settings)
+
+    # --- the per-kind evaluation of a chunk of (index, item) ------------------------------------
+
+    def evaluate(self, chunk) -> list[dict]:
+        return getattr(self, f"_{self.spec.kind}")(chunk)
+
+    def _choice(self, chunk):
+        rows = [self.encoder.choice_rows(i, item) for i, item in chunk]
+        flat = [r for group in rows for r in group]
+        if self.s.objective == "diffusion":
+            values = list(self.engine.diffusion_score(flat, num_levels=self.s.num_levels,
+                                                      reference_levels=self.s.reference))
+            pick = min
+        else:
+            sums, counts, _ = self.engine.ar_logprob(flat)
+            values = list(sums / counts if self.spec.ar_reduce == "mean" else sums)
+            pick = max
+        out, at = [], 0
+        for (index, item), group in zip(chunk, rows):
+            scores = [float(v) for v in values[at:at + len(group)]]
+            at += len(group)
+            pred = scores.index(pick(scores))
+            out.append(dict(index=index, scores=scores, pred=pred, gold=item.gold,
+                            correct=float(pred == item.gold)))
+        return out
+
+    def _decode(self, rows, *, per_row_steps=False):
+        """Spans for ``rows`` with the objective's decoder; with ``per_row_steps`` (Lambada) the
+        diffusion steps equal each row's span length (rows are grouped by it)."""
+        if self.s.objective == "ar":
+            return self.engine.ar_decode(rows)
+        p = self.plan
+        options = dict(sampler=self.s.sampler, temperature=p.temperature, top_k=self.s.top_k,
+                       top_p=self.s.top_p, ranking=p.ranking,
+                       confidence_temperature=p.confidence_temperature)
+        if not (per_row_steps and p.steps is None):
+            return self.engine.diffusion_decode(rows, steps=p.steps, **options)
+        spans = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for k, row in enumerate(rows):
+            groups.setdefault(sum(not f for f in row.fixed), []).append(k)
+        for steps, members in sorted(groups.items()):
+            decoded = self.engine.diffusion_decode([rows[k] for k in members], steps=steps,
+                                                   **options)
+            for k, span in zip(members, decoded):
+                spans[k] = span
+        return spans
+
+    def _last_word(self, chunk):
+        rows = [self.encoder.last_word_row(i, item) for i, item in chunk]
+        spans = self._decode(rows, per_row_steps=True)
+        out = []
+        for (index, item), span in zip(chunk, spans):
+            pred = self.encoder.decode(span)
+            out.append(dict(index=index, prediction=pred, target=item.target,
+                            correct=float(metrics.lambada_correct(pred, item.target))))
+        return out
+
+    def _infill_spans(self, chunk):
+        enc = self.encoder
+        make = enc.infill_row if self.s.objective == "diffusion" else enc.ar_infill_row
+        return self._decode([make(i, item) for i, item in chunk])
+
+    def _infill(self, chunk):
+        out = []
+        for (index, item), span in zip(chunk, self._infill_spans(chunk)):
+            pred = self.encoder.decode(span)
+            out.append(dict(index=index, prediction=pred, reference=item.middle,
+                            **metrics.rouge_scores(pred, item.middle)))
+        return out
+
+    def _code(self, chunk):
+        completions = [self.encoder.decode(span) for span in self._infill_spans(chunk)]
+        programs = [humaneval_program(item.prefix, c, item.suffix, item.test, item.entry_point)
+                    for (_, item), c in zip(chunk, completions)]
+        workers = max(1, min(len(programs), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            outcomes = list(pool.map(lambda p: run_program(p, timeout=self.s.timeout), programs))
+        return [dict(index=index, task_id=item.task_id, completion=c, status=o.status,
+                     detail=o.detail, **{"pass@1": float(o.passed)})
+                for (index, item), c, o in zip(chunk, completions, outcomes)]
+
+    def _answer(self, chunk):
+        rows = [self.encoder.answer_row(i, item, self.s.seq_len) for i, item in chunk]
+        out = []
+        for (index, item), span in zip(chunk, self._decode(rows)):
+            text = self.encoder.decode(self.encoder.until_stop(span))
+            correct = metrics.gsm_correct(text, item.gold, reference=self.s.reference)
+            out.append(dict(index=index, prediction=text, parsed=metrics.gsm_number(text),
+                            gold=item.gold, correct=float(correct)))
+        return out
+
+    # --- description and aggregate -------------------------------------------------------------
+
+    def metric_names(self) -> tuple[str, ...]:
+        return {"infill": ("rouge1", "rouge2", "rougeL"), "code": ("pass@1",)}.get(
+            self.spec.kind, ("accuracy",))
+
+    def header(self, data: str) -> dict:
+        """Everything an item's result depends on (a per-item file is resumed only if it
+        matches; not the item count: a larger --limit resumes a smaller one)."""
+        s = self.s
+        h = dict(task=self.name, data=os.path.abspath(data), objective=s.objective, seed=s.seed,
+                 reference_parity=s.reference)
+        if self.spec.kind == "choice":
+            h.update(draws=(f"{s.num_levels} noise levels x 1 draw per choice"
+                            if s.objective == "diffusion" else "exact (AR log-prob "
+                            f"{self.spec.ar_reduce})"), steps=None)
+            if s.objective == "diffusion":
+                h["levels"] = (f"T-1..1 of T={s.num_levels}, 1/t weighted (reference)"
+                               if s.reference else f"T..1 of T={s.num_levels}, unweighted")
+        elif s.objective == "ar":
+            h.update(draws="greedy", steps="one forward pass per token")
+        else:
+            h.update(self.plan.describe(), sampler=s.sampler, top_k=s.top_k, top_p=s.top_p)
+        if self.spec.kind == "answer":
+            h["seq_len"] = s.seq_len
+        if self.spec.kind == "code":
+            h["timeout_s"] = s.timeout
+        return h
+
+    def summarize(self, records: list[dict], header: dict) -> dict:
+        result = dict(header)
+        result["metrics"] = {}
+        key = {"choice": "correct", "last_word": "correct", "answer": "correct"}
+        for name in self.metric_names():
+            field = key.get(self.spec.kind, name)
+            value, stderr = metrics.mean_stderr([r[field] for r in records])
+            scale = 100.0 if field in ("correct", "pass@1") else 1.0
+            result["metrics"][name] = dict(value=value * scale, stderr=stderr * scale)
+        result["items"] = len(records)
+        return result
+
+
+# --- per-item file (restart) --------------------------------------------------------------------
+
+class PerItemFile:
+    """Append-only JSON lines: a header with the settings, then one record per item."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.header = path, header
+
+    def load(self) -> dict[int, dict]:
+        if self.path is None or not os.path.exists(self.path):
+            return {}
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if not lines:
+            return {}
+        try:
+            first = json.loads(lines[0])
+        except json.JSONDecodeError:
+            raise ValueError(f"{self.path}: not a diffujax per-item file (remove it or choose"
+                             " another --per-item)") from None
+        if not isinstance(first, dict) or first.get("header") != self.header:
+            old = first.get("header", {}) if isinstance(first, dict) else {}
+            diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
+            raise ValueError(f"{self.path} was written with other settings ({', '.join(diff)}):"
+                             " remove it to start over, or choose another --per-item")
+        done = {}
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by an interruption: that item runs again
+            done[int(record["index"])] = record
+        self._rewrite(done)  # drops a cut-short tail, so appends start on a clean line
+        return done
+
+    def _rewrite(self, done):
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"header": self.header}) + "\n")
+            for index in sorted(done):
+                f.write(json.dumps(done[index]) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, records: list[dict]) -> None:
+        if self.path is None:
+            return
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps({"header": self.header}) + "\n")
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
+             per_item: str | None = None, chunk_items: int | None = None,
+             progress: bool | None = None, write: bool = True) -> tuple[dict, list[dict]]:
+    """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records)."""
+    items = runner.spec.load(data)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        items = items[:limit]
+    header = runner.header(data)
+    log = PerItemFile(per_item if write else None, header)
+    done = log.load()
+    todo = [(i, item) for i, item in enumerate(items) if i not in done]
+    chunk = chunk_items or max(1, runner.engine.batch_size)
+    bar = tqdm(total=len(items), initial=len(done), desc=runner.name, unit="item",
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    with bar:
+        for start in range(0, len(todo), chunk):
+            records = runner.evaluate(todo[start:start + chunk])
+            log.append(records)
+            done.update((r["index"], r) for r in records)
+            bar.update(len(records))
+    records = [done[i] for i in range(len(items))]
+    return runner.summarize(records, header), records
