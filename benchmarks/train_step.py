@@ -151,7 +151,7 @@ def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: s
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        return loss
+        return loss.detach()
 
     first_loss = float(once())  # the same weights and batch as diffujax's first step
     return first_loss, time_steps(once, steps)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -67,7 +68,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                attention=attention_backend(model_cfg, program, target))
     t0 = time.perf_counter()
     try:
-        compiled = program.lower().compile()
+        with _no_persistent_cache():
+            compiled = program.lower().compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is handled
         needed = out_of_memory(e)
         if needed is None:
@@ -97,6 +99,18 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels]))
     return out
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Compile-only TPU executables cannot be read back from JAX's persistent compilation cache
+    (there is no TPU client to load them): do not write them there."""
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
