@@ -41,7 +41,7 @@ from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
-from diffujax.train.lock import run_lock
+from diffujax.train.lock import RunLockError, run_lock
 from diffujax.train.preemption import PreemptionGuard
 from diffujax.train.resume import check_resume
 from diffujax.train.run_dir import resolve_output_dir
@@ -129,8 +129,8 @@ def train(cfg) -> int:
     notes: list[str] = []
     # One writer per run directory (process 0 writes for the run).
     lock = run_lock(out_dir, notes) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock, PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT: save, then exit
-        run = _Run(cfg, guard, notes)
+    with lock as held, PreemptionGuard() as guard:  # from here on SIGTERM / SIGINT: save, exit
+        run = _Run(cfg, guard, notes, held)
         try:
             status = run.loop()
         except BaseException:
@@ -143,9 +143,9 @@ def train(cfg) -> int:
 class _Run:
     """One attempt at a run: set-up (restore or initialise), the step loop, the way out."""
 
-    def __init__(self, cfg, guard, notes: list[str]):
+    def __init__(self, cfg, guard, notes: list[str], lock=None):
         t0 = self.t0 = time.perf_counter()
-        self.cfg, self.guard = cfg, guard
+        self.cfg, self.guard, self.lock = cfg, guard, lock
         self.out_dir = out_dir = paths.resolve(cfg.output_dir)  # a local path or a bucket URL
         c, lg = cfg.checkpoint, cfg.logging
         self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
@@ -232,6 +232,8 @@ class _Run:
         try:
             self._catch_up()
             while self.step < total:
+                if self.lock is not None:
+                    self.lock.check()  # a lost lease: another run may own output_dir now
                 if self.guard.requested(self.step):
                     stop = "signal"
                     break
@@ -274,6 +276,8 @@ class _Run:
             # The metrics of the steps since the last checkpoint may be incomplete: resuming
             # from that checkpoint redoes them, so it is the state to keep (it is on disk).
             raise self._writer_failed(e) from e
+        except RunLockError:
+            raise  # not ours to write any more: no emergency checkpoint
         except BaseException:
             self._emergency_save()
             raise

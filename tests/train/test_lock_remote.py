@@ -1,0 +1,207 @@
+"""The run lease on gs:// (``LeaseLock``) against a real GCS API (the emulator of
+tests/gcs_emulator.py): a live lease refuses a second run with its owner's name, an expired one
+(or one of a process that is gone) is taken over and said, the heartbeat renews it, a lease taken
+from us or deleted is reported by ``check()``, release deletes only our own lease, and ``diffujax
+train`` on a bucket with a live foreign lease exits 2 with one line, writing nothing.
+
+The emulator ignores generation preconditions, so these check the sequential semantics (what is
+read and written, in which order); the preconditions close the races on real GCS.
+References: the lease object as the server holds it (read back with plain JSON), the clock."""
+
+import json
+import os
+import pathlib
+import socket
+import time
+
+import pytest
+
+from diffujax import paths
+from diffujax.cli import main as cli
+from diffujax.train import lock as lock_module
+from diffujax.train.lock import LOCK_NAME, LeaseLock, RunLockError, lock_for
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _object(url):
+    got = paths.read_object(f"{url}/{LOCK_NAME}")
+    return None if got is None else json.loads(got[0])
+
+
+def _plant(url, **record):
+    """A lease object of another run, as that run would have written it."""
+    now = time.time()
+    owner = {"host": "elsewhere", "pid": 4242, "start": None, "created": now - 60,
+             "expires": now + 300, "run": "foreign0run0"} | record
+    target = f"{url}/{LOCK_NAME}"
+    got = paths.read_object(target)
+    paths.write_object(target, json.dumps(owner).encode(), 0 if got is None else got[1])
+    return owner
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_gs_gets_a_lease_and_other_object_stores_none(gcs):
+    assert isinstance(lock_for(gcs.url_for("x")), LeaseLock)
+    assert isinstance(lock_for("s3://bucket/run"), lock_module.NoLock)
+
+
+def test_a_live_lease_refuses_a_second_run_until_released(gcs):
+    url = gcs.url_for("lease")
+    first = LeaseLock(url, lease_s=30)
+    t0 = time.time()
+    first.acquire()
+    try:
+        owner = _object(url)
+        assert owner["run"] == first.run_id and owner["pid"] == os.getpid()
+        assert owner["host"] == socket.gethostname()
+        assert t0 <= owner["created"] <= time.time()
+        assert owner["expires"] == pytest.approx(owner["created"] + 30, abs=1)
+        with pytest.raises(RunLockError) as e:
+            LeaseLock(url, lease_s=30).acquire()
+        message = str(e.value)
+        assert "\n" not in message
+        assert (f"in use by another diffujax train (run {first.run_id} (process {os.getpid()}"
+                f" on {socket.gethostname()}), since") in message
+        assert "wait until its lease expires" in message
+        assert f"delete {url}/{LOCK_NAME}" in message
+        first.check()  # still ours
+    finally:
+        first.release()
+    assert gcs.objects(url) == []
+    second = LeaseLock(url, lease_s=30)
+    second.acquire()
+    second.release()
+    assert gcs.objects(url) == []
+
+
+def test_an_expired_lease_or_one_of_a_gone_process_is_taken_over_and_said(gcs):
+    url = gcs.url_for("lease")
+    foreign = _plant(url, expires=time.time() - 5)
+    lock = LeaseLock(url, lease_s=30)
+    lock.acquire()
+    try:
+        assert len(lock.notes) == 1 and "took over the run lease" in lock.notes[0]
+        assert "run foreign0run0 (process 4242 on elsewhere)" in lock.notes[0]
+        assert "it expired at" in lock.notes[0]
+        assert _object(url)["run"] == lock.run_id != foreign["run"]
+    finally:
+        lock.release()
+
+    # not expired, but its process on this host is gone (a killed run, rerun at once)
+    _plant(url, host=socket.gethostname(), pid=2**22 + 17, start="1")
+    lock = LeaseLock(url, lease_s=30)
+    lock.acquire()
+    try:
+        assert "its process is gone" in lock.notes[0]
+    finally:
+        lock.release()
+
+    # an unreadable lease is not taken over
+    target = f"{url}/{LOCK_NAME}"
+    paths.write_object(target, b"{half", 0)
+    with pytest.raises(RunLockError, match="cannot be read; if no run is using this output_dir,"
+                                           " delete that object"):
+        LeaseLock(url).acquire()
+
+
+def test_the_heartbeat_renews_and_release_deletes_only_our_lease(gcs):
+    url = gcs.url_for("lease")
+    lock = LeaseLock(url, lease_s=0.9)  # renewed every 0.3 s
+    lock.acquire()
+    try:
+        first_expiry = _object(url)["expires"]
+        time.sleep(1.5)  # past the first expiry: only renewals keep it alive
+        assert _object(url)["expires"] > max(first_expiry, time.time())
+        lock.check()
+        with pytest.raises(RunLockError, match="in use by another diffujax train"):
+            LeaseLock(url).acquire()
+    finally:
+        lock.release()
+    assert gcs.objects(url) == []
+
+    # a lease that another run has taken from us is left alone on release
+    lock = LeaseLock(url, lease_s=30)
+    lock.acquire()
+    foreign = _plant(url)
+    lock.release()
+    assert _object(url) == foreign
+
+
+def test_a_stolen_or_deleted_lease_is_detected(gcs):
+    url = gcs.url_for("lease")
+    lock = LeaseLock(url, lease_s=0.6)
+    lock.acquire()
+    try:
+        _plant(url)
+        assert _wait_for(lambda: lock._lost), "the heartbeat did not notice the takeover"
+        with pytest.raises(RunLockError, match=r"lost the run lease .*: it was taken over by run"
+                                               r" foreign0run0 \(process 4242 on elsewhere\)"):
+            lock.check()
+    finally:
+        lock.release()
+    assert _object(url)["run"] == "foreign0run0"  # not ours: kept
+
+    url = gcs.url_for("lease")
+    lock = LeaseLock(url, lease_s=0.6)
+    lock.acquire()
+    try:
+        assert paths.delete_object(f"{url}/{LOCK_NAME}", paths.read_object(
+            f"{url}/{LOCK_NAME}")[1])
+        assert _wait_for(lambda: lock._lost)
+        with pytest.raises(RunLockError, match="it was deleted; this run stops"):
+            lock.check()
+    finally:
+        lock.release()
+
+
+def test_a_lease_that_cannot_be_renewed_is_lost_when_it_expires(gcs, monkeypatch):
+    url = gcs.url_for("lease")
+    lock = LeaseLock(url, lease_s=0.6)
+    lock.acquire()
+    try:
+        def unreachable(*args, **kwargs):
+            raise ConnectionError("bucket unreachable")
+
+        monkeypatch.setattr(paths, "read_object", unreachable)
+        time.sleep(0.25)
+        lock.check()  # a failed renewal before expiry is retried, not fatal
+        assert _wait_for(lambda: lock._lost)
+        with pytest.raises(RunLockError, match="could not renew the run lease .* before it"
+                                               " expired .*bucket unreachable"):
+            lock.check()
+    finally:
+        monkeypatch.undo()
+        lock.release()
+
+
+def test_lease_length_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DIFFUJAX_LEASE_S", "12.5")
+    assert lock_module.lease_seconds() == 12.5
+    for bad in ("0", "-3", "soon", "nan"):
+        monkeypatch.setenv("DIFFUJAX_LEASE_S", bad)
+        with pytest.raises(ValueError, match=f"DIFFUJAX_LEASE_S={bad}: must be a number of"
+                                             " seconds > 0"):
+            lock_module.lease_seconds()
+
+
+def test_train_refuses_a_bucket_with_a_live_foreign_lease(gcs, capsys):
+    url = gcs.url_for("run")
+    foreign = _plant(url)
+    status = cli(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"output_dir={url}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(f"diffujax train: error: output_dir {url} is in use by another"
+                             " diffujax train (run foreign0run0 (process 4242 on elsewhere)")
+    assert f"delete {url}/{LOCK_NAME}" in err[0]
+    assert gcs.objects(url) == [f"{url.removeprefix('gs://diffujax-test/')}/{LOCK_NAME}"]
+    assert _object(url) == foreign
