@@ -1,8 +1,9 @@
 """The run lease on gs:// (``LeaseLock``) against a real GCS API (the emulator of
 tests/gcs_emulator.py): a live lease refuses a second run with its owner's name, an expired one
 (or one of a process that is gone) is taken over and said, the heartbeat renews it, a lease taken
-from us or deleted is reported by ``check()``, release deletes only our own lease, and ``diffujax
-train`` on a bucket with a live foreign lease exits 2 with one line, writing nothing.
+from us or deleted is reported by ``check()``, release deletes only our own lease; ``diffujax
+train`` on a bucket with a live foreign lease exits 2 with one line, writing nothing, and a
+training run whose lease is taken stops within a step (exit 2, no emergency checkpoint).
 
 The emulator ignores generation preconditions, so these check the sequential semantics (what is
 read and written, in which order); the preconditions close the races on real GCS.
@@ -12,6 +13,8 @@ import json
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -205,3 +208,34 @@ def test_train_refuses_a_bucket_with_a_live_foreign_lease(gcs, capsys):
     assert f"delete {url}/{LOCK_NAME}" in err[0]
     assert gcs.objects(url) == [f"{url.removeprefix('gs://diffujax-test/')}/{LOCK_NAME}"]
     assert _object(url) == foreign
+
+
+def test_a_run_whose_lease_is_taken_stops_at_the_next_step(gcs, tmp_path):
+    url = gcs.url_for("run")
+    log = tmp_path / "train.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), DIFFUJAX_LEASE_S="1.5",
+               JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffujax.cli", "train", "--config", "configs/tiny.yaml",
+             "train.steps=100000", "checkpoint.every_steps=100000", "logging.every_steps=1",
+             "logging.eval_every=0", "logging.sample_every=0", f"output_dir={url}"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(lambda: "step 3/" in log.read_text() or proc.poll() is not None,
+                         timeout=120), log.read_text()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
+        _plant(url)
+        stolen = time.monotonic()
+        assert proc.wait(timeout=30) == 2
+        assert time.monotonic() - stolen < 10  # one heartbeat (0.5 s) and one step
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"diffujax train: error: lost the run lease {url}/{LOCK_NAME}: it was"
+                           " taken over by run foreign0run0 (process 4242 on elsewhere)"), last
+    assert not [n for n in gcs.objects(url) if "/checkpoints/" in n]  # no emergency save
+    assert _object(url)["run"] == "foreign0run0"
