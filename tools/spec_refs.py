@@ -5,11 +5,11 @@
     python tools/spec_refs.py --check   # list what is left, exit 1 if anything is
 
 Mentions of the old out-of-tree spec ("SPEC 5", "SPEC section 3", "SPEC 2.4-2.6", "the SPEC
-formulas", "../shared/SPEC.md") become "docs/algorithms.md §5" and so on: the document's sections
-carry the same numbers, so the rewrite is mechanical and can be rerun after any merge. When the
-longer pointer pushes a line past 100 characters, the overflow flows into the next line of the
-same paragraph (comment, docstring or Markdown), or onto a line of its own; a "# -- title ---"
-ruler loses dashes instead.
+formulas", a relative path to SPEC.md) become "docs/algorithms.md §5" and so on: the document's
+sections carry the same numbers, so the rewrite is mechanical and can be rerun after any merge.
+When the longer pointer pushes a line past 100 characters, the overflow flows into the next line
+of the same paragraph (comment, docstring or Markdown), or onto a line of its own; a
+"# -- title ---" ruler loses dashes instead.
 """
 
 from __future__ import annotations

@@ -101,16 +101,21 @@ class Engine:
             self._jitted[name] = jax.jit(build())
         return self._jitted[name]
 
+    def _packed_batches(self, rows: Sequence[Row]):
+        """``(rows of the batch, packed batch)`` for consecutive batches of ``batch_size`` rows,
+        each padded to its own length bucket."""
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
+            yield chunk, pack(chunk, self.batch_size, length)
+
     def _run(self, rows: Sequence[Row], fn, *extra):
         """``fn(params, tokens, fixed, real, segments, row_ids, *extra)`` over batches; returns
         the outputs (a tuple of ``[rows]`` host arrays) in the order of ``rows``."""
         outputs = []
         m = self.model
         with m.active():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
-                p = pack(chunk, self.batch_size, length)
+            for _, p in self._packed_batches(rows):
                 args = [m.put_batch(a) for a in (p.tokens, p.fixed, p.real, p.segments,
                                                   p.row_ids)]
                 out = fn(m.params, *args, *extra)
@@ -225,10 +230,7 @@ class Engine:
         outputs = []
         m = self.model
         with m.active():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
-                p = pack(chunk, self.batch_size, length)
+            for chunk, p in self._packed_batches(rows):
                 longest = max(sum(1 for f in r.fixed if not f) for r in chunk)
                 fn, extra = sampler_call(sampler, steps=steps, generated=longest,
                                          block_length=block_length, threshold=threshold,
