@@ -133,6 +133,9 @@ def train(cfg) -> int:
         run = _Run(cfg, guard, notes, held)
         try:
             status = run.loop()
+        except RunLockError:
+            run.logger.abandon()  # the directory is another run's now: write nothing more
+            raise
         except BaseException:
             run.close(raise_errors=False)  # the error in flight is the one to report
             raise

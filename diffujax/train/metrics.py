@@ -331,6 +331,16 @@ class RunLogger:
             with self._guard(self.tb_dir):
                 self._tb.flush()
 
+    def abandon(self):
+        """Stop logging without writing anything more into the run directory (it belongs to
+        another run now: the lease was lost). Records not yet flushed are dropped there; the
+        console bar and W&B, which live elsewhere, are closed as usual."""
+        bar, wandb = self._bar, self._wandb
+        self._bar = self._tb = self._jsonl = self._wandb = None
+        for handle in (bar, wandb):
+            if handle is not None:
+                handle.close()
+
     def close(self):
         """Flush and close everything; a failure is raised after all are closed."""
         error = None

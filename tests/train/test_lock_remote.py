@@ -22,6 +22,7 @@ import pytest
 from diffujax import paths
 from diffujax.cli import main as cli
 from diffujax.train import lock as lock_module
+from diffujax.train.metrics import RunLogger
 from diffujax.train.lock import LOCK_NAME, LeaseLock, RunLockError, lock_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -239,3 +240,15 @@ def test_a_run_whose_lease_is_taken_stops_at_the_next_step(gcs, tmp_path):
                            " taken over by run foreign0run0 (process 4242 on elsewhere)"), last
     assert not [n for n in gcs.objects(url) if "/checkpoints/" in n]  # no emergency save
     assert _object(url)["run"] == "foreign0run0"
+
+
+def test_a_logger_abandoned_after_a_lost_lease_writes_nothing_more(gcs):
+    url = gcs.url_for("run")
+    logger = RunLogger(url, total_steps=4, tensorboard=False, progress=False, enabled=True)
+    logger.train(1, {"loss": 1.5})
+    logger.flush()  # what the run had written while the lease was its own
+    logger.train(2, {"loss": 1.25})
+    logger.abandon()
+    records = [json.loads(line) for line in
+               paths.resolve(f"{url}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
