@@ -8,6 +8,7 @@ import argparse
 import functools
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -20,20 +21,16 @@ from diffujax.generate import build_canvas, sample
 from diffujax.parallel.mesh import make_mesh
 from diffujax.runtime import load_for_inference, mesh_from_args, parse_mesh
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # tests/word_tokenizer.py
+from word_tokenizer import write_word_tokenizer  # noqa: E402
+
 V, MASK, EOS = 64, 62, 63  # w0..w60, <unk>=61, <mask>, <eos> (also BOS)
 SEQ_LEN = 16
 MESHES = {"fsdp4_tensor2": (1, 4, 2), "data2_fsdp2_tensor2": (2, 2, 2)}
 
 
 def write_tokenizer(directory: pathlib.Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(V - 3)} | {"<unk>": V - 3, "<mask>": MASK, "<eos>": EOS}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<eos>", "eos_token": "<eos>", "mask_token": "<mask>", "unk_token": "<unk>"}))
+    write_word_tokenizer(directory, words=V - 3, unk=V - 3, mask=MASK, eos=EOS)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling task_toys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/word_tokenizer.py
 
 from task_toys import EOS, MASK, UNK, V  # noqa: E402
+from word_tokenizer import write_word_tokenizer  # noqa: E402
 
 
 def words(rng, n):
@@ -23,14 +25,7 @@ def words(rng, n):
 
 
 def write_tokenizer(directory: pathlib.Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(V - 3)} | {"<unk>": UNK, "<mask>": MASK, "<eos>": EOS}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<eos>", "eos_token": "<eos>", "mask_token": "<mask>", "unk_token": "<unk>"}))
+    write_word_tokenizer(directory, words=V - 3, unk=UNK, mask=MASK, eos=EOS)
 
 
 @pytest.fixture(scope="session")
