@@ -39,8 +39,7 @@ def load_models(args):
     import transformers
 
     from diffujax.checkpoint import from_state_dict, load, to_state_dict
-    from diffujax.models import functional
-    from diffujax.checkpoint.tree import merge_model
+    from diffujax.models import apply_fn_for
 
     if args.checkpoint:
         config, params = load(args.checkpoint, dtype="float32")
@@ -59,7 +58,7 @@ def load_models(args):
         hf_json = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())
         config, params = from_state_dict(hf_json, torch_model.state_dict(), dtype="float32")
     torch_model.eval()
-    apply_fn, params = functional(merge_model(config, params))
+    apply_fn = apply_fn_for(config)
     mask_id = config.mask_token_id if args.mask_token_id is None else args.mask_token_id
     if mask_id is None:
         mask_id = config.vocab_size - 1

@@ -34,7 +34,7 @@ from diffujax.checkpoint import load, to_state_dict
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import from_dict
 from diffujax.diffusion.noise import forward_process
-from diffujax.models import LlamaConfig, abstract_model, create_model, functional
+from diffujax.models import LlamaConfig, apply_fn_for, init_params
 from diffujax.parallel.mesh import make_global_batch, make_mesh
 from diffujax.train import metrics as M
 from diffujax.train.state import create_train_state
@@ -69,7 +69,7 @@ def models(name: str, dtype: str):
         config, params = load(default_model(), dtype="float32")
     else:
         config = TINYLLAMA
-        params = functional(create_model(config, seed=0))[1]
+        params = init_params(config, seed=0)
     return config.replace(dtype=dtype, param_dtype="float32"), params
 
 
@@ -94,7 +94,7 @@ def time_steps(step_once, steps: int) -> float:
 def diffujax_side(config, params, tokens, cfg, steps: int):
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     rules = cfg.mesh.rule_table()
-    apply_fn = functional(abstract_model(config))[0]
+    apply_fn = apply_fn_for(config)
     state = create_train_state(cfg, config, mesh, rules, params=params)
     step = make_train_step(cfg, config, apply_fn, mesh, rules)
     batch = make_global_batch({"tokens": tokens}, mesh, rules)

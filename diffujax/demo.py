@@ -17,11 +17,12 @@ import tempfile
 import numpy as np
 
 from diffujax.attention import causal
-from diffujax.checkpoint import export, load_model
+from diffujax.checkpoint import export, load
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import load_config
 from diffujax.evaluate import evaluate, read_blocks
 from diffujax.generate import build_canvas, sample
+from diffujax.models import forward
 from diffujax.runtime import load_for_inference
 from diffujax.train.loop import train
 
@@ -104,8 +105,8 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
     tokens = np.arange(1, 33, dtype=np.int64)[None]
     with torch.no_grad():
         ref = reloaded(torch.from_numpy(tokens)).logits.numpy()
-    _, model = load_model(str(checkpoint))
-    ours = np.asarray(model(tokens.astype(np.int32), causal()))
+    config, params = load(str(checkpoint))
+    ours = np.asarray(forward(config, params, tokens.astype(np.int32), causal()))
     relative = np.abs(ref - ours).max() / np.abs(ref).max()
     print(f"transformers reloads it: logits match diffujax's to {relative:.1e} (max relative to"
           f" the largest logit)", flush=True)

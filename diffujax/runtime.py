@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from diffujax.checkpoint.store import load_model, read_meta
+from diffujax.checkpoint.store import load, read_meta
 from diffujax.config import MeshSection, MeshShape
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.models import ModelConfig, functional
+from diffujax.models import ModelConfig, apply_fn_for
 from diffujax.parallel.logical import DEFAULT_RULES, axis_rules
 from diffujax.parallel.mesh import (AXES, batch_shard_count, data_shard, make_global_batch,
                                     make_mesh, maybe_initialize_distributed, spec_for, to_host)
@@ -106,10 +106,10 @@ def load_for_inference(checkpoint: str, *, dtype: str | None = None,
         rules = DEFAULT_RULES if rules is None else tuple(rules)
         shardings = lambda path, spec: NamedSharding(  # noqa: E731
             mesh, spec_for(spec.axes, spec.shape, mesh, rules))
-    config, model = load_model(checkpoint, dtype=dtype, shardings=shardings)
+    config, params = load(checkpoint, dtype=dtype, shardings=shardings)
     if attention is not None:  # an AttentionConfig: how this run computes attention
-        model.config = config = config.replace(attention=attention)
-    apply_fn, params = functional(model)
+        config = config.replace(attention=attention)
+    apply_fn = apply_fn_for(config)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)
     return LoadedModel(config, apply_fn, params, tokenizer, mesh, rules)

@@ -37,7 +37,7 @@ def write_tokenizer(directory: pathlib.Path) -> None:
 def files(tmp_path_factory):
     """``(checkpoint dir, text file)``."""
     from diffujax.checkpoint import save
-    from diffujax.models import LlamaConfig, create_model, functional
+    from diffujax.models import LlamaConfig, init_params
 
     root = tmp_path_factory.mktemp("inference_mesh")
     (root / "tok").mkdir()
@@ -45,7 +45,7 @@ def files(tmp_path_factory):
     config = LlamaConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=64, tie_word_embeddings=False, max_positions=64,
                          mask_token_id=MASK, bos_token_id=EOS, eos_token_id=EOS)
-    _, params = functional(create_model(config, seed=0))
+    params = init_params(config, seed=0)
     # Larger weights than the 0.02 init: peaked distributions, so greedy choices are no near-ties
     # that float rounding (sharded vs unsharded sums) could flip.
     params = jax.tree.map(lambda x: x * 8.0, params)
@@ -103,10 +103,10 @@ def test_mesh_matches_single_device(files, mesh_shape):
 
 def test_params_are_restored_into_their_shards(files):
     params = _model(files[0], MESHES["fsdp4_tensor2"]).params
-    wq = params["params"]["layers"]["wq"][...]  # [layers, embed, heads, head_dim]
+    wq = params["layers"]["wq"]  # [layers, embed, heads, head_dim]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
-    assert params["params"]["embed"][...].sharding.spec == P("tensor", "fsdp")
+    assert params["embed"].sharding.spec == P("tensor", "fsdp")
 
 
 def test_cli_eval_on_a_mesh(files, capsys):

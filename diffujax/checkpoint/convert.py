@@ -7,34 +7,35 @@ import json
 import pathlib
 from typing import Mapping
 
+import jax
 import numpy as np
-from flax import nnx
 
 from diffujax import paths
-from diffujax.checkpoint import store, tree
+from diffujax.checkpoint import store
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import (DictSource, dtype_name, open_weights, parse_dtype,
                                          read_config, read_params)
 from diffujax.checkpoint.hf_write import hf_tensors, write_safetensors
 from diffujax.checkpoint.tokenizer_files import (MASK_TOKEN, add_mask_token, copy_tokenizer_files,
                                                  find_mask_token, token_ids, tokenizer_size)
-from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
+from diffujax.models import ConfigError, ModelConfig, Params, config_from_hf, family_of, flatten, nest
 
 # -- in memory ----------------------------------------------------------------------------------
 
 
-def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[ModelConfig, nnx.State]:
+def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[ModelConfig, Params]:
     """A Hugging Face state dict (torch tensors or numpy arrays, e.g. ``hf_model.state_dict()``)
     and its config (a ``config.json`` dict or a diffujax config) -> ``(config, params)``."""
     config = hf_config if isinstance(hf_config, ModelConfig) else _config(hf_config, "config")
     params, _ = read_params(config, DictSource(tensors), parse_dtype(dtype))
     config = config.replace(param_dtype=dtype_name(params[family_of(config).embedding].dtype))
-    return config, tree.to_state(config, params)
+    return config, nest(params)
 
 
 def to_state_dict(config: ModelConfig, params, *, dtype=None, naming="transformers") -> dict:
-    """diffujax params (``nnx.State`` or dict) -> ``{HF name: numpy array}``."""
-    flat = {k: tree.to_numpy(v) for k, v in tree.from_state(config, params).items()}
+    """diffujax params (the parameter tree, or its flat dict) -> ``{HF name: numpy array}``."""
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+    store.check_params(config, flat, "params")
     return {name: make() for name, _, _, make in
             hf_tensors(config, flat, {"naming": naming}, parse_dtype(dtype))}
 

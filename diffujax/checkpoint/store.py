@@ -26,15 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 from orbax.checkpoint import type_handlers as th
 
 from diffujax import paths
-from diffujax.checkpoint import tree
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.models import family_of, param_specs
+from diffujax.models import Params, family_of, flatten, nest, param_specs
 from diffujax.models.configs import ModelConfig
 
 FORMAT = 1
@@ -107,7 +105,7 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     saver = _saver()
     try:
-        saver.save(directory / PARAMS, args=ocp.args.PyTreeSave(tree.nest(dict(params))))
+        saver.save(directory / PARAMS, args=ocp.args.PyTreeSave(nest(dict(params))))
     finally:
         saver.close()
 
@@ -118,10 +116,11 @@ def mark_complete(directory):
 
 def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=None,
          overwrite: bool = False) -> epath.Path:
-    """Save a model (``params``: its ``nnx.State``, or a flat / nested dict of arrays) with its
-    config, and the tokenizer files found in ``tokenizer_from``. Single-process, atomic."""
-    flat = tree.from_state(config, params)
-    _check_shapes(config, flat, str(directory))
+    """Save a model (``params``: its parameter tree, or the flat ``{spec path: array}`` dict)
+    with its config, and the tokenizer files found in ``tokenizer_from``. Single-process,
+    atomic."""
+    flat = flatten(params)
+    check_params(config, flat, str(directory))
     with atomic_directory(directory, overwrite) as tmp:
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)
@@ -130,7 +129,9 @@ def save(directory, config: ModelConfig, params, *, tokenizer_from=None, layout=
     return paths.resolve(directory)
 
 
-def _check_shapes(config, flat, where):
+def check_params(config, flat, where):
+    """Every weight of the config's table present, with its shape (``flat``: spec path ->
+    array); raise naming the first that is not."""
     for path, spec in param_specs(config).items():
         if path not in flat:
             raise CheckpointError(f"{where}: parameter {path!r} is missing")
@@ -161,10 +162,10 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
         return lambda path: device
     if isinstance(shardings, jax.sharding.Sharding):
         return lambda path: shardings
-    if callable(shardings) and not isinstance(shardings, (Mapping, nnx.State)):
+    if callable(shardings) and not isinstance(shardings, Mapping):
         specs = param_specs(config)
         return lambda path: shardings(path, specs[path])
-    return tree.from_state(config, shardings).__getitem__
+    return flatten(shardings).__getitem__
 
 
 def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
@@ -172,7 +173,7 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
     ckptr = _checkpointer()
     try:
         where = directory / PARAMS
-        stored = tree.flatten(ckptr.metadata(where).item_metadata.tree)
+        stored = flatten(ckptr.metadata(where).item_metadata.tree)
         specs = param_specs(config)
         if set(stored) != set(specs):
             raise CheckpointError(f"{where}: parameters {sorted(set(stored) ^ set(specs))[:5]} do"
@@ -184,7 +185,7 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
         sharding = _sharding_for(config, shardings)
         target = {p: jax.ShapeDtypeStruct(s.shape, dtype or stored[p].dtype, sharding=sharding(p))
                   for p, s in specs.items()}
-        flat = tree.flatten(ckptr.restore(directory / PARAMS, tree.nest(target)))
+        flat = flatten(ckptr.restore(directory / PARAMS, nest(target)))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore: files missing or damaged
@@ -219,28 +220,23 @@ def check_finite(flat: Mapping[str, Any], where: str) -> None:
                                   f" values{more}; the checkpoint is unusable")
 
 
-def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.State]:
-    """``(config, params)``: ``params`` is the model's ``nnx.State`` (``nnx.merge`` it with the
-    graph of ``abstract_model(config)``, or use ``load_model``). ``dtype`` casts on restore;
+def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, Params]:
+    """``(config, params)``: ``params`` is the parameter tree (``models.forward(config, params,
+    ...)`` runs it). ``dtype`` casts on restore;
     ``shardings`` (see ``_sharding_for``) places each parameter as it is read. The config's
     ``param_dtype`` is set to the dtype the parameters now have."""
     config, _ = read_meta(directory)
     dtype = parse_dtype(dtype)
     flat = _restore(directory, config, dtype, shardings)
     config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
-    return config, tree.to_state(config, flat)
-
-
-def load_model(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, nnx.Module]:
-    config, params = load(directory, dtype=dtype, shardings=shardings)
-    return config, tree.merge_model(config, params)
+    return config, nest(flat)
 
 
 def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
     """Host copies of the parameters as a flat dict, and the HF layout, for export."""
     config, meta = read_meta(directory)
     flat = _restore(directory, config, parse_dtype(dtype), None)
-    flat = {k: tree.to_numpy(v) for k, v in flat.items()}
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
     config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
     layout = {"naming": meta.get("hf_naming", "transformers"),
               "tied_head_stored": meta.get("hf_tied_head_stored", False)}

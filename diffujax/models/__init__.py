@@ -1,27 +1,35 @@
 """Networks only (no diffusion): GPT-2, the LLaMA family and Qwen2 behind one face.
 
-    model = create_model(config, seed=0)          # an NNX module
-    logits = model(tokens, pattern)               # [B, L, V] float32
-    apply_fn, params = functional(model)          # pure: apply_fn(params, tokens, pattern)
-    apply_fn, params = sharded_init(config, mesh, rules, seed=0)   # initialised in its shards
+Parameters are a plain pytree (nested dicts of arrays keyed by the family's ``ParamSpec`` paths)
+and the network is a pure function of them:
+
+    params = init_params(config, seed=0)              # {"embed": ..., "layers": {"wq": ...}}
+    logits = forward(config, params, tokens, pattern) # [B, L, V] float32
+    apply_fn = apply_fn_for(config)                   # apply_fn(params, tokens, pattern, ...)
+    params = sharded_init(config, mesh, rules, seed=0)    # initialised in its shards
+    shardings = param_shardings(config, mesh, rules)      # a NamedSharding per weight
 
 Each family is one record (``family.Family``) in ``registry.FAMILIES``.
 """
 
 from __future__ import annotations
 
-import jax
-from flax import nnx
+import functools
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from diffujax.models import params as ptree
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.family import Family
 from diffujax.models.gpt2 import GPT2Config
 from diffujax.models.llama import LlamaConfig
-from diffujax.models.params import ParamSpec
+from diffujax.models.params import Params, ParamSpec, flatten, nest
 from diffujax.models.qwen2 import Qwen2Config
 from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
                                       weight_axes)
-from diffujax.parallel.mesh import param_shardings
+from diffujax.parallel.mesh import spec_for
 
 
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
@@ -33,39 +41,46 @@ def matmul_params(config: ModelConfig) -> int:
     return family_of(config).matmul_params(config)
 
 
-def create_model(config: ModelConfig, seed: int = 0) -> nnx.Module:
-    return family_of(config).module(config, jax.random.key(seed))
+def init_params(config: ModelConfig, seed: int = 0) -> Params:
+    """Freshly initialised weights (``config.param_dtype``), as the weight table says."""
+    return ptree.init_params(param_specs(config), jnp.dtype(config.param_dtype), jax.random.key(seed))
 
 
-def abstract_model(config: ModelConfig) -> nnx.Module:
-    """The model with ShapeDtypeStruct leaves: no memory allocated (for restore targets)."""
-    return nnx.eval_shape(lambda: create_model(config))
+def abstract_params(config: ModelConfig) -> Params:
+    """The parameter tree as ``ShapeDtypeStruct`` s (no memory: restore targets, compiling)."""
+    return ptree.abstract_params(param_specs(config), config.param_dtype)
 
 
-def functional(model: nnx.Module):
-    """Split a model into a pure ``apply_fn(params, tokens, pattern, positions=None)`` and its
-    parameter state (an ``nnx.State`` pytree): jit functions of the state, not of the module."""
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def apply_fn(params, tokens, pattern, positions=None, dropout_key=None):
-        model = nnx.merge(graphdef, params)
-        if dropout_key is None:  # evaluation and sampling: never any dropout
-            return model(tokens, pattern, positions)
-        return model(tokens, pattern, positions, dropout_key=dropout_key)
-
-    return apply_fn, params
+def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None,
+            dropout_key=None):
+    """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``dropout_key``: training only (GPT-2's
+    dropout); without it nothing is dropped."""
+    return family_of(config).forward(config, params, tokens, pattern, positions, dropout_key)
 
 
-def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0):
-    """``(apply_fn, params)`` of a freshly initialised model, created directly in its shards: the
-    initialiser is jitted with ``out_shardings``, so no host ever holds a full copy."""
-    apply_fn, abstract = functional(abstract_model(config))
-    shardings = param_shardings(abstract, mesh, rules)
-    init = jax.jit(lambda: functional(create_model(config, seed))[1], out_shardings=shardings)
+def apply_fn_for(config: ModelConfig):
+    """``apply_fn(params, tokens, pattern, positions=None, dropout_key=None)``: the forward pass
+    with its config bound, the form the diffusion code and the train step take."""
+    return functools.partial(forward, config)
+
+
+def param_shardings(config: ModelConfig, mesh, rules=None) -> Params:
+    """A ``NamedSharding`` per weight, from its logical axes through ``rules``."""
+    return ptree.map_specs(lambda _, spec: NamedSharding(mesh, spec_for(spec.axes, spec.shape, mesh,
+                                                                    rules)),
+                       param_specs(config))
+
+
+def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params:
+    """Freshly initialised weights created directly in their shards: the initialiser is jitted
+    with ``out_shardings``, so no host ever holds a full copy."""
+    init = jax.jit(lambda: init_params(config, seed),
+                   out_shardings=param_shardings(config, mesh, rules))
     with jax.set_mesh(mesh):
-        return apply_fn, init()
+        return init()
 
 
 __all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "LlamaConfig", "ModelConfig",
-           "Qwen2Config", "abstract_model", "config_class", "config_from_hf", "create_model",
-           "family_of", "functional", "matmul_params", "param_specs", "sharded_init", "weight_axes"]
+           "Params", "Qwen2Config", "abstract_params", "apply_fn_for", "config_class",
+           "config_from_hf", "family_of", "flatten", "forward", "init_params", "matmul_params",
+           "nest", "param_shardings", "param_specs", "sharded_init", "weight_axes"]

@@ -1,8 +1,9 @@
 """What diffujax knows about one model family, as one record (``models/registry.py`` lists them).
 
 A family file (``gpt2.py``, ``llama.py``, ``qwen2.py``) defines its config class, its weight table
-(``param_specs``), its module and its Hugging Face key map, and ends with one ``Family(...)``.
-Everything else is derived from that record: initialisation, shardings and weight-decay masks
+(``param_specs``), its forward pass (a pure function of the config, the parameter tree and the
+tokens) and its Hugging Face key map, and ends with one ``Family(...)``. Everything else is
+derived from that record: initialisation, abstract shapes, shardings and weight-decay masks
 from the weight table, the converters from the key map, and the training FLOP count from the
 weight table too (``matmul_params``).
 
@@ -81,7 +82,8 @@ class KeyMap:
 class Family:
     name: str  # ``config.family`` and the ``model.init.family`` of a run config
     config: type[ModelConfig]  # from_hf / to_hf for config.json
-    module: Callable  # module(config, key) -> nnx.Module, the forward pass
+    # forward(config, params, tokens, pattern, positions=None, dropout_key=None) -> logits
+    forward: Callable
     param_specs: Callable[[ModelConfig], dict[str, ParamSpec]]  # the weight table
     hf_keys: Callable[[ModelConfig, str], KeyMap]  # (config, naming) -> key map
     embedding: str  # path of the input embedding table (also the output head when tied)

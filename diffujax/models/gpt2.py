@@ -8,14 +8,13 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
 from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first_id, require,
                                      special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
-from diffujax.models.params import ParamSpec, ParamTree, get
+from diffujax.models.params import ParamSpec
 from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
 
 
@@ -115,59 +114,55 @@ def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
     return specs
 
 
-class GPT2(nnx.Module):
-    def __init__(self, config: GPT2Config, key):
-        self.config = config
-        self.params = ParamTree(param_specs(config), jnp.dtype(config.param_dtype), key)
+def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
+        dropout_key=None):
+    """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``; ``p``: the
+    parameter tree of ``param_specs(c)``.
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
-        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``.
+    ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop`` on
+    the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
+    the attention probabilities) is not applied: the fused attention kernels have no
+    dropout. Without a key (evaluation, sampling) nothing is dropped."""
+    dtype = jnp.dtype(c.dtype)
+    if tokens.shape[1] > c.max_positions:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds GPT-2's learned positions"
+                         f" ({c.max_positions})")
+    if positions is None:
+        positions = jnp.arange(tokens.shape[1])[None]
+    x = p["wte"].astype(dtype)[tokens] + p["wpe"].astype(dtype)[positions]
+    x = constrain(x, HIDDEN)
+    approximate = c.activation != "gelu"
+    drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
+    if drop:
+        x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
 
-        ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop`` on
-        the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
-        the attention probabilities) is not applied: the fused attention kernels have no
-        dropout. Without a key (evaluation, sampling) nothing is dropped."""
-        c, p = self.config, self.params
-        dtype = jnp.dtype(c.dtype)
-        if tokens.shape[1] > c.max_positions:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds GPT-2's learned positions"
-                             f" ({c.max_positions})")
-        if positions is None:
-            positions = jnp.arange(tokens.shape[1])[None]
-        x = get(p, "wte").astype(dtype)[tokens] + get(p, "wpe").astype(dtype)[positions]
-        x = constrain(x, HIDDEN)
-        approximate = c.activation != "gelu"
-        drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
-        if drop:
-            x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
+    def block(w, x):
+        h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
+        q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
+        k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
+        v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
+        q = constrain(q, QUERY)
+        a = attention(q, k, v, pattern, c.attention)
+        out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+        x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop
+                 else out)
+        h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
+        h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
+                        approximate=approximate)
+        out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+        x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop
+                 else out)
+        return constrain(x, HIDDEN)
 
-        def block(w, x):
-            h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
-            q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
-            k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
-            v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
-            q = constrain(q, QUERY)
-            a = attention(q, k, v, pattern, c.attention)
-            out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
-            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop
-                     else out)
-            h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
-            h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
-                            approximate=approximate)
-            out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
-            x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop
-                     else out)
-            return constrain(x, HIDDEN)
-
-        stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
-        if drop:  # one key per layer, scanned with the layer's weights
-            stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
-                jnp.arange(c.num_layers))
-        x = L.scan_layers(block, x, stacked, c.remat)
-        x = L.layer_norm(x, get(p, "ln_f_scale"), get(p, "ln_f_bias"), c.layer_norm_eps)
-        head = get(p, "wte").T if c.tie_word_embeddings else get(p, "lm_head")
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, LOGITS)
+    stacked = dict(p["layers"])
+    if drop:  # one key per layer, scanned with the layer's weights
+        stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+            jnp.arange(c.num_layers))
+    x = L.scan_layers(block, x, stacked, c.remat)
+    x = L.layer_norm(x, p["ln_f_scale"], p["ln_f_bias"], c.layer_norm_eps)
+    head = p["wte"].T if c.tie_word_embeddings else p["lm_head"]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS)
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -217,6 +212,6 @@ def naming_of(names: list[str]) -> str:
 
 
 FAMILY = Family(
-    name="gpt2", config=GPT2Config, module=GPT2, param_specs=param_specs, hf_keys=hf_keys,
+    name="gpt2", config=GPT2Config, forward=forward, param_specs=param_specs, hf_keys=hf_keys,
     embedding="wte", lookups=("wpe",), hf_model_types=("gpt2",),
     hf_architectures=("GPT2LMHeadModel", "GPT2Model"), namings=tuple(NAMINGS), naming_of=naming_of)

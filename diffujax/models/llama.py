@@ -7,14 +7,13 @@ import json
 from typing import ClassVar
 
 import jax.numpy as jnp
-from flax import nnx
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
 from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first_id, require,
                                      special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
-from diffujax.models.params import ParamSpec, ParamTree, get
+from diffujax.models.params import ParamSpec
 from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
 
 
@@ -164,41 +163,36 @@ def project(h, w, name: str):
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-class Llama(nnx.Module):
-    weights = staticmethod(param_specs)  # a variant's weight table (Qwen2 adds q/k/v biases)
+def forward(c: LlamaConfig, p, tokens, pattern: AttentionPattern, positions=None,
+            dropout_key=None):
+    """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``p``: the parameter tree of
+    ``param_specs(c)`` (or a variant's, such as Qwen2's with q/k/v biases). The family has no
+    dropout, so ``dropout_key`` (passed by training to every family) changes nothing."""
+    del dropout_key
+    dtype = jnp.dtype(c.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    cos, sin = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
+                                                                   c.rope_scaling), dtype)
+    x = constrain(p["embed"].astype(dtype)[tokens], HIDDEN)
 
-    def __init__(self, config: LlamaConfig, key):
-        self.config = config
-        self.params = ParamTree(self.weights(config), jnp.dtype(config.param_dtype), key)
+    def block(w, x):
+        h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+        q = L.apply_rope(project(h, w, "q"), cos, sin)
+        k = L.apply_rope(project(h, w, "k"), cos, sin)
+        v = project(h, w, "v")
+        q = constrain(q, QUERY)
+        a = attention(q, k, v, pattern, c.attention)
+        x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
+        h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+        x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+        return constrain(x, HIDDEN)
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None):
-        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``."""
-        c, p = self.config, self.params
-        dtype = jnp.dtype(c.dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        cos, sin = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
-                                                                       c.rope_scaling), dtype)
-        x = constrain(get(p, "embed").astype(dtype)[tokens], HIDDEN)
-
-        def block(w, x):
-            h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            q = L.apply_rope(project(h, w, "q"), cos, sin)
-            k = L.apply_rope(project(h, w, "k"), cos, sin)
-            v = project(h, w, "v")
-            q = constrain(q, QUERY)
-            a = attention(q, k, v, pattern, c.attention)
-            x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
-            h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-            x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
-            return constrain(x, HIDDEN)
-
-        stacked = {name: v[...] for name, v in vars(p.layers).items() if isinstance(v, nnx.Param)}
-        x = L.scan_layers(block, x, stacked, c.remat)
-        x = L.rms_norm(x, get(p, "final_norm"), c.rms_norm_eps)
-        head = get(p, "embed").T if c.tie_word_embeddings else get(p, "lm_head")
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, LOGITS)
+    x = L.scan_layers(block, x, p["layers"], c.remat)
+    x = L.rms_norm(x, p["final_norm"], c.rms_norm_eps)
+    head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS)
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -228,6 +222,6 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
 
 
 FAMILY = Family(
-    name="llama", config=LlamaConfig, module=Llama, param_specs=param_specs, hf_keys=hf_keys,
+    name="llama", config=LlamaConfig, forward=forward, param_specs=param_specs, hf_keys=hf_keys,
     embedding="embed", hf_model_types=("llama", "mistral"),
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"))

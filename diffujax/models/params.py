@@ -1,18 +1,22 @@
 """One abstract description per weight drives initialisation, sharding and the checkpoint key map.
 
-A family declares ``param_specs(config) -> {"path/to/weight": ParamSpec}``; ``ParamTree`` turns
-that table into an NNX module tree whose ``nnx.Param`` leaves carry the logical axis names.
-Per-layer weights are stacked on a leading ``layers`` axis so the forward pass is one
-``lax.scan`` (compile time independent of depth; slice ``i`` is Hugging Face layer ``i``).
+A family declares ``param_specs(config) -> {"path/to/weight": ParamSpec}``. The parameters
+themselves are a plain pytree: nested dicts of arrays laid out as those ``/``-separated paths
+(``params["layers"]["wq"]`` is the weight of spec ``"layers/wq"``), the same tree in memory, in
+the optimizer state, in a checkpoint and in the converters. Per-layer weights are stacked on a
+leading ``layers`` axis so the forward pass is one ``lax.scan`` (compile time independent of
+depth; slice ``i`` is Hugging Face layer ``i``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+Params = dict  # nested {name: dict | array}, keyed by the ParamSpec paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,24 +38,49 @@ class ParamSpec:
         return (self.std * jax.random.normal(key, self.shape, jnp.float32)).astype(dtype)
 
 
-class ParamTree(nnx.Module):
-    """NNX module holding ``nnx.Param`` leaves laid out as the ``/``-separated spec paths."""
-
-    def __init__(self, specs: dict[str, ParamSpec], dtype, key):
-        keys = dict(zip(specs, jax.random.split(key, len(specs))))
-        for path, spec in specs.items():
-            node = self
-            *parents, leaf = path.split("/")
-            for name in parents:
-                if not hasattr(node, name):
-                    setattr(node, name, nnx.Module())
-                node = getattr(node, name)
-            setattr(node, leaf, nnx.Param(spec.initialize(keys[path], dtype), logical_axes=spec.axes))
+def nest(flat: Mapping[str, Any]) -> Params:
+    """``{"layers/wq": x}`` -> ``{"layers": {"wq": x}}``."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
 
 
-def get(tree, path: str):
-    """The array at a ``/``-separated path of a module or nested dict of params."""
-    node = tree
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Inverse of ``nest``: ``{"layers/wq": x}`` (a flat dict is returned as it is)."""
+    out = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def map_specs(fn: Callable[[str, ParamSpec], Any], specs: Mapping[str, ParamSpec]) -> Params:
+    """The parameter tree of ``fn(path, spec)`` for every weight of ``specs``."""
+    return nest({path: fn(path, spec) for path, spec in specs.items()})
+
+
+def init_params(specs: Mapping[str, ParamSpec], dtype, key) -> Params:
+    """Every weight initialised as its spec says; one key per weight, split in table order."""
+    keys = dict(zip(specs, jax.random.split(key, len(specs))))
+    return map_specs(lambda path, spec: spec.initialize(keys[path], dtype), specs)
+
+
+def abstract_params(specs: Mapping[str, ParamSpec], dtype) -> Params:
+    """The parameter tree as ``ShapeDtypeStruct`` s: no memory (restore targets, compiling)."""
+    return map_specs(lambda _, spec: jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype)), specs)
+
+
+def get(params: Mapping, path: str):
+    """The array at a ``/``-separated path of a parameter tree."""
+    node = params
     for name in path.split("/"):
-        node = node[name] if isinstance(node, dict) else getattr(node, name)
-    return node[...] if isinstance(node, nnx.Variable) else node
+        node = node[name]
+    return node

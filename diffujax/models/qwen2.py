@@ -62,13 +62,8 @@ def hf_keys(c: Qwen2Config, naming: str = "transformers") -> KeyMap:
     return dataclasses.replace(base, entries=tuple(entries))
 
 
-class Qwen2(llama.Llama):
-    """LLaMA's forward pass, which adds a projection's bias where the weight table has one."""
-
-    weights = staticmethod(param_specs)
-
-
+# LLaMA's forward pass adds a projection's bias where the weight table has one.
 FAMILY = Family(
-    name="qwen2", config=Qwen2Config, module=Qwen2, param_specs=param_specs,
+    name="qwen2", config=Qwen2Config, forward=llama.forward, param_specs=param_specs,
     hf_keys=hf_keys, embedding="embed", hf_model_types=("qwen2",),
     hf_architectures=("Qwen2ForCausalLM",))

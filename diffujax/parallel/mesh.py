@@ -22,7 +22,6 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -148,24 +147,6 @@ def spec_for(names, shape, mesh: Mesh, rules=None) -> P:
             entry = None
         out.append(entry)
     return P(*out)
-
-
-def param_shardings(tree, mesh: Mesh, rules=None):
-    """``NamedSharding`` per leaf of a pytree of ``nnx.Variable`` s (params, or optimizer state that
-    mirrors them): from each variable's ``logical_axes`` metadata through ``rules``. Leaves that
-    are not variables with logical axes (step counters, scalars) are replicated. Works on abstract
-    trees (``ShapeDtypeStruct`` values) and returns a tree of the same structure."""
-
-    def one(leaf):
-        if isinstance(leaf, nnx.Variable):
-            axes = leaf.get_metadata().get("logical_axes")
-            value = leaf.get_value()
-            sharding = (replicated(mesh) if axes is None
-                        else NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules)))
-            return leaf.replace(sharding)
-        return replicated(mesh)
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:

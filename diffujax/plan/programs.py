@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from diffujax.checkpoint import store
 from diffujax.diffusion.sampling import sample_confidence
-from diffujax.models import abstract_model, functional
+from diffujax.models import apply_fn_for
 from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
@@ -100,7 +100,7 @@ def micro_batch(cfg) -> int:
 def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
     """The step ``diffujax train`` runs while the attention mask anneals (when
     ``diffusion.anneal_steps > 0``) and the full-attention step it switches to afterwards."""
-    apply_fn = functional(abstract_model(model_cfg))[0]
+    apply_fn = apply_fn_for(model_cfg)
     state = abstract_state(cfg, model_cfg, mesh, rules)
     batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
     inputs = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema,
@@ -122,7 +122,7 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
 
 def eval_program(cfg, model_cfg, mesh, rules) -> Program:
     """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
-    apply_fn = functional(abstract_model(model_cfg))[0]
+    apply_fn = apply_fn_for(model_cfg)
     params = abstract_state(cfg, model_cfg, mesh, rules).params
     rows = micro_batch(cfg)
     batch = abstract_batch(cfg, rows, mesh, rules)
@@ -137,7 +137,7 @@ def eval_program(cfg, model_cfg, mesh, rules) -> Program:
 def generate_program(cfg, model_cfg, mesh, rules) -> Program:
     """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
     tokens (a whole denoising loop: one compiled ``while``)."""
-    apply_fn = functional(abstract_model(model_cfg))[0]
+    apply_fn = apply_fn_for(model_cfg)
     params = abstract_state(cfg, model_cfg, mesh, rules).params
     rows = batch_shard_count(mesh, rules)
     sharding = batch_sharding(mesh, rules)

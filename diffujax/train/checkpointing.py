@@ -37,6 +37,7 @@ from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models import FAMILIES, ModelConfig, config_from_hf
 from diffujax.plain import to_plain
+from diffujax.train import nnx_layout
 from diffujax.train.integrity import checksums, first_mismatch, json_digest, local_value
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,11 @@ class TrainCheckpointer:
         missing = [n for n in ("_CHECKPOINT_METADATA", STATE, META) if not (step_dir / n).exists()]
         if missing:
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: missing {missing}")
-        items = {STATE: ocp.args.StandardRestore(abstract_state),
+        stored = stored_state_tree(step_dir)
+        names = nnx_layout.renaming(stored)  # None unless saved in the NNX layout
+        target = nnx_layout.stored_target(stored, abstract_state, names) if names \
+            else abstract_state
+        items = {STATE: ocp.args.StandardRestore(target),
                  CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
         if (step_dir / INTEGRITY).exists():
             items[INTEGRITY] = ocp.args.JsonRestore()
@@ -279,11 +284,15 @@ class TrainCheckpointer:
             raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
         integrity = out.get(INTEGRITY)
         verify_record(integrity, step_dir, config=out[CONFIG], meta=out[META])
-        if not verify_arrays(integrity, out[STATE], step_dir):
+        state = out[STATE]
+        if names:
+            state = nnx_layout.to_current(state, abstract_state, names)
+            integrity = nnx_layout.current_checksums(integrity, names)
+        if not verify_arrays(integrity, state, step_dir):
             warnings.warn(f"checkpoint {step_dir} has no checksums (saved by an earlier diffujax):"
                           " restored unverified", RuntimeWarning, stacklevel=2)
         self._finite.setdefault(step, bool(meta.get("finite", True)))
-        return Restored(step=step, state=out[STATE], data_state=out.get(DATA),
+        return Restored(step=step, state=state, data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)
 
     def restore_latest(self, abstract_state, *, restore_data: bool = True) -> Restored | None:
@@ -330,6 +339,15 @@ class TrainCheckpointer:
         sync(f"diffujax_quarantine_{step}")
         self._finite.pop(step, None)
         self.manager.reload()
+
+
+def stored_state_tree(step_dir) -> dict:
+    """The saved training state's tree of array metadata (shapes, dtypes; nothing is read)."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        return checkpointer.metadata(epath.Path(os.fspath(step_dir)) / STATE).item_metadata.tree
+    finally:
+        checkpointer.close()
 
 
 def sync(name: str):

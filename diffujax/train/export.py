@@ -15,12 +15,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from diffujax import paths
-from diffujax.checkpoint import store, tree
+from diffujax.checkpoint import store
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.models import flatten
+from diffujax.train import nnx_layout
 from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_from_meta,
-                                          read_meta, sync, verify_arrays, verify_record)
+                                          read_meta, stored_state_tree, sync, verify_arrays,
+                                          verify_record)
 
 
 def _is_step_dir(path) -> bool:
@@ -58,27 +61,28 @@ def is_training_checkpoint(path) -> bool:
 
 def load_params(step_dir, *, params_key: str = "params"):
     """The model parameters of a training checkpoint as host numpy arrays (only that subtree is
-    read; the optimizer state stays on disk)."""
+    read; the optimizer state stays on disk), also from a step saved in the NNX layout."""
+    return _load_params(step_dir, params_key)[0]
+
+
+def _load_params(step_dir, params_key: str):
+    """``(params, names)``: ``names`` maps the stored array names of a step in the NNX layout to
+    today's (``nnx_layout.current_names``); None for a step in today's layout."""
     step_dir = epath.Path(os.fspath(step_dir))
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+    saved = stored_state_tree(step_dir)
     if params_key not in saved:
         raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(saved)})")
     target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), saved[params_key])}
     restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
                                              saved[params_key])}
-    out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-    return _unwrap_variables(out[params_key])
-
-
-def _unwrap_variables(node):
-    """An ``nnx.Param`` is stored as ``{"value": array}``: give back plain nested arrays."""
-    if isinstance(node, dict):
-        if set(node) == {"value"} and not isinstance(node["value"], dict):
-            return node["value"]
-        return {k: _unwrap_variables(v) for k, v in node.items()}
-    return node
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    finally:
+        checkpointer.close()
+    names = nnx_layout.renaming(saved)
+    return (nnx_layout.unwrap_params(out[params_key]) if names else out[params_key]), names
 
 
 def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
@@ -102,7 +106,7 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     if jax.process_index() == 0:
         tmp.mkdir(parents=True)
     sync("diffujax_save_model_dir")
-    store.write(tmp, model_cfg, tree.from_state(model_cfg, params))
+    store.write(tmp, model_cfg, flatten(params))
     sync("diffujax_save_model_written")
     if jax.process_index() == 0:
         if tokenizer_from is not None:
@@ -133,9 +137,11 @@ def _step_params(step_dir, params_key: str):
     try:
         meta = read_meta(step_dir)
         model_cfg = model_config_from_meta(meta)
-        params = load_params(step_dir, params_key=params_key)
+        params, renamed = _load_params(step_dir, params_key)
         integrity_file = epath.Path(os.fspath(step_dir)) / INTEGRITY / "metadata"
         integrity = json.loads(integrity_file.read_text()) if integrity_file.exists() else None
+        if renamed:
+            integrity = nnx_layout.current_checksums(integrity, renamed)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged

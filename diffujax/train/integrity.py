@@ -27,8 +27,9 @@ import numpy as np
 
 
 def array_name(path) -> str:
-    """``params/params/embed`` for a key path (an ``nnx.Variable``'s trailing ``.value`` is
-    dropped, so a state's names equal those of the nested dicts orbax restores)."""
+    """``params/layers/wq`` for a key path. A trailing ``value`` is dropped: checkpoints of the
+    NNX layout (``train.nnx_layout``) stored each weight as ``{"value": array}`` and their
+    checksums under the name without it."""
     parts = []
     for key in path:
         for attr in ("name", "key", "idx"):

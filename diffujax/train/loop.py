@@ -33,7 +33,7 @@ import numpy as np
 from diffujax import paths
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.models import abstract_model, functional
+from diffujax.models import apply_fn_for
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.train import metrics as M
@@ -168,7 +168,7 @@ class _Run:
         if jax.process_index() == 0:  # only once the checkpoint accepted this config
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        apply_fn = functional(abstract_model(self.model_cfg))[0]
+        apply_fn = apply_fn_for(self.model_cfg)
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,

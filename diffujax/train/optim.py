@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from diffujax.models import param_specs
+from diffujax.models.params import map_specs
 
 
 def make_schedule(opt, total_steps: int) -> optax.Schedule:
@@ -37,30 +38,13 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _spec_path(path) -> tuple[str, ...]:
-    """The dict-key names of a params-tree path (``('params', 'layers', 'wq')``)."""
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def weight_decay_mask(params, model_cfg):
+def weight_decay_mask(model_cfg):
     """True for the weights that decay: matrices and embeddings. Norm scales and biases do not.
 
-    Decided from the family's ``ParamSpec`` table: a parameter initialised to a constant
-    (``ones``: norm scales, ``zeros``: biases) is exempt. Every parameter must have a spec, so a
-    new weight cannot silently change the rule.
+    Decided from the family's ``ParamSpec`` table (the same tree as the parameters): a weight
+    initialised to a constant (``ones``: norm scales, ``zeros``: biases) is exempt.
     """
-    specs = param_specs(model_cfg)
-
-    def decays(path, _):
-        names = _spec_path(path)
-        for i in range(len(names)):
-            spec = specs.get("/".join(names[i:]))
-            if spec is not None:
-                return spec.init == "normal"
-        raise KeyError(f"parameter {'/'.join(names)} has no ParamSpec for family"
-                       f" {model_cfg.family!r}")
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+    return map_specs(lambda _, spec: spec.init == "normal", param_specs(model_cfg))
 
 
 def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransformation:
@@ -71,7 +55,7 @@ def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransforma
     """
     adamw = optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay,
-                        mask=lambda p: weight_decay_mask(p, model_cfg))
+                        mask=weight_decay_mask(model_cfg))
     if not opt.clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from diffujax.checkpoint import store
 from diffujax.config import to_dict
-from diffujax.models import abstract_model, functional
-from diffujax.parallel.mesh import param_shardings
+from diffujax.models import param_shardings
 from diffujax.train.checkpointing import abstract_like, saved_model_config, saved_run_config
 from diffujax.train.resume import check_resume
 from diffujax.train.state import abstract_train_state, create_train_state, train_state_shardings
@@ -35,7 +34,7 @@ def initial_state(cfg, mesh, rules, ckpt, notes: list):
         loaded_cfg, _ = store.read_meta(base)
         model_cfg = cfg.resolve_model_config(loaded_cfg)
         cfg.check_model(model_cfg, f"model.checkpoint {base}")  # before any weight is read
-        shardings = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
+        shardings = param_shardings(model_cfg, mesh, rules)
         _, params = store.load(base, dtype=model_cfg.param_dtype, shardings=shardings)
         state = create_train_state(cfg, model_cfg, mesh, rules, params=params)
         notes.append(f"initialised from {base}")

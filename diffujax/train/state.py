@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from diffujax.models import abstract_model, create_model, functional
-from diffujax.parallel.mesh import param_shardings
+from diffujax.models import abstract_params, init_params, param_shardings
+from diffujax.parallel.mesh import replicated
 from diffujax.train.optim import make_optimizer
 
 
@@ -25,10 +25,10 @@ from diffujax.train.optim import make_optimizer
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     step: jax.Array  # int32 scalar: number of steps taken (applied or skipped)
-    params: Any  # nnx.State of float32 master weights
+    params: Any  # the parameter tree (models.params) of float32 master weights
     opt_state: Any  # optax state; its moments mirror ``params`` (same logical axes)
     rng: jax.Array  # uint32 key data of the run's base key; step keys are fold_in(rng, step)
-    ema: Any  # nnx.State like params, or None when ``optimizer.ema_decay`` is unset
+    ema: Any  # a tree like params, or None when ``optimizer.ema_decay`` is unset
     bad_steps: jax.Array  # int32: consecutive skipped (non-finite) steps
     total_bad_steps: jax.Array  # int32: skipped steps over the whole run
 
@@ -64,7 +64,7 @@ def _init_fn(run_cfg, model_cfg):
 
     def init(params=None):
         if params is None:
-            params = functional(create_model(model_cfg, run_cfg.model.init_seed))[1]
+            params = init_params(model_cfg, run_cfg.model.init_seed)
         return init_train_state(params, optimizer, seed=run_cfg.train.seed, use_ema=use_ema,
                                 param_dtype=dtype)
 
@@ -72,15 +72,23 @@ def _init_fn(run_cfg, model_cfg):
 
 
 def abstract_train_state(run_cfg, model_cfg) -> TrainState:
-    """The state's structure with ``ShapeDtypeStruct`` leaves (variables keep their metadata)."""
-    params = functional(abstract_model(model_cfg))[1]
-    return jax.eval_shape(_init_fn(run_cfg, model_cfg), params)
+    """The state's structure with ``ShapeDtypeStruct`` leaves."""
+    return jax.eval_shape(_init_fn(run_cfg, model_cfg), abstract_params(model_cfg))
 
 
 def train_state_shardings(run_cfg, model_cfg, mesh, rules=None) -> TrainState:
-    """``NamedSharding`` per state leaf: params, EMA and optimizer moments by their logical axes,
-    counters and the rng replicated."""
-    return param_shardings(abstract_train_state(run_cfg, model_cfg), mesh, rules)
+    """``NamedSharding`` per state leaf: params, EMA and optimizer moments by their weights'
+    logical axes, counters and the rng replicated. Which optimizer-state leaves mirror a weight
+    is optax's answer (``tree_map_params``), not a guess from names or shapes."""
+    weights = param_shardings(model_cfg, mesh, rules)
+    state = abstract_train_state(run_cfg, model_cfg)
+    everywhere = replicated(mesh)
+    opt_state = optax.tree_map_params(
+        optimizer_for(run_cfg, model_cfg), lambda _, sharding: sharding, state.opt_state, weights,
+        transform_non_params=lambda _: everywhere)
+    return TrainState(step=everywhere, params=weights, opt_state=opt_state, rng=everywhere,
+                      ema=None if state.ema is None else weights, bad_steps=everywhere,
+                      total_bad_steps=everywhere)
 
 
 def create_train_state(run_cfg, model_cfg, mesh, rules=None, params=None) -> TrainState:

@@ -30,10 +30,9 @@ import optax
 from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.objective import diffusion_loss_sums
-from diffujax.models import abstract_model, functional
+from diffujax.models import param_shardings
 from diffujax.parallel.logical import axis_rules, constrain
-from diffujax.parallel.mesh import (batch_shard_count, batch_sharding, param_shardings,
-                                    replicated, to_host)
+from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated, to_host
 from diffujax.train.optim import ema_update, make_schedule
 from diffujax.train.state import TrainState, optimizer_for, train_state_shardings
 
@@ -232,7 +231,7 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
     mask_id = _mask_token_id(model_cfg) if kind == "elbo" else None
-    params_sh = param_shardings(functional(abstract_model(model_cfg))[1], mesh, rules)
+    params_sh = param_shardings(model_cfg, mesh, rules)
 
     def eval_fn(params, batch, key, row_offset, rows):
         tokens = batch["tokens"]

@@ -16,7 +16,7 @@ from diffujax.checkpoint import convert, export, load
 
 def params_of(ckpt):
     config, state = load(ckpt)
-    return config, {k: np.asarray(v[...]) for k, v in state["params"].items() if k != "layers"}
+    return config, {k: np.asarray(v) for k, v in state.items() if k != "layers"}
 
 
 def test_fresh_mask_token(hf, hf_gpt2, tmp_path):

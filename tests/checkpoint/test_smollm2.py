@@ -10,9 +10,9 @@ import torch
 import transformers
 
 from diffujax.attention import causal
-from diffujax.checkpoint import load_model, smollm2
+from diffujax.checkpoint import load, smollm2
 from diffujax.diffusion.likelihood import ar_nll_terms, summarize_nll
-from diffujax.models import functional
+from diffujax.models import apply_fn_for
 
 TEXT = pathlib.Path(__file__).resolve().parents[2] / "diffujax" / "assets" / "gpl-3.0.txt"
 
@@ -30,7 +30,7 @@ def smol():
 def test_default_model_is_smollm2(smol):
     hf_dir, ckpt, _ = smol
     assert ckpt == smollm2.cache_dir() / "diffujax" and smollm2.default_model() == ckpt  # reused
-    config, _ = load_model(ckpt)
+    config, _ = load(ckpt)
     assert (config.family, config.hidden_size, config.num_layers, config.num_heads,
             config.num_kv_heads, config.tie_word_embeddings, config.rope_theta) == (
         "llama", 576, 30, 9, 3, True, 1e5)
@@ -48,8 +48,8 @@ def test_ar_perplexity_matches_torch(smol):
     del ref_model
     assert abs(torch_ppl - 19.3) < 0.1
 
-    _, model = load_model(ckpt)
-    apply_fn, params = functional(model)
+    config, params = load(ckpt)
+    apply_fn = apply_fn_for(config)
     tokens = ids.numpy()
     logits = jax.jit(lambda p, t: apply_fn(p, t, causal()))(params, tokens)  # one forward pass
     # As converted (the softmax also covers the new mask row: at most 1/V extra mass), and

@@ -17,7 +17,7 @@ import transformers
 from diffujax.attention.pattern import full
 from diffujax.checkpoint import from_state_dict
 from diffujax.diffusion import diffusion_loss, forward_process
-from diffujax.models import create_model, functional
+from diffujax.models import apply_fn_for, init_params
 
 B, L, V, M = 3, 12, 97, 96
 HF_CONFIG = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +92,7 @@ def test_loss_on_torch_logits_matches_torch_reference(torch_model):
 def _diffujax_llama(torch_model):
     """diffujax's Llama holding the torch weights, through the checkpoint converter."""
     config, params = from_state_dict(torch_model.config.to_dict(), torch_model.state_dict())
-    apply_fn, _ = functional(create_model(config, seed=0))
+    apply_fn, _ = apply_fn_for(config), init_params(config, seed=0)
     return apply_fn, params
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffujax.attention.pattern import full
-from diffujax.models import GPT2Config, create_model, functional
+from diffujax.models import GPT2Config, apply_fn_for, init_params
 from diffujax.models.layers import dropout
 
 _spec = importlib.util.spec_from_file_location(
@@ -42,10 +42,10 @@ def test_dropout_zeroes_at_the_rate_and_rescales_the_rest():
 
 def test_the_model_drops_only_with_a_key():
     config = GPT2Config.from_hf(HF)
-    apply_fn, params = functional(create_model(config, seed=0))
+    apply_fn, params = apply_fn_for(config), init_params(config, seed=0)
     apply_fn = jax.jit(apply_fn)
-    _, no_rates = functional(create_model(config.replace(embd_pdrop=0.0, resid_pdrop=0.0,
-                                                         attn_pdrop=0.0), seed=0))
+    no_rates = init_params(config.replace(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0),
+                           seed=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
     plain = apply_fn(params, tokens, full())
     np.testing.assert_array_equal(plain, apply_fn(no_rates, tokens, full()))

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.attention import causal
 from diffujax.config import MeshSection, MeshShape
-from diffujax.models import GPT2Config, LlamaConfig, create_model, functional
+from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
 from diffujax.parallel.logical import (DEFAULT_RULES, HIDDEN, LOGITS, QUERY, axis_rules,
                                        logical_to_spec)
 from diffujax.parallel.mesh import make_mesh
@@ -60,7 +60,7 @@ def _constraints(jaxpr):
                intermediate_size=64, max_positions=16),
 ], ids=["llama", "gpt2"])
 def test_models_constrain_activations_by_activation_names(config):
-    apply_fn, params = functional(create_model(config))
+    apply_fn, params = apply_fn_for(config), init_params(config)
     mesh = make_mesh(MeshSection(shape=MeshShape(2, 4, 1)))
     tokens = np.zeros((8, 16), np.int32)
     with jax.set_mesh(mesh), axis_rules(BATCH_ON_DATA):

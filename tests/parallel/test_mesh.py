@@ -9,7 +9,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from diffujax.config import MeshSection, MeshShape
-from diffujax.models import LlamaConfig, create_model, functional, sharded_init
+from diffujax.models import LlamaConfig, init_params, sharded_init
 from diffujax.parallel.mesh import (batch_sharding, data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed, resolve_shape, spec_for)
 
@@ -55,9 +55,9 @@ def test_global_batch_is_split_over_data_and_fsdp():
 
 def test_sharded_init_matches_plain_init():
     mesh = make_mesh(MeshSection(shape=MeshShape(1, 4, 2)))
-    _, params = sharded_init(TINY, mesh, seed=3)
-    plain = functional(create_model(TINY, seed=3))[1]
-    wq = params["params"]["layers"]["wq"][...]
+    params = sharded_init(TINY, mesh, seed=3)
+    plain = init_params(TINY, seed=3)
+    wq = params["layers"]["wq"]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (1, 8, 2, 8)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), strict=True):

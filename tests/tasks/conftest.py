@@ -31,7 +31,7 @@ def write_tokenizer(directory: pathlib.Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     from diffujax.checkpoint import save
-    from diffujax.models import LlamaConfig, create_model, functional
+    from diffujax.models import LlamaConfig, init_params
 
     root = tmp_path_factory.mktemp("tasks_ckpt")
     (root / "tok").mkdir()
@@ -39,7 +39,7 @@ def tiny_ckpt(tmp_path_factory):
     config = LlamaConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=64, tie_word_embeddings=False, max_positions=512,
                          mask_token_id=MASK, bos_token_id=EOS, eos_token_id=EOS)
-    _, params = functional(create_model(config, seed=0))
+    params = init_params(config, seed=0)
     params = jax.tree.map(lambda x: x * 8.0, params)  # peaked: greedy choices are no near-ties
     save(root / "ckpt", config, params, tokenizer_from=root / "tok")
     return root / "ckpt"

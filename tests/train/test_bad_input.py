@@ -23,6 +23,7 @@ def _error(capsys, argv, code=2) -> str:
 def no_weight_reads(monkeypatch):
     """Fail the test if a command gets as far as reading model weights."""
     from diffujax.checkpoint import store
+    from diffujax.models import flatten
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the arguments were checked")
@@ -80,9 +81,10 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     """NaN weights (found at load, one reduction per array, named) and a half-deleted checkpoint:
     one line each from eval and generate."""
     from diffujax.checkpoint import store
+    from diffujax.models import flatten
 
     cfg, params = store.load(reference / "final")
-    flat = {k: np.array(v) for k, v in store.tree.from_state(cfg, params).items()}
+    flat = {k: np.array(v) for k, v in flatten(params).items()}
     flat["layers/wq"][0, 1, 2, 3] = np.nan
     store.save(tmp_path / "nan", cfg, flat, tokenizer_from=reference / "final")
     half = tmp_path / "half"

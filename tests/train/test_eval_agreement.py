@@ -12,8 +12,8 @@ import pytest
 
 from diffujax.config import from_dict
 from diffujax.evaluate import evaluate
-from diffujax.models import LlamaConfig, create_model, functional
-from diffujax.parallel.mesh import make_global_batch, make_mesh, param_shardings
+from diffujax.models import LlamaConfig, apply_fn_for, init_params, param_shardings
+from diffujax.parallel.mesh import make_global_batch, make_mesh
 from diffujax.runtime import LoadedModel
 from diffujax.train.step import heldout_nll, make_eval_step
 
@@ -29,11 +29,11 @@ def setup():
                                         "intermediate_size": 64}, "dtype": "float32"},
                      "diffusion": {"mask_token_id": V - 1}, "data": {"global_batch": B,
                                                                      "seq_len": L}})
-    apply_fn, params = functional(create_model(MODEL, seed=1))
+    apply_fn, params = apply_fn_for(MODEL), init_params(MODEL, seed=1)
     rows = np.random.default_rng(0).integers(0, V - 1, (BATCHES * B, L)).astype(np.int32)
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rule_table()
-    sharded = jax.device_put(params, param_shardings(params, mesh, rules))
+    sharded = jax.device_put(params, param_shardings(MODEL, mesh, rules))
     batches = [make_global_batch({"tokens": rows[i * B:(i + 1) * B]}, mesh, rules)
                for i in range(BATCHES)]
     reference = LoadedModel(MODEL, apply_fn, params, tokenizer=None)

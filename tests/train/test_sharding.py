@@ -72,18 +72,18 @@ def _specs(tree):
 
 
 LLAMA_SPECS = {  # DEFAULT_RULES: embed -> fsdp; heads, kv_heads, mlp, vocab -> tensor
-    "params/embed": P("tensor", "fsdp"),
-    "params/lm_head": P("fsdp", "tensor"),
-    "params/final_norm": P("fsdp"),
-    "params/layers/attn_norm": P(None, "fsdp"),
-    "params/layers/wq": P(None, "fsdp", "tensor", None),
-    "params/layers/wk": P(None, "fsdp", "tensor", None),
-    "params/layers/wv": P(None, "fsdp", "tensor", None),
-    "params/layers/wo": P(None, "tensor", None, "fsdp"),
-    "params/layers/w_gate": P(None, "fsdp", "tensor"),
-    "params/layers/w_up": P(None, "fsdp", "tensor"),
-    "params/layers/w_down": P(None, "tensor", "fsdp"),
-    "params/layers/mlp_norm": P(None, "fsdp"),
+    "embed": P("tensor", "fsdp"),
+    "lm_head": P("fsdp", "tensor"),
+    "final_norm": P("fsdp"),
+    "layers/attn_norm": P(None, "fsdp"),
+    "layers/wq": P(None, "fsdp", "tensor", None),
+    "layers/wk": P(None, "fsdp", "tensor", None),
+    "layers/wv": P(None, "fsdp", "tensor", None),
+    "layers/wo": P(None, "tensor", None, "fsdp"),
+    "layers/w_gate": P(None, "fsdp", "tensor"),
+    "layers/w_up": P(None, "fsdp", "tensor"),
+    "layers/w_down": P(None, "tensor", "fsdp"),
+    "layers/mlp_norm": P(None, "fsdp"),
 }
 
 
@@ -91,7 +91,7 @@ def test_params_and_optimizer_state_are_sharded_as_the_rules_say():
     _, state, _ = trained("llama", 2, 2, 2)
     specs = _specs(state.params)
     assert specs == LLAMA_SPECS
-    wq = state.params["params"]["layers"]["wq"][...]
+    wq = state.params["layers"]["wq"]
     assert len(wq.addressable_shards) == 8
     assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)  # (n, d / fsdp, h / tensor, hd)
     # Adam's moments are laid out like the params; the counters are replicated.
@@ -105,7 +105,7 @@ def test_gradient_accumulation_gives_the_same_update():
 
 
 def test_non_finite_step_is_skipped_and_counted():
-    from diffujax.models import abstract_model, functional
+    from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.step import make_train_step
 
@@ -113,11 +113,11 @@ def test_non_finite_step_is_skipped_and_counted():
     state = jax.tree.map(jnp.copy, trained_state)  # the step donates its input
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    step = make_train_step(cfg, model_cfg, functional(abstract_model(model_cfg))[0], mesh, rules)
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
     batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
 
-    clean = state.params["params"]["final_norm"][...]
-    state.params["params"]["final_norm"][...] = clean.at[0].set(jnp.nan)
+    clean = state.params["final_norm"]
+    state.params["final_norm"] = clean.at[0].set(jnp.nan)
     before = leaves((state.params, state.opt_state))
     for expected_bad in (1, 2):
         state, metrics = step(state, batch)
@@ -127,7 +127,7 @@ def test_non_finite_step_is_skipped_and_counted():
             np.testing.assert_array_equal(x, y)  # nothing moved (NaN compares equal here)
     assert int(state.step) == W.STEPS + 2 and int(state.applied_steps) == W.STEPS
 
-    state.params["params"]["final_norm"][...] = clean
+    state.params["final_norm"] = clean
     state, metrics = step(state, batch)
     assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
     assert int(state.bad_steps) == 0 and int(state.total_bad_steps) == 2
@@ -173,7 +173,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
     """Once r = 1 the annealed pattern is all open, so the full-attention step the training loop
     switches to must give the same update, bit for bit (reference: the annealed step itself)."""
-    from diffujax.models import abstract_model, functional
+    from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
@@ -181,7 +181,7 @@ def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
     cfg = W.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    apply_fn, _ = functional(abstract_model(model_cfg))
+    apply_fn = apply_fn_for(model_cfg)
     annealed_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
     full_step = make_train_step(W.make_config("llama", diffusion__anneal_steps=0), model_cfg,
                                 apply_fn, mesh, rules)
