@@ -29,8 +29,8 @@ OVERRIDES = [
     "model.init.intermediate_size=32", "model.init.num_layers=1", "checkpoint.every_steps=2",
     "optimizer.ema_decay=0.9", "optimizer.warmup_steps=1", "logging.every_steps=1",
     "logging.eval_every=0", "logging.sample_every=0", "data.global_batch=2", "data.seq_len=32",
-    "data.sources=[{path: 'corpus/text.txt'}]", f"data.tokenizer={ROOT}/configs/tokenizers/bytes",
-    "data.eval_sources=[]"]
+    "data.sources=[{path: 'corpus/text.txt'}]", "data.tokenizer=tokenizer", "data.eval_sources=[]",
+    "output_dir=."]  # paths relative to the run directory, the working directory of these runs
 
 
 @pytest.fixture
@@ -48,8 +48,9 @@ def _as_stored(run_dir):
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def test_restores_into_todays_state_on_another_mesh(run_dir):
+def test_restores_into_todays_state_on_another_mesh(run_dir, monkeypatch):
     """Saved on one device, restored onto 8-way fsdp: every array where today's state has it."""
+    monkeypatch.chdir(run_dir)
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), OVERRIDES + ["train.steps=4"])
     model_cfg = cfg.resolve_model_config()
     mesh = make_mesh(cfg.mesh)
@@ -93,7 +94,7 @@ def test_a_run_resumes_from_it_and_saves_in_todays_layout(run_dir):
     layout."""
     proc = subprocess.run(
         [sys.executable, "-m", "diffujax.cli", "train", "--config",
-         str(ROOT / "configs" / "tiny.yaml"), *OVERRIDES, "train.steps=4", "output_dir=."],
+         str(ROOT / "configs" / "tiny.yaml"), *OVERRIDES, "train.steps=4"],
         cwd=run_dir, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT),
              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
