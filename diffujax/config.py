@@ -388,7 +388,10 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfi
     overrides in order, validate, and return the ``RunConfig``."""
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(paths.resolve(path).read_text()) or {}  # a file or a URL
+        source = paths.resolve(path)  # a file or a URL
+        if not source.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        raw = yaml.safe_load(source.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:

@@ -132,3 +132,19 @@ def test_a_model_is_required():
                          ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+def test_a_config_file_in_a_bucket_reads_as_the_local_one(gcs):
+    """``--config gs://...`` (reference: the same file loaded from disk); a missing object is
+    one clear error naming it."""
+    from diffujax import paths
+
+    local = ROOT / "configs" / "tiny.yaml"
+    url = gcs.url_for("configs") + "/tiny.yaml"
+    paths.copy_file(local, url)
+    overrides = ["train.steps=30", "optimizer.peak_lr=1e-4"]
+    assert load_config(url, overrides) == load_config(str(local), overrides)
+    with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
+        load_config(gcs.url_for("configs") + "/missing.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
+        load_config(str(ROOT / "configs" / "missing.yaml"))
