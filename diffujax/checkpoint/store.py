@@ -4,6 +4,8 @@
                     "diffujax" section: format version and how to write the weights back to HF
     params/         the parameters, saved by orbax: a tree laid out as the ``param_specs`` paths
                     (stacked per-layer weights, diffujax layout)
+    checksums.json  two sums per parameter (``checkpoint.integrity``), verified on every load:
+                    damage orbax reads without complaint is found and named
     tokenizer.json, tokenizer_config.json, ...   tokenizer files, copied along
     .complete       written last: a directory without it is an interrupted write
 
@@ -19,6 +21,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -31,12 +34,14 @@ from orbax.checkpoint import type_handlers as th
 from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
+from diffujax.checkpoint.integrity import checksums, first_mismatch
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
 from diffujax.models import Params, family_of, flatten, nest, param_specs
 from diffujax.models.configs import ModelConfig
 
 FORMAT = 1
 PARAMS = "params"
+CHECKSUMS = "checksums.json"
 COMPLETE = paths.COMPLETE
 
 
@@ -108,6 +113,10 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
         saver.save(directory / PARAMS, args=ocp.args.PyTreeSave(nest(dict(params))))
     finally:
         saver.close()
+    # One array at a time: the host copies of a converted model never meet on a device at once.
+    sums = {name: checksums({name: x})[name] for name, x in params.items()}
+    if jax.process_index() == 0:
+        (directory / CHECKSUMS).write_text(json.dumps(sums, sort_keys=True) + "\n")
 
 
 def mark_complete(directory):
@@ -183,7 +192,8 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
                 raise CheckpointError(f"{where}: parameter {p!r} has shape {tuple(stored[p].shape)},"
                                       f" config.json implies {specs[p].shape}")
         sharding = _sharding_for(config, shardings)
-        target = {p: jax.ShapeDtypeStruct(s.shape, dtype or stored[p].dtype, sharding=sharding(p))
+        # Read as stored (the checksums are of those bits), cast afterwards one array at a time.
+        target = {p: jax.ShapeDtypeStruct(s.shape, stored[p].dtype, sharding=sharding(p))
                   for p, s in specs.items()}
         flat = flatten(ckptr.restore(directory / PARAMS, nest(target)))
     except CheckpointError:
@@ -193,8 +203,25 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
                               f" missing or damaged: {type(e).__name__}: {str(e)[:200]})") from None
     finally:
         ckptr.close()
+    verify_checksums(directory, flat)
     check_finite(flat, str(directory / PARAMS))
+    for name in list(flat) if dtype is not None else ():
+        flat[name] = flat[name].astype(dtype)  # keeps its sharding; the stored copy is released
     return flat
+
+
+def verify_checksums(directory, flat: Mapping[str, Any]) -> None:
+    """Compare the restored parameters with the checksums saved with them; raise naming the
+    first damaged one. A checkpoint written before checksums were kept loads with a warning."""
+    record = paths.resolve(directory) / CHECKSUMS
+    if not record.exists():
+        warnings.warn(f"{directory} has no {CHECKSUMS} (written by an earlier diffujax): loaded"
+                      " unverified", RuntimeWarning, stacklevel=3)
+        return
+    name = first_mismatch(json.loads(record.read_text()), checksums(flat))
+    if name is not None:
+        raise CheckpointError(f"{paths.resolve(directory) / PARAMS}: parameter {name!r} does not"
+                              " match its saved checksum (the files are damaged)")
 
 
 @jax.jit
@@ -222,7 +249,7 @@ def check_finite(flat: Mapping[str, Any], where: str) -> None:
 
 def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, Params]:
     """``(config, params)``: ``params`` is the parameter tree (``models.forward(config, params,
-    ...)`` runs it). ``dtype`` casts on restore;
+    ...)`` runs it). ``dtype`` casts once the checksums are verified;
     ``shardings`` (see ``_sharding_for``) places each parameter as it is read. The config's
     ``param_dtype`` is set to the dtype the parameters now have."""
     config, _ = read_meta(directory)

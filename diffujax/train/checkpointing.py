@@ -38,7 +38,7 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.models import FAMILIES, ModelConfig, config_from_hf
 from diffujax.plain import to_plain
 from diffujax.train import nnx_layout
-from diffujax.train.integrity import checksums, first_mismatch, json_digest, local_value
+from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax
 
 from diffujax.checkpoint.errors import CheckpointError
-from diffujax.train.integrity import array_name
+from diffujax.checkpoint.integrity import array_name
 
 MODULE, VALUE = "params", "value"
 

@@ -4,8 +4,11 @@ written. Run through the CLI entry point in-process (the subprocess tests cover 
 
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from damage import flip_a_byte_orbax_misses
 from train_runs import ARGS, NO_SAMPLES, ROOT, STEPS, losses
 
 from diffujax.cli import main as cli
@@ -78,8 +81,9 @@ def test_generate_arguments(reference, capsys, no_weight_reads, extra, message):
 
 
 def test_damaged_model_checkpoints(reference, tmp_path, capsys):
-    """NaN weights (found at load, one reduction per array, named) and a half-deleted checkpoint:
-    one line each from eval and generate."""
+    """NaN weights (found at load, one reduction per array, named), a flipped byte that orbax
+    reads without complaint (found by the checksums, named) and a half-deleted checkpoint: one
+    line each from eval and generate."""
     from diffujax.checkpoint import store
     from diffujax.models import flatten
 
@@ -87,6 +91,10 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     flat = {k: np.array(v) for k, v in flatten(params).items()}
     flat["layers/wq"][0, 1, 2, 3] = np.nan
     store.save(tmp_path / "nan", cfg, flat, tokenizer_from=reference / "final")
+    flipped = tmp_path / "flipped"
+    shutil.copytree(reference / "final", flipped)
+    flip_a_byte_orbax_misses([p for p in (flipped / "params").rglob("*") if p.parent.name == "d"],
+                             lambda: _read_with_orbax_alone(flipped / "params"))
     half = tmp_path / "half"
     shutil.copytree(reference / "final", half)
     files = sorted(p for p in (half / "params").rglob("*") if p.is_file())
@@ -96,10 +104,27 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     for argv in (["eval", "--checkpoint", str(tmp_path / "nan"), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(tmp_path / "nan"), "--steps", "4"]):
         assert "parameter 'layers/wq' holds NaN or inf values" in _error(capsys, argv)
+    for argv in (["eval", "--checkpoint", str(flipped), "--text", text, "--seq-len", "64"],
+                 ["generate", "--checkpoint", str(flipped), "--steps", "4"]):
+        line = _error(capsys, argv)
+        assert str(flipped) in line and "does not match its saved checksum" in line
+    with pytest.raises(store.CheckpointError, match="does not match its saved checksum"):
+        store.load(flipped, dtype="bfloat16")  # verified before the cast
+    (flipped / "checksums.json").unlink()  # as written before checksums were kept
+    with pytest.warns(RuntimeWarning, match="no checksums.json .* loaded unverified"):
+        store.load(flipped)
     for argv in (["eval", "--checkpoint", str(half), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(half), "--steps", "4"]):
         line = _error(capsys, argv)
         assert str(half) in line and ("cannot be read" in line or "missing" in line)
+
+
+def _read_with_orbax_alone(params_dir) -> list:
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(params_dir).item_metadata.tree
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    return jax.tree.leaves(checkpointer.restore(params_dir,
+                                                args=ocp.args.PyTreeRestore(restore_args=args)))
 
 
 def _train(out_dir, *extra):

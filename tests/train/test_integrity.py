@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.train import checkpointing as C
-from diffujax.train.integrity import checksums
+from diffujax.checkpoint.integrity import checksums
 from diffujax.train.lock import LOCK_NAME, FileLock, RunLockError
 
 
