@@ -5,9 +5,10 @@ from us or deleted is reported by ``check()``, release deletes only our own leas
 train`` on a bucket with a live foreign lease exits 2 with one line, writing nothing, and a
 training run whose lease is taken stops within a step (exit 2, no emergency checkpoint).
 
-The emulator ignores generation preconditions, so these check the sequential semantics (what is
-read and written, in which order); the preconditions close the races on real GCS.
-References: the lease object as the server holds it (read back with plain JSON), the clock."""
+The emulator honours ``ifGenerationMatch`` as GCS does (tests/gcs_emulator_server.py adds it), so
+a run that loses the race between reading a stale lease and taking it over is refused by the
+server, as on GCS. References: the lease object as the server holds it (read back with plain
+JSON), the clock."""
 
 import json
 import os
@@ -115,6 +116,28 @@ def test_an_expired_lease_or_one_of_a_gone_process_is_taken_over_and_said(gcs):
     with pytest.raises(RunLockError, match="cannot be read; if no run is using this output_dir,"
                                            " delete that object"):
         LeaseLock(url).acquire()
+
+
+def test_of_two_runs_taking_over_one_expired_lease_only_one_wins(gcs):
+    """Both read the expired lease; the first writes its own; the second's write, conditioned on
+    the generation it read, is refused by the server, and it reads the live lease and stops."""
+    url = gcs.url_for("lease")
+    _plant(url, expires=time.time() - 5)
+    second = LeaseLock(url, lease_s=30)
+    stale = second._read()  # what the second run saw before the first one wrote
+    first = LeaseLock(url, lease_s=30)
+    first.acquire()
+    try:
+        reads = iter([stale])
+        second._read = lambda: next(reads, None) or LeaseLock._read(second)
+        with pytest.raises(RunLockError, match=f"run {first.run_id}"):
+            second.acquire()
+        assert _object(url)["run"] == first.run_id
+        first.check()  # still ours
+        with pytest.raises(FileExistsError):  # the server refuses a write at a stale generation
+            paths.write_object(f"{url}/{LOCK_NAME}", b"{}", stale[1])
+    finally:
+        first.release()
 
 
 def test_the_heartbeat_renews_and_release_deletes_only_our_lease(gcs):
