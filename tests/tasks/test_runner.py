@@ -50,6 +50,20 @@ def test_every_task_runs_end_to_end(engine, task_files, task, objective):
                                                  / np.sqrt(len(values)))
 
 
+def test_a_task_scores_the_same_whatever_ran_before_it(tiny_model, task_files):
+    """The reference's Lambada changed the step count and temperature for every later task;
+    here each task's records are those it gets on a fresh engine, after other tasks ran on the
+    same one (reference: the task alone on a fresh engine)."""
+    def records(engine, task):
+        return run_task(runner_for(engine, task, num_levels=8), str(task_files[task]),
+                        progress=False)[1]
+
+    shared = Engine(tiny_model, batch_size=4, seed=SEED)
+    for task in ("rocstories", "lambada", "siqa"):
+        after_others = records(shared, task)
+        assert after_others == records(Engine(tiny_model, batch_size=4, seed=SEED), task), task
+
+
 @pytest.mark.parametrize("task", ["hellaswag", "winogrande", "siqa", "piqa"])
 def test_multiple_choice_scores_equal_plain_implementations(engine, tiny_model, task_files,
                                                             task):
