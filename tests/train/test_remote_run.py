@@ -158,6 +158,25 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def test_a_run_starts_from_a_model_checkpoint_in_the_bucket(reference, corpus, tmp_path):
+    """``model.checkpoint=gs://.../final``: the weights are read from the bucket. One step at
+    learning rate 0 (the first of the warmup) leaves them as read, so the new run's final/ equals
+    the bucket's checkpoint exactly (reference: that checkpoint, loaded by store.load)."""
+    import numpy as np
+
+    from diffujax.checkpoint import store
+    from diffujax.models import flatten
+
+    log = _run(tmp_path / "run", corpus, "model.init=null", f"model.checkpoint={reference}/final",
+               "train.steps=1", "optimizer.schedule=constant")
+    assert f"initialised from {reference}/final" in log
+    _, base = store.load(f"{reference}/final")
+    _, trained = store.load(tmp_path / "run" / "final")
+    for (name, a), (_, b) in zip(sorted(flatten(base).items()), sorted(flatten(trained).items()),
+                                 strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
 def test_multi_host_output_dir_must_be_shared(tmp_path):
     """2 CPU processes (gloo). host-local: ``~/run`` with a different HOME per process, as on
     two hosts with their own disks; shared: an absolute path both see."""
