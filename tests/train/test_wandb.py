@@ -97,7 +97,10 @@ def test_offline_run_holds_the_logged_values(tmp_path, offline):
                       wandb=settings)
     again.train(4, {"loss": 1.0})
     again.close()
-    assert {p.name.rsplit("-", 1)[1] for p in offline.glob("offline-run-*")} == {run_id}
+    # (W&B names a second directory "...-ID-1" when both start within one second: read the ids
+    # off the record logs, ``run-ID.wandb``.)
+    logs = list(offline.glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and {p.stem.removeprefix("run-") for p in logs} == {run_id}
 
 
 @pytest.mark.parametrize("override,error", [
