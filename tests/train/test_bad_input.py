@@ -110,9 +110,13 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
         assert str(flipped) in line and "does not match its saved checksum" in line
     with pytest.raises(store.CheckpointError, match="does not match its saved checksum"):
         store.load(flipped, dtype="bfloat16")  # verified before the cast
-    (flipped / "checksums.json").unlink()  # as written before checksums were kept
+    earlier = tmp_path / "earlier"  # as written before checksums were kept
+    shutil.copytree(reference / "final", earlier)
+    (earlier / "checksums.json").unlink()
     with pytest.warns(RuntimeWarning, match="no checksums.json .* loaded unverified"):
-        store.load(flipped)
+        _, unverified = store.load(earlier)
+    for name, x in flatten(unverified).items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flatten(params)[name]))
     for argv in (["eval", "--checkpoint", str(half), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(half), "--steps", "4"]):
         line = _error(capsys, argv)
