@@ -1,4 +1,5 @@
-"""Silent damage for the fault tests: one flipped byte that orbax reads without complaint."""
+"""Silent damage for the fault tests: one flipped byte that orbax reads without complaint, and
+orbax's own reading of a checkpoint (the judge, and the tests' reference)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ import pathlib
 from typing import Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
+from jax import tree_util
+
+
+def orbax_read(path) -> dict:
+    """The pytree saved at ``path`` as orbax reads it with no target: host arrays in the
+    stored layout."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        meta = checkpointer.metadata(path).item_metadata.tree
+        args = tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    finally:
+        checkpointer.close()
 
 
 def flip_byte(path: pathlib.Path, offset: int) -> None:

@@ -7,8 +7,8 @@
    generation; 0: only if absent); the emulator ignores it, so a test of a write that must lose a
    race (the run lease, tensorstore's conditional writes) would pass whatever the code did.
 
-The handlers are wrapped before the server's routing table is built. Usage: ``python gcs_emulator_server.py start
---host ... --port ...`` (the emulator's own arguments).
+The handlers are wrapped before the server's routing table is built. Usage: ``python
+gcs_emulator_server.py start --host ... --port ...`` (the emulator's own arguments).
 """
 
 import sys

@@ -18,7 +18,8 @@ from diffujax.checkpoint.hf_read import (DictSource, dtype_name, open_weights, p
 from diffujax.checkpoint.hf_write import hf_tensors, write_safetensors
 from diffujax.checkpoint.tokenizer_files import (MASK_TOKEN, add_mask_token, copy_tokenizer_files,
                                                  find_mask_token, token_ids, tokenizer_size)
-from diffujax.models import ConfigError, ModelConfig, Params, config_from_hf, family_of, flatten, nest
+from diffujax.models import (ConfigError, ModelConfig, Params, config_from_hf, family_of, flatten,
+                             nest)
 
 # -- in memory ----------------------------------------------------------------------------------
 

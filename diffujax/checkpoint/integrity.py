@@ -1,4 +1,5 @@
-"""Checksums of a training state: any damage to a saved array makes its step unusable.
+"""Checksums of saved arrays (training states and model checkpoints): any damage to a saved
+array makes its checkpoint unusable.
 
 Each array's checksum is a pair of uint32 sums over its raw bits (the words ``w_i`` of its
 little-endian bytes at global flat position ``i``)::

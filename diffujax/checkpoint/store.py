@@ -205,23 +205,25 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
         ckptr.close()
     verify_checksums(directory, flat)
     check_finite(flat, str(directory / PARAMS))
-    for name in list(flat) if dtype is not None else ():
-        flat[name] = flat[name].astype(dtype)  # keeps its sharding; the stored copy is released
+    if dtype is not None:
+        for name in flat:  # one at a time: each stored copy is released once it is cast
+            flat[name] = flat[name].astype(dtype)  # keeps its sharding
     return flat
 
 
 def verify_checksums(directory, flat: Mapping[str, Any]) -> None:
     """Compare the restored parameters with the checksums saved with them; raise naming the
     first damaged one. A checkpoint written before checksums were kept loads with a warning."""
-    record = paths.resolve(directory) / CHECKSUMS
+    directory = paths.resolve(directory)
+    record = directory / CHECKSUMS
     if not record.exists():
         warnings.warn(f"{directory} has no {CHECKSUMS} (written by an earlier diffujax): loaded"
                       " unverified", RuntimeWarning, stacklevel=3)
         return
     name = first_mismatch(json.loads(record.read_text()), checksums(flat))
     if name is not None:
-        raise CheckpointError(f"{paths.resolve(directory) / PARAMS}: parameter {name!r} does not"
-                              " match its saved checksum (the files are damaged)")
+        raise CheckpointError(f"{directory / PARAMS}: parameter {name!r} does not match its saved"
+                              " checksum (the files are damaged)")
 
 
 @jax.jit

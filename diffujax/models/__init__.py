@@ -43,7 +43,8 @@ def matmul_params(config: ModelConfig) -> int:
 
 def init_params(config: ModelConfig, seed: int = 0) -> Params:
     """Freshly initialised weights (``config.param_dtype``), as the weight table says."""
-    return ptree.init_params(param_specs(config), jnp.dtype(config.param_dtype), jax.random.key(seed))
+    return ptree.init_params(param_specs(config), jnp.dtype(config.param_dtype),
+                             jax.random.key(seed))
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -66,9 +67,10 @@ def apply_fn_for(config: ModelConfig):
 
 def param_shardings(config: ModelConfig, mesh, rules=None) -> Params:
     """A ``NamedSharding`` per weight, from its logical axes through ``rules``."""
-    return ptree.map_specs(lambda _, spec: NamedSharding(mesh, spec_for(spec.axes, spec.shape, mesh,
-                                                                    rules)),
-                       param_specs(config))
+    def sharding(_, spec):
+        return NamedSharding(mesh, spec_for(spec.axes, spec.shape, mesh, rules))
+
+    return ptree.map_specs(sharding, param_specs(config))
 
 
 def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params:

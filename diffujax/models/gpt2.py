@@ -115,7 +115,7 @@ def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
 
 
 def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
-        dropout_key=None):
+            dropout_key=None):
     """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``; ``p``: the
     parameter tree of ``param_specs(c)``.
 

@@ -76,11 +76,3 @@ def init_params(specs: Mapping[str, ParamSpec], dtype, key) -> Params:
 def abstract_params(specs: Mapping[str, ParamSpec], dtype) -> Params:
     """The parameter tree as ``ShapeDtypeStruct`` s: no memory (restore targets, compiling)."""
     return map_specs(lambda _, spec: jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype)), specs)
-
-
-def get(params: Mapping, path: str):
-    """The array at a ``/``-separated path of a parameter tree."""
-    node = params
-    for name in path.split("/"):
-        node = node[name]
-    return node

@@ -35,10 +35,10 @@ from jax.experimental import multihost_utils
 from diffujax import paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
 from diffujax.models import FAMILIES, ModelConfig, config_from_hf
 from diffujax.plain import to_plain
 from diffujax.train import nnx_layout
-from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
 
 log = logging.getLogger(__name__)
 

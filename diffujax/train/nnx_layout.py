@@ -10,8 +10,8 @@ weights (``params``) above the weight table, and a ``value`` under each weight::
 
 Such a step is restored into a target of its own stored layout, carrying today's shardings, so no
 array is read twice or gathered; then each array moves to its place in today's state, and the
-checksums saved with the step are verified under the arrays' new names. The files on disk are left as they
-are; the run's next save is in today's layout.
+checksums saved with the step are verified under the arrays' new names. The files on disk are
+left as they are; the run's next save is in today's layout.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from damage import flip_a_byte_orbax_misses
+from damage import flip_a_byte_orbax_misses, orbax_read
 from train_runs import ARGS, NO_SAMPLES, ROOT, STEPS, losses
 
 from diffujax.cli import main as cli
@@ -94,7 +93,7 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     flipped = tmp_path / "flipped"
     shutil.copytree(reference / "final", flipped)
     flip_a_byte_orbax_misses([p for p in (flipped / "params").rglob("*") if p.parent.name == "d"],
-                             lambda: _read_with_orbax_alone(flipped / "params"))
+                             lambda: jax.tree.leaves(orbax_read(flipped / "params")))
     half = tmp_path / "half"
     shutil.copytree(reference / "final", half)
     files = sorted(p for p in (half / "params").rglob("*") if p.is_file())
@@ -121,14 +120,6 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
                  ["generate", "--checkpoint", str(half), "--steps", "4"]):
         line = _error(capsys, argv)
         assert str(half) in line and ("cannot be read" in line or "missing" in line)
-
-
-def _read_with_orbax_alone(params_dir) -> list:
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(params_dir).item_metadata.tree
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    return jax.tree.leaves(checkpointer.restore(params_dir,
-                                                args=ocp.args.PyTreeRestore(restore_args=args)))
 
 
 def _train(out_dir, *extra):

@@ -9,10 +9,10 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from damage import orbax_read
 from safetensors.numpy import load_file
 
 from diffujax.cli import main as cli
@@ -41,11 +41,7 @@ def run_dir(tmp_path):
 
 def _as_stored(run_dir):
     """Step 2's state as orbax reads it with no target: host arrays in the stored layout."""
-    checkpointer = ocp.PyTreeCheckpointer()
-    path = run_dir / "checkpoints" / "2" / "state"
-    meta = checkpointer.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    return orbax_read(run_dir / "checkpoints" / "2" / "state")
 
 
 def test_restores_into_todays_state_on_another_mesh(run_dir, monkeypatch):
