@@ -4,6 +4,16 @@ A pattern is a small pytree: a static ``kind`` (causal | full | annealed), three
 (``seed``, ``step``, ``threshold``) and optional ``segment_ids``. Scalars are traced values, so a
 new step or annealing ratio never recompiles anything.
 
+Block diffusion (docs/algorithms.md §9) adds two static integers. ``block_size = N > 0`` cuts the
+sequence into blocks of ``N`` positions (block of index ``i`` is ``i // N``): a query sees every key
+of an earlier block and, inside its own block, the keys ``kind`` allows (``full``: all of them;
+``causal``: ``k <= q``; ``annealed``: causal plus the hashed entries). ``stream_len = S > 0``
+says the sequence is the two-stream training input ``[x_t ; x_0]`` of length ``2 S``: a noisy
+query (``q < S``) sees its own noisy block (by ``kind``) and the *clean* earlier blocks
+(``k >= S``); a clean query sees the clean stream block-causally (the same rule as the single
+stream); no clean query sees the noisy stream. ``block_size = 0`` is the whole sequence as one
+block: today's full-sequence recipe, unchanged.
+
 The annealed pattern (docs/algorithms.md §3) keeps the causal part always open and opens each future
 entry ``(i, j > i)`` when a counter-based hash of ``(seed, step, i, j)`` falls under the ratio.
 ``is_open`` is the single definition of that rule: the dense mask used by the reference attention
@@ -31,10 +41,25 @@ class AttentionPattern:
     step: jax.Array | int = 0
     threshold: jax.Array | int = 0
     segment_ids: jax.Array | None = None  # [B, L] int32; attention stays inside a segment
+    block_size: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0: no blocks
+    stream_len: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0: one stream
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"attention pattern kind {self.kind!r} is not one of {KINDS}")
+        if self.block_size < 0 or self.stream_len < 0:
+            raise ValueError(f"attention pattern block_size {self.block_size} and stream_len "
+                             f"{self.stream_len} must be >= 0")
+        if self.stream_len and not self.block_size:
+            raise ValueError("a two-stream attention pattern (stream_len > 0) needs block_size")
+
+    @property
+    def blocked(self) -> bool:
+        return self.block_size > 0
+
+    def with_blocks(self, block_size: int, stream_len: int = 0) -> "AttentionPattern":
+        """This pattern inside blocks of ``block_size`` (two-stream when ``stream_len > 0``)."""
+        return dataclasses.replace(self, block_size=block_size, stream_len=stream_len)
 
 
 def causal(segment_ids=None) -> AttentionPattern:
@@ -90,17 +115,42 @@ def pattern_hash(seed, step, q_idx, k_idx):
     return _fmix32(h ^ (u(k_idx) * jnp.uint32(0x165667B1)))
 
 
+def _kind_allows(pattern: AttentionPattern, q_idx, k_idx):
+    """The ``kind`` rule alone (no blocks, no segments)."""
+    if pattern.kind == "full":
+        return jnp.ones(jnp.broadcast_shapes(q_idx.shape, k_idx.shape), bool)
+    allowed = k_idx <= q_idx
+    if pattern.kind == "annealed":
+        bits = (pattern_hash(pattern.seed, pattern.step, q_idx, k_idx) >> 8).astype(jnp.int32)
+        allowed = allowed | (bits < pattern.threshold)
+    return allowed
+
+
+def _block_allows(pattern: AttentionPattern, q_idx, k_idx):
+    """The block rules of the module docstring; indices are positions in the (1 or 2) streams."""
+    n, s = pattern.block_size, pattern.stream_len
+    if not s:
+        q_blk, k_blk = q_idx // n, k_idx // n
+        return (k_blk < q_blk) | ((k_blk == q_blk) & _kind_allows(pattern, q_idx, k_idx))
+    q_clean, k_clean = q_idx >= s, k_idx >= s
+    q_pos = jnp.where(q_clean, q_idx - s, q_idx)
+    k_pos = jnp.where(k_clean, k_idx - s, k_idx)
+    q_blk, k_blk = q_pos // n, k_pos // n
+    # The hash sees stream positions, so the noisy and the clean stream anneal the same entries.
+    own_block = (k_blk == q_blk) & _kind_allows(pattern, q_pos, k_pos)
+    noisy = jnp.where(k_clean, k_blk < q_blk, own_block)
+    clean = k_clean & ((k_blk < q_blk) | own_block)
+    return jnp.where(q_clean, clean, noisy)
+
+
 def is_open(pattern: AttentionPattern, q_idx, k_idx, q_seg=None, k_seg=None):
     """Boolean: may query ``q_idx`` attend to key ``k_idx``? Broadcasts; used in and out of kernels."""
     q_idx = jnp.asarray(q_idx)
     k_idx = jnp.asarray(k_idx)
-    if pattern.kind == "full":
-        allowed = jnp.ones(jnp.broadcast_shapes(q_idx.shape, k_idx.shape), bool)
+    if pattern.block_size:
+        allowed = _block_allows(pattern, q_idx, k_idx)
     else:
-        allowed = k_idx <= q_idx
-        if pattern.kind == "annealed":
-            bits = (pattern_hash(pattern.seed, pattern.step, q_idx, k_idx) >> 8).astype(jnp.int32)
-            allowed = allowed | (bits < pattern.threshold)
+        allowed = _kind_allows(pattern, q_idx, k_idx)
     if q_seg is not None:
         allowed = allowed & (q_seg == k_seg)
     return allowed
