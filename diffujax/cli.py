@@ -1,19 +1,22 @@
 """``diffujax`` command line: convert | export | default-model | eval | generate | tasks |
 lm-eval | train | plan | demo.
 
-Each subcommand lives with its concern and exposes ``add_<name>_args(parser)`` and
-``run_<name>(args) -> int``; this file only wires them up (imported lazily so ``--help`` is quick).
+Each subcommand's arguments are ``arguments.add_<name>_args(parser)`` (light imports only) and
+its work is ``run_<name>(args) -> int`` in the module named in ``COMMANDS``, imported only to run
+it, so ``--help`` answers without importing jax. (A command whose ``add_<name>_args`` still lives
+in its own module is found there.)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 import yaml
 
-from diffujax import console
+from diffujax import arguments, console
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -36,18 +39,29 @@ DEBUG_HELP = "debug log records, and a traceback with any error"
 
 
 def _fn(command: str, verb: str):
-    module = importlib.import_module(COMMANDS[command][0])
-    return getattr(module, f"{verb}_{command.replace('-', '_')}_args" if verb == "add"
-                   else f"{verb}_{command.replace('-', '_')}")
+    name = f"{verb}_{command.replace('-', '_')}" + ("_args" if verb == "add" else "")
+    if verb == "add" and hasattr(arguments, name):
+        return getattr(arguments, name)
+    return getattr(importlib.import_module(COMMANDS[command][0]), name)
+
+
+def _version() -> str:
+    try:
+        return f"diffujax {importlib.metadata.version('diffujax')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "diffujax (version unknown: the package is not installed)"
 
 
 def build_parser(argv) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffujax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="diffujax", description=__doc__.splitlines()[0],
+                                     formatter_class=arguments.HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=arguments.HelpFormatter)
         # Also accepted after the command; SUPPRESS keeps `diffujax --debug CMD` working.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if name == wanted:  # only import the module of the subcommand being run

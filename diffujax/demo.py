@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import pathlib
 import tempfile
@@ -31,19 +30,6 @@ PACKAGE = pathlib.Path(str(importlib.resources.files("diffujax")))
 ASSETS = PACKAGE / "assets"
 DEMO_CONFIG = ASSETS / "smollm2_135m_demo.yaml"
 DEFAULT_TEXT = ASSETS / "gpl-3.0.txt"  # the GNU GPL v3, verbatim (its own terms allow that)
-
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", default=str(DEFAULT_TEXT),
-                   help="text file to score (default: the GPL-3 text bundled with diffujax,"
-                        " %(default)s)")
-    p.add_argument("--seq-len", type=int, default=64, help="evaluation block length")
-    p.add_argument("--blocks", type=int, default=4, help="evaluation blocks")
-    p.add_argument("--draws", type=int, default=8, help="ELBO noise draws per block")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="adaptation steps (default: those of the bundled"
-                        " smollm2_135m_demo.yaml); 0 skips")
-    p.add_argument("--output-dir", default=None, help="where the run and the export go")
 
 
 def _banner(text: str) -> None:
@@ -113,7 +99,7 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
 
 
 def run_demo(args) -> int:
-    text = args.text
+    text = args.text or str(DEFAULT_TEXT)
     out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-")).absolute()
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")
     checkpoint = default_model()

@@ -3,7 +3,6 @@ docs/algorithms.md §5)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
@@ -13,28 +12,8 @@ import numpy as np
 
 from diffujax import console, paths
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
-from diffujax.runtime import (LoadedModel, add_mesh_args, checkpoint_config, load_from_args,
+from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args,
                               max_positions, pad_rows, require)
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
-    p.add_argument("--text", required=True, help="UTF-8 text file to score")
-    p.add_argument("--objective", choices=("ar", "diffusion"), default="diffusion")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="score only the first BLOCKS x SEQ_LEN tokens (default: the whole file,"
-                        " as many SEQ_LEN blocks as it holds)")
-    p.add_argument("--draws", type=int, default=16,
-                   help="diffusion: noise draws per block (t stratified over all draws)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="rows per forward pass (rounded up to a multiple of the mesh's batch"
-                        " shards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute and parameter dtype (default: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    add_mesh_args(p)
 
 
 def read_blocks(tokenizer, path: str, seq_len: int, blocks: int | None = None) -> np.ndarray:

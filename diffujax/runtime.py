@@ -15,7 +15,6 @@ it (no host ever holds the whole model), and batches are global arrays split ove
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 from typing import Any, Callable
@@ -29,14 +28,10 @@ from diffujax.checkpoint.store import load, read_meta
 from diffujax.config import MeshSection, MeshShape
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import ModelConfig, apply_fn_for
+from diffujax.parallel.arguments import add_mesh_args  # noqa: F401  (the commands' import)
 from diffujax.parallel.logical import DEFAULT_RULES, axis_rules
 from diffujax.parallel.mesh import (AXES, batch_shard_count, data_shard, make_global_batch,
                                     make_mesh, maybe_initialize_distributed, spec_for, to_host)
-
-MESH_HELP = ("device mesh: 'auto' (default: one device when there is only one, otherwise all"
-             " devices on fsdp, as in training), 'none' (one device, no mesh), or axis sizes"
-             " 'data=N,fsdp=M,tensor=K' (axes left out are 1; one size may be -1 to take the"
-             " remaining devices)")
 
 
 @dataclasses.dataclass
@@ -136,13 +131,6 @@ def checkpoint_config(args) -> ModelConfig:
 
 def max_positions(config: ModelConfig) -> int | None:
     return getattr(config, "max_positions", None)
-
-
-def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default="auto", help=MESH_HELP)
-    p.add_argument("--distributed", choices=("auto", "true", "false"), default="auto",
-                   help="join a multi-host job (jax.distributed): 'auto' when the environment"
-                        " describes one (JAX_COORDINATOR_ADDRESS, a multi-host TPU, SLURM, MPI)")
 
 
 def parse_mesh(text: str):

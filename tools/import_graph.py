@@ -35,7 +35,7 @@ LAYERS = (
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
     ("diffujax.evaluate", "diffujax.generate", "diffujax.convert", "diffujax.plan"),  # commands
     ("diffujax.tasks",),  # the task harness and the lm-eval model (on eval/generate's pieces)
-    ("diffujax.demo", "diffujax.cli"),
+    ("diffujax.demo", "diffujax.cli", "diffujax.arguments"),  # the commands; their arguments
 )
 
 # Third-party modules that may be imported inside a function: optional extras or heavy imports

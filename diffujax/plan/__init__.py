@@ -15,7 +15,6 @@ and ``model.remat`` for the fastest setting that fits and prints the overrides.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,28 +24,6 @@ from diffujax.parallel.topology import parse_slice
 from diffujax.plan import report as R
 from diffujax.plan.analysis import Target, compile_program, make_target, plan
 from diffujax.plan.search import fit
-
-WHAT = ("train", "eval", "generate")
-
-
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("example: diffujax plan --config configs/diffugpt_s.yaml --topology v5litepod-8\n"
-                "Compiles with the real TPU compiler on this machine (no TPU, no weights, no"
-                " data).\nExit status: 0 fits, 1 does not fit, 2 bad input.")
-    p.add_argument("--config", metavar="PATH", required=True, help="run config (YAML)")
-    p.add_argument("--topology", metavar="SLICE", default=None,
-                   help="Cloud TPU slice, e.g. v4-8, v5litepod-16, v5p-128, v6e-8 (default: the"
-                        " config's plan.topology)")
-    p.add_argument("--num-slices", type=int, default=None,
-                   help="slices over DCN (default: mesh.num_slices)")
-    p.add_argument("--what", choices=WHAT, default="train",
-                   help="the train step (default), the eval step or the sampler")
-    p.add_argument("--fit", action="store_true",
-                   help="search grad_accum_steps and remat for the fastest setting that fits")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
 
 def run_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
@@ -66,5 +43,5 @@ def run_plan(args) -> int:
     return 0 if report["fits"] else 1
 
 
-__all__ = ["Target", "add_plan_args", "compile_program", "fit", "make_target", "plan",
+__all__ = ["Target", "compile_program", "fit", "make_target", "plan",
            "run_plan"]

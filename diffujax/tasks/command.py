@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
 
-from diffujax.generate import SAMPLERS
-from diffujax.runtime import add_mesh_args, load_from_args
+from diffujax.runtime import load_from_args
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine
-from diffujax.tasks.runner import OBJECTIVES, TASKS, Settings, TaskRunner, run_task
-
-
-def add_tasks_args(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = "task files (--data):\n" + "\n".join(
-        f"  {name:11s} {spec.data}" for name, spec in TASKS.items())
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--data", required=True, help="the task's file, in its distributed format")
-    p.add_argument("--limit", type=int, default=None, help="the first N items only")
-    p.add_argument("--objective", choices=OBJECTIVES, default="diffusion",
-                   help="diffusion (the adapted model) or ar (the base model, causal)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="rows per forward pass (rounded up to the mesh's batch shards)")
-    p.add_argument("--levels", type=int, default=32,
-                   help="multiple choice, diffusion: noise levels T of the score")
-    p.add_argument("--steps", type=int, default=None,
-                   help="denoising passes (default: Lambada the word's token count, GSM8K 64,"
-                        " otherwise 32)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="topk")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--reference-parity", action="store_true",
-                   help="score and sample as the reference's evaluation scripts did, for"
-                        " numbers comparable with the paper (README: Tasks)")
-    p.add_argument("--logits-temp", type=float, default=0.95,
-                   help="--reference-parity: the reference's temperature (DiffuGPT 0.95,"
-                        " DiffuLLaMA 0.9)")
-    p.add_argument("--seq-len", type=int, default=256, help="GSM8K: canvas length")
-    p.add_argument("--sep-id", type=int, default=None,
-                   help="GSM8K: the separator token of the SFT data (configs/gsm8k_sft_*.yaml)")
-    p.add_argument("--pad-id", type=int, default=None,
-                   help="GSM8K: the padding token of the SFT data (default: the tokenizer's)")
-    p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
-    p.add_argument("--per-item", default=None,
-                   help="JSON lines of every item's result; an existing file with the same"
-                        " settings is resumed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
-    add_mesh_args(p)
+from diffujax.tasks.runner import Settings, TaskRunner, run_task
 
 
 def make_encoder(model, *, sep_id=None, pad_id=None) -> Encoder:

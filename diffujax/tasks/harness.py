@@ -212,12 +212,6 @@ class DiffujaxLM(TemplateLM):
 
 # --- ``diffujax lm-eval`` ---------------------------------------------------------------------------
 
-def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("lm-evaluation-harness's command line (lm_eval run ...) with the diffujax"
-                     " model registered and the Hugging Face hub offline; every argument after"
-                     " 'lm-eval' goes to lm_eval")
-
-
 def run_lm_eval(argv) -> int:
     """Hand ``argv`` (the arguments after ``diffujax lm-eval``) to lm-eval's own CLI."""
     if isinstance(argv, argparse.Namespace):

@@ -20,7 +20,6 @@ the same command again to resume); 2 a bad config or argument, another run holdi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -53,19 +52,6 @@ log = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "example: diffujax train --config configs/tiny.yaml train.steps=50 output_dir=runs/t\n\n"
-        "Rerunning the same command resumes from the newest usable checkpoint in output_dir.\n"
-        "Exit status: 0 done, 3 too many consecutive non-finite steps (last good state saved),\n"
-        "143/130 SIGTERM/SIGINT (checkpoint saved first).")
-    parser.add_argument("--config", metavar="PATH", help="run config (YAML); see configs/")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.steps=100 optimizer.peak_lr=1e-4")
-    return parser
 
 
 def run_train(args) -> int:
