@@ -17,6 +17,7 @@ import sys
 import yaml
 
 from diffujax import arguments, console
+from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -71,6 +72,7 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libtpu_without_tpu()  # before any command starts JAX (no E0000 noise on a CPU machine)
     if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
         return int(_fn("lm-eval", "run")(argv[1:]) or 0)  # lm-eval parses its own arguments
     args = build_parser(argv).parse_args(argv)

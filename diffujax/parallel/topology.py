@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import os
 
 import jax
 from jax.experimental import topologies
+
+from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu
 
 GIB = 1024 ** 3
 
@@ -105,21 +106,14 @@ def slice_devices(spec: SliceSpec, num_slices: int = 1) -> list:
                          num_slices))
 
 
-def _tpu_attached() -> bool:
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 @functools.lru_cache(maxsize=None)
 def _devices(topology: str, chip_config: str, host_bounds, num_slices: int):
     # Compiling needs no TPU, so several planners (or a planner beside a training job) may load
     # libtpu at once: without this libtpu takes a machine-wide lock and the second one fails.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if not _tpu_attached():
-        # libtpu otherwise asks the cloud metadata server what this machine is, fails, and
-        # prints three screens of warnings; a compile-only client needs none of it.
-        for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
-                            ("TPU_WORKER_HOSTNAMES", "localhost")):
-            os.environ.setdefault(name, value)
+    # libtpu otherwise asks what this machine is, fails, and prints screens of warnings; a
+    # compile-only client needs none of it.
+    quiet_libtpu_without_tpu()
 
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
