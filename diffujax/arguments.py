@@ -43,7 +43,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", help="Hugging Face model directory (config.json + weights)")
+    parser.add_argument("src", help="Hugging Face model directory (config.json + weights), or a"
+                        " Hub id org/name[@revision], fetched into the Hugging Face cache"
+                        " (HF_HUB_OFFLINE=1: from the cache only)")
     parser.add_argument("dst", help="diffujax checkpoint directory to create")
     parser.add_argument("--dtype", default="keep",
                         choices=("keep", "float32", "bfloat16", "float16"),

@@ -6,7 +6,7 @@ on stderr (exit code 1)."""
 from __future__ import annotations
 
 from diffujax import console
-from diffujax.checkpoint import convert, export, smollm2
+from diffujax.checkpoint import convert, export, hub, smollm2
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.train.export import export_hf, is_training_checkpoint
 
@@ -21,9 +21,11 @@ def _report(fn) -> int:
 
 
 def run_convert(args) -> int:
-    return _report(lambda: convert(args.src, args.dst, dtype=args.dtype,
-                                   mask_token_id=args.mask_token_id,
-                                   no_mask_token=args.no_mask_token, overwrite=args.overwrite))
+    def run():
+        src = hub.hub_snapshot(args.src) if hub.is_hub_id(args.src) else args.src
+        return convert(src, args.dst, dtype=args.dtype, mask_token_id=args.mask_token_id,
+                       no_mask_token=args.no_mask_token, overwrite=args.overwrite)
+    return _report(run)
 
 
 def run_export(args) -> int:

@@ -40,7 +40,8 @@ LAYERS = (
 
 # Third-party modules that may be imported inside a function: optional extras or heavy imports
 # that only one path needs (each such import says why on its line or the line above).
-DEFERRABLE = ("torch", "transformers", "tensorflow_datasets", "array_record", "libtpu", "wandb")
+DEFERRABLE = ("torch", "transformers", "tensorflow_datasets", "array_record", "libtpu", "wandb",
+              "huggingface_hub")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Mapping
 
@@ -20,6 +21,8 @@ from diffujax.checkpoint.tokenizer_files import (MASK_TOKEN, add_mask_token, cop
                                                  find_mask_token, token_ids, tokenizer_size)
 from diffujax.models import (ConfigError, ModelConfig, Params, config_from_hf, family_of, flatten,
                              nest)
+
+log = logging.getLogger(__name__)
 
 # -- in memory ----------------------------------------------------------------------------------
 
@@ -65,6 +68,17 @@ def _init_mask_row(config: ModelConfig, params: dict, row: int) -> ModelConfig:
         else:
             np.moveaxis(w, axis, 0)[row] = np.moveaxis(mean, axis, 0)[0]
     return config.replace(vocab_size=config.vocab_size + int(grow), mask_token_id=row)
+
+
+def _fresh_mask_note(config: ModelConfig, row: int, add_token: bool, init_row: bool) -> str:
+    """What ``convert`` did to give the model a mask token (said, as the vocabulary changes)."""
+    where = ("a new embedding row" if row == config.vocab_size
+             else f"embedding row {row}, unused padding until now")
+    token = (f"added {MASK_TOKEN} to the tokenizer as id {row}" if add_token
+             else f"{MASK_TOKEN} is the tokenizer's id {row}")
+    mean = "; its embedding starts at the mean embedding" if init_row else ""
+    return (f"mask token: {token} ({where}{mean}); --mask-token-id N picks an existing token,"
+            " --no-mask-token keeps the vocabulary as it is")
 
 
 def _choose_mask_token(config: ModelConfig, src: pathlib.Path, mask_token_id, no_mask_token):
@@ -140,6 +154,7 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
             row, add_token, init_row = _place_fresh_mask(config, src, mask_id)
             if add_token:
                 add_mask_token(tmp, row)
+            log.info(_fresh_mask_note(config, row, add_token, init_row))
             config = (_init_mask_row(config, params, row) if init_row
                       else config.replace(mask_token_id=row))
         elif mask_id is not None:
