@@ -38,6 +38,17 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def describe_schedule(opt, total_steps: int) -> str:
+    """``make_schedule``'s schedule in words, e.g. "warmup to 0.003 over 20 steps, then cosine
+    decay to 0.0003 at step 200"."""
+    warm = (f"warmup to {opt.peak_lr:g} over {opt.warmup_steps} steps, then "
+            if opt.warmup_steps else "")
+    if opt.schedule == "constant":
+        return f"{warm}constant {opt.peak_lr:g}"
+    return (f"{warm}{opt.schedule} decay to {opt.peak_lr * opt.min_lr_ratio:g} at step"
+            f" {opt.decay_steps or total_steps}")
+
+
 def weight_decay_mask(model_cfg):
     """True for the weights that decay: matrices and embeddings. Norm scales and biases do not.
 

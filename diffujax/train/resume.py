@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from diffujax.config import upgrade
+import dataclasses
+
+from diffujax.config import OptimizerSection, upgrade
+from diffujax.train.optim import describe_schedule, make_schedule
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -59,4 +62,31 @@ def check_resume(old: dict | None, new: dict, step: int, where: str) -> list[str
     if steps is not None and steps < step:
         raise ValueError(f"train.steps={steps} is below the checkpoint's step {step} in {where}:"
                          f" set train.steps >= {step} to continue this run")
-    return [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()]
+    applied = [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()]
+    redrawn = schedule_change(upgrade(old), new, step) if set(changes) & SCHEDULE_INPUTS else None
+    return applied + ([redrawn] if redrawn else [])
+
+
+# What the learning-rate schedule is drawn from: train.steps ends the decay unless decay_steps does.
+SCHEDULE_INPUTS = {"train.steps", "optimizer.peak_lr", "optimizer.schedule",
+                   "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio"}
+
+
+def _schedule_of(raw: dict):
+    given = raw.get("optimizer") or {}
+    opt = OptimizerSection(**{f.name: given[f.name] for f in dataclasses.fields(OptimizerSection)
+                              if f.name in given})
+    total = raw["train"]["steps"]
+    return describe_schedule(opt, total), make_schedule(opt, total)
+
+
+def schedule_change(old: dict, new: dict, step: int) -> str | None:
+    """The learning-rate schedule as a resume's changes redraw it (a longer ``train.steps``
+    stretches a decay that ends at ``train.steps``), with the rate of the next step before and
+    after; None when the schedule is the same."""
+    (was, old_fn), (now, new_fn) = _schedule_of(old), _schedule_of(new)
+    if was == now:
+        return None
+    # The schedule's count is the number of updates already applied: step s+1 trains at fn(s).
+    return (f"learning-rate schedule redrawn: {now} (was: {was}); step {step + 1} trains at lr"
+            f" {float(new_fn(step)):.3g} (was {float(old_fn(step)):.3g})")
