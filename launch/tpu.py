@@ -11,6 +11,10 @@ Standard library only (no jax needed here); it drives ``gcloud``:
     python launch/tpu.py logs   NAME --zone Z [--worker G] [--follow]
     python launch/tpu.py fetch  NAME --zone Z DEST   copy every host's log to DEST/RUN/worker-G.log
     python launch/tpu.py stop   NAME --zone Z        SIGTERM (a checkpoint is saved), then SIGKILL
+    python launch/tpu.py delete NAME --zone Z [--yes] [--num-slices N]
+                                stop the job (it checkpoints), then delete the slice(s) and their
+                                queued resource: the billing ends, and the hosts' disks go with it
+    python launch/tpu.py list   --zone Z             the TPU slices and queued resources there
 
 ``run`` ships the files git tracks (plus untracked, not ignored ones) to ``~/diffujax/code/<digest>``
 on every host, installs them into ``~/diffujax/venv`` with ``pip install -e '.[tpu]'``, stops the
@@ -82,6 +86,12 @@ class Gcloud:
 
     def describe(self, node: str) -> dict:
         return json.loads(self.call("tpu-vm", "describe", node, "--format=json").stdout)
+
+    def list(self, group: str) -> dict:
+        """``{short name: record}`` of the zone's TPU VMs (group ``tpu-vm``) or queued resources
+        (``queued-resources``); gcloud names them ``projects/P/locations/Z/.../NAME``."""
+        records = json.loads(self.call(group, "list", "--format=json").stdout or "[]")
+        return {r.get("name", "").rsplit("/", 1)[-1]: r for r in records}
 
 
 def node_names(name: str, num_slices: int) -> list:
@@ -369,6 +379,69 @@ def cmd_create(a, gcloud) -> int:
         time.sleep(a.poll)
 
 
+def _qr_state(record: dict) -> str:
+    state = record.get("state")
+    return (state.get("state") if isinstance(state, dict) else state) or "?"
+
+
+def cmd_delete(a, gcloud) -> int:
+    qr = a.queued_resource or a.name
+    nodes = node_names(a.name, a.num_slices)
+    existing, queued = gcloud.list("tpu-vm"), gcloud.list("queued-resources")
+    found = [n for n in nodes if n in existing]
+    if not found and qr not in queued:
+        raise LaunchError(f"no TPU {', '.join(nodes)} and no queued resource {qr} in zone"
+                          f" {gcloud.zone}: nothing to delete (python launch/tpu.py list"
+                          f" --zone={gcloud.zone} shows what there is)")
+    what = (f"TPU {', '.join(found) or '(none yet)'}"
+            + (f" and queued resource {qr}" if qr in queued else ""))
+    if not a.yes:
+        if not sys.stdin.isatty():
+            raise LaunchError(f"deleting {what} needs --yes (stdin is not a terminal to ask)")
+        answer = input(f"delete {what}? The hosts' disks (code, logs under ~/{ROOT}) go with"
+                       " it. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    if found == nodes and not a.no_stop:  # the job saves a checkpoint before its hosts go
+        for node in found:
+            if existing[node].get("state", "READY") != "READY":
+                continue
+            hosts = [Host(node, w, w, None) for w in range(len(
+                existing[node].get("networkEndpoints") or [None]))]
+            results = on_all(hosts, lambda h: gcloud.ssh(h.node, h.worker, worker_py(
+                "stop", f"--grace={a.grace:g}")))
+            for h, r in zip(hosts, results):
+                print(f"{h}: {(r.stdout if not r.returncode else 'no job to stop').strip()}",
+                      flush=True)
+    if qr in queued:  # --force: the queued resource's nodes go with it
+        gcloud.call("queued-resources", "delete", qr, "--force", "--quiet")
+    else:
+        for node in found:
+            gcloud.call("tpu-vm", "delete", node, "--quiet")
+    print(f"deleted {what}; nothing of it is billed any more", flush=True)
+    return 0
+
+
+def cmd_list(a, gcloud) -> int:
+    nodes, queued = gcloud.list("tpu-vm"), gcloud.list("queued-resources")
+    in_queue = set()
+    for name, record in sorted(queued.items()):
+        specs = (record.get("tpu") or {}).get("nodeSpec") or []
+        members = [spec.get("nodeId") or spec.get("multiNodeParams", {}).get("nodeIdPrefix", "?")
+                   for spec in specs]
+        in_queue.update(members)
+        print(f"queued resource {name}: {_qr_state(record)}"
+              + (f" (nodes {', '.join(members)})" if members else ""))
+    for name, record in sorted(nodes.items()):
+        hosts = len(record.get("networkEndpoints") or [])
+        print(f"TPU {name}: {record.get('acceleratorType', '?')}, {record.get('state', '?')},"
+              f" {hosts} host(s)")
+    if not nodes and not queued:
+        print(f"no TPU slices and no queued resources in zone {gcloud.zone}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- parser
 
 
@@ -430,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("stop", cmd_stop, "SIGTERM the job on every host (it checkpoints), SIGKILL later")
     s.add_argument("--run")
     s.add_argument("--grace", type=float, default=120)
+    s = command("delete", cmd_delete, "stop the job (it checkpoints), then delete the slice(s)"
+                " and their queued resource: the billing ends")
+    s.add_argument("--queued-resource", help="queued resource id (default: NAME)")
+    s.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    s.add_argument("--no-stop", action="store_true", help="delete without stopping the job first")
+    s.add_argument("--grace", type=float, default=120,
+                   help="seconds the job gets to save its checkpoint before SIGKILL")
+    s = sub.add_parser("list", help="the TPU slices and queued resources of a zone",
+                       description="the TPU slices and queued resources of a zone")
+    s.add_argument("--zone", required=True)
+    s.add_argument("--project")
+    s.set_defaults(fn=cmd_list, num_slices=1, internal_ip=False)
     return p
 
 

@@ -7,8 +7,11 @@ $FAKE_GCLOUD_DIR/hosts/NODE/wW that serves as its home: `tpu-vm ssh --worker=W -
 up as a dropped connection would, so only properly detached processes survive. `tpu-vm scp`
 copies to and from those homes; `tpu-vm describe` reports one network endpoint per host. A queued
 resource stays WAITING_FOR_RESOURCES for $FAKE_GCLOUD_QR_POLLS describes, then turns ACTIVE (its
-nodes appear, $FAKE_GCLOUD_WORKERS hosts each).
+nodes appear, $FAKE_GCLOUD_WORKERS hosts each). `list` reports nodes and queued resources in
+gcloud's JSON shape; `queued-resources delete` refuses one with nodes unless `--force` (which
+deletes them too), `tpu-vm delete` deletes a node; a deleted node's hosts are gone.
 """
+import glob
 import json
 import os
 import shutil
@@ -17,7 +20,7 @@ import subprocess
 import sys
 
 STATE = os.environ["FAKE_GCLOUD_DIR"]
-BOOLEAN = {"--spot", "--reserved", "--internal-ip", "--quiet"}
+BOOLEAN = {"--spot", "--reserved", "--internal-ip", "--quiet", "--force"}
 
 
 def parse(words):
@@ -140,7 +143,53 @@ def main(argv):
         save("qrs.json", qrs)
         print(state)
         return 0
+    if (group, verb) == ("tpu-vm", "list"):
+        print(json.dumps([{"name": f"projects/p/locations/{flags['--zone']}/nodes/{n}",
+                           "acceleratorType": "v5p-8", "state": "READY",
+                           "networkEndpoints": [{"ipAddress": f"10.0.{len(n)}.{w}"}
+                                                for w in range(count)]}
+                          for n, count in nodes.items()]))
+        return 0
+    if (group, verb) == ("queued-resources", "list"):
+        qrs = load("qrs.json", {})
+        print(json.dumps([{"name": f"projects/p/locations/{flags['--zone']}/queuedResources/{q}",
+                           "state": {"state": "ACTIVE" if qr["polls"] <= 0 else
+                                     "WAITING_FOR_RESOURCES"},
+                           "tpu": {"nodeSpec": [{"nodeId": n} for n in qr["nodes"]]}}
+                          for q, qr in qrs.items()]))
+        return 0
+    if (group, verb) == ("tpu-vm", "delete"):
+        if pos[0] not in nodes:
+            sys.exit(f"ERROR: NOT_FOUND: node {pos[0]}")
+        _delete_node(nodes, pos[0])
+        return 0
+    if (group, verb) == ("queued-resources", "delete"):
+        qrs = load("qrs.json", {})
+        if pos[0] not in qrs:
+            sys.exit(f"ERROR: NOT_FOUND: queued resource {pos[0]}")
+        held = [n for n in qrs[pos[0]]["nodes"] if n in nodes]
+        if held and "--force" not in flags:
+            sys.exit(f"ERROR: FAILED_PRECONDITION: queued resource {pos[0]} has nodes: --force")
+        for n in held:
+            _delete_node(nodes, n)
+        del qrs[pos[0]]
+        save("qrs.json", qrs)
+        return 0
     sys.exit(f"fake gcloud: unsupported {argv}")
+
+
+def _delete_node(nodes, name):
+    """The machine goes: whatever still runs on its hosts dies, its disks are gone."""
+    del nodes[name]
+    save("nodes.json", nodes)
+    hosts = os.path.join(STATE, "hosts", name)
+    for pid_file in glob.glob(os.path.join(hosts, "*", "diffujax", "runs", "*", "worker-*.pid")):
+        try:
+            with open(pid_file) as f:
+                os.killpg(int(f.read()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError, OSError):
+            pass
+    shutil.rmtree(hosts, ignore_errors=True)
 
 
 if __name__ == "__main__":

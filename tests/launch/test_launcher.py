@@ -359,3 +359,56 @@ def test_venv_python_is_the_newest_at_least_3_11(tmp_path, monkeypatch):
     assert worker.host_python() == chosen
     interpreter("python3", 3, 12)  # a newer python3 is fine too; python3.11 is still preferred
     assert worker.host_python() == chosen
+
+
+def test_delete_stops_the_job_then_releases_the_slice(cloud, capsys, monkeypatch):
+    """`delete` SIGTERMs the job (it saves its checkpoint) before the queued resource and its
+    node go; afterwards `list` shows nothing and a second delete is a one-line error."""
+    monkeypatch.setenv("FAKE_GCLOUD_QR_POLLS", "0")
+    assert cloud.launch("create", "pod", "--zone=z", "--type=v5p-8", "--runtime-version=v",
+                        "--poll=0") == 0
+    for w in range(2):
+        cloud.install_venv("pod", w)
+    assert cloud.launch("run", "pod", "--zone=z", "--run-name=r", "--no-install",
+                        "--env=FAKE_JOB_SECONDS=120", "--", "train") == 0
+    capsys.readouterr()
+    assert cloud.launch("list", "--zone=z") == 0
+    listed = capsys.readouterr().out
+    assert "queued resource pod: ACTIVE (nodes pod)" in listed
+    assert "TPU pod: v5p-8, READY, 2 host(s)" in listed
+    logs = [cloud.run_file("pod", w, "r", f"worker-{w}.log") for w in range(2)]
+    assert cloud.launch("delete", "pod", "--zone=z") == 2  # no terminal to ask: needs --yes
+    assert "needs --yes" in capsys.readouterr().err
+    assert all(log.exists() for log in logs)
+    texts = {}
+    real_call = tpu.Gcloud.call
+
+    def call(self, *words, **kw):  # read the logs at the moment the deletion is asked for
+        if words[1:2] == ("delete",):
+            texts.update({log: log.read_text() for log in logs})
+        return real_call(self, *words, **kw)
+
+    monkeypatch.setattr(tpu.Gcloud, "call", call)
+    assert cloud.launch("delete", "pod", "--zone=z", "--yes", "--grace=30") == 0
+    out = capsys.readouterr().out
+    assert "deleted TPU pod and queued resource pod" in out
+    assert all("SIGTERM: checkpoint saved" in texts[log] for log in logs)  # before deletion
+    deletes = [c[2:] for c in cloud.calls() if c[3] == "delete"]
+    assert deletes == [["queued-resources", "delete", "pod", "--force", "--quiet", "--zone=z"]]
+    assert cloud.launch("list", "--zone=z") == 0
+    assert "no TPU slices and no queued resources in zone z" in capsys.readouterr().out
+    assert cloud.launch("delete", "pod", "--zone=z", "--yes") == 2
+    assert "nothing to delete" in capsys.readouterr().err
+
+
+def test_delete_a_multislice_node_without_its_queued_resource(cloud, capsys):
+    """Nodes made outside the launcher (no queued resource): each slice's node is deleted."""
+    cloud.add_node("ms-0", 1)
+    cloud.add_node("ms-1", 1)
+    cloud.add_node("other", 1)
+    assert cloud.launch("delete", "ms", "--zone=z", "--num-slices=2", "--yes") == 0
+    deletes = [c[2:5] for c in cloud.calls() if c[3] == "delete"]
+    assert deletes == [["tpu-vm", "delete", "ms-0"], ["tpu-vm", "delete", "ms-1"]]
+    capsys.readouterr()
+    assert cloud.launch("list", "--zone=z") == 0
+    assert capsys.readouterr().out.strip() == "TPU other: v5p-8, READY, 1 host(s)"
