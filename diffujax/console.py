@@ -1,7 +1,9 @@
 """What the command line shows a person: log records, errors, progress bars. One place for each.
 
 - ``setup_logging(debug)``: diffujax's log records reach stderr (INFO and up; ``--debug``:
-  DEBUG), written through tqdm so they never tear a progress bar.
+  DEBUG), written through tqdm so they never tear a progress bar. They read like the commands'
+  own lines: INFO is the bare message, a warning starts ``warning:``; ``--debug`` adds the time,
+  level and logger name to every record.
 - ``error_line(exc, prefix)``: bad input is one line; with ``--debug`` the traceback too.
 - ``progress(iterable, total=, desc=)``: a tqdm bar on stderr when stderr is a terminal (or
   ``DIFFUJAX_PROGRESS=1``); nothing in log files and pipes (or ``DIFFUJAX_PROGRESS=0``).
@@ -16,8 +18,16 @@ import traceback
 
 from tqdm import tqdm
 
-_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_DEBUG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _debug = False
+
+
+class _PlainFormatter(logging.Formatter):
+    """The message alone at INFO and below; ``warning: ...`` / ``error: ...`` above."""
+
+    def format(self, record):
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -39,10 +49,12 @@ def setup_logging(debug: bool = False) -> None:
     _debug = debug
     for name in ("diffujax", "__main__"):  # __main__: a module run as `python -m diffujax.x`
         logger = logging.getLogger(name)
-        if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = next((h for h in logger.handlers if isinstance(h, _TqdmHandler)), None)
+        if handler is None:
             handler = _TqdmHandler()
-            handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
             logger.addHandler(handler)
+        handler.setFormatter(logging.Formatter(_DEBUG_FORMAT, datefmt="%H:%M:%S") if debug
+                             else _PlainFormatter("%(message)s"))
         logger.setLevel(logging.DEBUG if debug else logging.INFO)
         logger.propagate = False
 

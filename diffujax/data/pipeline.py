@@ -143,10 +143,10 @@ class _Tokenize:
         self.stats.add("tokens", len(tokens))
         if len(tokens) > self.opts.seq_len:
             self.stats.add("documents_longer_than_block")
-            if self.stats.counts["documents_longer_than_block"] == 1:
-                log.warning("data: a document of %d tokens is longer than a block (%d) and is "
-                            "split across blocks; counted as documents_longer_than_block",
-                            len(tokens), self.opts.seq_len)
+            if self.stats.counts["documents_longer_than_block"] == 1:  # ordinary in packing
+                log.debug("data: a document of %d tokens is longer than a block (%d) and is "
+                          "split across blocks; counted as documents_longer_than_block",
+                          len(tokens), self.opts.seq_len)
         return {"tokens": tokens}
 
     def _sft(self, doc):

@@ -102,6 +102,10 @@ def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
         ) from None
 
 
+# What a scan passes over without anything being wrong.
+ORDINARY_SKIPS = frozenset({"empty files", "blank lines", "empty documents"})
+
+
 class _Source:
     """Shared bits: error policy and the report."""
 
@@ -128,8 +132,10 @@ class _Source:
         return [os.fspath(p) for p in found]
 
     def _finish_scan(self):
-        if self.report.skipped:
-            log.warning("%s", self.report.summary())
+        # Empty files and blank lines are ordinary (an empty __init__.py): said in the report,
+        # which the run prints. Skipped bad data, or files passed over, warrant a warning.
+        worth_a_warning = set(self.report.skipped) - ORDINARY_SKIPS
+        (log.warning if worth_a_warning else log.debug)("%s", self.report.summary())
         if self.report.documents == 0:
             raise DataError(f"no documents: {self.report.summary()}")
 

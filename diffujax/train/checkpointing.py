@@ -342,12 +342,15 @@ class TrainCheckpointer:
 
 
 def stored_state_tree(step_dir) -> dict:
-    """The saved training state's tree of array metadata (shapes, dtypes; nothing is read)."""
-    checkpointer = ocp.PyTreeCheckpointer()
+    """The saved training state's tree of array metadata (shapes, dtypes; nothing is read).
+
+    Read by the item's handler: a Checkpointer would also look for step metadata inside the item
+    directory (it sits one level up, in the step) and log a warning on every resume."""
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-        return checkpointer.metadata(epath.Path(os.fspath(step_dir)) / STATE).item_metadata.tree
+        return handler.metadata(epath.Path(os.fspath(step_dir)) / STATE).tree
     finally:
-        checkpointer.close()
+        handler.close()
 
 
 def sync(name: str):
