@@ -127,6 +127,9 @@ class OptimizerSection:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # What decays: matrices and embeddings (norm scales and biases exempt), or every parameter
+    # as the reference's single AdamW parameter group did (docs/algorithms.md §2).
+    weight_decay_scope: Literal["matrices", "all"] = "matrices"
     clip_norm: float | None = 1.0  # global-norm clipping; None or 0: off
     grad_accum_steps: int = 1  # micro-batches per step
     ema_decay: float | None = None
@@ -455,6 +458,9 @@ def upgrade(raw: Mapping) -> dict:
     if isinstance(d, dict) and "per_sequence_norm" in d:
         if d.pop("per_sequence_norm"):
             d["normalization"] = "sequence"
+    o = raw.get("optimizer")
+    if isinstance(o, dict):  # runs before the option decayed the matrices only
+        o.setdefault("weight_decay_scope", "matrices")
     m = raw.get("model")
     if isinstance(m, dict) and "attention_backend" in m:
         backend = m.pop("attention_backend")

@@ -49,13 +49,17 @@ def describe_schedule(opt, total_steps: int) -> str:
             f" {opt.decay_steps or total_steps}")
 
 
-def weight_decay_mask(model_cfg):
-    """True for the weights that decay: matrices and embeddings. Norm scales and biases do not.
+def weight_decay_mask(model_cfg, scope: str = "matrices"):
+    """True for the weights that decay. ``matrices``: matrices and embeddings, not norm scales
+    and biases; ``all``: every parameter (the reference, docs/algorithms.md §2).
 
     Decided from the family's ``ParamSpec`` table (the same tree as the parameters): a weight
     initialised to a constant (``ones``: norm scales, ``zeros``: biases) is exempt.
     """
-    return map_specs(lambda _, spec: spec.init == "normal", param_specs(model_cfg))
+    if scope not in ("matrices", "all"):
+        raise ValueError(f"optimizer.weight_decay_scope {scope!r} is not matrices or all")
+    return map_specs(lambda _, spec: scope == "all" or spec.init == "normal",
+                     param_specs(model_cfg))
 
 
 def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransformation:
@@ -66,7 +70,7 @@ def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransforma
     """
     adamw = optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay,
-                        mask=weight_decay_mask(model_cfg))
+                        mask=weight_decay_mask(model_cfg, opt.weight_decay_scope))
     if not opt.clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)

@@ -31,8 +31,9 @@ def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
 HONOURABLE = ("output_dir", "logging.", "checkpoint.", "mesh.", "train.steps",
               "train.max_bad_steps", "optimizer.peak_lr", "optimizer.schedule",
               "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio",
-              "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
-              "optimizer.clip_norm", "optimizer.grad_accum_steps", "model.dtype",
+              "optimizer.weight_decay", "optimizer.weight_decay_scope", "optimizer.b1",
+              "optimizer.b2", "optimizer.eps", "optimizer.clip_norm",
+              "optimizer.grad_accum_steps", "model.dtype",
               "model.attention.", "model.remat", "data.eval_sources", "data.eval_split")
 
 

@@ -71,6 +71,21 @@ def test_adamw_decays_only_the_masked_weights():
     np.testing.assert_array_equal(n["final_norm"], p["final_norm"])
 
 
+@pytest.mark.parametrize("config", [LLAMA, GPT2])
+def test_weight_decay_scope_all_decays_every_parameter_as_the_reference(config):
+    """The reference's one parameter group: with zero gradients (Adam's update is 0) every
+    parameter, norm scales and biases included, becomes ``p * (1 - lr * wd)``."""
+    params = init_params(config)
+    opt = OptimizerSection(peak_lr=0.1, schedule="constant", weight_decay=0.5, clip_norm=None,
+                           weight_decay_scope="all")
+    assert all(jax.tree.leaves(weight_decay_mask(config, "all")))
+    tx = make_optimizer(opt, 10, config)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
+        np.testing.assert_allclose(np.asarray(p + u), np.asarray(p) * (1 - 0.1 * 0.5),
+                                   rtol=1e-6)
+
+
 def test_ema_update():
     ema = {"w": jnp.zeros(3)}
     out = ema_update(ema, {"w": jnp.ones(3, jnp.bfloat16)}, 0.9)
