@@ -4,10 +4,13 @@ except where the AR baseline's prompt differs (HumanEval).
 Position 0 must be a real token (docs/algorithms.md §1): it is the tokenizer's BOS when it has one
 (once: the reference's LLaMA path encoded every piece with BOS, so a BOS also sat before each
 answer), otherwise the first context token. Text pieces are encoded on their own and concatenated,
-as the reference does.
+as the reference does. ``without_context_bos()``: the reference's AR evaluation, which starts a
+non-empty context with its first token (README: Tasks).
 """
 
 from __future__ import annotations
+
+import copy
 
 from diffujax.tasks.engine import Row
 
@@ -24,12 +27,21 @@ class Encoder:
         self.lead = [] if bos_id is None else [int(bos_id)]
         self.sep = [] if sep_id is None else [int(sep_id)]
         self.stops = {int(t) for t in (eos_id, pad_id) if t is not None}
+        self.bos_before_context = True
+
+    def without_context_bos(self) -> "Encoder":
+        """This encoder, but a non-empty context starts with its own first token, not BOS."""
+        other = copy.copy(self)
+        other.bos_before_context = False
+        return other
 
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text)) if text else []
 
     def context(self, text: str, what: str) -> list[int]:
-        ids = self.lead + self.ids(text)
+        ids = self.ids(text)
+        if self.bos_before_context or not ids:  # an empty context still needs a real position 0
+            ids = self.lead + ids
         if not ids:
             raise ValueError(f"{what}: empty context and the tokenizer has no BOS token, so"
                              " position 0 would be generated (it must be a real token)")
@@ -64,9 +76,8 @@ class Encoder:
     def last_word_row(self, index: int, item) -> Row:
         """The prefix, then as many positions as the passage has tokens beyond it (T = that
         count for the diffusion objective)."""
-        full = self.lead + self.ids(item.text)
         context = self.context(item.prefix, f"item {index}")
-        count = len(full) - len(context)
+        count = len(self.ids(item.text)) - len(self.ids(item.prefix))
         if count < 1:
             raise ValueError(f"item {index}: the last word adds no tokens to its prefix")
         return Row.make(context, [self.mask] * count, index * ROW_STRIDE)

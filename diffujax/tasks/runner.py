@@ -80,6 +80,8 @@ class TaskRunner:
     def __init__(self, engine: Engine, encoder: Encoder, name: str, settings: Settings):
         if name not in TASKS:
             raise ValueError(f"--task {name!r} is not one of {sorted(TASKS)}")
+        if settings.reference and settings.objective == "ar":
+            encoder = encoder.without_context_bos()  # as the reference's AR script (README: Tasks)
         self.engine, self.encoder, self.name, self.s = engine, encoder, name, settings
         self.spec = TASKS[name]
         self.plan = decode_plan(self.spec, settings)

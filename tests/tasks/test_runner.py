@@ -202,3 +202,27 @@ def test_cli_prints_one_json_line_and_refuses_bad_input(tiny_ckpt, task_files, t
     assert main(args + ["--data", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:1: missing field 'sol1'" in err[0]
+
+
+def test_reference_parity_ar_context_has_no_bos(engine, tiny_model, task_files):
+    """``--reference-parity --objective ar`` encodes the context as the reference's AR script
+    did: its first token at position 0, no BOS (README: Tasks). The scores equal plain causal
+    log-probs of exactly those tokens; by default, and for the diffusion objective, BOS leads."""
+    items = TASKS["hellaswag"].load(str(task_files["hellaswag"]))
+    parity = runner_for(engine, "hellaswag", "ar", reference=True)
+    _, records = run_task(parity, str(task_files["hellaswag"]), progress=False)
+    encode = tiny_model.tokenizer.encode
+    for item, record in zip(items, records):
+        context, plain = list(encode(item.prefix)), []
+        for text in item.continuations:
+            tokens = np.asarray(context + list(encode(text)), np.int32)
+            logp = special.log_softmax(logits_of(tiny_model, tokens, causal()), -1)
+            span = range(len(context), len(tokens))
+            plain.append(np.mean([logp[j - 1, tokens[j]] for j in span]))  # HellaSwag: mean
+        np.testing.assert_allclose(record["scores"], plain, rtol=2e-5, atol=1e-5)
+    bos = make_encoder(tiny_model).lead[0]
+    first = encode(items[0].prefix)[0]
+    assert first != bos
+    for runner, lead in ((parity, first), (runner_for(engine, "hellaswag", "ar"), bos),
+                         (runner_for(engine, "hellaswag", reference=True), bos)):
+        assert runner.encoder.choice_rows(0, items[0])[0].tokens[0] == lead
