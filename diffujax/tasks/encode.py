@@ -4,8 +4,8 @@ except where the AR baseline's prompt differs (HumanEval).
 Position 0 must be a real token (docs/algorithms.md §1): it is the tokenizer's BOS when it has one
 (once: the reference's LLaMA path encoded every piece with BOS, so a BOS also sat before each
 answer), otherwise the first context token. Text pieces are encoded on their own and concatenated,
-as the reference does. ``without_context_bos()``: the reference's AR evaluation, which starts a
-non-empty context with its first token (README: Tasks).
+as the reference does. ``without_context_bos()``: as the reference's AR script, a non-empty
+context starts with its own first token (README: Tasks).
 """
 
 from __future__ import annotations

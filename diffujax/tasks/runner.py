@@ -80,10 +80,12 @@ class TaskRunner:
     def __init__(self, engine: Engine, encoder: Encoder, name: str, settings: Settings):
         if name not in TASKS:
             raise ValueError(f"--task {name!r} is not one of {sorted(TASKS)}")
-        if settings.reference and settings.objective == "ar":
-            encoder = encoder.without_context_bos()  # as the reference's AR script (README: Tasks)
-        self.engine, self.encoder, self.name, self.s = engine, encoder, name, settings
         self.spec = TASKS[name]
+        if settings.reference and settings.objective == "ar" and self.spec.kind != "last_word":
+            # The reference's AR script encodes these contexts without special tokens (its
+            # Lambada keeps the tokenizer's own: BOS for LLaMA). README: Tasks.
+            encoder = encoder.without_context_bos()
+        self.engine, self.encoder, self.name, self.s = engine, encoder, name, settings
         self.plan = decode_plan(self.spec, settings)
 
     # --- the per-kind evaluation of a chunk of (index, item) ------------------------------------

@@ -205,9 +205,10 @@ def test_cli_prints_one_json_line_and_refuses_bad_input(tiny_ckpt, task_files, t
 
 
 def test_reference_parity_ar_context_has_no_bos(engine, tiny_model, task_files):
-    """``--reference-parity --objective ar`` encodes the context as the reference's AR script
-    did: its first token at position 0, no BOS (README: Tasks). The scores equal plain causal
-    log-probs of exactly those tokens; by default, and for the diffusion objective, BOS leads."""
+    """``--reference-parity --objective ar`` encodes a multiple-choice context as the reference's
+    AR script did: its first token at position 0, no BOS (README: Tasks). The scores equal plain
+    causal log-probs of exactly those tokens; by default, and for the diffusion objective, BOS
+    leads."""
     items = TASKS["hellaswag"].load(str(task_files["hellaswag"]))
     parity = runner_for(engine, "hellaswag", "ar", reference=True)
     _, records = run_task(parity, str(task_files["hellaswag"]), progress=False)
@@ -226,3 +227,5 @@ def test_reference_parity_ar_context_has_no_bos(engine, tiny_model, task_files):
     for runner, lead in ((parity, first), (runner_for(engine, "hellaswag", "ar"), bos),
                          (runner_for(engine, "hellaswag", reference=True), bos)):
         assert runner.encoder.choice_rows(0, items[0])[0].tokens[0] == lead
+    # Its Lambada encodes with the tokenizer's special tokens: BOS stays.
+    assert runner_for(engine, "lambada", "ar", reference=True).encoder.bos_before_context
