@@ -53,8 +53,9 @@ def hub_snapshot(hub_id: str) -> str:
         raise CheckpointError(f"{hub_id}: no such model or revision on the Hugging Face Hub"
                               f" ({type(e).__name__}); a local directory must exist") from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{hub_id}: fetching from the Hugging Face Hub failed:"
-                              f" {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{hub_id}: fetching from the Hugging Face Hub failed: {reason}"
+                              ) from None
     log.info("%s: the Hugging Face cache's snapshot %s", hub_id, folder)
     return os.fspath(paths.resolve(folder))
 

@@ -22,7 +22,7 @@ NO_TPU_DEFAULTS = (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
 
 
 def tpu_attached() -> bool:
-    """A TPU's device files: /dev/accel* (v2-v4, v5e) or /dev/vfio/N (v5p, v6e)."""
+    """A TPU's device files: /dev/accel* or /dev/vfio/N, depending on the TPU generation."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 

@@ -20,7 +20,8 @@ from diffujax.tasks import metrics
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine
 from diffujax.tasks.execution import humaneval_program, run_program
-from diffujax.tasks.specs import OBJECTIVES, TASKS, TaskSpec  # noqa: F401  (runner.TASKS)
+from diffujax.tasks.specs import OBJECTIVES, TASKS, TaskSpec
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
