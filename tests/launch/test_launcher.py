@@ -361,6 +361,7 @@ def test_venv_python_is_the_newest_at_least_3_11(tmp_path, monkeypatch):
     assert worker.host_python() == chosen
 
 
+@pytest.mark.integration
 def test_delete_stops_the_job_then_releases_the_slice(cloud, capsys, monkeypatch):
     """`delete` SIGTERMs the job (it saves its checkpoint) before the queued resource and its
     node go; afterwards `list` shows nothing and a second delete is a one-line error."""
@@ -401,6 +402,7 @@ def test_delete_stops_the_job_then_releases_the_slice(cloud, capsys, monkeypatch
     assert "nothing to delete" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_delete_a_multislice_node_without_its_queued_resource(cloud, capsys):
     """Nodes made outside the launcher (no queued resource): each slice's node is deleted."""
     cloud.add_node("ms-0", 1)
