@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.resources
+import pathlib
 
 from diffujax.parallel.arguments import add_mesh_args
 from diffujax.tasks.specs import OBJECTIVES, TASKS
@@ -16,6 +18,9 @@ from diffujax.tasks.specs import OBJECTIVES, TASKS
 # (tests/test_cli.py checks that the two agree).
 SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
 PLAN_WHAT = ("train", "eval", "generate")
+# The demo's default text, shipped inside the package (the GNU GPL v3, verbatim: its own terms
+# allow that); diffujax.demo reads it from here.
+DEMO_TEXT = pathlib.Path(str(importlib.resources.files("diffujax"))) / "assets" / "gpl-3.0.txt"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -180,8 +185,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", default=None,
-                   help="text file to score (default: the GPL-3 text bundled with diffujax)")
+    p.add_argument("--text", default=str(DEMO_TEXT),
+                   help="text file to score (default: the GPL-3 text bundled with diffujax,"
+                        " %(default)s)")
     p.add_argument("--seq-len", type=int, default=64, help="evaluation block length")
     p.add_argument("--blocks", type=int, default=4, help="evaluation blocks")
     p.add_argument("--draws", type=int, default=8, help="ELBO noise draws per block")

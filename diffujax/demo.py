@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from diffujax.arguments import DEMO_TEXT
 from diffujax.attention import causal
 from diffujax.checkpoint import export, load
 from diffujax.checkpoint.smollm2 import default_model
@@ -29,7 +30,7 @@ from diffujax.train.loop import train
 PACKAGE = pathlib.Path(str(importlib.resources.files("diffujax")))
 ASSETS = PACKAGE / "assets"
 DEMO_CONFIG = ASSETS / "smollm2_135m_demo.yaml"
-DEFAULT_TEXT = ASSETS / "gpl-3.0.txt"  # the GNU GPL v3, verbatim (its own terms allow that)
+DEFAULT_TEXT = DEMO_TEXT  # the GNU GPL v3, bundled (the --text default)
 
 
 def _banner(text: str) -> None:
@@ -99,7 +100,7 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
 
 
 def run_demo(args) -> int:
-    text = args.text or str(DEFAULT_TEXT)
+    text = args.text
     out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="diffujax-demo-")).absolute()
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")
     checkpoint = default_model()
