@@ -199,3 +199,20 @@ def test_sources_pickle(tmp_path, text_dir, tfds_dir):
         clone = pickle.loads(pickle.dumps(src))
         assert [clone[i] for i in range(len(clone))] == [src[i] for i in range(len(src))]
     assert np.all(TextSource(text_dir, mode="lines")._start >= 0)
+
+
+def test_only_skipped_bad_data_warns(tmp_path, caplog):
+    """Empty files and blank lines are ordinary (an empty ``__init__.py``): no warning, the report
+    says it. Bad records passed over under errors=skip are worth one."""
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    with caplog.at_level("DEBUG", logger="diffujax"):
+        quiet = JsonlSource(sorted(tmp_path.glob("*.jsonl")))
+    assert quiet.report.skipped == {"blank lines": 1, "empty files": 1}
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    caplog.clear()
+    (tmp_path / "bad.jsonl").write_text('{"text": 3}\n')
+    with caplog.at_level("DEBUG", logger="diffujax"):
+        JsonlSource(sorted(tmp_path.glob("*.jsonl")), errors="skip")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "skipped 1 invalid records" in caplog.records[0].getMessage()
