@@ -2,8 +2,9 @@
 
 - ``setup_logging(debug)``: diffujax's log records reach stderr (INFO and up; ``--debug``:
   DEBUG), written through tqdm so they never tear a progress bar. They read like the commands'
-  own lines: INFO is the bare message, a warning starts ``warning:``; ``--debug`` adds the time,
-  level and logger name to every record.
+  own lines: INFO is the bare message, a warning starts ``warning:`` (diffujax's own
+  ``warnings.warn`` too); ``--debug`` adds the time, level and logger name to every record and
+  leaves Python's warnings as Python shows them (file, line, category).
 - ``error_line(exc, prefix)``: bad input is one line; with ``--debug`` the traceback too.
 - ``progress(iterable, total=, desc=)``: a tqdm bar on stderr when stderr is a terminal (or
   ``DIFFUJAX_PROGRESS=1``); nothing in log files and pipes (or ``DIFFUJAX_PROGRESS=0``).
@@ -15,11 +16,14 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from tqdm import tqdm
 
 _DEBUG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _debug = False
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_python_showwarning = warnings.showwarning
 
 
 class _PlainFormatter(logging.Formatter):
@@ -57,6 +61,17 @@ def setup_logging(debug: bool = False) -> None:
                              else _PlainFormatter("%(message)s"))
         logger.setLevel(logging.DEBUG if debug else logging.INFO)
         logger.propagate = False
+    warnings.showwarning = _python_showwarning if debug else _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """diffujax's own warnings as ``warning: message`` lines; a library's as Python shows them."""
+    if not os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    try:
+        tqdm.write(f"warning: {message}", file=sys.stderr if file is None else file)
+    except Exception:  # a warning must never take the program down
+        pass
 
 
 def debug_enabled() -> bool:

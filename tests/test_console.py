@@ -144,3 +144,28 @@ def test_eval_blocks_default_to_the_whole_file(tmp_path):
     assert read_blocks(Words(), str(text), 16).shape == (3, 16)  # 48 of 50 tokens
     assert read_blocks(Words(), str(text), 16, 2).shape == (2, 16)
     assert read_blocks(Words(), str(text), 16, 9).shape == (3, 16)
+
+
+def test_diffujax_warnings_read_like_its_log_lines(capsys, monkeypatch):
+    """After setup_logging a warning raised in diffujax's code is one ``warning: ...`` line; a
+    library's goes to Python's own display; --debug gives Python's display back for both."""
+    import warnings
+
+    from diffujax import console
+
+    python_display = []
+    monkeypatch.setattr(console, "_python_showwarning",
+                        lambda message, category, filename, *rest: python_display.append(filename))
+    own = str(REPO / "diffujax" / "train" / "evaluation.py")
+    other = "/somewhere/else/lib.py"
+    try:
+        console.setup_logging(debug=False)
+        warnings.showwarning("no full batch", UserWarning, own, 49)
+        warnings.showwarning("a library's", DeprecationWarning, other, 7)
+        assert capsys.readouterr().err == "warning: no full batch\n"
+        assert python_display == [other]
+        console.setup_logging(debug=True)
+        warnings.showwarning("no full batch", UserWarning, own, 49)
+        assert python_display == [other, own] and capsys.readouterr().err == ""
+    finally:
+        console.setup_logging(debug=False)
