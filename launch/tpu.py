@@ -404,33 +404,31 @@ def cmd_delete(a, gcloud) -> int:
             print("nothing deleted")
             return 1
     if found == nodes and not a.no_stop:  # the job saves a checkpoint before its hosts go
+        hosts = []
         for node in found:
-            if existing[node].get("state", "READY") != "READY":
-                continue
-            hosts = [Host(node, w, w, None) for w in range(len(
-                existing[node].get("networkEndpoints") or [None]))]
-            results = on_all(hosts, lambda h: gcloud.ssh(h.node, h.worker, worker_py(
-                "stop", f"--grace={a.grace:g}")))
-            for h, r in zip(hosts, results):
-                print(f"{h}: {(r.stdout if not r.returncode else 'no job to stop').strip()}",
-                      flush=True)
+            if existing[node].get("state", "READY") == "READY":
+                for w in range(len(existing[node].get("networkEndpoints") or [None])):
+                    hosts.append(Host(node, w, len(hosts), None))
+        results = on_all(hosts, lambda h: gcloud.ssh(h.node, h.worker, worker_py(
+            "stop", f"--grace={a.grace:g}"))) if hosts else []
+        for h, r in zip(hosts, results):
+            print(f"{h}: {(r.stdout if not r.returncode else 'no job to stop').strip()}",
+                  flush=True)
     if qr in queued:  # --force: the queued resource's nodes go with it
         gcloud.call("queued-resources", "delete", qr, "--force", "--quiet")
     else:
         for node in found:
             gcloud.call("tpu-vm", "delete", node, "--quiet")
-    print(f"deleted {what}; nothing of it is billed any more", flush=True)
+    print(f"deleted {what}: the slice is no longer billed", flush=True)
     return 0
 
 
 def cmd_list(a, gcloud) -> int:
     nodes, queued = gcloud.list("tpu-vm"), gcloud.list("queued-resources")
-    in_queue = set()
     for name, record in sorted(queued.items()):
         specs = (record.get("tpu") or {}).get("nodeSpec") or []
         members = [spec.get("nodeId") or spec.get("multiNodeParams", {}).get("nodeIdPrefix", "?")
                    for spec in specs]
-        in_queue.update(members)
         print(f"queued resource {name}: {_qr_state(record)}"
               + (f" (nodes {', '.join(members)})" if members else ""))
     for name, record in sorted(nodes.items()):
