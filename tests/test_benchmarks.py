@@ -1,7 +1,7 @@
-"""Every script in benchmarks/ runs at a tiny size, so that none breaks unnoticed (the TPU block-size
-search, which compiles for TPU chips, in tests/tpu/test_block_sizes_benchmark.py). The scripts run
-in-process through their ``main``; where one compares diffujax with a plain PyTorch implementation
-on the same weights, the agreement it prints as a check is asserted."""
+"""Every script in benchmarks/ runs at a tiny size, so that none breaks unnoticed (the TPU
+block-size search, which compiles for TPU chips, in tests/tpu/test_block_sizes_benchmark.py). The
+scripts run in-process through their ``main``; where one compares diffujax with a plain PyTorch
+implementation on the same weights, the agreement it prints as a check is asserted."""
 
 import pathlib
 import runpy
@@ -50,7 +50,7 @@ def test_attention_backends():
                                 "annealed", "--iters", "1"])
     assert {(r["backend"], r["kind"]) for r in rows} == {
         (b, k) for b in ("xla", "pallas_tpu", "pallas_gpu") for k in ("full", "annealed")}
-    assert [r for r in rows if "error" in r] == []  # the script reports a failing backend so
+    assert [r for r in rows if "error" in r] == []  # the script turns a failure into a row
     assert all(r["fb"] > 0 for r in rows)
 
 
