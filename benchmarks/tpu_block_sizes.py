@@ -145,6 +145,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
     p.add_argument("--dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
+                   help="sequence lengths, shortest first")
     p.add_argument("--candidates", help="comma-separated QxKV pairs, largest first (default: "
                    + ",".join(f"{q}x{k}" for q, k in CANDIDATES) + ")")
     p.add_argument("--json", help="also write the results here")
@@ -156,13 +158,13 @@ def main(argv=None):
         if unknown:
             p.error(f"--candidates {unknown} are not among {CANDIDATES}")
     print(f"jax {jax.__version__}; bf16, {HEADS} heads / {KV_HEADS} K/V heads, annealed + "
-          f"segment ids; L = {', '.join(map(str, LENGTHS))}")
+          f"segment ids; L = {', '.join(map(str, args.lengths))}")
     print(f"{'chip':<5}{'kern':<5}{'D':>4}{'L':>6}{'blocks':>13} {'VMEM verdict':<26}"
           f"{'compiled':<16}{'time':>7}")
     results = []
     for chip in args.chips:
         try:
-            results.append(search(chip, args.dims, candidates,
+            results.append(search(chip, args.dims, candidates, args.lengths,
                                   log=lambda s: print(s, flush=True)))
         except Exception as e:  # noqa: BLE001 - a chip this libtpu does not describe
             print(f"{chip}: not available here ({type(e).__name__}: {str(e)[:100]})")

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                         # CPU: SmolLM2-135M at L = 256
     python benchmarks/train_step.py --batch 8 --steps 5
     python benchmarks/train_step.py --gpu                   # GPU: SmolLM2 and a 1.1B LLaMA, L = 2048
+    python benchmarks/train_step.py --model tiny --batch 2 --seq-len 16 --steps 1   # smoke test
 
 Both sides take the same step: the masked-diffusion loss (docs/algorithms.md §2: the same noised
 batch x_t, the same noise mask and t, shift, ``1/t`` weights, "masked" normalisation) with full
@@ -16,12 +17,14 @@ tokens per second (``B * L / step time``, median of ``--steps``) side by side, t
 a GPU the MFU (model FLOPs: 6N + full attention, ``train/metrics.py``).
 
 Models: SmolLM2-135M-Instruct (the embedded default model, ``diffujax default-model``) and, on a
-GPU, a TinyLlama-1.1B-shaped LLaMA with random weights (same weights on both sides).
+GPU, a TinyLlama-1.1B-shaped LLaMA with random weights (same weights on both sides); ``--model
+tiny`` is a 2-layer random LLaMA that checks the script runs (the test suite's smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -45,14 +48,21 @@ TINYLLAMA = LlamaConfig(vocab_size=32000, hidden_size=2048, num_layers=22, num_h
                         num_kv_heads=4, intermediate_size=5632, max_positions=2048,
                         tie_word_embeddings=False, mask_token_id=31999, bos_token_id=1,
                         eos_token_id=2)
+TINY = LlamaConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=64, max_positions=64, tie_word_embeddings=False,
+                   mask_token_id=99, bos_token_id=0, eos_token_id=1)
+MODELS = ("smollm2", "tinyllama-1.1b", "tiny")
 
 
-def run_config(batch: int, seq_len: int, dtype: str):
-    """The diffujax run config of the step (one device, full attention from step 0)."""
+def run_config(config, batch: int, seq_len: int, dtype: str):
+    """The diffujax run config of the step (one device, full attention from step 0). Its
+    ``model.init`` describes the benchmarked model (whose weights ``models`` supplies), so the
+    config's checks (mask token, heads, positions) are those of a real run of that model."""
+    init = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in ("attention", "extra_hf")}  # not model.init fields
     return from_dict({
         "output_dir": "unused",
-        "model": {"init": {"family": "llama", "vocab_size": 8, "hidden_size": 8, "num_layers": 1,
-                           "num_heads": 1, "intermediate_size": 8}, "dtype": dtype,
+        "model": {"init": {"family": config.family, **init}, "dtype": dtype,
                   "param_dtype": "float32"},
         "diffusion": {"anneal_steps": 0, "normalization": "masked"},
         "data": {"seq_len": seq_len, "global_batch": batch},
@@ -68,7 +78,7 @@ def models(name: str, dtype: str):
     if name == "smollm2":
         config, params = load(default_model(), dtype="float32")
     else:
-        config = TINYLLAMA
+        config = TINYLLAMA if name == "tinyllama-1.1b" else TINY
         params = init_params(config, seed=0)
     return config.replace(dtype=dtype, param_dtype="float32"), params
 
@@ -126,10 +136,10 @@ def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: s
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=WEIGHT_DECAY)
-    x_t = torch.as_tensor(np.asarray(noised.x_t), dtype=torch.long, device=device)
+    x_t = torch.as_tensor(np.array(noised.x_t), dtype=torch.long, device=device)  # writable copies
     x0 = torch.as_tensor(tokens, dtype=torch.long, device=device)
-    noise = torch.as_tensor(np.asarray(noised.noise), device=device)[:, 1:]
-    t = torch.as_tensor(np.asarray(noised.t), device=device)
+    noise = torch.as_tensor(np.array(noised.noise), device=device)[:, 1:]
+    t = torch.as_tensor(np.array(noised.t), device=device)
     b, length = tokens.shape
     full_attention = torch.zeros(b, 1, length, length, device=device)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -159,7 +169,7 @@ def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: s
 
 def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: str) -> dict:
     config, params = models(name, dtype)
-    cfg = run_config(batch, seq_len, dtype)
+    cfg = run_config(config, batch, seq_len, dtype)
     tokens = the_batch(config, batch, seq_len)
     # The step's noise: key fold_in(seed, step 0), as make_train_step draws it.
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
@@ -176,12 +186,14 @@ def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: s
                 torch_mfu=flops / torch_s / peak if peak else None)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="bf16 on the GPU: SmolLM2 and 1.1B, L=2048")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=3, help="timed steps per side (median)")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="one model only (default: SmolLM2; with --gpu, SmolLM2 and the 1.1B)")
     args = p.parse_args(argv)
     if args.gpu:
         runs = [("smollm2", args.batch or 16), ("tinyllama-1.1b", args.batch or 8)]
@@ -189,20 +201,24 @@ def main(argv=None) -> int:
     else:
         runs = [("smollm2", args.batch or 4)]
         seq_len, dtype, device = args.seq_len or 256, "float32", "cpu"
+    if args.model:
+        runs = [(args.model, runs[0][1])]
     print(f"{jax.devices()[0].device_kind}: one train step (masked-diffusion loss, full"
           f" attention, AdamW, clip {CLIP}), {dtype}")
     print(f"{'model':<16}{'B x L':>12}{'loss jax / torch':>22}{'diffujax tok/s':>16}"
           f"{'torch tok/s':>14}{'ratio':>8}{'MFU jax / torch':>18}")
+    results = []
     for name, batch in runs:
         r = bench(name, batch, seq_len, args.steps, dtype, device)
+        results.append(r)
         mfu = ("n/a" if r["jax_mfu"] is None
                else f"{100 * r['jax_mfu']:.0f}% / {100 * r['torch_mfu']:.0f}%")
         print(f"{name:<16}{f'{batch} x {seq_len}':>12}"
               f"{r['jax_loss']:>11.4f} / {r['torch_loss']:<8.4f}{r['jax_tokens_s']:>16,.0f}"
               f"{r['torch_tokens_s']:>14,.0f}{r['jax_tokens_s'] / r['torch_tokens_s']:>8.2f}"
               f"{mfu:>18}", flush=True)
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,5 +1,11 @@
 """Test session setup: 8 simulated CPU devices, a persistent compilation cache, a repo-local cache
-for the embedded default model (so it is materialised once per machine, not per test)."""
+for the embedded default model (so it is materialised once per machine, not per test), and the
+``integration`` mark on every test that uses a fixture which starts processes.
+
+Both caches may be shared by concurrent test processes (``pytest -n``): the model is
+materialised into a temporary directory renamed into place, a process that loses the race uses
+the winner's (``checkpoint/smollm2.py``); a compilation-cache entry read while another process
+writes it fails to deserialize, and JAX then warns and compiles instead."""
 
 import os
 import pathlib
@@ -16,6 +22,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 import pytest  # noqa: E402
+
+# Fixtures that start processes: the GCS emulator (below) and tests/train's reference run of
+# ``diffujax train`` (tests/train/conftest.py, and test_remote_run.py's in the bucket).
+PROCESS_FIXTURES = {"gcs", "reference"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ def cli(*args, env=None, module="diffujax.cli"):
                           env=env, timeout=300)
 
 
+@pytest.mark.integration  # the CLI in a fresh interpreter
 def test_bad_input_is_one_line_and_debug_adds_the_traceback(tmp_path):
     missing = tmp_path / "no-such-model"
     plain = cli("export", str(missing), str(tmp_path / "out"))
@@ -33,6 +34,7 @@ def test_bad_input_is_one_line_and_debug_adds_the_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration  # the CLI in a fresh interpreter
 def test_train_config_error_debug_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_key: 1\n")
@@ -44,6 +46,7 @@ def test_train_config_error_debug_traceback(tmp_path):
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
+@pytest.mark.integration  # the CLI in a fresh interpreter
 def test_log_records_are_shown_once(tmp_path):
     """pretokenize logs through `logging` (INFO): the records reach stderr once, as bare lines
     like the commands' own (with --debug: time, level and logger name), even when a library has
@@ -91,6 +94,7 @@ def tiny_hf(tmp_path_factory):
     return d
 
 
+@pytest.mark.integration  # the CLI in a fresh interpreter
 def test_progress_bars_on_convert_export_eval(tiny_hf, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     text = tmp_path / "t.txt"

@@ -14,6 +14,10 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
+pytestmark = pytest.mark.integration  # a wheel build, then the demo in a fresh interpreter
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CHECK = """

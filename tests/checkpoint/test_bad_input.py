@@ -142,6 +142,7 @@ def _tool(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration  # the tool in a fresh interpreter
 def test_cli_tool(hf_gpt2, tmp_path):
     """The tool exits non-zero with the message on bad input, and converts + exports otherwise."""
     bad = _tool(str(tmp_path / "nowhere"), str(tmp_path / "dst"))

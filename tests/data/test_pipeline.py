@@ -238,6 +238,7 @@ def test_mixture(sp_tok):
                        PipelineOptions(seq_len=16, global_batch=2, num_epochs=1), shard=ONE)
 
 
+@pytest.mark.integration  # a spawned grain worker
 def test_worker_process(sp_tok):
     """A grain worker process (spawned): same stream as in-process; set_state rewinds it."""
     kw = dict(seq_len=16, global_batch=2, num_epochs=1, seed=4, read_threads=0)

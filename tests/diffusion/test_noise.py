@@ -42,6 +42,8 @@ def test_t_stratified_is_evenly_spaced_and_marginally_uniform():
 def test_micro_batches_draw_what_the_global_batch_draws(stratified):
     key, tokens = jax.random.key(3), jax.random.randint(jax.random.key(4), (8, 12), 0, M)
     whole = forward_process(key, tokens, mask_token_id=M, stratified=stratified)
+    # tokens < M: x_t is M exactly where the noise mask is set, the clean token elsewhere
+    np.testing.assert_array_equal(whole.x_t, np.where(whole.noise, M, tokens))
     for start in (0, 4):
         part = forward_process(key, tokens[start:start + 4], mask_token_id=M,
                                stratified=stratified, row_offset=start, global_batch=8)
@@ -55,7 +57,6 @@ def test_noise_respects_src_and_rate_and_is_explicit():
     src = jnp.zeros((batch, length), bool).at[:, :40].set(True)
     noised = forward_process(jax.random.key(5), tokens, mask_token_id=M, src=src)
     assert not bool((noised.noise & src).any())
-    np.testing.assert_array_equal(noised.x_t, jnp.where(noised.noise, M, tokens))
     # the mask id occurring in clean text is not noise: the boolean mask is what counts
     assert int(noised.noise.sum()) < noised.noise.size - 40 * batch
     counts = np.asarray(noised.noise[:, 40:].sum(axis=1))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the launcher and its hosts are processes
+
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 

@@ -68,6 +68,7 @@ def test_config_names_its_slice():
         load_config("configs/tiny.yaml", ["plan.model.family=llama", "plan.model.vocab_size=8"])
 
 
+@pytest.mark.integration  # the CLI in a fresh interpreter
 def test_cli_bad_topology_is_one_line_and_exit_2():
     out = subprocess.run([sys.executable, "-m", "diffujax.cli", "plan", "--config",
                           "configs/tiny.yaml", "--topology", "v5p-9"], capture_output=True,

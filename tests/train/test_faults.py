@@ -19,6 +19,8 @@ from train_runs import (NO_SAMPLES, STEPS, WITH_SAMPLES, losses, record_values, 
 
 from diffujax.cli import main as cli
 
+pytestmark = pytest.mark.integration  # runs of the CLI as processes
+
 
 def _flip_a_byte_orbax_misses(step_dir: pathlib.Path) -> pathlib.Path:
     """A flipped byte in the step's array files that orbax reads without complaint but that

@@ -85,6 +85,7 @@ def test_export_reads_the_old_layout(run_dir, tmp_path):
                                   stored["layers"]["wo"]["value"][0].reshape(-1, 16).T)
 
 
+@pytest.mark.integration  # a run of the CLI as a process
 def test_a_run_resumes_from_it_and_saves_in_todays_layout(run_dir):
     """On two devices (it was saved on one): steps 3 and 4 run, step 4 is saved in today's
     layout."""

@@ -24,6 +24,8 @@ from diffujax.checkpoint import export
 from diffujax.cli import main as cli
 from diffujax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.integration  # runs of the CLI into the GCS emulator, gloo jobs
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 STEPS = 12

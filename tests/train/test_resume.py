@@ -6,9 +6,12 @@ EXACTLY. Reference: the uninterrupted run itself (same config, same machine, CPU
 import shutil
 import signal
 
+import pytest
 from train_runs import NO_SAMPLES, STEPS, losses, run, start, wait_for_step
 
 from diffujax.train.metrics import read_jsonl
+
+pytestmark = pytest.mark.integration  # runs of the CLI as processes
 
 
 def test_uninterrupted_run_outputs(reference):

@@ -141,6 +141,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # two processes joined by gloo
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, same global batches."""
     port, out = _free_port(), tmp_path / "result.json"

@@ -64,6 +64,7 @@ def offline(tmp_path, monkeypatch):
     return tmp_path / "wandb-dir" / "wandb"
 
 
+@pytest.mark.integration  # W&B writes through its own service process
 def test_offline_run_holds_the_logged_values(tmp_path, offline):
     out = tmp_path / "run"
     settings = {"project": "diffujax-test", "name": "tiny", "tags": ["ci"]}
