@@ -74,7 +74,8 @@ from diffujax.attention.config import TpuBlockSizes as BlockSizes
 from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
 from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
                                              row_sums)
-from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
+from diffujax.attention.pattern import AttentionPattern, is_open
+from diffujax.attention.tiles import TileRule, tile_runs, tile_to_load
 
 LANES = 128
 
@@ -124,10 +125,16 @@ class _Cfg:
     groups: int       # query heads per K/V head
     interpret: Any
     vmem_limit_bytes: int | None
+    block_size: int = 0  # the pattern's static block structure (pattern.py)
+    stream_len: int = 0
 
     @property
     def padded(self) -> bool:
         return self.padded_len != self.seq_len
+
+    @property
+    def rule(self) -> TileRule:
+        return TileRule(self.kind, self.block_size, self.stream_len, self.seq_len)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -164,48 +171,30 @@ def _lanes(x, n: int):
 
 def _block_status(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """``(run, needs_mask)`` for q block ``i`` x kv block ``j``: traced scalar booleans."""
-    q_lo = i * bq
-    q_hi = q_lo + (bq - 1)
-    k_lo = j * bkv
-    k_hi = k_lo + (bkv - 1)
-    true = jnp.bool_(True)
-    run = (k_lo < cfg.seq_len) if cfg.padded else true
-    mask = (k_hi >= cfg.seq_len) if cfg.padded else jnp.bool_(False)
-    if cfg.kind == "causal":
-        run = run & (k_lo <= q_hi)
-        mask = mask | (k_hi > q_lo)
-    elif cfg.kind == "annealed":
-        run = run & ((k_lo <= q_hi) | (thr > 0))
-        mask = mask | ((k_hi > q_lo) & (thr < FULL_THRESHOLD))
+    rule = cfg.rule
+    q_lo, k_lo = i * bq, j * bkv
+    run = tile_runs(rule.key_spans(thr, q_lo, q_lo + (bq - 1)), j, bkv)
     if cfg.segmented:
-        mask = true
-    return run, mask
+        return run, jnp.bool_(True)
+    open_ = rule.fully_open(thr, q_lo, q_lo + (bq - 1), k_lo, k_lo + (bkv - 1))
+    return run, jnp.logical_not(open_)
 
 
 def _kv_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """The kv block to DMA for grid point (i, j): skipped blocks re-point at a needed one."""
-    last = (cfg.seq_len - 1) // bkv
-    if cfg.kind in ("causal", "annealed"):
-        diag = jnp.minimum(_div((i + 1) * bq - 1, bkv), last)
-        if cfg.kind == "causal":
-            last = diag
-        else:
-            last = jnp.where(thr > 0, last, diag)
-    return jnp.minimum(j, last)
+    q_lo = i * bq
+    return tile_to_load(cfg.rule.key_spans(thr, q_lo, q_lo + (bq - 1)), j, bkv)
 
 
 def _q_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """The q block to DMA for grid point (kv block j, q block i) of the dk/dv kernel."""
-    if cfg.kind in ("causal", "annealed"):
-        first = _div(j * bkv, bq)
-        if cfg.kind == "annealed":
-            first = jnp.where(thr > 0, 0, first)
-        return jnp.maximum(i, first)
-    return i
+    k_lo = j * bkv
+    return tile_to_load(cfg.rule.query_spans(thr, k_lo, k_lo + (bkv - 1)), i, bq)
 
 
 def _allowed(cfg: _Cfg, s_ref, q_idx, k_idx, q_seg, k_seg):
-    ok = is_open(pattern_from_scalars(cfg.kind, s_ref), q_idx, k_idx, q_seg, k_seg)
+    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
+    ok = is_open(pattern, q_idx, k_idx, q_seg, k_seg)
     if cfg.padded:
         ok = ok & (k_idx < cfg.seq_len)
     return ok
@@ -519,16 +508,19 @@ _flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None
 
 def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, groups: int,
                   block_sizes: BlockSizes, *, scale: float | None = None,
-                  interpret: Any = False) -> _Cfg:
+                  interpret: Any = False, block_size: int = 0, stream_len: int = 0) -> _Cfg:
     """The static configuration of the three kernels for one call shape (also what
-    ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one)."""
+    ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one).
+    ``block_size`` / ``stream_len``: the pattern's blocks (``AttentionPattern``)."""
     bq_b, bkv_b = block_sizes.bwd()
     lp, (bq, bkv, bq_b, bkv_b) = _layout(
         seq_len, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
+    TileRule(kind, block_size, stream_len, seq_len)  # refuses a two-stream length mismatch
     return _Cfg(kind=kind, segmented=segmented, seq_len=seq_len, padded_len=lp, bq=bq, bkv=bkv,
                 bq_bwd=bq_b, bkv_bwd=bkv_b,
                 scale=float(head_dim ** -0.5 if scale is None else scale), groups=groups,
-                interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+                interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
+                block_size=block_size, stream_len=stream_len)
 
 
 def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
@@ -550,7 +542,8 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     if block_sizes is None:
         block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
     cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // kvh,
-                        block_sizes, scale=scale, interpret=interpret)
+                        block_sizes, scale=scale, interpret=interpret,
+                        block_size=pattern.block_size, stream_len=pattern.stream_len)
     lp = cfg.padded_len
 
     def prep(x):
