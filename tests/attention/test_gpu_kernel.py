@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_testlib import (check_against_reference, make_inputs, make_pattern, mask_reader,
-                          segment_ids)
+from attn_testlib import (BLOCKED_CASES, blocked_pattern, check_against_reference, make_inputs,
+                          make_pattern, mask_reader, segment_ids)
 from diffujax.attention import gpu, pattern as P
 
 SMALL = gpu.BlockSizes(16, 16, 8, 16)
@@ -25,6 +25,13 @@ def test_matches_reference_padded_gqa(name, segmented):
     q, k, v, do = make_inputs(b, length, 6, 2, 16)
     pattern = make_pattern(name, segment_ids(b, length) if segmented else None)
     check_against_reference(kernel(), pattern, q, k, v, do)
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES[::2], ids=[c[0] for c in BLOCKED_CASES[::2]])
+def test_block_diffusion_patterns_match_reference(case):
+    b, length = 2, 40  # two streams of 20, padded to 48
+    q, k, v, do = make_inputs(b, length, 6, 2, 16, seed=6)
+    check_against_reference(kernel(), blocked_pattern(case, b, length), q, k, v, do)
 
 
 def test_exact_multiple_other_blocks():
