@@ -109,7 +109,8 @@ def _splash(q, k, v, pattern, config: AttentionConfig, layout):
     if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
         return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
     shards = 1 if layout is None else layout.head_shards
-    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards)
+    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards,
+                                  block_size=pattern.block_size, stream_len=pattern.stream_len)
     if layout is None:
         return local(q, k, v, pattern, kernel)
     spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))

@@ -24,13 +24,16 @@ heads with its part of the tables; the annealed dense mask is built per device i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from diffujax.attention.pattern import AttentionPattern, dense_mask
+from diffujax.attention.pattern import AttentionPattern, dense_mask, is_open
+from diffujax.attention.tiles import TileRule
 
 DEFAULT_BLOCK = 512
 
@@ -46,14 +49,69 @@ def _blocks(seq_len: int, block: int) -> sa.BlockSizes:
                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
-@functools.lru_cache(maxsize=32)
-def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool,
-                  head_shards: int = 1) -> sa.SplashAttentionKernel:
-    """The causal/full kernel for ``heads`` query heads (all of them, not one shard's), its block
-    tables split into ``head_shards`` (the shards of a ``shard_map`` over heads: pass the kernel
-    in with ``kernel.manual_sharding_spec``)."""
+class BlockMask(sa.Mask):
+    """A static blocked pattern (kind causal / full, ``block_size`` > 0, one or two streams) as a
+    splash mask that the kernel computes (``pattern.is_open`` on the tile's indices: splash
+    evaluates ``mask_function`` in-kernel for any mask carrying it and ``q_sequence``), so no
+    mask block is stored. Splash reads the mask on the host, tile by tile, to build its block
+    tables: that evaluation runs eagerly (``ensure_compile_time_eval``), also under a trace."""
+
+    def __init__(self, pattern: AttentionPattern, seq_len: int):
+        if pattern.kind == "annealed" or not pattern.blocked:
+            raise ValueError(f"BlockMask takes blocked causal/full patterns, got {pattern}")
+        self.pattern = AttentionPattern(pattern.kind, block_size=pattern.block_size,
+                                        stream_len=pattern.stream_len)
+        self._shape = (seq_len, seq_len)
+        self.q_sequence = np.arange(seq_len, dtype=np.int32)
+
+    def mask_function(self, q_idx, k_idx):
+        return is_open(self.pattern, q_idx, k_idx)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def __getitem__(self, idx) -> np.ndarray:
+        q_slice, k_slice = (slice(*s.indices(n)) for s, n in zip(idx, self._shape))
+        with jax.ensure_compile_time_eval():
+            return np.asarray(self.mask_function(self.q_sequence[q_slice][:, None],
+                                                 np.arange(k_slice.start, k_slice.stop)[None]))
+
+    def _key(self):
+        return (self.pattern.kind, self.pattern.block_size, self.pattern.stream_len, self._shape)
+
+    def __eq__(self, other):
+        return isinstance(other, BlockMask) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash((BlockMask, self._key()))
+
+
+def static_mask(pattern: AttentionPattern, seq_len: int) -> sa.Mask:
+    """The splash mask of a pattern without a hash (kind causal / full, in blocks or not)."""
+    if pattern.kind == "annealed":
+        raise ValueError("an annealed pattern has no static splash mask")
+    if pattern.blocked:
+        return BlockMask(pattern, seq_len)
     shape = (seq_len, seq_len)
-    mask = sa.CausalMask(shape) if kind == "causal" else sa.FullMask(shape)
+    return sa.CausalMask(shape) if pattern.kind == "causal" else sa.FullMask(shape)
+
+
+def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool,
+                  head_shards: int = 1, block_size: int = 0,
+                  stream_len: int = 0) -> sa.SplashAttentionKernel:
+    """The kernel of a causal/full pattern (``block_size`` / ``stream_len``: its blocks) for
+    ``heads`` query heads (all of them, not one shard's), its block tables split into
+    ``head_shards`` (the shards of a ``shard_map`` over heads: pass the kernel in with
+    ``kernel.manual_sharding_spec``)."""
+    return _static_kernel(kind, seq_len, heads, block, bool(interpret), head_shards, block_size,
+                          stream_len)
+
+
+@functools.lru_cache(maxsize=32)
+def _static_kernel(kind, seq_len, heads, block, interpret, head_shards, block_size, stream_len):
+    mask = static_mask(AttentionPattern(kind, block_size=block_size, stream_len=stream_len),
+                       seq_len)
     return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=_blocks(seq_len, block),
                               head_shards=head_shards, q_seq_shards=1, interpret=interpret)
 
@@ -78,6 +136,7 @@ def check(q, k, pattern: AttentionPattern, dense_annealed: bool):
         raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
                          "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
     _blocks(q.shape[1], 128)  # the length check, before any kernel is built
+    TileRule(pattern.kind, pattern.block_size, pattern.stream_len, q.shape[1])  # two streams
 
 
 def apply_kernel(kernel, q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
@@ -86,7 +145,7 @@ def apply_kernel(kernel, q, k, v, pattern: AttentionPattern, *, scale: float | N
     ``static_kernel`` (causal/full), or ``None`` for the annealed pattern (dense mask built here)."""
     seq_len, d = q.shape[1], q.shape[3]
     if kernel is None:
-        plain = AttentionPattern(pattern.kind, pattern.seed, pattern.step, pattern.threshold)
+        plain = dataclasses.replace(pattern, segment_ids=None)  # segments go in as SegmentIds
         kernel = _dynamic_kernel(dense_mask(plain, seq_len)[None], _blocks(seq_len, block),
                                  interpret)
     scale = d ** -0.5 if scale is None else scale
@@ -108,5 +167,6 @@ def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None 
     one device (``diffujax.attention.attention`` runs it under ``shard_map`` on a mesh)."""
     check(q, k, pattern, dense_annealed)
     kernel = None if pattern.kind == "annealed" else static_kernel(
-        pattern.kind, q.shape[1], q.shape[2], block, bool(interpret))
+        pattern.kind, q.shape[1], q.shape[2], block, bool(interpret),
+        block_size=pattern.block_size, stream_len=pattern.stream_len)
     return apply_kernel(kernel, q, k, v, pattern, scale=scale, block=block, interpret=interpret)
