@@ -138,9 +138,11 @@ def _block_allows(pattern: AttentionPattern, q_idx, k_idx):
     q_blk, k_blk = q_pos // n, k_pos // n
     # The hash sees stream positions, so the noisy and the clean stream anneal the same entries.
     own_block = (k_blk == q_blk) & _kind_allows(pattern, q_pos, k_pos)
-    noisy = jnp.where(k_clean, k_blk < q_blk, own_block)
-    clean = k_clean & ((k_blk < q_blk) | own_block)
-    return jnp.where(q_clean, clean, noisy)
+    earlier = k_blk < q_blk
+    # Boolean selects written as and/or: Mosaic cannot lower a select of i1 vectors.
+    noisy = (k_clean & earlier) | (~k_clean & own_block)
+    clean = k_clean & (earlier | own_block)
+    return (q_clean & clean) | (~q_clean & noisy)
 
 
 def is_open(pattern: AttentionPattern, q_idx, k_idx, q_seg=None, k_seg=None):

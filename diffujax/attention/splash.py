@@ -24,6 +24,7 @@ heads with its part of the tables; the annealed dense mask is built per device i
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -49,12 +50,24 @@ def _blocks(seq_len: int, block: int) -> sa.BlockSizes:
                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
+@functools.cache
+def _host_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="splash_mask")
+
+
+def _on_host(fn):
+    """``fn()`` evaluated eagerly on the default backend, outside the caller's trace and mesh:
+    splash builds its tables while a jit is traced, possibly for an abstract TPU mesh on which
+    nothing can run; both contexts are thread-local, so another thread has neither."""
+    return _host_thread().submit(fn).result()
+
+
 class BlockMask(sa.Mask):
     """A static blocked pattern (kind causal / full, ``block_size`` > 0, one or two streams) as a
     splash mask that the kernel computes (``pattern.is_open`` on the tile's indices: splash
     evaluates ``mask_function`` in-kernel for any mask carrying it and ``q_sequence``), so no
     mask block is stored. Splash reads the mask on the host, tile by tile, to build its block
-    tables: that evaluation runs eagerly (``ensure_compile_time_eval``), also under a trace."""
+    tables from the same rule (``_on_host``)."""
 
     def __init__(self, pattern: AttentionPattern, seq_len: int):
         if pattern.kind == "annealed" or not pattern.blocked:
@@ -73,9 +86,9 @@ class BlockMask(sa.Mask):
 
     def __getitem__(self, idx) -> np.ndarray:
         q_slice, k_slice = (slice(*s.indices(n)) for s, n in zip(idx, self._shape))
-        with jax.ensure_compile_time_eval():
-            return np.asarray(self.mask_function(self.q_sequence[q_slice][:, None],
-                                                 np.arange(k_slice.start, k_slice.stop)[None]))
+        q_idx = self.q_sequence[q_slice][:, None]
+        k_idx = np.arange(k_slice.start, k_slice.stop, dtype=np.int32)[None]
+        return _on_host(lambda: np.asarray(self.mask_function(q_idx, k_idx)))
 
     def _key(self):
         return (self.pattern.kind, self.pattern.block_size, self.pattern.stream_len, self._shape)
