@@ -2,8 +2,8 @@
 
 - ``cudnn_attention``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (cuDNN flash
   attention; without ``implementation="cudnn"`` JAX would materialise the ``L x L`` scores). It
-  takes causal/full without segment ids, bf16/f16 inputs; anything else is refused with a
-  ``ValueError`` and the dispatcher picks the Pallas kernel.
+  takes causal/full without segment ids or blocks, bf16/f16 inputs; anything else is refused
+  with a ``ValueError`` and the dispatcher picks the Pallas kernel.
 - ``flash_attention``: a Pallas kernel lowered through Triton, forward and backward (``dq`` and
   ``dk/dv`` kernels), for every pattern: the annealed pattern is regenerated per tile by
   ``pattern.is_open`` on iota indices (bit-identical to ``dense_mask``), segment ids combine with
@@ -12,7 +12,10 @@
 Structure (one program per q block, resp. per kv block, looping over the other axis):
 the loop over kv blocks is split into an unmasked range (blocks fully below the diagonal, or every
 block for ``full`` / ratio 1) and a masked range; its upper end stops at the diagonal for causal
-and for annealed at ratio 0 (the future is skipped, not masked). ``dk/dv`` programs loop over the
+and for annealed at ratio 0 (the future is skipped, not masked). Block-diffusion patterns
+(``block_size`` / ``stream_len``, docs/algorithms.md §9) loop over the at most two ranges of
+blocks that can hold an open entry (``tiles.py``: exact for causal/full), all of them masked (a
+conservative choice: no unmasked fast path for them here). ``dk/dv`` programs loop over the
 ``H // KVH`` query heads of their group and accumulate in registers: no repeated K/V.
 
 Block sizes are powers of two (Triton); defaults are untuned starting points for A100/H100
@@ -51,8 +54,9 @@ from diffujax.attention.tiles import TileRule, tile_range
 
 def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
     """cuDNN flash attention for ``causal`` / ``full`` without segment ids (bf16 or f16)."""
-    if pattern.kind == "annealed" or pattern.segment_ids is not None:
-        raise ValueError("cudnn attention takes causal/full patterns without segment ids")
+    if pattern.kind == "annealed" or pattern.segment_ids is not None or pattern.blocked:
+        raise ValueError("cudnn attention takes causal/full patterns without segment ids or "
+                         "blocks")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention needs bf16/f16 inputs, got {q.dtype}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=pattern.kind == "causal",

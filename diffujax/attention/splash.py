@@ -6,20 +6,26 @@ When to prefer it (expectation, not measurement: this was written without TPU ac
 - ``causal`` / ``full``, with or without segment ids: splash is Google's tuned production kernel
   (static block-sparsity tables, fused variants); it is the default of ``backend="auto"`` on TPU
   for these kinds.
-- ``annealed``: splash has no in-kernel hash, so the pattern goes in as a dense ``[1, L, L]``
-  boolean mask shared by every head (``dense_annealed=True``). That reads about ``L^2`` mask bytes
-  per head and pass and cannot skip future blocks while the ratio is above 0; the in-kernel-hash
-  kernel (``diffujax.attention.tpu``) avoids both, so ``auto`` sends annealed patterns there.
+- block diffusion (``block_size`` / ``stream_len``, docs/algorithms.md §9), causal/full inside
+  the blocks: ``BlockMask``, a mask splash computes in-kernel (``is_open`` on the tile), its
+  block tables (closed tiles skipped, open ones unmasked) built on the host from the same rule;
+  no mask block is stored. ``auto`` picks splash for these as for plain causal/full.
+- ``annealed`` (inside blocks too): splash has no in-kernel hash, so the pattern goes in as a
+  dense ``[1, L, L]`` boolean mask shared by every head (``dense_annealed=True``). That reads
+  about ``L^2`` mask bytes per head and pass and cannot skip future blocks while the ratio is
+  above 0; the in-kernel-hash kernel (``diffujax.attention.tpu``) avoids both, so ``auto`` sends
+  annealed patterns there.
 
 Contract differences handled here: splash takes no softmax scale (q is pre-scaled, in f32 then
 cast back to q's dtype), works per example on ``[H, L, D]`` (vmapped over the batch), and needs
 the length to be a multiple of its blocks, which are multiples of 128. Inside ``shard_map`` it
 needs ``check_vma=False`` (its mask tables are unvarying constants next to varying q/k/v).
 
-Under a mesh (``diffujax.attention.attention``), the causal/full kernel is built once for all
-heads with its block tables split into the head shards (``make_splash_mha(head_shards=...)``) and
-handed to ``shard_map`` with the kernel's own ``manual_sharding_spec``, so each device runs its
-heads with its part of the tables; the annealed dense mask is built per device inside the map.
+Under a mesh (``diffujax.attention.attention``), the causal/full kernel (blocks included) is built
+once for all heads with its block tables split into the head shards
+(``make_splash_mha(head_shards=...)``) and handed to ``shard_map`` with the kernel's own
+``manual_sharding_spec``, so each device runs its heads with its part of the tables; the annealed
+dense mask is built per device inside the map.
 """
 
 from __future__ import annotations

@@ -20,16 +20,24 @@ Kernels (all with f32 online softmax / f32 accumulators, bf16 or f32 inputs):
   gradients) never exist in HBM. In the forward and dq kernels each query head reads its group's
   K/V block through the index map (``h // group``).
 
-Block classification (per ``(q block, kv block)``, from program ids and the SMEM scalars):
+Block classification (per ``(q block, kv block)``, from program ids and the SMEM threshold, by
+``tiles.TileRule``: integer bounds of the pattern's rule, never the mask itself):
 
 - skipped (no compute, and the index map re-points the DMA at a block already resident so no copy
-  is issued): kv blocks entirely in the future of the q block for ``causal`` and for ``annealed``
-  with threshold 0; kv blocks made only of padding.
-  For ``annealed`` with threshold > 0 a future block is in general partly open: never skipped.
-- unmasked fast path (no iota / hash / where): ``full`` always; ``causal`` and ``annealed`` for
-  blocks entirely at or below the diagonal, and every block of ``annealed`` at threshold ``2^24``
-  (ratio 1); never when segment ids are given (segment masks are data) or when the block holds
-  padded keys.
+  is issued): kv blocks with no open entry. Exact for ``causal``, ``full`` and ``annealed`` at
+  ratio 0; for ``annealed`` with threshold > 0 the hashed part (the future of the diagonal, or
+  the inside of a block) counts as open. Without blocks that means: the future of the q block for
+  causal (and annealed at ratio 0), padding only for the rest. With a pattern in diffusion
+  blocks (``block_size``, docs/algorithms.md §9) also every later diffusion block; in the
+  two-stream ``[x_t ; x_0]`` input also the noisy diffusion blocks other than a noisy query's
+  own, every noisy key for a clean query, and the clean keys of a noisy query's own and later
+  diffusion blocks. The keys a q block needs are then two ranges of kv blocks (noisy, clean) and
+  the queries a kv block serves two ranges of q blocks, which the index maps walk in order.
+- unmasked fast path (no iota / hash / where): kernel blocks the rule opens throughout (every one
+  for ``full`` without diffusion blocks; those entirely below the diagonal; those inside one
+  diffusion block, or one quadrant of the two streams, that its rule opens; ``annealed`` at
+  threshold ``2^24`` as ``full``); never when segment ids are given (segment masks are data) or
+  when the block holds padded keys.
 - otherwise masked: ``is_open`` on the tile (the hash costs three murmur finalisers, the first two
   of which are computed on the scalar / per-row vector only, thanks to broadcasting).
 
@@ -47,7 +55,8 @@ chip.
 Verified without a TPU: numerics in both interpreters (``interpret=True`` and
 ``pltpu.InterpretParams``); that every kernel lowers to Mosaic (``jax.export`` for platform
 ``tpu``); and that libtpu compiles them, forward and backward under ``shard_map``, for v5e and
-v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128). The hash's
+v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128, the
+two-stream block pattern). The hash's
 uint32 arithmetic lowers to plain signless i32 ``muli/xori/shrui`` and a signed compare, so
 ``pattern_hash`` needed no int32 rewrite. Not verified: the speed on a chip.
 

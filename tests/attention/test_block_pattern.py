@@ -22,7 +22,8 @@ def _brute(kind, threshold, n, s, length):
     for q in range(length):
         for k in range(length):
             if not s:  # one stream: earlier blocks, and the own block by kind
-                mask[q, k] = k // n < q // n or (k // n == q // n and _inside(kind, threshold, q, k))
+                own = k // n == q // n and _inside(kind, threshold, q, k)
+                mask[q, k] = k // n < q // n or own
                 continue
             q_clean, k_clean = q >= s, k >= s
             qp, kp = q - s * q_clean, k - s * k_clean

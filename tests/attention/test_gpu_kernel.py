@@ -61,5 +61,8 @@ def test_cudnn_refuses_what_it_cannot_do():
         gpu.cudnn_attention(q, k, v, P.annealed(0, 0, 0.5))
     with pytest.raises(ValueError):
         gpu.cudnn_attention(q, k, v, P.causal(jnp.zeros((1, 16), jnp.int32)))
+    with pytest.raises(ValueError, match="blocks"):
+        gpu.cudnn_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                            v.astype(jnp.bfloat16), P.full().with_blocks(4, 8))
     with pytest.raises(ValueError, match="bf16"):
         gpu.cudnn_attention(q, k, v, P.causal())
