@@ -98,7 +98,7 @@ def _pure_tiles(pattern, bq, bkv, padded):
 
 CASES = [(n, s) for n in ("causal", "full", "annealed_r0", "annealed_r0.3", "annealed_r1")
          for s in (False, True)]
-TILES = [(16, 8), (8, 16), (16, 16)]
+TILES = [(16, 8), (8, 16), (16, 16), (24, 8)]
 
 
 @pytest.mark.parametrize("name,segmented", CASES)
@@ -115,8 +115,10 @@ def test_tpu_block_status(name, segmented, bq, bkv):
 
 
 # Block diffusion: one stream in blocks, and the two-stream [x_t ; x_0] input (stream 20, total
-# 40) with blocks that divide the stream (4, 5, 10, 20) and that do not (6, 8, 32 > the stream).
-BLOCKED = [(6, 0), (16, 0), (4, 20), (5, 20), (6, 20), (8, 20), (10, 20), (32, 20)]
+# 40) with blocks that divide the stream (1: autoregressive, 4, 5, 10, 20) and that do not (3, 6,
+# 8, 32 > the stream).
+BLOCKED = [(1, 0), (6, 0), (16, 0), (1, 20), (3, 20), (4, 20), (5, 20), (6, 20), (8, 20),
+           (10, 20), (32, 20)]
 
 
 @pytest.mark.parametrize("name", ["causal", "full", "annealed_r0", "annealed_r0.3",
