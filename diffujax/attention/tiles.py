@@ -89,7 +89,9 @@ class TileRule:
 
     @staticmethod
     def _span(present, lo, hi):
-        return jnp.where(present, lo, EMPTY_LO), jnp.where(present, hi, -1)
+        # int32 operands: Triton's lowering mistypes a select between two Python ints.
+        return (jnp.where(present, _i32(lo), _i32(EMPTY_LO)),
+                jnp.where(present, _i32(hi), _i32(-1)))
 
     def key_spans(self, thr, q_lo, q_hi):
         """The keys queries ``[q_lo, q_hi]`` may see: ``((lo, hi), (lo, hi))``, noisy keys then

@@ -42,3 +42,10 @@ def test_block_masks_equal_the_rule_written_out(kind, block, stream, length):
     pattern = P.AttentionPattern(kind, 3, 9, 1 << 23).with_blocks(block, stream)
     want = _brute(kind, 1 << 23, block, stream, length)
     np.testing.assert_array_equal(np.asarray(P.dense_mask(pattern, length)), want)
+
+
+def test_block_index_is_floor_division():
+    """The kernels' division (no ``sign``, for Mosaic) is Python's ``//``, negatives included."""
+    x = np.arange(-50, 50, dtype=np.int32)
+    for n in (1, 3, 8, 20):
+        np.testing.assert_array_equal(np.asarray(P._floor_div(x, n)), x // n)
