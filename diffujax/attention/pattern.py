@@ -131,7 +131,7 @@ def _floor_div(x, n: int):
     """``x // n`` for a static ``n > 0``, equal for every int, but lowered without ``sign`` (which
     Mosaic lowers only for a known chip): truncating division, shifted for negative ``x``."""
     x = jnp.asarray(x)
-    return lax.div(x - jnp.where(x < 0, n - 1, 0).astype(x.dtype), jnp.asarray(n, x.dtype))
+    return lax.div(x - (x < 0).astype(x.dtype) * (n - 1), jnp.asarray(n, x.dtype))
 
 
 def _block_allows(pattern: AttentionPattern, q_idx, k_idx):
