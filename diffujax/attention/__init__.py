@@ -9,16 +9,30 @@ compiled function. Backends:
 - ``xla``: ``reference_attention`` with the dense mask; the ground truth and the CPU default.
 - ``pallas_tpu``: the Pallas TPU flash kernel (``tpu.py``) with the pattern hashed in-kernel;
   every pattern, padding for any length.
-- ``splash``: JAX's bundled splash attention (``splash.py``); causal/full (+ segment ids) from
-  static block tables, annealed only through a dense ``[1, L, L]`` mask; length % 128 == 0.
-- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; causal/full, no segment
-  ids, bf16/f16.
+- ``splash``: JAX's bundled splash attention (``splash.py``); causal/full (+ segment ids, + blocks)
+  from static block tables, annealed (in blocks or not) only through a dense ``[1, L, L]`` mask;
+  length % 128 == 0.
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; causal/full without
+  blocks, no segment ids, bf16/f16.
 - ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern.
 - ``auto``: by the platform the program is built for (the active mesh's devices, so an abstract
-  TPU topology on a CPU host counts as TPU). TPU: splash for causal/full when the length is a
-  multiple of 128, else ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN where it
-  applies, else ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not
+  TPU topology on a CPU host counts as TPU). TPU: splash for causal/full (in blocks or not) when
+  the length is a multiple of 128, else ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN
+  where it applies, else ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not
   measurements: see ``benchmarks/attention.py``.)
+
+Block diffusion (docs/algorithms.md §9): a pattern's static ``block_size`` / ``stream_len``
+(one stream in blocks, or the two-stream ``[x_t ; x_0]`` input of length ``2 * stream_len``)
+reaches every backend:
+
+- ``pallas_tpu``: every blocked pattern, evaluated in-kernel (``is_open`` per tile); tiles with no
+  open entry are skipped (no compute, no copy) and tiles open throughout run unmasked
+  (``tiles.py`` decides both from scalars).
+- ``splash``: causal/full inside blocks as a mask splash computes in-kernel
+  (``splash.BlockMask``; static block tables skip closed tiles); annealed inside blocks through
+  the dense mask, as plain annealed.
+- ``pallas_gpu``: every blocked pattern in-kernel; closed tiles skipped, visited tiles masked.
+- ``cudnn``: none (refused; ``auto`` picks ``pallas_gpu``). ``xla``: every one, dense mask.
 
 On a mesh (``jax.set_mesh``), every kernel backend runs under ``jax.shard_map`` with specs from
 the active logical-axis rules (``sharded.py``: batch over data x fsdp, heads over tensor, GQA
@@ -51,7 +65,7 @@ def resolve_backend(q, k, pattern: AttentionPattern, config: AttentionConfig = D
             return "splash"
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
-        if (pattern.kind != "annealed" and pattern.segment_ids is None
+        if (pattern.kind != "annealed" and pattern.segment_ids is None and not pattern.blocked
                 and q.dtype.name in ("bfloat16", "float16")):
             return "cudnn"
         return "pallas_gpu"
@@ -109,7 +123,8 @@ def _splash(q, k, v, pattern, config: AttentionConfig, layout):
     if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
         return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
     shards = 1 if layout is None else layout.head_shards
-    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards)
+    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards,
+                                  block_size=pattern.block_size, stream_len=pattern.stream_len)
     if layout is None:
         return local(q, k, v, pattern, kernel)
     spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))

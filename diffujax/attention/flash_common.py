@@ -35,9 +35,12 @@ def pattern_scalars(pattern: AttentionPattern, size: int = 3) -> jax.Array:
     return jnp.stack(values + [jnp.int32(0)] * (size - len(values)))
 
 
-def pattern_from_scalars(kind: str, s_ref) -> AttentionPattern:
-    """The pattern inside a kernel, its scalars read from the scalar operand."""
-    return AttentionPattern(kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2])
+def pattern_from_scalars(kind: str, s_ref, block_size: int = 0,
+                         stream_len: int = 0) -> AttentionPattern:
+    """The pattern inside a kernel: its static fields from the kernel's configuration, its
+    scalars read from the scalar operand."""
+    return AttentionPattern(kind, seed=s_ref[0], step=s_ref[1], threshold=s_ref[2],
+                            block_size=block_size, stream_len=stream_len)
 
 
 def flash_vjp(forward, dq, dkv, delta):

@@ -2,8 +2,8 @@
 
 - ``cudnn_attention``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (cuDNN flash
   attention; without ``implementation="cudnn"`` JAX would materialise the ``L x L`` scores). It
-  takes causal/full without segment ids, bf16/f16 inputs; anything else is refused with a
-  ``ValueError`` and the dispatcher picks the Pallas kernel.
+  takes causal/full without segment ids or blocks, bf16/f16 inputs; anything else is refused
+  with a ``ValueError`` and the dispatcher picks the Pallas kernel.
 - ``flash_attention``: a Pallas kernel lowered through Triton, forward and backward (``dq`` and
   ``dk/dv`` kernels), for every pattern: the annealed pattern is regenerated per tile by
   ``pattern.is_open`` on iota indices (bit-identical to ``dense_mask``), segment ids combine with
@@ -12,7 +12,10 @@
 Structure (one program per q block, resp. per kv block, looping over the other axis):
 the loop over kv blocks is split into an unmasked range (blocks fully below the diagonal, or every
 block for ``full`` / ratio 1) and a masked range; its upper end stops at the diagonal for causal
-and for annealed at ratio 0 (the future is skipped, not masked). ``dk/dv`` programs loop over the
+and for annealed at ratio 0 (the future is skipped, not masked). Block-diffusion patterns
+(``block_size`` / ``stream_len``, docs/algorithms.md §9) loop over the at most two ranges of
+blocks that can hold an open entry (``tiles.py``: exact for causal/full), all of them masked (a
+conservative choice: no unmasked fast path for them here). ``dk/dv`` programs loop over the
 ``H // KVH`` query heads of their group and accumulate in registers: no repeated K/V.
 
 Block sizes are powers of two (Triton); defaults are untuned starting points for A100/H100
@@ -42,6 +45,7 @@ from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, di
 from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
                                              row_sums)
 from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
+from diffujax.attention.tiles import TileRule, tile_range
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,8 +54,9 @@ from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
 
 def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
     """cuDNN flash attention for ``causal`` / ``full`` without segment ids (bf16 or f16)."""
-    if pattern.kind == "annealed" or pattern.segment_ids is not None:
-        raise ValueError("cudnn attention takes causal/full patterns without segment ids")
+    if pattern.kind == "annealed" or pattern.segment_ids is not None or pattern.blocked:
+        raise ValueError("cudnn attention takes causal/full patterns without segment ids or "
+                         "blocks")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention needs bf16/f16 inputs, got {q.dtype}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=pattern.kind == "causal",
@@ -78,6 +83,12 @@ class _Cfg:
     interpret: Any
     num_warps: int
     num_stages: int
+    block_size: int = 0  # the pattern's static block structure (pattern.py)
+    stream_len: int = 0
+
+    @property
+    def rule(self) -> TileRule:
+        return TileRule(self.kind, self.block_size, self.stream_len, self.seq_len)
 
 
 def _cdiv(x, n: int):
@@ -96,8 +107,13 @@ def _allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg):
     return ok
 
 
-def _kv_range(cfg: _Cfg, thr, i, bq: int, bkv: int):
-    """For q block ``i``: kv blocks ``[0, split)`` need no mask, ``[split, hi)`` are masked."""
+def _kv_ranges(cfg: _Cfg, thr, i, bq: int, bkv: int):
+    """For q block ``i``: the kv block ranges to visit, ``[(lo, hi, masked), ...]`` in order.
+
+    Plain patterns: ``[0, split)`` needs no mask, ``[split, hi)`` is masked. Blocked patterns:
+    the (at most two) ranges of kv blocks that can hold an open entry (``tiles.py``), masked."""
+    if cfg.block_size:
+        return _span_ranges(cfg.rule.key_spans(thr, i * bq, i * bq + (bq - 1)), bkv)
     length = cfg.seq_len
     nk = -(-length // bkv)
     whole = length // bkv  # kv blocks without padding
@@ -112,11 +128,17 @@ def _kv_range(cfg: _Cfg, thr, i, bq: int, bkv: int):
         split = jnp.where(thr >= FULL_THRESHOLD, whole, causal_split)
     if cfg.segmented:
         split = jnp.int32(0)
-    return jnp.minimum(split, hi), hi
+    split = jnp.minimum(split, hi)
+    return [(jnp.int32(0), split, False), (split, hi, True)]
 
 
-def _q_range(cfg: _Cfg, thr, j, bq: int, bkv: int):
-    """For kv block ``j``: q blocks ``[lo, split)`` are masked, ``[split, nq)`` need no mask."""
+def _q_ranges(cfg: _Cfg, thr, j, bq: int, bkv: int):
+    """For kv block ``j``: the q block ranges to visit, ``[(lo, hi, masked), ...]``.
+
+    Plain patterns: ``[lo, split)`` is masked, ``[split, nq)`` needs no mask. Blocked patterns:
+    as ``_kv_ranges``."""
+    if cfg.block_size:
+        return _span_ranges(cfg.rule.query_spans(thr, j * bkv, j * bkv + (bkv - 1)), bq)
     length = cfg.seq_len
     nq = -(-length // bq)
     causal_lo = _div(j * bkv, bq)
@@ -132,7 +154,20 @@ def _q_range(cfg: _Cfg, thr, j, bq: int, bkv: int):
         split = jnp.where((j + 1) * bkv > length, nq, split)
     if cfg.segmented:
         split = jnp.int32(nq)
-    return lo, jnp.minimum(jnp.maximum(split, lo), nq), nq
+    split = jnp.minimum(jnp.maximum(split, lo), nq)
+    return [(lo, split, True), (split, jnp.int32(nq), False)]
+
+
+def _span_ranges(spans, tile: int):
+    """Two spans (``tiles.py``) as two disjoint, ordered, masked ranges of tiles."""
+    ranges, end = [], jnp.int32(0)
+    for lo, hi in spans:
+        first, last = tile_range((lo, hi), tile)
+        present = lo <= hi
+        start = jnp.where(present, jnp.maximum(first, end), end)  # a shared tile runs once
+        end = jnp.where(present, jnp.maximum(last + 1, start), end)
+        ranges.append((start, end, True))
+    return ranges
 
 
 def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
@@ -142,7 +177,7 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         o_ref, lse_ref = rest
     bq, bkv = cfg.bq, cfg.bkv
     i = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
     q = q_ref[...]
     q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
     q_seg = qseg_ref[...][:, None] if cfg.segmented else None
@@ -164,12 +199,12 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, _NN)
         return m_new, l, acc
 
-    split, hi = _kv_range(cfg, s_ref[2], i, bq, bkv)
     d = q.shape[-1]
     carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
              jnp.zeros((bq, d), jnp.float32))
-    carry = lax.fori_loop(0, split, functools.partial(step, False), carry)
-    m, l, acc = lax.fori_loop(split, hi, functools.partial(step, True), carry)
+    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked), carry)
+    m, l, acc = carry
     l = jnp.where(l == 0.0, 1.0, l)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -182,7 +217,7 @@ def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *
         (dq_ref,) = rest
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     i = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
     q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
@@ -201,10 +236,9 @@ def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *
         ds = p * (_dot(cfg, do, v, _NT) - delta)
         return dq + _dot(cfg, ds.astype(k.dtype), k, _NN)
 
-    split, hi = _kv_range(cfg, s_ref[2], i, bq, bkv)
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, split, functools.partial(step, False), dq)
-    dq = lax.fori_loop(split, hi, functools.partial(step, True), dq)
+    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
+        dq = lax.fori_loop(lo, hi, functools.partial(step, masked), dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -215,11 +249,11 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         dk_ref, dv_ref = rest
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     j = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref)
+    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
     k, v = k_ref[...], v_ref[...]
     k_idx = j * bkv + jnp.arange(bkv, dtype=jnp.int32)[:, None]
     k_seg = kseg_ref[...][:, None] if cfg.segmented else None
-    lo, split, nq = _q_range(cfg, s_ref[2], j, bq, bkv)
+    ranges = _q_ranges(cfg, s_ref[2], j, bq, bkv)
 
     def step(g, masked, i, carry):
         dk, dv = carry
@@ -240,8 +274,9 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         return dk, dv
 
     def group(g, carry):
-        carry = lax.fori_loop(lo, split, functools.partial(step, g, True), carry)
-        return lax.fori_loop(split, nq, functools.partial(step, g, False), carry)
+        for lo, hi, masked in ranges:
+            carry = lax.fori_loop(lo, hi, functools.partial(step, g, masked), carry)
+        return carry
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, cfg.groups, group, (zeros, zeros))
@@ -344,10 +379,12 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     short = max(8, 1 << (lq - 1).bit_length())  # shrink blocks for short sequences
     blocks = tuple(min(x, short) for x in blocks)
     lp = -(-lq // max(blocks)) * max(blocks)
+    TileRule(pattern.kind, pattern.block_size, pattern.stream_len, lq)  # checks the length
     cfg = _Cfg(pattern.kind, pattern.segment_ids is not None, lq, lp, *blocks,
                scale=float(d ** -0.5 if scale is None else scale), groups=h // kvh,
                f32=q.dtype == jnp.float32, interpret=interpret, num_warps=bs.num_warps,
-               num_stages=bs.num_stages)
+               num_stages=bs.num_stages, block_size=pattern.block_size,
+               stream_len=pattern.stream_len)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - lq), (0, 0), (0, 0))) if lp != lq else x
     seg = None
     if cfg.segmented:

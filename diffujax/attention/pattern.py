@@ -26,6 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 KINDS = ("causal", "full", "annealed")
 # The ratio is resolved to 24 bits: entry open iff (hash >> 8) < threshold, threshold in [0, 2^24].
@@ -126,21 +127,30 @@ def _kind_allows(pattern: AttentionPattern, q_idx, k_idx):
     return allowed
 
 
+def _floor_div(x, n: int):
+    """``x // n`` for a static ``n > 0``, equal for every int, but lowered without ``sign`` (which
+    Mosaic lowers only for a known chip): truncating division, shifted for negative ``x``."""
+    x = jnp.asarray(x)
+    return lax.div(x - (x < 0).astype(x.dtype) * (n - 1), jnp.asarray(n, x.dtype))
+
+
 def _block_allows(pattern: AttentionPattern, q_idx, k_idx):
     """The block rules of the module docstring; indices are positions in the (1 or 2) streams."""
     n, s = pattern.block_size, pattern.stream_len
     if not s:
-        q_blk, k_blk = q_idx // n, k_idx // n
+        q_blk, k_blk = _floor_div(q_idx, n), _floor_div(k_idx, n)
         return (k_blk < q_blk) | ((k_blk == q_blk) & _kind_allows(pattern, q_idx, k_idx))
     q_clean, k_clean = q_idx >= s, k_idx >= s
     q_pos = jnp.where(q_clean, q_idx - s, q_idx)
     k_pos = jnp.where(k_clean, k_idx - s, k_idx)
-    q_blk, k_blk = q_pos // n, k_pos // n
+    q_blk, k_blk = _floor_div(q_pos, n), _floor_div(k_pos, n)
     # The hash sees stream positions, so the noisy and the clean stream anneal the same entries.
     own_block = (k_blk == q_blk) & _kind_allows(pattern, q_pos, k_pos)
-    noisy = jnp.where(k_clean, k_blk < q_blk, own_block)
-    clean = k_clean & ((k_blk < q_blk) | own_block)
-    return jnp.where(q_clean, clean, noisy)
+    earlier = k_blk < q_blk
+    # Boolean selects written as and/or: Mosaic cannot lower a select of i1 vectors.
+    noisy = (k_clean & earlier) | (~k_clean & own_block)
+    clean = k_clean & (earlier | own_block)
+    return (q_clean & clean) | (~q_clean & noisy)
 
 
 def is_open(pattern: AttentionPattern, q_idx, k_idx, q_seg=None, k_seg=None):

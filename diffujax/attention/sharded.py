@@ -31,7 +31,6 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from diffujax.attention.flash_common import pattern_scalars
-from diffujax.attention.pattern import AttentionPattern
 from diffujax.parallel.logical import QUERY as Q_NAMES  # q's dimensions [B, L, H, D]
 from diffujax.parallel.logical import active_rules, logical_to_spec
 
@@ -81,10 +80,11 @@ class KernelLayout:
         k, v = self.repeat_kv(k, v)
         scalars = pattern_scalars(pattern)
         seg = pattern.segment_ids
-        kind = pattern.kind
 
         def body(q, k, v, scalars, seg, *extra):
-            local_pattern = AttentionPattern(kind, scalars[0], scalars[1], scalars[2], seg)
+            # The static fields (kind, blocks) as they are; the traced ones from the map's inputs.
+            local_pattern = dataclasses.replace(pattern, seed=scalars[0], step=scalars[1],
+                                                threshold=scalars[2], segment_ids=seg)
             return local(q, k, v, local_pattern, *extra)
 
         qkv = self.spec()

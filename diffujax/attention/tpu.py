@@ -20,16 +20,24 @@ Kernels (all with f32 online softmax / f32 accumulators, bf16 or f32 inputs):
   gradients) never exist in HBM. In the forward and dq kernels each query head reads its group's
   K/V block through the index map (``h // group``).
 
-Block classification (per ``(q block, kv block)``, from program ids and the SMEM scalars):
+Block classification (per ``(q block, kv block)``, from program ids and the SMEM threshold, by
+``tiles.TileRule``: integer bounds of the pattern's rule, never the mask itself):
 
 - skipped (no compute, and the index map re-points the DMA at a block already resident so no copy
-  is issued): kv blocks entirely in the future of the q block for ``causal`` and for ``annealed``
-  with threshold 0; kv blocks made only of padding.
-  For ``annealed`` with threshold > 0 a future block is in general partly open: never skipped.
-- unmasked fast path (no iota / hash / where): ``full`` always; ``causal`` and ``annealed`` for
-  blocks entirely at or below the diagonal, and every block of ``annealed`` at threshold ``2^24``
-  (ratio 1); never when segment ids are given (segment masks are data) or when the block holds
-  padded keys.
+  is issued): kv blocks with no open entry. Exact for ``causal``, ``full`` and ``annealed`` at
+  ratio 0; for ``annealed`` with threshold > 0 the hashed part (the future of the diagonal, or
+  the inside of a block) counts as open. Without blocks that means: the future of the q block for
+  causal (and annealed at ratio 0), padding only for the rest. With a pattern in diffusion
+  blocks (``block_size``, docs/algorithms.md §9) also every later diffusion block; in the
+  two-stream ``[x_t ; x_0]`` input also the noisy diffusion blocks other than a noisy query's
+  own, every noisy key for a clean query, and the clean keys of a noisy query's own and later
+  diffusion blocks. The keys a q block needs are then two ranges of kv blocks (noisy, clean) and
+  the queries a kv block serves two ranges of q blocks, which the index maps walk in order.
+- unmasked fast path (no iota / hash / where): kernel blocks the rule opens throughout (every one
+  for ``full`` without diffusion blocks; those entirely below the diagonal; those inside one
+  diffusion block, or one quadrant of the two streams, that its rule opens; ``annealed`` at
+  threshold ``2^24`` as ``full``); never when segment ids are given (segment masks are data) or
+  when the block holds padded keys.
 - otherwise masked: ``is_open`` on the tile (the hash costs three murmur finalisers, the first two
   of which are computed on the scalar / per-row vector only, thanks to broadcasting).
 
@@ -47,7 +55,8 @@ chip.
 Verified without a TPU: numerics in both interpreters (``interpret=True`` and
 ``pltpu.InterpretParams``); that every kernel lowers to Mosaic (``jax.export`` for platform
 ``tpu``); and that libtpu compiles them, forward and backward under ``shard_map``, for v5e and
-v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128). The hash's
+v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128, the
+two-stream block pattern). The hash's
 uint32 arithmetic lowers to plain signless i32 ``muli/xori/shrui`` and a signed compare, so
 ``pattern_hash`` needed no int32 rewrite. Not verified: the speed on a chip.
 
@@ -74,7 +83,8 @@ from diffujax.attention.config import TpuBlockSizes as BlockSizes
 from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
 from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
                                              row_sums)
-from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
+from diffujax.attention.pattern import AttentionPattern, is_open
+from diffujax.attention.tiles import TileRule, tile_runs, tile_to_load
 
 LANES = 128
 
@@ -124,10 +134,16 @@ class _Cfg:
     groups: int       # query heads per K/V head
     interpret: Any
     vmem_limit_bytes: int | None
+    block_size: int = 0  # the pattern's static block structure (pattern.py)
+    stream_len: int = 0
 
     @property
     def padded(self) -> bool:
         return self.padded_len != self.seq_len
+
+    @property
+    def rule(self) -> TileRule:
+        return TileRule(self.kind, self.block_size, self.stream_len, self.seq_len)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -164,48 +180,30 @@ def _lanes(x, n: int):
 
 def _block_status(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """``(run, needs_mask)`` for q block ``i`` x kv block ``j``: traced scalar booleans."""
-    q_lo = i * bq
-    q_hi = q_lo + (bq - 1)
-    k_lo = j * bkv
-    k_hi = k_lo + (bkv - 1)
-    true = jnp.bool_(True)
-    run = (k_lo < cfg.seq_len) if cfg.padded else true
-    mask = (k_hi >= cfg.seq_len) if cfg.padded else jnp.bool_(False)
-    if cfg.kind == "causal":
-        run = run & (k_lo <= q_hi)
-        mask = mask | (k_hi > q_lo)
-    elif cfg.kind == "annealed":
-        run = run & ((k_lo <= q_hi) | (thr > 0))
-        mask = mask | ((k_hi > q_lo) & (thr < FULL_THRESHOLD))
+    rule = cfg.rule
+    q_lo, k_lo = i * bq, j * bkv
+    run = tile_runs(rule.key_spans(thr, q_lo, q_lo + (bq - 1)), j, bkv)
     if cfg.segmented:
-        mask = true
-    return run, mask
+        return run, jnp.bool_(True)
+    open_ = rule.fully_open(thr, q_lo, q_lo + (bq - 1), k_lo, k_lo + (bkv - 1))
+    return run, jnp.logical_not(open_)
 
 
 def _kv_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """The kv block to DMA for grid point (i, j): skipped blocks re-point at a needed one."""
-    last = (cfg.seq_len - 1) // bkv
-    if cfg.kind in ("causal", "annealed"):
-        diag = jnp.minimum(_div((i + 1) * bq - 1, bkv), last)
-        if cfg.kind == "causal":
-            last = diag
-        else:
-            last = jnp.where(thr > 0, last, diag)
-    return jnp.minimum(j, last)
+    q_lo = i * bq
+    return tile_to_load(cfg.rule.key_spans(thr, q_lo, q_lo + (bq - 1)), j, bkv)
 
 
 def _q_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     """The q block to DMA for grid point (kv block j, q block i) of the dk/dv kernel."""
-    if cfg.kind in ("causal", "annealed"):
-        first = _div(j * bkv, bq)
-        if cfg.kind == "annealed":
-            first = jnp.where(thr > 0, 0, first)
-        return jnp.maximum(i, first)
-    return i
+    k_lo = j * bkv
+    return tile_to_load(cfg.rule.query_spans(thr, k_lo, k_lo + (bkv - 1)), i, bq)
 
 
 def _allowed(cfg: _Cfg, s_ref, q_idx, k_idx, q_seg, k_seg):
-    ok = is_open(pattern_from_scalars(cfg.kind, s_ref), q_idx, k_idx, q_seg, k_seg)
+    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
+    ok = is_open(pattern, q_idx, k_idx, q_seg, k_seg)
     if cfg.padded:
         ok = ok & (k_idx < cfg.seq_len)
     return ok
@@ -519,16 +517,19 @@ _flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None
 
 def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, groups: int,
                   block_sizes: BlockSizes, *, scale: float | None = None,
-                  interpret: Any = False) -> _Cfg:
+                  interpret: Any = False, block_size: int = 0, stream_len: int = 0) -> _Cfg:
     """The static configuration of the three kernels for one call shape (also what
-    ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one)."""
+    ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one).
+    ``block_size`` / ``stream_len``: the pattern's blocks (``AttentionPattern``)."""
     bq_b, bkv_b = block_sizes.bwd()
     lp, (bq, bkv, bq_b, bkv_b) = _layout(
         seq_len, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
+    TileRule(kind, block_size, stream_len, seq_len)  # refuses a two-stream length mismatch
     return _Cfg(kind=kind, segmented=segmented, seq_len=seq_len, padded_len=lp, bq=bq, bkv=bkv,
                 bq_bwd=bq_b, bkv_bwd=bkv_b,
                 scale=float(head_dim ** -0.5 if scale is None else scale), groups=groups,
-                interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes)
+                interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
+                block_size=block_size, stream_len=stream_len)
 
 
 def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
@@ -550,7 +551,8 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     if block_sizes is None:
         block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
     cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // kvh,
-                        block_sizes, scale=scale, interpret=interpret)
+                        block_sizes, scale=scale, interpret=interpret,
+                        block_size=pattern.block_size, stream_len=pattern.stream_len)
     lp = cfg.padded_len
 
     def prep(x):

@@ -34,6 +34,30 @@ def segment_ids(batch: int, length: int) -> jax.Array:
     return jnp.asarray(np.array(rows, np.int32))
 
 
+def two_stream_segment_ids(batch: int, stream_len: int) -> jax.Array:
+    """Segment ids of a two-stream ``[x_t ; x_0]`` input: a row's ids, twice."""
+    seg = segment_ids(batch, stream_len)
+    return jnp.concatenate([seg, seg], axis=1)
+
+
+# Block-diffusion patterns of the kernel tests (name, kind, block_size, stream_len, segmented):
+# one stream in blocks, and two streams of 20 (length 40) with blocks that divide the stream (5)
+# and blocks that do not (6, 8).
+BLOCKED_CASES = [("blocks6-full-seg", "full", 6, 0, True),
+                 ("blocks6-annealed", "annealed_r0.3", 6, 0, False),
+                 ("two-stream-b5-causal", "causal", 5, 20, False),
+                 ("two-stream-b8-full-seg", "full", 8, 20, True),
+                 ("two-stream-b6-annealed-seg", "annealed_r0.3", 6, 20, True)]
+
+
+def blocked_pattern(case, batch: int, length: int) -> P.AttentionPattern:
+    _, name, block, stream, segmented = case
+    seg = None
+    if segmented:
+        seg = two_stream_segment_ids(batch, stream) if stream else segment_ids(batch, length)
+    return make_pattern(name, seg).with_blocks(block, stream)
+
+
 def make_inputs(batch, length, heads, kv_heads, dim, dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)  # numpy: no compilation per shape
     shapes = [(batch, length, heads, dim), (batch, length, kv_heads, dim),

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_testlib import (check_against_reference, make_inputs, make_pattern, mask_reader,
-                          segment_ids)
+from attn_testlib import (BLOCKED_CASES, blocked_pattern, check_against_reference, make_inputs,
+                          make_pattern, mask_reader, segment_ids)
 from diffujax.attention import gpu, pattern as P
 
 SMALL = gpu.BlockSizes(16, 16, 8, 16)
@@ -25,6 +25,13 @@ def test_matches_reference_padded_gqa(name, segmented):
     q, k, v, do = make_inputs(b, length, 6, 2, 16)
     pattern = make_pattern(name, segment_ids(b, length) if segmented else None)
     check_against_reference(kernel(), pattern, q, k, v, do)
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES[::2], ids=[c[0] for c in BLOCKED_CASES[::2]])
+def test_block_diffusion_patterns_match_reference(case):
+    b, length = 2, 40  # two streams of 20, padded to 48
+    q, k, v, do = make_inputs(b, length, 6, 2, 16, seed=6)
+    check_against_reference(kernel(), blocked_pattern(case, b, length), q, k, v, do)
 
 
 def test_exact_multiple_other_blocks():
@@ -54,5 +61,8 @@ def test_cudnn_refuses_what_it_cannot_do():
         gpu.cudnn_attention(q, k, v, P.annealed(0, 0, 0.5))
     with pytest.raises(ValueError):
         gpu.cudnn_attention(q, k, v, P.causal(jnp.zeros((1, 16), jnp.int32)))
+    with pytest.raises(ValueError, match="blocks"):
+        gpu.cudnn_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                            v.astype(jnp.bfloat16), P.full().with_blocks(4, 8))
     with pytest.raises(ValueError, match="bf16"):
         gpu.cudnn_attention(q, k, v, P.causal())

@@ -28,7 +28,10 @@ def _export(fn, platform, pattern, **kw):
 
 
 PATTERNS = {"causal": P.causal(), "annealed_segments": P.annealed(
-    1, 2, 0.3, jnp.zeros((B, L), jnp.int32))}
+    1, 2, 0.3, jnp.zeros((B, L), jnp.int32)),
+    # block diffusion: two streams of 500, blocks of 96 (dividing neither streams nor tiles)
+    "two_stream_annealed_segments": P.annealed(1, 2, 0.3, jnp.zeros((B, L), jnp.int32)
+                                               ).with_blocks(96, L // 2)}
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -37,9 +40,10 @@ def test_tpu_kernels_lower_to_mosaic(name):
     assert _export(fn, "tpu", PATTERNS[name]).count("tpu_custom_call") == 3  # fwd, dq, dkv
 
 
-def test_gpu_kernels_lower_to_triton():
+@pytest.mark.parametrize("name", ["annealed_segments", "two_stream_annealed_segments"])
+def test_gpu_kernels_lower_to_triton(name):
     fn = _grad_fn(gpu.flash_attention, block_sizes=gpu.BlockSizes(64, 64, 32, 64))
     triton = "__gpu$xla.gpu.triton"
-    text = _export(fn, "cuda", PATTERNS["annealed_segments"],
+    text = _export(fn, "cuda", PATTERNS[name],
                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])
     assert text.count(triton) == 3

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as PS
 
-from attn_testlib import make_inputs, make_pattern, out_and_grads, segment_ids
+from attn_testlib import (make_inputs, make_pattern, out_and_grads, segment_ids,
+                          two_stream_segment_ids)
 from diffujax.attention import AttentionConfig, TpuBlockSizes, attention, reference_attention
 from diffujax.attention.sharded import kernel_layout
 from diffujax.parallel.logical import axis_rules
@@ -48,6 +49,16 @@ def test_pallas_tpu_under_shard_map(kv_heads):
     assert "shard_map" in text or "sdy.manual_computation" in text
 
 
+def test_pallas_tpu_two_stream_blocks_under_shard_map():
+    # The static block fields and the scalars both survive the map's rebuild of the pattern.
+    mesh = _mesh(2, 2, 2)
+    b, stream = 4, 20
+    q, k, v, do = make_inputs(b, 2 * stream, 4, 2, 8, seed=11)
+    pattern = make_pattern("annealed_r0.3", two_stream_segment_ids(b, stream)).with_blocks(6, stream)
+    config = AttentionConfig(backend="pallas_tpu", interpret=True, tpu_block_sizes=SMALL)
+    _sharded_vs_reference(mesh, config, pattern, q, k, v, do)
+
+
 def test_replicated_when_nothing_divides():
     # Batch 3 on data x fsdp = 4 and 3 heads on tensor = 2: every device computes the whole call;
     # the gradients must not be summed over the replicas.
@@ -71,6 +82,15 @@ def test_splash_multi_head_form_under_shard_map():
     config = AttentionConfig(backend="splash", interpret=True, splash_block=128)
     _sharded_vs_reference(mesh, config, make_pattern("causal", segment_ids(b, length)),
                           q, k, v, do)
+
+
+def test_splash_two_stream_blocks_under_shard_map():
+    mesh = _mesh(2, 1, 2)
+    b, stream = 2, 128
+    q, k, v, do = make_inputs(b, 2 * stream, 4, 2, 16, seed=12)
+    pattern = make_pattern("full", two_stream_segment_ids(b, stream)).with_blocks(48, stream)
+    config = AttentionConfig(backend="splash", interpret=True, splash_block=128)
+    _sharded_vs_reference(mesh, config, pattern, q, k, v, do)
 
 
 def test_pallas_gpu_under_shard_map():

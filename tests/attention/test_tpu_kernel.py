@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attn_testlib import (PATTERN_NAMES, check_against_reference, make_inputs, make_pattern,
-                          mask_reader, segment_ids)
+from attn_testlib import (BLOCKED_CASES, PATTERN_NAMES, blocked_pattern, check_against_reference,
+                          make_inputs, make_pattern, mask_reader, segment_ids)
 from diffujax.attention import AttentionConfig, attention, pattern as P
 from diffujax.attention import tpu
 from diffujax.attention.reference import reference_attention
@@ -29,6 +29,30 @@ def test_matches_reference_padded_gqa(name, segmented):
     q, k, v, do = make_inputs(b, length, 4, 2, 16)
     pattern = make_pattern(name, segment_ids(b, length) if segmented else None)
     check_against_reference(kernel(), pattern, q, k, v, do)
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=[c[0] for c in BLOCKED_CASES])
+def test_block_diffusion_patterns_match_reference(case):
+    # Length 40 (two streams of 20), padded to 48; tiles of 16 (backward 16 x 8) straddle the
+    # blocks and the boundary between the streams.
+    b, length = 2, 40
+    q, k, v, do = make_inputs(b, length, 4, 2, 16, seed=6)
+    check_against_reference(kernel(), blocked_pattern(case, b, length), q, k, v, do)
+
+
+def test_block_diffusion_masks_in_kernel_are_the_dense_masks():
+    read = mask_reader(kernel(tpu.BlockSizes(8, 16, 16, 8)))
+    for name, block, stream in [("causal", 6, 24), ("full", 16, 24), ("annealed_r0.5", 6, 24),
+                                ("full", 5, 0)]:
+        pattern = make_pattern(name).with_blocks(block, stream)
+        np.testing.assert_array_equal(read(pattern, 48)[0], np.asarray(P.dense_mask(pattern, 48)),
+                                      err_msg=f"{name} {block} {stream}")
+
+
+def test_two_stream_length_is_checked():
+    q, k, v, _ = make_inputs(1, 40, 2, 1, 8)
+    with pytest.raises(ValueError, match="needs length 48, got 40"):
+        tpu.flash_attention(q, k, v, P.full().with_blocks(8, 24), interpret=True)
 
 
 @pytest.mark.parametrize("blocks", [tpu.BlockSizes(16, 16, 16, 16), tpu.BlockSizes(32, 16, 8, 32),

@@ -4,7 +4,10 @@ the per-chip default block sizes. Each case is forward + backward (``jax.value_a
 
 Cases cover every value at least once, not the cross product: patterns causal / full / annealed,
 with and without segment ids, MHA / GQA / MQA (K/V repeated up to the tensor axis), L = 2048 and
-8192, head_dim 64 and 128, both chips; splash for causal and full.
+8192, head_dim 64 and 128, both chips; splash for causal and full. Block diffusion: the
+two-stream ``[x_t ; x_0]`` pattern (docs/algorithms.md §9), annealed inside blocks on the Pallas
+kernel (blocks of 96, which divide neither the stream nor the tiles) and full inside blocks on
+splash (its in-kernel ``BlockMask``), both picked by ``auto``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ CASES = {
     "v5p-pallas-full-seg-mha-L2048-D64": ("v5p", "pallas_tpu", "full", True, 8, 2048, 64),
     "v5e-splash-causal-gqa-L2048-D128": ("v5e", "auto", "causal", False, 2, 2048, 128),
     "v5p-splash-full-seg-mha-L2048-D128": ("v5p", "splash", "full", True, 8, 2048, 128),
+    "v5p-pallas-two-stream-annealed-seg-gqa-L4096-D128": ("v5p", "auto", "annealed", True, 2, 4096,
+                                                          128),
+    "v5e-splash-two-stream-full-seg-mha-L2048-D128": ("v5e", "auto", "full", True, 8, 2048, 128),
 }
+# case -> (block_size, stream_len) of its block-diffusion pattern
+BLOCKS = {"v5p-pallas-two-stream-annealed-seg-gqa-L4096-D128": (96, 2048),
+          "v5e-splash-two-stream-full-seg-mha-L2048-D128": (32, 1024)}
 
 
-def _abstract_inputs(m, kind, segments, kv_heads, length, dim):
+def _abstract_inputs(m, kind, segments, kv_heads, length, dim, blocks=(0, 0)):
     sd = jax.ShapeDtypeStruct
     heads = NamedSharding(m, P(("data", "fsdp"), None, "tensor", None))
     batch = NamedSharding(m, P(("data", "fsdp")))
@@ -43,7 +52,7 @@ def _abstract_inputs(m, kind, segments, kv_heads, length, dim):
     k = sd((BATCH, length, kv_heads, dim), jnp.bfloat16, sharding=kv_sharding)
     scalar = sd((), jnp.int32)
     seg = sd((BATCH, length), jnp.int32, sharding=batch) if segments else None
-    pattern = AttentionPattern(kind, scalar, scalar, scalar, seg)
+    pattern = AttentionPattern(kind, scalar, scalar, scalar, seg).with_blocks(*blocks)
     return q, k, k, pattern
 
 
@@ -59,7 +68,7 @@ def _compile_fwd_bwd(m, config, args):
 def test_kernel_compiles_sharded(case):
     chip, backend, kind, segments, kv_heads, length, dim = CASES[case]
     m = mesh(chip)
-    args = _abstract_inputs(m, kind, segments, kv_heads, length, dim)
+    args = _abstract_inputs(m, kind, segments, kv_heads, length, dim, BLOCKS.get(case, (0, 0)))
     config = AttentionConfig(backend=backend)
     with jax.set_mesh(m):
         chosen = resolve_backend(args[0], args[1], args[3], config)
@@ -91,11 +100,17 @@ def test_auto_backend_and_block_sizes_follow_the_mesh():
     sd = jax.ShapeDtypeStruct
     q = sd((BATCH, 2048, HEADS, 128), jnp.bfloat16)
     causal, annealed = AttentionPattern("causal"), AttentionPattern("annealed")
+    blocks = AttentionPattern("full").with_blocks(32, 1024)
+    odd = sd((BATCH, 2 * 1000, HEADS, 128), jnp.bfloat16)
     for chip, kind in (("v5e", "TPU v5 lite"), ("v5p", "TPU v5")):
         with jax.set_mesh(mesh(chip)):
             assert target_device() == ("tpu", kind)
             assert resolve_backend(q, q, causal) == "splash"
             assert resolve_backend(q, q, annealed) == "pallas_tpu"
+            # Block diffusion: splash has a static mask for causal/full inside blocks only.
+            assert resolve_backend(q, q, blocks) == "splash"
+            assert resolve_backend(q, q, annealed.with_blocks(32, 1024)) == "pallas_tpu"
+            assert resolve_backend(odd, odd, blocks.with_blocks(32, 1000)) == "pallas_tpu"
     assert target_device()[0] == "cpu"
     assert resolve_backend(q, q, causal) == "xla"
 
