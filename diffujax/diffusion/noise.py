@@ -22,7 +22,9 @@ DEFAULT_EPS = 1e-3
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NoisedBatch:
-    t: jax.Array  # [B] float32, the time of each sequence, in [eps, 1)
+    # [B] float32, the time of each sequence, in [eps, 1); or [B, L], the time of each position
+    # (block diffusion, docs/algorithms.md §9: every position carries its block's time)
+    t: jax.Array
     noise: jax.Array  # [B, L] bool, True where the token was replaced by the mask token
     x_t: jax.Array  # [B, L] the noised tokens
 
@@ -54,11 +56,11 @@ def sample_t(key, batch_size: int, *, eps: float = DEFAULT_EPS, stratified: bool
 
 def sample_noise_mask(key, t, seq_len: int, *, src=None, row_offset=0) -> jax.Array:
     """``noise[b, i] = (U[b, i] < t_b) & ~src[b, i]`` (docs/algorithms.md §2.2); ``t`` is
-    ``[B]``."""
+    ``[B]``, or ``[B, seq_len]`` for a time per position (``U`` is the same either way)."""
     t = jnp.asarray(t, jnp.float32)
     keys = row_keys(jax.random.fold_in(key, 1), t.shape[0], row_offset)
     u = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,), jnp.float32))(keys)
-    noise = u < t[:, None]
+    noise = u < (t[:, None] if t.ndim == 1 else t)
     if src is not None:
         noise = noise & ~jnp.asarray(src, bool)
     return noise
