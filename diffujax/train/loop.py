@@ -226,7 +226,7 @@ class _Run:
         if d.block_size != self._block_size:
             if self._block_size is not None or d.block_size:
                 what = f"blocks of {d.block_size}" if d.block_size else "the whole sequence"
-                self.logger.message(f"step {self.step}: block diffusion over {what}"
+                self.logger.message(f"step {self.step}: training on {what}"
                                      " (diffusion.block_size / block_schedule)")
             self._block_size = d.block_size
         key = (d.block_size, d.anneal_steps)

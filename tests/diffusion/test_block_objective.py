@@ -29,18 +29,27 @@ GPT2 = GPT2Config(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_k
                   intermediate_size=64, max_positions=32, mask_token_id=M)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def model(request):
-    config = LLAMA if request.param == "llama" else GPT2
-    return config, init_params(config, seed=3)
+_APPLY = {}
 
 
-def _numpy_block_mask(end: int, n: int, segments=None) -> np.ndarray:
-    """``[end, end]`` (or ``[B, end, end]``): key in an earlier block, or in the query's block."""
-    q, k = np.arange(end)[:, None] // n, np.arange(end)[None, :] // n
+def apply_for(config):
+    """The model's forward pass, jitted once per config (the tests call it at many shapes)."""
+    if config not in _APPLY:
+        _APPLY[config] = jax.jit(apply_fn_for(config))
+    return _APPLY[config]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return {"llama": init_params(LLAMA, seed=3), "gpt2": init_params(GPT2, seed=3)}
+
+
+def _numpy_block_mask(length: int, n: int, segments=None) -> np.ndarray:
+    """``[L, L]`` (or ``[B, L, L]``): key in an earlier block, or in the query's block."""
+    q, k = np.arange(length)[:, None] // n, np.arange(length)[None, :] // n
     mask = k <= q
     if segments is not None:
-        seg = np.asarray(segments)[:, :end]
+        seg = np.asarray(segments)
         mask = mask[None] & (seg[:, :, None] == seg[:, None, :])
     return mask
 
@@ -48,34 +57,44 @@ def _numpy_block_mask(end: int, n: int, segments=None) -> np.ndarray:
 def _run_with_mask(config, params, tokens, n, segments=None):
     """The model on ``tokens`` under the numpy block mask: run through the pattern whose dense
     mask it is (checked equal to the numpy mask first, so the reference rests on numpy)."""
-    end = tokens.shape[1]
-    pattern = full(None if segments is None else jnp.asarray(segments[:, :end])).with_blocks(n)
-    np.testing.assert_array_equal(np.asarray(dense_mask(pattern, end)),
-                                  _numpy_block_mask(end, n, segments))
-    return np.asarray(apply_fn_for(config)(params, jnp.asarray(tokens), pattern), np.float64)
+    pattern = full(None if segments is None else jnp.asarray(segments)).with_blocks(n)
+    np.testing.assert_array_equal(np.asarray(dense_mask(pattern, tokens.shape[1])),
+                                  _numpy_block_mask(tokens.shape[1], n, segments))
+    return np.asarray(apply_for(config)(params, jnp.asarray(tokens), pattern), np.float64)
 
 
 def reference_block_terms(config, params, x, noise, t, n, src=None, loss_mask=None,
                           segments=None):
     """Per row: weighted (sum of ce / t over noised targets), unweighted, noised and target
-    counts, the block NELBO from its definition, one block at a time."""
+    counts, the block NELBO from its definition, one block at a time.
+
+    Block ``b`` (positions ``start..end-1``) is the run on ``[x_0 before start, x_t of the
+    block]``; the positions after ``end`` are filled with the clean tokens only so that every
+    block's run has one shape (one compile, one batched call): the mask hides later blocks
+    from every position ``< end``, so the filler changes no logit that is read.
+    """
     x, noise, t = np.asarray(x), np.asarray(noise), np.asarray(t, np.float64)
     rows, length = x.shape
     src = np.zeros_like(noise) if src is None else np.asarray(src)
     loss_mask = np.ones_like(noise) if loss_mask is None else np.asarray(loss_mask)
     x_t = np.where(noise, M, x)
-    out = {k: np.zeros(rows) for k in ("weighted", "unweighted", "noised", "targets")}
-    for start in range(0, length, n):
+    starts = list(range(0, length, n))
+    inputs = []
+    for start in starts:
         end = min(start + n, length)
-        tokens = np.concatenate([x[:, :start], x_t[:, start:end]], axis=1)
-        logits = _run_with_mask(config, params, tokens, n, segments)
+        inputs.append(np.concatenate([x[:, :start], x_t[:, start:end], x[:, end:]], axis=1))
+    seg = None if segments is None else np.concatenate([segments] * len(starts))
+    logits = _run_with_mask(config, params, np.concatenate(inputs), n, seg)
+    logits = logits.reshape(len(starts), rows, length, -1)
+    out = {k: np.zeros(rows) for k in ("weighted", "unweighted", "noised", "targets")}
+    for blk, start in enumerate(starts):
         for b in range(rows):
-            for j in range(max(start, 1), end):
+            for j in range(max(start, 1), min(start + n, length)):
                 if src[b, j] or not loss_mask[b, j]:
                     continue
                 out["targets"][b] += 1
                 if noise[b, j]:
-                    row = logits[b, j - 1]
+                    row = logits[blk, b, j - 1]
                     ce = np.log(np.exp(row - row.max()).sum()) + row.max() - row[x[b, j]]
                     out["weighted"][b] += ce / t[b, j]
                     out["unweighted"][b] += ce
@@ -109,28 +128,46 @@ def _case(length, *, segments=False, prompt=False, padding=False, rows=3, seed=0
     return x, seg, src, loss_mask
 
 
-CASES = [  # (length, block size, case options, normalisation)
-    (12, 4, {}, "masked"),
-    (13, 5, dict(segments=True), "tokens"),
-    (14, 4, dict(prompt=True, padding=True), "sequence"),
-    (11, 3, dict(prompt=True, segments=True), "masked"),
-    (9, 1, {}, "tokens"),
+CASES = [  # (family, length, block size, case options, normalisation)
+    ("llama", 12, 4, {}, "masked"),
+    ("llama", 13, 5, dict(segments=True), "tokens"),
+    ("llama", 14, 4, dict(prompt=True, padding=True), "sequence"),
+    ("llama", 11, 3, dict(prompt=True, segments=True), "masked"),
+    ("llama", 9, 1, {}, "tokens"),
+    ("gpt2", 13, 5, dict(prompt=True, segments=True), "tokens"),  # learned positions
 ]
 
 
-@pytest.mark.parametrize("length, n, options, normalization", CASES,
-                         ids=[f"L{c[0]}-N{c[1]}-{'-'.join(c[2]) or 'plain'}" for c in CASES])
-def test_block_loss_equals_the_per_block_reference(model, length, n, options, normalization):
-    config, params = model
+def _maybe(x):
+    return None if x is None else jnp.asarray(x)
+
+
+def block_loss(config, params, x, key, *, segments=None, src=None, loss_mask=None, **static):
+    """``block_diffusion_loss_sums`` under jit (one compile instead of many eager ops)."""
+    fn = jax.jit(lambda p, x, k, seg, src, lm: block_diffusion_loss_sums(
+        apply_fn_for(config), p, x, k, mask_token_id=M, pattern=full(seg), src=src,
+        loss_mask=lm, **static))
+    return fn(params, jnp.asarray(x), key, _maybe(segments), _maybe(src), _maybe(loss_mask))
+
+
+def draws(x, key, *, src=None, **static):
+    """``block_forward_process`` under jit: the draws the objective makes with ``key``."""
+    fn = jax.jit(lambda x, k, src: block_forward_process(k, x, mask_token_id=M, src=src,
+                                                         **static))
+    return fn(jnp.asarray(x), key, _maybe(src))
+
+
+@pytest.mark.parametrize("family, length, n, options, normalization", CASES,
+                         ids=[f"{c[0]}-L{c[1]}-N{c[2]}-{'-'.join(c[3]) or 'plain'}"
+                              for c in CASES])
+def test_block_loss_equals_the_per_block_reference(params, family, length, n, options,
+                                                   normalization):
+    config, params = (LLAMA if family == "llama" else GPT2), params[family]
     x, seg, src, loss_mask = _case(length, **options)
     key = jax.random.key(11)
-    kwargs = dict(block_size=n, mask_token_id=M, src=None if src is None else jnp.asarray(src))
-    sums = block_diffusion_loss_sums(
-        apply_fn_for(config), params, jnp.asarray(x), key,
-        pattern=full(None if seg is None else jnp.asarray(seg)),
-        loss_mask=None if loss_mask is None else jnp.asarray(loss_mask),
-        normalization=normalization, **kwargs)
-    noised = block_forward_process(key, jnp.asarray(x), **kwargs)
+    sums = block_loss(config, params, x, key, segments=seg, src=src, loss_mask=loss_mask,
+                      block_size=n, normalization=normalization)
+    noised = draws(x, key, src=src, block_size=n)
     ref = reference_block_terms(config, params, x, noised.noise, noised.t, n, src, loss_mask,
                                 seg)
     assert ref["noised"].sum() > 0
@@ -186,13 +223,12 @@ def test_stratified_block_times_cover_the_unit_interval_per_block():
     np.testing.assert_allclose(np.asarray(part), t[5:], rtol=1e-6)
 
 
-def test_complementary_views_cover_every_non_src_target_exactly_once(model):
-    config, params = model
+def test_complementary_views_cover_every_non_src_target_exactly_once(params):
+    config, params = LLAMA, params["llama"]
     length, n = 14, 4
     x, seg, src, loss_mask = _case(length, prompt=True, padding=True)
     key = jax.random.key(8)
-    kwargs = dict(block_size=n, mask_token_id=M, src=jnp.asarray(src), complementary=True)
-    views = block_forward_process(key, jnp.asarray(x), **kwargs)
+    views = draws(x, key, src=src, block_size=n, complementary=True)
     rows = x.shape[0]
     first, second = np.asarray(views.noise[:rows]), np.asarray(views.noise[rows:])
     np.testing.assert_array_equal(first ^ second, ~src)  # exactly one view, src in neither
@@ -200,9 +236,8 @@ def test_complementary_views_cover_every_non_src_target_exactly_once(model):
     t = np.asarray(views.t)
     np.testing.assert_allclose(t[rows:], 1.0 - t[:rows], rtol=1e-6)
     assert (t >= 1e-3 - 1e-7).all() and (t <= 1 - 1e-3 + 1e-7).all()  # both views' 1/t <= 1000
-    sums = block_diffusion_loss_sums(apply_fn_for(config), params, jnp.asarray(x), key,
-                                     pattern=full(), loss_mask=jnp.asarray(loss_mask),
-                                     normalization="tokens", **kwargs)
+    sums = block_loss(config, params, x, key, src=src, loss_mask=loss_mask, block_size=n,
+                      complementary=True, normalization="tokens")
     both = np.concatenate([x, x])
     ref = reference_block_terms(config, params, both, views.noise, t, n,
                                 np.concatenate([src, src]), np.concatenate([loss_mask] * 2))
@@ -211,47 +246,44 @@ def test_complementary_views_cover_every_non_src_target_exactly_once(model):
     np.testing.assert_allclose(float(sums.loss), normalised(ref, "tokens"), rtol=2e-5)
 
 
-def test_block_size_zero_is_one_block_over_the_whole_sequence():
+def test_block_size_zero_is_one_block_over_the_whole_sequence(params):
     """N = 0 (and N >= L): the single-stream pass under the given pattern, one t per row."""
-    config, params = LLAMA, init_params(LLAMA, seed=3)
+    config, params = LLAMA, params["llama"]
     x = jnp.asarray(_case(10)[0])
     key = jax.random.key(4)
     assert effective_block_size(10, 10) == effective_block_size(0, 10) == 0
     assert effective_block_size(9, 10) == 9
-    sums = block_diffusion_loss_sums(apply_fn_for(config), params, x, key, block_size=0,
+    sums = block_diffusion_loss_sums(apply_for(config), params, x, key, block_size=0,
                                      mask_token_id=M, pattern=full(), normalization="tokens")
     noised = block_forward_process(key, x, block_size=0, mask_token_id=M)
     assert (np.asarray(noised.t) == np.asarray(noised.t)[:, :1]).all()
-    logits = apply_fn_for(config)(params, noised.x_t, full())
+    logits = apply_for(config)(params, noised.x_t, full())
     expected = loss_sums_from_logits(logits, x, dataclasses.replace(noised, t=noised.t[:, 0]),
                                      normalization="tokens")
     np.testing.assert_allclose(float(sums.loss), float(expected.loss), rtol=1e-6)
 
 
-def test_micro_batches_add_up_to_the_batch():
-    config, params = LLAMA, init_params(LLAMA, seed=3)
+def test_micro_batches_add_up_to_the_batch(params):
+    config, params = LLAMA, params["llama"]
     x, seg, src, _ = _case(12, segments=True, prompt=True, rows=4)
-    args = dict(block_size=5, mask_token_id=M, normalization="masked", stratified=True,
-                complementary=True)
 
     def sums(lo, hi):
-        return block_diffusion_loss_sums(apply_fn_for(config), params, jnp.asarray(x[lo:hi]),
-                                         jax.random.key(1), pattern=full(jnp.asarray(seg[lo:hi])),
-                                         src=jnp.asarray(src[lo:hi]), row_offset=lo,
-                                         global_batch=4, **args)
+        return block_loss(config, params, x[lo:hi], jax.random.key(1), segments=seg[lo:hi],
+                          src=src[lo:hi], row_offset=lo, global_batch=4, block_size=5,
+                          normalization="masked", stratified=True, complementary=True)
 
     whole, halves = sums(0, 4), sums(0, 2) + sums(2, 4)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(halves)):
         np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
 
 
-def test_block_elbo_terms_are_the_per_block_nelbo():
+def test_block_elbo_terms_are_the_per_block_nelbo(params):
     """``elbo_terms`` with a block size: position 0 conditioned on, the per-row block NELBO of
     its draws (stratified t per block), equal to the reference on those draws."""
-    config, params = LLAMA, init_params(LLAMA, seed=3)
+    config, params = LLAMA, params["llama"]
     x, _, src, loss_mask = _case(13, prompt=True, padding=True, rows=4)
     key = jax.random.key(9)
-    nelbo, targets = elbo_terms(apply_fn_for(config), params, jnp.asarray(x), key,
+    nelbo, targets = elbo_terms(apply_for(config), params, jnp.asarray(x), key,
                                 mask_token_id=M, src=jnp.asarray(src),
                                 loss_mask=jnp.asarray(loss_mask), block_size=4)
     conditioned = src.copy()
