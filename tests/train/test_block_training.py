@@ -48,7 +48,7 @@ def test_the_schedule_says_which_block_size_each_step_runs():
     # warmup-stable-decay: blocks of 8, then the whole sequence, then blocks of 8 again
     cfg = load_config(TINY, ["diffusion.block_size=32", "diffusion.anneal_steps=4",
                              "diffusion.block_schedule=[[2, 8], [5, 128], [7, 8]]",
-                             "train.steps=9"])
+                             "train.steps=9", "optimizer.warmup_steps=1"])
     sizes = [cfg.block_size_at(step) for step in range(9)]
     assert sizes == [32, 32, 8, 8, 8, 0, 0, 8, 8]  # 128 = data.seq_len: the whole sequence
     programs = [(c.diffusion.block_size, c.diffusion.anneal_steps, c.diffusion.block_schedule)
@@ -69,9 +69,9 @@ def test_a_scheduled_config_must_be_resolved_before_compiling():
         make_train_step(cfg, model_cfg, None, None)
 
 
-def _losses(cfg, steps):
-    """Losses of ``steps`` train steps on one fixed batch, each step run by the program the
-    training loop would pick for it."""
+def _train(cfg, steps):
+    """``steps`` train steps on one fixed batch, each run by the program the training loop would
+    pick for it: (initial params, final state, the programs compiled, the batch)."""
     from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.state import create_train_state
@@ -80,32 +80,47 @@ def _losses(cfg, steps):
     model_cfg = cfg.resolve_model_config()
     apply_fn = apply_fn_for(model_cfg)
     state = create_train_state(cfg, model_cfg, mesh, rules)
+    initial = jax.tree.map(np.asarray, state.params)
     batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
-    compiled, losses = {}, []
+    compiled = {}
     for step in range(steps):
         run_cfg = step_config(cfg, step)
         key = (run_cfg.diffusion.block_size, run_cfg.diffusion.anneal_steps)
         if key not in compiled:
             compiled[key] = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
         state, metrics = compiled[key](state, batch)
-        assert not int(metrics["skipped"])
-        losses.append(float(metrics["loss"]))
-    return losses, sorted(compiled)
+        assert not int(metrics["skipped"]) and np.isfinite(float(metrics["loss"]))
+    return initial, state, sorted(compiled), batch
 
 
 def test_a_block_train_step_learns():
     """Blocks of 4 of 16 with complementary masking and the annealing ramp inside the blocks:
-    the loss on a fixed batch falls."""
+    the block NELBO of the training batch, on fixed draws, falls."""
+    from diffujax.attention.pattern import full
+    from diffujax.diffusion.blocks import block_diffusion_loss_sums
+    from diffujax.models import apply_fn_for
+
     cfg = W.make_config("llama", diffusion__block_size=4, diffusion__complementary_mask=True,
-                        diffusion__normalization="tokens")
-    losses, programs = _losses(cfg, 10)
+                        diffusion__normalization="tokens", train__steps=20)
+    initial, state, programs, batch = _train(cfg, 20)
     assert programs == [(4, 0), (4, 4)]  # annealed for steps 0..2, then the full pattern
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    model_cfg = cfg.resolve_model_config()
+
+    @jax.jit
+    def nelbo(params):  # eight fixed draws of the block NELBO per token
+        losses = [block_diffusion_loss_sums(
+            apply_fn_for(model_cfg), params, batch["tokens"], jax.random.key(draw), block_size=4,
+            mask_token_id=3, pattern=full(), normalization="tokens").loss for draw in range(8)]
+        return sum(losses) / 8
+
+    before, after = float(nelbo(initial)), float(nelbo(state.params))
+    assert after < 0.75 * before, (before, after)
 
 
 def test_the_loop_compiles_one_step_per_block_size_and_evaluates_the_block_bound(
         tmp_path, monkeypatch, capsys):
     import diffujax.train.loop as loop_module
+    import diffujax.train.step as step_module
     from diffujax.train.metrics import read_jsonl
 
     real = loop_module.make_train_step
@@ -116,10 +131,17 @@ def test_the_loop_compiles_one_step_per_block_size_and_evaluates_the_block_bound
         return real(run_cfg, model_cfg, *args)
 
     monkeypatch.setattr(loop_module, "make_train_step", spy)
+    real_elbo, scored_with = step_module.elbo_terms, []
+
+    def elbo_spy(*args, **kwargs):
+        scored_with.append(kwargs["block_size"])
+        return real_elbo(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "elbo_terms", elbo_spy)
     cfg = load_config(TINY, [
         f"output_dir={tmp_path}", "train.steps=4", "optimizer.warmup_steps=1",
         "diffusion.anneal_steps=0", "diffusion.block_schedule=[[0, 8], [2, 32], [3, 8]]",
-        "data.seq_len=32", "data.global_batch=4", "model.init.num_layers=1",
+        "data.seq_len=32", "data.global_batch=8", "model.init.num_layers=1",
         "logging.every_steps=1", "logging.eval_every=4", "logging.eval_batches=1",
         "logging.sample_every=0", "logging.tensorboard=false", "checkpoint.every_steps=100"])
     assert loop_module.train(cfg) == 0
@@ -129,9 +151,9 @@ def test_the_loop_compiles_one_step_per_block_size_and_evaluates_the_block_bound
     assert "step 0: training on blocks of 8" in err
     assert "step 2: training on the whole sequence" in err
     assert "step 3: training on blocks of 8" in err
-    records = read_jsonl(tmp_path / "metrics.jsonl")
-    evals = [r for r in records if "nelbo" in r]
-    assert len(evals) == 1 and np.isfinite(evals[0]["nelbo"]) and evals[0]["nelbo"] > 0
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl", kind="eval")
+    assert np.isfinite(record["nelbo"]) and record["nelbo"] > 0 and record["tokens"] == 8 * 31
+    assert scored_with == [8]  # the held-out bound is the block NELBO of the final block size
 
 
 def test_resuming_may_change_the_block_schedule():
