@@ -54,17 +54,18 @@ def _numpy_block_mask(length: int, n: int, segments=None) -> np.ndarray:
     return mask
 
 
-def _run_with_mask(config, params, tokens, n, segments=None):
+def _run_with_mask(config, params, tokens, n, segments=None, positions=None):
     """The model on ``tokens`` under the numpy block mask: run through the pattern whose dense
     mask it is (checked equal to the numpy mask first, so the reference rests on numpy)."""
     pattern = full(None if segments is None else jnp.asarray(segments)).with_blocks(n)
     np.testing.assert_array_equal(np.asarray(dense_mask(pattern, tokens.shape[1])),
                                   _numpy_block_mask(tokens.shape[1], n, segments))
-    return np.asarray(apply_for(config)(params, jnp.asarray(tokens), pattern), np.float64)
+    return np.asarray(apply_for(config)(params, jnp.asarray(tokens), pattern,
+                                        _maybe(positions)), np.float64)
 
 
 def reference_block_terms(config, params, x, noise, t, n, src=None, loss_mask=None,
-                          segments=None):
+                          segments=None, positions=None):
     """Per row: weighted (sum of ce / t over noised targets), unweighted, noised and target
     counts, the block NELBO from its definition, one block at a time.
 
@@ -84,7 +85,8 @@ def reference_block_terms(config, params, x, noise, t, n, src=None, loss_mask=No
         end = min(start + n, length)
         inputs.append(np.concatenate([x[:, :start], x_t[:, start:end], x[:, end:]], axis=1))
     seg = None if segments is None else np.concatenate([segments] * len(starts))
-    logits = _run_with_mask(config, params, np.concatenate(inputs), n, seg)
+    pos = None if positions is None else np.concatenate([positions] * len(starts))
+    logits = _run_with_mask(config, params, np.concatenate(inputs), n, seg, pos)
     logits = logits.reshape(len(starts), rows, length, -1)
     out = {k: np.zeros(rows) for k in ("weighted", "unweighted", "noised", "targets")}
     for blk, start in enumerate(starts):
@@ -109,6 +111,10 @@ def normalised(terms, normalization):
                 )[normalization]
 
 
+def _maybe(x):
+    return None if x is None else jnp.asarray(x)
+
+
 def _case(length, *, segments=False, prompt=False, padding=False, rows=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.integers(2, V, (rows, length)).astype(np.int32)
@@ -128,6 +134,15 @@ def _case(length, *, segments=False, prompt=False, padding=False, rows=3, seed=0
     return x, seg, src, loss_mask
 
 
+def _positions(segments):
+    """Packed documents' own positions: each segment counts from 0."""
+    seg = np.asarray(segments)
+    starts = np.concatenate([np.ones((len(seg), 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    index = np.arange(seg.shape[1])
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return (index - first).astype(np.int32)
+
+
 CASES = [  # (family, length, block size, case options, normalisation)
     ("llama", 12, 4, {}, "masked"),
     ("llama", 13, 5, dict(segments=True), "tokens"),
@@ -135,19 +150,18 @@ CASES = [  # (family, length, block size, case options, normalisation)
     ("llama", 11, 3, dict(prompt=True, segments=True), "masked"),
     ("llama", 9, 1, {}, "tokens"),
     ("gpt2", 13, 5, dict(prompt=True, segments=True), "tokens"),  # learned positions
+    ("llama", 14, 4, dict(segments=True, positions=True), "masked"),  # packed documents
 ]
 
 
-def _maybe(x):
-    return None if x is None else jnp.asarray(x)
-
-
-def block_loss(config, params, x, key, *, segments=None, src=None, loss_mask=None, **static):
+def block_loss(config, params, x, key, *, segments=None, src=None, loss_mask=None,
+               positions=None, **static):
     """``block_diffusion_loss_sums`` under jit (one compile instead of many eager ops)."""
-    fn = jax.jit(lambda p, x, k, seg, src, lm: block_diffusion_loss_sums(
+    fn = jax.jit(lambda p, x, k, seg, src, lm, pos: block_diffusion_loss_sums(
         apply_fn_for(config), p, x, k, mask_token_id=M, pattern=full(seg), src=src,
-        loss_mask=lm, **static))
-    return fn(params, jnp.asarray(x), key, _maybe(segments), _maybe(src), _maybe(loss_mask))
+        loss_mask=lm, positions=pos, **static))
+    return fn(params, jnp.asarray(x), key, _maybe(segments), _maybe(src), _maybe(loss_mask),
+              _maybe(positions))
 
 
 def draws(x, key, *, src=None, **static):
@@ -163,13 +177,16 @@ def draws(x, key, *, src=None, **static):
 def test_block_loss_equals_the_per_block_reference(params, family, length, n, options,
                                                    normalization):
     config, params = (LLAMA if family == "llama" else GPT2), params[family]
+    options = dict(options)
+    with_positions = options.pop("positions", False)
     x, seg, src, loss_mask = _case(length, **options)
+    pos = _positions(seg) if with_positions else None
     key = jax.random.key(11)
     sums = block_loss(config, params, x, key, segments=seg, src=src, loss_mask=loss_mask,
-                      block_size=n, normalization=normalization)
+                      positions=pos, block_size=n, normalization=normalization)
     noised = draws(x, key, src=src, block_size=n)
     ref = reference_block_terms(config, params, x, noised.noise, noised.t, n, src, loss_mask,
-                                seg)
+                                seg, pos)
     assert ref["noised"].sum() > 0
     np.testing.assert_allclose(float(sums.loss), normalised(ref, normalization), rtol=2e-5)
     np.testing.assert_allclose(float(sums.unweighted), ref["unweighted"].sum(), rtol=2e-5)
