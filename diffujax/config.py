@@ -683,6 +683,9 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
     for name, value in init.items():
         if name == "family":
             continue
+        if name == "block_size":  # what the run trains decides it
+            raise ConfigError(f"{_join(key, name)}: set diffusion.block_size instead (the model"
+                              " records the block size it is trained with)")
         if name not in allowed:
             raise ConfigError(_unknown(_join(key, name), name, allowed))
         out[name] = _coerce(hints[name], value, _join(key, name))

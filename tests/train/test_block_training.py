@@ -37,6 +37,7 @@ TINY = ROOT / "configs" / "tiny.yaml"  # data.seq_len 128
                                                      " 256 exceeds data.seq_len (128)"),
     ("diffusion.block_schedule=[8]", "diffusion.block_schedule[0]: expected a list, got int 8"),
     ("diffusion.complementary_mask=2", "diffusion.complementary_mask: expected a boolean"),
+    ("model.init.block_size=8", "model.init.block_size: set diffusion.block_size instead"),
 ])
 def test_bad_block_settings_are_named_in_one_line(override, message):
     with pytest.raises(ConfigError) as e:
