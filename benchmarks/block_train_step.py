@@ -9,8 +9,8 @@ Each variant runs diffujax's real ``make_train_step`` (what ``diffujax train`` r
 device, random weights, a random batch of ``--batch x --seq-len`` tokens: block size 0 is today's
 full-sequence recipe, ``N > 0`` the two-stream ``[x_t ; x_0]`` block objective (``2L``
 positions per row), ``--complementary`` adds the complementary view (``2B`` rows). Times exclude
-compilation and one warm-up step; reported: the median step time of ``--steps``, tokens per
-second (``B * L`` training tokens per step) and the time relative to the full-sequence step.
+compilation and one warm-up step; the variants take turns step by step (a busy machine slows
+them alike); reported: the median step time of ``--steps``, tokens per second (``B * L`` training tokens per step) and the time relative to the full-sequence step.
 With ``--json`` the last line carries the table.
 """
 
@@ -49,25 +49,36 @@ def run_config(args, block_size: int, complementary: bool):
     })
 
 
-def time_variant(args, block_size: int, complementary: bool) -> float:
-    """Median seconds of one train step."""
+def prepare(args, block_size: int, complementary: bool):
+    """A compiled and warmed-up train step of one variant: ``() -> seconds of one step``."""
     cfg = run_config(args, block_size, complementary)
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    state = create_train_state(cfg, model_cfg, mesh, rules)
+    box = {"state": create_train_state(cfg, model_cfg, mesh, rules)}
     step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, args.vocab - 1, (args.batch, args.seq_len)).astype(np.int32)
     batch = make_global_batch({"tokens": tokens}, mesh, rules)
-    state, metrics = step(state, batch)  # compile + warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
+
+    def run() -> float:
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        box["state"], metrics = step(box["state"], batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    run()  # compile + warm-up
+    return run
+
+
+def time_variants(args, variants) -> list[float]:
+    """Median seconds per step of each variant; the variants take turns step by step, so a
+    machine whose load changes over the run slows them alike."""
+    runs = [prepare(args, block, complementary) for block, complementary in variants]
+    times = [[] for _ in runs]
+    for _ in range(args.steps):
+        for run, seen in zip(runs, times):
+            seen.append(run())
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -91,24 +102,22 @@ def main():
     variants = [(int(n), False) for n in args.block_sizes.split(",")]
     if args.complementary:
         variants += [(n, True) for n, _ in variants]
-    rows = []
-    for block, complementary in variants:
-        seconds = time_variant(args, block, complementary)
-        rows.append(dict(block_size=block, complementary=complementary, seconds=seconds,
-                         tokens_per_s=args.batch * args.seq_len / seconds))
+    rows = [dict(block_size=block, complementary=complementary, seconds=seconds,
+                 tokens_per_s=args.batch * args.seq_len / seconds)
+            for (block, complementary), seconds in zip(variants, time_variants(args, variants))]
     base = next((r["seconds"] for r in rows if r["block_size"] == 0 and not r["complementary"]),
                 None)
     print(f"{jax.devices()[0].device_kind}: llama {args.layers} x {args.hidden}, vocab"
           f" {args.vocab}, B {args.batch} x L {args.seq_len}, {args.dtype}; median of"
           f" {args.steps} steps")
-    print(f"{'objective':<34} {'step s':>8} {'tokens/s':>10} {'x full':>7}")
+    print(f"{'objective':<44} {'step s':>8} {'tokens/s':>10} {'x full':>7}")
     for r in rows:
         name = (f"blocks of {r['block_size']} (two-stream)" if r["block_size"] else
                 "full sequence")
         name += " + complementary" if r["complementary"] else ""
         ratio = f"{r['seconds'] / base:.2f}" if base else "-"
         r["relative"] = r["seconds"] / base if base else None
-        print(f"{name:<34} {r['seconds']:>8.3f} {r['tokens_per_s']:>10.0f} {ratio:>7}")
+        print(f"{name:<44} {r['seconds']:>8.3f} {r['tokens_per_s']:>10.0f} {ratio:>7}")
     if args.json:
         print(json.dumps(rows))
 
