@@ -240,9 +240,12 @@ def test_stratified_block_times_cover_the_unit_interval_per_block():
     np.testing.assert_allclose(np.asarray(part), t[5:], rtol=1e-6)
 
 
-def test_complementary_views_cover_every_non_src_target_exactly_once(params):
+@pytest.mark.parametrize("n", [4, 0], ids=["blocks", "whole-sequence"])
+def test_complementary_views_cover_every_non_src_target_exactly_once(params, n):
+    """Blocks of 4, and the full-sequence recipe (N = 0: one block, the reference's plain
+    full-attention pass)."""
     config, params = LLAMA, params["llama"]
-    length, n = 14, 4
+    length = 14
     x, seg, src, loss_mask = _case(length, prompt=True, padding=True)
     key = jax.random.key(8)
     views = draws(x, key, src=src, block_size=n, complementary=True)
@@ -256,7 +259,7 @@ def test_complementary_views_cover_every_non_src_target_exactly_once(params):
     sums = block_loss(config, params, x, key, src=src, loss_mask=loss_mask, block_size=n,
                       complementary=True, normalization="tokens")
     both = np.concatenate([x, x])
-    ref = reference_block_terms(config, params, both, views.noise, t, n,
+    ref = reference_block_terms(config, params, both, views.noise, t, n or length,
                                 np.concatenate([src, src]), np.concatenate([loss_mask] * 2))
     # each target supervised once over the pair: noised count = target count of one view
     assert ref["noised"].sum() == ref["targets"].sum() / 2 == float(sums.noised)
