@@ -1,6 +1,8 @@
 """The diffusion math: pure functions of ``(apply_fn, params, tokens, key)``; no model imports.
 
-``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model.
+``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model
+(block diffusion, ``blocks.py``, also passes ``positions``: ``apply_fn(params, tokens, pattern,
+positions)``).
 """
 
 from diffujax.diffusion.blocks import (block_diffusion_loss_sums, block_forward_process,
