@@ -3,6 +3,7 @@ block size each step runs with (schedule, composed with annealing), a block trai
 learns, the training loop switching compiled steps along a schedule, and resuming with a changed
 schedule."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -169,3 +170,34 @@ def test_resuming_may_change_the_block_schedule():
     assert len(lines) == 2 and lines[0].startswith("diffusion.block_schedule: ")
     with pytest.raises(ValueError, match="diffusion.eps"):
         check_resume(to_dict(old), to_dict(load_config(TINY, ["diffusion.eps=0.01"])), 120, "c")
+
+
+def test_eval_command_reports_the_block_bound(tmp_path, capsys):
+    """``diffujax eval --block-size N``: the block NELBO, said in words and in the JSON line;
+    the same number as ``evaluate`` computes for the model configured with that block size."""
+    import json
+
+    from diffujax.checkpoint import store
+    from diffujax.cli import main
+    from diffujax.evaluate import evaluate, read_blocks
+    from diffujax.models import LlamaConfig, init_params
+    from diffujax.runtime import load_for_inference
+
+    config = LlamaConfig(vocab_size=264, hidden_size=32, num_layers=1, num_heads=4,
+                         num_kv_heads=2, intermediate_size=64, max_positions=64,
+                         mask_token_id=258, bos_token_id=256, eos_token_id=256)
+    store.save(tmp_path / "ckpt", config, init_params(config, seed=0),
+               tokenizer_from=ROOT / "configs" / "tokenizers" / "bytes")
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(ROOT / "README.md"),
+            "--seq-len", "32", "--blocks", "4", "--draws", "2", "--block-size", "8"]
+    assert main(argv) == 0
+    assert "block diffusion ELBO perplexity bound (blocks of 8)" in capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = load_for_inference(str(tmp_path / "ckpt"))
+    texts = read_blocks(model.tokenizer, str(ROOT / "README.md"), 32, 4)
+    expected = evaluate(dataclasses.replace(model, config=model.config.replace(block_size=8)),
+                        texts, objective="diffusion", draws=2)
+    assert line["block_size"] == 8 and line["draws"] == 2 and line["tokens"] == 4 * 31
+    np.testing.assert_allclose(line["nelbo"], expected.mean_nll, rtol=1e-5)
+    np.testing.assert_allclose(line["stderr"], expected.std_error, rtol=1e-4)
