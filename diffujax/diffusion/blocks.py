@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern
-from diffujax.diffusion.noise import DEFAULT_EPS, NoisedBatch, apply_noise, row_keys, \
-    sample_noise_mask
+from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, row_keys,
+                                      sample_noise_mask)
 from diffujax.diffusion.objective import LossSums, loss_sums_from_logits
 
 
