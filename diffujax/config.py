@@ -497,6 +497,10 @@ OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "see
             "segment_ids": "diffusion.segment_ids"}
 
 
+# Keys a run config written before block diffusion lacks, with the values it trained with.
+BLOCK_DEFAULTS = {"block_size": 0, "block_schedule": [], "complementary_mask": False}
+
+
 def upgrade(raw: Mapping) -> dict:
     """A run config dict written by an earlier version (a checkpoint's record) in today's keys."""
     raw = to_dict(raw)
@@ -504,6 +508,9 @@ def upgrade(raw: Mapping) -> dict:
     if isinstance(d, dict) and "per_sequence_norm" in d:
         if d.pop("per_sequence_norm"):
             d["normalization"] = "sequence"
+    if isinstance(d, dict):  # before block diffusion: the full-sequence recipe
+        for name, default in BLOCK_DEFAULTS.items():
+            d.setdefault(name, default)
     m = raw.get("model")
     if isinstance(m, dict) and "attention_backend" in m:
         backend = m.pop("attention_backend")
