@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern
-from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, row_keys,
+from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, sample_block_t,
                                       sample_noise_mask)
 from diffujax.diffusion.objective import LossSums, loss_sums_from_logits
 
@@ -39,29 +39,6 @@ def block_of(seq_len: int, block_size: int) -> np.ndarray:
     """int32 ``[seq_len]``: the block of each position (all 0 for ``block_size = 0``)."""
     positions = np.arange(seq_len, dtype=np.int32)
     return positions // block_size if block_size > 0 else np.zeros_like(positions)
-
-
-def sample_block_t(key, batch_size: int, blocks: int, *, eps: float = DEFAULT_EPS,
-                   stratified: bool = False, symmetric: bool = False, row_offset=0,
-                   global_batch: int | None = None) -> jax.Array:
-    """float32 ``[batch_size, blocks]``: one time per (row, block), ``t = (1 - eps) u + eps``.
-
-    As ``noise.sample_t`` per block column: iid ``u`` from the row's own key (a row's draws do not
-    depend on the batch), or stratified over the global batch with one offset per block,
-    ``u[r, k] = (u0_k + r / B) mod 1``. ``symmetric`` (complementary masking):
-    ``t = (1 - 2 eps) u + eps``, so that ``t`` and ``1 - t`` both lie in ``[eps, 1 - eps]``
-    and neither view's ``1 / t`` weight exceeds ``1 / eps``.
-    """
-    rows = jnp.asarray(row_offset, jnp.int32) + jnp.arange(batch_size, dtype=jnp.int32)
-    if stratified:
-        total = batch_size if global_batch is None else global_batch
-        u0 = jax.random.uniform(jax.random.fold_in(key, 1), (blocks,), jnp.float32)
-        u = jnp.mod(u0[None, :] + rows.astype(jnp.float32)[:, None] / total, 1.0)
-    else:
-        keys = row_keys(jax.random.fold_in(key, 0), batch_size, row_offset)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (blocks,), jnp.float32))(keys)
-    span = 1.0 - 2.0 * eps if symmetric else 1.0 - eps
-    return span * u + eps
 
 
 def block_forward_process(key, tokens, *, block_size: int, mask_token_id: int, src=None,

@@ -19,7 +19,8 @@ import pytest
 from diffujax.attention.pattern import dense_mask, full
 from diffujax.diffusion import elbo_terms, loss_sums_from_logits
 from diffujax.diffusion.blocks import (block_diffusion_loss_sums, block_forward_process,
-                                       effective_block_size, sample_block_t)
+                                       effective_block_size)
+from diffujax.diffusion.noise import sample_block_t
 from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
 
 V, M = 40, 1
