@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffujax.attention.pattern import dense_mask, full
+from diffujax.attention.pattern import annealed, dense_mask, full
 from diffujax.diffusion import elbo_terms, loss_sums_from_logits
 from diffujax.diffusion.blocks import (block_diffusion_loss_sums, block_forward_process,
                                        effective_block_size)
@@ -55,18 +55,27 @@ def _numpy_block_mask(length: int, n: int, segments=None) -> np.ndarray:
     return mask
 
 
-def _run_with_mask(config, params, tokens, n, segments=None, positions=None):
+def _run_with_mask(config, params, tokens, n, segments=None, positions=None, inner=None):
     """The model on ``tokens`` under the numpy block mask: run through the pattern whose dense
-    mask it is (checked equal to the numpy mask first, so the reference rests on numpy)."""
-    pattern = full(None if segments is None else jnp.asarray(segments)).with_blocks(n)
-    np.testing.assert_array_equal(np.asarray(dense_mask(pattern, tokens.shape[1])),
-                                  _numpy_block_mask(tokens.shape[1], n, segments))
+    mask it is (checked equal to the numpy mask first, so the reference rests on numpy).
+    ``inner``: an annealed pattern instead of full attention inside a block; its mask must lie
+    between the causal and the full block mask (the hashed entries are its own)."""
+    segments_ = None if segments is None else jnp.asarray(segments)
+    pattern = dataclasses.replace(inner or full(), segment_ids=segments_).with_blocks(n)
+    mask = np.asarray(dense_mask(pattern, tokens.shape[1]))
+    numpy_mask = _numpy_block_mask(tokens.shape[1], n, segments)
+    if inner is None:
+        np.testing.assert_array_equal(mask, numpy_mask)
+    else:
+        causal = np.tril(np.ones(numpy_mask.shape[-2:], bool))
+        assert (mask <= numpy_mask).all() and (mask >= (numpy_mask & causal)).all()
+        assert (mask != (numpy_mask & causal)).any() and (mask != numpy_mask).any()
     return np.asarray(apply_for(config)(params, jnp.asarray(tokens), pattern,
                                         _maybe(positions)), np.float64)
 
 
 def reference_block_terms(config, params, x, noise, t, n, src=None, loss_mask=None,
-                          segments=None, positions=None):
+                          segments=None, positions=None, inner=None):
     """Per row: weighted (sum of ce / t over noised targets), unweighted, noised and target
     counts, the block NELBO from its definition, one block at a time.
 
@@ -87,7 +96,7 @@ def reference_block_terms(config, params, x, noise, t, n, src=None, loss_mask=No
         inputs.append(np.concatenate([x[:, :start], x_t[:, start:end], x[:, end:]], axis=1))
     seg = None if segments is None else np.concatenate([segments] * len(starts))
     pos = None if positions is None else np.concatenate([positions] * len(starts))
-    logits = _run_with_mask(config, params, np.concatenate(inputs), n, seg, pos)
+    logits = _run_with_mask(config, params, np.concatenate(inputs), n, seg, pos, inner)
     logits = logits.reshape(len(starts), rows, length, -1)
     out = {k: np.zeros(rows) for k in ("weighted", "unweighted", "noised", "targets")}
     for blk, start in enumerate(starts):
@@ -345,3 +354,21 @@ def test_eval_reports_the_block_bound_of_a_block_model(params):
     whole = evaluate(model, texts, objective="diffusion", draws=2, batch_size=4, seed=0,
                      block_size=0)
     assert abs(whole.mean_nll - est.mean_nll) > 1e-3
+
+
+def test_annealing_inside_blocks_is_what_a_block_pass_sees(params):
+    """While the mask anneals (docs/algorithms.md §3), the two streams open the same hashed
+    entries inside a block as a single-stream pass over ``[x_0 of blocks < b, x_t of block b]``
+    does: training sees what decoding under that pattern sees."""
+    config, params = LLAMA, params["llama"]
+    x, seg, _, _ = _case(13, segments=True)
+    inner = annealed(seed=7, step=3, ratio=0.5)
+    key = jax.random.key(2)
+    fn = jax.jit(lambda p, x, k, seg: block_diffusion_loss_sums(
+        apply_fn_for(config), p, x, k, block_size=5, mask_token_id=M,
+        pattern=dataclasses.replace(inner, segment_ids=seg), normalization="tokens"))
+    sums = fn(params, jnp.asarray(x), key, jnp.asarray(seg))
+    noised = draws(x, key, block_size=5)
+    ref = reference_block_terms(config, params, x, noised.noise, noised.t, 5, segments=seg,
+                                inner=inner)
+    np.testing.assert_allclose(float(sums.loss), normalised(ref, "tokens"), rtol=2e-5)
