@@ -98,6 +98,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows per forward pass (rounded up to a multiple of the mesh's batch"
                         " shards)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="diffusion: score as a block model with blocks of this many tokens"
+                        " (default: the checkpoint's own block size; 0: the full-sequence bound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: the checkpoint's)")

@@ -81,10 +81,43 @@ class DiffusionSection:
     # SFT: the data are (prompt, answer) records, the prompt is never noised. The one switch:
     # the pipeline's mode and the sources' default fields follow from it (RunConfig.pipeline_*).
     sft: bool = False
+    # Block diffusion (docs/algorithms.md §9): blocks of this many positions; 0 (or
+    # data.seq_len): the whole sequence, the full-sequence recipe of §2.
+    block_size: int = 0
+    # [[step, N], ...]: block size N from (0-based) step `step` on; block_size before the first.
+    block_schedule: tuple[tuple[int, ...], ...] = ()
+    # Every row also trained with the complementary noise (Fast-dLLM v2), docs/algorithms.md §9.
+    complementary_mask: bool = False
 
     def validate(self, key: str):
         _check(0.0 <= self.eps < 1.0, f"{key}.eps", "must lie in [0, 1)")
         _check(self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
+        _check(self.block_size >= 0, f"{key}.block_size",
+               f"{self.block_size} must be >= 1 (or 0: the whole sequence)")
+        previous = None
+        for i, entry in enumerate(self.block_schedule):
+            where = f"{key}.block_schedule[{i}]"
+            _check(len(entry) == 2, where, f"{list(entry)} must be a pair [step, block_size]")
+            step, size = entry
+            _check(step >= 0, where, f"step {step} must be >= 0")
+            _check(previous is None or step > previous, where,
+                   f"step {step} must come after the previous entry's step {previous}"
+                   " (steps strictly increasing)")
+            _check(size >= 1, where, f"block size {size} must be >= 1")
+            previous = step
+
+    def block_size_at(self, step: int) -> int:
+        """The block size in force at (0-based) training step ``step``, as configured (0 or the
+        sequence length mean the whole sequence: see ``RunConfig.block_size_at``)."""
+        size = self.block_size
+        for start, scheduled in self.block_schedule:
+            if step >= start:
+                size = scheduled
+        return size
+
+    def block_sizes(self) -> tuple[int, ...]:
+        """Every block size the run may train with, in the order they come into force."""
+        return (self.block_size,) + tuple(size for _, size in self.block_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +323,13 @@ class RunConfig:
         _check(o.schedule != "cosine" or (o.decay_steps or self.train.steps) > o.warmup_steps,
                "optimizer.warmup_steps", f"({o.warmup_steps}) must be below the cosine decay's"
                f" end (optimizer.decay_steps, else train.steps: {o.decay_steps or self.train.steps})")
+        seq_len = self.data.seq_len
+        sizes = [("diffusion.block_size", self.diffusion.block_size)] + [
+            (f"diffusion.block_schedule[{i}]", size)
+            for i, (_, size) in enumerate(self.diffusion.block_schedule)]
+        for name, size in sizes:
+            _check(size <= seq_len, name,
+                   f"block size {size} exceeds data.seq_len ({seq_len})")
         if self.model.init is not None:  # a checkpoint's model is checked once its config is read
             self.check_model(self.resolve_model_config(), "model.init")
 
@@ -369,11 +409,20 @@ class RunConfig:
                     segment_ids=self.diffusion.segment_ids,
                     worker_count=0 if eval_split else d.worker_count)
 
+    def block_size_at(self, step: int) -> int:
+        """The block size training step ``step`` runs with (docs/algorithms.md §9): 0 for the
+        whole sequence (the full-sequence recipe), else ``N < data.seq_len``."""
+        size = self.diffusion.block_size_at(step)
+        return 0 if size >= self.data.seq_len else size
+
     def model_overrides(self) -> dict[str, Any]:
-        """Changes this run makes to the model config it loads or initialises."""
+        """Changes this run makes to the model config it loads or initialises. ``block_size``
+        records what the model is trained as at the end of the run (the last block size of
+        the schedule), so checkpoints and exports say how to decode it."""
         m = self.model
         out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
-                   remat=m.remat, mask_token_id=self.diffusion.mask_token_id)
+                   remat=m.remat, mask_token_id=self.diffusion.mask_token_id,
+                   block_size=self.block_size_at(self.train.steps - 1))
         return {k: v for k, v in out.items() if v is not None}
 
     def resolve_model_config(self, loaded: ModelConfig | None = None) -> ModelConfig:
@@ -451,6 +500,10 @@ OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "see
             "segment_ids": "diffusion.segment_ids"}
 
 
+# Keys a run config written before block diffusion lacks, with the values it trained with.
+BLOCK_DEFAULTS = {"block_size": 0, "block_schedule": [], "complementary_mask": False}
+
+
 def upgrade(raw: Mapping) -> dict:
     """A run config dict written by an earlier version (a checkpoint's record) in today's keys."""
     raw = to_dict(raw)
@@ -461,6 +514,9 @@ def upgrade(raw: Mapping) -> dict:
     o = raw.get("optimizer")
     if isinstance(o, dict):  # runs before the option decayed the matrices only
         o.setdefault("weight_decay_scope", "matrices")
+    if isinstance(d, dict):  # before block diffusion: the full-sequence recipe
+        for name, default in BLOCK_DEFAULTS.items():
+            d.setdefault(name, default)
     m = raw.get("model")
     if isinstance(m, dict) and "attention_backend" in m:
         backend = m.pop("attention_backend")
@@ -640,6 +696,9 @@ def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
     for name, value in init.items():
         if name == "family":
             continue
+        if name == "block_size":  # what the run trains decides it
+            raise ConfigError(f"{_join(key, name)}: set diffusion.block_size instead (the model"
+                              " records the block size it is trained with)")
         if name not in allowed:
             raise ConfigError(_unknown(_join(key, name), name, allowed))
         out[name] = _coerce(hints[name], value, _join(key, name))

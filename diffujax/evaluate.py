@@ -1,5 +1,5 @@
 """``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound,
-docs/algorithms.md §5)."""
+docs/algorithms.md §5; the block NELBO of §9 for a block model)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from diffujax import console, paths
 from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
+from diffujax.diffusion.blocks import effective_block_size
 from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args,
                               max_positions, pad_rows, require)
 
@@ -38,14 +39,23 @@ def _batches(rows: np.ndarray, batch_size: int):
         yield start, len(chunk), pad_rows(chunk, batch_size)
 
 
+def eval_block_size(config, seq_len: int, block_size: int | None = None) -> int:
+    """The block size the diffusion bound is computed with (0: the whole sequence):
+    ``block_size``, else the model config's (``diffusion.block_size`` of the run that trained
+    it), shorter than ``seq_len`` (docs/algorithms.md §9)."""
+    return effective_block_size(config.block_size if block_size is None else block_size, seq_len)
+
+
 def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: int = 1,
-             batch_size: int = 8, seed: int = 0):
+             batch_size: int = 8, seed: int = 0, block_size: int | None = None):
     """NLL estimate over ``blocks``. Diffusion: every block is scored ``draws`` times, one row per
     (draw, block), draw-major, with ``t`` stratified across all rows (MDLM protocol), so each
     block's draws are spread over the whole range of ``t``. The error bar is over blocks (each
     averaged over its draws), or over the draws when there is a single block (then it measures
     the Monte-Carlo error only). Each row's noise follows from its index among all rows, so the
-    numbers do not depend on ``batch_size`` or the mesh (up to float rounding)."""
+    numbers do not depend on ``batch_size`` or the mesh (up to float rounding). A block model
+    (``eval_block_size``) is scored with the block NELBO, one ``t`` per block, stratified the
+    same way per block."""
     shards = model.batch_shards()
     batch_size = -(-batch_size // shards) * shards
     if objective == "ar":
@@ -54,9 +64,10 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
     else:
         mask_id = model.mask_token_id()
         rows = np.tile(blocks, (draws, 1))
+        block = eval_block_size(model.config, blocks.shape[1], block_size)
         fn = jax.jit(lambda p, x, key, offset: elbo_terms(
             model.apply_fn, p, x, key, mask_token_id=mask_id, row_offset=offset,
-            global_batch=len(rows)))
+            global_batch=len(rows), block_size=block))
     key = jax.random.key(seed)
     nll, targets = [], []
     bar = console.progress(_batches(rows, batch_size), total=-(-len(rows) // batch_size),
@@ -92,6 +103,9 @@ def check_eval_args(args, config) -> None:
     require(args.draws >= 1, "--draws", args.draws, ">= 1")
     require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
     require(args.seed >= 0, "--seed", args.seed, ">= 0")
+    require(args.block_size is None or 0 <= args.block_size <= args.seq_len, "--block-size",
+            args.block_size, f"in 0..{args.seq_len} (--seq-len {args.seq_len}; 0: the whole"
+            " sequence)")
 
 
 def run_eval(args) -> int:
@@ -99,15 +113,20 @@ def run_eval(args) -> int:
     model = load_from_args(args)
     blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
     est = evaluate(model, blocks, objective=args.objective, draws=args.draws,
-                   batch_size=args.batch_size, seed=args.seed)
+                   batch_size=args.batch_size, seed=args.seed, block_size=args.block_size)
     stderr = 0.0 if args.objective == "ar" else est.std_error
+    block = 0 if args.objective == "ar" else eval_block_size(model.config, args.seq_len,
+                                                             args.block_size)
     if jax.process_index() != 0:  # every process computed the same numbers; one prints them
         return 0
     if args.json:
         print(json.dumps({"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
-                          "tokens": est.num_tokens, "draws": est.num_draws}))
+                          "tokens": est.num_tokens, "draws": est.num_draws,
+                          "block_size": block}))
     else:
-        kind = "AR perplexity" if args.objective == "ar" else "diffusion ELBO perplexity bound"
+        kind = ("AR perplexity" if args.objective == "ar" else
+                f"block diffusion ELBO perplexity bound (blocks of {block})" if block else
+                "diffusion ELBO perplexity bound")
         print(f"{kind} of {args.text} ({blocks.shape[0]} x {blocks.shape[1]} tokens"
               f"{'' if args.blocks else ', the whole file but its last partial block'}): {est}")
     return 0

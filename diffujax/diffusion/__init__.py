@@ -1,8 +1,12 @@
 """The diffusion math: pure functions of ``(apply_fn, params, tokens, key)``; no model imports.
 
-``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model.
+``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model
+(block diffusion, ``blocks.py``, also passes ``positions``: ``apply_fn(params, tokens, pattern,
+positions)``).
 """
 
+from diffujax.diffusion.blocks import (block_diffusion_loss_sums, block_forward_process,
+                                       block_logits, effective_block_size)
 from diffujax.diffusion.categorical import (exponential_draws, exponential_from_bits,
                                             filter_logits, race_winner, sample_categorical,
                                             uniform_from_bits)
@@ -21,7 +25,8 @@ from diffujax.diffusion.sft import build_sft_batch, build_sft_example
 
 __all__ = [
     "DEFAULT_EPS", "NORMALIZATIONS", "LossSums", "NLLEstimate", "NoisedBatch", "SampleOutput",
-    "apply_noise", "ar_loss", "ar_loss_sums", "ar_nll_terms", "build_sft_batch",
+    "apply_noise", "ar_loss", "ar_loss_sums", "ar_nll_terms", "block_diffusion_loss_sums",
+    "block_forward_process", "block_logits", "build_sft_batch", "effective_block_size",
     "build_sft_example", "conditional_nll", "diffusion_loss", "diffusion_loss_sums",
     "elbo_terms", "exponential_draws", "exponential_from_bits", "filter_logits",
     "forward_process", "loss_sums_from_logits",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern, causal, full
+from diffujax.diffusion.blocks import block_forward_process, block_logits
 from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, forward_process,
                                       row_keys, sample_exact_count_mask, sample_noise_mask)
 from diffujax.diffusion.objective import (per_sequence_terms, shifted_cross_entropy,
@@ -34,9 +35,10 @@ def _first_position(tokens) -> jax.Array:
 def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
                pattern: AttentionPattern | None = None, src=None, loss_mask=None,
                num_draws: int = 1, stratified: bool = True, eps: float = DEFAULT_EPS,
-               row_offset=0, global_batch: int | None = None):
+               row_offset=0, global_batch: int | None = None, block_size: int = 0,
+               positions=None):
     """Per-sequence NELBO of positions ``1..L-1`` given position 0 (MDLM protocol,
-    docs/algorithms.md §5).
+    docs/algorithms.md §5; with ``block_size`` the block NELBO of §9).
 
     Each of ``num_draws`` draws takes one ``t`` per sequence (stratified across the global batch
     of ``global_batch`` rows, this batch being rows ``row_offset..``) and one noise draw; returns
@@ -45,6 +47,12 @@ def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
     targets`` upper-bounds the per-token NLL ("tokens" normalisation). Besides position 0, ``src``
     (e.g. an SFT prompt) and the positions outside ``loss_mask`` (padding) are conditioned on:
     never noised, never scored, so the figure bounds the NLL of the scored tokens given them.
+
+    ``block_size`` (``blocks.effective_block_size``; 0: the whole sequence): a block model, scored
+    with one ``t`` per block (each block's ``t`` stratified across the rows as above) and the
+    two-stream forward pass, which calls ``apply_fn(params, tokens, pattern, positions)``;
+    ``pattern`` is then the pattern inside a block. ``positions`` (``[B, L]``, packed documents)
+    are passed to ``apply_fn`` when given.
     """
     pattern = full() if pattern is None else pattern
     conditioned = _first_position(tokens)
@@ -55,11 +63,20 @@ def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
     src = conditioned
 
     def one_draw(draw):
-        noised = forward_process(jax.random.fold_in(key, draw), tokens,
-                                 mask_token_id=mask_token_id, src=src, eps=eps,
-                                 stratified=stratified, row_offset=row_offset,
-                                 global_batch=global_batch)
-        logits = apply_fn(params, noised.x_t, pattern)
+        draw_key = jax.random.fold_in(key, draw)
+        if block_size:
+            noised = block_forward_process(draw_key, tokens, block_size=block_size,
+                                           mask_token_id=mask_token_id, src=src, eps=eps,
+                                           stratified=stratified, row_offset=row_offset,
+                                           global_batch=global_batch)
+            logits = block_logits(apply_fn, params, noised.x_t, tokens, block_size=block_size,
+                                  pattern=pattern, positions=positions)
+        else:
+            noised = forward_process(draw_key, tokens, mask_token_id=mask_token_id, src=src,
+                                     eps=eps, stratified=stratified, row_offset=row_offset,
+                                     global_batch=global_batch)
+            extra = () if positions is None else (positions,)
+            logits = apply_fn(params, noised.x_t, pattern, *extra)
         return per_sequence_terms(logits, tokens, noised, src=src, loss_mask=loss_mask)["weighted"]
 
     nelbo = jax.lax.map(one_draw, jnp.arange(num_draws, dtype=jnp.int32)).mean(axis=0)

@@ -22,7 +22,9 @@ DEFAULT_EPS = 1e-3
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NoisedBatch:
-    t: jax.Array  # [B] float32, the time of each sequence, in [eps, 1)
+    # [B] float32, the time of each sequence, in [eps, 1); or [B, L], the time of each position
+    # (block diffusion, docs/algorithms.md §9: every position carries its block's time)
+    t: jax.Array
     noise: jax.Array  # [B, L] bool, True where the token was replaced by the mask token
     x_t: jax.Array  # [B, L] the noised tokens
 
@@ -40,25 +42,43 @@ def sample_t(key, batch_size: int, *, eps: float = DEFAULT_EPS, stratified: bool
     iid: ``u_b ~ U[0, 1)`` drawn from the row's own key. Stratified (antithetic):
     ``u_b = (u_0 + b / B) mod 1`` with one ``u_0`` for the whole global batch of
     ``B = global_batch`` rows, ``b`` the global row index; each ``u_b`` is still marginally uniform.
+    The whole sequence is one block of :func:`sample_block_t` (the same draws).
+    """
+    return sample_block_t(key, batch_size, 1, eps=eps, stratified=stratified,
+                          row_offset=row_offset, global_batch=global_batch)[:, 0]
+
+
+def sample_block_t(key, batch_size: int, blocks: int, *, eps: float = DEFAULT_EPS,
+                   stratified: bool = False, symmetric: bool = False, row_offset=0,
+                   global_batch: int | None = None) -> jax.Array:
+    """float32 ``[batch_size, blocks]``: one time per (row, block), ``t = (1 - eps) u + eps``.
+
+    Block diffusion (docs/algorithms.md §9); :func:`sample_t` is its one-block case. iid: ``u``
+    from the row's own key (a row's draws do not depend on the batch); stratified over the global
+    batch with one offset per block, ``u[r, k] = (u0_k + r / B) mod 1``. ``symmetric``
+    (complementary masking):
+    ``t = (1 - 2 eps) u + eps``, so that ``t`` and ``1 - t`` both lie in ``[eps, 1 - eps]``
+    and neither view's ``1 / t`` weight exceeds ``1 / eps``.
     """
     rows = jnp.asarray(row_offset, jnp.int32) + jnp.arange(batch_size, dtype=jnp.int32)
     if stratified:
         total = batch_size if global_batch is None else global_batch
-        u0 = jax.random.uniform(jax.random.fold_in(key, 1), (), jnp.float32)
-        u = jnp.mod(u0 + rows.astype(jnp.float32) / total, 1.0)
+        u0 = jax.random.uniform(jax.random.fold_in(key, 1), (blocks,), jnp.float32)
+        u = jnp.mod(u0[None, :] + rows.astype(jnp.float32)[:, None] / total, 1.0)
     else:
         keys = row_keys(jax.random.fold_in(key, 0), batch_size, row_offset)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-    return (1.0 - eps) * u + eps
+        u = jax.vmap(lambda k: jax.random.uniform(k, (blocks,), jnp.float32))(keys)
+    span = 1.0 - 2.0 * eps if symmetric else 1.0 - eps
+    return span * u + eps
 
 
 def sample_noise_mask(key, t, seq_len: int, *, src=None, row_offset=0) -> jax.Array:
     """``noise[b, i] = (U[b, i] < t_b) & ~src[b, i]`` (docs/algorithms.md §2.2); ``t`` is
-    ``[B]``."""
+    ``[B]``, or ``[B, seq_len]`` for a time per position (``U`` is the same either way)."""
     t = jnp.asarray(t, jnp.float32)
     keys = row_keys(jax.random.fold_in(key, 1), t.shape[0], row_offset)
     u = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,), jnp.float32))(keys)
-    noise = u < t[:, None]
+    noise = u < (t[:, None] if t.ndim == 1 else t)
     if src is not None:
         noise = noise & ~jnp.asarray(src, bool)
     return noise

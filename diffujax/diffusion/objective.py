@@ -90,9 +90,11 @@ def per_sequence_terms(logits, tokens, noised: NoisedBatch, *, src=None, loss_ma
     targets = target_positions(tokens, src=src, loss_mask=loss_mask)
     noise = jnp.asarray(noised.noise, bool)[:, 1:] & targets
     t = jnp.asarray(noised.t, jnp.float32)
-    # w[b, i] = noise[b, i + 1] / t_b; `where` keeps an unused inf/nan ce out of the sums.
+    # The time of each target: the row's, or (block diffusion) the target's own block's.
+    t = t[:, None] if t.ndim == 1 else t[:, 1:]
+    # w[b, i] = noise[b, i + 1] / t; `where` keeps an unused inf/nan ce out of the sums.
     noised_ce = jnp.where(noise, ce, 0.0)
-    return dict(weighted=(noised_ce / t[:, None]).sum(axis=1), unweighted=noised_ce.sum(axis=1),
+    return dict(weighted=(noised_ce / t).sum(axis=1), unweighted=noised_ce.sum(axis=1),
                 noised=noise.sum(axis=1).astype(jnp.float32),
                 targets=targets.sum(axis=1).astype(jnp.float32))
 

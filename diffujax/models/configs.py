@@ -28,6 +28,7 @@ class ModelConfig:
     intermediate_size: int = 0
     tie_word_embeddings: bool = True
     mask_token_id: int | None = None
+    block_size: int = 0  # 0: full-sequence model; N: block diffusion (docs/algorithms.md §9)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None

@@ -22,7 +22,7 @@ from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
 from diffujax.train.state import abstract_train_state, train_state_shardings
-from diffujax.train.step import after_annealing, make_eval_step, make_train_step
+from diffujax.train.step import make_eval_step, make_train_step, step_config
 
 # The default sampler of ``diffujax generate`` and its default number of passes.
 GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
@@ -98,25 +98,36 @@ def micro_batch(cfg) -> int:
 
 
 def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
-    """The step ``diffujax train`` runs while the attention mask anneals (when
-    ``diffusion.anneal_steps > 0``) and the full-attention step it switches to afterwards."""
+    """Every train step ``diffujax train`` compiles (``step_config``): the step while the
+    attention mask anneals (when ``diffusion.anneal_steps > 0``), the full-attention step it
+    switches to afterwards, and one of each per block size of ``diffusion.block_schedule``
+    (docs/algorithms.md §9), in the order the run first needs them."""
     apply_fn = apply_fn_for(model_cfg)
     state = abstract_state(cfg, model_cfg, mesh, rules)
     batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
     inputs = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema,
               "batch": batch}
-    phases = []
-    if cfg.diffusion.anneal_steps > 0:
-        phases.append(("train", cfg, "annealed",
-                       f"train step, annealed mask (steps 1..{cfg.diffusion.anneal_steps})"))
-    full_cfg = after_annealing(cfg)
-    phases.append(("train_full" if phases else "train", full_cfg, "full",
-                   "train step, full attention" + (" (after annealing)" if phases else "")))
+    d = cfg.diffusion
+    # The program changes only where the block size or the annealing phase does.
+    changes = {0, max(d.anneal_steps - 1, 0)} | {step for step, _ in d.block_schedule}
+    phases = {}
+    for step in sorted(s for s in changes if s < cfg.train.steps):
+        run_cfg = step_config(cfg, step)
+        rd = run_cfg.diffusion
+        phases.setdefault((rd.block_size, rd.anneal_steps), (step, run_cfg))
     out = []
-    for name, run_cfg, pattern, text in phases:
-        step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-        out.append(Program(name, text, lambda step=step: step.lower(state, batch), inputs, pattern,
-                           cfg.data.global_batch))
+    for (block, anneal), (step, run_cfg) in phases.items():
+        annealing = anneal > 0
+        name = "train" if annealing or d.anneal_steps <= 0 else "train_full"
+        text = ("train step, annealed mask" + f" (steps 1..{d.anneal_steps})" if annealing else
+                "train step, full attention" + (" (after annealing)" if d.anneal_steps > 0
+                                                 else ""))
+        if block:
+            name += f"_blocks{block}"
+            text += f", blocks of {block} (from step {step})"
+        train_step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+        out.append(Program(name, text, lambda s=train_step: s.lower(state, batch), inputs,
+                           "annealed" if annealing else "full", cfg.data.global_batch))
     return out
 
 

@@ -46,7 +46,7 @@ from diffujax.train.resume import check_resume
 from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.startup import initial_state
 from diffujax.train.state import params_of
-from diffujax.train.step import after_annealing, make_train_step
+from diffujax.train.step import make_train_step, step_config
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class _Run:
                              " state for this process; the data stream restarts from its start")
         self.data_state = self.data_iter.get_state()  # always the position that goes with state
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
-        self.train_step = make_train_step(cfg, self.model_cfg, apply_fn, self.mesh, self.rules)
-        self._full_attention_step = None
+        self._steps = {}  # (block size, anneal_steps) -> the compiled step of those steps
+        self._block_size = None  # of the last step run
         self._apply_fn = apply_fn
 
         self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
@@ -202,16 +202,24 @@ class _Run:
         self.pending: _Pending | None = None
 
     def _step_fn(self):
-        """The compiled step for the next step. Once the annealing ramp has reached r = 1 the
-        pattern is all open; a second step compiled with the plain full pattern computes the same
-        numbers but lets the kernels take their full-attention paths (cuDNN, splash, no hash)."""
-        d = self.cfg.diffusion
-        if d.anneal_steps <= 0 or self.step + 1 < d.anneal_steps:
-            return self.train_step
-        if self._full_attention_step is None:
-            self._full_attention_step = make_train_step(after_annealing(self.cfg), self.model_cfg,
-                                                        self._apply_fn, self.mesh, self.rules)
-        return self._full_attention_step
+        """The compiled step for the next step (``step_config``). Once the annealing ramp has
+        reached r = 1 the pattern is all open; a second step compiled with the plain full pattern
+        computes the same numbers but lets the kernels take their full-attention paths (cuDNN,
+        splash, no hash). Each block size of ``diffusion.block_schedule`` compiles its own step
+        the first time it comes into force (docs/algorithms.md §9)."""
+        run_cfg = step_config(self.cfg, self.step)
+        d = run_cfg.diffusion
+        if d.block_size != self._block_size:
+            if self._block_size is not None or d.block_size:
+                what = f"blocks of {d.block_size}" if d.block_size else "the whole sequence"
+                self.logger.message(f"step {self.step}: training on {what}"
+                                     " (diffusion.block_size / block_schedule)")
+            self._block_size = d.block_size
+        key = (d.block_size, d.anneal_steps)
+        if key not in self._steps:
+            self._steps[key] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
+                                               self.mesh, self.rules)
+        return self._steps[key]
 
     # -- the loop --------------------------------------------------------------------------------
 

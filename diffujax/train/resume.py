@@ -26,9 +26,12 @@ def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
 # Keys whose change a checkpoint can honour: they steer the run from here on without
 # contradicting the saved state (the learning-rate schedule and optimizer hyperparameters
 # whose state has the same shape, where and how often to log / evaluate / save, the mesh:
-# restores reshard, and compute-only model settings). Everything else shaped the saved state or
-# the data stream, so it cannot change mid-run.
+# restores reshard, and compute-only model settings; the block-diffusion objective: its block
+# sizes and schedule steer the steps to come like a learning-rate schedule, and a
+# warmup-stable-decay run decides its decay phase mid-run, docs/algorithms.md §9). Everything
+# else shaped the saved state or the data stream, so it cannot change mid-run.
 HONOURABLE = ("output_dir", "logging.", "checkpoint.", "mesh.", "train.steps",
+              "diffusion.block_size", "diffusion.block_schedule", "diffusion.complementary_mask",
               "train.max_bad_steps", "optimizer.peak_lr", "optimizer.schedule",
               "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio",
               "optimizer.weight_decay", "optimizer.weight_decay_scope", "optimizer.b1",

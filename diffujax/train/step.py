@@ -8,6 +8,9 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 - the step's noise key is ``fold_in(rng, step)`` and the attention pattern is
   ``for_training(step, anneal_steps, anneal_seed)``: both follow from the state alone, so a run is
   reproducible and resumes exactly;
+- the objective is the full-sequence one (docs/algorithms.md §2) or, with
+  ``diffusion.block_size``, the block NELBO (§9); the block size is static, so a run with a
+  ``diffusion.block_schedule`` compiles one step per block size (``step_config`` says which);
 - gradient accumulation scans over ``grad_accum_steps`` micro-batches of consecutive rows; the
   objective draws each row's noise from its *global* row index and returns numerator and
   denominator sums, which are added over micro-batches and divided once (docs/algorithms.md §2.6),
@@ -28,6 +31,7 @@ import numpy as np
 import optax
 
 from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
+from diffujax.diffusion.blocks import block_diffusion_loss_sums, effective_block_size
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.objective import diffusion_loss_sums
 from diffujax.models import param_shardings
@@ -80,6 +84,16 @@ def _with_positions(apply_fn, batch, dropout_key=None):
                                                     dropout_key=dropout_key)
 
 
+def _with_dropout(apply_fn, dropout_key=None):
+    """The block objective's ``apply_fn(params, tokens, pattern, positions)`` (it builds the
+    positions of its two streams itself), dropping out when training does."""
+    if dropout_key is None:
+        return apply_fn
+    return lambda params, tokens, pattern, positions: apply_fn(params, tokens, pattern,
+                                                               positions,
+                                                               dropout_key=dropout_key)
+
+
 def training_dropout(run_cfg, model_cfg) -> bool:
     """Whether the train step drops out: ``model.dropout`` and a model config with non-zero
     ``embd_pdrop`` / ``resid_pdrop`` (GPT-2). Says so in the log, and that ``attn_pdrop`` is
@@ -106,6 +120,20 @@ def after_annealing(run_cfg):
                                                                       anneal_steps=0))
 
 
+def step_config(run_cfg, step: int):
+    """The run config of the program that runs (0-based) training step ``step``: the block size
+    the schedule has in force then (``diffusion.block_schedule`` resolved: the block size is
+    static, one compiled step per distinct size, docs/algorithms.md §9) and, once the annealing
+    ramp has reached r = 1, ``after_annealing``. Steps with equal ``(block_size, anneal_steps)``
+    run the same program."""
+    d = run_cfg.diffusion
+    cfg = dataclasses.replace(run_cfg, diffusion=dataclasses.replace(
+        d, block_size=run_cfg.block_size_at(step), block_schedule=()))
+    if d.anneal_steps > 0 and step + 1 >= d.anneal_steps:
+        cfg = after_annealing(cfg)
+    return cfg
+
+
 def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
     """``step(state, batch) -> (state, metrics)``, compiled once for the batch's shapes.
 
@@ -118,7 +146,14 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     and the logs read them from the ``TrainState``), leaves the EMA to be guarded separately,
     and applies a non-finite update once ``max_consecutive_errors`` is reached, where a run
     must instead stop with its last good state.
+
+    The objective is the block NELBO when ``diffusion.block_size`` is in force (blocks shorter
+    than the sequence) or ``diffusion.complementary_mask`` is set; a config with a
+    ``diffusion.block_schedule`` must be resolved to one step first (``step_config``).
     """
+    if run_cfg.diffusion.block_schedule:
+        raise ValueError("make_train_step compiles one block size: pass step_config(run_cfg,"
+                         " step), which resolves diffusion.block_schedule for that step")
     rules = _rules(run_cfg, rules)
     d, opt = run_cfg.diffusion, run_cfg.optimizer
     accum = opt.grad_accum_steps
@@ -137,6 +172,16 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         # dropout from the step's key and the micro-batch: resuming redraws the same masks
         dropout_key = (jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM), row_offset)
                        if dropout else None)
+        block = effective_block_size(d.block_size, mb["tokens"].shape[1])
+        if block or d.complementary_mask:
+            sums = block_diffusion_loss_sums(
+                _with_dropout(apply_fn, dropout_key), params, mb["tokens"], key,
+                block_size=block, mask_token_id=mask_id, pattern=pattern, src=mb.get("src"),
+                loss_mask=mb.get("loss_mask"), positions=mb.get("positions"),
+                normalization=d.normalization, stratified=d.stratified_t,
+                complementary=d.complementary_mask, eps=d.eps, row_offset=row_offset,
+                global_batch=global_batch)
+            return sums.weighted, sums
         sums = diffusion_loss_sums(
             _with_positions(apply_fn, mb, dropout_key), params, mb["tokens"], key,
             mask_token_id=mask_id,
@@ -222,7 +267,8 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
 
     ``kind="elbo"``: ``elbo_terms``, the diffusion NELBO (docs/algorithms.md §5: full attention,
     position 0, ``src`` and padding conditioned on, ``t`` stratified over all ``rows`` of the
-    evaluation set, this batch being rows ``row_offset..``); ``kind="ar"``: ``ar_nll_terms``,
+    evaluation set, this batch being rows ``row_offset..``), the block NELBO of §9 when the model
+    config has a ``block_size`` shorter than the rows; ``kind="ar"``: ``ar_nll_terms``,
     next-token NLL with causal attention (the AR baseline; key and rows unused). ``params`` may be
     ``state.params`` or ``state.ema``.
     """
@@ -240,9 +286,13 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
         if kind == "ar":
             return ar_nll_terms(fn, params, tokens, pattern=causal(segments),
                                 loss_mask=batch.get("loss_mask"))
+        block = effective_block_size(model_cfg.block_size, tokens.shape[1])
+        if block:  # the two streams take the positions themselves
+            fn = apply_fn
         return elbo_terms(fn, params, tokens, key, mask_token_id=mask_id, pattern=full(segments),
                           src=batch.get("src"), loss_mask=batch.get("loss_mask"), eps=d.eps,
-                          row_offset=row_offset, global_batch=rows)
+                          row_offset=row_offset, global_batch=rows, block_size=block,
+                          positions=batch.get("positions") if block else None)
 
     scalar = replicated(mesh)
     return CompiledStep(eval_fn, mesh, rules,
@@ -266,4 +316,5 @@ def heldout_nll(eval_step: CompiledStep, params, batches, key, *, kind: str = "e
                          num_draws=0 if kind == "ar" else 1)
 
 
-__all__ = ["CompiledStep", "after_annealing", "heldout_nll", "make_eval_step", "make_train_step"]
+__all__ = ["CompiledStep", "after_annealing", "heldout_nll", "make_eval_step", "make_train_step",
+           "step_config"]

@@ -206,3 +206,18 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
                                  f"model.remat={brute[1]}"]
     assert best["step_seconds"] == pytest.approx(brute[0])
     assert len(result["tried"]) < len(fit_module.REMATS) * len(choices)  # bisection, not all
+
+
+def test_block_train_step_compiles_for_a_multichip_v5p():
+    """Block diffusion (docs/algorithms.md §9): the two-stream train step, blocks of 32 of 128,
+    compiled by the real TPU compiler for 4 v5p chips (FSDP x TP), kernels under shard_map; its
+    attention runs over the 2L = 256 positions of [x_t ; x_0]."""
+    cfg = load_config("configs/tiny.yaml", FSDP_X_TP + [
+        "diffusion.block_size=32", "diffusion.anneal_steps=0", "diffusion.complementary_mask=true",
+        "model.init.num_layers=1"])
+    report = plan(cfg, "v5p-8", what="train")
+    (program,) = report["programs"]
+    assert program["name"] == "train_blocks32" and program["memory"]["fits"]
+    assert program["kernel_calls"] >= 1
+    kernels = program["compiler_cycles"]["kernels"]
+    assert kernels and all(k["runs"] == 1 for k in kernels)  # one layer, no accumulation

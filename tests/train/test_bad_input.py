@@ -41,6 +41,9 @@ EVAL = [  # (arguments, what the message must say)
     (["--draws", "0"], "--draws 0: must be >= 1"),
     (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--block-size", "65"], "--block-size 65: must be in 0..64 (--seq-len 64; 0: the whole"
+                             " sequence)"),
+    (["--block-size", "-1"], "--block-size -1: must be in 0..64"),
 ]
 GENERATE = [
     (["--steps", "0"], "--steps 0: must be >= 1"),
