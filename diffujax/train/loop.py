@@ -408,8 +408,9 @@ class _Run:
         if stop == "data":
             self.logger.message(f"the data ran out at step {self.step} (data.num_epochs="
                                 f"{self.cfg.data.num_epochs}); finishing early")
-        if self.step > self.start or not (self.out_dir / "final").exists():
-            export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger)
+        # A rerun with nothing left to train still finishes what a killed attempt did not.
+        export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger,
+                     missing_only=self.step == self.start)
         return 0
 
     def close(self, raise_errors: bool = True):

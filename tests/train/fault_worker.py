@@ -3,7 +3,8 @@ the CLI exactly as ``python -m diffujax.cli ARGS...`` after installing the fault
 ``$DIFFUJAX_TEST_FAULTS``, a comma-separated list of ``WHAT#N=ACTION``:
 
     WHAT    elbo | samples (training-time evaluation calls), tb (TensorBoard event writes),
-            jsonl (metrics.jsonl record writes), save (checkpoint saves)
+            jsonl (metrics.jsonl record writes), save (checkpoint saves), model (the writes of
+            a model checkpoint's config and parameters: ``final/``, ``final_ema/``)
     N       the N-th such call of this process (1-based) triggers the action
     ACTION  kill (SIGKILL itself, mid-call), sigint2 (a double Ctrl-C: two SIGINTs), enospc
             (the write fails with "No space left on device"), wait (block until the file named
@@ -74,12 +75,14 @@ def _faulty_jsonl(nth: int, action: str):
 
 
 def install(spec: str):
+    from diffujax.checkpoint import store
     from diffujax.train import checkpointing, evaluation, metrics
 
     targets = {"elbo": (evaluation.Evaluator, "elbo"),
                "samples": (evaluation.Evaluator, "samples"),
                "tb": (metrics._TensorBoard, "_write"),  # under RunLogger's error guard
-               "save": (checkpointing.TrainCheckpointer, "save")}
+               "save": (checkpointing.TrainCheckpointer, "save"),
+               "model": (store, "write")}
     for item in filter(None, spec.split(",")):
         what, _, rest = item.partition("#")
         nth, _, action = rest.partition("=")
