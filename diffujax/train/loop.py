@@ -38,7 +38,7 @@ from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.train import metrics as M
 from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
-from diffujax.train.data import build_data, source_reports
+from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
 from diffujax.train.lock import RunLockError, run_lock
@@ -165,22 +165,19 @@ class _Run:
                                    str(self.ckpt.directory / str(self.start)))
             if changes:
                 notes.append("config changes applied from this step on: " + "; ".join(changes))
-        if jax.process_index() == 0:  # only once the checkpoint accepted this config
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         apply_fn = apply_fn_for(self.model_cfg)
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
                                             shard=data_shard(self.mesh, self.rules))
+        self.data_sources = data_identity(sources)
         self.data_iter = self.pipeline.iterator()
         if restored is not None:
-            if restored.data_state is not None:
-                self.data_iter.set_state(restored.data_state)
-            else:
-                notes.append(f"checkpoint.restart_data: step {self.start} holds no data-iterator"
-                             " state for this process; the data stream restarts from its start")
+            self._resume_data(restored, c.restart_data, notes)
         self.data_state = self.data_iter.get_state()  # always the position that goes with state
+        if jax.process_index() == 0:  # only once the checkpoint accepted this config and data
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
         self.train_step = make_train_step(cfg, self.model_cfg, apply_fn, self.mesh, self.rules)
         self._full_attention_step = None
@@ -206,7 +203,8 @@ class _Run:
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
         self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         self.meta = {"model_config": model_config_to_meta(self.model_cfg),
-                     "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len}
+                     "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len,
+                     "data_sources": self.data_sources}
         # The log window of the checkpoint step: a log line after a resume averages the same
         # steps as it would have without the interruption.
         self.window = _Window(list((restored.meta or {}).get("log_window", [])) if restored
@@ -214,6 +212,27 @@ class _Run:
         self.bad_in_a_row = 0
         self.finite_since_restore = False
         self.pending: _Pending | None = None
+
+    def _resume_data(self, restored, restart_data: bool, notes: list[str]):
+        """Put the data stream where the checkpoint left it, if the data is what it recorded
+        (``data_identity``); a changed corpus is refused unless ``checkpoint.restart_data``,
+        which restarts the stream from its start (as does a step without a data state)."""
+        where = f"{self.ckpt.directory / str(self.start)} (step {self.start})"
+        changes = data_changes((restored.meta or {}).get("data_sources"), self.data_sources)
+        if changes and not restart_data:
+            raise ValueError(
+                f"cannot resume {where}: the training data changed since it was saved ("
+                + "; ".join(changes) + "). Put the data back to continue the run exactly, or set"
+                " checkpoint.restart_data=true to go on with this data (its stream restarts)")
+        if changes:
+            notes.append(f"checkpoint.restart_data: the training data changed since step"
+                         f" {self.start} ({'; '.join(changes)}); the data stream restarts from"
+                         " its start")
+        elif restored.data_state is None:
+            notes.append(f"checkpoint.restart_data: step {self.start} holds no data-iterator"
+                         " state for this process; the data stream restarts from its start")
+        else:
+            self.data_iter.set_state(restored.data_state)
 
     def _step_fn(self):
         """The compiled step for the next step. Once the annealing ramp has reached r = 1 the
