@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 
 import jax
 
+from diffujax import paths
 from diffujax.generate import SAMPLERS
 from diffujax.runtime import add_mesh_args, load_from_args
 from diffujax.tasks.encode import Encoder
@@ -64,6 +67,21 @@ def make_encoder(model, *, sep_id=None, pad_id=None) -> Encoder:
                    eos_id=tok.eos_id, pad_id=tok.pad_id if pad_id is None else pad_id)
 
 
+def checkpoint_identity(checkpoint: str) -> dict:
+    """What identifies the weights results were computed with: a digest of every file of the
+    checkpoint with its size and modification time (a bucket: its generation). The parameter
+    checksums alone would not do: their position-weighted sums miss a change of every element
+    alike (a scaled tensor). A copy of the checkpoint made without its times counts as other
+    weights (the per-item file is refused, never mixed)."""
+    root = paths.resolve(checkpoint)
+    digest = hashlib.sha256()
+    for f in paths.list_files(root):
+        size_and_version = paths.fingerprint(f).rsplit("|", 2)[-2:]
+        digest.update(json.dumps([os.path.relpath(os.fspath(f), os.fspath(root)),
+                                  *size_and_version]).encode())
+    return {"checkpoint_sha256": digest.hexdigest()}
+
+
 def format_result(result: dict) -> str:
     scores = ", ".join(f"{name} {m['value']:.2f} +- {m['stderr']:.2f}"
                        for name, m in result["metrics"].items())
@@ -89,7 +107,8 @@ def run_tasks(args) -> int:
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     first = jax.process_index() == 0  # every process computes the same; one writes and prints
     result, _ = run_task(runner, args.data, limit=args.limit, per_item=args.per_item,
-                         progress=progress and first, write=first)
+                         progress=progress and first, write=first,
+                         computed_from=checkpoint_identity(args.checkpoint))
     if first:
         print(json.dumps(result) if args.json else format_result(result))
     return 0
