@@ -98,9 +98,16 @@ def run_tasks(args) -> int:
                         steps=args.steps, sampler=args.sampler, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, reference=args.reference_parity,
                         logits_temp=args.logits_temp, seq_len=args.seq_len, timeout=args.timeout)
+    for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value}: must be >= 1")
+    items = TASKS[args.task].load(args.data)  # bad data is named before the model loads
     model = load_from_args(args)
     if args.objective == "diffusion":
         model.mask_token_id()  # one clear line now if the checkpoint has no mask token
+    positions = model.config.max_positions
+    if TASKS[args.task].kind == "answer" and args.seq_len > positions:
+        raise ValueError(f"--seq-len {args.seq_len}: more than the model's {positions} positions")
     engine = Engine(model, batch_size=args.batch_size, seed=args.seed)
     runner = TaskRunner(engine, make_encoder(model, sep_id=args.sep_id, pad_id=args.pad_id),
                         args.task, settings)
@@ -108,7 +115,7 @@ def run_tasks(args) -> int:
     first = jax.process_index() == 0  # every process computes the same; one writes and prints
     result, _ = run_task(runner, args.data, limit=args.limit, per_item=args.per_item,
                          progress=progress and first, write=first,
-                         computed_from=checkpoint_identity(args.checkpoint))
+                         computed_from=checkpoint_identity(args.checkpoint), items=items)
     if first:
         print(json.dumps(result) if args.json else format_result(result))
     return 0

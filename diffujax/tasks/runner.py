@@ -74,8 +74,19 @@ class Settings:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
-        if self.num_levels < 1 or (self.steps is not None and self.steps < 1):
-            raise ValueError("--levels and --steps must be >= 1")
+        at_least_1 = {"--levels": self.num_levels, "--steps": self.steps, "--top-k": self.top_k}
+        for name, value in at_least_1.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} {value}: must be >= 1")
+        if not self.temperature >= 0:  # NaN too
+            raise ValueError(f"--temperature {self.temperature}: must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
+        for name, value in (("--logits-temp", self.logits_temp), ("--timeout", self.timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} {value}: must be > 0")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
         if self.reference and self.sampler != "topk":
             raise ValueError("--reference-parity uses the reference's topk sampler: drop --sampler")
 
@@ -345,13 +356,15 @@ class PerItemFile:
 def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
              per_item: str | None = None, chunk_items: int | None = None,
              progress: bool | None = None, write: bool = True,
-             computed_from: dict | None = None) -> tuple[dict, list[dict]]:
+             computed_from: dict | None = None, items: list | None = None
+             ) -> tuple[dict, list[dict]]:
     """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records).
-    ``computed_from``: more of what the results depend on (the checkpoint), for the header."""
-    items = runner.spec.load(data)
+    ``computed_from``: more of what the results depend on (the checkpoint), for the header;
+    ``items``: the file's items, when they were read already."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: must be >= 1")
+    items = runner.spec.load(data) if items is None else items
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
     header = dict(runner.header(data), data_sha256=file_sha256(data), **(computed_from or {}))
     log = PerItemFile(per_item if write else None, header, ("index", *runner.record_fields()))
