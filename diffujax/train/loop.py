@@ -69,11 +69,22 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    check_override_text(args.overrides)
     cfg = load_config(args.config, args.overrides)
     # Before any other JAX call: multi-host jobs must join the distributed runtime first.
     maybe_initialize_distributed(cfg.mesh)
     _enable_compilation_cache()
     return train(cfg)
+
+
+def check_override_text(overrides) -> None:
+    """Refuse an override with a control character in it: YAML would fold a newline into a space
+    (``output_dir=a<newline>b`` became ``a b``: the run went elsewhere) or fail obscurely."""
+    for item in overrides or ():
+        if any(ord(c) < 32 or ord(c) == 127 for c in item):
+            key, _, value = item.partition("=")
+            raise ValueError(f"{key.strip()}={value!r}: contains a control character (a newline,"
+                             " a tab...); such a value is a typo far more often than a wish")
 
 
 def _enable_compilation_cache():
@@ -401,6 +412,12 @@ class _Run:
             log.warning("could not save a checkpoint after the error: %s", e)
 
     def _finish(self, stop: str | None) -> int:
+        if stop == "data" and self.step == 0:  # nothing trained: no checkpoint, no final/
+            d = self.cfg.data
+            raise ValueError(f"the data ran out before step 1: data.sources hold less than one"
+                             f" global batch ({d.global_batch} sequences of {d.seq_len} tokens)"
+                             f" in data.num_epochs={d.num_epochs}; add data or epochs, or lower"
+                             " data.global_batch")
         self._save(force=True)
         self.ckpt.wait()
         where = self.ckpt.directory / str(self.step)
