@@ -37,7 +37,7 @@ from diffujax.models import apply_fn_for
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.train import metrics as M
-from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
+from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
@@ -267,6 +267,7 @@ class _Run:
             while self.step < total:
                 if self.lock is not None:
                     self.lock.check()  # a lost lease: another run may own output_dir now
+                self.ckpt.check()  # a save that failed in the background stops the run now
                 if self.guard.requested(self.step):
                     stop = "signal"
                     break
@@ -305,21 +306,26 @@ class _Run:
                 self._undo_halted_step()
             else:
                 stop = self._consume_pending() or stop
-        except M.WriterError as e:
+        except (M.WriterError, SaveFailed) as e:
             # The metrics of the steps since the last checkpoint may be incomplete: resuming
             # from that checkpoint redoes them, so it is the state to keep (it is on disk).
-            raise self._writer_failed(e) from e
+            raise self._writer_failed(e) from None
         except RunLockError:
             raise  # not ours to write any more: no emergency checkpoint
         except BaseException:
             self._emergency_save()
             raise
-        return self._finish(stop)
+        try:
+            return self._finish(stop)
+        except SaveFailed as e:
+            raise self._writer_failed(e) from None
 
     def _writer_failed(self, error) -> M.WriterError:
         try:
-            self.ckpt.wait()
-            last = self.ckpt.latest_step()
+            if self.ckpt.failed is None:
+                self.ckpt.wait()
+            last = max((s for s in self.ckpt.all_steps()
+                        if self.ckpt.failed is None or s != self.ckpt.failed.step), default=None)
         except Exception:  # noqa: BLE001 - the same disk may fail the checkpoint too
             last = None
         where = (f"checkpoint {self.ckpt.directory / str(last)} is intact" if last is not None
