@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
 import json
 import logging
 import multiprocessing
@@ -140,14 +139,17 @@ def prepare_output(out_dir):
     return out
 
 
-def _remove_stale_temporaries(out, name: str) -> None:
-    """The temporary files of shard ``name`` that a killed run left (``paths.writing_file``
-    names): one pretokenize writes an output directory at a time, so they are nobody's."""
+def _remove_stale_temporaries(out) -> None:
+    """The temporary files (``paths.writing_file`` names) of shards, their ``.json`` and the
+    metadata that a killed run left: one pretokenize writes an output directory at a time, so
+    they are nobody's."""
     if paths.is_remote(out):
-        return  # a bucket's shards are written locally and uploaded whole
-    for stale in pathlib.Path(os.fspath(out)).glob(f".{glob.escape(name)}.tmp-*"):
-        log.warning("pretokenize: removing %s, left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
+        return  # a bucket's files are written locally and uploaded whole
+    local = pathlib.Path(os.fspath(out))
+    for pattern in (".data-*-of-*.tmp-*", ".metadata.json.tmp-*"):
+        for stale in local.glob(pattern):
+            log.warning("pretokenize: removing %s, left by an interrupted run", stale)
+            stale.unlink(missing_ok=True)
 
 
 def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_len: int | None,
@@ -157,6 +159,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
     check_arguments(num_shards=num_shards, seq_len=seq_len, workers=workers,
                     model_vocab_size=model_vocab_size)
     out = prepare_output(out_dir)
+    _remove_stale_temporaries(out)
     if model_vocab_size is not None:
         tokenizer.check_model_vocab(model_vocab_size)
     if not getattr(source, "single", True):
@@ -183,8 +186,6 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
             counts[k] = prior["counts"]
         else:
             todo.append(k)
-            for name in (done.name, done.with_suffix(".json").name):
-                _remove_stale_temporaries(out, name)
     if todo:
         log.info("pretokenize: %d of %d shards to write", len(todo), num_shards)
     if workers > 1 and len(todo) > 1:

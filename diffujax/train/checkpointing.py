@@ -110,8 +110,8 @@ class SaveFailed(OSError):
     once; the steps saved before it are intact."""
 
     def __init__(self, step: int, step_dir, error: BaseException):
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200] \
-            if str(error) else type(error).__name__
+        text = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = getattr(error, "strerror", None) or text
         super().__init__(f"checkpoint {step_dir} could not be written: {reason}")
         self.step = step
 
