@@ -69,7 +69,8 @@ class DiffujaxLM(TemplateLM):
         """``values``: the model_args (``tasks.model_args``: keys, defaults, checks)."""
         super().__init__()
         a = model_args(values)  # every key and value checked before the model loads
-        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=a["mesh"], distributed="auto"))
+        mesh = "none" if a["mesh"] is None else a["mesh"]  # lm-eval reads mesh=none as None
+        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=mesh, distributed="auto"))
         self.model = load_for_inference(a["checkpoint"], dtype=a["dtype"], mesh=mesh_,
                                         rules=rules)
         if a["objective"] == "diffusion":

@@ -76,7 +76,9 @@ CHECKS = {
     "batch_size": _batch_size,
     "seed": _at_least(0),
     "dtype": _optional(_one_of(tuple(DTYPES))),
-    "mesh": lambda v: None if isinstance(v, str) and v else "must be auto, none or axis sizes",
+    # lm-eval reads mesh=none as None
+    "mesh": lambda v: None if v is None or isinstance(v, str) and v else
+    "must be auto, none or axis sizes",
     "max_length": _optional(_at_least(2)),
     "max_gen_toks": _at_least(1),
     "add_bos_token": lambda v: None if isinstance(v, bool) else "must be true or false",

@@ -2,9 +2,16 @@
 unknown or misspelt key is named with the nearest known one, every bad value is named with what
 it may be, before any weight is read; through the command, one line and exit status 2."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from diffujax.tasks.harness import DiffujaxLM
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 BAD = [  # (model_args besides the checkpoint, what the message must say)
     (dict(levles=4), "model_args levles: unknown key (did you mean levels?)"),
@@ -30,6 +37,7 @@ BAD = [  # (model_args besides the checkpoint, what the message must say)
     (dict(dtype="int8"), "model_args dtype='int8': must be one of float32, bfloat16"),
     (dict(max_length=1), "model_args max_length=1: must be an integer >= 2"),
     (dict(max_gen_toks=0), "model_args max_gen_toks=0: must be an integer >= 1"),
+    (dict(mesh=3), "model_args mesh=3: must be auto, none or axis sizes"),
     (dict(add_bos_token="yes"), "model_args add_bos_token='yes': must be true or false"),
 ]
 
@@ -55,7 +63,7 @@ def test_lm_evals_batch_size_gives_way_to_the_model_args(tiny_ckpt, no_weight_re
 def test_bad_model_args_are_named_before_the_model_loads(tiny_ckpt, no_weight_reads, extra,
                                                          message):
     with pytest.raises(ValueError) as caught:
-        DiffujaxLM(checkpoint=str(tiny_ckpt), mesh="none", **extra)
+        DiffujaxLM(**{"checkpoint": str(tiny_ckpt), "mesh": "none", **extra})
     assert message in str(caught.value)
 
 
@@ -70,19 +78,19 @@ def test_max_length_beyond_the_model_is_refused(tiny_ckpt):
 
 
 @pytest.mark.integration
-def test_the_command_prints_one_line(tiny_ckpt, tmp_path, capsys, no_weight_reads):
-    from diffujax.cli import main
-
+def test_the_command_prints_one_line(tiny_ckpt, tmp_path):
     (tmp_path / "tiny.yaml").write_text(
         "task: diffujax_args\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {tmp_path / 'items.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: '{{l}}'\n")
     (tmp_path / "items.jsonl").write_text('{"q": "w1", "c": [" w2", " w3"], "l": 0}\n')
     # batch_size is also lm-eval's own (--batch_size): given in model_args it was passed twice
-    code = main(["lm-eval", "run", "--model", "diffujax", "--model_args",
-                 f"checkpoint={tiny_ckpt},batch_size=big,mesh=none", "--tasks", "diffujax_args",
-                 "--include_path", str(tmp_path)])
-    err = capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffujax.cli", "lm-eval", "run", "--model", "diffujax",
+         "--model_args", f"checkpoint={tiny_ckpt},batch_size=big,mesh=none", "--tasks",
+         "diffujax_args", "--include_path", str(tmp_path)], cwd=ROOT, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    err = proc.stderr
     lines = [x for x in err.splitlines() if x.startswith("diffujax lm-eval: error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "model_args batch_size='big': must be an integer >= 1" in lines[0]
