@@ -131,7 +131,8 @@ def test_a_killed_runs_temporary_shard_is_removed_by_the_rerun(sp_dir, corpus_di
     clean, out = tmp_path / "clean", tmp_path / "out"
     assert main(_argv(sp_dir, clean, corpus_dir)) == 0
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_SHARD_0, *_argv(sp_dir, out, corpus_dir)], env=env, cwd=ROOT, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SHARD_0,
+                           *_argv(sp_dir, out, corpus_dir)], env=env, cwd=ROOT, timeout=120,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stdout
     left = [p.name for p in out.iterdir() if ".tmp-" in p.name]

@@ -84,7 +84,7 @@ def test_the_cli_refuses_a_per_item_file_of_another_checkpoint(tiny_ckpt, task_f
     assert "(checkpoint_sha256 differ)" in err[0], err
 
 
-# --- arguments and task data -----------------------------------------------------------------------
+# --- arguments and task data --------------------------------------------------------------------
 
 
 @pytest.fixture
