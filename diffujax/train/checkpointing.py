@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -33,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffujax import paths
+from diffujax import console, paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
@@ -118,13 +119,27 @@ class SaveFailed(OSError):
 
 class _QuietBackgroundSaveErrors(logging.Filter):
     """orbax logs a failed background save with a traceback from each of its threads, steps
-    before the run can see it; the run reports it in one line (``SaveFailed``) instead. Errors
-    of other origin, and everything under ``--debug``, pass."""
+    before the run can see it; the run reports the failure in one line (``SaveFailed``)
+    instead. Errors of other origin, and everything under ``--debug``, pass."""
 
     def filter(self, record) -> bool:
         from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
         return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
-                    and log.getEffectiveLevel() > logging.DEBUG)
+                    and not console.debug_enabled())
+
+
+def _quiet_abandoned_writes() -> None:
+    """After a failed save, the array writes orbax abandoned still finish and report to its
+    closed event loop; the error each raises there is "unraisable" (native code), a traceback
+    per array. The run has said what failed: those are dropped (not under ``--debug``)."""
+    previous = sys.unraisablehook
+
+    def hook(info):
+        if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    if not console.debug_enabled():
+        sys.unraisablehook = hook
 
 
 @dataclasses.dataclass
@@ -256,6 +271,7 @@ class TrainCheckpointer:
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore / the OS: all mean "unsaved"
             step = self._in_flight if step is None else step
             self.failed = SaveFailed(step, self.directory / str(step), e)
+            _quiet_abandoned_writes()
             raise self.failed from None
 
     def check(self):
