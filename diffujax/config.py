@@ -232,7 +232,8 @@ class CheckpointSection:
     keep_every: int | None = None  # also keep every n-th step for good
     async_save: bool = dataclasses.field(default=True, metadata={"key": "async"})
     # Resume from a step that lacks this process's data-iterator state (deleted, or saved with
-    # another process count) by restarting the data stream; otherwise such a step is incomplete.
+    # another process count), or whose training data changed since (files added, removed,
+    # modified), by restarting the data stream; otherwise such a step is incomplete / refused.
     restart_data: bool = False
 
     def validate(self, key: str):

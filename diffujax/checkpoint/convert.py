@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 from typing import Mapping
 
@@ -180,7 +181,12 @@ def export(src_ckpt, dst, *, max_shard_size="5GB", dtype=None, overwrite: bool =
         hf = config.to_hf()
         hf["dtype"] = dtype_name(target or params[family_of(config).embedding].dtype)
         hf["torch_dtype"] = hf["dtype"]  # transformers 4.x reads this spelling
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        copy_tokenizer_files(src_ckpt, tmp)
-        write_safetensors(tmp, hf_tensors(config, params, layout, target), max_shard_size)
+        try:
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            copy_tokenizer_files(src_ckpt, tmp)
+            write_safetensors(tmp, hf_tensors(config, params, layout, target), max_shard_size)
+        except OSError as e:  # a full disk, a failing bucket: named by the file being written
+            name = os.path.basename(os.fspath(e.filename)) if e.filename else ""
+            raise CheckpointError(f"writing {paths.resolve(dst) / name} failed:"
+                                  f" {e.strerror or e}; nothing was left at {dst}") from None
     return paths.resolve(dst)

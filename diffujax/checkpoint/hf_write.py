@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -78,9 +79,13 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
         for name, _, _, make in shard:
             arrays[name] = make()
             bar.update(1)
-        with paths.writing_file(directory / file) as local:  # safetensors writes local files
-            save_file(arrays, str(local), metadata={"format": "pt"})
-            os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
+        try:
+            with paths.writing_file(directory / file) as local:  # safetensors: local files
+                save_file(arrays, str(local), metadata={"format": "pt"})
+                os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
+        except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error type
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, reason, file) from None
         for name, a in arrays.items():
             weight_map[name] = file
             total += a.nbytes

@@ -27,7 +27,9 @@ import json
 import logging
 import multiprocessing
 import os
+import pathlib
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -63,13 +65,18 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
     final = paths.resolve(out) / _shard_name(k, n)
     counts = dict(documents=0, tokens=0, records=0, empty_documents_skipped=0,
                   unreadable_skipped=0, documents_longer_than_block=0, tail_tokens_dropped=0)
-    with paths.writing_file(final) as tmp:
-        writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # records are read one by one
-        try:
-            _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config, counts)
-        finally:
-            writer.close()
-    _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+    try:
+        with paths.writing_file(final) as tmp:  # removed on failure: nothing half-written stays
+            writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # read one by one
+            try:
+                _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config,
+                               counts)
+            finally:
+                writer.close()
+        _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+    except (OSError, RuntimeError) as e:  # the writer's own errors are RuntimeErrors
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise OSError(f"writing {final} failed: {reason}") from None
     return counts
 
 
@@ -105,12 +112,54 @@ def _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config
     counts["tail_tokens_dropped"] = len(pending)
 
 
+def check_arguments(*, num_shards: int, seq_len: int | None, workers: int = 1,
+                    model_vocab_size: int | None = None) -> None:
+    """Refuse (``ValueError``, one line naming the option) a value that cannot work: before the
+    corpus is scanned (a block length of 0 would never finish a block)."""
+    lowest = {"--shards": (num_shards, 1), "--seq-len": (seq_len, 2), "--workers": (workers, 1),
+              "--model-vocab-size": (model_vocab_size, 1)}
+    for name, (value, low) in lowest.items():
+        if value is not None and value < low:
+            raise ValueError(f"{name} {value}: must be >= {low}")
+
+
+def prepare_output(out_dir):
+    """``out_dir`` created if needed and checked to be a writable directory (one line naming
+    it otherwise, before any work)."""
+    out = paths.resolve(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not paths.is_remote(out):
+            with tempfile.TemporaryFile(dir=os.fspath(out)):
+                pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def _remove_stale_temporaries(out) -> None:
+    """The temporary files (``paths.writing_file`` names) of shards, their ``.json`` and the
+    metadata that a killed run left: one pretokenize writes an output directory at a time, so
+    they are nobody's."""
+    if paths.is_remote(out):
+        return  # a bucket's files are written locally and uploaded whole
+    local = pathlib.Path(os.fspath(out))
+    for pattern in (".data-*-of-*.tmp-*", ".metadata.json.tmp-*"):
+        for stale in local.glob(pattern):
+            log.warning("pretokenize: removing %s, left by an interrupted run", stale)
+            stale.unlink(missing_ok=True)
+
+
 def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_len: int | None,
                 add_bos: bool = False, model_vocab_size: int | None = None,
                 workers: int = 1) -> dict:
     """Write ``num_shards`` shards of ``source`` into ``out_dir``; returns the metadata."""
-    out = paths.resolve(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_arguments(num_shards=num_shards, seq_len=seq_len, workers=workers,
+                    model_vocab_size=model_vocab_size)
+    out = prepare_output(out_dir)
+    _remove_stale_temporaries(out)
     if model_vocab_size is not None:
         tokenizer.check_model_vocab(model_vocab_size)
     if not getattr(source, "single", True):
@@ -186,13 +235,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     console.setup_logging(debug=args.debug)
     try:
+        check_arguments(num_shards=args.shards, seq_len=args.seq_len, workers=args.workers,
+                        model_vocab_size=args.model_vocab_size)
+        prepare_output(args.out)
         source = make_source(args.format, args.inputs, field=args.field, mode=args.mode,
                              errors=args.errors, split=args.split, data_dir=args.data_dir)
         tok = load_tokenizer(args.tokenizer)
         meta = pretokenize(source, tok, args.out, num_shards=args.shards, seq_len=args.seq_len,
                            add_bos=args.add_bos, model_vocab_size=args.model_vocab_size,
                            workers=args.workers)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, OSError, ValueError) as e:  # OSError: a full disk, a failing bucket
         console.error_line(e)
         return 1
     print(json.dumps({"out": args.out, "layout": meta["layout"], **meta["counts"],

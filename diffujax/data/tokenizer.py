@@ -324,10 +324,15 @@ def load_tokenizer(
             raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
     kind = prefer if prefer in files else next(iter(files))
     tok: Tokenizer
-    if kind == "hf":
-        tok = HFTokenizer(files["hf"], parse_special=parse_special)
-    else:
-        tok = SentencePieceTokenizer(files["sentencepiece"])
+    try:
+        if kind == "hf":
+            tok = HFTokenizer(files["hf"], parse_special=parse_special)
+        else:
+            tok = SentencePieceTokenizer(files["sentencepiece"])
+    except Exception as e:  # noqa: BLE001 - each library raises its own types for a bad file
+        what = "a tokenizer.json" if kind == "hf" else "a sentencepiece model"
+        raise ValueError(f"{files[kind]}: not {what} ({type(e).__name__}:"
+                         f" {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     special = _special_from_dir(tok, pathlib.Path(directory)).as_dict()
     for name, tid in overrides.items():
         if name not in _SPECIAL_NAMES:

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import copy
 
-from diffujax.tasks.engine import Row
-
-# Row ids: item i, choice j -> i * ROW_STRIDE + j, so an item's draws never depend on which
-# other items are scored with it (batching, --limit, resuming).
-ROW_STRIDE = 64
+from diffujax.tasks.engine import ROW_STRIDE, Row
 
 
 class Encoder:

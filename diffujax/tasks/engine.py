@@ -29,6 +29,9 @@ from diffujax.generate import sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
+# Row ids: item i, choice j -> i * ROW_STRIDE + j, so an item's draws never depend on which
+# other items are scored with it (batching, --limit, resuming).
+ROW_STRIDE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,11 @@ class Engine:
         each padded to its own length bucket."""
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            length = bucket_length(max(len(r.tokens) for r in chunk), self._limit)
+            longest = max(chunk, key=lambda r: len(r.tokens))
+            try:
+                length = bucket_length(len(longest.tokens), self._limit)
+            except ValueError as e:  # name the item (row ids are item * ROW_STRIDE + choice)
+                raise ValueError(f"item {longest.row_id // ROW_STRIDE}: {e}") from None
             yield chunk, pack(chunk, self.batch_size, length)
 
     def _run(self, rows: Sequence[Row], fn, *extra):

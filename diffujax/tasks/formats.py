@@ -83,7 +83,7 @@ def hellaswag(path):
     items = []
     for r in readers.read_records(path):
         ctx = field(r, "ctx_a") + " " + field(r, "ctx_b").capitalize()
-        endings = field(r, "endings", list)
+        endings = readers.strings(r, "endings")
         items.append(Choice(prefix=hellaswag_preprocess(field(r, "activity_label") + ": " + ctx),
                             continuations=tuple(hellaswag_preprocess(e) for e in endings),
                             gold=_gold(r, "label", len(endings))))
@@ -141,7 +141,9 @@ def rocstories(path):
                 raise TaskDataError(f"{r['_where']}: AnswerRightEnding must be 1 or 2")
             story = [field(r, f"InputSentence{i}") for i in range(1, 5)]
             story.append(field(r, f"RandomFifthSentenceQuiz{right}"))
-        items.append(Infill(prefix=story[0] + " " + story[1], middle=story[2],
+        middle = readers.nonempty(r, "sentence3" if "sentence3" in r else "InputSentence3",
+                                  "nothing to infill")
+        items.append(Infill(prefix=story[0] + " " + story[1], middle=middle,
                             suffix=story[3] + " " + story[4]))
     return items
 
@@ -158,7 +160,8 @@ def humaneval(path):
     items = []
     for r in readers.read_records(path):
         prefix, suffix = field(r, "prompt"), field(r, "suffix")
-        items.append(Infill(prefix=prefix, middle=field(r, "canonical_solution"), suffix=suffix,
+        middle = readers.nonempty(r, "canonical_solution", "nothing to infill")
+        items.append(Infill(prefix=prefix, middle=middle, suffix=suffix,
                             ar_prompt=humaneval_prompt(prefix, suffix), test=field(r, "test"),
                             entry_point=field(r, "entry_point"), task_id=field(r, "task_id")))
     return items

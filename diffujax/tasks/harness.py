@@ -10,8 +10,10 @@ estimate of log p(continuation | context) with ``mc_num`` draws); ``rolling_draw
 ELBO's draws of t per rolling window in ``loglikelihood_rolling``, a lower bound on the
 log-likelihood, stratified per window); ``sampler`` / ``steps`` / ``temperature`` /
 ``ranking`` / ``confidence_temperature`` for ``generate_until`` (stop sequences and EOS are
-honoured; ``steps`` defaults to the number of tokens to generate); ``batch_size``, ``seed``,
-``dtype``, ``mesh``, ``max_length``, ``max_gen_toks``, ``add_bos_token``.
+honoured; ``steps`` defaults to the number of tokens to generate); ``batch_size`` (over
+lm-eval's ``--batch_size``; ``auto`` is 8), ``seed``, ``dtype``, ``mesh``, ``max_length``,
+``max_gen_toks``, ``add_bos_token``. Every key and value is checked before the model loads
+(``tasks.model_args``): an unknown or misspelt key is refused, naming the nearest known one.
 
 With ``objective=ar`` every request is exact causal scoring, so an unadapted model gives the
 numbers of lm-eval's own ``hf`` model (tested to 1e-4).
@@ -35,10 +37,10 @@ except ModuleNotFoundError as e:  # an optional extra
     raise ModuleNotFoundError(f"{e}: diffujax lm-eval needs lm-evaluation-harness, pip install"
                               " 'diffujax[eval]'") from e
 
+from diffujax import console
 from diffujax.runtime import load_for_inference, mesh_from_args
 from diffujax.tasks.engine import Engine, Row
-
-SCORES = ("reference", "mc")
+from diffujax.tasks.model_args import batch_size_of, model_args
 
 
 def _sorted_by_length(rows):
@@ -63,35 +65,45 @@ def _in_order(rows, compute):
 
 @register_model("diffujax")
 class DiffujaxLM(TemplateLM):
-    def __init__(self, checkpoint: str, objective: str = "diffusion", score: str = "reference",
-                 levels: int = 32, mc_num: int = 128, rolling_draws: int = 8,
-                 sampler: str = "topk", steps: int | None = None, temperature: float = 0.0,
-                 ranking: str = "masked", confidence_temperature: float | None = None,
-                 batch_size: int | str = 8, seed: int = 0, dtype: str | None = None,
-                 mesh: str = "auto", max_length: int | None = None, max_gen_toks: int = 256,
-                 add_bos_token: bool = False, **unused):
+    def __init__(self, **values):
+        """``values``: the model_args (``tasks.model_args``: keys, defaults, checks)."""
         super().__init__()
-        if objective not in ("diffusion", "ar"):
-            raise ValueError(f"model_args objective={objective!r}: must be diffusion or ar")
-        if score not in SCORES:
-            raise ValueError(f"model_args score={score!r}: must be one of {SCORES}")
-        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=str(mesh), distributed="auto"))
-        self.model = load_for_inference(str(checkpoint), dtype=dtype, mesh=mesh_, rules=rules)
-        if objective == "diffusion":
+        a = model_args(values)  # every key and value checked before the model loads
+        mesh = "none" if a["mesh"] is None else a["mesh"]  # lm-eval reads mesh=none as None
+        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=mesh, distributed="auto"))
+        self.model = load_for_inference(a["checkpoint"], dtype=a["dtype"], mesh=mesh_,
+                                        rules=rules)
+        if a["objective"] == "diffusion":
             self.model.mask_token_id()  # one clear line if the checkpoint has none
-        size = 8 if str(batch_size).startswith("auto") else int(batch_size)
-        self.engine = Engine(self.model, batch_size=size, seed=int(seed))
+        self.engine = Engine(self.model, batch_size=batch_size_of(a["batch_size"]),
+                             seed=a["seed"])
         self.tokenizer = self.model.tokenizer
-        self.objective, self.score = objective, score
-        self.levels, self.mc_num, self.rolling_draws = int(levels), int(mc_num), int(rolling_draws)
-        self.decoding = dict(sampler=sampler, temperature=float(temperature), ranking=ranking,
-                             confidence_temperature=None if confidence_temperature is None
-                             else float(confidence_temperature))
-        self.steps = None if steps is None else int(steps)
+        self.objective, self.score = a["objective"], a["score"]
+        self.levels, self.mc_num, self.rolling_draws = a["levels"], a["mc_num"], a["rolling_draws"]
+        temp = a["confidence_temperature"]
+        self.decoding = dict(sampler=a["sampler"], temperature=float(a["temperature"]),
+                             ranking=a["ranking"],
+                             confidence_temperature=None if temp is None else float(temp))
+        self.steps = a["steps"]
         positions = getattr(self.model.config, "max_positions", None) or 2048
-        self._max_length = int(max_length) if max_length else positions - 1
-        self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        if a["max_length"] is not None and a["max_length"] > positions:
+            raise ValueError(f"model_args max_length={a['max_length']}: more than the model's"
+                             f" {positions} positions")
+        self._max_length = a["max_length"] or positions - 1
+        self._max_gen_toks = a["max_gen_toks"]
+        self.add_bos_token = a["add_bos_token"]
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+                                       additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm-eval's own settings (``--batch_size``, ...) under the model_args: a key given in
+        both is the model's (lm-eval would pass it twice, a TypeError)."""
+        harness = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**dict(harness, **arg_dict))
 
     # --- what TemplateLM needs ------------------------------------------------------------------
 
@@ -222,6 +234,9 @@ def run_lm_eval(argv) -> int:
     sys.argv = ["lm_eval", *argv]
     try:
         cli_evaluate()
+    except (OSError, ValueError) as e:  # bad model_args, files: one line, as every command
+        console.error_line(e, "diffujax lm-eval")
+        return 2
     finally:
         sys.argv = saved
     return 0

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import pathlib
+import zlib
 
 
 class TaskDataError(ValueError):
@@ -26,7 +27,11 @@ def _open_text(path: str):
         raise TaskDataError(f"{path}: no such task file")
     raw = p.read_bytes()
     if path.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise TaskDataError(f"{path}: not a complete gzip file (truncated or damaged: {e})"
+                                ) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -76,6 +81,23 @@ def read_csv(path: str) -> list[dict]:
     if not rows:
         raise TaskDataError(f"{path}: no data rows under the header")
     return rows
+
+
+def strings(record: dict, name: str) -> list[str]:
+    """``record[name]`` checked to be a list of strings."""
+    value = field(record, name, list)
+    if not all(isinstance(v, str) for v in value):
+        raise TaskDataError(f"{record.get('_where', '?')}: field {name!r} must be a list of"
+                            f" strings, got {value!r:.60}")
+    return value
+
+
+def nonempty(record: dict, name: str, what: str) -> str:
+    """``record[name]``, a string with more than white space (``what`` says why)."""
+    value = field(record, name)
+    if not value.strip():
+        raise TaskDataError(f"{record.get('_where', '?')}: field {name!r} is empty: {what}")
+    return value
 
 
 def field(record: dict, name: str, kind=str):

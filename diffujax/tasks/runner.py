@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -41,8 +42,19 @@ class Settings:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
-        if self.num_levels < 1 or (self.steps is not None and self.steps < 1):
-            raise ValueError("--levels and --steps must be >= 1")
+        at_least_1 = {"--levels": self.num_levels, "--steps": self.steps, "--top-k": self.top_k}
+        for name, value in at_least_1.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} {value}: must be >= 1")
+        if not self.temperature >= 0:  # NaN too
+            raise ValueError(f"--temperature {self.temperature}: must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
+        for name, value in (("--logits-temp", self.logits_temp), ("--timeout", self.timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} {value}: must be > 0")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
         if self.reference and self.sampler != "topk":
             raise ValueError("--reference-parity uses the reference's topk sampler: drop --sampler")
 
@@ -209,12 +221,18 @@ class TaskRunner:
             h["timeout_s"] = s.timeout
         return h
 
+    def record_fields(self) -> tuple[str, ...]:
+        """The fields of a per-item record that the metrics read."""
+        if self.spec.kind in ("choice", "last_word", "answer"):
+            return ("correct",)
+        return self.metric_names()
+
     def summarize(self, records: list[dict], header: dict) -> dict:
         result = dict(header)
         result["metrics"] = {}
-        key = {"choice": "correct", "last_word": "correct", "answer": "correct"}
+        fields = self.record_fields()
         for name in self.metric_names():
-            field = key.get(self.spec.kind, name)
+            field = fields[0] if fields == ("correct",) else name
             value, stderr = metrics.mean_stderr([r[field] for r in records])
             scale = 100.0 if field in ("correct", "pass@1") else 1.0
             result["metrics"][name] = dict(value=value * scale, stderr=stderr * scale)
@@ -224,11 +242,20 @@ class TaskRunner:
 
 # --- per-item file (restart) --------------------------------------------------------------------
 
-class PerItemFile:
-    """Append-only JSON lines: a header with the settings, then one record per item."""
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, path: str | None, header: dict):
-        self.path, self.header = path, header
+
+class PerItemFile:
+    """Append-only JSON lines: a header with what the results were computed from (settings, the
+    task file's digest), then one record per item with at least ``fields``."""
+
+    def __init__(self, path: str | None, header: dict, fields: tuple[str, ...] = ("index",)):
+        self.path, self.header, self.fields = path, header, fields
 
     def load(self) -> dict[int, dict]:
         if self.path is None or not os.path.exists(self.path):
@@ -244,18 +271,38 @@ class PerItemFile:
                              " another --per-item)") from None
         if not isinstance(first, dict) or first.get("header") != self.header:
             old = first.get("header", {}) if isinstance(first, dict) else {}
+            old = old if isinstance(old, dict) else {}
             diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
-            raise ValueError(f"{self.path} was written with other settings ({', '.join(diff)}):"
-                             " remove it to start over, or choose another --per-item")
+            raise ValueError(f"{self.path} was computed from other settings or data"
+                             f" ({', '.join(diff)} differ): remove it to start over, or choose"
+                             " another --per-item")
         done = {}
-        for line in lines[1:]:
+        for number, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut short by an interruption: that item runs again
-            done[int(record["index"])] = record
+                if number == len(lines):
+                    break  # the last line, cut short by an interruption: that item runs again
+                raise ValueError(self._damaged(number, "not JSON")) from None
+            done[self._index(record, number)] = record
         self._rewrite(done)  # drops a cut-short tail, so appends start on a clean line
         return done
+
+    def _index(self, record, number: int) -> int:
+        """The item index of a record, checked to have every field a result needs."""
+        if not isinstance(record, dict):
+            raise ValueError(self._damaged(number, f"a {type(record).__name__}, not a record"))
+        missing = [k for k in self.fields if k not in record]
+        if missing:
+            raise ValueError(self._damaged(number, f"missing {', '.join(missing)}"))
+        index = record["index"]
+        if type(index) is not int or index < 0:
+            raise ValueError(self._damaged(number, f"index {index!r} is not an item number"))
+        return index
+
+    def _damaged(self, number: int, what: str) -> str:
+        return (f"{self.path}:{number}: damaged record ({what}): remove that line (its item runs"
+                " again) or the file (to start over)")
 
     def _rewrite(self, done):
         tmp = f"{self.path}.tmp"
@@ -280,15 +327,19 @@ class PerItemFile:
 
 def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
              per_item: str | None = None, chunk_items: int | None = None,
-             progress: bool | None = None, write: bool = True) -> tuple[dict, list[dict]]:
-    """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records)."""
-    items = runner.spec.load(data)
+             progress: bool | None = None, write: bool = True,
+             computed_from: dict | None = None, items: list | None = None
+             ) -> tuple[dict, list[dict]]:
+    """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records).
+    ``computed_from``: more of what the results depend on (the checkpoint), for the header;
+    ``items``: the file's items, when they were read already."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: must be >= 1")
+    items = runner.spec.load(data) if items is None else items
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
-    header = runner.header(data)
-    log = PerItemFile(per_item if write else None, header)
+    header = dict(runner.header(data), data_sha256=file_sha256(data), **(computed_from or {}))
+    log = PerItemFile(per_item if write else None, header, ("index", *runner.record_fields()))
     done = log.load()
     todo = [(i, item) for i, item in enumerate(items) if i not in done]
     chunk = chunk_items or max(1, runner.engine.batch_size)

@@ -18,10 +18,12 @@ truncated or corrupt. Model checkpoints out of a run: ``train.export``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -32,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffujax import paths
+from diffujax import console, paths
 from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
@@ -104,6 +106,42 @@ def _data_file() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class SaveFailed(OSError):
+    """A checkpoint could not be written (a full disk, a failing bucket): the run must stop at
+    once; the steps saved before it are intact."""
+
+    def __init__(self, step: int, step_dir, error: BaseException):
+        text = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = getattr(error, "strerror", None) or text
+        super().__init__(f"checkpoint {step_dir} could not be written: {reason}")
+        self.step = step
+
+
+class _QuietBackgroundSaveErrors(logging.Filter):
+    """orbax logs a failed background save with a traceback from each of its threads, steps
+    before the run can see it; the run reports the failure in one line (``SaveFailed``)
+    instead. Errors of other origin, and everything under ``--debug``, pass."""
+
+    def filter(self, record) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
+                    and not console.debug_enabled())
+
+
+def _quiet_abandoned_writes() -> None:
+    """After a failed save, the array writes orbax abandoned still finish and report to its
+    closed event loop; the error each raises there is "unraisable" (native code), a traceback
+    per array. The run has said what failed: those are dropped (not under ``--debug``)."""
+    previous = sys.unraisablehook
+
+    def hook(info):
+        if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    if not console.debug_enabled():
+        sys.unraisablehook = hook
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -173,6 +211,10 @@ class TrainCheckpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=(STATE, DATA, CONFIG, META, INTEGRITY))
+        self._in_flight: int | None = None  # the step of a started save not yet checked
+        self.failed: SaveFailed | None = None
+        self._quiet = _QuietBackgroundSaveErrors()
+        logging.getLogger("absl").addFilter(self._quiet)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -196,8 +238,7 @@ class TrainCheckpointer:
         step = int(step)
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
-        self.manager.wait_until_finished()  # the previous save is complete: safe to rotate
-        self._rotate()
+        self.wait()  # the previous save is complete (or SaveFailed): safe to rotate
         bad = getattr(state, "bad_steps", 0)
         finite = int(local_value(bad)) == 0
         meta = to_plain(dict(meta or {}, step=step, time=time.time(),
@@ -213,20 +254,53 @@ class TrainCheckpointer:
             META: ocp.args.JsonSave(meta),
             INTEGRITY: ocp.args.JsonSave(integrity),
         })
-        started = bool(self.manager.save(step, args=args, force=True))
+        with self._failing(step):
+            started = bool(self.manager.save(step, args=args, force=True))
         if started:
             self._finite[step] = finite
+            self._in_flight = step
         return started
+
+    @contextlib.contextmanager
+    def _failing(self, step: int | None):
+        """Turn any error of the block into ``SaveFailed`` for ``step`` (kept in ``failed``)."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore / the OS: all mean "unsaved"
+            step = self._in_flight if step is None else step
+            self.failed = SaveFailed(step, self.directory / str(step), e)
+            _quiet_abandoned_writes()
+            raise self.failed from None
+
+    def check(self):
+        """Raise ``SaveFailed`` as soon as a started save has failed in the background (one
+        process: checked without blocking between steps; several: at the next wait, which every
+        process reaches)."""
+        if self._in_flight is None or jax.process_count() > 1:
+            return
+        if not self.manager.is_saving_in_progress():  # ended: waiting for it does not block
+            self.wait()
 
     def wait(self):
         """Block until every started save is on disk (then apply retention)."""
-        self.manager.wait_until_finished()
+        with self._failing(None):
+            self.manager.wait_until_finished()
+        self._in_flight = None
         self._rotate()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self._rotate()
-        self.manager.close()
+        try:
+            if self.failed is None:  # after a failure orbax has nothing sound left to finish
+                self.wait()
+        finally:
+            if self.failed is None:
+                logging.getLogger("absl").removeFilter(self._quiet)
+                self.manager.close()
+            else:  # its threads may still report the failure: they stay quiet until exit
+                with contextlib.suppress(Exception):
+                    self.manager.close()
 
     def _is_finite(self, step: int) -> bool:
         if step not in self._finite:

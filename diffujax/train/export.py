@@ -120,12 +120,16 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     return directory
 
 
-def export_final(out_dir, model_cfg, state, tokenizer_dir, logger):
-    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints."""
+def export_final(out_dir, model_cfg, state, tokenizer_dir, logger, *, missing_only=False):
+    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints.
+    ``missing_only``: write only those without their completion marker (a rerun of a finished
+    run completes what a killed attempt left unwritten or half-written, e.g. in a bucket)."""
     targets = [("final", state.params)]
     if state.ema is not None:
         targets.append(("final_ema", state.ema))
     for name, params in targets:
+        if missing_only and paths.is_complete(out_dir / name):
+            continue
         save_model(out_dir / name, model_cfg, params, tokenizer_from=tokenizer_dir)
         logger.message(f"model saved to {out_dir / name} (diffujax eval/generate --checkpoint"
                        f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")

@@ -36,8 +36,8 @@ from diffujax.models import apply_fn_for
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.train import metrics as M
-from diffujax.train.checkpointing import TrainCheckpointer, model_config_to_meta
-from diffujax.train.data import build_data, source_reports
+from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
+from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
 from diffujax.train.lock import RunLockError, run_lock
@@ -55,11 +55,22 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
 
 
 def run_train(args) -> int:
+    check_override_text(args.overrides)
     cfg = load_config(args.config, args.overrides)
     # Before any other JAX call: multi-host jobs must join the distributed runtime first.
     maybe_initialize_distributed(cfg.mesh)
     _enable_compilation_cache()
     return train(cfg)
+
+
+def check_override_text(overrides) -> None:
+    """Refuse an override with a control character in it: YAML would fold a newline into a space
+    (``output_dir=a<newline>b`` became ``a b``: the run went elsewhere) or fail obscurely."""
+    for item in overrides or ():
+        if any(ord(c) < 32 or ord(c) == 127 for c in item):
+            key, _, value = item.partition("=")
+            raise ValueError(f"{key.strip()}={value!r}: contains a control character (a newline,"
+                             " a tab...); such a value is a typo far more often than a wish")
 
 
 def _enable_compilation_cache():
@@ -151,22 +162,19 @@ class _Run:
                                    str(self.ckpt.directory / str(self.start)))
             if changes:
                 notes.append("config changes applied from this step on: " + "; ".join(changes))
-        if jax.process_index() == 0:  # only once the checkpoint accepted this config
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         apply_fn = apply_fn_for(self.model_cfg)
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
                                             shard=data_shard(self.mesh, self.rules))
+        self.data_sources = data_identity(sources)
         self.data_iter = self.pipeline.iterator()
         if restored is not None:
-            if restored.data_state is not None:
-                self.data_iter.set_state(restored.data_state)
-            else:
-                notes.append(f"checkpoint.restart_data: step {self.start} holds no data-iterator"
-                             " state for this process; the data stream restarts from its start")
+            self._resume_data(restored, c.restart_data, notes)
         self.data_state = self.data_iter.get_state()  # always the position that goes with state
+        if jax.process_index() == 0:  # only once the checkpoint accepted this config and data
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
         self._steps = {}  # (block size, anneal_steps) -> the compiled step of those steps
         self._block_size = None  # of the last step run
@@ -192,7 +200,8 @@ class _Run:
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
         self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         self.meta = {"model_config": model_config_to_meta(self.model_cfg),
-                     "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len}
+                     "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len,
+                     "data_sources": self.data_sources}
         # The log window of the checkpoint step: a log line after a resume averages the same
         # steps as it would have without the interruption.
         self.window = _Window(list((restored.meta or {}).get("log_window", [])) if restored
@@ -200,6 +209,27 @@ class _Run:
         self.bad_in_a_row = 0
         self.finite_since_restore = False
         self.pending: _Pending | None = None
+
+    def _resume_data(self, restored, restart_data: bool, notes: list[str]):
+        """Put the data stream where the checkpoint left it, if the data is what it recorded
+        (``data_identity``); a changed corpus is refused unless ``checkpoint.restart_data``,
+        which restarts the stream from its start (as does a step without a data state)."""
+        where = f"{self.ckpt.directory / str(self.start)} (step {self.start})"
+        changes = data_changes((restored.meta or {}).get("data_sources"), self.data_sources)
+        if changes and not restart_data:
+            raise ValueError(
+                f"cannot resume {where}: the training data changed since it was saved ("
+                + "; ".join(changes) + "). Put the data back to continue the run exactly, or set"
+                " checkpoint.restart_data=true to go on with this data (its stream restarts)")
+        if changes:
+            notes.append(f"checkpoint.restart_data: the training data changed since step"
+                         f" {self.start} ({'; '.join(changes)}); the data stream restarts from"
+                         " its start")
+        elif restored.data_state is None:
+            notes.append(f"checkpoint.restart_data: step {self.start} holds no data-iterator"
+                         " state for this process; the data stream restarts from its start")
+        else:
+            self.data_iter.set_state(restored.data_state)
 
     def _step_fn(self):
         """The compiled step for the next step (``step_config``). Once the annealing ramp has
@@ -231,6 +261,7 @@ class _Run:
             while self.step < total:
                 if self.lock is not None:
                     self.lock.check()  # a lost lease: another run may own output_dir now
+                self.ckpt.check()  # a save that failed in the background stops the run now
                 if self.guard.requested(self.step):
                     stop = "signal"
                     break
@@ -269,21 +300,26 @@ class _Run:
                 self._undo_halted_step()
             else:
                 stop = self._consume_pending() or stop
-        except M.WriterError as e:
+        except (M.WriterError, SaveFailed) as e:
             # The metrics of the steps since the last checkpoint may be incomplete: resuming
             # from that checkpoint redoes them, so it is the state to keep (it is on disk).
-            raise self._writer_failed(e) from e
+            raise self._writer_failed(e) from None
         except RunLockError:
             raise  # not ours to write any more: no emergency checkpoint
         except BaseException:
             self._emergency_save()
             raise
-        return self._finish(stop)
+        try:
+            return self._finish(stop)
+        except SaveFailed as e:
+            raise self._writer_failed(e) from None
 
     def _writer_failed(self, error) -> M.WriterError:
         try:
-            self.ckpt.wait()
-            last = self.ckpt.latest_step()
+            if self.ckpt.failed is None:
+                self.ckpt.wait()
+            last = max((s for s in self.ckpt.all_steps()
+                        if self.ckpt.failed is None or s != self.ckpt.failed.step), default=None)
         except Exception:  # noqa: BLE001 - the same disk may fail the checkpoint too
             last = None
         where = (f"checkpoint {self.ckpt.directory / str(last)} is intact" if last is not None
@@ -376,6 +412,12 @@ class _Run:
             log.warning("could not save a checkpoint after the error: %s", e)
 
     def _finish(self, stop: str | None) -> int:
+        if stop == "data" and self.step == 0:  # nothing trained: no checkpoint, no final/
+            d = self.cfg.data
+            raise ValueError(f"the data ran out before step 1: data.sources hold less than one"
+                             f" global batch ({d.global_batch} sequences of {d.seq_len} tokens)"
+                             f" in data.num_epochs={d.num_epochs}; add data or epochs, or lower"
+                             " data.global_batch")
         self._save(force=True)
         self.ckpt.wait()
         where = self.ckpt.directory / str(self.step)
@@ -402,8 +444,9 @@ class _Run:
         if stop == "data":
             self.logger.message(f"the data ran out at step {self.step} (data.num_epochs="
                                 f"{self.cfg.data.num_epochs}); finishing early")
-        if self.step > self.start or not (self.out_dir / "final").exists():
-            export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger)
+        # A rerun with nothing left to train still finishes what a killed attempt did not.
+        export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger,
+                     missing_only=self.step == self.start)
         return 0
 
     def close(self, raise_errors: bool = True):

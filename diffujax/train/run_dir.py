@@ -23,6 +23,9 @@ def resolve_output_dir(raw) -> "paths.epath.Path":
     share it."""
     if not raw:
         raise ValueError("output_dir is not set (add output_dir=PATH or output_dir=gs://BUCKET/RUN)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(raw)):
+        raise ValueError(f"output_dir={str(raw)!r}: contains a control character (a newline, a"
+                         " tab...); such a value is a typo far more often than a wish")
     if jax.process_count() > 1 and paths.is_relative(raw):
         raise ValueError(f"output_dir={raw}: a relative path on a {jax.process_count()}-process run"
                          " (each host would resolve it against its own working directory); use a"

@@ -3,7 +3,10 @@ the CLI exactly as ``python -m diffujax.cli ARGS...`` after installing the fault
 ``$DIFFUJAX_TEST_FAULTS``, a comma-separated list of ``WHAT#N=ACTION``:
 
     WHAT    elbo | samples (training-time evaluation calls), tb (TensorBoard event writes),
-            jsonl (metrics.jsonl record writes), save (checkpoint saves)
+            jsonl (metrics.jsonl record writes), save (checkpoint saves), model (the writes of
+            a model checkpoint's config and parameters: ``final/``, ``final_ema/``), ckpt_json
+            (the JSON items of a checkpoint, written in the background of an asynchronous save:
+            config, meta, integrity, in that order, three per save)
     N       the N-th such call of this process (1-based) triggers the action
     ACTION  kill (SIGKILL itself, mid-call), sigint2 (a double Ctrl-C: two SIGINTs), enospc
             (the write fails with "No space left on device"), wait (block until the file named
@@ -46,6 +49,21 @@ def _wrap(owner, name: str, nth: int, action: str):
     setattr(owner, name, faulty)
 
 
+def _wrap_async(owner, name: str, nth: int, action: str):
+    """As ``_wrap``, for a coroutine function: the fault strikes when the coroutine runs (for
+    orbax, in the background thread of an asynchronous save), not when it is created."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    async def faulty(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            _act(action)
+        return await real(*args, **kwargs)
+
+    setattr(owner, name, faulty)
+
+
 class _File:
     """A file object whose ``write`` is the faulty one (file types cannot be patched)."""
 
@@ -74,17 +92,23 @@ def _faulty_jsonl(nth: int, action: str):
 
 
 def install(spec: str):
+    from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+
+    from diffujax.checkpoint import store
     from diffujax.train import checkpointing, evaluation, metrics
 
     targets = {"elbo": (evaluation.Evaluator, "elbo"),
                "samples": (evaluation.Evaluator, "samples"),
                "tb": (metrics._TensorBoard, "_write"),  # under RunLogger's error guard
-               "save": (checkpointing.TrainCheckpointer, "save")}
+               "save": (checkpointing.TrainCheckpointer, "save"),
+               "model": (store, "write")}
     for item in filter(None, spec.split(",")):
         what, _, rest = item.partition("#")
         nth, _, action = rest.partition("=")
         if what == "jsonl":
             _faulty_jsonl(int(nth), action)
+        elif what == "ckpt_json":
+            _wrap_async(JsonCheckpointHandler, "_save_fn", int(nth), action)
         else:
             _wrap(*targets[what], int(nth), action)
 
