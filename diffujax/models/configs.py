@@ -28,6 +28,7 @@ class ModelConfig:
     intermediate_size: int = 0
     tie_word_embeddings: bool = True
     mask_token_id: int | None = None
+    block_size: int = 0  # 0: full-sequence model; N: block diffusion (docs/algorithms.md §9)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -66,6 +67,25 @@ def special_ids(hf: dict, cfg: "ModelConfig") -> None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key not in hf and getattr(cfg, key) is not None:
             hf[key] = getattr(cfg, key)
+
+
+def diffusion_keys(hf: dict, cfg: "ModelConfig") -> None:
+    """Write what a diffusion model adds to config.json: its mask token and, for a block model
+    (docs/algorithms.md §9), ``diffusion_block_size``. transformers ignores both keys, so the
+    file still loads there as the plain AR model its weights are."""
+    if cfg.mask_token_id is not None:
+        hf["mask_token_id"] = cfg.mask_token_id
+    if cfg.block_size > 0:
+        hf["diffusion_block_size"] = cfg.block_size
+
+
+def block_size_from(hf: dict) -> int:
+    """``diffusion_block_size`` of a config.json (absent: 0, a full-sequence model)."""
+    value = hf.get("diffusion_block_size", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config.json key 'diffusion_block_size'={value!r}: must be an integer"
+                          " >= 0 (0: a full-sequence model)")
+    return value
 
 
 def require(hf: dict, key: str, arch: str):
