@@ -161,12 +161,14 @@ def decoder_of(args, config) -> str:
 
 def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps: int,
            seed: int, temperature: float | None = None, top_p=None, top_k=None,
-           threshold: float = 0.9, stop_at_eos: bool = True, row_ids=None):
+           threshold: float = 0.9, stop_at_eos: bool = True, row_ids=None,
+           timed: bool = True, width: int | None = None):
     """Cached decoding of ``new_tokens`` after each prompt (token lists, position 0 a real
     token): ``sampler`` ``"ar"`` is the AR KV-cache decoder, any other runs inside the cached
     block decoder (``diffusion/decoding.py``) with the model's block size, ``steps`` spread
-    evenly over the blocks. A row stops at EOS (``stop_at_eos``). Returns (DecodeOutput as host
-    arrays, seconds excluding compile)."""
+    evenly over the blocks. A row stops at EOS (``stop_at_eos``); ``row_ids`` fix each row's
+    draws; ``width``: pad the prompts to at least this many columns. Returns (DecodeOutput as
+    host arrays, seconds excluding compile; None unless ``timed``)."""
     config = model.config
     if sampler == "ar":
         n, rule, per_block = 1, "topk", 1
@@ -178,7 +180,7 @@ def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps:
         per_block = max(1, steps // -(-new_tokens // n))
     if temperature is None:
         temperature = 1.0 if rule == "ancestral" else 0.0
-    width = max(len(p) for p in prompts)
+    width = max([len(p) for p in prompts] + [width or 0])
     prompt = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         prompt[i, :len(p)] = p
@@ -191,14 +193,20 @@ def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps:
                   mask_token_id=None if n == 1 else model.mask_token_id(), sampler=rule,
                   steps=per_block, threshold=threshold, temperature=temperature, top_k=top_k,
                   top_p=top_p, eos_token_id=eos if stop_at_eos else None)
-    rows = len(batch[0])
+    rows, seconds = len(batch[0]), None
     with model.active():
         cache = lambda: init_cache(config, rows, canvas_length(width, new_tokens, n))  # noqa
-        args = (model.cached_fn, model.params, batch[0], batch[1], cache(), jax.random.key(seed))
-        compiled = decode_blocks.lower(*args, row_ids=batch[2], **static).compile()
-        begin = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args[1:4], cache(), args[5], row_ids=batch[2]))
-        seconds = time.perf_counter() - begin
+        args = (model.cached_fn, model.params, batch[0], batch[1])
+        if timed:  # compile first, so the time is the decoding's alone
+            compiled = decode_blocks.lower(*args, cache(), jax.random.key(seed),
+                                           row_ids=batch[2], **static).compile()
+            begin = time.perf_counter()
+            out = jax.block_until_ready(compiled(*args[1:], cache(), jax.random.key(seed),
+                                                 row_ids=batch[2]))
+            seconds = time.perf_counter() - begin
+        else:  # the jit cache: batches of one shape compile once
+            out = decode_blocks(*args, cache(), jax.random.key(seed), row_ids=batch[2],
+                                **static)
     out = dataclasses.replace(
         out, tokens=model.fetch(out.tokens)[:len(prompts)],
         lengths=model.fetch(out.lengths)[:len(prompts)],

@@ -17,6 +17,7 @@ from diffujax.cli import main as cli
 from diffujax.generate import decode
 from diffujax.models import ConfigError, config_from_hf, forward
 from diffujax.runtime import load_for_inference
+from diffujax.tasks.engine import Engine, Row
 from tiny_models import tiny_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/word_tokenizer.py
@@ -77,6 +78,25 @@ def test_ar_sampler_is_greedy_autoregressive_decoding(checkpoints, capsys):
         seq.append(int(np.argmax(np.asarray(logits)[0, -1])))
     tokenizer = load_for_inference(str(paths["full"])).tokenizer
     assert out["text"] == "w5 w6" + tokenizer.decode_generated(seq[3:], stop_at_eos=False)
+
+
+def test_task_engine_decodes_a_block_model_with_the_cache(checkpoints):
+    """The task path: rows of different context and span lengths, decoded 3 at a time, each
+    equal to that row decoded alone; a row with a suffix (infilling) is refused."""
+    paths, _, _ = checkpoints
+    model = load_for_inference(str(paths["blocks"]))
+    engine = Engine(model, batch_size=3, seed=7)
+    rows = [Row.make([EOS] + list(range(1, 1 + k)), [0] * span, row_id=10 + i)
+            for i, (k, span) in enumerate([(2, 5), (6, 9), (3, 2), (9, 7)])]
+    spans = engine.diffusion_decode(rows, sampler="threshold", threshold=0.2, steps=8)
+    for row, span in zip(rows, spans):
+        context = [t for t, f in zip(row.tokens, row.fixed) if f]
+        alone, _ = decode(model, [context], new_tokens=len(span), sampler="threshold",
+                          threshold=0.2, steps=8, seed=7, stop_at_eos=False,
+                          row_ids=[row.row_id])
+        assert span == [int(t) for t in alone.tokens[0]]
+    with pytest.raises(ValueError, match="infilling .* is not defined"):
+        engine.diffusion_decode([Row.make([EOS, 1], [0, 0], row_id=0, suffix=[5])])
 
 
 @pytest.fixture
