@@ -1,11 +1,14 @@
 """The diffusion math: pure functions of ``(apply_fn, params, tokens, key)``; no model imports.
 
-``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model.
+``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model
+(the cached decoders take ``cached_fn(params, tokens, pattern, cache, offset)`` instead).
 """
 
 from diffujax.diffusion.categorical import (exponential_draws, exponential_from_bits,
                                             filter_logits, race_winner, sample_categorical,
                                             uniform_from_bits)
+from diffujax.diffusion.decoding import (DecodeOutput, canvas_length, decode_ar,
+                                          decode_blocks)
 from diffujax.diffusion.likelihood import (NLLEstimate, ar_nll_terms, conditional_nll,
                                            elbo_terms, multiple_choice_score, summarize_nll)
 from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, forward_process,
@@ -20,9 +23,10 @@ from diffujax.diffusion.sampling import (SampleOutput, sample_ancestral, sample_
 from diffujax.diffusion.sft import build_sft_batch, build_sft_example
 
 __all__ = [
-    "DEFAULT_EPS", "NORMALIZATIONS", "LossSums", "NLLEstimate", "NoisedBatch", "SampleOutput",
-    "apply_noise", "ar_loss", "ar_loss_sums", "ar_nll_terms", "build_sft_batch",
-    "build_sft_example", "conditional_nll", "diffusion_loss", "diffusion_loss_sums",
+    "DEFAULT_EPS", "NORMALIZATIONS", "DecodeOutput", "LossSums", "NLLEstimate", "NoisedBatch",
+    "SampleOutput", "apply_noise", "ar_loss", "ar_loss_sums", "ar_nll_terms", "build_sft_batch",
+    "build_sft_example", "canvas_length", "conditional_nll", "decode_ar", "decode_blocks",
+    "diffusion_loss", "diffusion_loss_sums",
     "elbo_terms", "exponential_draws", "exponential_from_bits", "filter_logits",
     "forward_process", "loss_sums_from_logits",
     "multiple_choice_score", "per_sequence_terms", "race_winner", "row_keys", "sample_ancestral",

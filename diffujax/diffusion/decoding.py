@@ -23,8 +23,9 @@ each masked position with probability ``1 / (s + 1)`` at level ``s`` of ``steps`
 come from ``sampling.draw_candidates`` (exact categorical draws, or greedy at temperature 0).
 
 With ``N = 1`` a block's only prediction is the carried logit, so it needs no denoising pass:
-each loop iteration draws the token and runs its commit pass, one forward pass per token, which
-is AR decoding with a KV cache (``decode_ar``), whatever the sampler.
+the token is drawn as soon as that logit exists (after the prefill or the previous commit pass)
+and every loop iteration is a commit pass, one forward pass per token: AR decoding with a KV
+cache (``decode_ar``), whatever the sampler.
 
 A row is finished once its committed blocks reach ``P_r + new_tokens`` positions or hold an EOS
 among its generated tokens; later blocks change nothing for it and its output is padded after
