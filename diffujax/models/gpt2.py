@@ -242,5 +242,6 @@ def naming_of(names: list[str]) -> str:
 
 FAMILY = Family(
     name="gpt2", config=GPT2Config, forward=forward, forward_cached=forward_cached,
-    param_specs=param_specs, hf_keys=hf_keys, embedding="wte", lookups=("wpe",), hf_model_types=("gpt2",),
+    param_specs=param_specs, hf_keys=hf_keys, embedding="wte", lookups=("wpe",),
+    hf_model_types=("gpt2",),
     hf_architectures=("GPT2LMHeadModel", "GPT2Model"), namings=tuple(NAMINGS), naming_of=naming_of)

@@ -251,5 +251,6 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
 
 FAMILY = Family(
     name="llama", config=LlamaConfig, forward=forward, forward_cached=forward_cached,
-    param_specs=param_specs, hf_keys=hf_keys, embedding="embed", hf_model_types=("llama", "mistral"),
+    param_specs=param_specs, hf_keys=hf_keys, embedding="embed",
+    hf_model_types=("llama", "mistral"),
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"))
