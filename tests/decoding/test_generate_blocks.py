@@ -6,6 +6,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ import transformers
 from diffujax.attention import causal
 from diffujax.checkpoint import save
 from diffujax.cli import main as cli
+from diffujax.config import MeshSection, MeshShape
 from diffujax.generate import decode
 from diffujax.models import ConfigError, config_from_hf, forward
+from diffujax.parallel.mesh import make_mesh
 from diffujax.runtime import load_for_inference
 from diffujax.tasks.engine import Engine, Row
 from tiny_models import tiny_model
@@ -149,3 +152,21 @@ def test_block_size_round_trips_through_config_json_and_transformers_ignores_it(
     for bad in (-1, 2.5, "4", True):
         with pytest.raises(ConfigError, match="'diffusion_block_size'=.*must be an integer"):
             config_from_hf({**hf, "diffusion_block_size": bad})
+
+
+def test_cached_decoding_on_a_mesh_equals_one_device(checkpoints):
+    """Weights sharded fsdp 4 x tensor 2 over the 8 simulated devices, 3 rows padded to the 4
+    batch shards: the same tokens as on one device, block decoder and AR decoder alike."""
+    paths, _, _ = checkpoints
+    section = MeshSection(shape=MeshShape(data=1, fsdp=4, tensor=2))
+    meshed = load_for_inference(str(paths["blocks"]), mesh=make_mesh(section, jax.devices()[:8]),
+                                rules=section.rule_table())
+    single = load_for_inference(str(paths["blocks"]))
+    prompts = [[EOS, 1, 2], [EOS, 4, 5, 6, 7, 8], [EOS]]
+    for sampler in ("threshold", "ar"):
+        options = dict(new_tokens=9, sampler=sampler, steps=8, seed=2, threshold=0.2,
+                       stop_at_eos=False, timed=False)
+        got, _ = decode(meshed, prompts, **options)
+        want, _ = decode(single, prompts, **options)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        assert int(got.forwards) == int(want.forwards)
