@@ -117,28 +117,42 @@ def cached(config, params, prompt, args, *, block_size, sampler, steps=None, thr
     return np.asarray(out.tokens), int(out.forwards), seconds
 
 
+DECODERS = ("AR + KV cache", "cached topk", "cached threshold", "full recompute")
+
+
+def run_decoder(name, config, params, prompt, args):
+    """``(tokens, forward passes, seconds)`` of one decoder (the module docstring's list)."""
+    n = args.block_size
+    if name == "full recompute":
+        return full_recompute(config, params, prompt, args)
+    if name == "AR + KV cache":
+        return cached(config, params, prompt, args, block_size=1, sampler="topk", steps=1)
+    if name == "cached topk":
+        return cached(config, params, prompt, args, block_size=n, sampler="topk",
+                      steps=args.steps_per_block)
+    return cached(config, params, prompt, args, block_size=n, sampler="threshold",
+                  threshold=args.threshold)
+
+
 def measure(config, params, source, batch: int, args) -> list[dict]:
+    """One row per decoder at this batch size, each printed as soon as it is measured (a slow
+    machine may not finish them all)."""
     prompt = jnp.asarray(prompts(config, source, batch, args.prompt_length))
-    n, new = args.block_size, args.new_tokens
-    runs = {
-        "full recompute": full_recompute(config, params, prompt, args),
-        "cached topk": cached(config, params, prompt, args, block_size=n, sampler="topk",
-                              steps=args.steps_per_block),
-        "cached threshold": cached(config, params, prompt, args, block_size=n,
-                                   sampler="threshold", threshold=args.threshold),
-        "AR + KV cache": cached(config, params, prompt, args, block_size=1, sampler="topk",
-                                steps=1),
-    }
-    base_rate = batch * new / runs["full recompute"][2]
-    ar_rate = batch * new / runs["AR + KV cache"][2]
-    same = bool((runs["full recompute"][0] == runs["cached topk"][0]).all())
-    rows = []
-    for name, (_, forwards, seconds) in runs.items():
-        rate = batch * new / seconds
-        rows.append(dict(batch=batch, decoder=name, tokens_per_second=round(rate, 2),
+    new, runs, rows = args.new_tokens, {}, []
+    for name in args.decoders:
+        runs[name] = run_decoder(name, config, params, prompt, args)
+        print(f"  measured: batch {batch}, {name}: {runs[name][1]} passes, "
+              f"{runs[name][2]:.2f} s", flush=True)
+    rate_of = {name: batch * new / seconds for name, (_, _, seconds) in runs.items()}
+    same = None
+    if "full recompute" in runs and "cached topk" in runs:
+        same = bool((runs["full recompute"][0] == runs["cached topk"][0]).all())
+    for name, (_, forwards, _) in runs.items():
+        ratio = lambda other: (round(rate_of[name] / rate_of[other], 2)  # noqa: E731
+                               if other in rate_of else None)
+        rows.append(dict(batch=batch, decoder=name, tokens_per_second=round(rate_of[name], 2),
                          passes_per_token=round(forwards / new, 3), forward_passes=forwards,
-                         vs_full_recompute=round(rate / base_rate, 2),
-                         vs_ar=round(rate / ar_rate, 2),
+                         vs_full_recompute=ratio("full recompute"), vs_ar=ratio("AR + KV cache"),
                          same_tokens=same if name in ("full recompute", "cached topk") else None))
     return rows
 
@@ -146,10 +160,11 @@ def measure(config, params, source, batch: int, args) -> list[dict]:
 def print_table(rows) -> None:
     print(f"{'batch':>5}  {'decoder':<17} {'tokens/s':>9} {'passes/token':>12} "
           f"{'vs full':>8} {'vs AR':>6}")
+    ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
     for r in rows:
         print(f"{r['batch']:>5}  {r['decoder']:<17} {r['tokens_per_second']:>9.1f} "
-              f"{r['passes_per_token']:>12.3f} {r['vs_full_recompute']:>7.2f}x "
-              f"{r['vs_ar']:>5.2f}x")
+              f"{r['passes_per_token']:>12.3f} {ratio(r['vs_full_recompute']):>8} "
+              f"{ratio(r['vs_ar']):>6}")
 
 
 def main(argv=None) -> list[dict]:
@@ -165,6 +180,8 @@ def main(argv=None) -> list[dict]:
                              " four tokens per pass)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS),
+                        help="which decoders to run, in this order (default: all)")
     parser.add_argument("--json", action="store_true", help="the table as JSON on the last line")
     args = parser.parse_args(argv)
     defaults = (8, 16, 4) if args.tiny else (64, 256, 32)
@@ -183,8 +200,9 @@ def main(argv=None) -> list[dict]:
           f"{args.steps_per_block} passes per block (topk), threshold {args.threshold}")
     rows = [r for b in args.batch_sizes for r in measure(config, params, source, b, args)]
     print_table(rows)
-    same = all(r["same_tokens"] for r in rows if r["same_tokens"] is not None)
-    print(f"cached topk commits the same tokens as the full recompute: {same}")
+    checks = [r["same_tokens"] for r in rows if r["same_tokens"] is not None]
+    if checks:
+        print(f"cached topk commits the same tokens as the full recompute: {all(checks)}")
     if args.json:
         print(json.dumps(rows))
     return rows
