@@ -16,7 +16,9 @@ from diffujax.tasks.specs import OBJECTIVES, TASKS
 
 # generate.SAMPLERS, spelled here so that `--help` need not import the samplers
 # (tests/test_cli.py checks that the two agree).
-SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
+DIFFUSION_SAMPLERS = ("ancestral", "topk", "blocks", "threshold")  # what tasks can use too
+SAMPLERS = DIFFUSION_SAMPLERS + ("ar",)
+DEFAULT_BLOCK_LENGTH = 32  # generate.DEFAULT_BLOCK_LENGTH, likewise checked by tests/test_cli.py
 PLAN_WHAT = ("train", "eval", "generate")
 # The demo's default text, shipped inside the package (the GNU GPL v3, verbatim: its own terms
 # allow that); diffujax.demo reads it from here.
@@ -108,6 +110,36 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_mesh_args(p)
 
 
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    p.add_argument("--prompt", default="", help="fixed text before the generated span")
+    p.add_argument("--suffix", default=None, help="fixed text after the span (infilling)")
+    p.add_argument("--length", type=int, default=64, help="tokens to generate")
+    p.add_argument("--infill-length", type=int, default=None,
+                   help="with --suffix: tokens to infill (overrides --length)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: topk; threshold on a block diffusion model (cached block"
+                        " decoder); ar: AR decoding with a KV cache")
+    p.add_argument("--ar", action="store_true", help="the same as --sampler ar")
+    p.add_argument("--steps", type=int, default=64,
+                   help="denoising steps (forward passes; a block model spreads them evenly"
+                        " over its blocks)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help=f"blocks sampler: block size (default {DEFAULT_BLOCK_LENGTH}; a block"
+                        " model uses its own)")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: 1 for ancestral, 0 otherwise)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_mesh_args(p)
+
+
 def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.epilog = "task files (--data):\n" + "\n".join(
         f"  {name:11s} {spec.data}" for name, spec in TASKS.items())
@@ -125,7 +157,7 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising passes (default: Lambada the word's token count, GSM8K 64,"
                         " otherwise 32)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="topk")
+    p.add_argument("--sampler", choices=DIFFUSION_SAMPLERS, default="topk")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

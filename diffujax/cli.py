@@ -3,8 +3,7 @@ lm-eval | train | plan | demo.
 
 Each subcommand's arguments are ``arguments.add_<name>_args(parser)`` (light imports only) and
 its work is ``run_<name>(args) -> int`` in the module named in ``COMMANDS``, imported only to run
-it, so ``--help`` answers without importing jax. (A command whose ``add_<name>_args`` still lives
-in its own module is found there.)
+it, so ``--help`` answers without importing jax.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ DEBUG_HELP = "debug log records, and a traceback with any error"
 
 def _fn(command: str, verb: str):
     name = f"{verb}_{command.replace('-', '_')}" + ("_args" if verb == "add" else "")
-    if verb == "add" and hasattr(arguments, name):
+    if verb == "add":
         return getattr(arguments, name)
     return getattr(importlib.import_module(COMMANDS[command][0]), name)
 

@@ -1,9 +1,9 @@
 """``diffujax generate``: sample a continuation or an infill with one of the docs/algorithms.md §6
-samplers."""
+samplers; on a block diffusion model (``block_size > 0``, §9) the samplers run inside the cached
+block decoder, and ``--sampler ar`` decodes autoregressively with a KV cache."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -14,54 +14,47 @@ import numpy as np
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
-from diffujax.runtime import (ArgumentError, LoadedModel, add_mesh_args, checkpoint_config,
+from diffujax.diffusion.decoding import canvas_length, decode_blocks
+from diffujax.models import init_cache
+from diffujax.runtime import (ArgumentError, LoadedModel, checkpoint_config,
                               load_from_args, max_positions, pad_rows, require)
 
-SAMPLERS = ("ancestral", "topk", "blocks", "threshold")
+SAMPLERS = ("ancestral", "topk", "blocks", "threshold", "ar")  # = arguments.SAMPLERS
+# On a block model every diffusion sampler runs inside the cached block decoder: "blocks" (the
+# confidence rule block by block) is then the same as "topk".
+BLOCK_SAMPLERS = {"threshold": "threshold", "topk": "topk", "blocks": "topk",
+                  "ancestral": "ancestral"}
+DEFAULT_BLOCK_LENGTH = 32  # the blocks sampler of a full-sequence model (= arguments')
 
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
-    p.add_argument("--prompt", default="", help="fixed text before the generated span")
-    p.add_argument("--suffix", default=None, help="fixed text after the span (infilling)")
-    p.add_argument("--length", type=int, default=64, help="tokens to generate")
-    p.add_argument("--infill-length", type=int, default=None,
-                   help="with --suffix: tokens to infill (overrides --length)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="topk")
-    p.add_argument("--steps", type=int, default=64, help="denoising steps (forward passes)")
-    p.add_argument("--block-length", type=int, default=32, help="blocks sampler: block size")
-    p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: 1 for ancestral, 0 otherwise)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    add_mesh_args(p)
+DECODERS = {"canvas": "whole canvas per pass", "blocks": "cached blocks",
+            "ar": "AR with KV cache"}
+
+
+def prompt_ids(model: LoadedModel, prompt: str) -> tuple[list[int], int]:
+    """``([first] + prompt tokens, 1 if there is a first token else 0)``.
+
+    Position 0 must be a real token (docs/algorithms.md §1, shift): ``Tokenizer.start_id`` (BOS,
+    else EOS) when there is one, otherwise the first prompt token."""
+    tok = model.tokenizer
+    first = tok.start_id(model.config.bos_token_id)
+    lead = [] if first is None else [first]
+    ids = lead + (tok.encode(prompt) if prompt else [])
+    if not ids:
+        raise ValueError("the tokenizer has no BOS or EOS token: give a --prompt so position 0"
+                         " is real")
+    return ids, len(lead)
 
 
 def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
-    """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span.
-
-    Position 0 must be a real token (docs/algorithms.md §1, shift): ``Tokenizer.start_id`` (BOS,
-    else EOS) when there is one, otherwise the first prompt token. Returns (tokens [L], src [L],
-    span slice, dropped_first)."""
-    tok, mask_id = model.tokenizer, model.mask_token_id()
-    prompt_ids = tok.encode(prompt) if prompt else []
-    suffix_ids = tok.encode(suffix) if suffix else []
-    first = tok.start_id(model.config.bos_token_id)
-    lead = [] if first is None else [first]
-    if not lead and not prompt_ids:
-        raise ValueError("the tokenizer has no BOS or EOS token: give a --prompt so position 0"
-                         " is real")
-    ids = lead + prompt_ids + [mask_id] * length + suffix_ids
+    """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span
+    (``prompt_ids``). Returns (tokens [L], src [L], span slice, dropped_first)."""
+    head, lead = prompt_ids(model, prompt)
+    suffix_ids = model.tokenizer.encode(suffix) if suffix else []
+    ids = head + [model.mask_token_id()] * length + suffix_ids
     src = np.ones(len(ids), bool)
-    start = len(lead) + len(prompt_ids)
-    src[start:start + length] = False
-    return np.asarray(ids, np.int32), src, slice(start, start + length), len(lead)
+    src[len(head):len(head) + length] = False
+    return np.asarray(ids, np.int32), src, slice(len(head), len(head) + length), lead
 
 
 def sampler_call(sampler: str, *, steps: int, generated: int, block_length: int = 32,
@@ -115,9 +108,95 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
     return out, seconds
 
 
+def sampler_of(args, config) -> str:
+    """The sampler ``args`` ask for (``--ar`` is ``--sampler ar``), with the model's default:
+    threshold decoding for a block model, topk otherwise."""
+    if args.ar:
+        require(args.sampler in (None, "ar"), "--sampler", args.sampler,
+                "left out or ar with --ar")
+        return "ar"
+    if args.sampler is not None:
+        return args.sampler
+    return "threshold" if config.block_size > 0 else "topk"
+
+
+def decoder_of(args, config) -> str:
+    """``ar`` (KV-cache AR decoder), ``blocks`` (cached block decoder) or ``canvas`` (today's
+    samplers, which recompute the whole canvas at every pass)."""
+    if sampler_of(args, config) == "ar":
+        return "ar"
+    return "blocks" if config.block_size > 0 else "canvas"
+
+
+def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps: int,
+           seed: int, temperature: float | None = None, top_p=None, top_k=None,
+           threshold: float = 0.9, stop_at_eos: bool = True, row_ids=None,
+           timed: bool = True, width: int | None = None):
+    """Cached decoding of ``new_tokens`` after each prompt (token lists, position 0 a real
+    token): ``sampler`` ``"ar"`` is the AR KV-cache decoder, any other runs inside the cached
+    block decoder (``diffusion/decoding.py``) with the model's block size, ``steps`` spread
+    evenly over the blocks. A row stops at EOS (``stop_at_eos``); ``row_ids`` fix each row's
+    draws; ``width``: pad the prompts to at least this many columns. Returns (DecodeOutput as
+    host arrays, seconds excluding compile; None unless ``timed``)."""
+    config = model.config
+    if sampler == "ar":
+        n, rule, per_block = 1, "topk", 1
+    else:
+        if config.block_size < 1:
+            raise ValueError("cached block decoding needs a block diffusion model (config"
+                             " block_size > 0); this one is a full-sequence model")
+        n, rule = config.block_size, BLOCK_SAMPLERS[sampler]
+        per_block = max(1, steps // -(-new_tokens // n))
+    if temperature is None:
+        temperature = 1.0 if rule == "ancestral" else 0.0
+    width = max([len(p) for p in prompts] + [width or 0])
+    prompt = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, :len(p)] = p
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    ids = np.arange(len(prompts), dtype=np.int32) if row_ids is None else np.asarray(row_ids)
+    shards = model.batch_shards()
+    batch = [model.put_batch(pad_rows(a, shards)) for a in (prompt, lengths, ids)]
+    eos = model.tokenizer.eos_id if model.tokenizer.eos_id is not None else config.eos_token_id
+    static = dict(block_size=n, new_tokens=new_tokens,
+                  mask_token_id=None if n == 1 else model.mask_token_id(), sampler=rule,
+                  steps=per_block, threshold=threshold, temperature=temperature, top_k=top_k,
+                  top_p=top_p, eos_token_id=eos if stop_at_eos else None)
+    rows, seconds = len(batch[0]), None
+    with model.active():
+        cache = lambda: init_cache(config, rows, canvas_length(width, new_tokens, n))  # noqa
+        args = (model.cached_fn, model.params, batch[0], batch[1])
+        if timed:  # compile first, so the time is the decoding's alone
+            compiled = decode_blocks.lower(*args, cache(), jax.random.key(seed),
+                                           row_ids=batch[2], **static).compile()
+            begin = time.perf_counter()
+            out = jax.block_until_ready(compiled(*args[1:], cache(), jax.random.key(seed),
+                                                 row_ids=batch[2]))
+            seconds = time.perf_counter() - begin
+        else:  # the jit cache: batches of one shape compile once
+            out = decode_blocks(*args, cache(), jax.random.key(seed), row_ids=batch[2],
+                                **static)
+    out = dataclasses.replace(
+        out, tokens=model.fetch(out.tokens)[:len(prompts)],
+        lengths=model.fetch(out.lengths)[:len(prompts)],
+        canvas=model.fetch(out.canvas)[:len(prompts)], forwards=model.fetch(out.forwards),
+        cache=None)
+    return out, seconds
+
+
 def check_generate_args(args, config) -> None:
     """Every argument in its valid range, before the weights are loaded (``config``: the
     checkpoint's model config)."""
+    decoder = decoder_of(args, config)
+    if args.suffix is not None and decoder != "canvas":
+        what = ("a block diffusion model (block size"
+                f" {config.block_size}) decodes left to right against a cache of the blocks"
+                " before, so there is no suffix to condition on") if decoder == "blocks" else (
+                "AR decoding has no suffix to condition on")
+        raise ArgumentError(f"--suffix: infilling is not defined here: {what}")
+    if decoder == "blocks" and args.block_length not in (None, config.block_size):
+        raise ArgumentError(f"--block-length {args.block_length}: a block diffusion model"
+                            f" decodes in its own blocks of {config.block_size}")
     require(args.steps >= 1, "--steps", args.steps, ">= 1")
     require(args.length >= 1, "--length", args.length, ">= 1")
     if args.infill_length is not None:
@@ -133,7 +212,8 @@ def check_generate_args(args, config) -> None:
     if args.top_k is not None:
         require(1 <= args.top_k <= config.vocab_size, "--top-k", args.top_k,
                 f"in 1..{config.vocab_size} (the vocabulary)")
-    require(args.block_length >= 1, "--block-length", args.block_length, ">= 1")
+    if args.block_length is not None:
+        require(args.block_length >= 1, "--block-length", args.block_length, ">= 1")
     require(0 < args.threshold <= 1, "--threshold", args.threshold, "in (0, 1]")
     require(args.seed >= 0, "--seed", args.seed, ">= 0")
 
@@ -143,7 +223,8 @@ def span_length(args) -> int:
 
 
 def check_fits(args, config, tokenizer) -> None:
-    """The canvas (BOS, prompt, span, suffix) must fit the model's positions."""
+    """The canvas (BOS, prompt, span, suffix) must fit the model's positions; a cached decoder's
+    canvas (its KV cache) is counted in whole blocks."""
     limit = max_positions(config)
     if limit is None:
         return
@@ -151,37 +232,53 @@ def check_fits(args, config, tokenizer) -> None:
     lead = int(tokenizer.bos_id is not None or config.bos_token_id is not None)
     size = (lead + (len(tokenizer.encode(args.prompt)) if args.prompt else 0) + length
             + (len(tokenizer.encode(args.suffix)) if args.suffix else 0))
+    blocks = ""
+    if decoder_of(args, config) == "blocks" and config.block_size > 1:
+        size = canvas_length(size, 0, config.block_size)
+        blocks = f" in whole blocks of {config.block_size}"
     if size > limit:
         what = "--infill-length" if length != args.length else "--length"
         raise ArgumentError(f"{what} {length}: the canvas (prompt, {length} generated tokens"
-                            f"{', suffix' if args.suffix else ''}) is {size} tokens, more than the"
-                            f" model's {limit} positions")
+                            f"{', suffix' if args.suffix else ''}{blocks}) is {size} tokens, more"
+                            f" than the model's {limit} positions")
 
 
 def run_generate(args) -> int:
     config = checkpoint_config(args)
     check_generate_args(args, config)
     check_fits(args, config, load_tokenizer(args.checkpoint))
+    sampler, decoder = sampler_of(args, config), decoder_of(args, config)
     model = load_from_args(args)
-    ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
-    canvas = np.tile(ids, (args.num_samples, 1))
-    srcs = np.tile(src, (args.num_samples, 1))
-    out, seconds = sample(model, canvas, srcs, sampler=args.sampler, steps=args.steps,
-                          seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, block_length=args.block_length,
-                          threshold=args.threshold)
-    tokens = np.asarray(out.tokens)
-    texts = [args.prompt + model.tokenizer.decode_generated(row[span],
-                                                            stop_at_eos=not args.keep_after_eos)
-             + (args.suffix or "") for row in tokens]
+    stop_at_eos = not args.keep_after_eos
+    if decoder == "canvas":
+        ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
+        canvas = np.tile(ids, (args.num_samples, 1))
+        srcs = np.tile(src, (args.num_samples, 1))
+        out, seconds = sample(model, canvas, srcs, sampler=sampler, steps=args.steps,
+                              seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k,
+                              block_length=args.block_length or DEFAULT_BLOCK_LENGTH,
+                              threshold=args.threshold)
+        generated = np.asarray(out.tokens)[:, span]
+    else:
+        prompt, _ = prompt_ids(model, args.prompt)
+        out, seconds = decode(model, [prompt] * args.num_samples, new_tokens=args.length,
+                              sampler=sampler, steps=args.steps, seed=args.seed,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              threshold=args.threshold, stop_at_eos=stop_at_eos)
+        generated = np.asarray(out.tokens)
+    texts = [args.prompt + model.tokenizer.decode_generated(row, stop_at_eos=stop_at_eos)
+             + (args.suffix or "") for row in generated]
     rate = args.num_samples * span_length(args) / seconds if seconds > 0 else float("inf")
     if jax.process_index() != 0:  # every process holds the same samples; one prints them
         return 0
     if args.json:
         print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
-                          "forward_passes": int(out.forwards), "tokens_per_second": rate}))
+                          "forward_passes": int(out.forwards), "tokens_per_second": rate,
+                          "sampler": sampler, "decoder": decoder}))
     else:
         for text in texts:
             print(text)
-        print(f"[{args.sampler}: {int(out.forwards)} forward passes, {rate:.1f} tokens/s]")
+        print(f"[{sampler}, {DECODERS[decoder]}: {int(out.forwards)} forward passes,"
+              f" {rate:.1f} tokens/s]")
     return 0

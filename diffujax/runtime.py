@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from diffujax.checkpoint.store import load, read_meta
 from diffujax.config import MeshSection, MeshShape
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.models import ModelConfig, apply_fn_for
+from diffujax.models import ModelConfig, apply_fn_for, cached_fn_for
 from diffujax.parallel.arguments import add_mesh_args  # noqa: F401  (the commands' import)
 from diffujax.parallel.logical import DEFAULT_RULES, axis_rules
 from diffujax.parallel.mesh import (AXES, batch_shard_count, data_shard, make_global_batch,
@@ -42,6 +42,13 @@ class LoadedModel:
     tokenizer: Any
     mesh: jax.sharding.Mesh | None = None  # None: everything on one device
     rules: tuple | None = None  # logical axis rules (with a mesh)
+    # cached_fn(params, tokens, pattern, cache, offset) -> (logits, cache): the decoders' pass
+    # (one function object per model, so the jitted decoders compile once)
+    cached_fn: Callable | None = None
+
+    def __post_init__(self):
+        if self.cached_fn is None:
+            self.cached_fn = cached_fn_for(self.config)
 
     def mask_token_id(self) -> int:
         if self.config.mask_token_id is None:

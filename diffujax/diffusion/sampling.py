@@ -39,7 +39,7 @@ class SampleOutput:
 
 # --- candidates ----------------------------------------------------------------------------
 
-def _draw_candidates(keys, logits, *, temperature, top_k, top_p, confidence_temperature=None):
+def draw_candidates(keys, logits, *, temperature, top_k, top_p, confidence_temperature=None):
     """Candidate token per position and its confidence: the log-probability of the candidate
     under the model's own (untempered, unfiltered) distribution. ``temperature == 0``: greedy.
     ``confidence_temperature``: score under ``softmax(logits / confidence_temperature)`` instead
@@ -59,21 +59,26 @@ def _predictions(apply_fn, params, x, pattern, mask_token):
     """Float32 logits aligned with the positions they predict: row ``j`` holds logits ``j - 1``
     (row 0 is a copy of row 0 and is never used). The mask token is never a candidate: a
     revealed position must hold a real token."""
-    logits = apply_fn(params, x, pattern).astype(jnp.float32)
-    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_token, -jnp.inf, logits)
+    logits = forbid(apply_fn(params, x, pattern).astype(jnp.float32), mask_token)
     return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+
+
+def forbid(logits, token):
+    """``logits [..., V]`` with ``token`` never drawn (the mask token: a revealed position must
+    hold a real token)."""
+    return jnp.where(jnp.arange(logits.shape[-1]) == token, -jnp.inf, logits)
 
 
 # --- commit rules: (step, masked, confidence, keys, generate) -> positions to commit ----------
 
-def _lowest(scores, candidates, count):
+def lowest(scores, candidates, count):
     """Bool: the ``count[b]`` lowest-scoring ``candidates`` of each row (ties by position)."""
     scores = jnp.where(candidates, scores, jnp.inf)
     rank = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1, stable=True)
     return candidates & (rank < count[:, None])
 
 
-def _ancestral_rule(steps):
+def ancestral_rule(steps):
     def rule(step, masked, confidence, keys, generate):
         # from level (s + 1) / T to s / T a masked position is revealed with probability 1 / (s + 1)
         s = steps - 1 - step
@@ -100,10 +105,19 @@ def _confidence_rule(steps, ranking="masked"):
         s = steps - 1 - step
         keep = generate.sum(axis=1) * s // steps
         if ranking == "masked":
-            return masked & ~_lowest(confidence, masked, keep)
+            return masked & ~lowest(confidence, masked, keep)
         ranked = jnp.sort(jnp.where(generate, confidence, jnp.inf), axis=-1)
         cutoff = jnp.take_along_axis(ranked, keep[:, None], axis=-1)
         return masked & ~(generate & (confidence < cutoff))
+    return rule
+
+
+def top_k_rule(per_pass):
+    """The ``per_pass`` most confident masked positions of each row (all when fewer are left):
+    the confidence ranking of block decoding (docs/algorithms.md §9)."""
+    def rule(step, masked, confidence, keys, generate):
+        left = masked.sum(axis=1)
+        return masked & ~lowest(confidence, masked, jnp.maximum(left - per_pass, 0))
     return rule
 
 
@@ -118,11 +132,11 @@ def _semi_ar_rule(steps_per_block, block_length):
         in_block = generate & (_block_index(generate, block_length) == step // steps_per_block)
         s = steps_per_block - 1 - step % steps_per_block
         keep = in_block.sum(axis=1) * s // steps_per_block
-        return masked & in_block & ~_lowest(confidence, masked & in_block, keep)
+        return masked & in_block & ~lowest(confidence, masked & in_block, keep)
     return rule
 
 
-def _threshold_rule(threshold, block_length):
+def threshold_rule(threshold, block_length):
     def rule(step, masked, confidence, keys, generate):
         eligible = masked
         if block_length is not None:
@@ -166,7 +180,7 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
 
     def candidates_for(x, draw_keys):
         logits = _predictions(apply_fn, params, x, pattern, mask_token)
-        return _draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
+        return draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
                                 top_p=top_p, confidence_temperature=confidence_temperature)
 
     def one_pass(state):
@@ -212,7 +226,7 @@ def sample_ancestral(apply_fn: Callable, params, canvas, src, key, *, mask_token
     masked position is revealed with probability ``1 / (s + 1)`` with a candidate drawn from the
     model, so after the last step (s = 0) all are revealed."""
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
-                    pattern=pattern, max_steps=steps, rule=_ancestral_rule(steps),
+                    pattern=pattern, max_steps=steps, rule=ancestral_rule(steps),
                     temperature=temperature, top_k=top_k, top_p=top_p, row_ids=row_ids,
                     record_history=record_history, schedule_only=True)
 
@@ -269,5 +283,5 @@ def sample_threshold(apply_fn: Callable, params, canvas, src, key, *, mask_token
     max_steps = canvas.shape[1] if steps is None else steps
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=max_steps,
-                    rule=_threshold_rule(threshold, block_length), temperature=temperature,
+                    rule=threshold_rule(threshold, block_length), temperature=temperature,
                     top_k=top_k, top_p=top_p, row_ids=row_ids, record_history=record_history)

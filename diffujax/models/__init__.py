@@ -6,6 +6,8 @@ and the network is a pure function of them:
     params = init_params(config, seed=0)              # {"embed": ..., "layers": {"wq": ...}}
     logits = forward(config, params, tokens, pattern) # [B, L, V] float32
     apply_fn = apply_fn_for(config)                   # apply_fn(params, tokens, pattern, ...)
+    cache = init_cache(config, batch, length)         # decoding: keys/values of every layer
+    logits, cache = forward_cached(config, params, tokens, pattern, cache, offset)
     params = sharded_init(config, mesh, rules, seed=0)    # initialised in its shards
     shardings = param_shardings(config, mesh, rules)      # a NamedSharding per weight
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from diffujax.models import params as ptree
+from diffujax.models.cache import KVCache, empty_cache
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.family import Family
 from diffujax.models.gpt2 import GPT2Config
@@ -59,6 +62,39 @@ def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None
     return family_of(config).forward(config, params, tokens, pattern, positions, dropout_key)
 
 
+def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty KV cache for ``batch`` rows of ``length`` positions (``models/cache.py``), in the
+    compute dtype. Refuses a length beyond the model's positions."""
+    _check_cache_length(config, length)
+    return empty_cache(config.num_layers, batch, length, config.num_kv_heads, config.head_dim,
+                       jnp.dtype(config.dtype))
+
+
+def _check_cache_length(config: ModelConfig, length: int) -> None:
+    limit = getattr(config, "max_positions", None)
+    if length < 1 or (limit is not None and length > limit):
+        raise ValueError(f"KV cache of {length} positions: must be 1..{limit}, the model's"
+                         " positions")
+
+
+def forward_cached(config: ModelConfig, params: Params, tokens, pattern, cache: KVCache,
+                   offset):
+    """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` (``offset`` may be
+    traced) against ``cache`` -> (float32 logits ``[B, n, V]``, the cache with their keys and
+    values written in). Attention sees cache slots below ``offset + n`` that ``pattern``
+    opens: the canvas forward pass restricted to these queries, for a block-causal pattern."""
+    _check_cache_length(config, cache.length)
+    if tokens.shape[1] > cache.length:
+        raise ValueError(f"{tokens.shape[1]} tokens do not fit a KV cache of {cache.length}")
+    return family_of(config).forward_cached(config, params, tokens, pattern, cache, offset)
+
+
+def cached_fn_for(config: ModelConfig):
+    """``cached_fn(params, tokens, pattern, cache, offset) -> (logits, cache)``: the cached
+    forward pass with its config bound, the form the decoders take."""
+    return functools.partial(forward_cached, config)
+
+
 def apply_fn_for(config: ModelConfig):
     """``apply_fn(params, tokens, pattern, positions=None, dropout_key=None)``: the forward pass
     with its config bound, the form the diffusion code and the train step take."""
@@ -82,7 +118,8 @@ def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params
         return init()
 
 
-__all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "LlamaConfig", "ModelConfig",
-           "Params", "Qwen2Config", "abstract_params", "apply_fn_for", "config_class",
-           "config_from_hf", "family_of", "flatten", "forward", "init_params", "matmul_params",
-           "nest", "param_shardings", "param_specs", "sharded_init", "weight_axes"]
+__all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "KVCache", "LlamaConfig",
+           "ModelConfig", "Params", "Qwen2Config", "abstract_params", "apply_fn_for",
+           "cached_fn_for", "config_class", "config_from_hf", "family_of", "flatten", "forward",
+           "forward_cached", "init_cache", "init_params", "matmul_params", "nest",
+           "param_shardings", "param_specs", "sharded_init", "weight_axes"]

@@ -69,6 +69,25 @@ def special_ids(hf: dict, cfg: "ModelConfig") -> None:
             hf[key] = getattr(cfg, key)
 
 
+def diffusion_keys(hf: dict, cfg: "ModelConfig") -> None:
+    """Write what a diffusion model adds to config.json: its mask token and, for a block model
+    (docs/algorithms.md §9), ``diffusion_block_size``. transformers ignores both keys, so the
+    file still loads there as the plain AR model its weights are."""
+    if cfg.mask_token_id is not None:
+        hf["mask_token_id"] = cfg.mask_token_id
+    if cfg.block_size > 0:
+        hf["diffusion_block_size"] = cfg.block_size
+
+
+def block_size_from(hf: dict) -> int:
+    """``diffusion_block_size`` of a config.json (absent: 0, a full-sequence model)."""
+    value = hf.get("diffusion_block_size", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config.json key 'diffusion_block_size'={value!r}: must be an integer"
+                          " >= 0 (0: a full-sequence model)")
+    return value
+
+
 def require(hf: dict, key: str, arch: str):
     if key not in hf:
         raise ConfigError(f"config.json for {arch} is missing required key {key!r}")

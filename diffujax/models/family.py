@@ -84,6 +84,9 @@ class Family:
     config: type[ModelConfig]  # from_hf / to_hf for config.json
     # forward(config, params, tokens, pattern, positions=None, dropout_key=None) -> logits
     forward: Callable
+    # forward_cached(config, params, tokens, pattern, cache, offset, positions=None)
+    #   -> (logits, cache): the same network against a KV cache (models/cache.py)
+    forward_cached: Callable
     param_specs: Callable[[ModelConfig], dict[str, ParamSpec]]  # the weight table
     hf_keys: Callable[[ModelConfig, str], KeyMap]  # (config, naming) -> key map
     embedding: str  # path of the input embedding table (also the output head when tied)

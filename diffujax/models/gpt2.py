@@ -11,8 +11,9 @@ import jax.numpy as jnp
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first_id, require,
-                                     special_ids)
+from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
+from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
+                                     extra_json, first_id, require, special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec
 from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
@@ -31,8 +32,9 @@ class GPT2Config(ModelConfig):
     attn_pdrop: float = 0.0  # not applied (no dropout in the attention kernels); training warns
 
     _MODELED: ClassVar[tuple[str, ...]] = (
-        "embd_pdrop", "resid_pdrop", "attn_pdrop", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
-        "activation_function", "tie_word_embeddings", "mask_token_id", "architectures",
+        "embd_pdrop", "resid_pdrop", "attn_pdrop", "vocab_size", "n_embd", "n_layer", "n_head",
+        "n_inner", "n_positions", "layer_norm_epsilon", "activation_function",
+        "tie_word_embeddings", "mask_token_id", "diffusion_block_size", "architectures",
         "model_type", "torch_dtype", "dtype", "n_ctx", "transformers_version",
     )
 
@@ -56,6 +58,7 @@ class GPT2Config(ModelConfig):
             intermediate_size=int(hf.get("n_inner") or 4 * d),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             mask_token_id=hf.get("mask_token_id"),
+            block_size=block_size_from(hf),
             bos_token_id=first_id(hf.get("bos_token_id")),
             eos_token_id=first_id(hf.get("eos_token_id")),
             pad_token_id=first_id(hf.get("pad_token_id")),
@@ -80,8 +83,7 @@ class GPT2Config(ModelConfig):
             resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop,
         )
         special_ids(hf, self)
-        if self.mask_token_id is not None:
-            hf["mask_token_id"] = self.mask_token_id
+        diffusion_keys(hf, self)
         return hf
 
 
@@ -114,6 +116,46 @@ def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
     return specs
 
 
+def _check_positions(c: GPT2Config, length: int, what: str):
+    if length > c.max_positions:
+        raise ValueError(f"{what} {length} exceeds GPT-2's learned positions ({c.max_positions})")
+
+
+def _embed(c: GPT2Config, p, tokens, positions):
+    dtype = jnp.dtype(c.dtype)
+    if positions is None:
+        positions = jnp.arange(tokens.shape[1])[None]
+    return constrain(p["wte"].astype(dtype)[tokens] + p["wpe"].astype(dtype)[positions], HIDDEN)
+
+
+def _layer(c: GPT2Config, drop: bool, w, x, attend):
+    """One block; ``attend(q, k, v) -> (out, aux)`` is its attention (over the sequence, or
+    against a KV cache). ``drop``: apply the residual dropout with the layer's ``w["key"]``.
+    Returns ``(x, aux)``."""
+    dtype = x.dtype
+    h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
+    q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
+    k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
+    v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
+    a, aux = attend(constrain(q, QUERY), k, v)
+    out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
+    x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop else out)
+    h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
+    h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
+                    approximate=c.activation != "gelu")
+    out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
+    x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop else out)
+    return constrain(x, HIDDEN), aux
+
+
+def _head(c: GPT2Config, p, x):
+    x = L.layer_norm(x, p["ln_f_scale"], p["ln_f_bias"], c.layer_norm_eps)
+    head = p["wte"].T if c.tie_word_embeddings else p["lm_head"]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS)
+
+
 def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
             dropout_key=None):
     """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``; ``p``: the
@@ -123,46 +165,33 @@ def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
     the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
     the attention probabilities) is not applied: the fused attention kernels have no
     dropout. Without a key (evaluation, sampling) nothing is dropped."""
-    dtype = jnp.dtype(c.dtype)
-    if tokens.shape[1] > c.max_positions:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds GPT-2's learned positions"
-                         f" ({c.max_positions})")
-    if positions is None:
-        positions = jnp.arange(tokens.shape[1])[None]
-    x = p["wte"].astype(dtype)[tokens] + p["wpe"].astype(dtype)[positions]
-    x = constrain(x, HIDDEN)
-    approximate = c.activation != "gelu"
+    _check_positions(c, tokens.shape[1], "sequence length")
+    x = _embed(c, p, tokens, positions)
     drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
     if drop:
         x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
-
-    def block(w, x):
-        h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
-        q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
-        k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
-        v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
-        q = constrain(q, QUERY)
-        a = attention(q, k, v, pattern, c.attention)
-        out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
-        x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop
-                 else out)
-        h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
-        h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
-                        approximate=approximate)
-        out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
-        x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop
-                 else out)
-        return constrain(x, HIDDEN)
-
     stacked = dict(p["layers"])
     if drop:  # one key per layer, scanned with the layer's weights
         stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
             jnp.arange(c.num_layers))
-    x = L.scan_layers(block, x, stacked, c.remat)
-    x = L.layer_norm(x, p["ln_f_scale"], p["ln_f_bias"], c.layer_norm_eps)
-    head = p["wte"].T if c.tie_word_embeddings else p["lm_head"]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, LOGITS)
+    attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
+    x = L.scan_layers(lambda w, x: _layer(c, drop, w, x, attend)[0], x, stacked, c.remat)
+    return _head(c, p, x)
+
+
+def forward_cached(c: GPT2Config, p, tokens, pattern: AttentionPattern, cache: KVCache,
+                   offset, positions=None):
+    """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+    (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
+    values written at ``offset``). ``positions``: learned positions, default the canvas ones."""
+    _check_positions(c, cache.length, "KV cache length")
+    if positions is None:
+        positions = offset + jnp.arange(tokens.shape[1])[None]
+    x = _embed(c, p, tokens, positions)
+    visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+    x, cache = scan_layers_cached(lambda w, x, attend: _layer(c, False, w, x, attend), x,
+                                  p["layers"], cache, offset, visible)
+    return _head(c, p, x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -212,6 +241,7 @@ def naming_of(names: list[str]) -> str:
 
 
 FAMILY = Family(
-    name="gpt2", config=GPT2Config, forward=forward, param_specs=param_specs, hf_keys=hf_keys,
-    embedding="wte", lookups=("wpe",), hf_model_types=("gpt2",),
+    name="gpt2", config=GPT2Config, forward=forward, forward_cached=forward_cached,
+    param_specs=param_specs, hf_keys=hf_keys, embedding="wte", lookups=("wpe",),
+    hf_model_types=("gpt2",),
     hf_architectures=("GPT2LMHeadModel", "GPT2Model"), namings=tuple(NAMINGS), naming_of=naming_of)

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.configs import (ConfigError, ModelConfig, extra_json, first_id, require,
-                                     special_ids)
+from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
+from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
+                                     extra_json, first_id, require, special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec
 from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
@@ -36,7 +37,7 @@ class LlamaConfig(ModelConfig):
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rms_norm_eps",
         "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
-        "mask_token_id", "architectures",
+        "mask_token_id", "diffusion_block_size", "architectures",
         "model_type", "torch_dtype", "dtype", "hidden_act", "attention_bias", "mlp_bias",
         "transformers_version", "sliding_window",
     )
@@ -90,6 +91,7 @@ class LlamaConfig(ModelConfig):
             intermediate_size=int(require(hf, "intermediate_size", a)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             mask_token_id=hf.get("mask_token_id"),
+            block_size=block_size_from(hf),
             bos_token_id=first_id(hf.get("bos_token_id")),
             eos_token_id=first_id(hf.get("eos_token_id")),
             pad_token_id=first_id(hf.get("pad_token_id")),
@@ -129,8 +131,7 @@ class LlamaConfig(ModelConfig):
             hf["rope_scaling"] = dict(rope_type="linear", factor=self.rope_scaling[1])
         else:
             hf["rope_scaling"] = None
-        if self.mask_token_id is not None:
-            hf["mask_token_id"] = self.mask_token_id
+        diffusion_keys(hf, self)
         return hf
 
 
@@ -163,36 +164,63 @@ def project(h, w, name: str):
     return y if bias is None else y + bias.astype(y.dtype)
 
 
+def _embed(c: LlamaConfig, p, tokens, positions):
+    """Token embeddings and the rotary tables of ``positions`` (default ``0..L-1``)."""
+    dtype = jnp.dtype(c.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    rope = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
+                                                               c.rope_scaling), dtype)
+    return constrain(p["embed"].astype(dtype)[tokens], HIDDEN), rope
+
+
+def _layer(c: LlamaConfig, rope, w, x, attend):
+    """One decoder layer; ``attend(q, k, v) -> (out, aux)`` is its attention (over the sequence,
+    or against a KV cache). Returns ``(x, aux)``."""
+    cos, sin = rope
+    h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+    q = L.apply_rope(project(h, w, "q"), cos, sin)
+    k = L.apply_rope(project(h, w, "k"), cos, sin)
+    v = project(h, w, "v")
+    a, aux = attend(constrain(q, QUERY), k, v)
+    x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
+    h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+    x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+    return constrain(x, HIDDEN), aux
+
+
+def _head(c: LlamaConfig, p, x):
+    x = L.rms_norm(x, p["final_norm"], c.rms_norm_eps)
+    head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS)
+
+
 def forward(c: LlamaConfig, p, tokens, pattern: AttentionPattern, positions=None,
             dropout_key=None):
     """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``p``: the parameter tree of
     ``param_specs(c)`` (or a variant's, such as Qwen2's with q/k/v biases). The family has no
     dropout, so ``dropout_key`` (passed by training to every family) changes nothing."""
     del dropout_key
-    dtype = jnp.dtype(c.dtype)
+    x, rope = _embed(c, p, tokens, positions)
+    attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
+    x = L.scan_layers(lambda w, x: _layer(c, rope, w, x, attend)[0], x, p["layers"], c.remat)
+    return _head(c, p, x)
+
+
+def forward_cached(c: LlamaConfig, p, tokens, pattern: AttentionPattern, cache: KVCache,
+                   offset, positions=None):
+    """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+    (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
+    values written at ``offset``). ``positions``: RoPE positions, default the canvas ones."""
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    cos, sin = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
-                                                                   c.rope_scaling), dtype)
-    x = constrain(p["embed"].astype(dtype)[tokens], HIDDEN)
-
-    def block(w, x):
-        h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-        q = L.apply_rope(project(h, w, "q"), cos, sin)
-        k = L.apply_rope(project(h, w, "k"), cos, sin)
-        v = project(h, w, "v")
-        q = constrain(q, QUERY)
-        a = attention(q, k, v, pattern, c.attention)
-        x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
-        h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-        x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
-        return constrain(x, HIDDEN)
-
-    x = L.scan_layers(block, x, p["layers"], c.remat)
-    x = L.rms_norm(x, p["final_norm"], c.rms_norm_eps)
-    head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, LOGITS)
+        positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
+    x, rope = _embed(c, p, tokens, positions)
+    visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+    x, cache = scan_layers_cached(lambda w, x, attend: _layer(c, rope, w, x, attend), x,
+                                  p["layers"], cache, offset, visible)
+    return _head(c, p, x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -222,6 +250,7 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
 
 
 FAMILY = Family(
-    name="llama", config=LlamaConfig, forward=forward, param_specs=param_specs, hf_keys=hf_keys,
-    embedding="embed", hf_model_types=("llama", "mistral"),
+    name="llama", config=LlamaConfig, forward=forward, forward_cached=forward_cached,
+    param_specs=param_specs, hf_keys=hf_keys, embedding="embed",
+    hf_model_types=("llama", "mistral"),
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"))

@@ -64,6 +64,7 @@ def hf_keys(c: Qwen2Config, naming: str = "transformers") -> KeyMap:
 
 # LLaMA's forward pass adds a projection's bias where the weight table has one.
 FAMILY = Family(
-    name="qwen2", config=Qwen2Config, forward=llama.forward, param_specs=param_specs,
+    name="qwen2", config=Qwen2Config, forward=llama.forward,
+    forward_cached=llama.forward_cached, param_specs=param_specs,
     hf_keys=hf_keys, embedding="embed", hf_model_types=("qwen2",),
     hf_architectures=("Qwen2ForCausalLM",))

@@ -25,7 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
-from diffujax.generate import sampler_call
+from diffujax.generate import decode, sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
@@ -232,7 +232,15 @@ class Engine:
                          ranking: str = "masked", confidence_temperature=None,
                          block_length: int = 32, threshold: float = 0.9) -> list[list[int]]:
         """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
-        span of every row (token lists). ``steps`` is the number of denoising passes."""
+        span of every row (token lists). ``steps`` is the number of denoising passes. On a
+        block diffusion model the sampler runs inside the cached block decoder."""
+        if self.model.config.block_size > 0:
+            if ranking != "masked" or confidence_temperature is not None:
+                raise ValueError("the reference ranking / tempered confidence options are not"
+                                 " defined for a block diffusion model")
+            return self._block_decode(rows, sampler=sampler, steps=steps,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      threshold=threshold)
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
         outputs = []
         m = self.model
@@ -251,6 +259,32 @@ class Engine:
                 filled = m.fetch(out.tokens)[:p.count]
                 for row, values in zip(chunk, filled):
                     outputs.append([int(values[i]) for i, f in enumerate(row.fixed) if not f])
+        return outputs
+
+    def _block_decode(self, rows, **options) -> list[list[int]]:
+        """``diffusion_decode`` of a block model: each row's span must run from the end of its
+        context to the end of the row (no suffix: infilling is not defined for block models);
+        rows are decoded ``batch_size`` at a time with the cached block decoder."""
+        prompts, spans = [], []
+        for row in rows:
+            free = [i for i, f in enumerate(row.fixed) if not f]
+            if free and (free[0] == 0 or free != list(range(free[0], len(row.tokens)))):
+                raise ValueError("a block diffusion model generates after its context only:"
+                                 " infilling (a span with fixed tokens after it) is not"
+                                 " defined for it")
+            prompts.append(list(row.tokens[:len(row.tokens) - len(free)]))
+            spans.append(len(free))
+        outputs = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            # the prompt width bucketed (a row's tokens do not depend on it), so fewer programs
+            # compile; ``steps`` is spread over the blocks of the chunk's longest span
+            width = bucket_length(max(len(p) for p in prompts[chunk]))
+            out, _ = decode(self.model, prompts[chunk], new_tokens=max(1, *spans[chunk]),
+                            width=width, seed=self.seed, stop_at_eos=False, timed=False,
+                            row_ids=[r.row_id for r in rows[chunk]], **options)
+            outputs += [[int(t) for t in tokens[:k]] for tokens, k in zip(out.tokens,
+                                                                         spans[chunk])]
         return outputs
 
     def ar_decode(self, rows) -> list[list[int]]:

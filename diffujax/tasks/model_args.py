@@ -68,7 +68,7 @@ CHECKS = {
     "levels": _at_least(1),
     "mc_num": _at_least(1),
     "rolling_draws": _at_least(1),
-    "sampler": _one_of(SAMPLERS),
+    "sampler": _one_of(tuple(s for s in SAMPLERS if s != "ar")),  # "ar": generate's alone
     "steps": _optional(_at_least(1)),
     "temperature": _float_at_least(0.0),
     "ranking": _one_of(RANKINGS),
