@@ -165,7 +165,8 @@ def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
     the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
     the attention probabilities) is not applied: the fused attention kernels have no
     dropout. Without a key (evaluation, sampling) nothing is dropped."""
-    _check_positions(c, tokens.shape[1], "sequence length")
+    if positions is None:  # explicit positions (block diffusion's two streams repeat 0..L-1)
+        _check_positions(c, tokens.shape[1], "sequence length")  # are the caller's to bound
     x = _embed(c, p, tokens, positions)
     drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
     if drop:

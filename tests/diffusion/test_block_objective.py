@@ -160,6 +160,7 @@ CASES = [  # (family, length, block size, case options, normalisation)
     ("llama", 11, 3, dict(prompt=True, segments=True), "masked"),
     ("llama", 9, 1, {}, "tokens"),
     ("gpt2", 13, 5, dict(prompt=True, segments=True), "tokens"),  # learned positions
+    ("gpt2", 20, 4, {}, "masked"),  # two streams (40) beyond GPT-2's 32 learned positions
     ("llama", 14, 4, dict(segments=True, positions=True), "masked"),  # packed documents
 ]
 
