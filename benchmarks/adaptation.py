@@ -1,6 +1,6 @@
 """Full-sequence against block adaptation of one AR checkpoint: held-out NELBO along the way.
 
-    python benchmarks/adaptation.py                              # SmolLM2-135M, CPU defaults
+    python benchmarks/adaptation.py                  # SmolLM2-135M, the README's CPU run
     python benchmarks/adaptation.py --steps 100 --eval-every 50 --seq-len 128 --block-size 32
     python benchmarks/adaptation.py --checkpoint CKPT --steps 2 --eval-every 1   # any checkpoint
 
@@ -127,12 +127,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None,
                    help="diffujax checkpoint to adapt (default: the embedded SmolLM2-135M)")
-    p.add_argument("--steps", type=int, default=100, help="training steps of each recipe")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
+    p.add_argument("--steps", type=int, default=60, help="training steps of each recipe")
+    p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N steps")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
     p.add_argument("--batch", type=int, default=4, help="rows per training and eval batch")
-    p.add_argument("--block-size", type=int, default=32, help="block size of the block recipe")
-    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches scored")
+    p.add_argument("--block-size", type=int, default=16, help="block size of the block recipe")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches scored")
     p.add_argument("--output-dir", default=None, help="where the runs go (default: a temporary"
                    " directory, removed afterwards)")
     p.add_argument("--json", action="store_true", help="the table as JSON on the last line")
