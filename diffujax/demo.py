@@ -46,9 +46,10 @@ def score(checkpoint, text: str, args, *, ar: bool = True) -> None:
           f"{evaluate(model, blocks, objective='diffusion', draws=args.draws)}", flush=True)
 
 
-def demo_config(checkpoint, out: pathlib.Path, steps: int | None):
+def demo_config(checkpoint, out: pathlib.Path, steps: int | None, extra=()):
     """The bundled adaptation config with absolute corpus paths: diffujax's own installed
-    sources to train on, the bundled text held out (so nothing depends on the directory)."""
+    sources to train on, the bundled text held out (so nothing depends on the directory);
+    ``extra``: further ``key=value`` overrides, applied last (benchmarks/adaptation.py)."""
     overrides = [f"model.checkpoint={checkpoint}", f"output_dir={out}",
                  f"data.sources=[{{path: '{PACKAGE}/**/*.py'}}]",
                  f"data.eval_sources=[{{path: '{DEFAULT_TEXT}'}}]"]
@@ -56,7 +57,7 @@ def demo_config(checkpoint, out: pathlib.Path, steps: int | None):
         overrides += [f"train.steps={steps}", f"diffusion.anneal_steps={max(1, steps // 2)}",
                       f"optimizer.warmup_steps={max(1, min(20, steps // 10))}",
                       f"logging.eval_every={steps}"]
-    return load_config(DEMO_CONFIG, overrides)
+    return load_config(DEMO_CONFIG, overrides + list(extra))
 
 
 def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:

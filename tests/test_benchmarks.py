@@ -3,6 +3,7 @@ block-size search, which compiles for TPU chips, in tests/tpu/test_block_sizes_b
 scripts run in-process through their ``main``; where one compares diffujax with a plain PyTorch
 implementation on the same weights, the agreement it prints as a check is asserted."""
 
+import math
 import pathlib
 import runpy
 import sys
@@ -72,3 +73,20 @@ def test_tasks_table(checkpoint):
     assert [(r["task"], r["objective"]) for r in results] == [
         (t, o) for o in ("ar", "diffusion") for t in TASKS]
     assert all(r["items"] == 1 for r in results)
+
+
+def test_adaptation(checkpoint, tmp_path):
+    """Both recipes train from the same checkpoint and are scored at step 0, every 2 steps and at
+    the last; step 0 is the base model, so the full-sequence and the block bound differ there
+    only by the bound (same weights), and training moves both."""
+    rows = script("adaptation")(["--checkpoint", str(checkpoint), "--steps", "3",
+                                 "--eval-every", "2", "--seq-len", "16", "--batch", "8",
+                                 "--block-size", "4", "--eval-batches", "1",
+                                 "--output-dir", str(tmp_path), "--json"])
+    assert [(r["block_size"], r["step"]) for r in rows] == [(b, s) for b in (0, 4)
+                                                             for s in (0, 2, 3)]
+    assert all(math.isfinite(r["nelbo"]) and r["nelbo"] > 0 for r in rows)
+    for block in (0, 4):
+        curve = [r["nelbo"] for r in rows if r["block_size"] == block]
+        assert curve[0] != curve[-1]  # the steps trained the model that was scored
+    assert (tmp_path / "block4" / "final").is_dir() and (tmp_path / "full" / "final").is_dir()
