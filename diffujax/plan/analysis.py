@@ -20,7 +20,7 @@ from diffujax.attention.pattern import AttentionPattern
 from diffujax.models import param_specs
 from diffujax.parallel.mesh import make_mesh
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
-from diffujax.plan import hlo
+from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
 from diffujax.train import metrics as M
@@ -95,6 +95,7 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     shapes = {path: spec.shape for path, spec in param_specs(model_cfg).items()}
     counts = hlo.estimated_cycles(text)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
+               communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels]))

@@ -5,12 +5,12 @@ The TPU backend annotates every fusion and op of the optimized program with its
 counts of the loops around it (layer scan, gradient accumulation, XLA's windowed-einsum loops).
 A Pallas kernel carries no cycle estimate: it contributes its roofline time (the
 ``pl.CostEstimate`` it declares, or for splash, which declares none, the dense attention FLOPs of
-its pass; optimistic, as if the kernel ran at peak). The sum,
-at the chip's clock, is the estimated step time if every collective overlaps with compute (XLA
-runs them asynchronously); the time the collectives would need at the full ICI bandwidth is
-reported beside it as a lower bound, and the estimate is never below it. MFU is the model's
-FLOPs (6N + full bidirectional attention, ``train/metrics.py``) over the chips' peak during that
-time. ``compiled.cost_analysis()`` is not used: it counts each loop body once.
+its pass). The sum, at the chip's clock, is the compute time; the communication the compiled
+schedule does not overlap (``comms.py``: each collective as a ring over its replica group on the
+slice's ICI torus; async pairs and collective fusions overlap the compute scheduled beside them)
+is added to it. MFU is the model's FLOPs (6N + full bidirectional attention,
+``train/metrics.py``) over the chips' peak during that time. ``compiled.cost_analysis()`` is not
+used: it counts each loop body once.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def kernel_seconds(kernels: list[dict], generation, peak_flops: float) -> float:
 
 def estimate_step(program: dict, target, peak_flops: float | None, model_flops_per_step: float,
                   tokens_per_step: int) -> dict:
-    """The estimate for a compiled train-step report (``compile_program``'s dict)."""
+    """The estimate for a compiled train-step report (``compile_program``'s dict): XLA's ops at the
+    compiler's cycle estimates, the Pallas kernels at their roofline, and the communication the
+    schedule does not overlap (``comms.charge``), one after the other."""
     generation = target.slice.generation
     counts = program.get("compiler_cycles")
     if counts is None:
@@ -63,12 +65,15 @@ def estimate_step(program: dict, target, peak_flops: float | None, model_flops_p
         return dict(step_seconds=None, source=f"none: no clock rate / peak FLOP/s on record for"
                                               f" {target.slice.name}")
     kernels = kernel_seconds(counts["kernels"], generation, peak_flops)
-    compute = counts["cycles"] / generation.clock_hz + kernels
-    ici = sum(c["bytes_per_step"] for c in program["collectives"].values()) / generation.ici_bandwidth
-    seconds = max(compute, ici)
-    out = dict(step_seconds=seconds, compute_seconds=compute, collective_seconds_bound=ici,
-               kernel_seconds=kernels,
-               source="TPU compiler per-op cycle estimates")
+    xla = counts["cycles"] / generation.clock_hz
+    comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
+                                                overlapped_seconds=0.0)
+    seconds = xla + kernels + comm["exposed_seconds"]
+    out = dict(step_seconds=seconds, compute_seconds=xla + kernels, xla_seconds=xla,
+               kernel_seconds=kernels, communication_seconds=comm["seconds"],
+               exposed_communication_seconds=comm["exposed_seconds"],
+               overlapped_communication_seconds=comm["overlapped_seconds"],
+               source="TPU compiler per-op cycle estimates, kernel rooflines, ICI ring model")
     out["mfu"] = model_flops_per_step / (target.num_devices * peak_flops * seconds)
     out["tokens_per_second"] = tokens_per_step / seconds
     return out

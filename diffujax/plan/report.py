@@ -43,9 +43,13 @@ def format_report(r: dict) -> str:
             lines.append(f"  compiler: {mem['compiler']}")
         if p.get("collectives"):
             lines.append("  collectives (bytes per device; ops in loops counted per trip):")
+            comm = p.get("communication", {}).get("by_kind", {})
             for kind, s in p["collectives"].items():
+                c = comm.get(kind)
+                time = (f"; est. {1e3 * c['seconds']:.2f} ms, {1e3 * c['exposed_seconds']:.2f} ms"
+                        " exposed") if c else ""
                 lines.append(f"    {kind:<19} {s['ops']:>4} ops, {s['executions']:>6} runs per"
-                             f" call, {_bytes(s['bytes_per_step'])} per call")
+                             f" call, {_bytes(s['bytes_per_step'])} per call{time}")
         if p.get("gathered_whole"):
             lines.append(f"  parameters gathered whole: {', '.join(p['gathered_whole'])}")
     if "model_flops_per_step" in r:
@@ -56,10 +60,12 @@ def format_report(r: dict) -> str:
         lines.append(f"no estimate: {e['source']}")
     elif e:
         lines.append(f"ESTIMATE ({e['source']}; not a measurement): step {e['step_seconds']:.3f}"
-                     f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s"
-                     f" (compute {e['compute_seconds']:.3f} s of which Pallas kernels"
-                     f" {e['kernel_seconds']:.3f} s; collectives need >="
-                     f" {e['collective_seconds_bound']:.3f} s at full ICI bandwidth, overlapped)")
+                     f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s")
+        lines.append(f"  = XLA ops {e['xla_seconds']:.3f} s + Pallas kernels"
+                     f" {e['kernel_seconds']:.3f} s + exposed communication"
+                     f" {e['exposed_communication_seconds']:.3f} s (communication"
+                     f" {e['communication_seconds']:.3f} s in all, of which"
+                     f" {e['overlapped_communication_seconds']:.3f} s overlapped with compute)")
     lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
     return "\n".join(lines)
 
