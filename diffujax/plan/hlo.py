@@ -15,6 +15,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
@@ -161,8 +163,6 @@ def replica_groups(line: str) -> list[list[int]]:
     group per row), and ``mesh['a'=4,'b'=2] {'a'}`` (devices in a row-major mesh, one group per
     position along the axes not named). ``collective-permute`` gives its source-target pairs.
     An empty or absent list means one group of every device: ``[]`` is returned."""
-    import numpy as np  # noqa: PLC0415 - only for the iota forms
-
     pairs = _PAIRS.search(line)
     if pairs:
         return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
