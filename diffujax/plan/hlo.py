@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import re
 
@@ -30,6 +31,7 @@ _CALLEES = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONSTANT = re.compile(r"^\s+%?([^\s=]+) = s32\[\][^ ]* constant\((\d+)\)")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_XPROF = re.compile(r'"xprof_metadata":"((?:[^"\\]|\\.)*)"')
 _KERNEL_COST = re.compile(r'"cost_estimate":\{([^}]*)\}')
 
 
@@ -355,6 +357,7 @@ class KernelCall:
     declared: dict | None  # its ``pl.CostEstimate`` (flops, bytes_accessed, ...) if it has one
     operands: list  # (dtype, dims) of each operand, from operand_layout_constraints
     results: list  # (dtype, dims) of each result
+    metadata: dict | None = None  # the kernel's own ``kernel_metadata`` (splash: its block sizes)
 
 
 @dataclasses.dataclass
@@ -379,6 +382,17 @@ def _braced(line: str, key: str) -> str:
     return ""
 
 
+def kernel_metadata(line: str) -> dict | None:
+    """The JSON a Pallas kernel writes into its ``kernel_metadata`` (``xprof_metadata``)."""
+    found = _XPROF.search(line)
+    if not found:
+        return None
+    try:
+        return json.loads(json.loads(f'"{found.group(1)}"'))
+    except ValueError:
+        return None
+
+
 def estimated_cycles(text: str) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
     backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
@@ -399,7 +413,7 @@ def estimated_cycles(text: str) -> CycleCount:
                 declared = {k: float(v) for k, v in fields}
             operands = shape_dims(_braced(line, "operand_layout_constraints="))
             kernels.append(KernelCall(m.group(1), runs, declared, operands,
-                                      shape_dims(m.group(2))))
+                                      shape_dims(m.group(2)), kernel_metadata(line)))
     return CycleCount(cycles, count, kernels)
 
 
