@@ -24,6 +24,7 @@ from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
 from diffujax.train import metrics as M
+from diffujax.train.step import training_dropout
 
 
 @dataclasses.dataclass
@@ -157,7 +158,8 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         config=dict(seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
                     grad_accum_steps=accum, micro_batch=cfg.data.global_batch // accum,
                     remat=model_cfg.remat, dtype=model_cfg.dtype,
-                    param_dtype=model_cfg.param_dtype),
+                    param_dtype=model_cfg.param_dtype,
+                    dropout=training_dropout(cfg, model_cfg) if what == "train" else False),
         model=dict(family=model_cfg.family, source=source, layers=model_cfg.num_layers,
                    hidden=model_cfg.hidden_size, heads=model_cfg.num_heads,
                    kv_heads=model_cfg.num_kv_heads, vocab=model_cfg.vocab_size,

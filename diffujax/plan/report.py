@@ -26,7 +26,8 @@ def format_report(r: dict) -> str:
         f"model: {m['family']}, {m['params'] / 1e6:.1f}M parameters ({m['source']}); seq_len"
         f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
         f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
-        f" {c['dtype']}, master weights {c['param_dtype']}",
+        f" {c['dtype']}, master weights {c['param_dtype']}"
+        + (", training dropout" if c.get("dropout") else ""),
     ]
     for p in r["programs"]:
         mem = p["memory"]

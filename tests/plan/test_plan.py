@@ -112,6 +112,8 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
     (program,) = gpt2_report["programs"]
     assert program["attention"] == {"full": "splash"} and program["kernel_calls"] == 3
     assert gpt2_report["model"]["params"] == 124_439_808  # GPT-2 small, tied head
+    # The run's step: GPT-2's config.json rates (0.1) drop out in training, so the plan's does.
+    assert gpt2_report["config"]["dropout"] is True
     # FSDP gathers weights and reduces gradients; TP adds its all-reduces.
     assert {"all-gather", "all-reduce"} <= set(program["collectives"])
     # The 50257-row embedding is not divisible by tensor=2, so it stays split on embed only;
