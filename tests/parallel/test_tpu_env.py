@@ -94,3 +94,14 @@ print({d.platform for d in jax.devices()})
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["4 tpu True", "{'cpu'}"], run.stdout  # runs on the CPU
     assert not any(line.startswith("E0000") for line in run.stderr.splitlines()), run.stderr
+
+
+def test_collective_flags_join_the_users_and_never_replace_them():
+    env = {"LIBTPU_INIT_ARGS": "--xla_enable_async_all_gather=false --xla_other=1"}
+    flags = tpu_env.set_collective_flags("v5p", env)
+    assert flags[:2] == ["--xla_enable_async_all_gather=false", "--xla_other=1"]  # the user's
+    assert flags[2:] == [f for f in tpu_env.ASYNC_COLLECTIVE_FLAGS
+                         if not f.startswith("--xla_enable_async_all_gather=")]
+    assert env["LIBTPU_INIT_ARGS"] == " ".join(flags)
+    assert tpu_env.set_collective_flags("v5p", env) == flags  # idempotent
+    assert tpu_env.set_collective_flags("v9", {}) == []  # an unknown generation sets nothing

@@ -188,3 +188,65 @@ def test_overlap_hides_only_what_compute_covers():
     assert sync["exposed_seconds"] == pytest.approx(sync["seconds"]) and sync["seconds"] > 0
     assert charged["exposed_seconds"] + charged["overlapped_seconds"] == pytest.approx(
         charged["seconds"])
+
+
+FSDP_SCRIPT = """
+import collections, os, sys
+from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu, set_collective_flags
+quiet_libtpu_without_tpu()
+if sys.argv[1] == "flags":
+    set_collective_flags("v5p")
+from diffujax.config import load_config
+from diffujax.models import param_specs
+from diffujax.plan import hlo
+from diffujax.plan.analysis import make_target
+from diffujax.plan.programs import plan_model_config, programs_for
+cfg = load_config("configs/tiny.yaml", ["mesh.shape.fsdp=4", "model.dtype=bfloat16",
+                                        "diffusion.anneal_steps=0"])
+model_cfg, _ = plan_model_config(cfg)
+target = make_target(cfg, "v5p-8")
+(program,) = programs_for("train", cfg, model_cfg, target.mesh, target.rules)
+text = program.lower().compile().as_text()
+shapes = {tuple(s.shape[1:]) for k, s in param_specs(model_cfg).items()
+          if k.startswith("layers/") and len(s.shape) > 2}
+forms = collections.Counter()
+for c in hlo.collectives(text):
+    dims = hlo.shape_dims(c.result)
+    if len(dims) == 1 and tuple(d for d in dims[0][1] if d != 1) in shapes:
+        forms[c.kind, c.form] += 1
+print(sorted(f"{k}/{f}={n}" for (k, f), n in forms.items()))
+"""
+
+
+def _fsdp_weight_collectives(mode: str) -> list[str]:
+    """Collectives whose result is one layer's full weight matrix in the tiny model's FSDP train
+    step (fsdp=4 on v5p-8), compiled in a fresh process (libtpu reads its flags at start-up)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("LIBTPU_INIT_ARGS", None)
+    run = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, mode], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Unknown command line flag" not in run.stderr
+    return eval(run.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's list
+
+
+def test_fsdp_weights_gather_as_all_gathers_overlapped_with_the_flags():
+    """Every full-size weight matrix of an FSDP step is gathered by an all-gather and its
+    gradient reduced by a reduce-scatter: none is a zero-filled buffer summed by an all-reduce.
+    With the async collective flags the compiler turns the gathers into collective fusions that
+    overlap the matmuls."""
+    for mode in ("plain", "flags"):
+        found = _fsdp_weight_collectives(mode)
+        kinds = {item.split("/")[0] for item in found}
+        assert kinds == {"all-gather", "reduce-scatter"}, (mode, found)
+        gathers = [item for item in found if item.startswith("all-gather/")]
+        if mode == "plain":
+            assert gathers == ["all-gather/sync=14"], found  # 7 matrices, forward and backward
+        else:
+            assert any(item.startswith("all-gather/fusion=") for item in gathers), found
