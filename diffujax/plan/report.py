@@ -23,6 +23,7 @@ def format_report(r: dict) -> str:
         f"plan for {t['topology']} x {t['num_slices']} slice(s): {t['devices']} x {t['device_kind']}"
         f" (libtpu topology {t['libtpu_topology']}), {t['hbm_per_chip_gib']:.1f} GiB HBM per chip",
         f"mesh: {mesh}",
+        f"libtpu flags: {' '.join(t.get('libtpu_flags') or []) or 'none'}",
         f"model: {m['family']}, {m['params'] / 1e6:.1f}M parameters ({m['source']}); seq_len"
         f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
         f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
