@@ -26,7 +26,8 @@ NO_TPU_DEFAULTS = (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
 # runs) and data-parallel reductions are combined and overlapped. The set MaxText's v5e / v5p /
 # v6e training recipes start libtpu with (its benchmarks/xla_flags_library.py: the data-parallel
 # all-reduce optimisation and "continuation fusion for all-gather"); every flag is known to the
-# libtpu this project pins (an unknown one stops libtpu at start-up: tests/parallel/test_tpu_env.py).
+# libtpu this project pins (an unknown one stops libtpu at start-up; tests/plan/test_comms.py
+# starts it with them).
 ASYNC_COLLECTIVE_FLAGS = (
     "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
     "--xla_tpu_data_parallel_opt_different_sized_ops=true",

@@ -93,9 +93,13 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                          code=code, total=total, hbm=hbm, fits=total <= hbm)
     text = compiled.as_text()
     items = hlo.collectives(text)
-    shapes = {path: spec.shape for path, spec in param_specs(model_cfg).items()}
+    specs = param_specs(model_cfg)
+    shapes = {path: spec.shape for path, spec in specs.items()}
+    layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
+                    for path, spec in specs.items()}
     counts = hlo.estimated_cycles(text)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
+               all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
                communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,

@@ -8,11 +8,11 @@ A Pallas kernel carries no cycle estimate: it contributes its roofline time from
 FLOPs at peak or the blocks it moves at the HBM bandwidth, whichever is slower; the streamed side
 is re-read once per outer block, so small blocks cost traffic. Kernels without block sizes fall
 back to their declared ``pl.CostEstimate``. Neither the kernels' softmax (VPU/EUP) work nor the
-per-grid-step overhead is charged. The sum, at the chip's clock, is the compute time; the communication the compiled
-schedule does not overlap (``comms.py``: each collective as a ring over its replica group on the
-slice's ICI torus; async pairs and collective fusions overlap the compute scheduled beside them)
-is added to it. MFU is the model's FLOPs (6N + full bidirectional attention,
-``train/metrics.py``) over the chips' peak during that time. ``compiled.cost_analysis()`` is not
+per-grid-step overhead is charged. The cycles at the chip's clock plus the kernels are the
+compute time; the communication the compiled schedule does not overlap (``comms.py``: each
+collective as a ring over its replica group on the slice's ICI torus; async pairs and collective
+fusions overlap the compute scheduled beside them) is added to it. MFU is the model's FLOPs (6N +
+full bidirectional attention, ``train/metrics.py``) over the chips' peak during that time. ``compiled.cost_analysis()`` is not
 used: it counts each loop body once.
 """
 
@@ -40,9 +40,9 @@ def _nbytes(shape) -> float:
 def attention_blocks(call) -> dict | None:
     """``{name, q, k, v, rest, outputs, bq, bkv}`` for an attention kernel call whose metadata
     names its block sizes (splash, the diffujax kernels), else None. q/k/v: its first three
-    floating-point operands of q's rank, as ``[batch, heads, length, head_dim]`` (splash on one example has no
-    batch axis); ``rest``: its other operands of that rank (do, row statistics); ``outputs``: its
-    results of that rank (the others are the kernel's VMEM scratch)."""
+    floating-point operands of q's rank, as ``[batch, heads, length, head_dim]`` (splash on one
+    example has no batch axis); ``rest``: its other operands of that rank (do, row statistics);
+    ``outputs``: its results of that rank (the others are the kernel's VMEM scratch)."""
     name = next((p for p in ("dkv", "dq", "fwd") if p in call.name), None)
     floats = [(t, dims) for t, dims in call.operands if t[0] in "bf"]  # not masks, scalars
     rank = next((len(dims) for _, dims in floats if len(dims) >= 3), 0)

@@ -277,7 +277,8 @@ def collectives(text: str) -> list[Collective]:
             start = pending.pop(operands[0], None) if operands else None
             kind, start_line = opcode[:-5], (start[2] if start else line)
             if kind == "async" and start:  # a generic async wrapper: look at what it calls
-                inner, _ = _fused_collectives(comps, dict(_CALLEES.findall(start_line)).get("calls"))
+                callee = dict(_CALLEES.findall(start_line)).get("calls")
+                inner, _ = _fused_collectives(comps, callee)
                 if inner:
                     kind, _, _, start_line = inner[0]
             if kind in COLLECTIVES:
@@ -340,6 +341,28 @@ def gathered_whole(items: list[Collective], full_shapes: dict[str, tuple[int, ..
             continue
         for _, dims in shape_dims(c.result):
             for name in by_shape.get(dims, ()):
+                if name not in hits:
+                    hits.append(name)
+    return hits
+
+
+def all_reduced_whole(items: list[Collective], layer_shapes: dict[str, tuple[int, ...]]
+                      ) -> list[str]:
+    """Names of weight matrices some all-reduce sums whole (its result, size-1 axes aside, is one
+    layer's full matrix): a gradient reduced everywhere instead of reduce-scattered, or a weight
+    gathered as a zero-filled buffer summed across devices; either moves about twice the bytes
+    FSDP needs. ``layer_shapes``: each weight's shape without its stacked ``layers`` axis."""
+    squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731
+    by_shape = collections.defaultdict(list)
+    for name, shape in layer_shapes.items():
+        if len(squeeze(shape)) >= 2:
+            by_shape[squeeze(shape)].append(name)
+    hits = []
+    for c in items:
+        if c.kind != "all-reduce":
+            continue
+        for _, dims in shape_dims(c.result):
+            for name in by_shape.get(squeeze(dims), ()):
                 if name not in hits:
                     hits.append(name)
     return hits
@@ -417,6 +440,7 @@ def estimated_cycles(text: str) -> CycleCount:
     return CycleCount(cycles, count, kernels)
 
 
-__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "collectives",
+__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "all_reduced_whole",
+           "collectives",
            "replica_groups",
            "dtype_bytes", "estimated_cycles", "gathered_whole", "shape_bytes", "summarize"]

@@ -54,6 +54,10 @@ def format_report(r: dict) -> str:
                              f" call, {_bytes(s['bytes_per_step'])} per call{time}")
         if p.get("gathered_whole"):
             lines.append(f"  parameters gathered whole: {', '.join(p['gathered_whole'])}")
+        if p.get("all_reduced_whole"):
+            lines.append("  weights all-reduced whole (a zero-fill gather or an unsharded gradient"
+                         " reduction: about twice FSDP's bytes):"
+                         f" {', '.join(p['all_reduced_whole'])}")
     if "model_flops_per_step" in r:
         lines += ["", f"model FLOPs per step: {r['model_flops_per_step']:.3e} (6N + full"
                       " bidirectional attention)"]

@@ -214,6 +214,8 @@ for c in hlo.collectives(text):
     dims = hlo.shape_dims(c.result)
     if len(dims) == 1 and tuple(d for d in dims[0][1] if d != 1) in shapes:
         forms[c.kind, c.form] += 1
+print(hlo.all_reduced_whole(hlo.collectives(text), {k: s.shape[1:] for k, s in
+                                                     param_specs(model_cfg).items()}))
 print(sorted(f"{k}/{f}={n}" for (k, f), n in forms.items()))
 """
 
@@ -233,7 +235,9 @@ def _fsdp_weight_collectives(mode: str) -> list[str]:
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Unknown command line flag" not in run.stderr
-    return eval(run.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's list
+    whole, found = run.stdout.strip().splitlines()[-2:]
+    assert whole == "[]", whole  # no weight matrix is all-reduced whole (hlo.all_reduced_whole)
+    return eval(found)  # noqa: S307 - our own script's list
 
 
 def test_fsdp_weights_gather_as_all_gathers_overlapped_with_the_flags():
