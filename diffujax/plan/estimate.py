@@ -12,8 +12,8 @@ per-grid-step overhead is charged. The cycles at the chip's clock plus the kerne
 compute time; the communication the compiled schedule does not overlap (``comms.py``: each
 collective as a ring over its replica group on the slice's ICI torus; async pairs and collective
 fusions overlap the compute scheduled beside them) is added to it. MFU is the model's FLOPs (6N +
-full bidirectional attention, ``train/metrics.py``) over the chips' peak during that time. ``compiled.cost_analysis()`` is not
-used: it counts each loop body once.
+full bidirectional attention, ``train/metrics.py``) over the chips' peak during that time.
+``compiled.cost_analysis()`` is not used: it counts each loop body once.
 """
 
 from __future__ import annotations
