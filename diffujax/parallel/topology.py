@@ -38,11 +38,6 @@ class Generation:
     layouts: dict  # chips -> physical layout
     torus_chips: int  # slices of at least this many chips have wraparound links (a torus)
 
-    @property
-    def ici_bandwidth(self) -> float:
-        """bytes/s one way over all of a chip's links (2 per dimension of its layout)."""
-        return self.ici_link_bandwidth * 2 * len(next(iter(self.layouts.values())))
-
 
 _LAYOUTS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
                128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
