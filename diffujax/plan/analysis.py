@@ -95,8 +95,11 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     items = hlo.collectives(text)
     specs = param_specs(model_cfg)
     shapes = {path: spec.shape for path, spec in specs.items()}
+    # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
+    sharded = {path for path, leaf in _flat(program.inputs.get("params"))
+               if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
-                    for path, spec in specs.items()}
+                    for path, spec in specs.items() if path in sharded}
     counts = hlo.estimated_cycles(text)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
                all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
@@ -105,6 +108,15 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels]))
     return out
+
+
+def _flat(tree) -> list:
+    """``[("layers/wq", leaf), ...]``: a parameter tree's leaves by their ``param_specs`` names."""
+    if tree is None:
+        return []
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
+            for path, leaf in leaves]
 
 
 @contextlib.contextmanager
