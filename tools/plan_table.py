@@ -54,17 +54,22 @@ def row(config: str, report: dict) -> str:
     est = report.get("estimate") or {}
     step = f"{est['step_seconds']:.2f} s" if est.get("step_seconds") else "n/a"
     mfu = f"{100 * est['mfu']:.0f}%" if est.get("mfu") else "n/a"
+    kernels = f"{est['kernel_seconds']:.2f} s" if est.get("step_seconds") else "n/a"
+    comm = (f"{est['exposed_communication_seconds']:.2f} of"
+            f" {est['communication_seconds']:.2f} s" if est.get("step_seconds") else "n/a")
     compile_s = sum(p["compile_seconds"] for p in report["programs"])
     setting = f"{c['grad_accum_steps']} x {c['micro_batch']}, remat {c['remat']}"
     return (f"| `{pathlib.Path(config).name}` | {t['topology']} ({t['devices']} chips) |"
             f" {setting} | {worst['total'] / gib:.1f} of {worst['hbm'] / gib:.0f} GiB |"
-            f" {'yes' if report['fits'] else '**no**'} | {step} | {mfu} | {compile_s:.0f} s |")
+            f" {'yes' if report['fits'] else '**no**'} | {step} | {kernels} | {comm} | {mfu} |"
+            f" {compile_s:.0f} s |")
 
 
 def table(rows) -> str:
     head = ("| config | slice | accumulation x micro-batch | HBM per chip | fits |"
-            " est. step time | est. MFU | compile time |\n"
-            "|---|---|---|---|---|---|---|---|")
+            " est. step time | est. Pallas kernels | est. exposed of all communication |"
+            " est. MFU | compile time |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [row(config, report) for config, report in rows])
 
 

@@ -32,9 +32,11 @@ class Generation:
     chip_config: str  # libtpu chip_config_name
     hbm_bytes: int  # per chip
     hbm_bandwidth: float  # bytes/s per chip
-    ici_bandwidth: float  # bytes/s per chip, all links together
+    ici_link_bandwidth: float  # bytes/s one way over one ICI link (a chip has 2 per dimension)
+    dcn_bandwidth: float  # bytes/s per chip between slices (the host NICs shared by its chips)
     clock_hz: float | None  # TensorCore clock (the unit of the compiler's cycle estimates)
     layouts: dict  # chips -> physical layout
+    torus_chips: int  # slices of at least this many chips have wraparound links (a torus)
 
 
 _LAYOUTS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -43,13 +45,24 @@ _LAYOUTS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4,
 _LAYOUTS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
                128: (8, 16), 256: (16, 16)}
 
-# Per chip, from Cloud TPU's system-architecture pages: HBM, HBM and ICI bandwidth, clock.
+# Per chip, from Cloud TPU's system-architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p,
+# v6e): HBM, HBM bandwidth, clock. ICI per link and direction = the page's per-chip ICI figure over
+# its ports: v4 2400 Gbps / 6 ports = 50 GB/s; v5e 1600 Gbps / 4 = 50 GB/s; v5p 1200 GB/s
+# bidirectional / 6 / 2 = 100 GB/s; v6e 800 GB/s bidirectional / 4 / 2 = 100 GB/s. DCN per chip:
+# v5p 50 Gbps (its page); v5e 2 x 100 Gbps NICs per 8-chip host = 25 Gbps; v6e 4 x 200 Gbps per
+# 8 chips = 100 Gbps; v4 (no figure published per chip) taken as v5p's, 4 chips per host too.
+# Wraparound: v4 / v5p slices of a full 4x4x4 cube or more are tori; v5e / v6e only the full
+# 16x16 Pod.
 GENERATIONS = (
-    Generation("v4", "v4", 2, "megacore", 32 * GIB, 1.2e12, 300e9, 1.05e9, _LAYOUTS_3D),
-    Generation("v5litepod", "v5e", 1, "default", 16 * GIB, 0.819e12, 200e9, 1.5e9, _LAYOUTS_2D),
-    Generation("v5p", "v5p", 2, "megacore", 95 * GIB, 2.765e12, 600e9, 1.75e9, _LAYOUTS_3D),
+    Generation("v4", "v4", 2, "megacore", 32 * GIB, 1.2e12, 50e9, 6.25e9, 1.05e9, _LAYOUTS_3D,
+               64),
+    Generation("v5litepod", "v5e", 1, "default", 16 * GIB, 0.819e12, 50e9, 3.125e9, 1.5e9,
+               _LAYOUTS_2D, 256),
+    Generation("v5p", "v5p", 2, "megacore", 95 * GIB, 2.765e12, 100e9, 6.25e9, 1.75e9,
+               _LAYOUTS_3D, 64),
     # No published v6e clock on record here: plans report no step-time estimate for v6e.
-    Generation("v6e", "v6e", 1, "default", 32 * GIB, 1.64e12, 448e9, None, _LAYOUTS_2D),
+    Generation("v6e", "v6e", 1, "default", 32 * GIB, 1.64e12, 100e9, 12.5e9, None, _LAYOUTS_2D,
+               256),
 )
 ALIASES = {"v5e": "v5litepod"}  # "v5e-8" is what people say; Cloud TPU calls it v5litepod-8
 
@@ -69,6 +82,11 @@ class SliceSpec:
     @property
     def hbm_bytes(self) -> int:
         return self.generation.hbm_bytes
+
+    @property
+    def torus(self) -> bool:
+        """Whether every dimension has wraparound links (a ring along it closes)."""
+        return self.chips >= self.generation.torus_chips
 
     @property
     def chips_per_host_bounds(self) -> tuple[int, int, int]:

@@ -21,6 +21,43 @@ NO_TPU_DEFAULTS = (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_ID", "0"),
                    ("TPU_WORKER_HOSTNAMES", "localhost"))
 
 
+# libtpu flags that make XLA's collectives asynchronous, overlapped with compute: the weight
+# all-gathers of FSDP become async collective fusions (the next weights arrive while a matmul
+# runs) and data-parallel reductions are combined and overlapped. The set MaxText's v5e / v5p /
+# v6e training recipes start libtpu with (its benchmarks/xla_flags_library.py: the data-parallel
+# all-reduce optimisation and "continuation fusion for all-gather"); every flag is known to the
+# libtpu this project pins (an unknown one stops libtpu at start-up; tests/plan/test_comms.py
+# starts it with them).
+ASYNC_COLLECTIVE_FLAGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+# Per TPU generation (libtpu's names); one set for all today, kept per generation because the
+# recipes differ as they are tuned.
+COLLECTIVE_FLAGS = {"v4": ASYNC_COLLECTIVE_FLAGS, "v5e": ASYNC_COLLECTIVE_FLAGS,
+                    "v5p": ASYNC_COLLECTIVE_FLAGS, "v6e": ASYNC_COLLECTIVE_FLAGS}
+
+
+def set_collective_flags(generation: str, environ: MutableMapping[str, str] | None = None
+                         ) -> list[str]:
+    """Add the generation's ``COLLECTIVE_FLAGS`` to ``LIBTPU_INIT_ARGS`` (a flag the user already
+    set there, with any value, is kept as the user set it); returns the flags in
+    ``LIBTPU_INIT_ARGS`` afterwards. libtpu reads them once, when it starts: call this before
+    anything compiles for or runs on a TPU."""
+    environ = os.environ if environ is None else environ
+    present = environ.get("LIBTPU_INIT_ARGS", "").split()
+    named = {arg.split("=", 1)[0] for arg in present}
+    added = [f for f in COLLECTIVE_FLAGS.get(generation, ()) if f.split("=", 1)[0] not in named]
+    if added:
+        environ["LIBTPU_INIT_ARGS"] = " ".join(present + added)
+    return environ.get("LIBTPU_INIT_ARGS", "").split()
+
+
 def tpu_attached() -> bool:
     """A TPU's device files: /dev/accel* or /dev/vfio/N, depending on the TPU generation."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))

@@ -20,10 +20,11 @@ from diffujax.attention.pattern import AttentionPattern
 from diffujax.models import param_specs
 from diffujax.parallel.mesh import make_mesh
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
-from diffujax.plan import hlo
+from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
 from diffujax.train import metrics as M
+from diffujax.train.step import training_dropout
 
 
 @dataclasses.dataclass
@@ -92,13 +93,30 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                          code=code, total=total, hbm=hbm, fits=total <= hbm)
     text = compiled.as_text()
     items = hlo.collectives(text)
-    shapes = {path: spec.shape for path, spec in param_specs(model_cfg).items()}
+    specs = param_specs(model_cfg)
+    shapes = {path: spec.shape for path, spec in specs.items()}
+    # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
+    sharded = {path for path, leaf in _flat(program.inputs.get("params"))
+               if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
+    layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
+                    for path, spec in specs.items() if path in sharded}
     counts = hlo.estimated_cycles(text)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
+               all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
+               communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels]))
     return out
+
+
+def _flat(tree) -> list:
+    """``[("layers/wq", leaf), ...]``: a parameter tree's leaves by their ``param_specs`` names."""
+    if tree is None:
+        return []
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
+            for path, leaf in leaves]
 
 
 @contextlib.contextmanager
@@ -156,7 +174,8 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         config=dict(seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
                     grad_accum_steps=accum, micro_batch=cfg.data.global_batch // accum,
                     remat=model_cfg.remat, dtype=model_cfg.dtype,
-                    param_dtype=model_cfg.param_dtype),
+                    param_dtype=model_cfg.param_dtype,
+                    dropout=training_dropout(cfg, model_cfg) if what == "train" else False),
         model=dict(family=model_cfg.family, source=source, layers=model_cfg.num_layers,
                    hidden=model_cfg.hidden_size, heads=model_cfg.num_heads,
                    kv_heads=model_cfg.num_kv_heads, vocab=model_cfg.vocab_size,

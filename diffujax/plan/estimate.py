@@ -3,14 +3,17 @@
 The TPU backend annotates every fusion and op of the optimized program with its
 ``estimated_cycles``; ``hlo.estimated_cycles`` sums them over one step, each times the trip
 counts of the loops around it (layer scan, gradient accumulation, XLA's windowed-einsum loops).
-A Pallas kernel carries no cycle estimate: it contributes its roofline time (the
-``pl.CostEstimate`` it declares, or for splash, which declares none, the dense attention FLOPs of
-its pass; optimistic, as if the kernel ran at peak). The sum,
-at the chip's clock, is the estimated step time if every collective overlaps with compute (XLA
-runs them asynchronously); the time the collectives would need at the full ICI bandwidth is
-reported beside it as a lower bound, and the estimate is never below it. MFU is the model's
-FLOPs (6N + full bidirectional attention, ``train/metrics.py``) over the chips' peak during that
-time. ``compiled.cost_analysis()`` is not used: it counts each loop body once.
+A Pallas kernel carries no cycle estimate: it contributes its roofline time from its block sizes
+(which splash and the diffujax kernels write into their metadata): per grid step one score tile's
+FLOPs at peak or the blocks it moves at the HBM bandwidth, whichever is slower; the streamed side
+is re-read once per outer block, so small blocks cost traffic. Kernels without block sizes fall
+back to their declared ``pl.CostEstimate``. Neither the kernels' softmax (VPU/EUP) work nor the
+per-grid-step overhead is charged. The cycles at the chip's clock plus the kernels are the
+compute time; the communication the compiled schedule does not overlap (``comms.py``: each
+collective as a ring over its replica group on the slice's ICI torus; async pairs and collective
+fusions overlap the compute scheduled beside them) is added to it. MFU is the model's FLOPs (6N +
+full bidirectional attention, ``train/metrics.py``) over the chips' peak during that time.
+``compiled.cost_analysis()`` is not used: it counts each loop body once.
 """
 
 from __future__ import annotations
@@ -23,12 +26,69 @@ from diffujax.plan import hlo
 # FLOPs per (query, key, head_dim) triple of the attention kernels' passes: forward q.k and p.v;
 # dq recomputes q.k and adds dp and dq; dkv recomputes q.k and adds dv, dp and dk.
 _PASS_FLOPS = (("dkv", 8), ("dq", 6), ("bwd", 10), ("fwd", 4))
+# The block-size keys of each pass in a kernel's metadata (splash's names; the diffujax kernels
+# write the same): (query block, key/value block).
+_PASS_BLOCKS = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+                "dkv": ("block_q_dkv", "block_kv_dkv")}
+
+
+def _nbytes(shape) -> float:
+    dtype, dims = shape
+    return math.prod(dims) * hlo.dtype_bytes(dtype)
+
+
+def attention_blocks(call) -> dict | None:
+    """``{name, q, k, v, rest, outputs, bq, bkv}`` for an attention kernel call whose metadata
+    names its block sizes (splash, the diffujax kernels), else None. q/k/v: its first three
+    floating-point operands of q's rank, as ``[batch, heads, length, head_dim]`` (splash on one
+    example has no batch axis); ``rest``: its other operands of that rank (do, row statistics);
+    ``outputs``: its results of that rank (the others are the kernel's VMEM scratch)."""
+    name = next((p for p in ("dkv", "dq", "fwd") if p in call.name), None)
+    floats = [(t, dims) for t, dims in call.operands if t[0] in "bf"]  # not masks, scalars
+    rank = next((len(dims) for _, dims in floats if len(dims) >= 3), 0)
+    tensors = [(t, dims) for t, dims in floats if len(dims) == rank]
+    if name is None or rank not in (3, 4) or len(tensors) < 3 or not call.metadata:
+        return None
+    bq, bkv = (call.metadata.get(key) for key in _PASS_BLOCKS[name])
+    if not bq or not bkv:
+        return None
+    as4 = lambda t: (t[0], (1,) * (4 - rank) + tuple(t[1]))  # noqa: E731
+    return dict(name=name, q=as4(tensors[0]), k=as4(tensors[1]), v=as4(tensors[2]),
+                rest=tensors[3:], outputs=[r for r in call.results if len(r[1]) == rank],
+                bq=int(bq), bkv=int(bkv))
+
+
+def blocked_attention_cost(call, blocks: dict) -> tuple[float, float, int]:
+    """``(flops, bytes, grid steps)`` of an attention pass from its block sizes. The kernel walks
+    an outer axis of blocks (query blocks for fwd and dq, key/value blocks for dkv) and streams
+    the other side's blocks under each: per grid step one ``bq x bkv`` score tile
+    (``_PASS_FLOPS`` x bq x bkv x head_dim FLOPs) and one streamed block. Bytes: the outer side's
+    operands and the outputs move once, the streamed side once per outer block (and, for fwd
+    and dq, once per query head of a shared K/V head). Every block is computed: the dense
+    patterns planned here (full, annealed) skip none."""
+    (_, (b, h, lq, d)), (_, (_, kvh, lk, _)) = blocks["q"], blocks["k"]
+    bq, bkv = min(blocks["bq"], lq), min(blocks["bkv"], lk)
+    steps = b * h * -(-lq // bq) * -(-lk // bkv)
+    flops = dict(_PASS_FLOPS)[blocks["name"]] * steps * bq * bkv * d
+    outputs = sum(_nbytes(r) for r in blocks["outputs"])
+    kv = _nbytes(blocks["k"]) + _nbytes(blocks["v"])
+    q_side = _nbytes(blocks["q"]) + sum(_nbytes(r) for r in blocks["rest"])
+    if blocks["name"] == "dkv":
+        moved = outputs + kv + q_side * -(-lk // bkv)
+    else:
+        moved = outputs + q_side + kv * (h // kvh) * -(-lq // bq)
+    return float(flops), float(moved), steps
 
 
 def kernel_cost(call) -> tuple[float, float]:
-    """``(flops, bytes)`` of one Pallas kernel call: its declared ``pl.CostEstimate``, else (splash
-    declares none) dense attention FLOPs from its q and k operands ``[batch, heads, length,
-    head_dim]`` and the pass its name says, with its operands and results read once."""
+    """``(flops, bytes)`` of one Pallas kernel call: from its block sizes for an attention pass
+    that names them (``blocked_attention_cost``); else its declared ``pl.CostEstimate``; else
+    dense attention FLOPs from its q and k operands and the pass its name says, with its operands
+    and results read once."""
+    blocks = attention_blocks(call)
+    if blocks:
+        flops, moved, _ = blocked_attention_cost(call, blocks)
+        return flops, moved
     moved = sum(math.prod(dims) * hlo.dtype_bytes(t) for t, dims in call.operands + call.results)
     if call.declared:
         return call.declared.get("flops", 0.0), call.declared.get("bytes_accessed", moved)
@@ -42,19 +102,28 @@ def kernel_cost(call) -> tuple[float, float]:
 
 def kernel_summary(call) -> dict:
     flops, moved = kernel_cost(call)
-    return dict(name=call.name, runs=call.runs, flops=flops, bytes=moved,
-                declared=call.declared is not None)
+    blocks = attention_blocks(call)
+    out = dict(name=call.name, runs=call.runs, flops=flops, bytes=moved,
+               declared=call.declared is not None, steps=None, blocks=None)
+    if blocks:
+        out.update(steps=blocked_attention_cost(call, blocks)[2],
+                   blocks=[blocks["bq"], blocks["bkv"]])
+    return out
 
 
 def kernel_seconds(kernels: list[dict], generation, peak_flops: float) -> float:
-    """The Pallas kernels at their roofline (the slower of compute at peak and HBM traffic)."""
+    """The Pallas kernels at their roofline: per grid step the slower of its FLOPs at peak and
+    its HBM traffic, times the steps (with the steps' work even, the same as the totals'
+    roofline); a kernel without block sizes counts as one step."""
     return sum(k["runs"] * max(k["flops"] / peak_flops, k["bytes"] / generation.hbm_bandwidth)
                for k in kernels)
 
 
 def estimate_step(program: dict, target, peak_flops: float | None, model_flops_per_step: float,
                   tokens_per_step: int) -> dict:
-    """The estimate for a compiled train-step report (``compile_program``'s dict)."""
+    """The estimate for a compiled train-step report (``compile_program``'s dict): XLA's ops at the
+    compiler's cycle estimates, the Pallas kernels at their roofline, and the communication the
+    schedule does not overlap (``comms.charge``), one after the other."""
     generation = target.slice.generation
     counts = program.get("compiler_cycles")
     if counts is None:
@@ -63,12 +132,15 @@ def estimate_step(program: dict, target, peak_flops: float | None, model_flops_p
         return dict(step_seconds=None, source=f"none: no clock rate / peak FLOP/s on record for"
                                               f" {target.slice.name}")
     kernels = kernel_seconds(counts["kernels"], generation, peak_flops)
-    compute = counts["cycles"] / generation.clock_hz + kernels
-    ici = sum(c["bytes_per_step"] for c in program["collectives"].values()) / generation.ici_bandwidth
-    seconds = max(compute, ici)
-    out = dict(step_seconds=seconds, compute_seconds=compute, collective_seconds_bound=ici,
-               kernel_seconds=kernels,
-               source="TPU compiler per-op cycle estimates")
+    xla = counts["cycles"] / generation.clock_hz
+    comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
+                                                overlapped_seconds=0.0)
+    seconds = xla + kernels + comm["exposed_seconds"]
+    out = dict(step_seconds=seconds, compute_seconds=xla + kernels, xla_seconds=xla,
+               kernel_seconds=kernels, communication_seconds=comm["seconds"],
+               exposed_communication_seconds=comm["exposed_seconds"],
+               overlapped_communication_seconds=comm["overlapped_seconds"],
+               source="TPU compiler per-op cycle estimates, kernel rooflines, ICI ring model")
     out["mfu"] = model_flops_per_step / (target.num_devices * peak_flops * seconds)
     out["tokens_per_second"] = tokens_per_step / seconds
     return out

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import re
+
+import numpy as np
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -28,6 +31,7 @@ _CALLEES = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONSTANT = re.compile(r"^\s+%?([^\s=]+) = s32\[\][^ ]* constant\((\d+)\)")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_XPROF = re.compile(r'"xprof_metadata":"((?:[^"\\]|\\.)*)"')
 _KERNEL_COST = re.compile(r'"cost_estimate":\{([^}]*)\}')
 
 
@@ -135,17 +139,180 @@ class Collective:
     result: str  # result shape text
     bytes: int  # result bytes per device (the data each device ends up with)
     runs: int  # executions per program run (loop trip counts multiplied)
+    groups: list = dataclasses.field(default_factory=list)  # device ids (program order) per group
+    full_bytes: int = 0  # the buffer a ring moves (n-1)/n of: gathered / pre-reduction size
+    form: str = "sync"  # "sync", "async" (start/done pair) or "fusion" (a collective fusion)
+    overlap_cycles: int = 0  # compiler-estimated compute cycles it can overlap with, per run
+    network: str = "ici"  # "dcn": a transfer between slices by the megascale runtime
+
+    @property
+    def group_size(self) -> int:
+        return max((len(g) for g in self.groups), default=1)
+
+
+_GROUPS = re.compile(r"replica_groups=(\{\{[0-9,{} ]*\}\}|\{\}|\[[0-9,]+\]<=\[[0-9,]+\]"
+                     r"(?:T\([0-9,]+\))?|mesh\[[^\]]*\] \{[^}]*\})")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
+
+
+def replica_groups(line: str) -> list[list[int]]:
+    """The device groups of a collective instruction, in the program's device order (its device
+    assignment: the mesh's devices, flattened). Three spellings: explicit ``{{0,1},{2,3}}``, iota
+    ``[2,4]<=[4,2]T(1,0)`` (iota over the second shape, transposed, reshaped to the first: one
+    group per row), and ``mesh['a'=4,'b'=2] {'a'}`` (devices in a row-major mesh, one group per
+    position along the axes not named). ``collective-permute`` gives its source-target pairs.
+    An empty or absent list means one group of every device: ``[]`` is returned."""
+    pairs = _PAIRS.search(line)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
+    m = _GROUPS.search(line)
+    if not m or m.group(1) == "{}":
+        return []
+    text = m.group(1)
+    if text.startswith("{{"):
+        return [[int(x) for x in g.split(",") if x.strip()]
+                for g in re.findall(r"\{([0-9, ]*)\}", text[1:-1])]
+    if text.startswith("["):
+        shape, source, perm = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?",
+                                           text).groups()
+        dims = [int(d) for d in source.split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if perm:
+            ids = ids.transpose([int(p) for p in perm.split(",")])
+        return ids.reshape([int(d) for d in shape.split(",")]).tolist()
+    axes = _MESH_AXIS.findall(text.split("]")[0])
+    names = [a for a, _ in axes]
+    grouped = re.findall(r"'([^']+)'", text.split("]", 1)[1])
+    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
+    inner = [names.index(a) for a in grouped]
+    outer = [i for i in range(len(names)) if i not in inner]
+    ids = ids.transpose(outer + inner)
+    return ids.reshape(-1, math.prod(ids.shape[len(outer):]) if inner else 1).tolist()
+
+
+def _operand_names(call: str) -> list[str]:
+    """The ``%name`` operands of an instruction's argument text (up to the closing paren)."""
+    depth, end = 1, len(call)
+    for i, ch in enumerate(call):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([^\s,()]+)", call[:end])
+
+
+def _collective(kind, name, comp, result, line, runs, form, overlap=0) -> Collective:
+    groups = replica_groups(line)
+    item = Collective(kind, name, comp, result, shape_bytes(result), runs, groups, form=form,
+                      overlap_cycles=overlap)
+    n = item.group_size
+    item.full_bytes = item.bytes * n if kind == "reduce-scatter" else item.bytes
+    return item
+
+
+def _fused_collectives(comps, name, depth=0) -> list[tuple[str, str, str, str]]:
+    """``([(kind, name, result, line), ...], computes)``: the collectives inside a fused
+    computation (nested fusions included) and whether it also runs a matmul or kernel."""
+    found, computes = [], False
+    comp = comps.get(name)
+    if comp is None or depth > 8:
+        return found, computes
+    for line in comp.lines:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        opcode = m.group(3)
+        if opcode in COLLECTIVES:
+            found.append((opcode, m.group(1), m.group(2), line))
+        elif opcode in ("convolution", "dot", "custom-call"):
+            computes = True
+        elif opcode == "fusion":
+            callee = dict(_CALLEES.findall(line)).get("calls")
+            inner, inner_computes = _fused_collectives(comps, callee, depth + 1)
+            found += inner
+            computes = computes or inner_computes
+    return found, computes
 
 
 def collectives(text: str) -> list[Collective]:
-    """Every collective of an optimized HLO module. Asynchronous pairs are counted once, at the
-    ``-done`` (whose result is the collective's output)."""
-    out = []
-    for comp, m, _, runs in _walk(text):
+    """Every collective of an optimized HLO module, with its replica groups and whether the
+    compiled schedule lets it overlap compute:
+
+    - a plain collective instruction runs synchronously (``form="sync"``);
+    - an asynchronous ``-start`` / ``-done`` pair is counted once, at its ``-done`` (whose result
+      is the collective's output), with the compiler-estimated cycles of the instructions
+      scheduled between the two (``form="async"``; a scheduled module's text is in schedule
+      order);
+    - collectives inside fusions (XLA's TPU collective fusions) are counted once per channel: an
+      async collective fusion splits one gather into a start fusion, continuation fusions that
+      also compute (the next layer's weights arrive while a matmul runs) and a done fusion, all
+      with the same ``channel_id``. The chain overlaps the cycles of everything scheduled from its
+      first piece to its last (``form="fusion"``); a lone fusion that only communicates is
+      synchronous. A fused all-reduce whose fusion returns a slice of it (``all-reduce-scatter``)
+      is a reduce-scatter;
+    - across slices, a megascale ``send`` (``_xla_megascale_transfer_type``) is the device's
+      share of a collective over the data-center network (``network="dcn"``, synchronous).
+    """
+    comps, _ = _computations(text)
+    out, pending = [], {}  # pending: start name -> [computation, cycles since the start, ...]
+    cum = collections.Counter()  # computation -> estimated cycles scheduled so far
+    chains = {}  # (computation, channel) -> [Collective, cycles before its first piece]
+    for comp, m, line, runs in _walk(text):
         name, result, opcode = m.group(1), m.group(2), m.group(3)
-        kind = opcode[:-5] if opcode.endswith("-done") else opcode
-        if kind in COLLECTIVES and not opcode.endswith("-start"):
-            out.append(Collective(kind, name, comp, result, shape_bytes(result), runs))
+        found = _CYCLES.search(line)
+        cycles = int(found.group(1)) if found else 0
+        for entry in pending.values():
+            if entry[0] == comp:
+                entry[1] += cycles
+        before = cum[comp]
+        cum[comp] += cycles
+        if opcode.endswith("-start"):
+            pending[name] = [comp, 0, line]
+            continue
+        if opcode.endswith("-done"):
+            operands = _operand_names(m.group(4))
+            start = pending.pop(operands[0], None) if operands else None
+            kind, start_line = opcode[:-5], (start[2] if start else line)
+            if kind == "async" and start:  # a generic async wrapper: look at what it calls
+                callee = dict(_CALLEES.findall(start_line)).get("calls")
+                inner, _ = _fused_collectives(comps, callee)
+                if inner:
+                    kind, _, _, start_line = inner[0]
+            if kind in COLLECTIVES:
+                out.append(_collective(kind, name, comp, result, start_line, runs, "async",
+                                       start[1] - cycles if start else 0))
+            continue
+        if opcode in COLLECTIVES:
+            out.append(_collective(opcode, name, comp, result, line, runs, "sync"))
+        elif opcode == "send" and _MEGASCALE.search(line):
+            # Across slices XLA sends each device's share to the megascale runtime, which
+            # reduces / gathers it over the data-center network (the peers are the other slices).
+            kind = _MEGASCALE.search(line).group(1).lower().replace("_", "-")
+            kind = kind if kind in COLLECTIVES else "collective-permute"
+            size = shape_bytes(" ".join(f"{t}[{','.join(map(str, d))}]"
+                                        for t, d in shape_dims(result)[:1]))
+            out.append(Collective(kind, name, comp, result, size, runs, [], size,
+                                  network="dcn"))
+        elif opcode == "fusion":
+            inner, _ = _fused_collectives(comps, dict(_CALLEES.findall(line)).get("calls"))
+            for kind, inner_name, inner_result, inner_line in inner:
+                channel = _CHANNEL.search(inner_line)
+                key = (comp, channel.group(1) if channel else f"{name}/{inner_name}")
+                if key in chains:  # a later piece of a chain: it overlaps all in between
+                    item, first = chains[key]
+                    item.overlap_cycles = cum[comp] - first
+                    item.form = "fusion" if item.overlap_cycles else "sync"
+                    continue
+                item = _collective(kind, name, comp, inner_result, inner_line, runs,
+                                   "fusion" if cycles else "sync", cycles)
+                if kind == "all-reduce" and shape_bytes(result) < item.bytes:
+                    # all-reduce + slice in one fusion: XLA's TPU reduce-scatter
+                    item.kind, item.bytes = "reduce-scatter", item.bytes // item.group_size
+                chains[key] = [item, before]
+                out.append(item)
     return out
 
 
@@ -179,6 +346,28 @@ def gathered_whole(items: list[Collective], full_shapes: dict[str, tuple[int, ..
     return hits
 
 
+def all_reduced_whole(items: list[Collective], layer_shapes: dict[str, tuple[int, ...]]
+                      ) -> list[str]:
+    """Names of weight matrices some all-reduce sums whole (its result, size-1 axes aside, is one
+    layer's full matrix): a gradient reduced everywhere instead of reduce-scattered, or a weight
+    gathered as a zero-filled buffer summed across devices; either moves about twice the bytes
+    FSDP needs. ``layer_shapes``: each weight's shape without its stacked ``layers`` axis."""
+    squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731
+    by_shape = collections.defaultdict(list)
+    for name, shape in layer_shapes.items():
+        if len(squeeze(shape)) >= 2:
+            by_shape[squeeze(shape)].append(name)
+    hits = []
+    for c in items:
+        if c.kind != "all-reduce":
+            continue
+        for _, dims in shape_dims(c.result):
+            for name in by_shape.get(squeeze(dims), ()):
+                if name not in hits:
+                    hits.append(name)
+    return hits
+
+
 # ------------------------------------------------------------------------------ cycles
 
 
@@ -191,6 +380,7 @@ class KernelCall:
     declared: dict | None  # its ``pl.CostEstimate`` (flops, bytes_accessed, ...) if it has one
     operands: list  # (dtype, dims) of each operand, from operand_layout_constraints
     results: list  # (dtype, dims) of each result
+    metadata: dict | None = None  # the kernel's own ``kernel_metadata`` (splash: its block sizes)
 
 
 @dataclasses.dataclass
@@ -215,6 +405,17 @@ def _braced(line: str, key: str) -> str:
     return ""
 
 
+def kernel_metadata(line: str) -> dict | None:
+    """The JSON a Pallas kernel writes into its ``kernel_metadata`` (``xprof_metadata``)."""
+    found = _XPROF.search(line)
+    if not found:
+        return None
+    try:
+        return json.loads(json.loads(f'"{found.group(1)}"'))
+    except ValueError:
+        return None
+
+
 def estimated_cycles(text: str) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
     backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
@@ -235,9 +436,11 @@ def estimated_cycles(text: str) -> CycleCount:
                 declared = {k: float(v) for k, v in fields}
             operands = shape_dims(_braced(line, "operand_layout_constraints="))
             kernels.append(KernelCall(m.group(1), runs, declared, operands,
-                                      shape_dims(m.group(2))))
+                                      shape_dims(m.group(2)), kernel_metadata(line)))
     return CycleCount(cycles, count, kernels)
 
 
-__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "collectives",
+__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "all_reduced_whole",
+           "collectives",
+           "replica_groups",
            "dtype_bytes", "estimated_cycles", "gathered_whole", "shape_bytes", "summarize"]

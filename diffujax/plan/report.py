@@ -23,10 +23,12 @@ def format_report(r: dict) -> str:
         f"plan for {t['topology']} x {t['num_slices']} slice(s): {t['devices']} x {t['device_kind']}"
         f" (libtpu topology {t['libtpu_topology']}), {t['hbm_per_chip_gib']:.1f} GiB HBM per chip",
         f"mesh: {mesh}",
+        f"libtpu flags: {' '.join(t.get('libtpu_flags') or []) or 'none'}",
         f"model: {m['family']}, {m['params'] / 1e6:.1f}M parameters ({m['source']}); seq_len"
         f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
         f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
-        f" {c['dtype']}, master weights {c['param_dtype']}",
+        f" {c['dtype']}, master weights {c['param_dtype']}"
+        + (", training dropout" if c.get("dropout") else ""),
     ]
     for p in r["programs"]:
         mem = p["memory"]
@@ -43,11 +45,19 @@ def format_report(r: dict) -> str:
             lines.append(f"  compiler: {mem['compiler']}")
         if p.get("collectives"):
             lines.append("  collectives (bytes per device; ops in loops counted per trip):")
+            comm = p.get("communication", {}).get("by_kind", {})
             for kind, s in p["collectives"].items():
+                c = comm.get(kind)
+                time = (f"; est. {1e3 * c['seconds']:.2f} ms, {1e3 * c['exposed_seconds']:.2f} ms"
+                        " exposed") if c else ""
                 lines.append(f"    {kind:<19} {s['ops']:>4} ops, {s['executions']:>6} runs per"
-                             f" call, {_bytes(s['bytes_per_step'])} per call")
+                             f" call, {_bytes(s['bytes_per_step'])} per call{time}")
         if p.get("gathered_whole"):
             lines.append(f"  parameters gathered whole: {', '.join(p['gathered_whole'])}")
+        if p.get("all_reduced_whole"):
+            lines.append("  weights all-reduced whole (a zero-fill gather or an unsharded gradient"
+                         " reduction: about twice FSDP's bytes):"
+                         f" {', '.join(p['all_reduced_whole'])}")
     if "model_flops_per_step" in r:
         lines += ["", f"model FLOPs per step: {r['model_flops_per_step']:.3e} (6N + full"
                       " bidirectional attention)"]
@@ -56,10 +66,12 @@ def format_report(r: dict) -> str:
         lines.append(f"no estimate: {e['source']}")
     elif e:
         lines.append(f"ESTIMATE ({e['source']}; not a measurement): step {e['step_seconds']:.3f}"
-                     f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s"
-                     f" (compute {e['compute_seconds']:.3f} s of which Pallas kernels"
-                     f" {e['kernel_seconds']:.3f} s; collectives need >="
-                     f" {e['collective_seconds_bound']:.3f} s at full ICI bandwidth, overlapped)")
+                     f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s")
+        lines.append(f"  = XLA ops {e['xla_seconds']:.3f} s + Pallas kernels"
+                     f" {e['kernel_seconds']:.3f} s + exposed communication"
+                     f" {e['exposed_communication_seconds']:.3f} s (communication"
+                     f" {e['communication_seconds']:.3f} s in all, of which"
+                     f" {e['overlapped_communication_seconds']:.3f} s overlapped with compute)")
     lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
     return "\n".join(lines)
 

@@ -33,8 +33,10 @@ from diffujax import paths
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import apply_fn_for
+from diffujax.parallel import tpu_env
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
+from diffujax.parallel.topology import parse_slice
 from diffujax.train import metrics as M
 from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
@@ -57,6 +59,7 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
 def run_train(args) -> int:
     check_override_text(args.overrides)
     cfg = load_config(args.config, args.overrides)
+    _async_collectives(cfg)
     # Before any other JAX call: multi-host jobs must join the distributed runtime first.
     maybe_initialize_distributed(cfg.mesh)
     _enable_compilation_cache()
@@ -71,6 +74,24 @@ def check_override_text(overrides) -> None:
             key, _, value = item.partition("=")
             raise ValueError(f"{key.strip()}={value!r}: contains a control character (a newline,"
                              " a tab...); such a value is a typo far more often than a wish")
+
+
+def _async_collectives(cfg):
+    """On a TPU, libtpu's async collective flags for its generation (``tpu_env``), before JAX
+    starts libtpu: the TPU VM's accelerator type, else the slice the config plans for."""
+    if not tpu_env.tpu_attached():
+        return
+    accelerator = os.environ.get("TPU_ACCELERATOR_TYPE") or cfg.plan.topology
+    try:
+        generation = parse_slice(accelerator).generation.libtpu if accelerator else None
+    except ValueError:
+        generation = None
+    if generation is None:
+        log.warning("TPU generation unknown (no TPU_ACCELERATOR_TYPE, no plan.topology): libtpu"
+                    " starts without the async collective flags")
+        return
+    flags = tpu_env.set_collective_flags(generation)
+    log.info("libtpu flags (%s): %s", generation, " ".join(flags))
 
 
 def _enable_compilation_cache():

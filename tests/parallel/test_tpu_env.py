@@ -94,3 +94,32 @@ print({d.platform for d in jax.devices()})
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["4 tpu True", "{'cpu'}"], run.stdout  # runs on the CPU
     assert not any(line.startswith("E0000") for line in run.stderr.splitlines()), run.stderr
+
+
+def test_collective_flags_join_the_users_and_never_replace_them():
+    env = {"LIBTPU_INIT_ARGS": "--xla_enable_async_all_gather=false --xla_other=1"}
+    flags = tpu_env.set_collective_flags("v5p", env)
+    assert flags[:2] == ["--xla_enable_async_all_gather=false", "--xla_other=1"]  # the user's
+    assert flags[2:] == [f for f in tpu_env.ASYNC_COLLECTIVE_FLAGS
+                         if not f.startswith("--xla_enable_async_all_gather=")]
+    assert env["LIBTPU_INIT_ARGS"] == " ".join(flags)
+    assert tpu_env.set_collective_flags("v5p", env) == flags  # idempotent
+    assert tpu_env.set_collective_flags("v9", {}) == []  # an unknown generation sets nothing
+
+
+def test_train_sets_the_flags_of_its_tpu_generation_and_logs_them(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from diffujax.train import loop
+
+    cfg = SimpleNamespace(plan=SimpleNamespace(topology="v5litepod-8"))
+    monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    monkeypatch.setattr(tpu_env, "tpu_attached", lambda: False)
+    loop._async_collectives(cfg)  # no TPU here: libtpu's flags are not this run's business
+    assert "LIBTPU_INIT_ARGS" not in os.environ
+    monkeypatch.setattr(tpu_env, "tpu_attached", lambda: True)
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-128")  # the VM's type wins over the config
+    with caplog.at_level("INFO", logger="diffujax.train.loop"):
+        loop._async_collectives(cfg)
+    assert os.environ["LIBTPU_INIT_ARGS"].split() == list(tpu_env.COLLECTIVE_FLAGS["v5p"])
+    assert "libtpu flags (v5p)" in caplog.text

@@ -62,3 +62,14 @@ def test_parameters_gathered_whole_are_named():
     shapes = {"embed": (64, 16), "layers/w": (3, 64, 16), "final_norm": (16,)}
     # all-gather.1 materialises the whole [64, 16] embedding; all-gather.3 one layer's slice.
     assert hlo.gathered_whole(items, shapes) == ["embed"]
+
+
+def test_weights_all_reduced_whole_are_named():
+    module = MODULE.replace(
+        "%reduce-scatter.2 = (f32[8,16]{1,0}, bf16[2,2]{1,0}) reduce-scatter(%a, %b), channel_id=4",
+        "%all-reduce.9 = (bf16[16]{0}, bf16[1,64,16]{2,1,0}) all-reduce(%a, %b), channel_id=4")
+    items = hlo.collectives(module)
+    shapes = {"layers/w_up": (64, 16), "layers/norm": (16,), "embed": (99, 16)}
+    # A whole [64, 16] matrix (size-1 axes aside) is summed everywhere; norms are left out.
+    assert hlo.all_reduced_whole(items, shapes) == ["layers/w_up"]
+    assert hlo.all_reduced_whole(hlo.collectives(MODULE), shapes) == []

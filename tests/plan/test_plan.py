@@ -18,6 +18,7 @@ from diffujax.cli import main
 from diffujax.config import load_config
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import param_specs
+from diffujax.parallel import tpu_env
 from diffujax.plan import search as fit_module
 from diffujax.plan import plan
 from diffujax.plan.analysis import make_target
@@ -112,6 +113,8 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
     (program,) = gpt2_report["programs"]
     assert program["attention"] == {"full": "splash"} and program["kernel_calls"] == 3
     assert gpt2_report["model"]["params"] == 124_439_808  # GPT-2 small, tied head
+    # The run's step: GPT-2's config.json rates (0.1) drop out in training, so the plan's does.
+    assert gpt2_report["config"]["dropout"] is True
     # FSDP gathers weights and reduces gradients; TP adds its all-reduces.
     assert {"all-gather", "all-reduce"} <= set(program["collectives"])
     # The 50257-row embedding is not divisible by tensor=2, so it stays split on embed only;
@@ -127,7 +130,11 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
     assert est["compute_seconds"] >= est["kernel_seconds"] > 0
 
 
-def test_eval_program_compiles_through_the_cli(capsys):
+def test_eval_program_compiles_through_the_cli(capsys, monkeypatch):
+    # The CLI adds the run's libtpu flags to LIBTPU_INIT_ARGS and records them: kept out of this
+    # test process's environment (libtpu reads it once; test_comms checks the flags themselves).
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_users_own=1")
+    monkeypatch.setattr(tpu_env, "COLLECTIVE_FLAGS", {"v5p": ("--xla_a_flag=true",)})
     code = main(["plan", "--config", "configs/tiny.yaml", "--topology", "v5p-8", "--what", "eval",
                  "--json"] + FSDP_X_TP)
     report = json.loads(capsys.readouterr().out)
@@ -136,6 +143,7 @@ def test_eval_program_compiles_through_the_cli(capsys):
     assert program["name"] == "eval" and program["attention"] == {"full": "splash"}
     assert program["rows"] == 16 and program["kernel_calls"] == 1  # forward only
     assert "estimate" not in report
+    assert report["target"]["libtpu_flags"] == ["--xla_users_own=1", "--xla_a_flag=true"]
 
 
 def test_generate_program_compiles(tiny_cfg):

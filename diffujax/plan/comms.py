@@ -1,0 +1,120 @@
+"""The time a compiled program's collectives take on a slice's interconnect (an estimate).
+
+Each collective (``hlo.collectives``) is charged as a ring over the chips of its replica group,
+the algorithm TPU runtimes use on the ICI torus (Google's "How to Scale Your Model", part 3):
+
+- all-gather of a full buffer of ``S`` bytes over ``n`` chips: each chip sends ``S (n-1)/n``;
+  reduce-scatter likewise (``S`` is the buffer before the reduction); all-to-all likewise;
+- all-reduce: a reduce-scatter then an all-gather, ``2 S (n-1)/n``;
+- collective-permute: each chip sends its ``S`` bytes to one neighbour, over one link.
+
+The bandwidth a ring gets is that of the physical dimensions its group spans (read off the
+devices' torus coordinates): a dimension the group covers end to end in a torus gives a
+bidirectional ring, two links one way each (``2 w``); otherwise (no wraparound, or part of a
+dimension) a bidirectional line, which moves half as much (``w``); the spanned dimensions run at
+once and add up. A group across slices is reduced hierarchically: within each slice over ICI,
+then its ``1/k`` share across the ``m`` slices over the data-center network at the chip's DCN
+bandwidth (the TPU compiler writes that second step as megascale send/recv transfers, charged the
+same way). Per-hop latency is not charged (it matters only for tiny messages).
+
+A collective is *exposed* (the step waits for it) unless the compiled schedule overlaps it: an
+async start/done pair or a collective fusion chain overlaps the compiler-estimated compute cycles
+scheduled alongside it, and only the part of its time beyond them is exposed.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from diffujax.plan import hlo
+
+# bytes each chip sends, per byte of the full buffer, for a ring of n: (n-1)/n times this
+_RING_FACTOR = {"all-gather": 1, "reduce-scatter": 1, "all-to-all": 1, "all-reduce": 2}
+
+
+def ring_bandwidth(devices, spec) -> float:
+    """bytes/s one chip sends around a ring over ``devices`` (one slice) on the slice ``spec``."""
+    w = spec.generation.ici_link_bandwidth
+    total = 0.0
+    for dim, extent in enumerate(spec.layout):
+        spanned = len({d.coords[dim] for d in devices})
+        if spanned > 1:
+            total += 2 * w if spec.torus and spanned == extent and spanned > 2 else w
+    return total
+
+
+def group_seconds(kind: str, full_bytes: float, devices, spec) -> float:
+    """Seconds for one collective over ``devices`` (one replica group)."""
+    generation = spec.generation
+    by_slice = collections.defaultdict(list)
+    for d in devices:
+        by_slice[getattr(d, "slice_index", 0)].append(d)
+    if kind == "collective-permute":
+        if len(by_slice) > 1:
+            return full_bytes / generation.dcn_bandwidth
+        return full_bytes / generation.ici_link_bandwidth
+    factor = _RING_FACTOR[kind]
+    m = len(by_slice)
+    local = max(by_slice.values(), key=len)
+    k = len(local)
+    seconds = 0.0
+    if k > 1:
+        seconds += factor * full_bytes * (k - 1) / k / ring_bandwidth(local, spec)
+    if m > 1:
+        seconds += factor * (full_bytes / k) * (m - 1) / m / generation.dcn_bandwidth
+    return seconds
+
+
+def collective_seconds(item: hlo.Collective, devices, spec) -> float:
+    """Seconds for one execution of ``item``: its slowest replica group (``devices`` in the
+    program's device order: the mesh's devices, flattened)."""
+    if item.network == "dcn":  # the device's share, across the slices of the program
+        slices = len({getattr(d, "slice_index", 0) for d in devices})
+        rate = spec.generation.dcn_bandwidth
+        if item.kind not in _RING_FACTOR or slices < 2:
+            return item.full_bytes / rate
+        return _RING_FACTOR[item.kind] * item.full_bytes * (slices - 1) / slices / rate
+    groups = item.groups or [list(range(len(devices)))]
+    if item.kind == "collective-permute":
+        groups = [[a, b] for a, b in groups]
+    seen, worst = set(), 0.0
+    for group in groups:
+        members = tuple(sorted(group))
+        if members in seen or len(members) < 2:
+            continue
+        seen.add(members)
+        worst = max(worst, group_seconds(item.kind, item.full_bytes,
+                                         [devices[i] for i in members], spec))
+    return worst
+
+
+def charge(items: list[hlo.Collective], devices, spec) -> dict:
+    """The program's communication per run: total, exposed and overlapped seconds, by kind and
+    by form (sync, async, fusion). Without a clock rate overlap cannot be measured in seconds,
+    so everything is counted as exposed."""
+    clock = spec.generation.clock_hz
+    out = dict(seconds=0.0, exposed_seconds=0.0, overlapped_seconds=0.0, by_kind={}, by_form={})
+    for item in items:
+        once = collective_seconds(item, devices, spec)
+        hidden = min(once, item.overlap_cycles / clock) if clock and item.form != "sync" else 0.0
+        seconds, exposed = once * item.runs, (once - hidden) * item.runs
+        kind = out["by_kind"].setdefault(item.kind, dict(ops=0, executions=0, bytes_per_step=0,
+                                                         seconds=0.0, exposed_seconds=0.0))
+        kind["ops"] += 1
+        kind["executions"] += item.runs
+        kind["bytes_per_step"] += item.full_bytes * item.runs
+        kind["seconds"] += seconds
+        kind["exposed_seconds"] += exposed
+        form = out["by_form"].setdefault(item.form, dict(ops=0, seconds=0.0,
+                                                         exposed_seconds=0.0))
+        form["ops"] += 1
+        form["seconds"] += seconds
+        form["exposed_seconds"] += exposed
+        out["seconds"] += seconds
+        out["exposed_seconds"] += exposed
+    out["overlapped_seconds"] = out["seconds"] - out["exposed_seconds"]
+    out["by_kind"] = dict(sorted(out["by_kind"].items()))
+    return out
+
+
+__all__ = ["charge", "collective_seconds", "group_seconds", "ring_bandwidth"]
