@@ -136,7 +136,7 @@ def _step_params(step_dir, params_key: str):
         model_cfg = model_config_from_meta(meta)
         integrity_file = epath.Path(os.fspath(step_dir)) / INTEGRITY / "metadata"
         integrity = json.loads(integrity_file.read_text())
-        params = load_params(step_dir, params_key)
+        params = load_params(step_dir, params_key=params_key)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
