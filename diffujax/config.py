@@ -487,43 +487,12 @@ def to_yaml(cfg: RunConfig) -> str:
 
 # ------------------------------------------------------------------------------- the validator
 
-# Keys of earlier versions: a clear pointer instead of "unknown key".
-REPLACED_KEYS = {
-    "diffusion.per_sequence_norm": "replaced by diffusion.normalization: sequence",
-    "model.attention_backend": "replaced by model.attention.backend",
-}
-
 SOURCE_KEYS = ("path", "format", "field", "mode", "errors", "split", "data_dir", "weight")
 # Pipeline options that have a config key of their own (one place per decision).
 OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "seed": "data.seed",
             "shuffle": "data.shuffle", "num_epochs": "data.num_epochs",
             "worker_count": "data.worker_count", "mode": "diffusion.sft",
             "segment_ids": "diffusion.segment_ids"}
-
-
-# Keys a run config written before block diffusion lacks, with the values it trained with.
-BLOCK_DEFAULTS = {"block_size": 0, "block_schedule": [], "complementary_mask": False}
-
-
-def upgrade(raw: Mapping) -> dict:
-    """A run config dict written by an earlier version (a checkpoint's record) in today's keys."""
-    raw = to_dict(raw)
-    d = raw.get("diffusion")
-    if isinstance(d, dict) and "per_sequence_norm" in d:
-        if d.pop("per_sequence_norm"):
-            d["normalization"] = "sequence"
-    o = raw.get("optimizer")
-    if isinstance(o, dict):  # runs before the option decayed the matrices only
-        o.setdefault("weight_decay_scope", "matrices")
-    if isinstance(d, dict):  # before block diffusion: the full-sequence recipe
-        for name, default in BLOCK_DEFAULTS.items():
-            d.setdefault(name, default)
-    m = raw.get("model")
-    if isinstance(m, dict) and "attention_backend" in m:
-        backend = m.pop("attention_backend")
-        if backend is not None:
-            m.setdefault("attention", {})["backend"] = backend
-    return raw
 
 
 def _validate_source(spec, key: str) -> None:
@@ -594,8 +563,6 @@ def _build(cls, raw, prefix: str):
     for name, value in raw.items():
         full = _join(prefix, str(name))
         if name not in fields:
-            if full in REPLACED_KEYS:
-                raise ConfigError(f"{full}: {REPLACED_KEYS[full]}")
             raise ConfigError(_unknown(full, str(name), fields))
         field = fields[name]
         kwargs[field.name] = _coerce(hints[field.name], value, full)

@@ -28,17 +28,13 @@ import numpy as np
 
 
 def array_name(path) -> str:
-    """``params/layers/wq`` for a key path. A trailing ``value`` is dropped: checkpoints of the
-    NNX layout (``train.nnx_layout``) stored each weight as ``{"value": array}`` and their
-    checksums under the name without it."""
+    """``params/layers/wq`` for a key path."""
     parts = []
     for key in path:
         for attr in ("name", "key", "idx"):
             if hasattr(key, attr):
                 parts.append(str(getattr(key, attr)))
                 break
-    if len(parts) > 1 and parts[-1] == "value":
-        parts.pop()
     return "/".join(parts)
 
 

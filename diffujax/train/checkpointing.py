@@ -5,7 +5,9 @@ Layout of ``RUN_DIR/checkpoints/STEP/``:
     state/   the TrainState pytree (params, optimizer state, step, rng, ema, counters), sharded
     data/    the data iterator's state, one ``process_I-of-N.json`` per process
     config/  the run config (JSON)
-    meta/    step, wall time, process/device counts, the model config (what export needs)
+    meta/    the format version (``checkpoint.version``), step, wall time, process/device
+             counts, the model config (what export needs)
+    integrity/  checksums of the arrays and digests of config and meta
 
 Saves are asynchronous (the arrays are copied to host memory before ``save`` returns, so the step
 may donate its buffers right after), every ``save_every`` steps, keeping the last ``keep_last``
@@ -29,18 +31,16 @@ import warnings
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from diffujax import console, paths
-from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.integrity import checksums, first_mismatch, json_digest, local_value
-from diffujax.models import FAMILIES, ModelConfig, config_from_hf
+from diffujax.checkpoint.version import FormatVersionError, check_version, stamp
+from diffujax.models import ModelConfig, config_from_hf
 from diffujax.plain import to_plain
-from diffujax.train import nnx_layout
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,11 @@ class DataStateHandler(ocp.CheckpointHandler):
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        if isinstance(record, dict) and set(record) == {"state", "sha256"}:
-            if json_digest(record["state"]) != record["sha256"]:
-                raise CheckpointError(f"{path}: the data-iterator state does not match its"
-                                      " checksum (damaged)")
-            return record["state"]
-        return record  # written by an earlier version, without a digest
+        if not (isinstance(record, dict) and set(record) == {"state", "sha256"}
+                and json_digest(record["state"]) == record["sha256"]):
+            raise CheckpointError(f"{path}: the data-iterator state does not match its checksum"
+                                  " (damaged)")
+        return record["state"]
 
     def metadata(self, directory):
         return None
@@ -162,25 +161,20 @@ def abstract_like(tree, shardings=None):
                         tree, shardings)
 
 
-def verify_record(integrity: dict | None, step_dir, *, config=None, meta=None):
+def verify_record(integrity: dict, step_dir, *, config=None, meta=None):
     """Raise if the run config or meta of a step do not match the digests saved with it."""
     for name, value in ((CONFIG, config), (META, meta)):
-        want = (integrity or {}).get(f"{name}_sha256")
-        if want is not None and value is not None and json_digest(value) != want:
+        if value is not None and json_digest(value) != integrity.get(f"{name}_sha256"):
             raise CheckpointError(f"{step_dir}/{name}: does not match its checksum (damaged)")
 
 
-def verify_arrays(integrity: dict | None, tree, step_dir, prefix: str = "") -> bool:
+def verify_arrays(integrity: dict, tree, step_dir, prefix: str = "") -> None:
     """Compare the checksums of ``tree``'s arrays (under ``prefix``) with those saved with the
-    step; raise naming the first damaged array. False when the step has no checksums (saved by
-    an earlier version): nothing to verify."""
-    if not integrity or "arrays" not in integrity:
-        return False
-    name = first_mismatch(integrity["arrays"], checksums(tree), prefix)
+    step; raise naming the first damaged (or unrecorded) array."""
+    name = first_mismatch(integrity.get("arrays", {}), checksums(tree), prefix)
     if name is not None:
         raise CheckpointError(f"{step_dir}: array {name!r} does not match its saved checksum"
                               " (the files are damaged)")
-    return True
 
 
 class TrainCheckpointer:
@@ -241,9 +235,9 @@ class TrainCheckpointer:
         self.wait()  # the previous save is complete (or SaveFailed): safe to rotate
         bad = getattr(state, "bad_steps", 0)
         finite = int(local_value(bad)) == 0
-        meta = to_plain(dict(meta or {}, step=step, time=time.time(),
-                              process_count=jax.process_count(),
-                              device_count=jax.device_count(), finite=finite))
+        meta = to_plain(stamp(dict(meta or {}, step=step, time=time.time(),
+                                    process_count=jax.process_count(),
+                                    device_count=jax.device_count(), finite=finite)))
         config = to_plain(config or {})
         integrity = {"arrays": checksums(state), "config_sha256": json_digest(config),
                      "meta_sha256": json_digest(meta)}
@@ -333,17 +327,13 @@ class TrainCheckpointer:
         and verify it against its checksums. Raises if the checkpoint is incomplete (also: no
         data-iterator state for this process, unless ``restart_data``), unreadable or damaged."""
         step_dir = self.directory / str(step)
-        missing = [n for n in ("_CHECKPOINT_METADATA", STATE, META) if not (step_dir / n).exists()]
+        missing = [n for n in ("_CHECKPOINT_METADATA", STATE, META, INTEGRITY)
+                   if not (step_dir / n).exists()]
         if missing:
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: missing {missing}")
-        stored = stored_state_tree(step_dir)
-        names = nnx_layout.renaming(stored)  # None unless saved in the NNX layout
-        target = nnx_layout.stored_target(stored, abstract_state, names) if names \
-            else abstract_state
-        items = {STATE: ocp.args.StandardRestore(target),
-                 CONFIG: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}
-        if (step_dir / INTEGRITY).exists():
-            items[INTEGRITY] = ocp.args.JsonRestore()
+        read_meta(step_dir)  # its format version, before any array is read
+        items = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore(),
+                 META: ocp.args.JsonRestore(), INTEGRITY: ocp.args.JsonRestore()}
         has_data = (step_dir / DATA / _data_file()).exists()
         if restore_data and has_data:
             items[DATA] = DataStateRestore()
@@ -356,15 +346,10 @@ class TrainCheckpointer:
         meta = out[META] or {}
         if meta.get("step", step) != step:
             raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
-        integrity = out.get(INTEGRITY)
+        integrity = out[INTEGRITY] or {}
         verify_record(integrity, step_dir, config=out[CONFIG], meta=out[META])
         state = out[STATE]
-        if names:
-            state = nnx_layout.to_current(state, abstract_state, names)
-            integrity = nnx_layout.current_checksums(integrity, names)
-        if not verify_arrays(integrity, state, step_dir):
-            warnings.warn(f"checkpoint {step_dir} has no checksums (saved by an earlier diffujax):"
-                          " restored unverified", RuntimeWarning, stacklevel=2)
+        verify_arrays(integrity, state, step_dir)
         self._finite.setdefault(step, bool(meta.get("finite", True)))
         return Restored(step=step, state=state, data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)
@@ -384,6 +369,8 @@ class TrainCheckpointer:
         for step in reversed(self.all_steps()):
             try:
                 restored = self.restore(step, abstract_state, restore_data=restore_data)
+            except FormatVersionError:
+                raise  # the older steps are no more readable: nothing to fall back to or move
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
                 reason = f"{type(e).__name__}: {str(e)[:300]}"
                 failed.append((step, reason))
@@ -437,8 +424,11 @@ def sync(name: str):
 
 
 def read_meta(step_dir) -> dict:
+    """A step's meta, once its format version is checked (``checkpoint.version``)."""
     p = epath.Path(os.fspath(step_dir))
-    return json.loads((p / META / "metadata").read_text())
+    meta = json.loads((p / META / "metadata").read_text())
+    check_version(meta, p, "training")
+    return meta
 
 
 def model_config_to_meta(config: ModelConfig) -> dict:
@@ -448,18 +438,8 @@ def model_config_to_meta(config: ModelConfig) -> dict:
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
-    """The model config a step's meta recorded (``model_config_to_meta``, or the dataclass fields
-    plus ``family`` that earlier versions wrote)."""
-    record = dict(meta["model_config"])
-    if "family" in record and "model_type" not in record:  # the earlier format
-        cls = FAMILIES[record.pop("family")].config
-        tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
-        fields = {k: tuples(v) for k, v in record.items()}
-        legacy_backend = fields.pop("attention_backend", "auto")  # before AttentionConfig
-        fields["attention"] = AttentionConfig.from_dict(
-            fields.get("attention", {"backend": legacy_backend}))
-        return cls(**fields)
-    return config_from_hf(record, source=f"meta of step {meta.get('step')}")
+    """The model config a step's meta recorded (``model_config_to_meta``)."""
+    return config_from_hf(dict(meta["model_config"]), source=f"meta of step {meta.get('step')}")
 
 
 def saved_model_config(directory):
@@ -470,19 +450,25 @@ def saved_model_config(directory):
     for step in steps:
         try:
             return model_config_from_meta(read_meta(directory / str(step)))
+        except FormatVersionError:
+            raise
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
 
 
 def saved_run_config(directory) -> tuple[int, dict] | None:
-    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
+    """``(step, run config)`` of the newest checkpoint whose config record is readable; a step
+    of another format version is refused (``FormatVersionError``) before its config is read."""
     directory = epath.Path(os.fspath(directory))
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
         if directory.is_dir() else []
     for step in steps:
         try:
+            read_meta(directory / str(step))
             return step, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
+        except FormatVersionError:
+            raise
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None

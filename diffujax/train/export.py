@@ -19,8 +19,8 @@ from diffujax.checkpoint import store
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
+from diffujax.checkpoint.version import FormatVersionError
 from diffujax.models import flatten
-from diffujax.train import nnx_layout
 from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_from_meta,
                                           read_meta, stored_state_tree, sync, verify_arrays,
                                           verify_record)
@@ -61,13 +61,7 @@ def is_training_checkpoint(path) -> bool:
 
 def load_params(step_dir, *, params_key: str = "params"):
     """The model parameters of a training checkpoint as host numpy arrays (only that subtree is
-    read; the optimizer state stays on disk), also from a step saved in the NNX layout."""
-    return _load_params(step_dir, params_key)[0]
-
-
-def _load_params(step_dir, params_key: str):
-    """``(params, names)``: ``names`` maps the stored array names of a step in the NNX layout to
-    today's (``nnx_layout.current_names``); None for a step in today's layout."""
+    read; the optimizer state stays on disk)."""
     step_dir = epath.Path(os.fspath(step_dir))
     saved = stored_state_tree(step_dir)
     if params_key not in saved:
@@ -81,8 +75,7 @@ def _load_params(step_dir, params_key: str):
             item=target, restore_args=restore_args, partial_restore=True))
     finally:
         checkpointer.close()
-    names = nnx_layout.renaming(saved)
-    return (nnx_layout.unwrap_params(out[params_key]) if names else out[params_key]), names
+    return out[params_key]
 
 
 def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
@@ -139,22 +132,18 @@ def _step_params(step_dir, params_key: str):
     """``(model_cfg, params, meta)`` of one step, verified against the checksums saved with it;
     CheckpointError (one line) for any damage."""
     try:
-        meta = read_meta(step_dir)
+        meta = read_meta(step_dir)  # checks the format version first
         model_cfg = model_config_from_meta(meta)
-        params, renamed = _load_params(step_dir, params_key)
         integrity_file = epath.Path(os.fspath(step_dir)) / INTEGRITY / "metadata"
-        integrity = json.loads(integrity_file.read_text()) if integrity_file.exists() else None
-        if renamed:
-            integrity = nnx_layout.current_checksums(integrity, renamed)
+        integrity = json.loads(integrity_file.read_text())
+        params = load_params(step_dir, params_key=params_key)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
         raise CheckpointError(f"{step_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})"
                               ) from None
     verify_record(integrity, step_dir, meta=meta)
-    if not verify_arrays(integrity, {params_key: params}, step_dir, prefix=f"{params_key}/"):
-        warnings.warn(f"{step_dir} has no checksums (saved by an earlier diffujax): exported"
-                      " unverified", RuntimeWarning, stacklevel=3)
+    verify_arrays(integrity, {params_key: params}, step_dir, prefix=f"{params_key}/")
     return model_cfg, params, meta
 
 
@@ -183,6 +172,8 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
         try:
             model_cfg, params, meta = _step_params(step_dir, params_key)
             break
+        except FormatVersionError:
+            raise  # the older steps are no more readable
         except CheckpointError as e:
             failures.append(str(e))
             if len(candidates) > 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffujax.config import OptimizerSection, upgrade
+from diffujax.config import OptimizerSection
 from diffujax.train.optim import describe_schedule, make_schedule
 
 
@@ -16,10 +16,11 @@ def _flat(node, prefix: str = "") -> dict:
 
 def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
     """``{dotted key: (old value, new value)}`` for the keys whose values differ between the
-    checkpoint's run config and this one (the old one read in today's keys)."""
+    checkpoint's run config and this one (both carry every key: a checkpoint of the current
+    format version recorded the whole config)."""
     if not old:
         return {}
-    a, b = _flat(upgrade(old)), _flat(upgrade(new))
+    a, b = _flat(old), _flat(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -67,7 +68,7 @@ def check_resume(old: dict | None, new: dict, step: int, where: str) -> list[str
         raise ValueError(f"train.steps={steps} is below the checkpoint's step {step} in {where}:"
                          f" set train.steps >= {step} to continue this run")
     applied = [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()]
-    redrawn = schedule_change(upgrade(old), new, step) if set(changes) & SCHEDULE_INPUTS else None
+    redrawn = schedule_change(old, new, step) if set(changes) & SCHEDULE_INPUTS else None
     return applied + ([redrawn] if redrawn else [])
 
 

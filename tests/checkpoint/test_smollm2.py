@@ -29,7 +29,8 @@ def smol():
 
 def test_default_model_is_smollm2(smol):
     hf_dir, ckpt, _ = smol
-    assert ckpt == smollm2.cache_dir() / "diffujax" and smollm2.default_model() == ckpt  # reused
+    assert ckpt == smollm2.cache_dir() / smollm2.MODEL_DIR
+    assert smollm2.default_model() == ckpt  # reused
     config, _ = load(ckpt)
     assert (config.family, config.hidden_size, config.num_layers, config.num_heads,
             config.num_kv_heads, config.tie_word_embeddings, config.rope_theta) == (

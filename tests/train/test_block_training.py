@@ -168,11 +168,6 @@ def test_resuming_may_change_the_block_schedule():
     assert config_changes(to_dict(old), to_dict(same)) == {}
     lines = check_resume(to_dict(old), to_dict(new), 120, "ckpt")
     assert len(lines) == 2 and lines[0].startswith("diffusion.block_schedule: ")
-    # A checkpoint's record from before block diffusion reads as the full-sequence recipe.
-    earlier = to_dict(load_config(TINY))
-    for name in ("block_size", "block_schedule", "complementary_mask"):
-        del earlier["diffusion"][name]
-    assert config_changes(earlier, to_dict(load_config(TINY))) == {}
     with pytest.raises(ValueError, match="diffusion.eps"):
         check_resume(to_dict(old), to_dict(load_config(TINY, ["diffusion.eps=0.01"])), 120, "c")
 

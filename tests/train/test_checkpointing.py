@@ -133,10 +133,7 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 
 def test_model_config_round_trip():
-    """The meta records the model as its HF config dict (the one serialisation); the dataclass
-    form of earlier versions still reads."""
-    import dataclasses
-
+    """The meta records the model as its HF config dict (the one serialisation)."""
     from diffujax.models import GPT2Config, LlamaConfig
 
     llama = LlamaConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -147,8 +144,6 @@ def test_model_config_round_trip():
     for cfg in (llama, gpt2):
         meta = json.loads(json.dumps({"model_config": C.model_config_to_meta(cfg)}))
         assert C.model_config_from_meta(meta) == cfg
-        legacy = dict(dataclasses.asdict(cfg), family=cfg.family)
-        assert C.model_config_from_meta(json.loads(json.dumps({"model_config": legacy}))) == cfg
 
 
 def test_export_step(tmp_path):

@@ -63,11 +63,7 @@ def test_a_new_peak_lr_redraws_the_schedule():
     assert lines[-1].startswith("learning-rate schedule redrawn: warmup to 0.001 over")
 
 
-def test_weight_decay_scope_changes_on_resume_and_old_runs_read_as_matrices():
-    """A run saved before ``optimizer.weight_decay_scope`` existed decayed the matrices only: it
-    resumes with no change listed; switching to the reference's ``all`` is honoured and listed."""
-    old = _config()
-    del old["optimizer"]["weight_decay_scope"]
-    assert check_resume(old, _config(), 60, "r") == []
+def test_weight_decay_scope_changes_on_resume():
+    """Switching to the reference's ``all`` is honoured and listed."""
     assert check_resume(_config(), _config("optimizer.weight_decay_scope=all"), 60, "r") == [
         "optimizer.weight_decay_scope: 'matrices' -> 'all'"]
