@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/diffujax demo
 
-# Everything, integration tests included: what CI runs (.ci/run).
+# Everything, integration tests included: what CI runs (.ci/run). The in-process tests run on one
+# pytest worker per core; the integration tests, which wait on other processes with deadlines,
+# run alone afterwards, so no second worker competes with them for the cores.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto -m "not integration" tests
+	$(PY) -m pytest -q -m integration tests
 
 # No integration tests (processes, the GCS emulator, the launcher, the wheel build), one pytest
 # worker per core (pytest-xdist).

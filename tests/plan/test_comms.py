@@ -243,6 +243,7 @@ def _fsdp_weight_collectives(mode: str) -> list[str]:
     return eval(found)  # noqa: S307 - our own script's list
 
 
+@pytest.mark.integration  # compiles in fresh processes (libtpu reads its flags at start)
 def test_fsdp_weights_gather_as_all_gathers_overlapped_with_the_flags():
     """Every full-size weight matrix of an FSDP step is gathered by an all-gather (none is a
     zero-filled buffer summed by an all-reduce) and, but for wo, its gradient reduced by a
