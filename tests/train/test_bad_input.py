@@ -8,17 +8,9 @@ import jax
 import numpy as np
 import pytest
 from damage import flip_a_byte_orbax_misses, orbax_read
-from train_runs import ARGS, NO_SAMPLES, ROOT, STEPS, losses
+from train_runs import ARGS, NO_SAMPLES, ROOT, STEPS, cli_error, losses
 
 from diffujax.cli import main as cli
-
-
-def _error(capsys, argv, code=2) -> str:
-    assert cli(argv) == code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("diffujax ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture
@@ -72,14 +64,14 @@ GENERATE = [
 def test_eval_arguments(reference, capsys, no_weight_reads, extra, message):
     argv = ["eval", "--checkpoint", str(reference / "final"), "--text", str(ROOT / "README.md"),
             "--seq-len", "64"]
-    assert message in _error(capsys, argv + extra)
+    assert message in cli_error(capsys, argv + extra)
 
 
 @pytest.mark.parametrize("extra, message", GENERATE, ids=lambda x: " ".join(x)[:40]
                          if isinstance(x, list) else None)
 def test_generate_arguments(reference, capsys, no_weight_reads, extra, message):
     argv = ["generate", "--checkpoint", str(reference / "final")]
-    assert message in _error(capsys, argv + extra)
+    assert message in cli_error(capsys, argv + extra)
 
 
 def test_damaged_model_checkpoints(reference, tmp_path, capsys):
@@ -105,10 +97,10 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     text = str(ROOT / "README.md")
     for argv in (["eval", "--checkpoint", str(tmp_path / "nan"), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(tmp_path / "nan"), "--steps", "4"]):
-        assert "parameter 'layers/wq' holds NaN or inf values" in _error(capsys, argv)
+        assert "parameter 'layers/wq' holds NaN or inf values" in cli_error(capsys, argv)
     for argv in (["eval", "--checkpoint", str(flipped), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(flipped), "--steps", "4"]):
-        line = _error(capsys, argv)
+        line = cli_error(capsys, argv)
         assert str(flipped) in line and "does not match its saved checksum" in line
     with pytest.raises(store.CheckpointError, match="does not match its saved checksum"):
         store.load(flipped, dtype="bfloat16")  # verified before the cast
@@ -119,7 +111,7 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
         store.load(unrecorded)
     for argv in (["eval", "--checkpoint", str(half), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(half), "--steps", "4"]):
-        line = _error(capsys, argv)
+        line = cli_error(capsys, argv)
         assert str(half) in line and ("cannot be read" in line or "missing" in line)
 
 
@@ -148,7 +140,7 @@ RUN_CONFIG = [  # run-config values that cannot work, refused when the config lo
 
 @pytest.mark.parametrize("override, message", RUN_CONFIG, ids=[o for o, _ in RUN_CONFIG])
 def test_run_config_values_that_cannot_work(tmp_path, capsys, override, message):
-    assert message in _error(capsys, _train(tmp_path / "run", override))
+    assert message in cli_error(capsys, _train(tmp_path / "run", override))
     assert not (tmp_path / "run").exists()  # nothing written
 
 
@@ -157,7 +149,7 @@ def test_a_checkpoint_model_is_checked_before_its_weights(reference, tmp_path, c
     argv = ["train", "--config", "configs/tiny.yaml", f"output_dir={tmp_path / 'run'}",
             "model.init=null", f"model.checkpoint={reference / 'final'}",
             "diffusion.mask_token_id=256"]
-    assert "diffusion.mask_token_id: 256 is the EOS token" in _error(capsys, argv)
+    assert "diffusion.mask_token_id: 256 is the EOS token" in cli_error(capsys, argv)
 
 
 def test_resume_refuses_what_the_checkpoint_cannot_honour(reference, corpus, tmp_path, capsys,
@@ -165,12 +157,12 @@ def test_resume_refuses_what_the_checkpoint_cannot_honour(reference, corpus, tmp
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     config_before = (run_dir / "config.yaml").read_text()
-    line = _error(capsys, _train(run_dir, *corpus, "model.init.hidden_size=32",
+    line = cli_error(capsys, _train(run_dir, *corpus, "model.init.hidden_size=32",
                                  "model.init.num_heads=2", "diffusion.mask_token_id=257"))
     for part in ("model.init.hidden_size: 64 -> 32", "model.init.num_heads: 4 -> 2",
                  "diffusion.mask_token_id: 258 -> 257", "start a new run in another output_dir"):
         assert part in line
-    line = _error(capsys, _train(run_dir, *corpus, "train.steps=18"))
+    line = cli_error(capsys, _train(run_dir, *corpus, "train.steps=18"))
     assert "train.steps=18 is below the checkpoint's step 20" in line
     assert (run_dir / "config.yaml").read_text() == config_before  # still the run's own
 
@@ -195,7 +187,7 @@ def test_a_lost_data_state_is_only_restarted_when_asked(reference, corpus, tmp_p
     shutil.copytree(reference, run_dir)
     for data in (run_dir / "checkpoints").glob("*/data"):
         shutil.rmtree(data)
-    line = _error(capsys, _train(run_dir, *corpus))
+    line = cli_error(capsys, _train(run_dir, *corpus))
     assert "no data-iterator state" in line and "checkpoint.restart_data=true" in line
     assert not (run_dir / "checkpoints" / "corrupt").exists()
     assert cli(_train(run_dir, *corpus, "checkpoint.restart_data=true")) == 0

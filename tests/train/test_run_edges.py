@@ -3,26 +3,16 @@
 untrained ``final/``)."""
 
 import pytest
-from train_runs import ROOT
-
-from diffujax.cli import main as cli
+from train_runs import ROOT, cli_error
 
 ARGS = ["--config", "configs/tiny.yaml", "optimizer.warmup_steps=1", "data.seq_len=32",
         "data.global_batch=8", "logging.every_steps=1", "logging.eval_every=0",
         "logging.sample_every=0"]
 
 
-def _error(capsys, argv, code=2) -> str:
-    assert cli(argv) == code
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("diffujax ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("name", ["run\nother", "run\tx", "run\r"])
 def test_an_output_dir_with_a_control_character_is_refused(tmp_path, capsys, name):
-    line = _error(capsys, ["train", *ARGS, f"output_dir={tmp_path / name}"])
+    line = cli_error(capsys, ["train", *ARGS, f"output_dir={tmp_path / name}"])
     assert f"output_dir={str(tmp_path / name)!r}: contains a control character" in line
     assert list(tmp_path.iterdir()) == []
 
@@ -32,7 +22,7 @@ def test_an_output_dir_with_a_newline_in_the_config_file_is_refused(tmp_path, ca
     config = tmp_path / "run.yaml"
     config.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace(
         "output_dir: runs/tiny", f'output_dir: "{tmp_path}/run\\nother"'))
-    line = _error(capsys, ["train", "--config", str(config), *ARGS[2:]])
+    line = cli_error(capsys, ["train", "--config", str(config), *ARGS[2:]])
     wanted = f"{tmp_path}/run\nother"  # the value YAML reads: with a real newline
     assert f"output_dir={wanted!r}: contains a control character" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
@@ -43,7 +33,7 @@ def test_data_that_runs_out_before_step_1_writes_no_model(tmp_path, capsys):
     corpus.mkdir()
     (corpus / "a.txt").write_text("a short document\n")  # far less than 8 x 32 tokens
     run_dir = tmp_path / "run"
-    line = _error(capsys, ["train", *ARGS, f"data.sources=[{{path: '{corpus}'}}]",
+    line = cli_error(capsys, ["train", *ARGS, f"data.sources=[{{path: '{corpus}'}}]",
                            "data.num_epochs=1", "train.steps=5", f"output_dir={run_dir}"])
     assert "the data ran out before step 1" in line and "data.global_batch" in line
     assert not (run_dir / "final").exists()

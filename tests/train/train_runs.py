@@ -99,3 +99,14 @@ def record_values(out_dir) -> dict[tuple[str, int], object]:
         out[key] = {"train": lambda: (r["loss"], r["grad_norm"], r["skipped_steps"]),
                     "eval": lambda: r["nelbo"], "text": lambda: r["samples"]}[r["kind"]]()
     return out
+
+
+def cli_error(capsys, argv, code=2) -> str:
+    """Run the CLI in-process with ``argv``; it must exit ``code`` with exactly one
+    ``diffujax ...`` error line on stderr and no traceback: that line."""
+    from diffujax.cli import main as cli
+    assert cli(argv) == code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("diffujax ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
