@@ -59,7 +59,7 @@ def run_config(config, batch: int, seq_len: int, dtype: str):
     ``model.init`` describes the benchmarked model (whose weights ``models`` supplies), so the
     config's checks (mask token, heads, positions) are those of a real run of that model."""
     init = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in ("attention", "extra_hf")}  # not model.init fields
+            if f.name not in ("attention", "extra_hf", "block_size")}  # not model.init fields
     return from_dict({
         "output_dir": "unused",
         "model": {"init": {"family": config.family, **init}, "dtype": dtype,
