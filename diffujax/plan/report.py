@@ -37,7 +37,7 @@ def format_report(r: dict) -> str:
         lines += ["", f"[{p['name']}] {p['description']}: {p['rows']} rows, compiled in"
                       f" {p['compile_seconds']:.1f} s; attention {attention}{kernels}"]
         parts = [f"{k} {_bytes(mem[k])}" for k in ("params", "optimizer", "ema", "batch",
-                                                 "temporaries") if k in mem]
+                                                 "cache", "temporaries") if k in mem]
         verdict = "fits" if mem["fits"] else "DOES NOT FIT"
         lines.append(f"  HBM per chip: {', '.join(parts)}; total {_bytes(mem['total'])} of"
                      f" {gib(mem['hbm'])}: {verdict}")
@@ -64,6 +64,8 @@ def format_report(r: dict) -> str:
     e = r.get("estimate")
     if e and not e.get("step_seconds"):
         lines.append(f"no estimate: {e['source']}")
+    elif e and "forward_passes" in e:
+        lines += _decode_estimate(r, e)
     elif e:
         lines.append(f"ESTIMATE ({e['source']}; not a measurement): step {e['step_seconds']:.3f}"
                      f" s, MFU {100 * e['mfu']:.1f}%, {e['tokens_per_second']:,.0f} tokens/s")
@@ -74,6 +76,22 @@ def format_report(r: dict) -> str:
                      f" {e['overlapped_communication_seconds']:.3f} s overlapped with compute)")
     lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
     return "\n".join(lines)
+
+
+def _decode_estimate(r: dict, e: dict) -> list[str]:
+    d = r["programs"][0]["decode"]
+    chips = r["target"]["devices"]
+    return [
+        f"ESTIMATE ({e['source']}; not a measurement): one decode call {e['step_seconds']:.4f}"
+        f" s for {r['programs'][0]['rows']} rows x {d['new_tokens']} new tokens:"
+        f" {e['tokens_per_second']:,.0f} tokens/s, {e['tokens_per_second_per_chip']:,.0f}"
+        f" tokens/s per chip ({chips} chips)",
+        f"  {e['forward_passes']} forward passes ({e['forward_passes_per_token']:.2f} per new"
+        f" token): prefill of the prompt's whole blocks, then per block of {d['block_size']}"
+        f" its topk denoising passes ({d['steps_per_block']} allowed) and a commit pass",
+        f"  = XLA ops {e['xla_seconds']:.4f} s + Pallas kernels {e['kernel_seconds']:.4f} s +"
+        f" exposed communication {e['exposed_communication_seconds']:.4f} s",
+    ]
 
 
 def format_fit(r: dict) -> str:
