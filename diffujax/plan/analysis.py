@@ -205,7 +205,10 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         # The steady state: the full-attention step (the last train program).
         report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)
     elif what == "generate" and report["programs"][0].get("decode"):
-        report["estimate"] = estimate_decode(report["programs"][0], target, peak)
+        # Each decoder's own estimate; the headline is the block decoder's (the first).
+        for program in report["programs"]:
+            program["estimate"] = estimate_decode(program, target, peak)
+        report["estimate"] = report["programs"][0]["estimate"]
     return report
 
 

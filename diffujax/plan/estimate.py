@@ -178,4 +178,5 @@ def estimate_decode(program: dict, target, peak_flops: float | None) -> dict:
     return out
 
 
-__all__ = ["estimate_decode", "estimate_step", "step_time", "kernel_cost", "kernel_seconds", "kernel_summary"]
+__all__ = ["estimate_decode", "estimate_step", "kernel_cost", "kernel_seconds", "kernel_summary",
+           "step_time"]

@@ -6,7 +6,8 @@ collective produces per device can be read off it, and the TPU backend writes it
 body (the layer scan, gradient accumulation, XLA's own windowed-einsum loops) runs once per trip:
 the trip count is the constant the loop condition compares the counter with, and nested loops
 multiply. A loop whose condition is anything else stops on data (the cached decoder's loop over
-denoising and commit passes): the caller says how many trips to count for it (``open_trips``). (``compiled.cost_analysis()`` counts each loop body once, which is why it is not used.)
+denoising and commit passes): the caller says how many trips to count for it (``open_trips``).
+(``compiled.cost_analysis()`` counts each loop body once, which is why it is not used.)
 """
 
 from __future__ import annotations

@@ -180,20 +180,23 @@ def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> d
     """What the planned cached decode does, worked out without running it: every row's prompt is
     ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``topk`` rule with
     ``diffujax generate``'s split of ``steps`` over the blocks (``per_block``), so that every
-    block takes a fixed number of passes (the threshold rule's depend on the logits). Passes:
-    the prefill (when a whole block of prompt exists), per block ``ceil(masked / k)`` denoising
-    passes (``k = ceil(N / per_block)`` positions each) and a commit pass, except after the
-    last block (``decoding.py``). ``loop_passes``: those inside the decoder's ``while`` (all
-    but the prefill)."""
+    block takes a fixed number of passes (the threshold rule's depend on the logits). Passes
+    (``decoding.py``): the prefill (when a whole block of prompt exists), per block
+    ``ceil(masked / k)`` denoising passes (``k = ceil(N / per_block)`` positions each) and a
+    commit pass, except after the last block; with blocks of one token (the AR decoder) one
+    commit pass per token but the first (drawn from the prefill's logit). ``loop_passes``: those
+    inside the decoder's ``while`` (all but the prefill)."""
     n = block_size
     width = max(1, seq_len // 4)
     new = seq_len - width
-    per_block = max(1, steps // -(-new // n))
+    per_block = max(1, steps // -(-new // n)) if n > 1 else 1
     k = math.ceil(n / per_block)
     length = canvas_length(width, new, n)
     prefill = 1 if width // n else 0
     passes = prefill
-    for b in range(width // n, length // n):
+    if n == 1:
+        passes += new - 1
+    for b in range(width // n, length // n) if n > 1 else ():
         passes += -(-(min((b + 1) * n, length) - max(b * n, width)) // k)
         if (b + 1) * n < width + new:
             passes += 1  # the commit pass
@@ -201,11 +204,14 @@ def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> d
                 canvas=length, forward_passes=passes, loop_passes=passes - prefill)
 
 
-def cached_generate_program(cfg, model_cfg, mesh, rules) -> Program:
+def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None = None
+                            ) -> Program:
     """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
     compiled ``while`` over denoising and commit passes, the KV cache donated) on one row per
-    batch shard, with the deterministic ``topk`` plan of ``decode_plan``."""
-    plan = decode_plan(cfg.data.seq_len, model_cfg.block_size)
+    batch shard, with the deterministic ``topk`` plan of ``decode_plan``; ``block_size=1``: the
+    AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
+    n = model_cfg.block_size if block_size is None else block_size
+    plan = decode_plan(cfg.data.seq_len, n)
     params = abstract_state(cfg, model_cfg, mesh, rules).params
     rows = batch_shard_count(mesh, rules)
     sharding = batch_sharding(mesh, rules)
@@ -217,22 +223,25 @@ def cached_generate_program(cfg, model_cfg, mesh, rules) -> Program:
     cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
     key = abstract_key(mesh)
     mask_id = model_cfg.mask_token_id
-    if mask_id is None:
+    if mask_id is None and n > 1:
         raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
 
     def lower():
         with jax.set_mesh(mesh), axis_rules(rules):
             return decode_blocks.lower(
-                cached_fn_for(model_cfg), params, prompt, lengths, cache, key,
-                block_size=plan["block_size"], new_tokens=plan["new_tokens"],
-                mask_token_id=int(mask_id), sampler="topk", steps=plan["steps_per_block"])
+                cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
+                new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
+                sampler="topk", steps=plan["steps_per_block"])
 
-    text = (f"cached block decoder, blocks of {plan['block_size']}, sampler 'topk'"
-            f" {plan['steps_per_block']} passes per block; prompt {plan['prompt_width']}, "
-            f"{plan['new_tokens']} new tokens, one row per batch shard")
-    return Program("generate_cached", text, lower,
-                   {"params": params, "batch": {"prompt": prompt}, "cache": cache},
-                   "cached", rows, decode=plan)
+    sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"
+             " shard")
+    if n == 1:
+        name, text = "generate_ar", f"AR KV-cache decoder, greedy; {sizes}"
+    else:
+        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler 'topk'"
+                                         f" {plan['steps_per_block']} passes per block; {sizes}")
+    return Program(name, text, lower, {"params": params, "batch": {"prompt": prompt},
+                                       "cache": cache}, "cached", rows, decode=plan)
 
 
 def programs_for(what: str, cfg, model_cfg, mesh, rules) -> list[Program]:
@@ -241,8 +250,9 @@ def programs_for(what: str, cfg, model_cfg, mesh, rules) -> list[Program]:
     if what == "eval":
         return [eval_program(cfg, model_cfg, mesh, rules)]
     if what == "generate":
-        if model_cfg.block_size > 0:
-            return [cached_generate_program(cfg, model_cfg, mesh, rules)]
+        if model_cfg.block_size > 0:  # the cached block decoder and its AR baseline
+            return [cached_generate_program(cfg, model_cfg, mesh, rules),
+                    cached_generate_program(cfg, model_cfg, mesh, rules, block_size=1)]
         return [generate_program(cfg, model_cfg, mesh, rules)]
     raise ValueError(f"--what {what!r} is not one of train, eval, generate")
 
