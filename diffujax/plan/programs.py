@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffujax.checkpoint import store
@@ -33,7 +32,7 @@ GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
 
 @dataclasses.dataclass
 class Program:
-    name: str  # "train", "train_full", "eval", "generate"
+    name: str  # "train", "train_full", "eval", "generate", "generate_cached", "generate_ar"
     description: str
     lower: Callable[[], Any]  # () -> jax.stages.Lowered
     inputs: dict[str, Any]  # group ("params", "optimizer", ...) -> pytree of ShapeDtypeStructs
@@ -196,10 +195,11 @@ def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> d
     passes = prefill
     if n == 1:
         passes += new - 1
-    for b in range(width // n, length // n) if n > 1 else ():
-        passes += -(-(min((b + 1) * n, length) - max(b * n, width)) // k)
-        if (b + 1) * n < width + new:
-            passes += 1  # the commit pass
+    else:
+        for b in range(width // n, length // n):
+            passes += -(-(min((b + 1) * n, length) - max(b * n, width)) // k)
+            if (b + 1) * n < width + new:
+                passes += 1  # the commit pass
     return dict(prompt_width=width, new_tokens=new, block_size=n, steps_per_block=per_block,
                 canvas=length, forward_passes=passes, loop_passes=passes - prefill)
 
