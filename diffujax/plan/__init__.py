@@ -8,7 +8,8 @@ slice, from abstract inputs that carry the run's shardings (``programs.py``): no
 no TPU. The report gives, per program: the mesh; HBM per chip (parameters, optimizer state, batch,
 temporaries, total) against the chip's HBM; compile time; the attention backend; the collectives
 of the optimized HLO (``hlo.py``) and any parameter gathered whole; and for the train step the
-model FLOPs and, from XLA's own cost model, an *estimated* step time and MFU (``estimate.py``).
+model FLOPs and, from XLA's own cost model, an *estimated* step time and MFU (``estimate.py``);
+for ``--what generate`` on a block model, the cached block decoder's estimated tokens/s per chip.
 ``--fit`` searches ``optimizer.grad_accum_steps`` (the micro-batch, with the global batch fixed)
 and ``model.remat`` for the fastest setting that fits and prints the overrides.
 """

@@ -21,7 +21,7 @@ from diffujax.models import param_specs
 from diffujax.parallel.mesh import make_mesh
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
 from diffujax.plan import comms, hlo
-from diffujax.plan.estimate import estimate_step, kernel_summary
+from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
 from diffujax.train import metrics as M
 from diffujax.train.step import training_dropout
@@ -67,6 +67,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     hbm = target.slice.hbm_bytes
     out = dict(name=program.name, description=program.description, rows=program.rows,
                attention=attention_backend(model_cfg, program, target))
+    if program.decode:
+        out["decode"] = dict(program.decode)
     t0 = time.perf_counter()
     try:
         with _no_persistent_cache():
@@ -92,7 +94,9 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     out["memory"] = dict(groups, input_padding=padding, outputs=outputs, temporaries=temps,
                          code=code, total=total, hbm=hbm, fits=total <= hbm)
     text = compiled.as_text()
-    items = hlo.collectives(text)
+    # The cached decoder's loop stops on data: count the passes its deterministic plan makes.
+    trips = program.decode["loop_passes"] if program.decode else None
+    items = hlo.collectives(text, trips)
     specs = param_specs(model_cfg)
     shapes = {path: spec.shape for path, spec in specs.items()}
     # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
@@ -100,7 +104,7 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
                     for path, spec in specs.items() if path in sharded}
-    counts = hlo.estimated_cycles(text)
+    counts = hlo.estimated_cycles(text, trips)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
                all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
                communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
@@ -147,7 +151,10 @@ def out_of_memory(error) -> tuple[int, int] | None:
 
 def attention_backend(model_cfg, program, target: Target) -> dict:
     """``{pattern kind: backend}`` of the program's attention layers, as ``attention()`` resolves
-    it for these shapes under the target's mesh."""
+    it for these shapes under the target's mesh. The cached decoder's attention against its KV
+    cache is plain XLA (``models/cache.py``'s ``masked_attention``)."""
+    if program.pattern == "cached":
+        return {"cached": "xla"}
     dtype = jnp.dtype(model_cfg.dtype)
     length = next(iter(program.inputs["batch"].values())).shape[1]
     q = jax.ShapeDtypeStruct((1, length, model_cfg.num_heads, model_cfg.head_dim), dtype)
@@ -197,6 +204,11 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         report["model_flops_per_step"] = flops
         # The steady state: the full-attention step (the last train program).
         report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)
+    elif what == "generate" and report["programs"][0].get("decode"):
+        # Each decoder's own estimate; the headline is the block decoder's (the first).
+        for program in report["programs"]:
+            program["estimate"] = estimate_decode(program, target, peak)
+        report["estimate"] = report["programs"][0]["estimate"]
     return report
 
 

@@ -5,7 +5,9 @@ collective produces per device can be read off it, and the TPU backend writes it
 ``estimated_cycles`` into the backend config of each fusion and op. What runs inside a ``while``
 body (the layer scan, gradient accumulation, XLA's own windowed-einsum loops) runs once per trip:
 the trip count is the constant the loop condition compares the counter with, and nested loops
-multiply. (``compiled.cost_analysis()`` counts each loop body once, which is why it is not used.)
+multiply. A loop whose condition is anything else stops on data (the cached decoder's loop over
+denoising and commit passes): the caller says how many trips to count for it (``open_trips``).
+(``compiled.cost_analysis()`` counts each loop body once, which is why it is not used.)
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ def _computations(text: str) -> tuple[dict[str, _Computation], str | None]:
     return comps, entry
 
 
-def _trip_count(condition: _Computation | None) -> int:
-    """A scan's condition is ``counter < constant(N)``; unknown forms count once."""
+def _trip_count(condition: _Computation | None, open_trips: int | None = None) -> int:
+    """A scan's condition is ``counter < constant(N)``; unknown forms count once, or
+    ``open_trips`` times when given and the condition is not that one comparison (a loop that
+    stops on data, whose trip count the program text cannot say)."""
     if condition is None:
         return 1
+    if open_trips is not None and not _is_counter(condition):
+        return open_trips
     constants = {}
     for line in condition.lines:
         m = _CONSTANT.match(line)
@@ -95,11 +101,18 @@ def _trip_count(condition: _Computation | None) -> int:
     return 1
 
 
-def _walk(text: str):
+def _is_counter(condition: _Computation) -> bool:
+    """Whether a loop condition is a counted loop's: its root one ``compare`` (LT)."""
+    root = next((line for line in condition.lines if line.lstrip().startswith("ROOT ")), "")
+    return " compare(" in root and "direction=LT" in root
+
+
+def _walk(text: str, open_trips: int | None = None):
     """``(computation, instruction match, line, runs)`` for every instruction of the computations
     that run as control flow (the entry, ``while`` bodies and conditions, ``call`` and
-    ``conditional`` targets), with how many times it runs per execution of the program. Fused
-    computations are not visited: a fusion instruction stands for its whole body."""
+    ``conditional`` targets), with how many times it runs per execution of the program (a loop
+    that stops on data: ``open_trips`` times, else once). Fused computations are not visited: a
+    fusion instruction stands for its whole body."""
     comps, entry = _computations(text)
 
     def visit(name, runs, depth):
@@ -113,7 +126,7 @@ def _walk(text: str):
             opcode = m.group(3)
             callees = dict(_CALLEES.findall(line))
             if opcode == "while":
-                trips = _trip_count(comps.get(callees.get("condition", "")))
+                trips = _trip_count(comps.get(callees.get("condition", "")), open_trips)
                 yield from visit(callees.get("condition"), runs * (trips + 1), depth + 1)
                 yield from visit(callees.get("body"), runs * trips, depth + 1)
             elif opcode in ("call", "conditional"):
@@ -237,7 +250,7 @@ def _fused_collectives(comps, name, depth=0) -> list[tuple[str, str, str, str]]:
     return found, computes
 
 
-def collectives(text: str) -> list[Collective]:
+def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
     """Every collective of an optimized HLO module, with its replica groups and whether the
     compiled schedule lets it overlap compute:
 
@@ -255,12 +268,14 @@ def collectives(text: str) -> list[Collective]:
       is a reduce-scatter;
     - across slices, a megascale ``send`` (``_xla_megascale_transfer_type``) is the device's
       share of a collective over the data-center network (``network="dcn"``, synchronous).
+
+    ``open_trips``: the trips to count for a loop that stops on data (``_walk``).
     """
     comps, _ = _computations(text)
     out, pending = [], {}  # pending: start name -> [computation, cycles since the start, ...]
     cum = collections.Counter()  # computation -> estimated cycles scheduled so far
     chains = {}  # (computation, channel) -> [Collective, cycles before its first piece]
-    for comp, m, line, runs in _walk(text):
+    for comp, m, line, runs in _walk(text, open_trips):
         name, result, opcode = m.group(1), m.group(2), m.group(3)
         found = _CYCLES.search(line)
         cycles = int(found.group(1)) if found else 0
@@ -416,14 +431,14 @@ def kernel_metadata(line: str) -> dict | None:
         return None
 
 
-def estimated_cycles(text: str) -> CycleCount:
+def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
     backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
     estimate; they are returned with their declared ``pl.CostEstimate`` (if any) and operand
-    shapes for the caller to cost."""
+    shapes for the caller to cost. ``open_trips``: the trips of a loop that stops on data."""
     cycles = count = 0
     kernels = []
-    for _, m, line, runs in _walk(text):
+    for _, m, line, runs in _walk(text, open_trips):
         found = _CYCLES.search(line)
         if found:
             cycles += int(found.group(1)) * runs

@@ -14,10 +14,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffujax.checkpoint import store
+from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
-from diffujax.models import apply_fn_for
+from diffujax.models import KVCache, apply_fn_for, cached_fn_for
 from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
@@ -30,12 +32,15 @@ GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
 
 @dataclasses.dataclass
 class Program:
-    name: str  # "train", "train_full", "eval", "generate"
+    name: str  # "train", "train_full", "eval", "generate", "generate_cached", "generate_ar"
     description: str
     lower: Callable[[], Any]  # () -> jax.stages.Lowered
     inputs: dict[str, Any]  # group ("params", "optimizer", ...) -> pytree of ShapeDtypeStructs
     pattern: str  # the attention pattern kind its layers run
     rows: int  # batch rows per call
+    # The cached decoder's plan (``cached_generate_program``): prompt width, new tokens, block
+    # size, passes per block and forward passes per call.
+    decode: dict | None = None
 
 
 # ------------------------------------------------------------------------------ the model config
@@ -170,12 +175,84 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
                    "full", rows)
 
 
+def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> dict:
+    """What the planned cached decode does, worked out without running it: every row's prompt is
+    ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``topk`` rule with
+    ``diffujax generate``'s split of ``steps`` over the blocks (``per_block``), so that every
+    block takes a fixed number of passes (the threshold rule's depend on the logits). Passes
+    (``decoding.py``): the prefill (when a whole block of prompt exists), per block
+    ``ceil(masked / k)`` denoising passes (``k = ceil(N / per_block)`` positions each) and a
+    commit pass, except after the last block; with blocks of one token (the AR decoder) one
+    commit pass per token but the first (drawn from the prefill's logit). ``loop_passes``: those
+    inside the decoder's ``while`` (all but the prefill)."""
+    n = block_size
+    width = max(1, seq_len // 4)
+    new = seq_len - width
+    per_block = max(1, steps // -(-new // n)) if n > 1 else 1
+    k = math.ceil(n / per_block)
+    length = canvas_length(width, new, n)
+    prefill = 1 if width // n else 0
+    passes = prefill
+    if n == 1:
+        passes += new - 1
+    else:
+        for b in range(width // n, length // n):
+            passes += -(-(min((b + 1) * n, length) - max(b * n, width)) // k)
+            if (b + 1) * n < width + new:
+                passes += 1  # the commit pass
+    return dict(prompt_width=width, new_tokens=new, block_size=n, steps_per_block=per_block,
+                canvas=length, forward_passes=passes, loop_passes=passes - prefill)
+
+
+def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None = None
+                            ) -> Program:
+    """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
+    compiled ``while`` over denoising and commit passes, the KV cache donated) on one row per
+    batch shard, with the deterministic ``topk`` plan of ``decode_plan``; ``block_size=1``: the
+    AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
+    n = model_cfg.block_size if block_size is None else block_size
+    plan = decode_plan(cfg.data.seq_len, n)
+    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    rows = batch_shard_count(mesh, rules)
+    sharding = batch_sharding(mesh, rules)
+    prompt = _sds((rows, plan["prompt_width"]), jnp.int32, sharding)
+    lengths = _sds((rows,), jnp.int32, NamedSharding(mesh, PartitionSpec(sharding.spec[0])))
+    cache_shape = (model_cfg.num_layers, rows, plan["canvas"], model_cfg.num_kv_heads,
+                   model_cfg.head_dim)
+    cache_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.spec[0]))
+    cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
+    key = abstract_key(mesh)
+    mask_id = model_cfg.mask_token_id
+    if mask_id is None and n > 1:
+        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+
+    def lower():
+        with jax.set_mesh(mesh), axis_rules(rules):
+            return decode_blocks.lower(
+                cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
+                new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
+                sampler="topk", steps=plan["steps_per_block"])
+
+    sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"
+             " shard")
+    if n == 1:
+        name, text = "generate_ar", f"AR KV-cache decoder, greedy; {sizes}"
+    else:
+        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler 'topk'"
+                                         f" {plan['steps_per_block']} passes per block; {sizes}")
+    return Program(name, text, lower, {"params": params, "batch": {"prompt": prompt},
+                                       "cache": cache}, "cached", rows, decode=plan)
+
+
 def programs_for(what: str, cfg, model_cfg, mesh, rules) -> list[Program]:
     if what == "train":
         return train_programs(cfg, model_cfg, mesh, rules)
     if what == "eval":
         return [eval_program(cfg, model_cfg, mesh, rules)]
     if what == "generate":
+        if model_cfg.block_size > 0:  # the cached block decoder and its AR baseline
+            return [cached_generate_program(cfg, model_cfg, mesh, rules),
+                    cached_generate_program(cfg, model_cfg, mesh, rules, block_size=1)]
         return [generate_program(cfg, model_cfg, mesh, rules)]
     raise ValueError(f"--what {what!r} is not one of train, eval, generate")
 
@@ -192,6 +269,7 @@ def bytes_per_device(tree) -> int:
     return total
 
 
-__all__ = ["Program", "abstract_batch", "abstract_state", "bytes_per_device", "eval_program",
+__all__ = ["Program", "abstract_batch", "abstract_state", "bytes_per_device",
+           "cached_generate_program", "decode_plan", "eval_program",
            "generate_program", "micro_batch", "plan_model_config", "programs_for",
            "train_programs"]

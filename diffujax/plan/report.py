@@ -37,7 +37,7 @@ def format_report(r: dict) -> str:
         lines += ["", f"[{p['name']}] {p['description']}: {p['rows']} rows, compiled in"
                       f" {p['compile_seconds']:.1f} s; attention {attention}{kernels}"]
         parts = [f"{k} {_bytes(mem[k])}" for k in ("params", "optimizer", "ema", "batch",
-                                                 "temporaries") if k in mem]
+                                                 "cache", "temporaries") if k in mem]
         verdict = "fits" if mem["fits"] else "DOES NOT FIT"
         lines.append(f"  HBM per chip: {', '.join(parts)}; total {_bytes(mem['total'])} of"
                      f" {gib(mem['hbm'])}: {verdict}")
@@ -58,11 +58,15 @@ def format_report(r: dict) -> str:
             lines.append("  weights all-reduced whole (a zero-fill gather or an unsharded gradient"
                          " reduction: about twice FSDP's bytes):"
                          f" {', '.join(p['all_reduced_whole'])}")
+        if p.get("decode") and p.get("estimate"):
+            lines += _decode_estimate(p, r["target"]["devices"])
     if "model_flops_per_step" in r:
         lines += ["", f"model FLOPs per step: {r['model_flops_per_step']:.3e} (6N + full"
                       " bidirectional attention)"]
     e = r.get("estimate")
-    if e and not e.get("step_seconds"):
+    if e and "forward_passes" in e:
+        pass  # the decoders' estimates are printed under each program
+    elif e and not e.get("step_seconds"):
         lines.append(f"no estimate: {e['source']}")
     elif e:
         lines.append(f"ESTIMATE ({e['source']}; not a measurement): step {e['step_seconds']:.3f}"
@@ -74,6 +78,24 @@ def format_report(r: dict) -> str:
                      f" {e['overlapped_communication_seconds']:.3f} s overlapped with compute)")
     lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
     return "\n".join(lines)
+
+
+def _decode_estimate(p: dict, chips: int) -> list[str]:
+    d, e = p["decode"], p["estimate"]
+    if not e.get("step_seconds"):
+        return [f"  no estimate: {e['source']}"]
+    how = ("the prefill, then one commit pass per token after the first" if d["block_size"] == 1
+           else f"the prefill of the prompt's whole blocks, then per block of {d['block_size']}"
+           f" its topk denoising passes ({d['steps_per_block']} allowed) and a commit pass")
+    return [
+        f"  ESTIMATE ({e['source']}; not a measurement): one decode call {e['step_seconds']:.4f}"
+        f" s for {p['rows']} rows x {d['new_tokens']} new tokens: {e['tokens_per_second']:,.0f}"
+        f" tokens/s, {e['tokens_per_second_per_chip']:,.0f} tokens/s per chip ({chips} chips)",
+        f"    {e['forward_passes']} forward passes ({e['forward_passes_per_token']:.2f} per new"
+        f" token): {how}",
+        f"    = XLA ops {e['xla_seconds']:.4f} s + Pallas kernels {e['kernel_seconds']:.4f} s +"
+        f" exposed communication {e['exposed_communication_seconds']:.4f} s",
+    ]
 
 
 def format_fit(r: dict) -> str:

@@ -73,3 +73,27 @@ def test_weights_all_reduced_whole_are_named():
     # A whole [64, 16] matrix (size-1 axes aside) is summed everywhere; norms are left out.
     assert hlo.all_reduced_whole(items, shapes) == ["layers/w_up"]
     assert hlo.all_reduced_whole(hlo.collectives(MODULE), shapes) == []
+
+
+def test_a_loop_that_stops_on_data_counts_the_trips_it_is_given():
+    """The cached decoder's loop: its condition is not one ``counter < N`` comparison (here an
+    ``and`` of two), so its trips come from the caller; the counted loop inside still
+    multiplies. Without ``open_trips`` the reading is the old one (the constant it compares,
+    which bounds nothing here: the reason the plan passes the decoder's passes)."""
+    module = MODULE.replace(
+        "  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT\n",
+        "  %lt = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT\n"
+        "  %flag = pred[] get-tuple-element(%p), index=2\n"
+        "  ROOT %both = pred[] and(%lt, %flag)\n").replace(
+        "channel_id=1, dimensions={1}\n",
+        "channel_id=1, dimensions={1}, backend_config={\"estimated_cycles\":\"100\"}\n")
+    for trips in (7, 51):
+        items = {c.name: c for c in hlo.collectives(module, open_trips=trips)}
+        assert items["all-gather.3"].runs == trips
+        assert items["all-reduce-done.1"].runs == trips * 3
+        assert hlo.estimated_cycles(module, open_trips=trips).cycles == 100 * trips
+    assert {c.name: c.runs for c in hlo.collectives(module)}["all-gather.3"] == 5
+    # A counted loop keeps its own bound whatever the caller says about open loops.
+    counted = MODULE.replace("dimensions={1}\n", "dimensions={1},"
+                             " backend_config={\"estimated_cycles\":\"100\"}\n", 1)
+    assert hlo.estimated_cycles(counted, open_trips=51).cycles == 100 * 5
