@@ -19,6 +19,7 @@ from diffujax.config import load_config
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import param_specs
 from diffujax.parallel import tpu_env
+from diffujax.parallel.topology import parse_slice, slice_devices
 from diffujax.plan import search as fit_module
 from diffujax.plan import plan
 from diffujax.plan.analysis import make_target
@@ -133,6 +134,9 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
 def test_eval_program_compiles_through_the_cli(capsys, monkeypatch):
     # The CLI adds the run's libtpu flags to LIBTPU_INIT_ARGS and records them: kept out of this
     # test process's environment (libtpu reads it once; test_comms checks the flags themselves).
+    # libtpu starts first, so the made-up flags below are recorded, never read (were this test the
+    # first of its process to start libtpu, libtpu would abort on them).
+    slice_devices(parse_slice("v5p-8"))
     monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_users_own=1")
     monkeypatch.setattr(tpu_env, "COLLECTIVE_FLAGS", {"v5p": ("--xla_a_flag=true",)})
     code = main(["plan", "--config", "configs/tiny.yaml", "--topology", "v5p-8", "--what", "eval",
