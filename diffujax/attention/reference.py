@@ -15,14 +15,20 @@ def reference_attention(q, k, v, pattern: AttentionPattern, *, scale: float | No
     attention: each K/V head serves ``H // KVH`` query heads, no repeated copy is made).
     Scores and softmax are float32; the output has q's dtype.
     """
+    return masked_attention(q, k, v, dense_mask(pattern, q.shape[1], k.shape[1]), scale=scale)
+
+
+def masked_attention(q, k, v, mask, *, scale: float | None = None):
+    """``reference_attention`` under an explicit boolean ``mask``, ``[Lq, Lk]`` or
+    ``[B, Lq, Lk]`` (true: the query may see the key); also what decoding runs against its
+    KV cache (``models/cache.py``)."""
     b, lq, h, d = q.shape
-    lk, kvh = k.shape[1], k.shape[2]
+    kvh = k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, lq, kvh, h // kvh, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = dense_mask(pattern, lq, lk)
     mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

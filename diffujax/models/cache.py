@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffujax.attention.pattern import AttentionPattern, is_open
+from diffujax.attention.reference import masked_attention
 
 
 @jax.tree_util.register_dataclass
@@ -47,22 +48,6 @@ def visible_keys(pattern: AttentionPattern, offset, n: int, length: int) -> jax.
     return (k < offset + n) & is_open(pattern, q, k)
 
 
-def masked_attention(q, k, v, visible):
-    """Softmax attention of q ``[B, n, H, D]`` over k, v ``[B, T, KVH, D]`` (grouped-query: each
-    K/V head serves ``H // KVH`` query heads) where ``visible [n, T]`` is true; scores and
-    softmax in float32, output in q's dtype. Plain XLA: a decoding pass is a few queries
-    against the cache, which is memory-bound, so no kernel is needed."""
-    b, n, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, n, kvh, h // kvh, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible, scores * d ** -0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, n, h, d).astype(q.dtype)
-
-
 def scan_layers_cached(layer, x, stacked_params, cache: KVCache, offset, visible):
     """``layer(layer_params, x, attend) -> (x, cache)`` for each layer, the cache carried.
 
@@ -77,6 +62,7 @@ def scan_layers_cached(layer, x, stacked_params, cache: KVCache, offset, visible
             at = (i, 0, offset, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
             values = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+            # Plain XLA: a decoding pass is a few queries against the cache (memory-bound).
             out = masked_attention(q, keys[i].astype(q.dtype), values[i].astype(q.dtype),
                                    visible)
             return out, KVCache(keys, values)

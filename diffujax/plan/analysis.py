@@ -152,7 +152,7 @@ def out_of_memory(error) -> tuple[int, int] | None:
 def attention_backend(model_cfg, program, target: Target) -> dict:
     """``{pattern kind: backend}`` of the program's attention layers, as ``attention()`` resolves
     it for these shapes under the target's mesh. The cached decoder's attention against its KV
-    cache is plain XLA (``models/cache.py``'s ``masked_attention``)."""
+    cache is plain XLA (``attention.reference.masked_attention``, from ``models/cache.py``)."""
     if program.pattern == "cached":
         return {"cached": "xla"}
     dtype = jnp.dtype(model_cfg.dtype)
