@@ -103,10 +103,10 @@ def test_mesh_matches_single_device(files, mesh_shape):
 
 def test_params_are_restored_into_their_shards(files):
     params = _model(files[0], MESHES["fsdp4_tensor2"]).params
-    wq = params["layers"]["wq"]  # [layers, embed, heads, head_dim]
+    wq = params["layers"]["attn"]["q_proj"]["kernel"]  # [layers, embed, heads, head_dim]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
-    assert params["embed"].sharding.spec == P("tensor", "fsdp")
+    assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
 
 
 def test_cli_eval_on_a_mesh(files, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 
 
 def array_name(path) -> str:
-    """``params/layers/wq`` for a key path."""
+    """``params/layers/attn/q_proj/kernel`` for a key path."""
     parts = []
     for key in path:
         for attr in ("name", "key", "idx"):

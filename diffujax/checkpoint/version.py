@@ -6,14 +6,16 @@ array is read. A diffujax reads exactly one format: nothing older is translated.
 Bump it when what either kind writes changes in a way the reader depends on, including a run
 config key added (a step's config record carries every key; one recorded without the new key
 would read as "changed on resume"). Version 1 is everything written before the version was
-checked: model checkpoints that said 1, training checkpoints that said nothing.
+checked: model checkpoints that said 1, training checkpoints that said nothing. Version 3 lays
+the parameters out as the Flax NNX module tree (``"layers/attn/q_proj/kernel"`` where version
+2 had ``"layers/wq"``).
 """
 
 from __future__ import annotations
 
 from diffujax.checkpoint.errors import CheckpointError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KEY = "format"  # its name in both records
 
 # What to do with a checkpoint of an older format, by kind.

@@ -1,10 +1,16 @@
 """Networks only (no diffusion): GPT-2, the LLaMA family and Qwen2 behind one face.
 
-Parameters are a plain pytree (nested dicts of arrays keyed by the family's ``ParamSpec`` paths)
-and the network is a pure function of them:
+Each family's network is a Flax NNX module built from its weight table:
 
-    params = init_params(config, seed=0)              # {"embed": ..., "layers": {"wq": ...}}
-    logits = forward(config, params, tokens, pattern) # [B, L, V] float32
+    model = build(config, seed=0)                     # an nnx.Module (Llama, Qwen2, GPT2)
+    logits = model(tokens, pattern)                   # [B, L, V] float32
+
+Training, checkpoints and the converters hold its state as a plain pytree (nested dicts of arrays
+keyed by the weight table's paths, ``nnx.to_pure_dict``), and the network is a pure function of it
+(the graph is split once per config; ``nnx.merge`` of the tree is a trace-time step):
+
+    params = init_params(config, seed=0)              # {"embed": {"embedding": ...}, ...}
+    logits = forward(config, params, tokens, pattern) # the same logits as model(...)
     apply_fn = apply_fn_for(config)                   # apply_fn(params, tokens, pattern, ...)
     cache = init_cache(config, batch, length)         # decoding: keys/values of every layer
     logits, cache = forward_cached(config, params, tokens, pattern, cache, offset)
@@ -20,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from diffujax.models import params as ptree
@@ -44,10 +51,34 @@ def matmul_params(config: ModelConfig) -> int:
     return family_of(config).matmul_params(config)
 
 
+def build(config: ModelConfig, seed: int = 0) -> nnx.Module:
+    """The family's NNX model with fresh weights (``config.param_dtype``), as the weight table
+    says, drawn from ``seed``."""
+    return family_of(config).module(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> nnx.Module:
+    """The model with ``ShapeDtypeStruct`` s for weights: no memory, nothing computed. (Built as a
+    plain pytree, so that flax does not turn the logical axes into shardings of whatever mesh
+    is current: shardings come from the rule table, ``param_shardings``.)"""
+    return nnx.eval_shape(lambda: build(config), graph=False)
+
+
+@functools.cache
+def graphdef(config: ModelConfig) -> nnx.GraphDef:
+    """The model's graph without its weights, split once per config:
+    ``nnx.merge(graphdef(config), params)`` is the model holding ``params``."""
+    return nnx.split(abstract_model(config))[0]
+
+
+def merge(config: ModelConfig, params: Params) -> nnx.Module:
+    """The model holding ``params`` (a plain tree laid out as the weight table)."""
+    return nnx.merge(graphdef(config), params)
+
+
 def init_params(config: ModelConfig, seed: int = 0) -> Params:
-    """Freshly initialised weights (``config.param_dtype``), as the weight table says."""
-    return ptree.init_params(param_specs(config), jnp.dtype(config.param_dtype),
-                             jax.random.key(seed))
+    """Freshly initialised weights (``config.param_dtype``) as a plain tree."""
+    return nnx.to_pure_dict(nnx.state(build(config, seed)))
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -59,7 +90,7 @@ def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None
             dropout_key=None):
     """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``dropout_key``: training only (GPT-2's
     dropout); without it nothing is dropped."""
-    return family_of(config).forward(config, params, tokens, pattern, positions, dropout_key)
+    return merge(config, params)(tokens, pattern, positions, dropout_key)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
@@ -86,7 +117,7 @@ def forward_cached(config: ModelConfig, params: Params, tokens, pattern, cache: 
     _check_cache_length(config, cache.length)
     if tokens.shape[1] > cache.length:
         raise ValueError(f"{tokens.shape[1]} tokens do not fit a KV cache of {cache.length}")
-    return family_of(config).forward_cached(config, params, tokens, pattern, cache, offset)
+    return merge(config, params).decode(tokens, pattern, cache, offset)
 
 
 def cached_fn_for(config: ModelConfig):
@@ -103,10 +134,10 @@ def apply_fn_for(config: ModelConfig):
 
 def param_shardings(config: ModelConfig, mesh, rules=None) -> Params:
     """A ``NamedSharding`` per weight, from its logical axes through ``rules``."""
-    def sharding(_, spec):
-        return NamedSharding(mesh, spec_for(spec.axes, spec.shape, mesh, rules))
+    def sharding(value, axes):
+        return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
 
-    return ptree.map_specs(sharding, param_specs(config))
+    return ptree.map_variables(sharding, nnx.state(abstract_model(config)))
 
 
 def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params:
@@ -119,7 +150,9 @@ def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params
 
 
 __all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "KVCache", "LlamaConfig",
-           "ModelConfig", "Params", "Qwen2Config", "abstract_params", "apply_fn_for",
+           "ModelConfig", "Params", "Qwen2Config", "abstract_model", "abstract_params",
+           "apply_fn_for", "build",
+           "graphdef", "merge",
            "cached_fn_for", "config_class", "config_from_hf", "family_of", "flatten", "forward",
            "forward_cached", "init_cache", "init_params", "matmul_params", "nest",
            "param_shardings", "param_specs", "sharded_init", "weight_axes"]

@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from diffujax.attention.pattern import AttentionPattern, is_open
 from diffujax.attention.reference import masked_attention
@@ -48,15 +49,18 @@ def visible_keys(pattern: AttentionPattern, offset, n: int, length: int) -> jax.
     return (k < offset + n) & is_open(pattern, q, k)
 
 
-def scan_layers_cached(layer, x, stacked_params, cache: KVCache, offset, visible):
-    """``layer(layer_params, x, attend) -> (x, cache)`` for each layer, the cache carried.
+def scan_layers_cached(block: nnx.Module, step, x, cache: KVCache, offset, visible):
+    """``step(layer, x, attend) -> (x, cache)`` once per layer of the stacked ``block`` (as
+    ``layers.scan_layers``), the cache carried.
 
     ``attend(q, k, v) -> (out, cache)`` is what the layer calls for its attention: it writes the
     new ``k``, ``v`` ``[B, n, KVH, D]`` into the layer's slice of the cache at ``offset`` and
     attends from ``q`` over that slice where ``visible``. Returns ``(x, updated cache)``."""
-    def step(carry, params_and_index):
+    graphdef, state = nnx.split(block)
+
+    def body(carry, sliced):
         x, cache = carry
-        params, i = params_and_index
+        layer_state, i = sliced
 
         def attend(q, k, v):
             at = (i, 0, offset, 0, 0)
@@ -67,8 +71,8 @@ def scan_layers_cached(layer, x, stacked_params, cache: KVCache, offset, visible
                                    visible)
             return out, KVCache(keys, values)
 
-        return layer(params, x, attend), None
+        return step(nnx.merge(graphdef, layer_state), x, attend), None
 
-    layers = jax.tree.leaves(stacked_params)[0].shape[0]
-    (x, cache), _ = jax.lax.scan(step, (x, cache), (stacked_params, jnp.arange(layers)))
+    layers = cache.k.shape[0]
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(layers)))
     return x, cache

@@ -1,11 +1,11 @@
 """What diffujax knows about one model family, as one record (``models/registry.py`` lists them).
 
 A family file (``gpt2.py``, ``llama.py``, ``qwen2.py``) defines its config class, its weight table
-(``param_specs``), its forward pass (a pure function of the config, the parameter tree and the
-tokens) and its Hugging Face key map, and ends with one ``Family(...)``. Everything else is
-derived from that record: initialisation, abstract shapes, shardings and weight-decay masks
-from the weight table, the converters from the key map, and the training FLOP count from the
-weight table too (``matmul_params``).
+(``param_specs``), its network (a Flax NNX module built from that table) and its Hugging Face
+key map, and ends with one ``Family(...)``. Everything else is derived from that record:
+initialisation, abstract shapes, shardings and weight-decay masks from the weight table, the
+converters from the key map, and the training FLOP count from the weight table too
+(``matmul_params``).
 
 Key map: each ``Entry`` is one tensor of the Hugging Face file: its name (``{i}`` stands for the
 layer index), the diffujax path(s) it fills (the slice ``[i]`` of a stacked per-layer weight), its
@@ -82,12 +82,11 @@ class KeyMap:
 class Family:
     name: str  # ``config.family`` and the ``model.init.family`` of a run config
     config: type[ModelConfig]  # from_hf / to_hf for config.json
-    # forward(config, params, tokens, pattern, positions=None, dropout_key=None) -> logits
-    forward: Callable
-    # forward_cached(config, params, tokens, pattern, cache, offset, positions=None)
-    #   -> (logits, cache): the same network against a KV cache (models/cache.py)
-    forward_cached: Callable
-    param_specs: Callable[[ModelConfig], dict[str, ParamSpec]]  # the weight table
+    # The network, a Flax NNX module: module(config, rngs=...) builds it from its weight table
+    # (module.weight_table(config)); model(tokens, pattern, positions=None, dropout_key=None)
+    # -> logits; model.decode(tokens, pattern, cache, offset, positions=None) -> (logits, cache)
+    # runs it against a KV cache (models/cache.py).
+    module: type
     hf_keys: Callable[[ModelConfig, str], KeyMap]  # (config, naming) -> key map
     embedding: str  # path of the input embedding table (also the output head when tied)
     hf_model_types: tuple[str, ...]  # config.json ``model_type`` values read as this family
@@ -95,6 +94,11 @@ class Family:
     lookups: tuple[str, ...] = ()  # other tables indexed, never multiplied (GPT-2's positions)
     namings: tuple[str, ...] = ("transformers",)  # tensor spellings; the first is the default
     naming_of: Callable[[list[str]], str] | None = None  # the spelling a file's names use
+
+    def param_specs(self, config: ModelConfig) -> dict[str, ParamSpec]:
+        """The weight table: every weight's path in the module tree, shape, logical axes and
+        initialiser."""
+        return self.module.weight_table(config)
 
     def keymap(self, config: ModelConfig, naming: str = "transformers") -> KeyMap:
         if naming not in self.namings:

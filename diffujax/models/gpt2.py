@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
@@ -15,8 +16,8 @@ from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
 from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
                                      extra_json, first_id, require, special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
-from diffujax.models.params import ParamSpec
-from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
+from diffujax.models.params import ParamSpec, Weights
+from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,27 +90,26 @@ class GPT2Config(ModelConfig):
 
 def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
     n, d, h, hd, f = c.num_layers, c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size
+    heads = ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim"))
+    head_bias = ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros")
     specs = {
-        "wte": ParamSpec((c.vocab_size, d), ("vocab", "embed")),
-        "wpe": ParamSpec((c.max_positions, d), ("positions", "embed"), std=0.01),
-        "layers/ln1_scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
-        "layers/ln1_bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
-        "layers/wq": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/wk": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/wv": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/bq": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
-        "layers/bk": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
-        "layers/bv": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
-        "layers/wo": ParamSpec((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-        "layers/bo": ParamSpec((n, d), ("layers", "embed"), "zeros"),
-        "layers/ln2_scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
-        "layers/ln2_bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
-        "layers/w_fc": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
-        "layers/b_fc": ParamSpec((n, f), ("layers", "mlp"), "zeros"),
-        "layers/w_proj": ParamSpec((n, f, d), ("layers", "mlp", "embed")),
-        "layers/b_proj": ParamSpec((n, d), ("layers", "embed"), "zeros"),
-        "ln_f_scale": ParamSpec((d,), ("embed",), "ones"),
-        "ln_f_bias": ParamSpec((d,), ("embed",), "zeros"),
+        "wte/embedding": ParamSpec((c.vocab_size, d), ("vocab", "embed")),
+        "wpe/embedding": ParamSpec((c.max_positions, d), ("positions", "embed"), std=0.01),
+        "layers/ln1/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
+        "layers/ln1/bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
+        **{f"layers/attn/{x}_proj/kernel": heads for x in "qkv"},
+        **{f"layers/attn/{x}_proj/bias": head_bias for x in "qkv"},
+        "layers/attn/o_proj/kernel": ParamSpec((n, h, hd, d),
+                                               ("layers", "heads", "head_dim", "embed")),
+        "layers/attn/o_proj/bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
+        "layers/ln2/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
+        "layers/ln2/bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
+        "layers/mlp/c_fc/kernel": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
+        "layers/mlp/c_fc/bias": ParamSpec((n, f), ("layers", "mlp"), "zeros"),
+        "layers/mlp/c_proj/kernel": ParamSpec((n, f, d), ("layers", "mlp", "embed")),
+        "layers/mlp/c_proj/bias": ParamSpec((n, d), ("layers", "embed"), "zeros"),
+        "ln_f/scale": ParamSpec((d,), ("embed",), "ones"),
+        "ln_f/bias": ParamSpec((d,), ("embed",), "zeros"),
     }
     if not c.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((d, c.vocab_size), ("embed", "vocab"))
@@ -121,78 +121,90 @@ def _check_positions(c: GPT2Config, length: int, what: str):
         raise ValueError(f"{what} {length} exceeds GPT-2's learned positions ({c.max_positions})")
 
 
-def _embed(c: GPT2Config, p, tokens, positions):
-    dtype = jnp.dtype(c.dtype)
-    if positions is None:
-        positions = jnp.arange(tokens.shape[1])[None]
-    return constrain(p["wte"].astype(dtype)[tokens] + p["wpe"].astype(dtype)[positions], HIDDEN)
+class GPT2Block(nnx.Module):
+    """One block (pre-LayerNorm attention, then a GELU MLP, each with its residual dropout);
+    its weights hold every layer, stacked (``layers.scan_layers`` runs it once per layer)."""
+
+    def __init__(self, c: GPT2Config, weights: Weights):
+        self.ln1 = L.LayerNorm(weights.child("ln1"), c.layer_norm_eps)
+        self.attn = L.Attention(weights.child("attn"))
+        self.ln2 = L.LayerNorm(weights.child("ln2"), c.layer_norm_eps)
+        self.mlp = L.GeluMLP(weights.child("mlp"), exact=c.activation == "gelu")
+        self.resid_pdrop = c.resid_pdrop
+
+    def __call__(self, x, attend, dropout_key=None):
+        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention``. ``dropout_key``: this
+        layer's key for the residual dropout (training), or None. Returns ``(x, aux)``."""
+        def residual(out, i):
+            if dropout_key is None:
+                return out
+            return L.dropout(out, self.resid_pdrop, jax.random.fold_in(dropout_key, i))
+
+        a, aux = self.attn(self.ln1(x), attend)
+        x = x + residual(a, 0)
+        x = x + residual(self.mlp(self.ln2(x)), 1)
+        return constrain(x, HIDDEN), aux
 
 
-def _layer(c: GPT2Config, drop: bool, w, x, attend):
-    """One block; ``attend(q, k, v) -> (out, aux)`` is its attention (over the sequence, or
-    against a KV cache). ``drop``: apply the residual dropout with the layer's ``w["key"]``.
-    Returns ``(x, aux)``."""
-    dtype = x.dtype
-    h = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], c.layer_norm_eps)
-    q = L.dense(h, w["wq"], "bld,dhk->blhk") + w["bq"].astype(dtype)
-    k = L.dense(h, w["wk"], "bld,dhk->blhk") + w["bk"].astype(dtype)
-    v = L.dense(h, w["wv"], "bld,dhk->blhk") + w["bv"].astype(dtype)
-    a, aux = attend(constrain(q, QUERY), k, v)
-    out = L.dense(a, w["wo"], "blhk,hkd->bld") + w["bo"].astype(dtype)
-    x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 0)) if drop else out)
-    h = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], c.layer_norm_eps)
-    h = jax.nn.gelu(L.dense(h, w["w_fc"], "bld,df->blf") + w["b_fc"].astype(dtype),
-                    approximate=c.activation != "gelu")
-    out = L.dense(h, w["w_proj"], "blf,fd->bld") + w["b_proj"].astype(dtype)
-    x = x + (L.dropout(out, c.resid_pdrop, jax.random.fold_in(w["key"], 1)) if drop else out)
-    return constrain(x, HIDDEN), aux
+class GPT2(nnx.Module):
+    """GPT-2. ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new
+    tokens against a KV cache. Weights come from ``param_specs(config)``, initialised from
+    ``rngs``' params stream."""
 
+    weight_table = staticmethod(param_specs)
 
-def _head(c: GPT2Config, p, x):
-    x = L.layer_norm(x, p["ln_f_scale"], p["ln_f_bias"], c.layer_norm_eps)
-    head = p["wte"].T if c.tie_word_embeddings else p["lm_head"]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, LOGITS)
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        c = self.config = config
+        weights = Weights.of_model(self.weight_table(c), c.param_dtype, rngs)
+        self.wte = L.Embed(weights.child("wte"))
+        self.wpe = L.Embed(weights.child("wpe"))
+        self.layers = GPT2Block(c, weights.child("layers"))
+        self.ln_f = L.LayerNorm(weights.child("ln_f"), c.layer_norm_eps)
+        self.lm_head = weights.optional("lm_head")
+        weights.check_complete(type(self).__name__)
 
+    def _embed(self, tokens, positions):
+        dtype = jnp.dtype(self.config.dtype)
+        return constrain(self.wte(tokens, dtype) + self.wpe(positions, dtype), HIDDEN)
 
-def forward(c: GPT2Config, p, tokens, pattern: AttentionPattern, positions=None,
-            dropout_key=None):
-    """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``; ``p``: the
-    parameter tree of ``param_specs(c)``.
+    def _head(self, x):
+        return constrain(L.output_head(self.ln_f(x), self.wte, self.lm_head), LOGITS)
 
-    ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop`` on
-    the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop`` (on
-    the attention probabilities) is not applied: the fused attention kernels have no
-    dropout. Without a key (evaluation, sampling) nothing is dropped."""
-    if positions is None:  # explicit positions (block diffusion's two streams repeat 0..L-1)
-        _check_positions(c, tokens.shape[1], "sequence length")  # are the caller's to bound
-    x = _embed(c, p, tokens, positions)
-    drop = dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0)
-    if drop:
-        x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
-    stacked = dict(p["layers"])
-    if drop:  # one key per layer, scanned with the layer's weights
-        stacked["key"] = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
-            jnp.arange(c.num_layers))
-    attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
-    x = L.scan_layers(lambda w, x: _layer(c, drop, w, x, attend)[0], x, stacked, c.remat)
-    return _head(c, p, x)
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
+        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``.
 
+        ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop``
+        on the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop``
+        (on the attention probabilities) is not applied: the fused attention kernels have no
+        dropout. Without a key (evaluation, sampling) nothing is dropped."""
+        c = self.config
+        if positions is None:  # explicit positions (block diffusion's two streams repeat
+            _check_positions(c, tokens.shape[1], "sequence length")  # 0..L-1) are the caller's
+            positions = jnp.arange(tokens.shape[1])[None]
+        x = self._embed(tokens, positions)
+        keys = None
+        if dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0):
+            x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
+            keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+                jnp.arange(c.num_layers))  # one per layer, scanned with the layer's weights
+        attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
+        x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
+                          keys, c.remat)
+        return self._head(x)
 
-def forward_cached(c: GPT2Config, p, tokens, pattern: AttentionPattern, cache: KVCache,
-                   offset, positions=None):
-    """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
-    (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
-    values written at ``offset``). ``positions``: learned positions, default the canvas ones."""
-    _check_positions(c, cache.length, "KV cache length")
-    if positions is None:
-        positions = offset + jnp.arange(tokens.shape[1])[None]
-    x = _embed(c, p, tokens, positions)
-    visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
-    x, cache = scan_layers_cached(lambda w, x, attend: _layer(c, False, w, x, attend), x,
-                                  p["layers"], cache, offset, visible)
-    return _head(c, p, x), cache
+    def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
+        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+        (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
+        values written at ``offset``). ``positions``: learned positions, default the canvas
+        ones."""
+        _check_positions(self.config, cache.length, "KV cache length")
+        if positions is None:
+            positions = offset + jnp.arange(tokens.shape[1])[None]
+        x = self._embed(tokens, positions)
+        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, attend),
+                                      x, cache, offset, visible)
+        return self._head(x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -203,29 +215,34 @@ def forward_cached(c: GPT2Config, p, tokens, pattern: AttentionPattern, cache: K
 NAMINGS = {"transformers": "transformer.", "bare": "", "diffugpt": "denoise_model."}
 
 
+def _qkv(weight: str) -> tuple[str, ...]:
+    """The paths that GPT-2's fused ``c_attn`` fills, in its q|k|v order."""
+    return tuple(f"layers/attn/{x}_proj/{weight}" for x in "qkv")
+
+
 def hf_keys(c: GPT2Config, naming: str = "transformers") -> KeyMap:
     p = NAMINGS[naming]
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     h = f"{p}h.{{i}}."
     wte = "embed_tokens.weight" if naming == "diffugpt" else f"{p}wte.weight"
     entries = [
-        Entry(wte, ("wte",), (v, d)),
-        Entry(f"{p}wpe.weight", ("wpe",), (c.max_positions, d)),
-        Entry(h + "ln_1.weight", ("layers/ln1_scale",), (d,)),
-        Entry(h + "ln_1.bias", ("layers/ln1_bias",), (d,)),
+        Entry(wte, ("wte/embedding",), (v, d)),
+        Entry(f"{p}wpe.weight", ("wpe/embedding",), (c.max_positions, d)),
+        Entry(h + "ln_1.weight", ("layers/ln1/scale",), (d,)),
+        Entry(h + "ln_1.bias", ("layers/ln1/bias",), (d,)),
         # Conv1D weights are already [in, out]; c_attn is q|k|v concatenated on the output axis.
-        Entry(h + "attn.c_attn.weight", ("layers/wq", "layers/wk", "layers/wv"), (d, 3 * d)),
-        Entry(h + "attn.c_attn.bias", ("layers/bq", "layers/bk", "layers/bv"), (3 * d,)),
-        Entry(h + "attn.c_proj.weight", ("layers/wo",), (d, d)),
-        Entry(h + "attn.c_proj.bias", ("layers/bo",), (d,)),
-        Entry(h + "ln_2.weight", ("layers/ln2_scale",), (d,)),
-        Entry(h + "ln_2.bias", ("layers/ln2_bias",), (d,)),
-        Entry(h + "mlp.c_fc.weight", ("layers/w_fc",), (d, f)),
-        Entry(h + "mlp.c_fc.bias", ("layers/b_fc",), (f,)),
-        Entry(h + "mlp.c_proj.weight", ("layers/w_proj",), (f, d)),
-        Entry(h + "mlp.c_proj.bias", ("layers/b_proj",), (d,)),
-        Entry(f"{p}ln_f.weight", ("ln_f_scale",), (d,)),
-        Entry(f"{p}ln_f.bias", ("ln_f_bias",), (d,)),
+        Entry(h + "attn.c_attn.weight", _qkv("kernel"), (d, 3 * d)),
+        Entry(h + "attn.c_attn.bias", _qkv("bias"), (3 * d,)),
+        Entry(h + "attn.c_proj.weight", ("layers/attn/o_proj/kernel",), (d, d)),
+        Entry(h + "attn.c_proj.bias", ("layers/attn/o_proj/bias",), (d,)),
+        Entry(h + "ln_2.weight", ("layers/ln2/scale",), (d,)),
+        Entry(h + "ln_2.bias", ("layers/ln2/bias",), (d,)),
+        Entry(h + "mlp.c_fc.weight", ("layers/mlp/c_fc/kernel",), (d, f)),
+        Entry(h + "mlp.c_fc.bias", ("layers/mlp/c_fc/bias",), (f,)),
+        Entry(h + "mlp.c_proj.weight", ("layers/mlp/c_proj/kernel",), (f, d)),
+        Entry(h + "mlp.c_proj.bias", ("layers/mlp/c_proj/bias",), (d,)),
+        Entry(f"{p}ln_f.weight", ("ln_f/scale",), (d,)),
+        Entry(f"{p}ln_f.bias", ("ln_f/bias",), (d,)),
     ]
     if not c.tie_word_embeddings:
         entries.append(Entry(LM_HEAD, ("lm_head",), (v, d), transpose=True))
@@ -242,7 +259,6 @@ def naming_of(names: list[str]) -> str:
 
 
 FAMILY = Family(
-    name="gpt2", config=GPT2Config, forward=forward, forward_cached=forward_cached,
-    param_specs=param_specs, hf_keys=hf_keys, embedding="wte", lookups=("wpe",),
-    hf_model_types=("gpt2",),
+    name="gpt2", config=GPT2Config, module=GPT2, hf_keys=hf_keys, embedding="wte/embedding",
+    lookups=("wpe/embedding",), hf_model_types=("gpt2",),
     hf_architectures=("GPT2LMHeadModel", "GPT2Model"), namings=tuple(NAMINGS), naming_of=naming_of)

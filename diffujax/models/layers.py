@@ -1,4 +1,6 @@
-"""Building blocks shared by the families: norms, rotary embedding, MLPs, projections."""
+"""Building blocks shared by the families: the operations (norms, rotary embedding, dropout) and
+the Flax NNX modules built from them (embedding, norms, attention, MLPs), each taking its weights
+from the family's weight table (``params.Weights``), and the scan over a stacked block."""
 
 from __future__ import annotations
 
@@ -6,6 +8,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from diffujax.models.params import Weights
+from diffujax.parallel.logical import QUERY, constrain
 
 
 def rms_norm(x, scale, eps):
@@ -61,11 +67,6 @@ def dense(x, w, spec: str):
     return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    return dense(jax.nn.silu(dense(x, w_gate, "bld,df->blf")) * dense(x, w_up, "bld,df->blf"),
-                 w_down, "blf,fd->bld")
-
-
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -73,13 +74,23 @@ REMAT_POLICIES = {
 }
 
 
-def scan_layers(block, x, stacked_params, remat: str = "none"):
-    """Apply ``block(layer_params, x)`` for each slice of the stacked per-layer parameters."""
+def scan_layers(block: nnx.Module, step, x, xs=None, remat: str = "none"):
+    """Run ``step(layer, x, xs_i) -> x`` once per layer of ``block``, an NNX module whose weights
+    are stacked on a leading layers axis: the module is split once, and ``lax.scan`` merges each
+    layer's slice of its state back into a one-layer module (the split/merge form of
+    ``nnx.scan``). ``xs``: per-layer inputs scanned beside the weights (dropout keys), or None.
+    ``remat``: the rematerialisation policy of the scanned step (``REMAT_POLICIES``)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat policy {remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(block)
+
+    def body(h, sliced):
+        layer_state, layer_xs = sliced
+        return step(nnx.merge(graphdef, layer_state), h, layer_xs), None
+
     if remat != "none":
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
-    x, _ = jax.lax.scan(lambda h, p: (block(p, h), None), x, stacked_params)
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    x, _ = jax.lax.scan(body, x, (state, xs))
     return x
 
 
@@ -90,3 +101,109 @@ def dropout(x, rate: float, key):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+
+class Embed(nnx.Module):
+    """A lookup table ``[rows, embed]``: token embeddings (and, tied, the output head), or GPT-2's
+    learned positions."""
+
+    def __init__(self, weights: Weights):
+        self.embedding = weights.param("embedding")
+
+    def __call__(self, ids, dtype):
+        return self.embedding[...].astype(dtype)[ids]
+
+    def attend(self, x):
+        """The tied output head: float32 logits ``x @ embedding.T``."""
+        return jnp.einsum("bld,dv->blv", x, self.embedding[...].T.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, weights: Weights, eps: float):
+        self.scale, self.eps = weights.param("scale"), eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, weights: Weights, eps: float):
+        self.scale, self.bias, self.eps = weights.param("scale"), weights.param("bias"), eps
+
+    def __call__(self, x):
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+class Dense(nnx.Module):
+    """One projection: ``einsum(equation, x, kernel)`` (+ ``bias`` where the family's table has
+    one), in the activations' dtype. Each projection is its own module so that an adapter can
+    target it by path (``.../q_proj``), as LoRA does."""
+
+    def __init__(self, weights: Weights, equation: str):
+        self.kernel, self.bias, self.equation = (weights.param("kernel"),
+                                                 weights.optional("bias"), equation)
+
+    def __call__(self, x):
+        y = dense(x, self.kernel[...], self.equation)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+TO_HEADS, FROM_HEADS = "bld,dhk->blhk", "blhk,hkd->bld"
+UP, DOWN = "bld,df->blf", "blf,fd->bld"
+
+
+class Attention(nnx.Module):
+    """The q/k/v/o projections around an attention function: ``q_proj``/``k_proj``/``v_proj``
+    kernels ``[embed, heads, head_dim]`` and ``o_proj`` ``[heads, head_dim, embed]``, each with a
+    bias where the family's table has one (GPT-2 all four, Qwen2 q/k/v, LLaMA none)."""
+
+    def __init__(self, weights: Weights):
+        self.q_proj, self.k_proj, self.v_proj = (Dense(weights.child(n), TO_HEADS)
+                                                 for n in ("q_proj", "k_proj", "v_proj"))
+        self.o_proj = Dense(weights.child("o_proj"), FROM_HEADS)
+
+    def __call__(self, x, attend, rope=None):
+        """``attend(q, k, v) -> (out, aux)``: attention over the sequence, or against a KV cache.
+        ``rope``: the rotary tables ``(cos, sin)`` applied to q and k, or None. Returns the
+        projected output and ``aux``."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        a, aux = attend(constrain(q, QUERY), k, v)
+        return self.o_proj(a), aux
+
+
+class SwiGLU(nnx.Module):
+    """LLaMA's MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, weights: Weights):
+        self.gate_proj, self.up_proj = (Dense(weights.child(n), UP)
+                                        for n in ("gate_proj", "up_proj"))
+        self.down_proj = Dense(weights.child("down_proj"), DOWN)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2's MLP: ``c_proj(gelu(c_fc(x)))``; tanh-approximated GELU unless ``exact``."""
+
+    def __init__(self, weights: Weights, exact: bool):
+        self.c_fc, self.c_proj = Dense(weights.child("c_fc"), UP), Dense(weights.child("c_proj"),
+                                                                          DOWN)
+        self.exact = exact
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact))
+
+
+def output_head(x, embed: Embed, lm_head: nnx.Param | None):
+    """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed, vocab]``."""
+    if lm_head is None:
+        return embed.attend(x)
+    return jnp.einsum("bld,dv->blv", x, lm_head[...].astype(x.dtype),
+                      preferred_element_type=jnp.float32)

@@ -7,6 +7,7 @@ import json
 from typing import ClassVar
 
 import jax.numpy as jnp
+from flax import nnx
 
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
@@ -14,8 +15,8 @@ from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
 from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
                                      extra_json, first_id, require, special_ids)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
-from diffujax.models.params import ParamSpec
-from diffujax.parallel.logical import HIDDEN, LOGITS, QUERY, constrain
+from diffujax.models.params import ParamSpec, Weights
+from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,88 +140,93 @@ def param_specs(c: LlamaConfig) -> dict[str, ParamSpec]:
     n, d, h, kv, hd, f = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                           c.intermediate_size)
     specs = {
-        "embed": ParamSpec((c.vocab_size, d), ("vocab", "embed")),
-        "layers/attn_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
-        "layers/wq": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/wk": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/wv": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/wo": ParamSpec((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-        "layers/mlp_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
-        "layers/w_gate": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
-        "layers/w_up": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
-        "layers/w_down": ParamSpec((n, f, d), ("layers", "mlp", "embed")),
-        "final_norm": ParamSpec((d,), ("embed",), "ones"),
+        "embed/embedding": ParamSpec((c.vocab_size, d), ("vocab", "embed")),
+        "layers/attn_norm/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
+        "layers/attn/q_proj/kernel": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+        "layers/attn/k_proj/kernel": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "layers/attn/v_proj/kernel": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "layers/attn/o_proj/kernel": ParamSpec((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+        "layers/mlp_norm/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
+        "layers/mlp/gate_proj/kernel": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
+        "layers/mlp/up_proj/kernel": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
+        "layers/mlp/down_proj/kernel": ParamSpec((n, f, d), ("layers", "mlp", "embed")),
+        "final_norm/scale": ParamSpec((d,), ("embed",), "ones"),
     }
     if not c.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((d, c.vocab_size), ("embed", "vocab"))
     return specs
 
 
-def project(h, w, name: str):
-    """q, k or v of one layer: ``h @ w{name}``, plus ``b{name}`` where the family has that bias
-    (Qwen2 has q/k/v biases; LLaMA none)."""
-    y = L.dense(h, w[f"w{name}"], "bld,dhk->blhk")
-    bias = w.get(f"b{name}")
-    return y if bias is None else y + bias.astype(y.dtype)
+class LlamaBlock(nnx.Module):
+    """One decoder layer (pre-RMSNorm attention with RoPE, then a SwiGLU MLP); its weights hold
+    every layer, stacked (``layers.scan_layers`` runs it once per layer)."""
+
+    def __init__(self, c: LlamaConfig, weights: Weights):
+        self.attn_norm = L.RMSNorm(weights.child("attn_norm"), c.rms_norm_eps)
+        self.attn = L.Attention(weights.child("attn"))
+        self.mlp_norm = L.RMSNorm(weights.child("mlp_norm"), c.rms_norm_eps)
+        self.mlp = L.SwiGLU(weights.child("mlp"))
+
+    def __call__(self, x, rope, attend):
+        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention``. Returns ``(x, aux)``."""
+        a, aux = self.attn(self.attn_norm(x), attend, rope)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, HIDDEN), aux
 
 
-def _embed(c: LlamaConfig, p, tokens, positions):
-    """Token embeddings and the rotary tables of ``positions`` (default ``0..L-1``)."""
-    dtype = jnp.dtype(c.dtype)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    rope = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
-                                                               c.rope_scaling), dtype)
-    return constrain(p["embed"].astype(dtype)[tokens], HIDDEN), rope
+class Llama(nnx.Module):
+    """The LLaMA network (and, with q/k/v biases in its weight table, Qwen2's).
 
+    ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new tokens against a
+    KV cache. Weights come from ``weight_table(config)``, initialised from ``rngs``' params stream."""
 
-def _layer(c: LlamaConfig, rope, w, x, attend):
-    """One decoder layer; ``attend(q, k, v) -> (out, aux)`` is its attention (over the sequence,
-    or against a KV cache). Returns ``(x, aux)``."""
-    cos, sin = rope
-    h = L.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    q = L.apply_rope(project(h, w, "q"), cos, sin)
-    k = L.apply_rope(project(h, w, "k"), cos, sin)
-    v = project(h, w, "v")
-    a, aux = attend(constrain(q, QUERY), k, v)
-    x = x + L.dense(a, w["wo"], "blhk,hkd->bld")
-    h = L.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    x = x + L.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
-    return constrain(x, HIDDEN), aux
+    weight_table = staticmethod(param_specs)
 
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        weights = Weights.of_model(self.weight_table(c), c.param_dtype, rngs)
+        self.embed = L.Embed(weights.child("embed"))
+        self.layers = LlamaBlock(c, weights.child("layers"))
+        self.final_norm = L.RMSNorm(weights.child("final_norm"), c.rms_norm_eps)
+        self.lm_head = weights.optional("lm_head")
+        weights.check_complete(type(self).__name__)
 
-def _head(c: LlamaConfig, p, x):
-    x = L.rms_norm(x, p["final_norm"], c.rms_norm_eps)
-    head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, LOGITS)
+    def _embed(self, tokens, positions):
+        """Token embeddings and the rotary tables of ``positions``."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        rope = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
+                                                                   c.rope_scaling), dtype)
+        return constrain(self.embed(tokens, dtype), HIDDEN), rope
 
+    def _head(self, x):
+        return constrain(L.output_head(self.final_norm(x), self.embed, self.lm_head), LOGITS)
 
-def forward(c: LlamaConfig, p, tokens, pattern: AttentionPattern, positions=None,
-            dropout_key=None):
-    """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``p``: the parameter tree of
-    ``param_specs(c)`` (or a variant's, such as Qwen2's with q/k/v biases). The family has no
-    dropout, so ``dropout_key`` (passed by training to every family) changes nothing."""
-    del dropout_key
-    x, rope = _embed(c, p, tokens, positions)
-    attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
-    x = L.scan_layers(lambda w, x: _layer(c, rope, w, x, attend)[0], x, p["layers"], c.remat)
-    return _head(c, p, x)
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
+        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: RoPE positions,
+        default ``0..L-1``. The family has no dropout, so ``dropout_key`` (passed by training
+        to every family) changes nothing."""
+        del dropout_key
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x, rope = self._embed(tokens, positions)
+        attend = lambda q, k, v: (attention(q, k, v, pattern, self.config.attention), None)  # noqa: E731
+        x = L.scan_layers(self.layers, lambda layer, x, _: layer(x, rope, attend)[0], x,
+                          remat=self.config.remat)
+        return self._head(x)
 
-
-def forward_cached(c: LlamaConfig, p, tokens, pattern: AttentionPattern, cache: KVCache,
-                   offset, positions=None):
-    """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
-    (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
-    values written at ``offset``). ``positions``: RoPE positions, default the canvas ones."""
-    if positions is None:
-        positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
-    x, rope = _embed(c, p, tokens, positions)
-    visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
-    x, cache = scan_layers_cached(lambda w, x, attend: _layer(c, rope, w, x, attend), x,
-                                  p["layers"], cache, offset, visible)
-    return _head(c, p, x), cache
+    def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
+        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+        (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
+        values written at ``offset``). ``positions``: RoPE positions, default the canvas ones."""
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
+        x, rope = self._embed(tokens, positions)
+        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, rope, attend),
+                                      x, cache, offset, visible)
+        return self._head(x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
@@ -231,18 +237,18 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
                           c.num_kv_heads, c.head_dim)
     layer = "model.layers.{i}."
     entries = [
-        Entry("model.embed_tokens.weight", ("embed",), (v, d)),
-        Entry(layer + "input_layernorm.weight", ("layers/attn_norm",), (d,)),
+        Entry("model.embed_tokens.weight", ("embed/embedding",), (v, d)),
+        Entry(layer + "input_layernorm.weight", ("layers/attn_norm/scale",), (d,)),
         # q/k stay in HF's rotate-half layout: no permutation, only [out, in] -> [in, heads, hd].
-        Entry(layer + "self_attn.q_proj.weight", ("layers/wq",), (h * hd, d), transpose=True),
-        Entry(layer + "self_attn.k_proj.weight", ("layers/wk",), (kv * hd, d), transpose=True),
-        Entry(layer + "self_attn.v_proj.weight", ("layers/wv",), (kv * hd, d), transpose=True),
-        Entry(layer + "self_attn.o_proj.weight", ("layers/wo",), (d, h * hd), transpose=True),
-        Entry(layer + "post_attention_layernorm.weight", ("layers/mlp_norm",), (d,)),
-        Entry(layer + "mlp.gate_proj.weight", ("layers/w_gate",), (f, d), transpose=True),
-        Entry(layer + "mlp.up_proj.weight", ("layers/w_up",), (f, d), transpose=True),
-        Entry(layer + "mlp.down_proj.weight", ("layers/w_down",), (d, f), transpose=True),
-        Entry("model.norm.weight", ("final_norm",), (d,)),
+        Entry(layer + "self_attn.q_proj.weight", ("layers/attn/q_proj/kernel",), (h * hd, d), transpose=True),
+        Entry(layer + "self_attn.k_proj.weight", ("layers/attn/k_proj/kernel",), (kv * hd, d), transpose=True),
+        Entry(layer + "self_attn.v_proj.weight", ("layers/attn/v_proj/kernel",), (kv * hd, d), transpose=True),
+        Entry(layer + "self_attn.o_proj.weight", ("layers/attn/o_proj/kernel",), (d, h * hd), transpose=True),
+        Entry(layer + "post_attention_layernorm.weight", ("layers/mlp_norm/scale",), (d,)),
+        Entry(layer + "mlp.gate_proj.weight", ("layers/mlp/gate_proj/kernel",), (f, d), transpose=True),
+        Entry(layer + "mlp.up_proj.weight", ("layers/mlp/up_proj/kernel",), (f, d), transpose=True),
+        Entry(layer + "mlp.down_proj.weight", ("layers/mlp/down_proj/kernel",), (d, f), transpose=True),
+        Entry("model.norm.weight", ("final_norm/scale",), (d,)),
     ]
     if not c.tie_word_embeddings:
         entries.append(Entry(LM_HEAD, ("lm_head",), (v, d), transpose=True))
@@ -250,7 +256,7 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
 
 
 FAMILY = Family(
-    name="llama", config=LlamaConfig, forward=forward, forward_cached=forward_cached,
-    param_specs=param_specs, hf_keys=hf_keys, embedding="embed",
+    name="llama", config=LlamaConfig, module=Llama, hf_keys=hf_keys,
+    embedding="embed/embedding",
     hf_model_types=("llama", "mistral"),
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"))

@@ -1,11 +1,14 @@
 """One abstract description per weight drives initialisation, sharding and the checkpoint key map.
 
-A family declares ``param_specs(config) -> {"path/to/weight": ParamSpec}``. The parameters
-themselves are a plain pytree: nested dicts of arrays laid out as those ``/``-separated paths
-(``params["layers"]["wq"]`` is the weight of spec ``"layers/wq"``), the same tree in memory, in
-the optimizer state, in a checkpoint and in the converters. Per-layer weights are stacked on a
-leading ``layers`` axis so the forward pass is one ``lax.scan`` (compile time independent of
-depth; slice ``i`` is Hugging Face layer ``i``).
+A family declares ``param_specs(config) -> {"path/to/weight": ParamSpec}``: the weight table.
+Its paths are the paths of the family's Flax NNX module tree (``"layers/attn/q_proj/kernel"`` is
+the kernel of the query projection of the stacked ``layers`` block), and the modules take their weights
+from the table through ``Weights`` (a module can only create a weight the table describes, and a
+model that leaves one unused is an error). Outside a module the parameters are a plain pytree,
+nested dicts of arrays laid out as those paths (``nnx.to_pure_dict`` of the model's state): the
+same tree in the optimizer state, in a checkpoint and in the converters. Per-layer weights are
+stacked on a leading ``layers`` axis so the forward pass is one scan (compile time independent
+of depth; slice ``i`` is Hugging Face layer ``i``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Params = dict  # nested {name: dict | array}, keyed by the ParamSpec paths
 
@@ -36,6 +40,64 @@ class ParamSpec:
         if self.init == "zeros":
             return jnp.zeros(self.shape, dtype)
         return (self.std * jax.random.normal(key, self.shape, jnp.float32)).astype(dtype)
+
+
+class Weights:
+    """The weight table seen from one module: ``param(name)`` creates the ``nnx.Param`` of the
+    table's entry at this module's path, initialised as the entry says and carrying its logical
+    axes as the variable's ``out_sharding`` metadata (eager sharding off: shardings come from the
+    rule table, ``models.param_shardings``). One key per weight, split in table order from the
+    model's key, so a weight's initial value does not depend on how modules are nested."""
+
+    def __init__(self, specs: Mapping[str, ParamSpec], dtype, key, prefix: str = "",
+                 _used: set | None = None):
+        self._specs, self._dtype, self._prefix = specs, jnp.dtype(dtype), prefix
+        self._keys = key if isinstance(key, dict) else dict(
+            zip(specs, jax.random.split(key, len(specs))))
+        self._used = set() if _used is None else _used
+
+    @classmethod
+    def of_model(cls, specs: Mapping[str, ParamSpec], dtype, rngs: nnx.Rngs) -> "Weights":
+        """The whole table, its keys split from the seed key of ``rngs``' params stream (not a
+        draw from it), so that ``Model(config, rngs=nnx.Rngs(seed))`` holds the weights that
+        ``seed`` has always given."""
+        return cls(specs, dtype, rngs.params.key[...])
+
+    def child(self, name: str) -> "Weights":
+        """The view of submodule ``name``."""
+        return Weights(self._specs, self._dtype, self._keys, f"{self._prefix}{name}/",
+                       self._used)
+
+    def has(self, name: str) -> bool:
+        """Whether the table has weight ``name`` here (Qwen2's q/k/v biases, an untied head)."""
+        return self._prefix + name in self._specs
+
+    def param(self, name: str) -> nnx.Param:
+        path = self._prefix + name
+        if path not in self._specs:
+            raise KeyError(f"weight {path!r} is not in the family's weight table")
+        spec = self._specs[path]
+        self._used.add(path)
+        return nnx.Param(spec.initialize(self._keys[path], self._dtype), out_sharding=spec.axes,
+                         eager_sharding=False)
+
+    def optional(self, name: str) -> nnx.Param | None:
+        return self.param(name) if self.has(name) else None
+
+    def check_complete(self, owner: str) -> None:
+        """Raise if a weight of the table was never asked for: the module tree and the table
+        must describe the same weights."""
+        unused = sorted(set(self._specs) - self._used)
+        if unused:
+            raise ValueError(f"{owner} does not use weight(s) {unused} of its weight table")
+
+
+def map_variables(fn: Callable[[Any, tuple], Any], state) -> Params:
+    """The plain tree of ``fn(value, logical_axes)`` for every parameter of a module state (the
+    axes are the variable's ``out_sharding`` metadata), laid out like the parameters."""
+    return nnx.to_pure_dict(jax.tree.map(
+        lambda v: v.replace(fn(v.get_value(), v.get_metadata()["out_sharding"])), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def nest(flat: Mapping[str, Any]) -> Params:
@@ -65,12 +127,6 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 def map_specs(fn: Callable[[str, ParamSpec], Any], specs: Mapping[str, ParamSpec]) -> Params:
     """The parameter tree of ``fn(path, spec)`` for every weight of ``specs``."""
     return nest({path: fn(path, spec) for path, spec in specs.items()})
-
-
-def init_params(specs: Mapping[str, ParamSpec], dtype, key) -> Params:
-    """Every weight initialised as its spec says; one key per weight, split in table order."""
-    keys = dict(zip(specs, jax.random.split(key, len(specs))))
-    return map_specs(lambda path, spec: spec.initialize(keys[path], dtype), specs)
 
 
 def abstract_params(specs: Mapping[str, ParamSpec], dtype) -> Params:

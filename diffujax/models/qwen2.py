@@ -44,10 +44,16 @@ def param_specs(c: Qwen2Config) -> dict[str, ParamSpec]:
     n, h, kv, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim
     return {
         **llama.param_specs(c),
-        "layers/bq": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
-        "layers/bk": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
-        "layers/bv": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
+        "layers/attn/q_proj/bias": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
+        "layers/attn/k_proj/bias": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
+        "layers/attn/v_proj/bias": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
     }
+
+
+class Qwen2(llama.Llama):
+    """LLaMA's network; its attention adds the q/k/v biases its weight table has."""
+
+    weight_table = staticmethod(param_specs)
 
 
 def hf_keys(c: Qwen2Config, naming: str = "transformers") -> KeyMap:
@@ -58,13 +64,11 @@ def hf_keys(c: Qwen2Config, naming: str = "transformers") -> KeyMap:
         entries.append(e)
         m = re.fullmatch(r"(.*self_attn\.([qkv])_proj)\.weight", e.name)
         if m:
-            entries.append(Entry(f"{m[1]}.bias", (f"layers/b{m[2]}",), (e.shape[0],)))
+            entries.append(Entry(f"{m[1]}.bias", (f"layers/attn/{m[2]}_proj/bias",), (e.shape[0],)))
     return dataclasses.replace(base, entries=tuple(entries))
 
 
-# LLaMA's forward pass adds a projection's bias where the weight table has one.
 FAMILY = Family(
-    name="qwen2", config=Qwen2Config, forward=llama.forward,
-    forward_cached=llama.forward_cached, param_specs=param_specs,
-    hf_keys=hf_keys, embedding="embed", hf_model_types=("qwen2",),
+    name="qwen2", config=Qwen2Config, module=Qwen2,
+    hf_keys=hf_keys, embedding="embed/embedding", hf_model_types=("qwen2",),
     hf_architectures=("Qwen2ForCausalLM",))

@@ -115,7 +115,7 @@ def compile_program(program, target: Target, model_cfg) -> dict:
 
 
 def _flat(tree) -> list:
-    """``[("layers/wq", leaf), ...]``: a parameter tree's leaves by their ``param_specs`` names."""
+    """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their ``param_specs`` names."""
     if tree is None:
         return []
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from diffujax.checkpoint import convert, export, load
+from diffujax.models import flatten
 
 
 def params_of(ckpt):
     config, state = load(ckpt)
-    return config, {k: np.asarray(v) for k, v in state.items() if k != "layers"}
+    return config, {k: np.asarray(v) for k, v in flatten(state).items()
+                    if not k.startswith("layers/")}
 
 
 def test_fresh_mask_token(hf, hf_gpt2, tmp_path):
@@ -26,8 +28,8 @@ def test_fresh_mask_token(hf, hf_gpt2, tmp_path):
     config, p = params_of(tmp_path / "ckpt")
     wte = model.transformer.wte.weight.detach().numpy()
     assert config.vocab_size == V + 1 and config.mask_token_id == V
-    assert np.array_equal(p["wte"][:V], wte)
-    np.testing.assert_allclose(p["wte"][V], wte.mean(0), rtol=1e-6, atol=1e-7)
+    assert np.array_equal(p["wte/embedding"][:V], wte)
+    np.testing.assert_allclose(p["wte/embedding"][V], wte.mean(0), rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["mask_token_id"] == V
 
     tok = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
@@ -52,7 +54,7 @@ def test_fresh_mask_token_untied_head(hf, tmp_path):
     head = model.lm_head.weight.detach().numpy()  # [V, D]
     assert config.vocab_size == hf.V + 1 and p["lm_head"].shape == (32, hf.V + 1)
     np.testing.assert_allclose(p["lm_head"][:, hf.V], head.mean(0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(p["embed"][hf.V], model.model.embed_tokens.weight.detach().numpy().mean(0),
+    np.testing.assert_allclose(p["embed/embedding"][hf.V], model.model.embed_tokens.weight.detach().numpy().mean(0),
                                rtol=1e-6, atol=1e-7)
 
 
@@ -97,8 +99,8 @@ def test_padded_embedding_uses_a_spare_row(hf, tmp_path):
     config, p = params_of(tmp_path / "ckpt")
     assert (config.vocab_size, config.mask_token_id) == (64, 60)
     wte = model.transformer.wte.weight.detach().numpy()
-    np.testing.assert_allclose(p["wte"][60], wte.mean(0), rtol=1e-6, atol=1e-7)
-    assert np.array_equal(np.delete(p["wte"], 60, 0), np.delete(wte, 60, 0))
+    np.testing.assert_allclose(p["wte/embedding"][60], wte.mean(0), rtol=1e-6, atol=1e-7)
+    assert np.array_equal(np.delete(p["wte/embedding"], 60, 0), np.delete(wte, 60, 0))
     assert Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json")).token_to_id("<|mask|>") == 60
 
 

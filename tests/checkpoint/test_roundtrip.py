@@ -129,7 +129,7 @@ def test_load_into_shardings_and_dtype(hf_gpt2, tmp_path):
     mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
     sharding = lambda path, spec: NamedSharding(mesh, logical_to_spec(spec.axes, mesh_axes={"tensor": 2}))
     config, params = load(tmp_path / "ckpt", shardings=sharding, dtype="bfloat16")
-    wq = params["layers"]["wq"]
+    wq = params["layers"]["attn"]["q_proj"]["kernel"]
     assert wq.sharding.spec == P(None, None, "tensor", None) and str(wq.dtype) == "bfloat16"
     assert config.param_dtype == "bfloat16"
     ref = read_all(src)["transformer.h.1.attn.c_attn.weight"][:, :32].reshape(32, 4, 8)

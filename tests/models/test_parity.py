@@ -124,5 +124,5 @@ def test_bfloat16_stays_close(models, case):
     model = functools.partial(forward, config, params)
     ids = tokens(1)
     ours = model(ids, causal())
-    assert str(params["layers"]["wq"].dtype) == "bfloat16"
+    assert str(params["layers"]["attn"]["q_proj"]["kernel"].dtype) == "bfloat16"
     assert rel_err(ours, torch_logits(ref_model, ids)) <= 3e-2

@@ -57,7 +57,7 @@ def test_sharded_init_matches_plain_init():
     mesh = make_mesh(MeshSection(shape=MeshShape(1, 4, 2)))
     params = sharded_init(TINY, mesh, seed=3)
     plain = init_params(TINY, seed=3)
-    wq = params["layers"]["wq"]
+    wq = params["layers"]["attn"]["q_proj"]["kernel"]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (1, 8, 2, 8)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain), strict=True):

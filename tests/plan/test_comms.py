@@ -239,7 +239,7 @@ def _fsdp_weight_collectives(mode: str) -> list[str]:
     # One weight's gradient is still summed whole (hlo.all_reduced_whole): wo, whose sharded
     # embed axis is its last, is all-reduced (with the norms' gradients) where the others are
     # reduce-scattered. The plan reports it; this pins it until the layout changes.
-    assert whole == "['layers/wo']", whole
+    assert whole == "['layers/attn/o_proj/kernel']", whole
     return eval(found)  # noqa: S307 - our own script's list
 
 

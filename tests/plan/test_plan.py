@@ -120,7 +120,7 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
     assert {"all-gather", "all-reduce"} <= set(program["collectives"])
     # The 50257-row embedding is not divisible by tensor=2, so it stays split on embed only;
     # nothing is gathered whole but per-layer slices.
-    assert "layers/wq" not in program["gathered_whole"]
+    assert "layers/attn/q_proj/kernel" not in program["gathered_whole"]
     # Model FLOPs: 6 N_matmul + 12 L d_attn per token, full bidirectional attention.
     d, layers, vocab, seq = 768, 12, 50257, 256
     n_matmul = layers * (4 * d * d + 2 * d * 4 * d) + d * vocab

@@ -83,7 +83,7 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
 
     cfg, params = store.load(reference / "final")
     flat = {k: np.array(v) for k, v in flatten(params).items()}
-    flat["layers/wq"][0, 1, 2, 3] = np.nan
+    flat["layers/attn/q_proj/kernel"][0, 1, 2, 3] = np.nan
     store.save(tmp_path / "nan", cfg, flat, tokenizer_from=reference / "final")
     flipped = tmp_path / "flipped"
     shutil.copytree(reference / "final", flipped)
@@ -97,7 +97,7 @@ def test_damaged_model_checkpoints(reference, tmp_path, capsys):
     text = str(ROOT / "README.md")
     for argv in (["eval", "--checkpoint", str(tmp_path / "nan"), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(tmp_path / "nan"), "--steps", "4"]):
-        assert "parameter 'layers/wq' holds NaN or inf values" in cli_error(capsys, argv)
+        assert "parameter 'layers/attn/q_proj/kernel' holds NaN or inf values" in cli_error(capsys, argv)
     for argv in (["eval", "--checkpoint", str(flipped), "--text", text, "--seq-len", "64"],
                  ["generate", "--checkpoint", str(flipped), "--steps", "4"]):
         line = cli_error(capsys, argv)

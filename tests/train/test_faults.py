@@ -69,7 +69,7 @@ def test_flipped_byte_and_lost_data_state_fall_back_and_export_uses_the_good_ste
 
     from diffujax.train.export import load_params
     exported = load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"]
-    np.testing.assert_array_equal(exported, load_params(ckpts / "15")["embed"])
+    np.testing.assert_array_equal(exported, load_params(ckpts / "15")["embed"]["embedding"])
     # a damaged step asked for by name: one line, non-zero exit
     assert cli(["export", str(ckpts / "20"), str(tmp_path / "hf20")]) == 1
     err = capsys.readouterr().err

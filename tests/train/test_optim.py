@@ -42,20 +42,22 @@ def test_linear_and_constant_schedules():
 
 def _names(mask, value):
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-    return {str(path[-1].key) for path, v in flat if v == value}
+    return {"/".join(str(k.key) for k in path) for path, v in flat if v == value}
 
 
 @pytest.mark.parametrize("config,exempt", [
-    (LLAMA, {"attn_norm", "mlp_norm", "final_norm"}),
-    (GPT2, {"ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias", "ln_f_scale", "ln_f_bias", "bq",
-            "bk", "bv", "bo", "b_fc", "b_proj"}),
+    (LLAMA, {"layers/attn_norm/scale", "layers/mlp_norm/scale", "final_norm/scale"}),
+    (GPT2, {"layers/ln1/scale", "layers/ln1/bias", "layers/ln2/scale", "layers/ln2/bias",
+            "ln_f/scale", "ln_f/bias", "layers/attn/q_proj/bias", "layers/attn/k_proj/bias",
+            "layers/attn/v_proj/bias", "layers/attn/o_proj/bias", "layers/mlp/c_fc/bias",
+            "layers/mlp/c_proj/bias"}),
 ])
 def test_norms_and_biases_do_not_decay(config, exempt):
     mask = weight_decay_mask(config)
     assert jax.tree.structure(mask) == jax.tree.structure(init_params(config))
     assert _names(mask, False) == exempt
-    assert "wq" in _names(mask, True)
-    assert {"embed", "wte"} & _names(mask, True)  # embeddings decay (common practice)
+    assert "layers/attn/q_proj/kernel" in _names(mask, True)
+    assert {"embed/embedding", "wte/embedding"} & _names(mask, True)  # embeddings decay (common practice)
 
 
 def test_adamw_decays_only_the_masked_weights():
@@ -66,9 +68,9 @@ def test_adamw_decays_only_the_masked_weights():
     updates, _ = tx.update(zeros, tx.init(params), params)
     new = jax.tree.map(lambda p, u: p + u, params, updates)
     p, n = params, new
-    np.testing.assert_allclose(n["layers"]["wq"], p["layers"]["wq"] * (1 - 0.1 * 0.5),
+    np.testing.assert_allclose(n["layers"]["attn"]["q_proj"]["kernel"], p["layers"]["attn"]["q_proj"]["kernel"] * (1 - 0.1 * 0.5),
                                rtol=1e-6)
-    np.testing.assert_array_equal(n["final_norm"], p["final_norm"])
+    np.testing.assert_array_equal(n["final_norm"]["scale"], p["final_norm"]["scale"])
 
 
 @pytest.mark.parametrize("config", [LLAMA, GPT2])
