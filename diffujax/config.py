@@ -24,7 +24,7 @@ from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.data.pipeline import PipelineOptions
 from diffujax.data.sources import FORMATS
-from diffujax.models import FAMILIES, ModelConfig, weight_axes
+from diffujax.models import FAMILIES, ModelConfig, lora, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
 from diffujax.parallel.topology import parse_slice
 from diffujax.plain import to_plain
@@ -35,6 +35,28 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """``model.lora``: train low-rank adapters on the block's projections instead of every weight
+    (``models/lora.py``); the base weights stay frozen."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # projection names (q_proj, ..., down_proj); empty: all of them
+    dropout: float = 0.0
+
+    def validate(self, key: str):
+        _check(self.rank >= 1, f"{key}.rank", f"{self.rank} must be >= 1")
+        _check(self.alpha > 0, f"{key}.alpha", f"{self.alpha} must be > 0")
+        _check(self.dropout == 0, f"{key}.dropout",
+               f"{self.dropout}: dropout on the adapters' input is not supported (0 only)")
+
+    def spec(self, model: ModelConfig) -> lora.LoraSpec:
+        """The adapters for ``model``: every projection of its block unless ``targets``."""
+        targets = self.targets or tuple(lora.projections(model))
+        return lora.LoraSpec(rank=self.rank, alpha=self.alpha, targets=targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +76,7 @@ class ModelSection:
     # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
     # sampling. Models without dropout in their config (LLaMA) are unaffected.
     dropout: bool = True
+    lora: LoraSection | None = None  # set: train LoRA adapters, not the whole model
 
     def validate(self, key: str):
         if (self.checkpoint is None) == (self.init is None):
@@ -382,6 +405,12 @@ class RunConfig:
                 size *= getattr(self.mesh.shape, axis)
             _check(size < 0 or heads % size == 0, f"mesh.shape ({'x'.join(axes)})",
                    f"size {size} must divide the model's {name.replace('_', ' ')} ({heads})")
+        if self.model.lora is not None:
+            lora.check(model, self.model.lora.spec(model))
+
+    def lora_spec(self, model: ModelConfig) -> lora.LoraSpec | None:
+        """The adapters this run trains on ``model``, or None (the whole model trains)."""
+        return None if self.model.lora is None else self.model.lora.spec(model)
 
     # -- what the data pipeline gets -----------------------------------------------------------
 

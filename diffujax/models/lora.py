@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from diffujax.models import abstract_model, build, family_of, param_specs
 from diffujax.models.configs import ConfigError, ModelConfig
-from diffujax.models.params import Params, flatten, map_variables, nest
+from diffujax.models.params import Params, flatten, nest
+from diffujax.parallel.mesh import spec_for
 
 BLOCK = "layers"  # the stacked block whose projections can be adapted
 SUFFIXES = ("_lora_a", "_lora_b")  # qwix's names: the kernel's name plus these
@@ -160,9 +162,15 @@ def adapted_graphdef(config: ModelConfig, lora: LoraSpec) -> nnx.GraphDef:
     return nnx.split(model)[0]
 
 
-def adapter_logical_axes(config: ModelConfig, lora: LoraSpec) -> Params:
-    """The adapters' logical axes as a plain tree (their shardings come from the rule table)."""
-    return nest({path: axes for path, (_, axes) in adapter_shapes(config, lora).items()})
+def adapter_shardings(config: ModelConfig, lora: LoraSpec, mesh, rules=None) -> Params:
+    """A ``NamedSharding`` per adapter, from its logical axes through ``rules``."""
+    return nest({path: NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+                 for path, (shape, axes) in adapter_shapes(config, lora).items()})
+
+
+def adapter_decay_mask(config: ModelConfig, lora: LoraSpec) -> Params:
+    """Every adapter decays (they are matrices)."""
+    return nest({path: True for path in adapter_shapes(config, lora)})
 
 
 def join(base: Params, adapters: Params) -> Params:
@@ -180,8 +188,11 @@ def split(tree: Params) -> tuple[Params, Params]:
 
 def forward(config: ModelConfig, lora: LoraSpec, params: Params, tokens, pattern,
             positions=None, dropout_key=None):
-    """The adapted model's logits; ``params``: ``join(base, adapters)``."""
-    model = nnx.merge(adapted_graphdef(config, lora), params)
+    """The adapted model's logits; ``params``: ``join(base, adapters)``. The adapters are cast
+    to the compute dtype, as the projections cast their kernels."""
+    dtype = jnp.dtype(config.dtype)
+    flat = {p: v.astype(dtype) if p.endswith(SUFFIXES) else v for p, v in flatten(params).items()}
+    model = nnx.merge(adapted_graphdef(config, lora), nest(flat))
     return model(tokens, pattern, positions, dropout_key)
 
 

@@ -21,6 +21,7 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
 from diffujax.checkpoint.version import FormatVersionError
 from diffujax.models import flatten
+from diffujax.train.state import export_params
 from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_from_meta,
                                           read_meta, stored_state_tree, sync, verify_arrays,
                                           verify_record)
@@ -113,16 +114,17 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     return directory
 
 
-def export_final(out_dir, model_cfg, state, tokenizer_dir, logger, *, missing_only=False):
-    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints.
-    ``missing_only``: write only those without their completion marker (a rerun of a finished
-    run completes what a killed attempt left unwritten or half-written, e.g. in a bucket)."""
-    targets = [("final", state.params)]
-    if state.ema is not None:
-        targets.append(("final_ema", state.ema))
-    for name, params in targets:
+def export_final(out_dir, run_cfg, model_cfg, state, tokenizer_dir, logger, *,
+                 missing_only=False):
+    """``output_dir/final`` (and ``final_ema`` when an EMA is kept): diffujax model checkpoints
+    (a LoRA run's with the adapters folded in). ``missing_only``: write only those without their
+    completion marker (a rerun of a finished run completes what a killed attempt left unwritten
+    or half-written, e.g. in a bucket)."""
+    targets = [("final", False)] + ([("final_ema", True)] if state.ema is not None else [])
+    for name, ema in targets:
         if missing_only and paths.is_complete(out_dir / name):
             continue
+        params = export_params(state, run_cfg, model_cfg, ema=ema)
         save_model(out_dir / name, model_cfg, params, tokenizer_from=tokenizer_dir)
         logger.message(f"model saved to {out_dir / name} (diffujax eval/generate --checkpoint"
                        f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")

@@ -32,7 +32,6 @@ import numpy as np
 from diffujax import paths
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.models import apply_fn_for
 from diffujax.parallel import tpu_env
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
@@ -47,7 +46,7 @@ from diffujax.train.preemption import PreemptionGuard
 from diffujax.train.resume import check_resume
 from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.startup import initial_state
-from diffujax.train.state import params_of
+from diffujax.train.state import apply_fn_for_run, model_params
 from diffujax.train.step import make_train_step, step_config
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ class _Run:
                                    str(self.ckpt.directory / str(self.start)))
             if changes:
                 notes.append("config changes applied from this step on: " + "; ".join(changes))
-        apply_fn = apply_fn_for(self.model_cfg)
+        apply_fn = apply_fn_for_run(cfg, self.model_cfg)
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
@@ -353,7 +352,7 @@ class _Run:
             return
         jax.block_until_ready(self.state)  # time the evaluation, not the step before it
         t = time.perf_counter()
-        periodic_eval(self.cfg, self.evaluator, self.logger, params_of(self.state, ema=True),
+        periodic_eval(self.cfg, self.evaluator, self.logger, model_params(self.state, ema=True),
                       self.step, **which)
         self.throughput.pause(time.perf_counter() - t)
 
@@ -466,8 +465,8 @@ class _Run:
             self.logger.message(f"the data ran out at step {self.step} (data.num_epochs="
                                 f"{self.cfg.data.num_epochs}); finishing early")
         # A rerun with nothing left to train still finishes what a killed attempt did not.
-        export_final(self.out_dir, self.model_cfg, self.state, self.tokenizer_dir, self.logger,
-                     missing_only=self.step == self.start)
+        export_final(self.out_dir, self.cfg, self.model_cfg, self.state, self.tokenizer_dir,
+                     self.logger, missing_only=self.step == self.start)
         return 0
 
     def close(self, raise_errors: bool = True):

@@ -62,15 +62,17 @@ def weight_decay_mask(model_cfg, scope: str = "matrices"):
                      param_specs(model_cfg))
 
 
-def make_optimizer(opt, total_steps: int, model_cfg) -> optax.GradientTransformation:
+def make_optimizer(opt, total_steps: int, model_cfg, mask=None) -> optax.GradientTransformation:
     """Global-norm clipping (``clip_norm``; off when unset or 0), then AdamW under the schedule.
+    ``mask``: which trained leaves decay (default ``weight_decay_mask`` of the model's weights).
 
     optax's AdamW scales the decay by the learning rate (as PyTorch's AdamW does), so the decay
     follows warmup and decay of the schedule.
     """
     adamw = optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay,
-                        mask=weight_decay_mask(model_cfg, opt.weight_decay_scope))
+                        mask=(weight_decay_mask(model_cfg, opt.weight_decay_scope)
+                              if mask is None else mask))
     if not opt.clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)

@@ -34,11 +34,12 @@ from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
 from diffujax.diffusion.blocks import block_diffusion_loss_sums, effective_block_size
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.objective import diffusion_loss_sums
-from diffujax.models import param_shardings
+from diffujax.models import lora
 from diffujax.parallel.logical import axis_rules, constrain
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated, to_host
 from diffujax.train.optim import ema_update, make_schedule
-from diffujax.train.state import TrainState, optimizer_for, train_state_shardings
+from diffujax.train.state import (TrainState, model_param_shardings, optimizer_for,
+                                  train_state_shardings)
 
 
 class CompiledStep:
@@ -166,7 +167,10 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     shards = batch_shard_count(mesh, rules)
     dropout = training_dropout(run_cfg, model_cfg)
 
-    def micro_loss(params, mb, key, step, row_offset, global_batch):
+    def micro_loss(params, frozen, mb, key, step, row_offset, global_batch):
+        """The micro-batch's loss sums; gradients are taken for ``params`` (the trained tree)
+        only: ``frozen`` is LoRA's base (None when every weight trains)."""
+        params = params if frozen is None else lora.join(frozen, params)
         pattern = for_training(step, d.anneal_steps, d.anneal_seed,
                                mb.get("segment_ids") if d.segment_ids else None)
         # dropout from the step's key and the micro-batch: resuming redraws the same masks
@@ -192,14 +196,15 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def accumulate(params, batch, key, step):
-        """Sum of numerator gradients and of loss sums over the micro-batches."""
+    def accumulate(params, frozen, batch, key, step):
+        """Sum of numerator gradients (for ``params``) and of loss sums over the
+        micro-batches."""
         rows = batch["tokens"].shape[0]
         if rows % (accum * shards):
             raise ValueError(f"global batch {rows} must be a multiple of grad_accum_steps"
                              f" ({accum}) x the batch shards of the mesh ({shards})")
         if accum == 1:
-            return grad_fn(params, batch, key, step, 0, rows)
+            return grad_fn(params, frozen, batch, key, step, 0, rows)
         micro = rows // accum
         # Micro-batch i is rows [i * micro, (i + 1) * micro), itself split over the batch shards
         # (XLA moves the int32 tokens once per step to get there; they are tiny next to the
@@ -210,12 +215,12 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
 
         def body(carry, xs):
             i, mb = xs
-            grads, sums = grad_fn(params, mb, key, step, i * micro, rows)
+            grads, sums = grad_fn(params, frozen, mb, key, step, i * micro, rows)
             grads = jax.lax.with_sharding_constraint(grads, state_sh.params)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), key,
-                                step, 0, rows)
+        shapes = jax.eval_shape(grad_fn, params, frozen,
+                                jax.tree.map(lambda x: x[0], micro_batches), key, step, 0, rows)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         zeros = (jax.lax.with_sharding_constraint(zeros[0], state_sh.params), zeros[1])
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum, dtype=jnp.int32), micro_batches))
@@ -223,7 +228,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
 
     def step_fn(state: TrainState, batch):
         key = jax.random.fold_in(state.key(), state.step)
-        grad_sums, sums = accumulate(state.params, batch, key, state.step)
+        grad_sums, sums = accumulate(state.params, state.frozen, batch, key, state.step)
         # The denominators (noised or target token counts) do not depend on the params.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums.denominator, 1e-9), grad_sums)
         grad_norm = optax.tree.norm(grads)
@@ -246,7 +251,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         new_state = TrainState(step=state.step + (~halted).astype(jnp.int32),
                                params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state), rng=state.rng, ema=ema,
-                               bad_steps=bad, total_bad_steps=total_bad)
+                               bad_steps=bad, total_bad_steps=total_bad, frozen=state.frozen)
         tokens = batch["tokens"]
         metrics = dict(sums.metrics(), grad_norm=grad_norm,
                        lr=schedule(state.applied_steps),
@@ -269,15 +274,15 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     position 0, ``src`` and padding conditioned on, ``t`` stratified over all ``rows`` of the
     evaluation set, this batch being rows ``row_offset..``), the block NELBO of §9 when the model
     config has a ``block_size`` shorter than the rows; ``kind="ar"``: ``ar_nll_terms``,
-    next-token NLL with causal attention (the AR baseline; key and rows unused). ``params`` may be
-    ``state.params`` or ``state.ema``.
+    next-token NLL with causal attention (the AR baseline; key and rows unused). ``params``:
+    ``model_params(state)`` (the EMA's too).
     """
     if kind not in ("elbo", "ar"):
         raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")
     rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
     mask_id = _mask_token_id(model_cfg) if kind == "elbo" else None
-    params_sh = param_shardings(model_cfg, mesh, rules)
+    params_sh = model_param_shardings(run_cfg, model_cfg, mesh, rules)
 
     def eval_fn(params, batch, key, row_offset, rows):
         tokens = batch["tokens"]

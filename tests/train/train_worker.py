@@ -85,15 +85,14 @@ def run(cfg, devices=None, steps=STEPS, barrier=None):
     is called once the step is compiled."""
     import jax
 
-    from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
-    from diffujax.train.state import create_train_state
+    from diffujax.train.state import apply_fn_for_run, create_train_state
     from diffujax.train.step import make_train_step
 
     mesh = make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    apply_fn = apply_fn_for(model_cfg)
+    apply_fn = apply_fn_for_run(cfg, model_cfg)
     state = create_train_state(cfg, model_cfg, mesh, rules)
     step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
     index, count = data_shard(mesh, rules)
