@@ -112,7 +112,7 @@ def _confidence_rule(steps, ranking="masked"):
     return rule
 
 
-def top_k_rule(per_pass):
+def most_confident_rule(per_pass):
     """The ``per_pass`` most confident masked positions of each row (all when fewer are left):
     the confidence ranking of block decoding (docs/algorithms.md §9)."""
     def rule(step, masked, confidence, keys, generate):
@@ -238,9 +238,10 @@ def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_toke
                       top_p: float | None = None, row_ids=None,
                       record_history: bool = False, ranking: str = "masked",
                       confidence_temperature: float | None = None) -> SampleOutput:
-    """MaskGIT-style "topk" (the reference's conditional sampler): after step ``T - s`` the
-    ``floor(N * s / T)`` masked positions whose candidates have the lowest log-probability stay
-    masked and the rest are committed. ``temperature=0`` is greedy and deterministic.
+    """Confidence ranking, MaskGIT style (the reference's conditional sampler): after step
+    ``T - s`` the ``floor(N * s / T)`` masked positions whose candidates have the lowest
+    log-probability stay masked and the rest are committed. ``temperature=0`` is greedy and
+    deterministic.
 
     Reference parity (``generate_samples`` of HKUNLP/DiffuLLaMA): ``ranking="all"`` ranks among
     all initially masked positions (see ``_confidence_rule``) and ``confidence_temperature=tau``

@@ -27,7 +27,7 @@ from diffujax.train.state import abstract_train_state, train_state_shardings
 from diffujax.train.step import make_eval_step, make_train_step, step_config
 
 # The default sampler of ``diffujax generate`` and its default number of passes.
-GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
+GENERATE_SAMPLER, GENERATE_STEPS = "confidence", 64
 
 
 @dataclasses.dataclass
@@ -177,7 +177,7 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
 
 def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> dict:
     """What the planned cached decode does, worked out without running it: every row's prompt is
-    ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``topk`` rule with
+    ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``confidence`` rule with
     ``diffujax generate``'s split of ``steps`` over the blocks (``per_block``), so that every
     block takes a fixed number of passes (the threshold rule's depend on the logits). Passes
     (``decoding.py``): the prefill (when a whole block of prompt exists), per block
@@ -208,8 +208,8 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
                             ) -> Program:
     """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
     compiled ``while`` over denoising and commit passes, the KV cache donated) on one row per
-    batch shard, with the deterministic ``topk`` plan of ``decode_plan``; ``block_size=1``: the
-    AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
+    batch shard, with the deterministic ``confidence`` plan of ``decode_plan``; ``block_size=1``:
+    the AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
     n = model_cfg.block_size if block_size is None else block_size
     plan = decode_plan(cfg.data.seq_len, n)
     params = abstract_state(cfg, model_cfg, mesh, rules).params
@@ -231,15 +231,16 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
             return decode_blocks.lower(
                 cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
                 new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
-                sampler="topk", steps=plan["steps_per_block"])
+                sampler="confidence", steps=plan["steps_per_block"])
 
     sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"
              " shard")
     if n == 1:
         name, text = "generate_ar", f"AR KV-cache decoder, greedy; {sizes}"
     else:
-        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler 'topk'"
-                                         f" {plan['steps_per_block']} passes per block; {sizes}")
+        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler"
+                                         f" 'confidence' {plan['steps_per_block']} passes per"
+                                         f" block; {sizes}")
     return Program(name, text, lower, {"params": params, "batch": {"prompt": prompt},
                                        "cache": cache}, "cached", rows, decode=plan)
 

@@ -227,7 +227,7 @@ class Engine:
 
     # --- decoding ------------------------------------------------------------------------------
 
-    def diffusion_decode(self, rows, *, sampler: str = "topk", steps: int = 32,
+    def diffusion_decode(self, rows, *, sampler: str = "confidence", steps: int = 32,
                          temperature: float = 0.0, top_k=None, top_p=None,
                          ranking: str = "masked", confidence_temperature=None,
                          block_length: int = 32, threshold: float = 0.9) -> list[list[int]]:

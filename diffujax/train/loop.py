@@ -37,7 +37,8 @@ from diffujax.parallel import tpu_env
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.parallel.topology import parse_slice
-from diffujax.train import metrics as M
+from diffujax.train.metrics import (RunLogger, StepProfiler, Throughput, WriterError,
+                                    matmul_params, peak_flops_per_device, train_flops_per_token)
 from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
@@ -201,25 +202,25 @@ class _Run:
         self._block_size = None  # of the last step run
         self._apply_fn = apply_fn
 
-        self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
-                                  tensorboard=lg.tensorboard, wandb=lg.wandb,
-                                  run_config=to_dict(cfg))
+        self.logger = RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
+                                tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                run_config=to_dict(cfg))
         for line in notes + source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         seq_len = cfg.data.seq_len
         self.tokens_per_step = cfg.data.global_batch * seq_len
-        flops = M.train_flops_per_token(self.model_cfg, seq_len)
-        peak = M.peak_flops_per_device()
-        self.throughput = M.Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
-                                       total_steps=cfg.train.steps, peak_per_device=peak)
+        flops = train_flops_per_token(self.model_cfg, seq_len)
+        peak = peak_flops_per_device()
+        self.throughput = Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
+                                     total_steps=cfg.train.steps, peak_per_device=peak)
         self.logger.message(
-            f"model: {self.model_cfg.family}, {M.matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
+            f"model: {self.model_cfg.family}, {matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
             f" params, {flops / 1e9:.3f} GFLOP/token; mesh"
             f" {dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))} of"
             f" {jax.devices()[0].device_kind}; peak"
             f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
-        self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
+        self.profiler = StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         self.meta = {"model_config": model_config_to_meta(self.model_cfg),
                      "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len,
                      "data_sources": self.data_sources}
@@ -321,7 +322,7 @@ class _Run:
                 self._undo_halted_step()
             else:
                 stop = self._consume_pending() or stop
-        except (M.WriterError, SaveFailed) as e:
+        except (WriterError, SaveFailed) as e:
             # The metrics of the steps since the last checkpoint may be incomplete: resuming
             # from that checkpoint redoes them, so it is the state to keep (it is on disk).
             raise self._writer_failed(e) from None
@@ -335,7 +336,7 @@ class _Run:
         except SaveFailed as e:
             raise self._writer_failed(e) from None
 
-    def _writer_failed(self, error) -> M.WriterError:
+    def _writer_failed(self, error) -> WriterError:
         try:
             if self.ckpt.failed is None:
                 self.ckpt.wait()
@@ -345,8 +346,8 @@ class _Run:
             last = None
         where = (f"checkpoint {self.ckpt.directory / str(last)} is intact" if last is not None
                  else "no checkpoint was saved yet")
-        return M.WriterError(f"{error}; {where}: free the space (or fix the disk) and run the"
-                             " same command again to resume")
+        return WriterError(f"{error}; {where}: free the space (or fix the disk) and run the"
+                           " same command again to resume")
 
     def _evaluate(self, **which):
         if not eval_due(self.cfg, self.step):

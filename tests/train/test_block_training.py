@@ -14,7 +14,7 @@ from diffujax.config import ConfigError, load_config
 from diffujax.train.resume import check_resume, config_changes
 from diffujax.train.step import make_train_step, step_config
 
-import train_worker as W
+import train_worker
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"  # data.seq_len 128
@@ -65,7 +65,7 @@ def test_the_schedule_says_which_block_size_each_step_runs():
 
 
 def test_a_scheduled_config_must_be_resolved_before_compiling():
-    cfg = W.make_config("llama", diffusion__block_schedule=[[0, 4]])
+    cfg = train_worker.make_config("llama", diffusion__block_schedule=[[0, 4]])
     model_cfg = cfg.resolve_model_config()
     with pytest.raises(ValueError, match="pass step_config"):
         make_train_step(cfg, model_cfg, None, None)
@@ -83,7 +83,7 @@ def _train(cfg, steps):
     apply_fn = apply_fn_for(model_cfg)
     state = create_train_state(cfg, model_cfg, mesh, rules)
     initial = jax.tree.map(np.asarray, state.params)
-    batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
+    batch = make_global_batch(train_worker.global_batches(1)[0], mesh, rules)
     compiled = {}
     for step in range(steps):
         run_cfg = step_config(cfg, step)
@@ -102,8 +102,9 @@ def test_a_block_train_step_learns():
     from diffujax.diffusion.blocks import block_diffusion_loss_sums
     from diffujax.models import apply_fn_for
 
-    cfg = W.make_config("llama", diffusion__block_size=4, diffusion__complementary_mask=True,
-                        diffusion__normalization="tokens", train__steps=20)
+    cfg = train_worker.make_config("llama", diffusion__block_size=4,
+                                   diffusion__complementary_mask=True,
+                                   diffusion__normalization="tokens", train__steps=20)
     initial, state, programs, batch = _train(cfg, 20)
     assert programs == [(4, 0), (4, 4)]  # annealed for steps 0..2, then the full pattern
     model_cfg = cfg.resolve_model_config()
