@@ -15,6 +15,7 @@ from diffujax.data.tokenizer import load_tokenizer
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
+from diffujax.diffusion.sampling import infill_canvas
 from diffujax.models import init_cache
 from diffujax.runtime import (ArgumentError, LoadedModel, checkpoint_config,
                               load_from_args, max_positions, pad_rows, require)
@@ -55,10 +56,8 @@ def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | Non
     (``prompt_ids``). Returns (tokens [L], src [L], span slice, dropped_first)."""
     head, lead = prompt_ids(model, prompt)
     suffix_ids = model.tokenizer.encode(suffix) if suffix else []
-    ids = head + [model.mask_token_id()] * length + suffix_ids
-    src = np.ones(len(ids), bool)
-    src[len(head):len(head) + length] = False
-    return np.asarray(ids, np.int32), src, slice(len(head), len(head) + length), lead
+    tokens, src = infill_canvas(head, length, model.mask_token_id(), suffix_ids)
+    return tokens, src, slice(len(head), len(head) + length), lead
 
 
 def check_sampler(sampler: str, choices: tuple[str, ...] = SAMPLERS) -> None:
@@ -70,8 +69,9 @@ def check_sampler(sampler: str, choices: tuple[str, ...] = SAMPLERS) -> None:
         raise ValueError(f"sampler {sampler!r} is not one of {', '.join(choices)}")
 
 
-def sampler_call(sampler: str, *, steps: int, generated: int, block_length: int = 32,
-                 threshold: float = 0.9, ranking: str = "masked",
+def sampler_call(sampler: str, *, steps: int, generated: int,
+                 block_length: int = DEFAULT_BLOCK_LENGTH, threshold: float = 0.9,
+                 ranking: str = "masked",
                  confidence_temperature: float | None = None):
     """``(sampler function, its sampler-specific keyword arguments)`` for a sampler name;
     ``generated``: positions to generate per row (the semi_ar sampler spends the total budget of
@@ -93,8 +93,8 @@ def sampler_call(sampler: str, *, steps: int, generated: int, block_length: int 
 
 
 def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: int,
-           temperature: float | None = None, top_p=None, top_k=None, block_length: int = 32,
-           threshold: float = 0.9):
+           temperature: float | None = None, top_p=None, top_k=None,
+           block_length: int = DEFAULT_BLOCK_LENGTH, threshold: float = 0.9):
     """Run a sampler on a batch of canvases; returns (SampleOutput as host arrays, seconds
     excluding compile). On a mesh the canvases are split over the batch shards (padded with copies
     of the first; a row's result does not depend on the rows beside it, so the padding is simply

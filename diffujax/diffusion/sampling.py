@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern, full
 from diffujax.diffusion.categorical import filter_logits, sample_categorical
@@ -35,6 +36,17 @@ class SampleOutput:
     row_forwards: jax.Array  # [B] int32: forward passes during which the row still had masks
     commit_step: jax.Array  # [B, L] int32: the pass that committed the position; -1 if fixed
     history: jax.Array | None = None  # [max_steps, B, L] canvas after each pass (record_history)
+
+
+# --- the canvas ----------------------------------------------------------------------------
+
+def infill_canvas(head, span: int, mask_token_id: int, tail=()) -> tuple[np.ndarray, np.ndarray]:
+    """One row to sample into, ``head + [mask] * span + tail`` (int32), and its ``src`` (True on
+    the fixed tokens: all but the span). ``head[0]`` must be a real token (the §1 shift)."""
+    tokens = np.asarray([*head, *[mask_token_id] * span, *tail], np.int32)
+    src = np.ones(len(tokens), bool)
+    src[len(head):len(head) + span] = False
+    return tokens, src
 
 
 # --- candidates ----------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.checkpoint import store
+from diffujax.config import checked_mask_token, init_model_config
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
 from diffujax.models import KVCache, apply_fn_for, cached_fn_for
@@ -54,7 +56,7 @@ def plan_model_config(cfg):
         return cfg.resolve_model_config(), "model.init"
     path = cfg.model.checkpoint
     if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
-        return (cfg.resolve_model_config(cfg.plan.model_config()),
+        return (cfg.resolve_model_config(init_model_config(cfg.plan.model)),
                 f"plan.model (no checkpoint at {path})")
     path = cfg.model_checkpoint()
     try:
@@ -114,15 +116,14 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
               "batch": batch}
     d = cfg.diffusion
     # The program changes only where the block size or the annealing phase does.
-    changes = {0, max(d.anneal_steps - 1, 0)} | {step for step, _ in d.block_schedule}
+    changes = {0, anneal_end(d.anneal_steps)} | {step for step, _ in d.block_schedule}
     phases = {}
     for step in sorted(s for s in changes if s < cfg.train.steps):
         run_cfg = step_config(cfg, step)
-        rd = run_cfg.diffusion
-        phases.setdefault((rd.block_size, rd.anneal_steps), (step, run_cfg))
+        phases.setdefault((run_cfg.diffusion.block_size, is_annealing(step, d.anneal_steps)),
+                          (step, run_cfg))
     out = []
-    for (block, anneal), (step, run_cfg) in phases.items():
-        annealing = anneal > 0
+    for (block, annealing), (step, run_cfg) in phases.items():
         name = "train" if annealing or d.anneal_steps <= 0 else "train_full"
         text = ("train step, annealed mask" + f" (steps 1..{d.anneal_steps})" if annealing else
                 "train step, full attention" + (" (after annealing)" if d.anneal_steps > 0
@@ -131,7 +132,8 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
             name += f"_blocks{block}"
             text += f", blocks of {block} (from step {step})"
         train_step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-        out.append(Program(name, text, lambda s=train_step: s.lower(state, batch), inputs,
+        out.append(Program(name, text,
+                           lambda s=train_step, a=annealing: s.lower(state, batch, a), inputs,
                            "annealed" if annealing else "full", cfg.data.global_batch))
     return out
 
@@ -160,9 +162,7 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
     canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
     src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
     key = abstract_key(mesh)
-    mask_id = model_cfg.mask_token_id
-    if mask_id is None:
-        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+    mask_id = checked_mask_token(model_cfg)
 
     def lower():
         with jax.set_mesh(mesh), axis_rules(rules):
@@ -222,9 +222,7 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
     cache_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.spec[0]))
     cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
     key = abstract_key(mesh)
-    mask_id = model_cfg.mask_token_id
-    if mask_id is None and n > 1:
-        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+    mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
 
     def lower():
         with jax.set_mesh(mesh), axis_rules(rules):

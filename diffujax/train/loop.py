@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from diffujax import paths
+from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import apply_fn_for
@@ -198,8 +199,9 @@ class _Run:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
-        self._steps = {}  # (block size, anneal_steps) -> the compiled step of those steps
+        self._steps = {}  # block size -> the step function of those steps (both phases)
         self._block_size = None  # of the last step run
+        self._annealing = None  # the phase of the last step run
         self._apply_fn = apply_fn
 
         self.logger = RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
@@ -254,11 +256,12 @@ class _Run:
             self.data_iter.set_state(restored.data_state)
 
     def _step_fn(self):
-        """The compiled step for the next step (``step_config``). Once the annealing ramp has
-        reached r = 1 the pattern is all open; a second step compiled with the plain full pattern
-        computes the same numbers but lets the kernels take their full-attention paths (cuDNN,
-        splash, no hash). Each block size of ``diffusion.block_schedule`` compiles its own step
-        the first time it comes into force (docs/algorithms.md §9)."""
+        """``(step function, annealing phase)`` of the next step (``step_config``,
+        ``pattern.is_annealing``). Once the annealing ramp has reached r = 1 the phase is off and
+        the step compiles again with the plain full pattern (the same numbers, the kernels'
+        full-attention paths: cuDNN, splash, no hash). Each block size of
+        ``diffusion.block_schedule`` has its own step function, made the first time it comes
+        into force (docs/algorithms.md §9)."""
         run_cfg = step_config(self.cfg, self.step)
         d = run_cfg.diffusion
         if d.block_size != self._block_size:
@@ -267,11 +270,16 @@ class _Run:
                 self.logger.message(f"step {self.step}: training on {what}"
                                      " (diffusion.block_size / block_schedule)")
             self._block_size = d.block_size
-        key = (d.block_size, d.anneal_steps)
-        if key not in self._steps:
-            self._steps[key] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
-                                               self.mesh, self.rules)
-        return self._steps[key]
+        annealing = is_annealing(self.step, d.anneal_steps)
+        if not annealing and self._annealing is not False and anneal_end(d.anneal_steps) > 0:
+            self.logger.message(f"after step {self.step}: the attention mask is all open"
+                                f" (diffusion.anneal_steps={d.anneal_steps}); full attention"
+                                " from here")
+        self._annealing = annealing
+        if d.block_size not in self._steps:
+            self._steps[d.block_size] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
+                                                        self.mesh, self.rules)
+        return self._steps[d.block_size], annealing
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -294,7 +302,8 @@ class _Run:
                     break
                 batch = make_global_batch(local, self.mesh, self.rules)
                 self.profiler.before(self.step + 1)
-                self.state, metrics = self._step_fn()(self.state, batch)
+                train_step, annealing = self._step_fn()
+                self.state, metrics = train_step(self.state, batch, annealing)
                 if self.profiler.after(self.step + 1, metrics):
                     self.logger.message(f"profile of steps {self.profiler.first}.."
                                         f"{self.profiler.last} written to"

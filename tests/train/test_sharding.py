@@ -174,27 +174,28 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
-    """Once r = 1 the annealed pattern is all open, so the full-attention step the training loop
-    switches to must give the same update, bit for bit (reference: the annealed step itself)."""
+    """Once r = 1 the annealed pattern is all open, so the full-attention phase the training loop
+    switches to must give the same update, bit for bit (reference: the annealing phase itself);
+    the loop switches exactly there (``is_annealing``)."""
+    from diffujax.attention.pattern import is_annealing
     from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
 
     cfg = train_worker.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
+    phases = [is_annealing(s, cfg.diffusion.anneal_steps) for s in range(5)]
+    assert phases == [True, True, True, False, False]
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    apply_fn = apply_fn_for(model_cfg)
-    annealed_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
-    full_step = make_train_step(train_worker.make_config("llama", diffusion__anneal_steps=0), model_cfg,
-                                apply_fn, mesh, rules)
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
     state = create_train_state(cfg, model_cfg, mesh, rules)
     batches = [make_global_batch(b, mesh, rules) for b in train_worker.global_batches(4)]
     for batch in batches[:3]:
-        state, _ = annealed_step(state, batch)
+        state, _ = step(state, batch, True)
     copy = jax.tree.map(jnp.copy, state)
-    a, metrics_a = annealed_step(state, batches[3])
-    b, metrics_b = full_step(copy, batches[3])
+    a, metrics_a = step(state, batches[3], True)
+    b, metrics_b = step(copy, batches[3], False)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for x, y in zip(leaves(a.params), leaves(b.params)):
         np.testing.assert_array_equal(x, y)
