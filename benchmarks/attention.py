@@ -33,15 +33,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from diffujax.attention import AttentionConfig, attention, pattern as P
+from diffujax.attention import AttentionConfig, attention
+from diffujax.attention.pattern import annealed, causal, full
 
 
 def _pattern(kind: str, ratio: float):
     if kind == "full":
-        return P.full()
+        return full()
     if kind == "causal":
-        return P.causal()
-    return P.annealed(1234, 77, ratio)
+        return causal()
+    return annealed(1234, 77, ratio)
 
 
 def _time(fn, args, iters: int) -> float:

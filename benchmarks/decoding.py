@@ -7,10 +7,10 @@ with a KV cache, on the same model and prompts (docs/algorithms.md §6, §9).
 
 Decoders (greedy, no EOS stop, so every row produces all its tokens):
 
-- ``full recompute``: today's ``blocks`` sampler (``sample_semi_ar``), which runs the whole
+- ``full recompute``: today's ``semi_ar`` sampler (``sample_semi_ar``), which runs the whole
   canvas (prompt + every new position) through the model at each pass, here under the block
   attention mask ``full().with_blocks(N)``, ``--steps-per-block`` passes per block;
-- ``cached topk``: the cached block decoder with the same rule (the ``ceil(N / steps)`` most
+- ``cached confidence``: the cached block decoder with the same rule (the ``ceil(N / steps)`` most
   confident positions per pass): the same denoising passes, each running one block of ``N``
   tokens against the KV cache, plus one prefill pass and a commit pass between blocks. It
   commits the same tokens as the row above (printed as a check: ``same tokens``);
@@ -117,7 +117,7 @@ def cached(config, params, prompt, args, *, block_size, sampler, steps=None, thr
     return np.asarray(out.tokens), int(out.forwards), seconds
 
 
-DECODERS = ("AR + KV cache", "cached topk", "cached threshold", "full recompute")
+DECODERS = ("AR + KV cache", "cached confidence", "cached threshold", "full recompute")
 
 
 def run_decoder(name, config, params, prompt, args):
@@ -126,9 +126,9 @@ def run_decoder(name, config, params, prompt, args):
     if name == "full recompute":
         return full_recompute(config, params, prompt, args)
     if name == "AR + KV cache":
-        return cached(config, params, prompt, args, block_size=1, sampler="topk", steps=1)
-    if name == "cached topk":
-        return cached(config, params, prompt, args, block_size=n, sampler="topk",
+        return cached(config, params, prompt, args, block_size=1, sampler="confidence", steps=1)
+    if name == "cached confidence":
+        return cached(config, params, prompt, args, block_size=n, sampler="confidence",
                       steps=args.steps_per_block)
     return cached(config, params, prompt, args, block_size=n, sampler="threshold",
                   threshold=args.threshold)
@@ -145,15 +145,16 @@ def measure(config, params, source, batch: int, args) -> list[dict]:
               f"{runs[name][2]:.2f} s", flush=True)
     rate_of = {name: batch * new / seconds for name, (_, _, seconds) in runs.items()}
     same = None
-    if "full recompute" in runs and "cached topk" in runs:
-        same = bool((runs["full recompute"][0] == runs["cached topk"][0]).all())
+    if "full recompute" in runs and "cached confidence" in runs:
+        same = bool((runs["full recompute"][0] == runs["cached confidence"][0]).all())
     for name, (_, forwards, _) in runs.items():
         ratio = lambda other: (round(rate_of[name] / rate_of[other], 2)  # noqa: E731
                                if other in rate_of else None)
         rows.append(dict(batch=batch, decoder=name, tokens_per_second=round(rate_of[name], 2),
                          passes_per_token=round(forwards / new, 3), forward_passes=forwards,
                          vs_full_recompute=ratio("full recompute"), vs_ar=ratio("AR + KV cache"),
-                         same_tokens=same if name in ("full recompute", "cached topk") else None))
+                         same_tokens=(same if name in ("full recompute", "cached confidence")
+                                      else None)))
     return rows
 
 
@@ -176,8 +177,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 16)")
     parser.add_argument("--block-size", type=int, default=None, help="default 32 (tiny: 4)")
     parser.add_argument("--steps-per-block", type=int, default=None,
-                        help="full recompute and cached topk: passes per block (default N / 4:"
-                             " four tokens per pass)")
+                        help="full recompute and cached confidence: passes per block (default"
+                             " N / 4: four tokens per pass)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS),
@@ -197,12 +198,12 @@ def main(argv=None) -> list[dict]:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; "
           f"{'tiny LLaMA' if args.tiny else 'SmolLM2-135M'}, prompt {args.prompt_length}, "
           f"{args.new_tokens} new tokens, blocks of {args.block_size}, "
-          f"{args.steps_per_block} passes per block (topk), threshold {args.threshold}")
+          f"{args.steps_per_block} passes per block (confidence), threshold {args.threshold}")
     rows = [r for b in args.batch_sizes for r in measure(config, params, source, b, args)]
     print_table(rows)
     checks = [r["same_tokens"] for r in rows if r["same_tokens"] is not None]
     if checks:
-        print(f"cached topk commits the same tokens as the full recompute: {all(checks)}")
+        print(f"cached confidence commits the same tokens as the full recompute: {all(checks)}")
     if args.json:
         print(json.dumps(rows))
     return rows

@@ -39,7 +39,7 @@ from diffujax.config import from_dict
 from diffujax.diffusion.noise import forward_process
 from diffujax.models import LlamaConfig, apply_fn_for, init_params
 from diffujax.parallel.mesh import make_global_batch, make_mesh
-from diffujax.train import metrics as M
+from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
 from diffujax.train.state import create_train_state
 from diffujax.train.step import make_train_step
 
@@ -177,8 +177,8 @@ def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: s
                              eps=cfg.diffusion.eps, global_batch=batch)
     jax_loss, jax_s = diffujax_side(config, params, tokens, cfg, steps)
     torch_loss, torch_s = torch_side(config, params, tokens, noised, steps, device, dtype)
-    flops = M.train_flops_per_token(config, seq_len) * batch * seq_len
-    peak = M.peak_flops_per_device()
+    flops = train_flops_per_token(config, seq_len) * batch * seq_len
+    peak = peak_flops_per_device()
     return dict(model=name, batch=batch, seq_len=seq_len, dtype=dtype,
                 jax_loss=jax_loss, torch_loss=torch_loss,
                 jax_tokens_s=batch * seq_len / jax_s, torch_tokens_s=batch * seq_len / torch_s,

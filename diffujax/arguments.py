@@ -14,16 +14,26 @@ import pathlib
 from diffujax.parallel.arguments import add_mesh_args
 from diffujax.tasks.specs import OBJECTIVES, TASKS
 
-# generate.SAMPLERS, spelled here so that `--help` need not import the samplers
-# (tests/test_cli.py checks that the two agree).
-DIFFUSION_SAMPLERS = ("ancestral", "topk", "blocks", "threshold")  # what tasks can use too
+# generate.SAMPLERS and generate.RENAMED_SAMPLERS, spelled here so that `--help` need not import
+# the samplers (tests/test_cli.py checks that they agree).
+DIFFUSION_SAMPLERS = ("ancestral", "confidence", "semi_ar", "threshold")  # tasks can use these
 SAMPLERS = DIFFUSION_SAMPLERS + ("ar",)
+RENAMED_SAMPLERS = {"topk": "confidence", "blocks": "semi_ar"}
 DEFAULT_BLOCK_LENGTH = 32  # generate.DEFAULT_BLOCK_LENGTH, likewise checked by tests/test_cli.py
 PLAN_WHAT = ("train", "eval", "generate")
 # The demo's default text, shipped inside the package (the GNU GPL v3, verbatim: its own terms
 # allow that); diffujax.demo reads it from here.
 DEMO_TEXT = pathlib.Path(str(importlib.resources.files("diffujax"))) / "assets" / "gpl-3.0.txt"
 DTYPES = ("float32", "bfloat16")
+
+
+def sampler_name(value: str) -> str:
+    """``--sampler``'s type: a former sampler name is refused with its new one (argparse then
+    checks the choices)."""
+    if value in RENAMED_SAMPLERS:
+        raise argparse.ArgumentTypeError(f"the {value} sampler is now called"
+                                         f" {RENAMED_SAMPLERS[value]}")
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -117,15 +127,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=64, help="tokens to generate")
     p.add_argument("--infill-length", type=int, default=None,
                    help="with --suffix: tokens to infill (overrides --length)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: topk; threshold on a block diffusion model (cached block"
+    p.add_argument("--sampler", type=sampler_name, choices=SAMPLERS, default=None,
+                   help="default: confidence; threshold on a block diffusion model (cached block"
                         " decoder); ar: AR decoding with a KV cache")
     p.add_argument("--ar", action="store_true", help="the same as --sampler ar")
     p.add_argument("--steps", type=int, default=64,
                    help="denoising steps (forward passes; a block model spreads them evenly"
                         " over its blocks)")
     p.add_argument("--block-length", type=int, default=None,
-                   help=f"blocks sampler: block size (default {DEFAULT_BLOCK_LENGTH}; a block"
+                   help=f"semi_ar sampler: block size (default {DEFAULT_BLOCK_LENGTH}; a block"
                         " model uses its own)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold sampler: confidence")
     p.add_argument("--temperature", type=float, default=None,
@@ -157,7 +167,8 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising passes (default: Lambada the word's token count, GSM8K 64,"
                         " otherwise 32)")
-    p.add_argument("--sampler", choices=DIFFUSION_SAMPLERS, default="topk")
+    p.add_argument("--sampler", type=sampler_name, choices=DIFFUSION_SAMPLERS,
+                   default="confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

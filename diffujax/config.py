@@ -24,6 +24,7 @@ from diffujax.attention.config import AttentionConfig
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.data.pipeline import PipelineOptions
 from diffujax.data.sources import FORMATS
+from diffujax.diffusion.blocks import effective_block_size
 from diffujax.models import FAMILIES, ModelConfig, lora, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
 from diffujax.parallel.topology import parse_slice
@@ -32,6 +33,9 @@ from diffujax.plain import to_plain
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the offending key."""
+
+
+MASK_TOKEN_KEY = "diffusion.mask_token_id"  # the run config's name for the mask token
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -83,11 +87,6 @@ class ModelSection:
             raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
         if self.init is not None:
             object.__setattr__(self, "init", _validate_init(self.init, f"{key}.init"))
-
-    def init_config(self) -> ModelConfig:
-        """The model config described by ``init`` (before the overrides of this section)."""
-        fields = dict(self.init)
-        return FAMILIES[fields.pop("family")].config(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,11 +319,6 @@ class PlanSection:
         if self.model is not None:
             object.__setattr__(self, "model", _validate_init(self.model, f"{key}.model"))
 
-    def model_config(self) -> ModelConfig:
-        """The architecture described by ``model`` (as ``ModelSection.init_config``)."""
-        fields = dict(self.model)
-        return FAMILIES[fields.pop("family")].config(**fields)
-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -379,15 +373,8 @@ class RunConfig:
         """Refuse a model config this run cannot train (``source`` names where it came from):
         a mask token outside the vocabulary or equal to EOS, heads that do not divide the hidden
         size or the mesh's tensor axis, sequences longer than the model's positions."""
-        mask, vocab = model.mask_token_id, model.vocab_size
-        mask_key = ("diffusion.mask_token_id" if self.diffusion.mask_token_id is not None
-                    else f"{source} mask_token_id")
-        if mask is None:
-            raise ConfigError(f"{mask_key}: the model has no mask token; set"
-                              " diffusion.mask_token_id (0..vocab_size-1)")
-        _check(0 <= mask < vocab, mask_key, f"{mask} is outside the vocabulary (0..{vocab - 1})")
-        _check(mask != model.eos_token_id, mask_key,
-               f"{mask} is the EOS token; the mask token must be a token of its own")
+        checked_mask_token(model, "diffusion.mask_token_id" if self.diffusion.mask_token_id
+                           is not None else f"{source} mask_token_id")
         _check(model.hidden_size % model.num_heads == 0 or getattr(model, "explicit_head_dim", None),
                f"{source} num_heads", f"({model.num_heads}) must divide hidden_size"
                f" ({model.hidden_size})")
@@ -442,8 +429,7 @@ class RunConfig:
     def block_size_at(self, step: int) -> int:
         """The block size training step ``step`` runs with (docs/algorithms.md §9): 0 for the
         whole sequence (the full-sequence recipe), else ``N < data.seq_len``."""
-        size = self.diffusion.block_size_at(step)
-        return 0 if size >= self.data.seq_len else size
+        return effective_block_size(self.diffusion.block_size_at(step), self.data.seq_len)
 
     def model_overrides(self) -> dict[str, Any]:
         """Changes this run makes to the model config it loads or initialises. ``block_size``
@@ -458,7 +444,7 @@ class RunConfig:
     def resolve_model_config(self, loaded: ModelConfig | None = None) -> ModelConfig:
         """The model config of this run: ``loaded`` (from ``model.checkpoint``) or ``model.init``,
         with the overrides applied."""
-        base = loaded if loaded is not None else self.model.init_config()
+        base = loaded if loaded is not None else init_model_config(self.model.init)
         return base.replace(**self.model_overrides())
 
 
@@ -560,6 +546,19 @@ def _key(field: dataclasses.Field) -> str:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def checked_mask_token(model: ModelConfig, key: str = MASK_TOKEN_KEY) -> int:
+    """``model``'s mask token, the one check of it: ``ConfigError`` naming ``key`` (where the
+    value came from) when the model has none, it lies outside the vocabulary, or it is EOS."""
+    mask, vocab = model.mask_token_id, model.vocab_size
+    if mask is None:
+        raise ConfigError(f"{key}: the model has no mask token; set {MASK_TOKEN_KEY}"
+                          f" (0..vocab_size-1)")
+    _check(0 <= mask < vocab, key, f"{mask} is outside the vocabulary (0..{vocab - 1})")
+    _check(mask != model.eos_token_id, key,
+           f"{mask} is the EOS token; the mask token must be a token of its own")
+    return int(mask)
 
 
 def _check(ok: bool, key: str, message: str):
@@ -678,6 +677,13 @@ def _coerce(tp, value, key: str):
         item = args[1] if args else Any
         return {str(k): _coerce(item, v, _join(key, str(k))) for k, v in value.items()}
     raise TypeError(f"config field {key!r} has a type the loader does not handle: {tp}")
+
+
+def init_model_config(init: Mapping) -> ModelConfig:
+    """The model config a checked ``model.init`` (or ``plan.model``) describes, before a run's
+    overrides (``RunConfig.resolve_model_config``)."""
+    fields = dict(init)
+    return FAMILIES[fields.pop("family")].config(**fields)
 
 
 def _validate_init(init: Mapping, key: str) -> dict[str, Any]:

@@ -70,8 +70,8 @@ def adapt(checkpoint, out: pathlib.Path, steps: int | None) -> pathlib.Path:
 
 def show_samples(checkpoint) -> None:
     model = load_for_inference(str(checkpoint))
-    for prompt, suffix, sampler in (("The GNU General Public License is", None, "topk"),
-                                    ("You may convey", "of this License.", "topk")):
+    for prompt, suffix, sampler in (("The GNU General Public License is", None, "confidence"),
+                                    ("You may convey", "of this License.", "confidence")):
         ids, src, span, _ = build_canvas(model, prompt, 24, suffix)
         out, seconds = sample(model, ids[None], src[None], sampler=sampler, steps=24, seed=0)
         middle = model.tokenizer.decode([int(t) for t in np.asarray(out.tokens)[0, span]])

@@ -15,16 +15,21 @@ from diffujax.data.tokenizer import load_tokenizer
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
+from diffujax.diffusion.sampling import infill_canvas
 from diffujax.models import init_cache
 from diffujax.runtime import (ArgumentError, LoadedModel, checkpoint_config,
                               load_from_args, max_positions, pad_rows, require)
 
-SAMPLERS = ("ancestral", "topk", "blocks", "threshold", "ar")  # = arguments.SAMPLERS
-# On a block model every diffusion sampler runs inside the cached block decoder: "blocks" (the
-# confidence rule block by block) is then the same as "topk".
-BLOCK_SAMPLERS = {"threshold": "threshold", "topk": "topk", "blocks": "topk",
+# = arguments' DIFFUSION_SAMPLERS and SAMPLERS; "ar" is generate's alone.
+DIFFUSION_SAMPLERS = ("ancestral", "confidence", "semi_ar", "threshold")
+SAMPLERS = DIFFUSION_SAMPLERS + ("ar",)
+# Former names, refused with the new one (= arguments.RENAMED_SAMPLERS): "topk" read as --top-k.
+RENAMED_SAMPLERS = {"topk": "confidence", "blocks": "semi_ar"}
+# On a block model every diffusion sampler runs inside the cached block decoder: "semi_ar" (the
+# confidence rule block by block) is then the same as "confidence".
+BLOCK_SAMPLERS = {"threshold": "threshold", "confidence": "confidence", "semi_ar": "confidence",
                   "ancestral": "ancestral"}
-DEFAULT_BLOCK_LENGTH = 32  # the blocks sampler of a full-sequence model (= arguments')
+DEFAULT_BLOCK_LENGTH = 32  # the semi_ar sampler of a full-sequence model (= arguments')
 
 
 DECODERS = {"canvas": "whole canvas per pass", "blocks": "cached blocks",
@@ -51,38 +56,45 @@ def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | Non
     (``prompt_ids``). Returns (tokens [L], src [L], span slice, dropped_first)."""
     head, lead = prompt_ids(model, prompt)
     suffix_ids = model.tokenizer.encode(suffix) if suffix else []
-    ids = head + [model.mask_token_id()] * length + suffix_ids
-    src = np.ones(len(ids), bool)
-    src[len(head):len(head) + length] = False
-    return np.asarray(ids, np.int32), src, slice(len(head), len(head) + length), lead
+    tokens, src = infill_canvas(head, length, model.mask_token_id(), suffix_ids)
+    return tokens, src, slice(len(head), len(head) + length), lead
 
 
-def sampler_call(sampler: str, *, steps: int, generated: int, block_length: int = 32,
-                 threshold: float = 0.9, ranking: str = "masked",
+def check_sampler(sampler: str, choices: tuple[str, ...] = SAMPLERS) -> None:
+    """``ValueError`` (one line) unless ``sampler`` is one of ``choices``; a former name is
+    refused with its new one."""
+    if sampler in RENAMED_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is now called {RENAMED_SAMPLERS[sampler]!r}")
+    if sampler not in choices:
+        raise ValueError(f"sampler {sampler!r} is not one of {', '.join(choices)}")
+
+
+def sampler_call(sampler: str, *, steps: int, generated: int,
+                 block_length: int = DEFAULT_BLOCK_LENGTH, threshold: float = 0.9,
+                 ranking: str = "masked",
                  confidence_temperature: float | None = None):
     """``(sampler function, its sampler-specific keyword arguments)`` for a sampler name;
-    ``generated``: positions to generate per row (the blocks sampler spends the total budget of
-    ``steps`` evenly over its blocks). ``ranking`` / ``confidence_temperature``: the topk
+    ``generated``: positions to generate per row (the semi_ar sampler spends the total budget of
+    ``steps`` evenly over its blocks). ``ranking`` / ``confidence_temperature``: the confidence
     sampler's reference-parity options (``sample_confidence``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
-    if sampler != "topk" and (ranking != "masked" or confidence_temperature is not None):
+    check_sampler(sampler)
+    if sampler != "confidence" and (ranking != "masked" or confidence_temperature is not None):
         raise ValueError("the reference ranking / tempered confidence options apply to the"
-                         " topk sampler only")
+                         " confidence sampler only")
     num_blocks = -(-generated // block_length)
     return {
         "ancestral": (sample_ancestral, dict(steps=steps)),
-        "topk": (sample_confidence, dict(steps=steps, ranking=ranking,
-                                         confidence_temperature=confidence_temperature)),
-        "blocks": (sample_semi_ar, dict(steps=max(1, steps // max(1, num_blocks)),
-                                        block_length=block_length)),
+        "confidence": (sample_confidence, dict(steps=steps, ranking=ranking,
+                                               confidence_temperature=confidence_temperature)),
+        "semi_ar": (sample_semi_ar, dict(steps=max(1, steps // max(1, num_blocks)),
+                                         block_length=block_length)),
         "threshold": (sample_threshold, dict(threshold=threshold)),
     }[sampler]
 
 
 def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: int,
-           temperature: float | None = None, top_p=None, top_k=None, block_length: int = 32,
-           threshold: float = 0.9):
+           temperature: float | None = None, top_p=None, top_k=None,
+           block_length: int = DEFAULT_BLOCK_LENGTH, threshold: float = 0.9):
     """Run a sampler on a batch of canvases; returns (SampleOutput as host arrays, seconds
     excluding compile). On a mesh the canvases are split over the batch shards (padded with copies
     of the first; a row's result does not depend on the rows beside it, so the padding is simply
@@ -110,14 +122,14 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
 
 def sampler_of(args, config) -> str:
     """The sampler ``args`` ask for (``--ar`` is ``--sampler ar``), with the model's default:
-    threshold decoding for a block model, topk otherwise."""
+    threshold decoding for a block model, confidence otherwise."""
     if args.ar:
         require(args.sampler in (None, "ar"), "--sampler", args.sampler,
                 "left out or ar with --ar")
         return "ar"
     if args.sampler is not None:
         return args.sampler
-    return "threshold" if config.block_size > 0 else "topk"
+    return "threshold" if config.block_size > 0 else "confidence"
 
 
 def decoder_of(args, config) -> str:
@@ -139,8 +151,9 @@ def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps:
     draws; ``width``: pad the prompts to at least this many columns. Returns (DecodeOutput as
     host arrays, seconds excluding compile; None unless ``timed``)."""
     config = model.config
+    check_sampler(sampler)
     if sampler == "ar":
-        n, rule, per_block = 1, "topk", 1
+        n, rule, per_block = 1, "confidence", 1
     else:
         if config.block_size < 1:
             raise ValueError("cached block decoding needs a block diffusion model (config"

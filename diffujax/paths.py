@@ -80,6 +80,14 @@ def copy_file(src, dst) -> None:
         shutil.copyfileobj(fin, fout, _CHUNK)
 
 
+def chmod_as_created(path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would (0666 / 0777 less the umask):
+    ``tempfile.mkdtemp`` and safetensors create theirs private to the owner."""
+    umask = os.umask(0)  # reading the umask means setting it: set it back at once
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def writing_file(dst) -> Iterator[pathlib.Path]:
     """Yield a local file name to write; on success it becomes ``dst`` (local: renamed into place,
@@ -315,9 +323,7 @@ def atomic_directory(dst, overwrite: bool = False, error=FileExistsError) -> Ite
     local.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(local)  # what a killed earlier attempt for the same dst left
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=scratch_prefix(local, "tmp"), dir=local.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    chmod_as_created(tmp, directory=True)
     try:
         yield epath.Path(tmp)
         if local.exists():

@@ -98,6 +98,21 @@ def test_help_default_is_the_value_used():
     assert args.seq_len == 1024 and args.seed == 0 and args.mesh == "auto"
 
 
+@pytest.mark.parametrize("command, required", [
+    ("generate", ["--checkpoint", "c"]),
+    ("tasks", ["--checkpoint", "c", "--task", "lambada", "--data", "d"])])
+@pytest.mark.parametrize("old, new", [("topk", "confidence"), ("blocks", "semi_ar")])
+def test_former_sampler_names_are_refused_with_the_new_one(capsys, command, required, old, new):
+    """No alias: a former name stops the command (exit 2) with one line naming the new name;
+    the new name parses."""
+    parser = cli.build_parser([command])
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args([command, *required, "--sampler", old])
+    assert done.value.code == 2
+    assert f"--sampler: the {old} sampler is now called {new}" in capsys.readouterr().err
+    assert parser.parse_args([command, *required, "--sampler", new]).sampler == new
+
+
 def test_version_is_the_package_metadata(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
@@ -108,4 +123,6 @@ def test_version_is_the_package_metadata(capsys):
 def test_sampler_names_agree_with_the_samplers():
     from diffujax import generate  # imports jax: only here, where the two lists are compared
     assert arguments.SAMPLERS == generate.SAMPLERS
+    assert arguments.DIFFUSION_SAMPLERS == generate.DIFFUSION_SAMPLERS
+    assert arguments.RENAMED_SAMPLERS == generate.RENAMED_SAMPLERS
     assert arguments.DEFAULT_BLOCK_LENGTH == generate.DEFAULT_BLOCK_LENGTH

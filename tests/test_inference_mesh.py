@@ -77,16 +77,16 @@ def _results(ckpt, text, mesh_shape=None):
     diffusion = evaluate(model, blocks, objective="diffusion", draws=2, batch_size=3, seed=1)
     ids, src, _, _ = build_canvas(model, "w1 w2 w3", 8, "w4 w5")
     canvas, srcs = np.tile(ids, (3, 1)), np.tile(src, (3, 1))  # 3 rows: padded to 4 on a mesh
-    topk, _ = sample(model, canvas, srcs, sampler="topk", steps=4, seed=0)
+    confidence, _ = sample(model, canvas, srcs, sampler="confidence", steps=4, seed=0)
     ancestral, _ = sample(model, canvas, srcs, sampler="ancestral", steps=4, seed=3)
-    return ar, diffusion, topk.tokens, ancestral.tokens
+    return ar, diffusion, confidence.tokens, ancestral.tokens
 
 
 @pytest.mark.parametrize("mesh_shape", list(MESHES.values()), ids=list(MESHES))
 def test_mesh_matches_single_device(files, mesh_shape):
     ckpt, text = files
-    ar, diffusion, topk, ancestral = _results(ckpt, text, mesh_shape)
-    ar_ref, diffusion_ref, topk_ref, ancestral_ref = _results(ckpt, text)
+    ar, diffusion, confidence, ancestral = _results(ckpt, text, mesh_shape)
+    ar_ref, diffusion_ref, confidence_ref, ancestral_ref = _results(ckpt, text)
     for est, ref in ((ar, ar_ref), (diffusion, diffusion_ref)):
         np.testing.assert_allclose(est.mean_nll, ref.mean_nll, rtol=1e-5)
         np.testing.assert_allclose(est.std_error, ref.std_error, rtol=1e-4)
@@ -94,11 +94,11 @@ def test_mesh_matches_single_device(files, mesh_shape):
     # 3 blocks; the diffusion estimate averages each block's 2 draws and counts blocks as units.
     assert ar_ref.num_sequences == diffusion_ref.num_sequences == 3
     assert diffusion_ref.num_draws == 2 and diffusion_ref.num_tokens == ar_ref.num_tokens
-    assert topk.shape == ancestral.shape == (3, topk_ref.shape[1])
-    np.testing.assert_array_equal(topk, topk_ref)
+    assert confidence.shape == ancestral.shape == (3, confidence_ref.shape[1])
+    np.testing.assert_array_equal(confidence, confidence_ref)
     np.testing.assert_array_equal(ancestral, ancestral_ref)
     assert len({tuple(row) for row in ancestral}) > 1  # the rows really drew different samples
-    assert not (topk == MASK).any()
+    assert not (confidence == MASK).any()
 
 
 def test_params_are_restored_into_their_shards(files):

@@ -48,6 +48,27 @@ def test_atomic_directory_success_and_failure(root):
     assert leftovers == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_what_mkdtemp_creates_private_gets_the_mode_open_and_mkdir_give(tmp_path, umask):
+    """Reference: the modes of a file and a directory made by plain ``open`` / ``mkdir`` under
+    the same umask; the umask is unchanged afterwards."""
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        with paths.atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "a.json").write_text("{}")
+        private = tmp_path / "private.bin"
+        private.touch(mode=0o600)
+        paths.chmod_as_created(private)
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "model") == mode(tmp_path / "plain_dir")
+    assert mode(private) == mode(tmp_path / "plain.txt")
+
+
 def test_writing_file_and_local_copy(root, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUJAX_CACHE", str(tmp_path / "cache"))
     dst = f"{root}/sub/data.bin"

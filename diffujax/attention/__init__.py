@@ -14,12 +14,13 @@ compiled function. Backends:
   length % 128 == 0.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; causal/full without
   blocks, no segment ids, bf16/f16.
-- ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern.
+- ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern. Experimental: never run
+  on a GPU (docs/kernels.md).
 - ``auto``: by the platform the program is built for (the active mesh's devices, so an abstract
   TPU topology on a CPU host counts as TPU). TPU: splash for causal/full (in blocks or not) when
   the length is a multiple of 128, else ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN
   where it applies, else ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not
-  measurements: see ``benchmarks/attention.py``.)
+  measurements: docs/kernels.md.)
 
 Block diffusion (docs/algorithms.md §9): a pattern's static ``block_size`` / ``stream_len``
 (one stream in blocks, or the two-stream ``[x_t ; x_0]`` input of length ``2 * stream_len``)

@@ -6,7 +6,7 @@ run config it is the ``model.attention`` section::
 
     model:
       attention:
-        backend: pallas_tpu          # auto | xla | pallas_tpu | splash | cudnn | pallas_gpu
+        backend: pallas_tpu  # auto | xla | pallas_tpu | splash | cudnn | pallas_gpu (experimental)
         tpu_block_sizes: {block_q: 1024, block_kv: 512}   # omitted: the per-chip defaults
         splash_block: 512
 

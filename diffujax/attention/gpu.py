@@ -18,13 +18,10 @@ blocks that can hold an open entry (``tiles.py``: exact for causal/full), all of
 conservative choice: no unmasked fast path for them here). ``dk/dv`` programs loop over the
 ``H // KVH`` query heads of their group and accumulate in registers: no repeated K/V.
 
-Block sizes are powers of two (Triton); defaults are untuned starting points for A100/H100
-(written and tested without a GPU, in interpret mode: run ``benchmarks/attention.py`` on the
-target GPU). f32 inputs use IEEE-precision dots (no TF32) to stay comparable with the reference.
-Verified without a GPU: numerics in interpret mode, and that all three kernels lower to Triton IR
-(``jax.export`` for platform ``cuda``, bf16/f32, D 64/128, groups of 3 and 4). Not verified:
-Triton's compilation to PTX and speed. Should the kernel fail on a GPU, ``backend="xla"`` (the
-reference with the dense mask) is the fallback for annealed patterns and segment ids.
+Block sizes are powers of two (Triton); the defaults are untuned starting points. f32 inputs use
+IEEE-precision dots (no TF32) to stay comparable with the reference.
+
+Experimental: the Pallas kernel has never run on a GPU (docs/kernels.md says what is verified).
 """
 
 from __future__ import annotations

@@ -88,9 +88,27 @@ def anneal_ratio(step, anneal_steps: int) -> jax.Array:
     return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / anneal_steps)
 
 
-def for_training(step, anneal_steps: int, seed=0, segment_ids=None) -> AttentionPattern:
-    """The pattern of training step ``step`` (docs/algorithms.md §3): full once the ramp is over."""
-    if anneal_steps <= 0:
+def anneal_end(anneal_steps: int) -> int:
+    """The first (0-based) training step at ``r = 1``, where the annealed pattern is all open:
+    ``anneal_steps - 1``; 0 without a ramp (``anneal_steps <= 1``)."""
+    return max(anneal_steps - 1, 0)
+
+
+def is_annealing(step: int, anneal_steps: int) -> bool:
+    """The annealing phase of (0-based) training step ``step``, on the host: True while the ramp
+    is below ``r = 1``. The train step takes it as a static argument, so the steps after the ramp
+    compile with the plain full pattern (``for_training(..., annealing=False)``)."""
+    return step < anneal_end(anneal_steps)
+
+
+def for_training(step, anneal_steps: int, seed=0, segment_ids=None, *,
+                 annealing: bool = True) -> AttentionPattern:
+    """The pattern of training step ``step`` (docs/algorithms.md §3). ``annealing`` is the phase
+    (``is_annealing``, static): ``False`` gives the plain full pattern, which computes what the
+    annealed pattern at ``r = 1`` computes but lets the kernels take their full-attention paths
+    (cuDNN, splash, no hash); ``True`` the annealed pattern at ``anneal_ratio(step)``, which is
+    all open from ``anneal_end`` on, so it is right at every step."""
+    if not annealing or anneal_steps <= 0:
         return full(segment_ids)
     return annealed(seed, step, anneal_ratio(step, anneal_steps), segment_ids)
 

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.attention.flash_common import pattern_scalars
 from diffujax.parallel.logical import QUERY as Q_NAMES  # q's dimensions [B, L, H, D]
-from diffujax.parallel.logical import active_rules, logical_to_spec
+from diffujax.parallel.logical import logical_to_spec
 
 
 def target_device():
@@ -113,7 +113,7 @@ def kernel_layout(q, k, rules=None) -> KernelLayout | None:
         return None
     b, _, h, _ = q.shape
     kvh = k.shape[2]
-    spec = logical_to_spec(Q_NAMES, active_rules() if rules is None else rules, sizes)
+    spec = logical_to_spec(Q_NAMES, rules, sizes)
     batch, heads = _axes(spec[0]), _axes(spec[2])
     if b % math.prod(sizes[a] for a in batch):
         batch = ()

@@ -1,7 +1,6 @@
 """JAX's bundled splash attention (Pallas TPU) behind the diffujax attention contract.
 
-When to prefer it (expectation, not measurement: this was written without TPU access; run
-``benchmarks/attention.py`` on the target chip and let the numbers decide):
+When to prefer it (an expectation, not a measurement: docs/kernels.md):
 
 - ``causal`` / ``full``, with or without segment ids: splash is Google's tuned production kernel
   (static block-sparsity tables, fused variants); it is the default of ``backend="auto"`` on TPU

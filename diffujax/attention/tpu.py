@@ -48,17 +48,8 @@ the reference (which spreads them uniformly), but none of the patterns produce t
 
 Block sizes are multiples of 128 by default (lanes); small multiples of 8 are accepted for tests
 in interpret mode. The per-chip defaults below are the largest that Mosaic compiles within the
-default scoped VMEM for head_dim 64 and 128, measured by ``benchmarks/tpu_block_sizes.py`` (with
-libtpu, no TPU needed); fitting is not speed: time them with ``benchmarks/attention.py`` on the
-chip.
-
-Verified without a TPU: numerics in both interpreters (``interpret=True`` and
-``pltpu.InterpretParams``); that every kernel lowers to Mosaic (``jax.export`` for platform
-``tpu``); and that libtpu compiles them, forward and backward under ``shard_map``, for v5e and
-v5p slices (``tests/tpu``: every pattern, segment ids, GQA/MQA, L 2048/8192, D 64/128, the
-two-stream block pattern). The hash's
-uint32 arithmetic lowers to plain signless i32 ``muli/xori/shrui`` and a signed compare, so
-``pattern_hash`` needed no int32 rewrite. Not verified: the speed on a chip.
+default scoped VMEM for head_dim 64 and 128 (``benchmarks/tpu_block_sizes.py``). What has been
+verified, and on what, is in docs/kernels.md.
 
 On a mesh, ``diffujax.attention.attention`` runs these kernels under ``jax.shard_map``
 (``sharded.py``). Called under a user's own ``shard_map(check_vma=True)`` they declare their

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 from typing import Iterator, Mapping
 
@@ -71,8 +70,6 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
     n = len(shards)
     files = [SAFETENSORS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map, total = {}, 0
-    umask = os.umask(0)
-    os.umask(umask)
     bar = console.progress(total=sum(map(len, shards)), desc="write", unit="tensor")
     for file, shard in zip(files, shards):
         arrays = {}
@@ -82,7 +79,7 @@ def write_safetensors(directory, tensors, max_shard_size="5GB") -> list[str]:
         try:
             with paths.writing_file(directory / file) as local:  # safetensors: local files
                 save_file(arrays, str(local), metadata={"format": "pt"})
-                os.chmod(local, 0o666 & ~umask)  # safetensors creates it 0600
+                paths.chmod_as_created(local)
         except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error type
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
             raise OSError(getattr(e, "errno", None) or errno.EIO, reason, file) from None

@@ -45,7 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffujax import paths
-from diffujax.data import files as F
+from diffujax.data.files import (expand, has_suffix, local_files, read_range, readable, size,
+                                 strip_compression)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def expand_paths(inputs, keep=None) -> list:
     """Files named by ``inputs``: files, directories (all non-hidden files below, sorted) and glob
     patterns, local or remote (``epath.Path`` objects). Anything that names nothing raises
     ``FileNotFoundError``."""
-    return F.expand(inputs, keep)[0]
+    return expand(inputs, keep)[0]
 
 
 def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
@@ -125,7 +126,7 @@ class _Source:
     def _list(self, paths_, suffixes: tuple[str, ...] | None = None) -> list[str]:
         """The files of ``paths_``; in directories, only those with ``suffixes`` (others are
         counted in the report)."""
-        found, ignored = F.expand(paths_, F.has_suffix(*suffixes) if suffixes else None)
+        found, ignored = expand(paths_, has_suffix(*suffixes) if suffixes else None)
         for path in ignored:
             self.report.skip("files of another format", path)
         self.report.files = len(found)
@@ -152,7 +153,7 @@ class _IndexedFiles(_Source):
     def __init__(self, inputs, errors: str, name: str):
         super().__init__(name, errors)
         self.paths = self._list(inputs, self.suffixes)
-        self._data = [F.readable(p) for p in self.paths]
+        self._data = [readable(p) for p in self.paths]
         file_idx, starts, ends, lines = [], [], [], []
         for i, path in enumerate(self.paths):
             for start, end, line in self._scan(path, self._data[i]):
@@ -173,8 +174,8 @@ class _IndexedFiles(_Source):
     def _read(self, index: int) -> tuple[str, str, int]:
         i = int(index)
         f = self._file[i]
-        data = F.read_range(self._data[f], int(self._start[i]),
-                            int(self._end[i] - self._start[i]))
+        data = read_range(self._data[f], int(self._start[i]),
+                          int(self._end[i] - self._start[i]))
         return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
 
     def _scan(self, path: str, data: str):
@@ -279,7 +280,7 @@ class JsonlSource(_IndexedFiles):
         return values[self.fields[0]] if self.single else values
 
     def _scan(self, path, data):
-        if F.size(data) == 0:
+        if size(data) == 0:
             self.report.skip("empty files", path)
             return
         with paths.resolve(data).open("rb") as f:
@@ -417,7 +418,7 @@ class ArrayRecordSource(_LazyRecords):
         super().__init__(f"array_record[{field or 'text'}]", field, errors)
         self.json = field is not None
         self.paths = self._list(paths, (".array_record", ".arrayrecord"))
-        local = F.local_files(self.paths)  # the reader opens local files only
+        local = local_files(self.paths)  # the reader opens local files only
         counts = []
         for path in local:
             reader = ArrayRecordReader(path)
@@ -518,7 +519,7 @@ class ArrowSource(_LazyRecords):
         for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
             self.paths += self._files(item, split)
         self.report.files = len(self.paths)
-        self._local = F.local_files(self.paths)
+        self._local = local_files(self.paths)
         self._tables: dict = {}
         counts = []
         for f, path in enumerate(self.paths):
@@ -610,7 +611,7 @@ class PretokenizedSource:
         self.report = SourceReport(f"pretokenized[{self.directory}]", files=len(shards),
                                    documents=self.meta["counts"]["records"])
         # The ArrayRecord reader opens local files: shards in a bucket are copied to the cache.
-        self._records = grain.sources.ArrayRecordDataSource(F.local_files(shards))
+        self._records = grain.sources.ArrayRecordDataSource(local_files(shards))
         if len(self._records) != self.meta["counts"]["records"]:
             raise DataError(f"{self.directory}: {len(self._records)} records on disk, metadata "
                             f"says {self.meta['counts']['records']}")
@@ -635,7 +636,7 @@ _SUFFIXES = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
 
 
 def _format_of(name: str) -> str:
-    name = F.strip_compression(name.lower())
+    name = strip_compression(name.lower())
     return next((fmt for suffix, fmt in _SUFFIXES if suffix in name), "text")
 
 
@@ -648,7 +649,7 @@ def guess_format(path: str) -> str:
             return "pretokenized"
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return "arrow"
-        found = {_format_of(f.name) for f in F.expand([os.fspath(p)])[0]}
+        found = {_format_of(f.name) for f in expand([os.fspath(p)])[0]}
         typed = sorted(found - {"text"})
         if len(typed) > 1:
             raise DataError(f"{p} holds files of several formats ({typed}); name the files (a "

@@ -18,9 +18,10 @@ The blocks complete in every row's prompt are prefilled in one pass; then, block
 
 Samplers inside a block (``steps`` is per block): ``threshold`` commits every masked position
 whose candidate is more likely than the threshold, at least the most confident one per pass
-(Fast-dLLM); ``topk`` the ``ceil(N / steps)`` most confident per pass; ``ancestral`` reveals
-each masked position with probability ``1 / (s + 1)`` at level ``s`` of ``steps``. Candidates
-come from ``sampling.draw_candidates`` (exact categorical draws, or greedy at temperature 0).
+(Fast-dLLM); ``confidence`` the ``ceil(N / steps)`` most confident per pass; ``ancestral``
+reveals each masked position with probability ``1 / (s + 1)`` at level ``s`` of ``steps``.
+Candidates come from ``sampling.draw_candidates`` (exact categorical draws, or greedy at
+temperature 0).
 
 With ``N = 1`` a block's only prediction is the carried logit, so it needs no denoising pass:
 the token is drawn as soon as that logit exists (after the prefill or the previous commit pass)
@@ -50,10 +51,10 @@ import jax
 import jax.numpy as jnp
 
 from diffujax.attention.pattern import full
-from diffujax.diffusion.sampling import (ancestral_rule, draw_candidates, forbid, threshold_rule,
-                                         top_k_rule)
+from diffujax.diffusion.sampling import (ancestral_rule, draw_candidates, forbid,
+                                         most_confident_rule, threshold_rule)
 
-SAMPLERS = ("threshold", "topk", "ancestral")
+SAMPLERS = ("threshold", "confidence", "ancestral")
 
 
 @jax.tree_util.register_dataclass
@@ -84,8 +85,8 @@ def block_rule(sampler: str, block_size: int, steps: int | None, threshold: floa
         return threshold_rule(threshold, None)
     if steps is None or steps < 1:
         raise ValueError(f"the {sampler} sampler needs steps >= 1 per block (got {steps})")
-    if sampler == "topk":
-        return top_k_rule(math.ceil(block_size / steps))
+    if sampler == "confidence":
+        return most_confident_rule(math.ceil(block_size / steps))
     return ancestral_rule(steps)
 
 

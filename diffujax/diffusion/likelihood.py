@@ -94,6 +94,13 @@ def ar_nll_terms(apply_fn: ApplyFn, params, tokens, *, pattern: AttentionPattern
     return nll, targets.sum(axis=1).astype(jnp.float32)
 
 
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 @dataclasses.dataclass(frozen=True)
 class NLLEstimate:
     """A per-token NLL with its uncertainty; ``perplexity`` is a bound for a diffusion model."""
@@ -106,13 +113,14 @@ class NLLEstimate:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
+        """``exp(mean_nll)``; ``inf`` past float range (a diverged model), not an overflow."""
+        return _exp(self.mean_nll)
 
     @property
     def perplexity_interval(self) -> tuple[float, float]:
         """95% interval, ``exp(mean +- 1.96 se)``."""
         half = 1.96 * self.std_error
-        return math.exp(self.mean_nll - half), math.exp(self.mean_nll + half)
+        return _exp(self.mean_nll - half), _exp(self.mean_nll + half)
 
     def __str__(self) -> str:
         low, high = self.perplexity_interval

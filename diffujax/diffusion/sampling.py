@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern, full
 from diffujax.diffusion.categorical import filter_logits, sample_categorical
@@ -35,6 +36,17 @@ class SampleOutput:
     row_forwards: jax.Array  # [B] int32: forward passes during which the row still had masks
     commit_step: jax.Array  # [B, L] int32: the pass that committed the position; -1 if fixed
     history: jax.Array | None = None  # [max_steps, B, L] canvas after each pass (record_history)
+
+
+# --- the canvas ----------------------------------------------------------------------------
+
+def infill_canvas(head, span: int, mask_token_id: int, tail=()) -> tuple[np.ndarray, np.ndarray]:
+    """One row to sample into, ``head + [mask] * span + tail`` (int32), and its ``src`` (True on
+    the fixed tokens: all but the span). ``head[0]`` must be a real token (the §1 shift)."""
+    tokens = np.asarray([*head, *[mask_token_id] * span, *tail], np.int32)
+    src = np.ones(len(tokens), bool)
+    src[len(head):len(head) + span] = False
+    return tokens, src
 
 
 # --- candidates ----------------------------------------------------------------------------
@@ -112,7 +124,7 @@ def _confidence_rule(steps, ranking="masked"):
     return rule
 
 
-def top_k_rule(per_pass):
+def most_confident_rule(per_pass):
     """The ``per_pass`` most confident masked positions of each row (all when fewer are left):
     the confidence ranking of block decoding (docs/algorithms.md §9)."""
     def rule(step, masked, confidence, keys, generate):
@@ -238,9 +250,10 @@ def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_toke
                       top_p: float | None = None, row_ids=None,
                       record_history: bool = False, ranking: str = "masked",
                       confidence_temperature: float | None = None) -> SampleOutput:
-    """MaskGIT-style "topk" (the reference's conditional sampler): after step ``T - s`` the
-    ``floor(N * s / T)`` masked positions whose candidates have the lowest log-probability stay
-    masked and the rest are committed. ``temperature=0`` is greedy and deterministic.
+    """Confidence ranking, MaskGIT style (the reference's conditional sampler): after step
+    ``T - s`` the ``floor(N * s / T)`` masked positions whose candidates have the lowest
+    log-probability stay masked and the rest are committed. ``temperature=0`` is greedy and
+    deterministic.
 
     Reference parity (``generate_samples`` of HKUNLP/DiffuLLaMA): ``ranking="all"`` ranks among
     all initially masked positions (see ``_confidence_rule``) and ``confidence_temperature=tau``

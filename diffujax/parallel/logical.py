@@ -84,8 +84,10 @@ def check_collisions(names, rules) -> None:
 
 def logical_to_spec(names, rules=None, mesh_axes=None) -> P:
     """PartitionSpec for a tuple of logical names; axes missing from the mesh or of size 1 are
-    skipped. Two names mapped onto one mesh axis are an error (``check_collisions``)."""
-    rules = dict(rules if rules is not None else (_RULES.get() or DEFAULT_RULES))
+    skipped. Two names mapped onto one mesh axis are an error (``check_collisions``).
+    ``rules=None``: the table in effect (``active_rules``), the one meaning of "no rules given"
+    for every caller that passes its ``rules`` on."""
+    rules = dict(active_rules() if rules is None else rules)
     check_collisions(names, rules)
     spec = []
     for name in names:

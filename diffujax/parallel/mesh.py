@@ -27,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.parallel.logical import BATCH as BATCH_AXES  # logical names of [B, L] batch arrays
-from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec
+from diffujax.parallel.logical import logical_to_spec
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -137,7 +137,7 @@ def spec_for(names, shape, mesh: Mesh, rules=None) -> P:
     """PartitionSpec of an array with logical axis ``names``; a mesh axis that does not divide its
     dimension is dropped (e.g. GPT-2's vocabulary of 50257 on ``tensor=2`` stays replicated)."""
     sizes = mesh_axis_sizes(mesh)
-    spec = logical_to_spec(names, DEFAULT_RULES if rules is None else rules, sizes)
+    spec = logical_to_spec(names, rules, sizes)
     out = []
     for dim, entry in zip(shape, spec):
         axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
@@ -151,7 +151,6 @@ def spec_for(names, shape, mesh: Mesh, rules=None) -> P:
 
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     """Sharding of ``[B, L]`` batch arrays: batch over ``data`` x ``fsdp`` (per the rules)."""
-    rules = DEFAULT_RULES if rules is None else rules
     return NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules, mesh_axis_sizes(mesh)))
 
 

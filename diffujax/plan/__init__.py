@@ -23,7 +23,7 @@ import sys
 from diffujax.config import load_config
 from diffujax.parallel.topology import parse_slice
 from diffujax.parallel.tpu_env import set_collective_flags
-from diffujax.plan import report as R
+from diffujax.plan.report import format_fit, format_report
 from diffujax.plan.analysis import Target, compile_program, make_target, plan
 from diffujax.plan.search import fit
 
@@ -39,12 +39,12 @@ def run_plan(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.json else None
     if args.fit:
         result = fit(cfg, topology, num_slices=args.num_slices, log=log)
-        print(json.dumps(result) if args.json else R.format_fit(result))
+        print(json.dumps(result) if args.json else format_fit(result))
         return 0 if result.get("best") else 1
     report = plan(cfg, topology, num_slices=args.num_slices, what=args.what, log=log)
     report["config"]["path"] = os.fspath(args.config)
     report["target"]["libtpu_flags"] = flags
-    print(json.dumps(report) if args.json else R.format_report(report))
+    print(json.dumps(report) if args.json else format_report(report))
     return 0 if report["fits"] else 1
 
 

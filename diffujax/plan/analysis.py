@@ -23,7 +23,7 @@ from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_device
 from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
-from diffujax.train import metrics as M
+from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
 from diffujax.train.step import training_dropout
 
 
@@ -175,7 +175,7 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
     if model_cfg is None:
         model_cfg, source = plan_model_config(cfg)
     target = make_target(cfg, topology, num_slices)
-    peak = M.peak_flops_per_device(target.device_kind)
+    peak = peak_flops_per_device(target.device_kind)
     accum = cfg.optimizer.grad_accum_steps
     report = dict(
         config=dict(seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
@@ -200,7 +200,7 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
     report["fits"] = all(p["memory"]["fits"] for p in report["programs"])
     if what == "train":
         tokens = cfg.data.global_batch * cfg.data.seq_len
-        flops = M.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+        flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
         report["model_flops_per_step"] = flops
         # The steady state: the full-attention step (the last train program).
         report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)

@@ -17,10 +17,11 @@ full bidirectional attention, ``train/metrics.py``) over the chips' peak during 
 
 The cached block decoder (``generate`` on a block model) is one ``while`` that stops on data; its
 body (one forward pass of a block against the KV cache, then the sampler's denoise or commit
-branch) is counted for the passes of a deterministic plan (``programs.decode_plan``: the ``topk``
-rule, a fixed number of passes per block), and both branches of that choice are charged on
-every pass: an upper bound on the sampler's share (both branches together: 8.6% of the XLA
-cycles for GPT-2 small on v5litepod-8, about a fifth on the tests' 0.1M-parameter model).
+branch) is counted for the passes of a deterministic plan (``programs.decode_plan``: the
+``confidence`` rule, a fixed number of passes per block), and both branches of that choice are
+charged on every pass: an upper bound on the sampler's share (both branches together: 8.6% of
+the XLA cycles for GPT-2 small on v5litepod-8, about a fifth on the tests' 0.1M-parameter
+model).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.checkpoint import store
+from diffujax.config import checked_mask_token, init_model_config
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
 from diffujax.models import KVCache, apply_fn_for, cached_fn_for
@@ -27,7 +29,7 @@ from diffujax.train.state import abstract_train_state, train_state_shardings
 from diffujax.train.step import make_eval_step, make_train_step, step_config
 
 # The default sampler of ``diffujax generate`` and its default number of passes.
-GENERATE_SAMPLER, GENERATE_STEPS = "topk", 64
+GENERATE_SAMPLER, GENERATE_STEPS = "confidence", 64
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ def plan_model_config(cfg):
         return cfg.resolve_model_config(), "model.init"
     path = cfg.model.checkpoint
     if path != "default" and not os.path.isdir(os.path.expanduser(path)) and cfg.plan.model:
-        return (cfg.resolve_model_config(cfg.plan.model_config()),
+        return (cfg.resolve_model_config(init_model_config(cfg.plan.model)),
                 f"plan.model (no checkpoint at {path})")
     path = cfg.model_checkpoint()
     try:
@@ -114,15 +116,14 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
               "batch": batch}
     d = cfg.diffusion
     # The program changes only where the block size or the annealing phase does.
-    changes = {0, max(d.anneal_steps - 1, 0)} | {step for step, _ in d.block_schedule}
+    changes = {0, anneal_end(d.anneal_steps)} | {step for step, _ in d.block_schedule}
     phases = {}
     for step in sorted(s for s in changes if s < cfg.train.steps):
         run_cfg = step_config(cfg, step)
-        rd = run_cfg.diffusion
-        phases.setdefault((rd.block_size, rd.anneal_steps), (step, run_cfg))
+        phases.setdefault((run_cfg.diffusion.block_size, is_annealing(step, d.anneal_steps)),
+                          (step, run_cfg))
     out = []
-    for (block, anneal), (step, run_cfg) in phases.items():
-        annealing = anneal > 0
+    for (block, annealing), (step, run_cfg) in phases.items():
         name = "train" if annealing or d.anneal_steps <= 0 else "train_full"
         text = ("train step, annealed mask" + f" (steps 1..{d.anneal_steps})" if annealing else
                 "train step, full attention" + (" (after annealing)" if d.anneal_steps > 0
@@ -131,7 +132,8 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
             name += f"_blocks{block}"
             text += f", blocks of {block} (from step {step})"
         train_step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-        out.append(Program(name, text, lambda s=train_step: s.lower(state, batch), inputs,
+        out.append(Program(name, text,
+                           lambda s=train_step, a=annealing: s.lower(state, batch, a), inputs,
                            "annealed" if annealing else "full", cfg.data.global_batch))
     return out
 
@@ -160,9 +162,7 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
     canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
     src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
     key = abstract_key(mesh)
-    mask_id = model_cfg.mask_token_id
-    if mask_id is None:
-        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+    mask_id = checked_mask_token(model_cfg)
 
     def lower():
         with jax.set_mesh(mesh), axis_rules(rules):
@@ -177,7 +177,7 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
 
 def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> dict:
     """What the planned cached decode does, worked out without running it: every row's prompt is
-    ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``topk`` rule with
+    ``seq_len // 4`` tokens and it generates the rest of ``seq_len``; the ``confidence`` rule with
     ``diffujax generate``'s split of ``steps`` over the blocks (``per_block``), so that every
     block takes a fixed number of passes (the threshold rule's depend on the logits). Passes
     (``decoding.py``): the prefill (when a whole block of prompt exists), per block
@@ -208,8 +208,8 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
                             ) -> Program:
     """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
     compiled ``while`` over denoising and commit passes, the KV cache donated) on one row per
-    batch shard, with the deterministic ``topk`` plan of ``decode_plan``; ``block_size=1``: the
-    AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
+    batch shard, with the deterministic ``confidence`` plan of ``decode_plan``; ``block_size=1``:
+    the AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
     n = model_cfg.block_size if block_size is None else block_size
     plan = decode_plan(cfg.data.seq_len, n)
     params = abstract_state(cfg, model_cfg, mesh, rules).params
@@ -222,24 +222,23 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
     cache_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.spec[0]))
     cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
     key = abstract_key(mesh)
-    mask_id = model_cfg.mask_token_id
-    if mask_id is None and n > 1:
-        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
+    mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
 
     def lower():
         with jax.set_mesh(mesh), axis_rules(rules):
             return decode_blocks.lower(
                 cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
                 new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
-                sampler="topk", steps=plan["steps_per_block"])
+                sampler="confidence", steps=plan["steps_per_block"])
 
     sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"
              " shard")
     if n == 1:
         name, text = "generate_ar", f"AR KV-cache decoder, greedy; {sizes}"
     else:
-        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler 'topk'"
-                                         f" {plan['steps_per_block']} passes per block; {sizes}")
+        name, text = "generate_cached", (f"cached block decoder, blocks of {n}, sampler"
+                                         f" 'confidence' {plan['steps_per_block']} passes per"
+                                         f" block; {sizes}")
     return Program(name, text, lower, {"params": params, "batch": {"prompt": prompt},
                                        "cache": cache}, "cached", rows, decode=plan)
 

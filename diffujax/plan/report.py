@@ -86,7 +86,7 @@ def _decode_estimate(p: dict, chips: int) -> list[str]:
         return [f"  no estimate: {e['source']}"]
     how = ("the prefill, then one commit pass per token after the first" if d["block_size"] == 1
            else f"the prefill of the prompt's whole blocks, then per block of {d['block_size']}"
-           f" its topk denoising passes ({d['steps_per_block']} allowed) and a commit pass")
+           f" its confidence denoising passes ({d['steps_per_block']} allowed) and a commit pass")
     return [
         f"  ESTIMATE ({e['source']}; not a measurement): one decode call {e['step_seconds']:.4f}"
         f" s for {p['rows']} rows x {d['new_tokens']} new tokens: {e['tokens_per_second']:,.0f}"

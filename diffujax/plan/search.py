@@ -16,7 +16,7 @@ from diffujax.parallel.mesh import batch_shard_count
 from diffujax.plan.analysis import compile_program, make_target
 from diffujax.plan.estimate import estimate_step
 from diffujax.plan.programs import plan_model_config, train_programs
-from diffujax.train import metrics as M
+from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
 
 REMATS = ("none", "dots", "full")
 
@@ -38,9 +38,9 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log
     log = log or (lambda msg: None)
     model_cfg, _ = plan_model_config(cfg)
     target = make_target(cfg, topology, num_slices)
-    peak = M.peak_flops_per_device(target.device_kind)
+    peak = peak_flops_per_device(target.device_kind)
     tokens = cfg.data.global_batch * cfg.data.seq_len
-    model_flops = M.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+    model_flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
     choices = accumulation_choices(cfg.data.global_batch,
                                    batch_shard_count(target.mesh, target.rules))
     tried: list[dict] = []

@@ -25,7 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
-from diffujax.generate import decode, sampler_call
+from diffujax.generate import DEFAULT_BLOCK_LENGTH, decode, sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
@@ -227,10 +227,11 @@ class Engine:
 
     # --- decoding ------------------------------------------------------------------------------
 
-    def diffusion_decode(self, rows, *, sampler: str = "topk", steps: int = 32,
+    def diffusion_decode(self, rows, *, sampler: str = "confidence", steps: int = 32,
                          temperature: float = 0.0, top_k=None, top_p=None,
                          ranking: str = "masked", confidence_temperature=None,
-                         block_length: int = 32, threshold: float = 0.9) -> list[list[int]]:
+                         block_length: int = DEFAULT_BLOCK_LENGTH,
+                         threshold: float = 0.9) -> list[list[int]]:
         """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
         span of every row (token lists). ``steps`` is the number of denoising passes. On a
         block diffusion model the sampler runs inside the cached block decoder."""

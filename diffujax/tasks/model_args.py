@@ -12,7 +12,7 @@ import math
 
 from diffujax.checkpoint.hf_read import DTYPES
 from diffujax.diffusion.sampling import RANKINGS
-from diffujax.generate import SAMPLERS
+from diffujax.generate import DIFFUSION_SAMPLERS, RENAMED_SAMPLERS
 
 OBJECTIVES = ("diffusion", "ar")
 SCORES = ("reference", "mc")
@@ -39,6 +39,12 @@ def _optional(check):
 
 def _one_of(choices):
     return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def _sampler(v):
+    if v in RENAMED_SAMPLERS:
+        return f"is now called {RENAMED_SAMPLERS[v]}"
+    return _one_of(DIFFUSION_SAMPLERS)(v)
 
 
 def _float_at_least(low: float, strict: bool = False):
@@ -68,7 +74,7 @@ CHECKS = {
     "levels": _at_least(1),
     "mc_num": _at_least(1),
     "rolling_draws": _at_least(1),
-    "sampler": _one_of(tuple(s for s in SAMPLERS if s != "ar")),  # "ar": generate's alone
+    "sampler": _sampler,
     "steps": _optional(_at_least(1)),
     "temperature": _float_at_least(0.0),
     "ranking": _one_of(RANKINGS),
@@ -88,7 +94,7 @@ CHECKS = {
 
 
 DEFAULTS = dict(objective="diffusion", score="reference", levels=32, mc_num=128, rolling_draws=8,
-                sampler="topk", steps=None, temperature=0.0, ranking="masked",
+                sampler="confidence", steps=None, temperature=0.0, ranking="masked",
                 confidence_temperature=None, batch_size=8, seed=0, dtype=None, mesh="auto",
                 max_length=None, max_gen_toks=256, add_bos_token=False)
 

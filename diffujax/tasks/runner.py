@@ -17,6 +17,7 @@ import sys
 
 from tqdm import tqdm
 
+from diffujax.generate import DIFFUSION_SAMPLERS, check_sampler
 from diffujax.tasks import metrics
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine
@@ -30,7 +31,7 @@ class Settings:
     seed: int = 0
     num_levels: int = 32  # multiple-choice score levels T
     steps: int | None = None  # denoising passes (None: the task's default)
-    sampler: str = "topk"
+    sampler: str = "confidence"
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
@@ -55,8 +56,10 @@ class Settings:
                 raise ValueError(f"{name} {value}: must be > 0")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
-        if self.reference and self.sampler != "topk":
-            raise ValueError("--reference-parity uses the reference's topk sampler: drop --sampler")
+        check_sampler(self.sampler, DIFFUSION_SAMPLERS)
+        if self.reference and self.sampler != "confidence":
+            raise ValueError("--reference-parity uses the reference's confidence sampler: drop"
+                             " --sampler")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffujax.diffusion.sampling import sample_ancestral
+from diffujax.diffusion.sampling import infill_canvas, sample_ancestral
 from diffujax.parallel.mesh import data_shard, make_global_batch, to_host
 from diffujax.train.data import build_data, source_reports
 from diffujax.train.step import heldout_nll, make_eval_step
@@ -55,7 +55,7 @@ class Evaluator:
             return None
         # The same key every time: the same noise, comparable numbers from one eval to the next.
         est = heldout_nll(self.step, params, self.batches, self.key)
-        out = {"nelbo": est.mean_nll, "ppl_bound": math.exp(min(est.mean_nll, 700.0)),
+        out = {"nelbo": est.mean_nll, "ppl_bound": est.perplexity,
                "tokens": float(est.num_tokens), "draws": est.num_draws}
         if math.isfinite(est.std_error):  # over sequences, as `diffujax eval` reports it
             out["nelbo_se"] = est.std_error
@@ -67,10 +67,8 @@ class Evaluator:
         if first is None:
             raise ValueError(f"tokenizer {tok.path} has no BOS or EOS token to start samples with")
         length = min(self.cfg.data.seq_len, SAMPLE_LEN)
-        canvas = np.full((NUM_SAMPLES, length), mc.mask_token_id, np.int32)
-        canvas[:, 0] = first
-        src = np.zeros(canvas.shape, bool)
-        src[:, 0] = True
+        row, fixed = infill_canvas([first], length - 1, mc.mask_token_id)
+        canvas, src = np.tile(row, (NUM_SAMPLES, 1)), np.tile(fixed, (NUM_SAMPLES, 1))
         out = sample_ancestral(self.apply_fn, params, canvas, src,
                                jax.random.fold_in(self.key, 1_000_000 + step),
                                mask_token_id=mc.mask_token_id, steps=min(length, SAMPLE_STEPS))

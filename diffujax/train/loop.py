@@ -30,13 +30,15 @@ import jax
 import numpy as np
 
 from diffujax import paths
+from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.config import load_config, to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.parallel import tpu_env
 from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
                                     maybe_initialize_distributed)
 from diffujax.parallel.topology import parse_slice
-from diffujax.train import metrics as M
+from diffujax.train.metrics import (RunLogger, StepProfiler, Throughput, WriterError,
+                                    matmul_params, peak_flops_per_device, train_flops_per_token)
 from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
@@ -196,29 +198,30 @@ class _Run:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
-        self._steps = {}  # (block size, anneal_steps) -> the compiled step of those steps
+        self._steps = {}  # block size -> the step function of those steps (both phases)
         self._block_size = None  # of the last step run
+        self._annealing = None  # the phase of the last step run
         self._apply_fn = apply_fn
 
-        self.logger = M.RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
-                                  tensorboard=lg.tensorboard, wandb=lg.wandb,
-                                  run_config=to_dict(cfg))
+        self.logger = RunLogger(out_dir, total_steps=cfg.train.steps, start_step=self.start,
+                                tensorboard=lg.tensorboard, wandb=lg.wandb,
+                                run_config=to_dict(cfg))
         for line in notes + source_reports(sources) + self.evaluator.reports:
             self.logger.message(line)
         seq_len = cfg.data.seq_len
         self.tokens_per_step = cfg.data.global_batch * seq_len
-        flops = M.train_flops_per_token(self.model_cfg, seq_len)
-        peak = M.peak_flops_per_device()
-        self.throughput = M.Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
-                                       total_steps=cfg.train.steps, peak_per_device=peak)
+        flops = train_flops_per_token(self.model_cfg, seq_len)
+        peak = peak_flops_per_device()
+        self.throughput = Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
+                                     total_steps=cfg.train.steps, peak_per_device=peak)
         self.logger.message(
-            f"model: {self.model_cfg.family}, {M.matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
+            f"model: {self.model_cfg.family}, {matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
             f" params, {flops / 1e9:.3f} GFLOP/token; mesh"
             f" {dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))} of"
             f" {jax.devices()[0].device_kind}; peak"
             f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
-        self.profiler = M.StepProfiler(out_dir / "tensorboard", lg.profile_steps)
+        self.profiler = StepProfiler(out_dir / "tensorboard", lg.profile_steps)
         self.meta = {"model_config": model_config_to_meta(self.model_cfg),
                      "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len,
                      "data_sources": self.data_sources}
@@ -252,11 +255,12 @@ class _Run:
             self.data_iter.set_state(restored.data_state)
 
     def _step_fn(self):
-        """The compiled step for the next step (``step_config``). Once the annealing ramp has
-        reached r = 1 the pattern is all open; a second step compiled with the plain full pattern
-        computes the same numbers but lets the kernels take their full-attention paths (cuDNN,
-        splash, no hash). Each block size of ``diffusion.block_schedule`` compiles its own step
-        the first time it comes into force (docs/algorithms.md §9)."""
+        """``(step function, annealing phase)`` of the next step (``step_config``,
+        ``pattern.is_annealing``). Once the annealing ramp has reached r = 1 the phase is off and
+        the step compiles again with the plain full pattern (the same numbers, the kernels'
+        full-attention paths: cuDNN, splash, no hash). Each block size of
+        ``diffusion.block_schedule`` has its own step function, made the first time it comes
+        into force (docs/algorithms.md §9)."""
         run_cfg = step_config(self.cfg, self.step)
         d = run_cfg.diffusion
         if d.block_size != self._block_size:
@@ -265,11 +269,16 @@ class _Run:
                 self.logger.message(f"step {self.step}: training on {what}"
                                      " (diffusion.block_size / block_schedule)")
             self._block_size = d.block_size
-        key = (d.block_size, d.anneal_steps)
-        if key not in self._steps:
-            self._steps[key] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
-                                               self.mesh, self.rules)
-        return self._steps[key]
+        annealing = is_annealing(self.step, d.anneal_steps)
+        if not annealing and self._annealing is not False and anneal_end(d.anneal_steps) > 0:
+            self.logger.message(f"after step {self.step}: the attention mask is all open"
+                                f" (diffusion.anneal_steps={d.anneal_steps}); full attention"
+                                " from here")
+        self._annealing = annealing
+        if d.block_size not in self._steps:
+            self._steps[d.block_size] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
+                                                        self.mesh, self.rules)
+        return self._steps[d.block_size], annealing
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -292,7 +301,8 @@ class _Run:
                     break
                 batch = make_global_batch(local, self.mesh, self.rules)
                 self.profiler.before(self.step + 1)
-                self.state, metrics = self._step_fn()(self.state, batch)
+                train_step, annealing = self._step_fn()
+                self.state, metrics = train_step(self.state, batch, annealing)
                 if self.profiler.after(self.step + 1, metrics):
                     self.logger.message(f"profile of steps {self.profiler.first}.."
                                         f"{self.profiler.last} written to"
@@ -320,7 +330,7 @@ class _Run:
                 self._undo_halted_step()
             else:
                 stop = self._consume_pending() or stop
-        except (M.WriterError, SaveFailed) as e:
+        except (WriterError, SaveFailed) as e:
             # The metrics of the steps since the last checkpoint may be incomplete: resuming
             # from that checkpoint redoes them, so it is the state to keep (it is on disk).
             raise self._writer_failed(e) from None
@@ -334,7 +344,7 @@ class _Run:
         except SaveFailed as e:
             raise self._writer_failed(e) from None
 
-    def _writer_failed(self, error) -> M.WriterError:
+    def _writer_failed(self, error) -> WriterError:
         try:
             if self.ckpt.failed is None:
                 self.ckpt.wait()
@@ -344,8 +354,8 @@ class _Run:
             last = None
         where = (f"checkpoint {self.ckpt.directory / str(last)} is intact" if last is not None
                  else "no checkpoint was saved yet")
-        return M.WriterError(f"{error}; {where}: free the space (or fix the disk) and run the"
-                             " same command again to resume")
+        return WriterError(f"{error}; {where}: free the space (or fix the disk) and run the"
+                           " same command again to resume")
 
     def _evaluate(self, **which):
         if not eval_due(self.cfg, self.step):

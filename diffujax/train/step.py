@@ -1,13 +1,15 @@
 """The compiled training and evaluation steps.
 
     step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-    state, metrics = step(state, batch)        # batch: make_global_batch(local_numpy, mesh, rules)
+    # batch: make_global_batch(local_numpy, mesh, rules); the phase: pattern.is_annealing
+    state, metrics = step(state, batch, is_annealing(step_index, anneal_steps))
 
 One ``jax.jit`` per step function, with explicit in/out shardings and the state donated. Inside:
 
 - the step's noise key is ``fold_in(rng, step)`` and the attention pattern is
-  ``for_training(step, anneal_steps, anneal_seed)``: both follow from the state alone, so a run is
-  reproducible and resumes exactly;
+  ``for_training(step, anneal_steps, anneal_seed, annealing=...)``: both follow from the state
+  and the phase, itself a function of the step (``pattern.is_annealing``), so a run is
+  reproducible and resumes exactly; the phase is a static argument, one program each;
 - the objective is the full-sequence one (docs/algorithms.md §2) or, with
   ``diffusion.block_size``, the block NELBO (§9); the block size is static, so a run with a
   ``diffusion.block_schedule`` compiles one step per block size (``step_config`` says which);
@@ -23,6 +25,7 @@ One ``jax.jit`` per step function, with explicit in/out shardings and the state 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -31,6 +34,7 @@ import numpy as np
 import optax
 
 from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
+from diffujax.config import checked_mask_token
 from diffujax.diffusion.blocks import block_diffusion_loss_sums, effective_block_size
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.objective import diffusion_loss_sums
@@ -62,12 +66,6 @@ class CompiledStep:
 
 def _rules(run_cfg, rules):
     return run_cfg.mesh.rule_table() if rules is None else tuple(rules)
-
-
-def _mask_token_id(model_cfg) -> int:
-    if model_cfg.mask_token_id is None:
-        raise ValueError("the model config has no mask_token_id: set diffusion.mask_token_id")
-    return int(model_cfg.mask_token_id)
 
 
 log = logging.getLogger(__name__)
@@ -113,34 +111,26 @@ def training_dropout(run_cfg, model_cfg) -> bool:
     return bool(rates["embd_pdrop"] or rates["resid_pdrop"])
 
 
-def after_annealing(run_cfg):
-    """The run config of the steps after the annealing ramp (r = 1): the same step with the plain
-    full pattern, which computes the same numbers but lets the attention kernels take their
-    full-attention paths."""
-    return dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion,
-                                                                      anneal_steps=0))
-
-
 def step_config(run_cfg, step: int):
-    """The run config of the program that runs (0-based) training step ``step``: the block size
-    the schedule has in force then (``diffusion.block_schedule`` resolved: the block size is
-    static, one compiled step per distinct size, docs/algorithms.md §9) and, once the annealing
-    ramp has reached r = 1, ``after_annealing``. Steps with equal ``(block_size, anneal_steps)``
-    run the same program."""
+    """The run config of the step function that runs (0-based) training step ``step``: the block
+    size the schedule has in force then (``diffusion.block_schedule`` resolved: the block size is
+    static, one step function per distinct size, docs/algorithms.md §9). The annealing phase is
+    not in the config: it is the step function's static argument (``pattern.is_annealing``)."""
     d = run_cfg.diffusion
-    cfg = dataclasses.replace(run_cfg, diffusion=dataclasses.replace(
+    return dataclasses.replace(run_cfg, diffusion=dataclasses.replace(
         d, block_size=run_cfg.block_size_at(step), block_schedule=()))
-    if d.anneal_steps > 0 and step + 1 >= d.anneal_steps:
-        cfg = after_annealing(cfg)
-    return cfg
 
 
 def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
-    """``step(state, batch) -> (state, metrics)``, compiled once for the batch's shapes.
+    """``step(state, batch, annealing=True) -> (state, metrics)``, compiled once for the batch's
+    shapes and each phase.
 
     ``batch`` holds global ``[B, L]`` arrays: ``tokens`` and optionally ``src`` (SFT prompt, never
     noised), ``loss_mask``, ``segment_ids`` (used when ``diffusion.segment_ids``) and
-    ``positions``. ``metrics`` are replicated float32/int32 scalars.
+    ``positions``. ``metrics`` are replicated float32/int32 scalars. ``annealing`` (static): the
+    phase, ``pattern.is_annealing(step, diffusion.anneal_steps)``; ``True`` is right at any step
+    (the annealed pattern at ``r = 1`` is all open), ``False`` after the ramp lets the attention
+    take its full-attention paths (``pattern.for_training``).
 
     Non-finite steps are skipped here, not with ``optax.apply_if_finite``: that wrapper looks
     at the updates only (not the loss), keeps its counters inside the optimizer state (the loop
@@ -158,7 +148,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     rules = _rules(run_cfg, rules)
     d, opt = run_cfg.diffusion, run_cfg.optimizer
     accum = opt.grad_accum_steps
-    mask_id = _mask_token_id(model_cfg)
+    mask_id = checked_mask_token(model_cfg)
     optimizer = optimizer_for(run_cfg, model_cfg)
     schedule = make_schedule(opt, run_cfg.train.steps)
     max_bad_steps = run_cfg.train.max_bad_steps
@@ -167,12 +157,13 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     shards = batch_shard_count(mesh, rules)
     dropout = training_dropout(run_cfg, model_cfg)
 
-    def micro_loss(params, frozen, mb, key, step, row_offset, global_batch):
+    def micro_loss(params, frozen, mb, key, step, row_offset, global_batch, *, annealing):
         """The micro-batch's loss sums; gradients are taken for ``params`` (the trained tree)
         only: ``frozen`` is LoRA's base (None when every weight trains)."""
         params = params if frozen is None else lora.join(frozen, params)
         pattern = for_training(step, d.anneal_steps, d.anneal_seed,
-                               mb.get("segment_ids") if d.segment_ids else None)
+                               mb.get("segment_ids") if d.segment_ids else None,
+                               annealing=annealing)
         # dropout from the step's key and the micro-batch: resuming redraws the same masks
         dropout_key = (jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM), row_offset)
                        if dropout else None)
@@ -194,9 +185,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
             row_offset=row_offset, global_batch=global_batch)
         return sums.weighted, sums
 
-    grad_fn = jax.grad(micro_loss, has_aux=True)
-
-    def accumulate(params, frozen, batch, key, step):
+    def accumulate(grad_fn, params, frozen, batch, key, step):
         """Sum of numerator gradients (for ``params``) and of loss sums over the
         micro-batches."""
         rows = batch["tokens"].shape[0]
@@ -226,9 +215,11 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum, dtype=jnp.int32), micro_batches))
         return total
 
-    def step_fn(state: TrainState, batch):
+    def step_fn(state: TrainState, batch, annealing: bool = True):
         key = jax.random.fold_in(state.key(), state.step)
-        grad_sums, sums = accumulate(state.params, state.frozen, batch, key, state.step)
+        grad_fn = jax.grad(functools.partial(micro_loss, annealing=annealing), has_aux=True)
+        grad_sums, sums = accumulate(grad_fn, state.params, state.frozen, batch, key,
+                                     state.step)
         # The denominators (noised or target token counts) do not depend on the params.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums.denominator, 1e-9), grad_sums)
         grad_norm = optax.tree.norm(grads)
@@ -261,7 +252,8 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
                        total_bad_steps=total_bad, halted=halted.astype(jnp.int32))
         return new_state, metrics
 
-    return CompiledStep(step_fn, mesh, rules, in_shardings=(state_sh, batch_sh),
+    return CompiledStep(step_fn, mesh, rules, static_argnums=(2,),
+                        in_shardings=(state_sh, batch_sh),
                         out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
@@ -281,7 +273,7 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
         raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")
     rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
-    mask_id = _mask_token_id(model_cfg) if kind == "elbo" else None
+    mask_id = checked_mask_token(model_cfg) if kind == "elbo" else None
     params_sh = model_param_shardings(run_cfg, model_cfg, mesh, rules)
 
     def eval_fn(params, batch, key, row_offset, rows):
@@ -321,5 +313,4 @@ def heldout_nll(eval_step: CompiledStep, params, batches, key, *, kind: str = "e
                          num_draws=0 if kind == "ar" else 1)
 
 
-__all__ = ["CompiledStep", "after_annealing", "heldout_nll", "make_eval_step", "make_train_step",
-           "step_config"]
+__all__ = ["CompiledStep", "heldout_nll", "make_eval_step", "make_train_step", "step_config"]

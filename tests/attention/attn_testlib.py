@@ -6,19 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffujax.attention import pattern as P
+from diffujax.attention.pattern import AttentionPattern, annealed, causal, full
 from diffujax.attention.reference import reference_attention
 
 PATTERN_NAMES = ("causal", "full", "annealed_r0", "annealed_r0.3", "annealed_r1")
 
 
-def make_pattern(name: str, segment_ids=None, seed: int = 11, step: int = 5) -> P.AttentionPattern:
+def make_pattern(name: str, segment_ids=None, seed: int = 11, step: int = 5) -> AttentionPattern:
     if name == "causal":
-        return P.causal(segment_ids)
+        return causal(segment_ids)
     if name == "full":
-        return P.full(segment_ids)
+        return full(segment_ids)
     ratio = float(name.split("_r")[1])
-    return P.annealed(seed, step, ratio, segment_ids)
+    return annealed(seed, step, ratio, segment_ids)
 
 
 def segment_ids(batch: int, length: int) -> jax.Array:
@@ -50,7 +50,7 @@ BLOCKED_CASES = [("blocks6-full-seg", "full", 6, 0, True),
                  ("two-stream-b6-annealed-seg", "annealed_r0.3", 6, 20, True)]
 
 
-def blocked_pattern(case, batch: int, length: int) -> P.AttentionPattern:
+def blocked_pattern(case, batch: int, length: int) -> AttentionPattern:
     _, name, block, stream, segmented = case
     seg = None
     if segmented:

@@ -5,7 +5,7 @@ this pins ``dense_mask`` itself)."""
 import numpy as np
 import pytest
 
-from diffujax.attention import pattern as P
+from diffujax.attention.pattern import AttentionPattern, _floor_div, dense_mask, pattern_hash
 
 
 def _inside(kind, threshold, q, k):
@@ -14,7 +14,7 @@ def _inside(kind, threshold, q, k):
         return True
     if kind == "causal":
         return False
-    return int(P.pattern_hash(3, 9, q, k)) >> 8 < threshold
+    return int(pattern_hash(3, 9, q, k)) >> 8 < threshold
 
 
 def _brute(kind, threshold, n, s, length):
@@ -39,13 +39,13 @@ def _brute(kind, threshold, n, s, length):
 @pytest.mark.parametrize("block,stream,length", [(6, 20, 40), (8, 20, 40), (5, 20, 40),
                                                  (6, 0, 40)])
 def test_block_masks_equal_the_rule_written_out(kind, block, stream, length):
-    pattern = P.AttentionPattern(kind, 3, 9, 1 << 23).with_blocks(block, stream)
+    pattern = AttentionPattern(kind, 3, 9, 1 << 23).with_blocks(block, stream)
     want = _brute(kind, 1 << 23, block, stream, length)
-    np.testing.assert_array_equal(np.asarray(P.dense_mask(pattern, length)), want)
+    np.testing.assert_array_equal(np.asarray(dense_mask(pattern, length)), want)
 
 
 def test_block_index_is_floor_division():
     """The kernels' division (no ``sign``, for Mosaic) is Python's ``//``, negatives included."""
     x = np.arange(-50, 50, dtype=np.int32)
     for n in (1, 3, 8, 20):
-        np.testing.assert_array_equal(np.asarray(P._floor_div(x, n)), x // n)
+        np.testing.assert_array_equal(np.asarray(_floor_div(x, n)), x // n)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from attn_testlib import make_pattern, segment_ids
-from diffujax.attention import gpu, tpu, pattern as P
+from diffujax.attention import gpu, tpu
+from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, dense_mask
 
 LENGTH, PADDED = 40, 48
 EXACT = ("causal", "full", "annealed_r0", "annealed_r1")  # no hashed entry may be open
@@ -19,9 +20,9 @@ EXACT = ("causal", "full", "annealed_r0", "annealed_r1")  # no hashed entry may 
 
 def _truth(pattern, length=LENGTH, padded=PADDED):
     dense = np.zeros((padded, padded), bool)
-    plain = P.AttentionPattern(pattern.kind, pattern.seed, pattern.step, pattern.threshold,
-                               block_size=pattern.block_size, stream_len=pattern.stream_len)
-    dense[:length, :length] = np.asarray(P.dense_mask(plain, length))
+    plain = AttentionPattern(pattern.kind, pattern.seed, pattern.step, pattern.threshold,
+                             block_size=pattern.block_size, stream_len=pattern.stream_len)
+    dense[:length, :length] = np.asarray(dense_mask(plain, length))
     return dense
 
 
@@ -58,12 +59,12 @@ def _check_tpu(pattern, bq, bkv, length=LENGTH, padded=PADDED, quadrant_exact=Fa
     assert not (any_open & ~run).any(), "an open tile is skipped"
     assert not (~mask & ~all_open).any(), "a tile with closed entries is not masked"
     name = pattern.kind if pattern.kind != "annealed" else f"annealed_r{float(pattern.threshold)}"
-    if pattern.kind != "annealed" or int(pattern.threshold) in (0, P.FULL_THRESHOLD):
+    if pattern.kind != "annealed" or int(pattern.threshold) in (0, FULL_THRESHOLD):
         np.testing.assert_array_equal(run, any_open, err_msg=f"{name}: skipping not maximal")
     if quadrant_exact and pattern.segment_ids is None:
         real = ((i + 1) * bq <= length) & ((j + 1) * bkv <= length)
         pure = _pure_tiles(pattern, bq, bkv, padded) & real
-        if pattern.kind != "annealed" or int(pattern.threshold) in (0, P.FULL_THRESHOLD):
+        if pattern.kind != "annealed" or int(pattern.threshold) in (0, FULL_THRESHOLD):
             np.testing.assert_array_equal(~mask[pure], all_open[pure])
     # DMA: a running step loads its own tile; a skipped one the tile already resident (the
     # previous step's) or, before the first running tile, that tile.
@@ -143,7 +144,7 @@ def test_tpu_block_status_unpadded_big_tiles(block, stream):
 def _check_gpu_ranges(pattern, bq, bkv):
     dense, cfg = _truth(pattern), _cfg(gpu, pattern, bq, bkv)
     thr = jnp.int32(pattern.threshold)
-    exact = pattern.kind != "annealed" or int(pattern.threshold) in (0, P.FULL_THRESHOLD)
+    exact = pattern.kind != "annealed" or int(pattern.threshold) in (0, FULL_THRESHOLD)
     nk, nq = -(-LENGTH // bkv), -(-LENGTH // bq)
     for i in range(nq):
         rows = dense[i * bq:min((i + 1) * bq, LENGTH)]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from attn_testlib import make_inputs, make_pattern
-from diffujax import attention as A
+from diffujax.attention import (AttentionConfig, TpuBlockSizes, attention, dense_mask,
+                                reference_attention, resolve_backend)
 
 
 def numpy_attention(q, k, v, mask):
@@ -30,30 +31,30 @@ def test_auto_on_cpu_computes_attention(name):
     must open more than causal and less than full."""
     q, k, v, _ = make_inputs(2, 24, 4, 2, 8)
     pattern = make_pattern(name)
-    assert A.resolve_backend(q, k, pattern) == "xla"
+    assert resolve_backend(q, k, pattern) == "xla"
     tril = np.tril(np.ones((24, 24), bool))
     mask = {"causal": tril, "full": np.ones((24, 24), bool)}.get(name)
     if mask is None:
-        mask = np.asarray(A.dense_mask(pattern, 24))
+        mask = np.asarray(dense_mask(pattern, 24))
         assert (mask >= tril).all() and tril.sum() < mask.sum() < mask.size
-    np.testing.assert_allclose(A.attention(q, k, v, pattern), numpy_attention(q, k, v, mask),
+    np.testing.assert_allclose(attention(q, k, v, pattern), numpy_attention(q, k, v, mask),
                                atol=2e-6, rtol=1e-5)
 
 
 def test_config_and_explicit_backends():
     q, k, v, _ = make_inputs(1, 24, 2, 1, 8)
     pattern = make_pattern("causal")
-    config = A.AttentionConfig(backend="pallas_tpu", interpret=True,
-                               tpu_block_sizes=A.TpuBlockSizes(8, 8))
-    assert A.resolve_backend(q, k, pattern, config) == "pallas_tpu"
-    assert A.resolve_backend(q, k, pattern, config.replace(backend="xla")) == "xla"
-    np.testing.assert_allclose(A.attention(q, k, v, pattern, config),
-                               A.reference_attention(q, k, v, pattern), atol=1e-5)
-    assert A.resolve_backend(q, k, pattern) == "xla"  # nothing global changed
+    config = AttentionConfig(backend="pallas_tpu", interpret=True,
+                             tpu_block_sizes=TpuBlockSizes(8, 8))
+    assert resolve_backend(q, k, pattern, config) == "pallas_tpu"
+    assert resolve_backend(q, k, pattern, config.replace(backend="xla")) == "xla"
+    np.testing.assert_allclose(attention(q, k, v, pattern, config),
+                               reference_attention(q, k, v, pattern), atol=1e-5)
+    assert resolve_backend(q, k, pattern) == "xla"  # nothing global changed
     # Hashable: the config is static under jit (carried by the model config).
-    assert hash(config) == hash(A.AttentionConfig(backend="pallas_tpu", interpret=True,
-                                                  tpu_block_sizes=A.TpuBlockSizes(8, 8)))
+    assert hash(config) == hash(AttentionConfig(backend="pallas_tpu", interpret=True,
+                                                tpu_block_sizes=TpuBlockSizes(8, 8)))
     with pytest.raises(ValueError, match="not one of"):
-        A.attention(q, k, v, pattern, backend="flash")
+        attention(q, k, v, pattern, backend="flash")
     with pytest.raises(ValueError, match="splash_block: 100"):
-        A.attention(q, k, v, pattern, A.AttentionConfig(splash_block=100))
+        attention(q, k, v, pattern, AttentionConfig(splash_block=100))

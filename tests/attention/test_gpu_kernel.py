@@ -8,7 +8,8 @@ import pytest
 
 from attn_testlib import (BLOCKED_CASES, blocked_pattern, check_against_reference, make_inputs,
                           make_pattern, mask_reader, segment_ids)
-from diffujax.attention import gpu, pattern as P
+from diffujax.attention import gpu
+from diffujax.attention.pattern import annealed, causal, dense_mask, full
 
 SMALL = gpu.BlockSizes(16, 16, 8, 16)
 
@@ -43,26 +44,26 @@ def test_exact_multiple_other_blocks():
 def test_in_kernel_hash_is_the_dense_pattern():
     read = mask_reader(kernel())
     for seed, step, ratio in [(0, 0, 0.5), (9, 4, 0.25)]:
-        pattern = P.annealed(seed, step, ratio, segment_ids(2, 48))
+        pattern = annealed(seed, step, ratio, segment_ids(2, 48))
         np.testing.assert_array_equal(read(pattern, 48, batch=2),
-                                      np.asarray(P.dense_mask(pattern, 48)))
+                                      np.asarray(dense_mask(pattern, 48)))
 
 
 def test_block_sizes_must_be_powers_of_two():
     q, k, v, _ = make_inputs(1, 16, 1, 1, 8)
     with pytest.raises(ValueError, match="powers of two"):
-        gpu.flash_attention(q, k, v, P.causal(), block_sizes=gpu.BlockSizes(24, 16, 16, 16),
+        gpu.flash_attention(q, k, v, causal(), block_sizes=gpu.BlockSizes(24, 16, 16, 16),
                             interpret=True)
 
 
 def test_cudnn_refuses_what_it_cannot_do():
     q, k, v, _ = make_inputs(1, 16, 2, 2, 8)
     with pytest.raises(ValueError):
-        gpu.cudnn_attention(q, k, v, P.annealed(0, 0, 0.5))
+        gpu.cudnn_attention(q, k, v, annealed(0, 0, 0.5))
     with pytest.raises(ValueError):
-        gpu.cudnn_attention(q, k, v, P.causal(jnp.zeros((1, 16), jnp.int32)))
+        gpu.cudnn_attention(q, k, v, causal(jnp.zeros((1, 16), jnp.int32)))
     with pytest.raises(ValueError, match="blocks"):
         gpu.cudnn_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
-                            v.astype(jnp.bfloat16), P.full().with_blocks(4, 8))
+                            v.astype(jnp.bfloat16), full().with_blocks(4, 8))
     with pytest.raises(ValueError, match="bf16"):
-        gpu.cudnn_attention(q, k, v, P.causal())
+        gpu.cudnn_attention(q, k, v, causal())

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffujax.attention import gpu, tpu, pattern as P
+from diffujax.attention import gpu, tpu
+from diffujax.attention.pattern import annealed, causal
 
 B, L, H, KVH, D = 1, 1000, 4, 2, 128  # L not a multiple of the blocks; GQA
 
@@ -27,10 +28,10 @@ def _export(fn, platform, pattern, **kw):
     return jax.export.export(fn, platforms=[platform], **kw)(*args).mlir_module()
 
 
-PATTERNS = {"causal": P.causal(), "annealed_segments": P.annealed(
+PATTERNS = {"causal": causal(), "annealed_segments": annealed(
     1, 2, 0.3, jnp.zeros((B, L), jnp.int32)),
     # block diffusion: two streams of 500, blocks of 96 (dividing neither streams nor tiles)
-    "two_stream_annealed_segments": P.annealed(1, 2, 0.3, jnp.zeros((B, L), jnp.int32)
+    "two_stream_annealed_segments": annealed(1, 2, 0.3, jnp.zeros((B, L), jnp.int32)
                                                ).with_blocks(96, L // 2)}
 
 

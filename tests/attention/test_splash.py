@@ -8,7 +8,7 @@ import numpy as np
 
 from attn_testlib import (check_against_reference, make_inputs, make_pattern, segment_ids,
                           two_stream_segment_ids)
-from diffujax.attention import pattern as P
+from diffujax.attention.pattern import dense_mask, full
 from diffujax.attention import splash
 
 
@@ -54,14 +54,14 @@ def test_block_diffusion_patterns_match_reference(name, block, stream, segmented
 def test_block_mask_is_static_and_computed_in_kernel():
     """The block tables come from the static mask; no mask block is stored (splash evaluates
     ``is_open`` in-kernel), and skipped tiles are exactly the closed ones of ``dense_mask``."""
-    pattern = P.full().with_blocks(48, 256)
+    pattern = full().with_blocks(48, 256)
     mask = splash.static_mask(pattern, 512)
     np.testing.assert_array_equal(mask[128:256, 256:512],
-                                  np.asarray(P.dense_mask(pattern, 512))[128:256, 256:512])
+                                  np.asarray(dense_mask(pattern, 512))[128:256, 256:512])
     kernel = splash.static_kernel("full", 512, 2, 128, True, block_size=48, stream_len=256)
     info = kernel.fwd_mask_info
     assert info.partial_mask_blocks is None and info.q_sequence is not None
-    dense = np.asarray(P.dense_mask(pattern, 512)).reshape(4, 128, 4, 128)
+    dense = np.asarray(dense_mask(pattern, 512)).reshape(4, 128, 4, 128)
     # Splash's grid walks, per q tile, the kv tiles ``data_next`` names where ``block_mask`` is
     # 1 (masked) or 2 (fully open); 0 entries are padding of the shrunk grid.
     status = np.zeros((4, 4), int)
@@ -79,4 +79,4 @@ def test_block_mask_is_static_and_computed_in_kernel():
 def test_two_stream_length_is_checked():
     q, k, v, _ = make_inputs(1, 256, 1, 1, 8)
     with pytest.raises(ValueError, match="needs length 512, got 256"):
-        splash.splash_attention(q, k, v, P.full().with_blocks(32, 256), interpret=True)
+        splash.splash_attention(q, k, v, full().with_blocks(32, 256), interpret=True)

@@ -10,7 +10,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attn_testlib import (BLOCKED_CASES, PATTERN_NAMES, blocked_pattern, check_against_reference,
                           make_inputs, make_pattern, mask_reader, segment_ids)
-from diffujax.attention import AttentionConfig, attention, pattern as P
+from diffujax.attention import AttentionConfig, attention
+from diffujax.attention.pattern import (AttentionPattern, annealed, causal, dense_mask,
+                                        for_training, full)
 from diffujax.attention import tpu
 from diffujax.attention.reference import reference_attention
 
@@ -45,14 +47,14 @@ def test_block_diffusion_masks_in_kernel_are_the_dense_masks():
     for name, block, stream in [("causal", 6, 24), ("full", 16, 24), ("annealed_r0.5", 6, 24),
                                 ("full", 5, 0)]:
         pattern = make_pattern(name).with_blocks(block, stream)
-        np.testing.assert_array_equal(read(pattern, 48)[0], np.asarray(P.dense_mask(pattern, 48)),
+        np.testing.assert_array_equal(read(pattern, 48)[0], np.asarray(dense_mask(pattern, 48)),
                                       err_msg=f"{name} {block} {stream}")
 
 
 def test_two_stream_length_is_checked():
     q, k, v, _ = make_inputs(1, 40, 2, 1, 8)
     with pytest.raises(ValueError, match="needs length 48, got 40"):
-        tpu.flash_attention(q, k, v, P.full().with_blocks(8, 24), interpret=True)
+        tpu.flash_attention(q, k, v, full().with_blocks(8, 24), interpret=True)
 
 
 @pytest.mark.parametrize("blocks", [tpu.BlockSizes(16, 16, 16, 16), tpu.BlockSizes(32, 16, 8, 32),
@@ -82,15 +84,15 @@ def test_in_kernel_hash_is_the_dense_pattern_and_scalars_do_not_recompile():
     read = mask_reader(fn)
     seg = segment_ids(2, length)
     for seed, step, ratio in [(0, 0, 0.5), (1, 7, 0.5), (123, 99, 0.2), (5, 5, 0.9)]:
-        pattern = P.annealed(seed, step, ratio, seg)
+        pattern = annealed(seed, step, ratio, seg)
         np.testing.assert_array_equal(read(pattern, length, batch=2),
-                                      np.asarray(P.dense_mask(pattern, length)))
+                                      np.asarray(dense_mask(pattern, length)))
     # One trace served every (seed, step, ratio): they are runtime (SMEM) scalars.
     assert len(traces) == 1
     for name in ("causal", "full"):
         pattern = make_pattern(name)
         np.testing.assert_array_equal(read(pattern, length)[0],
-                                      np.asarray(P.dense_mask(pattern, length)))
+                                      np.asarray(dense_mask(pattern, length)))
 
 
 def test_tpu_semantics_interpreter():
@@ -121,8 +123,8 @@ def test_training_step_through_dispatch():
         o = attention(q, k, v, pattern, config).reshape(b, length, h * d)
         return jnp.mean((o @ params["wo"] - x) ** 2)
 
-    pattern = P.for_training(jnp.int32(30), anneal_steps=100, seed=3,
-                             segment_ids=segment_ids(b, length))
+    pattern = for_training(jnp.int32(30), anneal_steps=100, seed=3,
+                           segment_ids=segment_ids(b, length))
     kernel_cfg = AttentionConfig(backend="pallas_tpu", interpret=True, tpu_block_sizes=SMALL)
     got = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern, kernel_cfg)
     want = jax.jit(jax.value_and_grad(loss), static_argnums=3)(params, x, pattern,
@@ -147,10 +149,10 @@ def test_layout_padding_rules():
 def test_rejects_bad_shapes():
     q, k, v, _ = make_inputs(1, 16, 3, 2, 8)
     with pytest.raises(ValueError, match="multiple"):
-        tpu.flash_attention(q, k, v, P.causal(), interpret=True)
+        tpu.flash_attention(q, k, v, causal(), interpret=True)
     q, k, v, _ = make_inputs(1, 16, 2, 1, 8)
     with pytest.raises(ValueError, match="self-attention"):
-        tpu.flash_attention(q, k[:, :8], v[:, :8], P.causal(), interpret=True)
+        tpu.flash_attention(q, k[:, :8], v[:, :8], causal(), interpret=True)
 
 
 def test_default_block_sizes_per_chip():
@@ -184,12 +186,12 @@ def test_inside_shard_map():
     seg = segment_ids(b, length)
 
     def local(q, k, v, seg, scalars):
-        pattern = P.AttentionPattern("annealed", scalars[0], scalars[1], scalars[2], seg)
+        pattern = AttentionPattern("annealed", scalars[0], scalars[1], scalars[2], seg)
         return tpu.flash_attention(q, k, v, pattern, block_sizes=SMALL, interpret=True)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(PS("data"),) * 4 + (PS(),),
                             out_specs=PS("data"), check_vma=False)
-    pattern = P.annealed(3, 4, 0.3, seg)
+    pattern = annealed(3, 4, 0.3, seg)
     scalars = tpu.pattern_scalars(pattern)
     got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(sharded(q, k, v, seg, scalars) * do),
                            argnums=(0, 1, 2)))(q, k, v)

@@ -116,13 +116,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_shard(sp_dir, corpus_dir,
 
 KILL_IN_SHARD_0 = """
 import os, signal, sys
-from diffujax.data import pretokenize as P
-real = P._tokenize_into
+from diffujax.data import pretokenize
+real = pretokenize._tokenize_into
 def killed(*args):
     real(*args)
     os.kill(os.getpid(), signal.SIGKILL)  # shard 0 is in its temporary file, not renamed yet
-P._tokenize_into = killed
-sys.exit(P.main(sys.argv[1:]))
+pretokenize._tokenize_into = killed
+sys.exit(pretokenize.main(sys.argv[1:]))
 """
 
 

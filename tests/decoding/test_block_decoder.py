@@ -27,8 +27,8 @@ WIDE = 14  # prompt width of the single-row decodes of the batch test (one compi
 PROMPTS = [[1, 5, 9], [1, 7, 3, 8, 20, 11], [1, 4, 4, 30, 12, 6, 2, 17, 9]]
 SAMPLERS = {  # name -> (sampler, steps, threshold, temperature)
     "threshold": ("threshold", None, 0.12, 0.0),
-    "topk": ("topk", 2, 0.9, 0.0),
-    "topk_sampled": ("topk", 3, 0.9, 1.0),
+    "confidence": ("confidence", 2, 0.9, 0.0),
+    "confidence_sampled": ("confidence", 3, 0.9, 1.0),
     "ancestral": ("ancestral", 3, 0.9, 1.0),
 }
 
@@ -132,11 +132,11 @@ def test_threshold_commits_several_tokens_per_pass_when_confident():
 def test_ar_decoder_equals_the_uncached_reference(temperature):
     config, params = model("qwen2")
     key = jax.random.key(4)
-    out = cached_decode(config, params, PROMPTS, key, block_size=1, sampler="topk", steps=1,
+    out = cached_decode(config, params, PROMPTS, key, block_size=1, sampler="confidence", steps=1,
                         temperature=temperature)
     for r, prompt in enumerate(PROMPTS):
         want = reference_row(config, params, prompt, key, r, block_size=1, new_tokens=NEW,
-                             sampler="topk", steps=1, threshold=0.9, temperature=temperature)
+                             sampler="confidence", steps=1, threshold=0.9, temperature=temperature)
         np.testing.assert_array_equal(np.asarray(out.tokens[r]), want)
 
 
@@ -184,7 +184,7 @@ def test_tokens_do_not_depend_on_the_prompt_width_or_the_cache_length():
     cache (blocks past the end never decoded) change nothing."""
     config, params = model("qwen2")
     key = jax.random.key(6)
-    options = options_of("topk_sampled")
+    options = options_of("confidence_sampled")
     base = cached_decode(config, params, PROMPTS, key, **options)
     wide = cached_decode(config, params, PROMPTS, key, width=WIDE + 3, **options)
     np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(wide.tokens))
@@ -194,20 +194,22 @@ def test_a_row_stops_at_eos_and_is_padded():
     """EOS = a token the unstopped greedy decoding of row 0 produces at its 6th position."""
     config, params = model("gpt2")
     key = jax.random.key(0)
-    free = np.asarray(cached_decode(config, params, PROMPTS, key, sampler="topk", steps=2).tokens)
+    free = np.asarray(cached_decode(config, params, PROMPTS, key, sampler="confidence",
+                                    steps=2).tokens)
     eos = int(free[0, 5])
     first = int(np.argmax(free[0] == eos))
-    out = cached_decode(config, params, PROMPTS, key, sampler="topk", steps=2, eos_token_id=eos)
+    out = cached_decode(config, params, PROMPTS, key, sampler="confidence", steps=2,
+                        eos_token_id=eos)
     tokens = np.asarray(out.tokens)
     np.testing.assert_array_equal(tokens[0, :first + 1], free[0, :first + 1])
     assert (tokens[0, first + 1:] == eos).all() and int(out.lengths[0]) == first + 1
     for r, prompt in enumerate(PROMPTS):
         want = reference_row(config, params, prompt, key, r, block_size=N, new_tokens=NEW,
-                             sampler="topk", steps=2, threshold=0.9, temperature=0.0, eos=eos)
+                             sampler="confidence", steps=2, threshold=0.9, temperature=0.0, eos=eos)
         np.testing.assert_array_equal(tokens[r], want)
     # all rows stopping early saves passes
-    alone = cached_decode(config, params, PROMPTS[:1], key, sampler="topk", steps=2)
-    stopped = cached_decode(config, params, PROMPTS[:1], key, sampler="topk", steps=2,
+    alone = cached_decode(config, params, PROMPTS[:1], key, sampler="confidence", steps=2)
+    stopped = cached_decode(config, params, PROMPTS[:1], key, sampler="confidence", steps=2,
                             eos_token_id=eos)
     if first < NEW - N:
         assert int(stopped.forwards) < int(alone.forwards)
@@ -230,8 +232,8 @@ def test_bad_inputs_are_refused_with_one_line():
         run(12)
     with pytest.raises(ValueError, match="sampler 'greedy' is not one of"):
         run(16, sampler="greedy")
-    with pytest.raises(ValueError, match="topk sampler needs steps >= 1"):
-        run(16, sampler="topk")
+    with pytest.raises(ValueError, match="confidence sampler needs steps >= 1"):
+        run(16, sampler="confidence")
     with pytest.raises(ValueError, match="needs the mask token id"):
         run(16, mask_token_id=None)
     with pytest.raises(ValueError, match=r"threshold 1.5: must be in \(0, 1\]"):

@@ -118,7 +118,8 @@ REFUSED = [
     ("full", ["--ar", "--suffix", "w9"], "--suffix: infilling is not defined here: AR decoding"),
     ("blocks", ["--block-length", "8"], "--block-length 8: a block diffusion model decodes in"
                                         " its own blocks of 4"),
-    ("full", ["--ar", "--sampler", "topk"], "--sampler topk: must be left out or ar with --ar"),
+    ("full", ["--ar", "--sampler", "confidence"],
+     "--sampler confidence: must be left out or ar with --ar"),
     # [EOS] w1 w2 + 43 = 46 positions, the model's all, but 48 in whole blocks
     ("blocks", ["--length", "43"], "--length 43: the canvas (prompt, 43 generated tokens in"
                                    " whole blocks of 4) is 48 tokens, more than the model's 46"),

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffujax.attention.pattern import annealed, anneal_ratio, dense_mask, for_training
+from diffujax.attention.pattern import (anneal_end, anneal_ratio, annealed, dense_mask,
+                                        for_training, is_annealing)
 
 L = 64
 FUTURE = np.triu(np.ones((L, L), bool), k=1)
@@ -38,6 +39,19 @@ def test_ratio_one_is_exactly_full():
     np.testing.assert_array_equal(_mask(for_training(9, anneal_steps=10, seed=7)), full_mask)
     np.testing.assert_array_equal(_mask(for_training(0, anneal_steps=1)), full_mask)  # SFT
     assert for_training(5, anneal_steps=0).kind == "full"
+
+
+@pytest.mark.parametrize("anneal_steps", [0, 1, 2, 7, 100, 4099])
+def test_the_phase_is_on_exactly_while_the_ratio_is_below_one(anneal_steps):
+    """The host-side phase (integers, a static argument of the train step) against the ratio of
+    the spec (float32, as the step computes it): the loop leaves the annealed pattern at the
+    first step where it is all open, never before; off, the pattern is the plain full one."""
+    steps = np.arange(anneal_steps + 3)
+    ratios = np.asarray(anneal_ratio(jnp.asarray(steps), anneal_steps)) * np.ones(len(steps))
+    phases = np.asarray([is_annealing(int(s), anneal_steps) for s in steps])
+    np.testing.assert_array_equal(phases, ratios < 1)
+    assert anneal_end(anneal_steps) == int(np.argmax(ratios >= 1))  # the first all-open step
+    assert for_training(0, anneal_steps, seed=3, annealing=False).kind == "full"
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 0.9])

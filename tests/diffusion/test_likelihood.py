@@ -11,8 +11,8 @@ import numpy as np
 from scipy import special
 
 from diffujax.attention.pattern import full
-from diffujax.diffusion import (ar_nll_terms, conditional_nll, multiple_choice_score,
-                                sample_noise_mask, summarize_nll)
+from diffujax.diffusion import (NLLEstimate, ar_nll_terms, conditional_nll,
+                                multiple_choice_score, sample_noise_mask, summarize_nll)
 from diffusion_toys import all_sequences, mixing_apply, sequence_index, table_apply
 
 B, L, V, M = 4, 9, 7, 6
@@ -65,6 +65,16 @@ def test_ar_nll_and_summary():
     np.testing.assert_allclose(summary.std_error, per_token.std(ddof=1) / np.sqrt(B), rtol=1e-6)
     np.testing.assert_allclose(summary.perplexity, np.exp(summary.mean_nll))
     assert "exact" in str(summary) and "<=" not in str(summary)
+
+
+def test_a_diverged_models_perplexity_is_infinite_not_an_overflow():
+    """Reference: numpy's float64 exp, which overflows to inf (math.exp raises instead)."""
+    estimate = NLLEstimate(mean_nll=800.0, std_error=5.0, num_tokens=10, num_sequences=2,
+                           num_draws=1)
+    with np.errstate(over="ignore"):
+        assert estimate.perplexity == np.exp(800.0) == np.inf
+        assert estimate.perplexity_interval == (np.inf, np.inf)
+    assert "inf" in str(estimate)
 
 
 # --- LLaDA conditional likelihood by enumeration ---------------------------------------------

@@ -12,6 +12,7 @@ from scipy import special, stats
 
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
+from diffujax.diffusion.sampling import infill_canvas
 from diffusion_toys import fixed_apply, mixing_apply, sequence_index, table_apply
 
 # --- exact distribution of the ancestral sampler -------------------------------------------
@@ -195,3 +196,12 @@ def test_ancestral_steps_that_reveal_nothing_run_no_forward_pass():
         passes = len(set(np.asarray(out.commit_step)[0, 1:].tolist()))
         assert int(out.forwards) == passes <= 3
         assert (np.asarray(out.tokens)[0, 1:] != M).all()
+
+
+@pytest.mark.parametrize("head, span, tail", [([5], 3, []), ([5, 6], 2, [7, 8]), ([4], 0, [2])])
+def test_the_infill_canvas_masks_the_span_and_fixes_the_rest(head, span, tail):
+    """The row generate and training-time samples fill, written out by hand."""
+    tokens, src = infill_canvas(head, span, M, tail)
+    assert tokens.dtype == np.int32
+    assert tokens.tolist() == head + [M] * span + tail
+    assert src.tolist() == [True] * len(head) + [False] * span + [True] * len(tail)

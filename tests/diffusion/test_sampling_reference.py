@@ -1,4 +1,4 @@
-"""Reference parity of the confidence ("topk") sampler: ``ranking="all"`` with
+"""Reference parity of the confidence sampler: ``ranking="all"`` with
 ``confidence_temperature`` against a plain re-implementation of ``generate_samples`` from
 HKUNLP/DiffuLLaMA (LLaMA-Factory/src/llamafactory/train/ddm/trainer.py), written as that loop
 is written (one forward before the loop, then t = T-1..1: cutoff over all initially maskable

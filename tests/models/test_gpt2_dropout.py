@@ -16,8 +16,8 @@ from diffujax.models.layers import dropout
 
 _spec = importlib.util.spec_from_file_location(
     "train_worker", pathlib.Path(__file__).resolve().parents[1] / "train" / "train_worker.py")
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
+train_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_worker)
 
 HF = dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
 
@@ -58,11 +58,11 @@ def test_the_model_drops_only_with_a_key():
 
 
 def _losses(**overrides):
-    gpt2 = dict(W.MODELS["gpt2"], **overrides.pop("rates", {}))
-    cfg = W.make_config("gpt2", **overrides)
+    gpt2 = dict(train_worker.MODELS["gpt2"], **overrides.pop("rates", {}))
+    cfg = train_worker.make_config("gpt2", **overrides)
     cfg = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(**{**cfg.model.__dict__,
                                                                     "init": gpt2})})
-    _, history = W.run(cfg, devices=jax.devices()[:1], steps=1)
+    _, history = train_worker.run(cfg, devices=jax.devices()[:1], steps=1)
     return [h["loss"] for h in history]
 
 

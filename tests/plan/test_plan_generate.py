@@ -30,8 +30,8 @@ BLOCK_MODEL = ["diffusion.block_size=32", "diffusion.anneal_steps=0", "mesh.shap
                                                   (48, 1)])
 def test_decode_plan_counts_the_passes_a_real_decode_makes(seq_len, block_size):
     """The planned forward passes equal ``decode_blocks``' own counter on a tiny random model
-    decoding the planned prompt and new tokens with the planned topk rule (CPU), for block sizes
-    that do and do not divide the prompt and the canvas, and blocks of one token (AR)."""
+    decoding the planned prompt and new tokens with the planned confidence rule (CPU), for block
+    sizes that do and do not divide the prompt and the canvas, and blocks of one token (AR)."""
     plan = decode_plan(seq_len, block_size)
     config = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, intermediate_size=64, max_positions=256,
@@ -42,7 +42,7 @@ def test_decode_plan_counts_the_passes_a_real_decode_makes(seq_len, block_size):
     out = decode_blocks(cached_fn_for(config), init_params(config, seed=1), prompt,
                         np.full(2, width, np.int32), init_cache(config, 2, plan["canvas"]),
                         jax.random.key(0), block_size=block_size, new_tokens=new,
-                        mask_token_id=63, sampler="topk", steps=plan["steps_per_block"])
+                        mask_token_id=63, sampler="confidence", steps=plan["steps_per_block"])
     assert int(out.forwards) == plan["forward_passes"]
     assert plan["loop_passes"] == plan["forward_passes"] - (width >= block_size)
 

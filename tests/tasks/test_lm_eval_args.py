@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from diffujax.generate import sampler_call
 from diffujax.tasks.harness import DiffujaxLM
+from diffujax.tasks.runner import Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,7 +29,9 @@ BAD = [  # (model_args besides the checkpoint, what the message must say)
     (dict(batch_size=1.5), "model_args batch_size=1.5: must be an integer >= 1"),
     (dict(objective="causal"), "model_args objective='causal': must be one of diffusion, ar"),
     (dict(score="elbo"), "model_args score='elbo': must be one of reference, mc"),
-    (dict(sampler="beam"), "model_args sampler='beam': must be one of ancestral, topk"),
+    (dict(sampler="beam"), "model_args sampler='beam': must be one of ancestral, confidence"),
+    (dict(sampler="topk"), "model_args sampler='topk': is now called confidence"),
+    (dict(sampler="blocks"), "model_args sampler='blocks': is now called semi_ar"),
     (dict(ranking="best"), "model_args ranking='best': must be one of masked, all"),
     (dict(steps=0), "model_args steps=0: must be an integer >= 1"),
     (dict(temperature=-1.0), "model_args temperature=-1.0: must be a number >= 0"),
@@ -94,3 +98,14 @@ def test_the_command_prints_one_line(tiny_ckpt, tmp_path):
     lines = [x for x in err.splitlines() if x.startswith("diffujax lm-eval: error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "model_args batch_size='big': must be an integer >= 1" in lines[0]
+
+
+@pytest.mark.parametrize("old, new", [("topk", "confidence"), ("blocks", "semi_ar")])
+def test_the_python_entry_points_refuse_former_sampler_names(old, new):
+    """``diffujax tasks``' settings and the sampler lookup of ``generate`` (which the task engine
+    calls) name the new sampler; the new name is accepted."""
+    with pytest.raises(ValueError, match=f"sampler '{old}' is now called '{new}'"):
+        Settings(sampler=old)
+    with pytest.raises(ValueError, match=f"sampler '{old}' is now called '{new}'"):
+        sampler_call(old, steps=4, generated=8)
+    assert Settings(sampler=new).sampler == new and sampler_call(new, steps=4, generated=8)

@@ -52,7 +52,7 @@ GENERATE = [
     (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
     (["--top-k", "0"], "--top-k 0: must be in 1..264"),
     (["--top-k", "265"], "--top-k 265: must be in 1..264"),
-    (["--sampler", "blocks", "--block-length", "0"], "--block-length 0: must be >= 1"),
+    (["--sampler", "semi_ar", "--block-length", "0"], "--block-length 0: must be >= 1"),
     (["--suffix", "end", "--infill-length", "0"], "--infill-length 0: must be >= 1"),
     (["--infill-length", "4"], "--infill-length 4: must be given with --suffix"),
     (["--sampler", "threshold", "--threshold", "0"], "--threshold 0.0: must be in (0, 1]"),

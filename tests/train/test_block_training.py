@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
+from diffujax.attention.pattern import is_annealing
 from diffujax.config import ConfigError, load_config
 from diffujax.train.resume import check_resume, config_changes
 from diffujax.train.step import make_train_step, step_config
 
-import train_worker as W
+import train_worker
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"  # data.seq_len 128
@@ -53,11 +54,12 @@ def test_the_schedule_says_which_block_size_each_step_runs():
                              "train.steps=9", "optimizer.warmup_steps=1"])
     sizes = [cfg.block_size_at(step) for step in range(9)]
     assert sizes == [32, 32, 8, 8, 8, 0, 0, 8, 8]  # 128 = data.seq_len: the whole sequence
-    programs = [(c.diffusion.block_size, c.diffusion.anneal_steps, c.diffusion.block_schedule)
-                for c in (step_config(cfg, step) for step in range(9))]
+    programs = [(c.diffusion.block_size, c.diffusion.block_schedule, is_annealing(step, 4))
+                for step, c in ((step, step_config(cfg, step)) for step in range(9))]
     # annealing composes: the ramp (steps 0..2, r = (step + 1) / 4 < 1) then the full pattern
-    assert programs == [(32, 4, ()), (32, 4, ()), (8, 4, ()), (8, 0, ()), (8, 0, ()),
-                        (0, 0, ()), (0, 0, ()), (8, 0, ()), (8, 0, ())]
+    assert programs == [(32, (), True), (32, (), True), (8, (), True), (8, (), False),
+                        (8, (), False), (0, (), False), (0, (), False), (8, (), False),
+                        (8, (), False)]
     # The model records what it is trained as at the end: blocks of 8.
     assert cfg.resolve_model_config().block_size == 8
     assert load_config(TINY).resolve_model_config().block_size == 0  # the default: unchanged
@@ -65,7 +67,7 @@ def test_the_schedule_says_which_block_size_each_step_runs():
 
 
 def test_a_scheduled_config_must_be_resolved_before_compiling():
-    cfg = W.make_config("llama", diffusion__block_schedule=[[0, 4]])
+    cfg = train_worker.make_config("llama", diffusion__block_schedule=[[0, 4]])
     model_cfg = cfg.resolve_model_config()
     with pytest.raises(ValueError, match="pass step_config"):
         make_train_step(cfg, model_cfg, None, None)
@@ -83,16 +85,18 @@ def _train(cfg, steps):
     apply_fn = apply_fn_for(model_cfg)
     state = create_train_state(cfg, model_cfg, mesh, rules)
     initial = jax.tree.map(np.asarray, state.params)
-    batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
-    compiled = {}
+    batch = make_global_batch(train_worker.global_batches(1)[0], mesh, rules)
+    compiled, programs = {}, set()
     for step in range(steps):
         run_cfg = step_config(cfg, step)
-        key = (run_cfg.diffusion.block_size, run_cfg.diffusion.anneal_steps)
-        if key not in compiled:
-            compiled[key] = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-        state, metrics = compiled[key](state, batch)
+        block = run_cfg.diffusion.block_size
+        annealing = is_annealing(step, cfg.diffusion.anneal_steps)
+        if block not in compiled:
+            compiled[block] = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+        state, metrics = compiled[block](state, batch, annealing)
+        programs.add((block, annealing))
         assert not int(metrics["skipped"]) and np.isfinite(float(metrics["loss"]))
-    return initial, state, sorted(compiled), batch
+    return initial, state, sorted(programs), batch
 
 
 def test_a_block_train_step_learns():
@@ -102,10 +106,11 @@ def test_a_block_train_step_learns():
     from diffujax.diffusion.blocks import block_diffusion_loss_sums
     from diffujax.models import apply_fn_for
 
-    cfg = W.make_config("llama", diffusion__block_size=4, diffusion__complementary_mask=True,
-                        diffusion__normalization="tokens", train__steps=20)
+    cfg = train_worker.make_config("llama", diffusion__block_size=4,
+                                   diffusion__complementary_mask=True,
+                                   diffusion__normalization="tokens", train__steps=20)
     initial, state, programs, batch = _train(cfg, 20)
-    assert programs == [(4, 0), (4, 4)]  # annealed for steps 0..2, then the full pattern
+    assert programs == [(4, False), (4, True)]  # annealed for steps 0..2, then full attention
     model_cfg = cfg.resolve_model_config()
 
     @jax.jit

@@ -71,3 +71,29 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference, corpus, tmp
     moved = [p.name.split("-")[0] for p in (run_dir / "checkpoints" / "corrupt").iterdir()]
     assert moved == [str(STEPS)]
     assert losses(run_dir) == losses(reference)
+
+
+# Across the switch from the annealed-attention step to the full-attention one: 10 steps, the
+# mask all open after step 5 (anneal_steps 6), synchronous checkpoints every 4 steps.
+SWITCH = ["train.steps=10", "diffusion.anneal_steps=6", "checkpoint.every_steps=4",
+          "checkpoint.async=false", "logging.eval_every=0", NO_SAMPLES]
+SWITCHED = "the attention mask is all open (diffusion.anneal_steps=6); full attention from here"
+
+
+def test_sigkill_across_the_annealing_switch_then_resume_is_exact(corpus, tmp_path):
+    """Killed around the switch before checkpoint 8, resumed from step 4 (annealed steps, then
+    the switch), killed again after it, resumed from step 8 (full attention from its first
+    step): every logged loss equals the uninterrupted run's, bit for bit. The kills strike at the
+    6th / 5th metrics record a process writes (steps 6 and 9), so the resumed steps are known."""
+    straight = run(tmp_path / "straight", corpus, *SWITCH)
+    assert f"after step 5: {SWITCHED}" in straight
+    run_dir = tmp_path / "killed"
+    run(run_dir, corpus, *SWITCH, faults="jsonl#6=kill", expect=-signal.SIGKILL)
+    second = run(run_dir, corpus, *SWITCH, faults="jsonl#5=kill", expect=-signal.SIGKILL)
+    assert f"resumed from {run_dir / 'checkpoints' / '4'}" in second
+    assert f"after step 5: {SWITCHED}" in second
+    third = run(run_dir, corpus, *SWITCH)
+    assert f"resumed from {run_dir / 'checkpoints' / '8'}" in third
+    assert f"after step 8: {SWITCHED}" in third
+    assert losses(run_dir) == losses(tmp_path / "straight")
+    assert sorted(losses(run_dir)) == list(range(1, 11))

@@ -22,14 +22,14 @@ from jax.sharding import PartitionSpec as P
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 _spec = importlib.util.spec_from_file_location("train_worker", HERE / "train_worker.py")
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
+train_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_worker)
 
 
 @functools.cache
 def trained(family, data=1, fsdp=1, tensor=1, accum=1):
-    cfg = W.make_config(family, data, fsdp, tensor, optimizer__grad_accum_steps=accum)
-    state, history = W.run(cfg, jax.devices()[: data * fsdp * tensor])
+    cfg = train_worker.make_config(family, data, fsdp, tensor, optimizer__grad_accum_steps=accum)
+    state, history = train_worker.run(cfg, jax.devices()[: data * fsdp * tensor])
     return cfg, state, history
 
 
@@ -119,7 +119,7 @@ def test_non_finite_step_is_skipped_and_counted():
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
     step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
-    batch = make_global_batch(W.global_batches(1)[0], mesh, rules)
+    batch = make_global_batch(train_worker.global_batches(1)[0], mesh, rules)
 
     clean = state.params["final_norm"]["scale"]
     state.params["final_norm"]["scale"] = clean.at[0].set(jnp.nan)
@@ -130,13 +130,15 @@ def test_non_finite_step_is_skipped_and_counted():
         assert int(state.bad_steps) == expected_bad and int(state.total_bad_steps) == expected_bad
         for x, y in zip(before, leaves((state.params, state.opt_state)), strict=True):
             np.testing.assert_array_equal(x, y)  # nothing moved (NaN compares equal here)
-    assert int(state.step) == W.STEPS + 2 and int(state.applied_steps) == W.STEPS
+    assert int(state.step) == train_worker.STEPS + 2
+    assert int(state.applied_steps) == train_worker.STEPS
 
     state.params["final_norm"]["scale"] = clean
     state, metrics = step(state, batch)
     assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
     assert int(state.bad_steps) == 0 and int(state.total_bad_steps) == 2
-    assert int(state.opt_state[1][0].count) == W.STEPS + 1  # the skips did not advance Adam
+    # the skips did not advance Adam
+    assert int(state.opt_state[1][0].count) == train_worker.STEPS + 1
 
 
 def _free_port() -> int:
@@ -172,32 +174,33 @@ def test_two_processes_match_one_process(tmp_path):
 
     _, state, history = trained("llama", 2, 2, 2)
     np.testing.assert_allclose(result["losses"], [m["loss"] for m in history], rtol=2e-5)
-    np.testing.assert_allclose(result["checksums"], W.checksums(state.params), rtol=2e-5,
+    np.testing.assert_allclose(result["checksums"], train_worker.checksums(state.params), rtol=2e-5,
                                atol=1e-6)
 
 
 def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
-    """Once r = 1 the annealed pattern is all open, so the full-attention step the training loop
-    switches to must give the same update, bit for bit (reference: the annealed step itself)."""
+    """Once r = 1 the annealed pattern is all open, so the full-attention phase the training loop
+    switches to must give the same update, bit for bit (reference: the annealing phase itself);
+    the loop switches exactly there (``is_annealing``)."""
+    from diffujax.attention.pattern import is_annealing
     from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
 
-    cfg = W.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
+    cfg = train_worker.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
+    phases = [is_annealing(s, cfg.diffusion.anneal_steps) for s in range(5)]
+    assert phases == [True, True, True, False, False]
     mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
     model_cfg = cfg.resolve_model_config()
-    apply_fn = apply_fn_for(model_cfg)
-    annealed_step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
-    full_step = make_train_step(W.make_config("llama", diffusion__anneal_steps=0), model_cfg,
-                                apply_fn, mesh, rules)
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
     state = create_train_state(cfg, model_cfg, mesh, rules)
-    batches = [make_global_batch(b, mesh, rules) for b in W.global_batches(4)]
+    batches = [make_global_batch(b, mesh, rules) for b in train_worker.global_batches(4)]
     for batch in batches[:3]:
-        state, _ = annealed_step(state, batch)
+        state, _ = step(state, batch, True)
     copy = jax.tree.map(jnp.copy, state)
-    a, metrics_a = annealed_step(state, batches[3])
-    b, metrics_b = full_step(copy, batches[3])
+    a, metrics_a = step(state, batches[3], True)
+    b, metrics_b = step(copy, batches[3], False)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for x, y in zip(leaves(a.params), leaves(b.params)):
         np.testing.assert_array_equal(x, y)
