@@ -88,6 +88,10 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--names", default=None, choices=("transformers", "bare", "diffugpt"),
                         help="tensor naming (default: that of the converted source)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA training run: write its adapters as a PEFT LoRA adapter"
+                             " (adapter_config.json + adapter_model.safetensors) instead of the"
+                             " merged model")
     return parser
 
 

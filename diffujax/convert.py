@@ -8,7 +8,7 @@ from __future__ import annotations
 from diffujax import console
 from diffujax.checkpoint import convert, export, hub, smollm2
 from diffujax.checkpoint.errors import CheckpointError
-from diffujax.train.export import export_hf, is_training_checkpoint
+from diffujax.train.export import export_adapter, export_hf, is_training_checkpoint
 
 
 def _report(fn) -> int:
@@ -29,7 +29,14 @@ def run_convert(args) -> int:
 
 
 def run_export(args) -> int:
-    """Export a model checkpoint, or a training run / training step (its model weights)."""
+    """Export a model checkpoint, or a training run / training step (its model weights, a LoRA
+    run's merged; with ``--adapter`` its adapters, for peft)."""
+    if args.adapter:
+        if not is_training_checkpoint(args.src):
+            console.error_line(CheckpointError(f"--adapter: {args.src} is not a training run (a"
+                                               " model checkpoint holds merged weights)"))
+            return 1
+        return _report(lambda: export_adapter(args.src, args.dst, overwrite=args.overwrite))
     exporter = export_hf if is_training_checkpoint(args.src) else export
     return _report(lambda: exporter(args.src, args.dst, max_shard_size=args.max_shard_size,
                                     dtype=args.dtype, overwrite=args.overwrite,

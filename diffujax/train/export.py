@@ -9,10 +9,14 @@ import os
 import tempfile
 import warnings
 
+import dataclasses
+from typing import Any
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from safetensors.numpy import save_file
 
 from diffujax import paths
 from diffujax.checkpoint import store
@@ -20,11 +24,12 @@ from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
 from diffujax.checkpoint.version import FormatVersionError
-from diffujax.models import flatten
+from diffujax.config import from_dict
+from diffujax.models import flatten, lora
 from diffujax.train.state import export_params
-from diffujax.train.checkpointing import (INTEGRITY, META, STATE, model_config_from_meta,
-                                          read_meta, stored_state_tree, sync, verify_arrays,
-                                          verify_record)
+from diffujax.train.checkpointing import (CONFIG, INTEGRITY, META, STATE,
+                                          model_config_from_meta, read_meta, stored_state_tree,
+                                          sync, verify_arrays, verify_record)
 
 
 def _is_step_dir(path) -> bool:
@@ -130,37 +135,55 @@ def export_final(out_dir, run_cfg, model_cfg, state, tokenizer_dir, logger, *,
                        f" {out_dir / name}; diffujax export {out_dir / name} HF_DIR)")
 
 
-def _step_params(step_dir, params_key: str):
-    """``(model_cfg, params, meta)`` of one step, verified against the checksums saved with it;
-    CheckpointError (one line) for any damage."""
+@dataclasses.dataclass
+class StepWeights:
+    """The weights of one training step: ``trained`` (the params or the EMA) and, for a LoRA run,
+    its frozen base and adapter spec."""
+    model_cfg: Any
+    trained: Any
+    meta: dict
+    frozen: Any = None
+    lora: Any = None  # models.lora.LoraSpec of a LoRA run
+    base_checkpoint: str | None = None  # a LoRA run's model.checkpoint
+
+    def model_params(self):
+        """Plain model weights (a LoRA run's adapters folded into its base)."""
+        if self.lora is None:
+            return self.trained
+        return lora.merged(self.model_cfg, self.lora, self.frozen, self.trained)
+
+
+def _step_params(step_dir, params_key: str) -> StepWeights:
+    """One step's weights, verified against the checksums saved with it; CheckpointError (one
+    line) for any damage."""
+    step_dir = epath.Path(os.fspath(step_dir))
     try:
         meta = read_meta(step_dir)  # checks the format version first
         model_cfg = model_config_from_meta(meta)
-        integrity_file = epath.Path(os.fspath(step_dir)) / INTEGRITY / "metadata"
-        integrity = json.loads(integrity_file.read_text())
-        params = load_params(step_dir, params_key=params_key)
+        integrity = json.loads((step_dir / INTEGRITY / "metadata").read_text())
+        trees = {params_key: load_params(step_dir, params_key=params_key)}
+        spec = base = None
+        if stored_state_tree(step_dir).get("frozen"):  # a LoRA run: the base is saved too
+            trees["frozen"] = load_params(step_dir, params_key="frozen")
+            run_cfg = from_dict(json.loads((step_dir / CONFIG / "metadata").read_text()))
+            spec, base = run_cfg.lora_spec(model_cfg), run_cfg.model.checkpoint
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
         raise CheckpointError(f"{step_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})"
                               ) from None
     verify_record(integrity, step_dir, meta=meta)
-    verify_arrays(integrity, {params_key: params}, step_dir, prefix=f"{params_key}/")
-    return model_cfg, params, meta
+    for key, tree in trees.items():
+        verify_arrays(integrity, {key: tree}, step_dir, prefix=f"{key}/")
+    return StepWeights(model_cfg, trees[params_key], meta, trees.get("frozen"), spec, base)
 
 
-def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
-                overwrite: bool = False):
-    """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``).
-
-    ``run_dir``: the run's ``output_dir``, its ``checkpoints`` dir or one ``checkpoints/STEP``;
-    ``step``: None for the newest usable one: as when training resumes, a step that is damaged
-    (checksums, missing or truncated files) is reported and the previous one is used. Only the
-    parameters (or the EMA) are read. Single process.
-    """
-    for target in (dst, hf_dir):
-        if target is not None:
-            store.check_separate(run_dir, target)
+def read_step_weights(run_dir, step: int | None, *, ema: bool = False) -> StepWeights:
+    """The weights of a training checkpoint. ``run_dir``: the run's ``output_dir``, its
+    ``checkpoints`` dir or one ``checkpoints/STEP``; ``step``: None for the newest usable one: as
+    when training resumes, a step that is damaged (checksums, missing or truncated files) is
+    reported and the previous one is used. Only the parameters (or the EMA), and a LoRA run's
+    base, are read."""
     params_key = "ema" if ema else "params"
     newest = find_step_dir(run_dir, step)
     if step is not None or _is_step_dir(run_dir):
@@ -172,8 +195,7 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
     failures = []
     for step_dir in candidates:
         try:
-            model_cfg, params, meta = _step_params(step_dir, params_key)
-            break
+            return _step_params(step_dir, params_key)
         except FormatVersionError:
             raise  # the older steps are no more readable
         except CheckpointError as e:
@@ -181,17 +203,56 @@ def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = Fals
             if len(candidates) > 1:
                 warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning,
                               stacklevel=2)
-    else:
-        if len(candidates) == 1:
-            raise CheckpointError(failures[0])
-        raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
-    tokenizer_dir = meta.get("tokenizer_dir")
+    if len(candidates) == 1:
+        raise CheckpointError(failures[0])
+    raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
+
+
+def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
+                overwrite: bool = False):
+    """Training checkpoint -> diffujax model checkpoint ``dst`` (and Hugging Face ``hf_dir``):
+    ``read_step_weights``'s, a LoRA run's with its adapters folded in. Single process."""
+    for target in (dst, hf_dir):
+        if target is not None:
+            store.check_separate(run_dir, target)
+    weights = read_step_weights(run_dir, step, ema=ema)
+    tokenizer_dir = weights.meta.get("tokenizer_dir")
     if tokenizer_dir and not paths.resolve(tokenizer_dir).is_dir():
         warnings.warn(f"tokenizer dir {tokenizer_dir} of the run is gone: {dst} has no tokenizer")
         tokenizer_dir = None
-    store.save(dst, model_cfg, params, tokenizer_from=tokenizer_dir, overwrite=overwrite)
+    store.save(dst, weights.model_cfg, weights.model_params(), tokenizer_from=tokenizer_dir,
+               overwrite=overwrite)
     if hf_dir is not None:
         export(dst, hf_dir, overwrite=overwrite)
+    return paths.resolve(dst)
+
+
+def export_adapter(run_dir, dst, *, step: int | None = None, ema: bool = False,
+                   overwrite: bool = False, base_model: str | None = None):
+    """A LoRA run's adapters -> a PEFT LoRA adapter directory (``adapter_config.json``,
+    ``adapter_model.safetensors``) that ``peft`` loads onto the base model's Hugging Face export
+    (``base_model``: its name or path, recorded in the config; default the run's
+    ``model.checkpoint``)."""
+    store.check_separate(run_dir, dst)
+    weights = read_step_weights(run_dir, step, ema=ema)
+    if weights.lora is None:
+        raise CheckpointError(f"{run_dir}: not a LoRA run (model.lora unset): export the model"
+                              " without --adapter")
+    try:
+        tensors, modules = lora.peft_tensors(weights.model_cfg, weights.lora, weights.trained)
+    except lora.AdapterExportError as e:
+        raise CheckpointError(f"{run_dir}: {e}") from None
+    if base_model is None:
+        base_model = weights.base_checkpoint
+    config = lora.peft_config(weights.lora, modules, base_model)
+    with store.atomic_directory(dst, overwrite) as tmp:
+        try:
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            with paths.writing_file(tmp / "adapter_model.safetensors") as local:
+                save_file(tensors, local)
+        except OSError as e:
+            raise CheckpointError(f"writing {dst} failed: {e.strerror or e}; nothing was left"
+                                  f" at {dst}") from None
     return paths.resolve(dst)
 
 
