@@ -106,6 +106,8 @@ def test_version_is_the_package_metadata(capsys):
 
 
 def test_sampler_names_agree_with_the_samplers():
-    from diffujax import generate  # imports jax: only here, where the two lists are compared
+    # imports jax: only here, where the two lists are compared (the module: diffujax.generate
+    # is the Python API's function)
+    generate = importlib.import_module("diffujax.generate")
     assert arguments.SAMPLERS == generate.SAMPLERS
     assert arguments.DEFAULT_BLOCK_LENGTH == generate.DEFAULT_BLOCK_LENGTH
