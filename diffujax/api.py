@@ -100,6 +100,8 @@ def _as_checkpoint(path):
             yield export_step(source, None, pathlib.Path(tmp) / "model"), True
     elif _is_model_checkpoint(source / "final"):
         yield source / "final", False
+    elif not source.exists():
+        raise CheckpointError(f"{source}: not found")
     else:
         raise CheckpointError(f"{source}: not a diffujax model checkpoint, a training run or a"
                               " Hugging Face model directory (no config.json, no checkpoints/"
@@ -142,8 +144,9 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def command_arguments(function: str, command: str, options: dict, *, fixed: dict | None = None,
-                      refused: dict | None = None, positional: tuple = ()) -> argparse.Namespace:
+def _command_arguments(function: str, command: str, options: dict, *,
+                       fixed: dict | None = None, refused: dict | None = None,
+                       positional: tuple = ()) -> argparse.Namespace:
     """``diffujax COMMAND``'s arguments from the keyword ``options`` of ``diffujax.FUNCTION``,
     parsed by the command's own parser (types, choices, exclusive options: its messages).
     ``fixed``: options the function sets from its own arguments; ``refused``: options of the
@@ -191,8 +194,8 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompt: str = "", **option
     ``options``: the command's (``length``, ``sampler``, ``steps``, ``seed``, ``temperature``,
     ``suffix``, ``num_samples``, ...; ``diffujax generate --help``), with its defaults."""
     loaded = _loaded(model, tokenizer, "generate")
-    args = command_arguments("generate", "generate", options, fixed={"prompt": prompt},
-                             refused=NOT_OPTIONS)
+    args = _command_arguments("generate", "generate", options, fixed={"prompt": prompt},
+                              refused=NOT_OPTIONS)
     check_generate_args(args, loaded.config)
     check_fits(args, loaded.config, tokenizer)
     return generate_texts(args, loaded).texts
@@ -207,8 +210,8 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, text_file, **options) -> d
     ``options``: the command's (``objective``, ``seq_len``, ``blocks``, ``draws``,
     ``batch_size``, ``block_size``, ``seed``; ``diffujax eval --help``), with its defaults."""
     loaded = _loaded(model, tokenizer, "evaluate")
-    args = command_arguments("evaluate", "eval", options, fixed={"text": os.fspath(text_file)},
-                             refused=NOT_OPTIONS)
+    args = _command_arguments("evaluate", "eval", options, fixed={"text": os.fspath(text_file)},
+                              refused=NOT_OPTIONS)
     check_eval_args(args, loaded.config)
     return metrics(args, score(args, loaded))
 
@@ -217,5 +220,5 @@ def convert(src, dst, **options):
     """``diffujax convert``: the Hugging Face model directory (or Hub id) ``src`` as the diffujax
     model checkpoint ``dst``; returns its path. ``options``: ``dtype``, ``mask_token_id``,
     ``no_mask_token``, ``overwrite`` (``diffujax convert --help``)."""
-    return convert_from_args(command_arguments("convert", "convert", options,
-                                               positional=(src, dst)))
+    return convert_from_args(_command_arguments("convert", "convert", options,
+                                                positional=(src, dst)))

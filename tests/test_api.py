@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,11 +131,11 @@ def test_import_diffujax_imports_no_heavy_library_until_the_api_is_used():
 def test_the_api_names_are_the_functions_beside_the_command_modules_of_the_same_name():
     import importlib
 
-    for name in ("generate", "evaluate", "convert"):
-        module = importlib.import_module(f"diffujax.{name}")  # the command, imported
-        assert getattr(diffujax, name) is getattr(api, name) and callable(getattr(diffujax, name))
-        assert module is sys.modules[f"diffujax.{name}"] and hasattr(module, f"run_{name}"
-                                                                     .replace("evaluate", "eval"))
+    for name, run in (("generate", "run_generate"), ("evaluate", "run_eval"),
+                      ("convert", "run_convert")):
+        module = importlib.import_module(f"diffujax.{name}")  # the command's module, imported
+        assert hasattr(module, run) and module is sys.modules[f"diffujax.{name}"]
+        assert getattr(diffujax, name) is getattr(api, name)
     assert diffujax.load is api.load and set(diffujax.__all__) <= set(dir(diffujax))
 
 
@@ -175,6 +176,36 @@ def test_load_a_hugging_face_directory_converts_it_as_the_command_does(hf_dir, c
     assert list(tmp_path.iterdir()) == []
 
 
+HUB_PROBE = """
+import json, sys
+import numpy as np, jax
+from flax import nnx
+import diffujax
+model, tokenizer = diffujax.load("tiny-org/tiny-llama")
+ref, _ = diffujax.load(sys.argv[1])
+same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.to_pure_dict(nnx.state(model)),
+                    nnx.to_pure_dict(nnx.state(ref)))
+print(json.dumps([model.config == ref.config, all(jax.tree.leaves(same)),
+                  tokenizer.token_to_id("<|mask|>")]))
+"""
+
+
+@pytest.mark.integration  # a fresh interpreter: huggingface_hub reads HF_HOME on import
+def test_load_a_hub_id_offline_from_the_cache(hf_dir, ckpt, tmp_path):
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(hf_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run([sys.executable, "-c", HUB_PROBE, str(ckpt)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [True, True, WORDS + 2]
+
+
 def training_run(root: pathlib.Path, ckpt, steps=(2, 4)):
     """A run directory holding training steps of ``ckpt``'s model: step s has its weights
     times s / max(steps) (the newest: the weights themselves)."""
@@ -209,6 +240,8 @@ def test_load_refuses_what_it_cannot_read_in_one_line(tmp_path, ckpt):
     with pytest.raises(CheckpointError) as error:
         diffujax.load(tmp_path)
     assert str(error.value).startswith(f"{tmp_path}: not a diffujax model checkpoint")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'nowhere'}: not found$"):
+        diffujax.load(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="^dtype 'float64': must be one of float32, bfloat16$"):
         diffujax.load(ckpt, dtype="float64")
     model, _ = diffujax.load(ckpt, dtype="bfloat16")
