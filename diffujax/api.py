@@ -40,8 +40,12 @@ from diffujax.data.tokenizer import Tokenizer, load_tokenizer
 from diffujax.evaluate import check_eval_args, metrics, score
 from diffujax.generate import check_fits, check_generate_args, generate_texts
 from diffujax.models import ModelConfig, apply_fn_for, merge
+from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu
 from diffujax.runtime import LoadedModel, load_for_inference
 from diffujax.train.export import export_step, is_training_checkpoint
+
+# Before anything starts JAX, as the command line does: no libtpu error on a machine without a TPU.
+quiet_libtpu_without_tpu()
 
 # Options of generate and eval that the functions do not take, and why (said when refused).
 NOT_OPTIONS = {
