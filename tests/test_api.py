@@ -251,6 +251,10 @@ def test_load_refuses_what_it_cannot_read_in_one_line(tmp_path, ckpt):
     assert str(error.value).startswith(f"{tmp_path}: not a diffujax model checkpoint")
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'nowhere'}: not found$"):
         diffujax.load(tmp_path / "nowhere")
+    shutil.copytree(ckpt, tmp_path / "cut")
+    (tmp_path / "cut" / ".complete").unlink()  # an interrupted write: no HF directory either
+    with pytest.raises(CheckpointError, match="cut: incomplete or not a diffujax checkpoint"):
+        diffujax.load(tmp_path / "cut")
     with pytest.raises(ValueError, match="^dtype 'float64': must be one of float32, bfloat16$"):
         diffujax.load(ckpt, dtype="float64")
     model, _ = diffujax.load(ckpt, dtype="bfloat16")
