@@ -271,9 +271,9 @@ def cli_json(capsys, argv):
 
 
 @pytest.mark.parametrize("options", [
-    dict(length=8, steps=8),  # topk, greedy
+    dict(length=8, steps=8),  # the default sampler, greedy
     dict(length=6, steps=3, sampler="ancestral", num_samples=2, seed=3),
-    dict(suffix="w5 w6", infill_length=4, steps=4, sampler="blocks", block_length=2),
+    dict(suffix="w5 w6", infill_length=4, sampler="threshold", threshold=0.5),
 ])
 def test_generate_gives_the_commands_texts(loaded, ckpt, capsys, options):
     model, tokenizer = loaded
