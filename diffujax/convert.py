@@ -20,12 +20,15 @@ def _report(fn) -> int:
     return 0
 
 
+def convert_from_args(args):
+    """The work of ``diffujax convert``: the checkpoint directory written."""
+    src = hub.hub_snapshot(args.src) if hub.is_hub_id(args.src) else args.src
+    return convert(src, args.dst, dtype=args.dtype, mask_token_id=args.mask_token_id,
+                   no_mask_token=args.no_mask_token, overwrite=args.overwrite)
+
+
 def run_convert(args) -> int:
-    def run():
-        src = hub.hub_snapshot(args.src) if hub.is_hub_id(args.src) else args.src
-        return convert(src, args.dst, dtype=args.dtype, mask_token_id=args.mask_token_id,
-                       no_mask_token=args.no_mask_token, overwrite=args.overwrite)
-    return _report(run)
+    return _report(lambda: convert_from_args(args))
 
 
 def run_export(args) -> int:

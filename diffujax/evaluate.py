@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffujax import console, paths
-from diffujax.diffusion import ar_nll_terms, elbo_terms, summarize_nll
+from diffujax.diffusion import NLLEstimate, ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.blocks import effective_block_size
 from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args,
                               max_positions, pad_rows, require)
@@ -110,19 +111,42 @@ def check_eval_args(args, config) -> None:
 
 def run_eval(args) -> int:
     check_eval_args(args, checkpoint_config(args))
-    model = load_from_args(args)
+    return print_score(args, score(args, load_from_args(args)))
+
+
+class Score(NamedTuple):
+    """What ``diffujax eval`` reports: the estimate, the blocks scored ``[blocks, seq_len]``
+    and the block size of the bound (0: the whole sequence, or AR)."""
+    estimate: NLLEstimate
+    blocks: np.ndarray
+    block_size: int
+
+
+def score(args, model: LoadedModel) -> Score:
+    """The work of ``diffujax eval`` on a loaded model, its arguments already checked
+    (``check_eval_args``)."""
     blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
     est = evaluate(model, blocks, objective=args.objective, draws=args.draws,
                    batch_size=args.batch_size, seed=args.seed, block_size=args.block_size)
-    stderr = 0.0 if args.objective == "ar" else est.std_error
     block = 0 if args.objective == "ar" else eval_block_size(model.config, args.seq_len,
                                                              args.block_size)
+    return Score(est, blocks, block)
+
+
+def metrics(args, result: Score) -> dict:
+    """The numbers ``diffujax eval --json`` prints."""
+    est = result.estimate
+    stderr = 0.0 if args.objective == "ar" else est.std_error
+    return {"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
+            "tokens": est.num_tokens, "draws": est.num_draws, "block_size": result.block_size}
+
+
+def print_score(args, result: Score) -> int:
+    est, blocks, block = result
     if jax.process_index() != 0:  # every process computed the same numbers; one prints them
         return 0
     if args.json:
-        print(json.dumps({"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
-                          "tokens": est.num_tokens, "draws": est.num_draws,
-                          "block_size": block}))
+        print(json.dumps(metrics(args, result)))
     else:
         kind = ("AR perplexity" if args.objective == "ar" else
                 f"block diffusion ELBO perplexity bound (blocks of {block})" if block else

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -260,8 +261,22 @@ def run_generate(args) -> int:
     config = checkpoint_config(args)
     check_generate_args(args, config)
     check_fits(args, config, load_tokenizer(args.checkpoint))
-    sampler, decoder = sampler_of(args, config), decoder_of(args, config)
-    model = load_from_args(args)
+    return print_generation(args, generate_texts(args, load_from_args(args)))
+
+
+class Generation(NamedTuple):
+    """What ``diffujax generate`` reports: one text per sample, and how it was made."""
+    texts: list[str]
+    forwards: int
+    tokens_per_second: float
+    sampler: str
+    decoder: str
+
+
+def generate_texts(args, model: LoadedModel) -> Generation:
+    """The work of ``diffujax generate`` on a loaded model, its arguments already checked
+    (``check_generate_args``, ``check_fits``)."""
+    sampler, decoder = sampler_of(args, model.config), decoder_of(args, model.config)
     stop_at_eos = not args.keep_after_eos
     if decoder == "canvas":
         ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
@@ -283,15 +298,20 @@ def run_generate(args) -> int:
     texts = [args.prompt + model.tokenizer.decode_generated(row, stop_at_eos=stop_at_eos)
              + (args.suffix or "") for row in generated]
     rate = args.num_samples * span_length(args) / seconds if seconds > 0 else float("inf")
+    return Generation(texts, int(out.forwards), rate, sampler, decoder)
+
+
+def print_generation(args, result: Generation) -> int:
+    texts, forwards, rate, sampler, decoder = result
     if jax.process_index() != 0:  # every process holds the same samples; one prints them
         return 0
     if args.json:
         print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
-                          "forward_passes": int(out.forwards), "tokens_per_second": rate,
+                          "forward_passes": forwards, "tokens_per_second": rate,
                           "sampler": sampler, "decoder": decoder}))
     else:
         for text in texts:
             print(text)
-        print(f"[{sampler}, {DECODERS[decoder]}: {int(out.forwards)} forward passes,"
+        print(f"[{sampler}, {DECODERS[decoder]}: {forwards} forward passes,"
               f" {rate:.1f} tokens/s]")
     return 0

@@ -35,7 +35,8 @@ LAYERS = (
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
     ("diffujax.evaluate", "diffujax.generate", "diffujax.convert", "diffujax.plan"),  # commands
     ("diffujax.tasks",),  # the task harness and the lm-eval model (on eval/generate's pieces)
-    ("diffujax.demo", "diffujax.cli", "diffujax.arguments"),  # the commands; their arguments
+    # the commands; their arguments; the Python API (the commands as functions)
+    ("diffujax.demo", "diffujax.cli", "diffujax.arguments", "diffujax.api"),
 )
 
 # Third-party modules that may be imported inside a function: optional extras or heavy imports
