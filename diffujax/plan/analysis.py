@@ -100,7 +100,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     specs = param_specs(model_cfg)
     shapes = {path: spec.shape for path, spec in specs.items()}
     # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
-    sharded = {path for path, leaf in _flat(program.inputs.get("params"))
+    weights = _flat(program.inputs.get("params")) + _flat(program.inputs.get("frozen"))
+    sharded = {path for path, leaf in weights
                if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
                     for path, spec in specs.items() if path in sharded}
@@ -115,7 +116,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
 
 
 def _flat(tree) -> list:
-    """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their ``param_specs`` names."""
+    """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their
+    ``param_specs`` names."""
     if tree is None:
         return []
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -21,11 +21,13 @@ from diffujax.checkpoint import store
 from diffujax.config import checked_mask_token, init_model_config
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
-from diffujax.models import KVCache, apply_fn_for, cached_fn_for
+from diffujax.models import (KVCache, abstract_params, apply_fn_for, cached_fn_for,
+                             param_shardings)
 from diffujax.parallel.logical import axis_rules
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from diffujax.train.checkpointing import abstract_like
-from diffujax.train.state import abstract_train_state, train_state_shardings
+from diffujax.train.state import (abstract_train_state, apply_fn_for_run, model_params,
+                                  train_state_shardings)
 from diffujax.train.step import make_eval_step, make_train_step, step_config
 
 # The default sampler of ``diffujax generate`` and its default number of passes.
@@ -92,6 +94,11 @@ def abstract_state(cfg, model_cfg, mesh, rules):
                          train_state_shardings(cfg, model_cfg, mesh, rules))
 
 
+def abstract_model_params(cfg, model_cfg, mesh, rules):
+    """The weights ``diffujax generate`` holds: the model's (a LoRA run exports them merged)."""
+    return abstract_like(abstract_params(model_cfg), param_shardings(model_cfg, mesh, rules))
+
+
 def abstract_key(mesh):
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
@@ -109,11 +116,12 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
     attention mask anneals (when ``diffusion.anneal_steps > 0``), the full-attention step it
     switches to afterwards, and one of each per block size of ``diffusion.block_schedule``
     (docs/algorithms.md §9), in the order the run first needs them."""
-    apply_fn = apply_fn_for(model_cfg)
+    apply_fn = apply_fn_for_run(cfg, model_cfg)
     state = abstract_state(cfg, model_cfg, mesh, rules)
     batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
-    inputs = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema,
-              "batch": batch}
+    # With LoRA, "params" are the adapters (what trains) and "frozen" the base weights.
+    inputs = {"params": state.params, "frozen": state.frozen, "optimizer": state.opt_state,
+              "ema": state.ema, "batch": batch}
     d = cfg.diffusion
     # The program changes only where the block size or the annealing phase does.
     changes = {0, anneal_end(d.anneal_steps)} | {step for step, _ in d.block_schedule}
@@ -140,8 +148,8 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
 
 def eval_program(cfg, model_cfg, mesh, rules) -> Program:
     """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
-    apply_fn = apply_fn_for(model_cfg)
-    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    apply_fn = apply_fn_for_run(cfg, model_cfg)
+    params = model_params(abstract_state(cfg, model_cfg, mesh, rules))
     rows = micro_batch(cfg)
     batch = abstract_batch(cfg, rows, mesh, rules)
     step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
@@ -156,7 +164,7 @@ def generate_program(cfg, model_cfg, mesh, rules) -> Program:
     """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
     tokens (a whole denoising loop: one compiled ``while``)."""
     apply_fn = apply_fn_for(model_cfg)
-    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    params = abstract_model_params(cfg, model_cfg, mesh, rules)
     rows = batch_shard_count(mesh, rules)
     sharding = batch_sharding(mesh, rules)
     canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
@@ -212,7 +220,7 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
     the AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
     n = model_cfg.block_size if block_size is None else block_size
     plan = decode_plan(cfg.data.seq_len, n)
-    params = abstract_state(cfg, model_cfg, mesh, rules).params
+    params = abstract_model_params(cfg, model_cfg, mesh, rules)
     rows = batch_shard_count(mesh, rules)
     sharding = batch_sharding(mesh, rules)
     prompt = _sds((rows, plan["prompt_width"]), jnp.int32, sharding)
