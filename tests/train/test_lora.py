@@ -26,8 +26,9 @@ LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "o_proj", "down
 
 
 @functools.cache
-def trained(data=1, fsdp=1, tensor=1, **lora_fields):
-    cfg = W.make_config("llama", data, fsdp, tensor, model__lora={**LORA, **lora_fields})
+def trained(data=1, fsdp=1, tensor=1, block_size=0):
+    cfg = W.make_config("llama", data, fsdp, tensor, model__lora=LORA,
+                        diffusion__block_size=block_size)
     state, history = W.run(cfg, jax.devices()[: data * fsdp * tensor])
     return cfg, state, history
 
@@ -86,6 +87,14 @@ def test_sharded_lora_step_matches_single_device():
     for x, y in zip(jax.tree.leaves(sharded[1].params), jax.tree.leaves(one[1].params),
                     strict=True):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_lora_trains_block_diffusion_on_a_mesh():
+    cfg, state, history = trained(2, 2, 2, block_size=4)
+    assert all(m["skipped"] == 0 and np.isfinite(m["loss"]) for m in history)
+    one = trained(block_size=4)
+    np.testing.assert_allclose([m["loss"] for m in history], [m["loss"] for m in one[2]],
+                               rtol=2e-5)
 
 
 @pytest.mark.parametrize("fields,message", [
