@@ -35,10 +35,10 @@ from diffujax.checkpoint import hub
 from diffujax.checkpoint.convert import convert as convert_checkpoint
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.convert import convert_from_args
+from diffujax.commands.convert import convert_from_args
+from diffujax.commands.evaluate import check_eval_args, metrics, score
+from diffujax.commands.generate import check_fits, check_generate_args, generate_texts
 from diffujax.data.tokenizer import Tokenizer, load_tokenizer
-from diffujax.evaluate import check_eval_args, metrics, score
-from diffujax.generate import check_fits, check_generate_args, generate_texts
 from diffujax.models import ModelConfig, apply_fn_for, merge
 from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu
 from diffujax.runtime import LoadedModel, load_for_inference

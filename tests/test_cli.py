@@ -121,10 +121,9 @@ def test_version_is_the_package_metadata(capsys):
 
 
 def test_sampler_names_agree_with_the_samplers():
-    # imports jax: only here, where the two lists are compared (the module: diffujax.generate
-    # is the Python API's function)
-    generate = importlib.import_module("diffujax.generate")
-    assert arguments.SAMPLERS == generate.SAMPLERS
-    assert arguments.DIFFUSION_SAMPLERS == generate.DIFFUSION_SAMPLERS
-    assert arguments.RENAMED_SAMPLERS == generate.RENAMED_SAMPLERS
-    assert arguments.DEFAULT_BLOCK_LENGTH == generate.DEFAULT_BLOCK_LENGTH
+    from diffujax.inference import generation  # imports jax: only here, where the lists meet
+
+    assert arguments.SAMPLERS == generation.SAMPLERS
+    assert arguments.DIFFUSION_SAMPLERS == generation.DIFFUSION_SAMPLERS
+    assert arguments.RENAMED_SAMPLERS == generation.RENAMED_SAMPLERS
+    assert arguments.DEFAULT_BLOCK_LENGTH == generation.DEFAULT_BLOCK_LENGTH
