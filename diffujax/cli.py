@@ -2,8 +2,8 @@
 lm-eval | train | plan | demo.
 
 ``COMMANDS`` names each subcommand's help, its arguments (``arguments.add_<name>_args``, light
-imports only) and its runner below, which imports the command's module (``diffujax/commands/``)
-and calls its ``run_<name>(args) -> int``. These are the package's only imports of a diffujax
+imports only) and its runner (the functions above it), which imports the command's module
+(``diffujax/commands/``) and calls its ``run_<name>(args) -> int``. These are the package's only imports of a diffujax
 module inside a function (``tools/import_graph.py`` allows them in ``cli`` alone): a command's
 module loads jax, so importing it only to run it keeps ``--help`` quick and lets a command run
 without another command's optional extra (lm-eval).
