@@ -34,7 +34,7 @@ import time
 from diffujax.checkpoint import store
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.demo import demo_config
+from diffujax.commands.demo import demo_config
 from diffujax.models import apply_fn_for, param_shardings
 from diffujax.parallel.mesh import make_mesh
 from diffujax.train.evaluation import Evaluator

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from diffujax.runtime import load_for_inference
-from diffujax.tasks.command import format_result, make_encoder
+from diffujax.commands.tasks import format_result, make_encoder
 from diffujax.tasks.engine import Engine
 from diffujax.tasks.runner import TASKS, Settings, TaskRunner, run_task
 

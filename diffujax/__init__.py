@@ -9,50 +9,26 @@ The Python API (``diffujax/api.py``; the README's "Python API" section)::
     diffujax.convert("hf_model_dir", "checkpoint_dir")
 
 ``import diffujax`` itself imports nothing heavy: the four names load ``diffujax.api`` (and with
-it jax and flax) on first use. ``diffujax.generate``, ``diffujax.evaluate`` and
-``diffujax.convert`` are always these functions, even once the command modules of the same names
-are imported; reach those modules with ``from diffujax.generate import ...`` or
-``importlib.import_module("diffujax.generate")``.
+it jax and flax) on first use (a module ``__getattr__``, PEP 562). No submodule of the package
+bears one of these names, so importing the package's modules never hides them.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors only: importing them here would load jax
     from diffujax.api import convert, evaluate, generate, load
 
-API = ("load", "generate", "evaluate", "convert")
-__all__ = list(API)
+__all__ = ["load", "generate", "evaluate", "convert"]
 
 
-def _api_function(name: str) -> property:
-    """A property of the package that is ``diffujax.api.<name>``. It takes precedence over the
-    attribute the import system sets on the package when the submodule ``diffujax.<name>`` is
-    imported (kept aside by the setter, unused)."""
-
-    def get(package):
+def __getattr__(name: str):
+    if name in __all__:
         return getattr(importlib.import_module("diffujax.api"), name)
-
-    def set_(package, value):
-        package.__dict__[name] = value
-
-    return property(get, set_, doc=f"diffujax.api.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _Package(types.ModuleType):
-    """The ``diffujax`` module's class: its public functions as lazy properties."""
-
-    load = _api_function("load")
-    generate = _api_function("generate")
-    evaluate = _api_function("evaluate")
-    convert = _api_function("convert")
-
-    def __dir__(self):
-        return sorted(set(super().__dir__()) | set(API))
-
-
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,10 +35,10 @@ from diffujax.checkpoint import hub
 from diffujax.checkpoint.convert import convert as convert_checkpoint
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.convert import convert_from_args
+from diffujax.commands.convert import convert_from_args
+from diffujax.commands.evaluate import check_eval_args, metrics, score
+from diffujax.commands.generate import check_fits, check_generate_args, generate_texts
 from diffujax.data.tokenizer import Tokenizer, load_tokenizer
-from diffujax.evaluate import check_eval_args, metrics, score
-from diffujax.generate import check_fits, check_generate_args, generate_texts
 from diffujax.models import ModelConfig, apply_fn_for, merge
 from diffujax.parallel.tpu_env import quiet_libtpu_without_tpu
 from diffujax.runtime import LoadedModel, load_for_inference
@@ -148,16 +148,17 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _command_arguments(function: str, command: str, options: dict, *,
+def _command_arguments(function: str, command: str, add_args, options: dict, *,
                        fixed: dict | None = None, refused: dict | None = None,
                        positional: tuple = ()) -> argparse.Namespace:
     """``diffujax COMMAND``'s arguments from the keyword ``options`` of ``diffujax.FUNCTION``,
-    parsed by the command's own parser (types, choices, exclusive options: its messages).
+    parsed by the command's own parser (``add_args``: types, choices, exclusive options: its
+    messages).
     ``fixed``: options the function sets from its own arguments; ``refused``: options of the
     command the function does not take, and why; ``positional``: the command's positional
     arguments."""
     parser = _Parser(prog=f"diffujax {command}", add_help=False)
-    getattr(arguments, f"add_{command}_args")(parser)
+    add_args(parser)
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     fixed, refused = fixed or {}, refused or {}
     taken = sorted(set(actions) - set(refused) - set(fixed))
@@ -198,8 +199,8 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompt: str = "", **option
     ``options``: the command's (``length``, ``sampler``, ``steps``, ``seed``, ``temperature``,
     ``suffix``, ``num_samples``, ...; ``diffujax generate --help``), with its defaults."""
     loaded = _loaded(model, tokenizer, "generate")
-    args = _command_arguments("generate", "generate", options, fixed={"prompt": prompt},
-                              refused=NOT_OPTIONS)
+    args = _command_arguments("generate", "generate", arguments.add_generate_args, options,
+                              fixed={"prompt": prompt}, refused=NOT_OPTIONS)
     check_generate_args(args, loaded.config)
     check_fits(args, loaded.config, tokenizer)
     return generate_texts(args, loaded).texts
@@ -214,8 +215,8 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, text_file, **options) -> d
     ``options``: the command's (``objective``, ``seq_len``, ``blocks``, ``draws``,
     ``batch_size``, ``block_size``, ``seed``; ``diffujax eval --help``), with its defaults."""
     loaded = _loaded(model, tokenizer, "evaluate")
-    args = _command_arguments("evaluate", "eval", options, fixed={"text": os.fspath(text_file)},
-                              refused=NOT_OPTIONS)
+    args = _command_arguments("evaluate", "eval", arguments.add_eval_args, options,
+                              fixed={"text": os.fspath(text_file)}, refused=NOT_OPTIONS)
     check_eval_args(args, loaded.config)
     return metrics(args, score(args, loaded))
 
@@ -224,5 +225,5 @@ def convert(src, dst, **options):
     """``diffujax convert``: the Hugging Face model directory (or Hub id) ``src`` as the diffujax
     model checkpoint ``dst``; returns its path. ``options``: ``dtype``, ``mask_token_id``,
     ``no_mask_token``, ``overwrite`` (``diffujax convert --help``)."""
-    return convert_from_args(_command_arguments("convert", "convert", options,
-                                                positional=(src, dst)))
+    return convert_from_args(_command_arguments("convert", "convert", arguments.add_convert_args,
+                                                options, positional=(src, dst)))

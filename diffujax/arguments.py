@@ -14,15 +14,15 @@ import pathlib
 from diffujax.parallel.arguments import add_mesh_args
 from diffujax.tasks.specs import OBJECTIVES, TASKS
 
-# generate.SAMPLERS and generate.RENAMED_SAMPLERS, spelled here so that `--help` need not import
-# the samplers (tests/test_cli.py checks that they agree).
+# inference/generation.py's SAMPLERS, RENAMED_SAMPLERS and DEFAULT_BLOCK_LENGTH, spelled here so
+# that `--help` need not import the samplers (tests/test_cli.py checks that they agree).
 DIFFUSION_SAMPLERS = ("ancestral", "confidence", "semi_ar", "threshold")  # tasks can use these
 SAMPLERS = DIFFUSION_SAMPLERS + ("ar",)
 RENAMED_SAMPLERS = {"topk": "confidence", "blocks": "semi_ar"}
-DEFAULT_BLOCK_LENGTH = 32  # generate.DEFAULT_BLOCK_LENGTH, likewise checked by tests/test_cli.py
+DEFAULT_BLOCK_LENGTH = 32
 PLAN_WHAT = ("train", "eval", "generate")
 # The demo's default text, shipped inside the package (the GNU GPL v3, verbatim: its own terms
-# allow that); diffujax.demo reads it from here.
+# allow that); commands/demo.py reads it from here.
 DEMO_TEXT = pathlib.Path(str(importlib.resources.files("diffujax"))) / "assets" / "gpl-3.0.txt"
 DTYPES = ("float32", "bfloat16")
 

@@ -137,15 +137,19 @@ def test_import_diffujax_imports_no_heavy_library_until_the_api_is_used(ckpt, tm
     assert noise == [], run.stderr
 
 
-def test_the_api_names_are_the_functions_beside_the_command_modules_of_the_same_name():
+def test_the_api_names_are_the_functions_even_once_the_commands_are_imported():
     import importlib
 
-    for name, run in (("generate", "run_generate"), ("evaluate", "run_eval"),
-                      ("convert", "run_convert")):
-        module = importlib.import_module(f"diffujax.{name}")  # the command's module, imported
-        assert hasattr(module, run) and module is sys.modules[f"diffujax.{name}"]
+    for command in ("generate", "evaluate", "convert"):
+        importlib.import_module(f"diffujax.commands.{command}")
+    package = pathlib.Path(diffujax.__file__).parent
+    for name in diffujax.__all__:
+        # No submodule of the name: its import would set the package attribute over the function.
+        assert not (package / f"{name}.py").exists() and not (package / name).exists()
         assert getattr(diffujax, name) is getattr(api, name)
-    assert diffujax.load is api.load and set(diffujax.__all__) <= set(dir(diffujax))
+    assert set(diffujax.__all__) <= set(dir(diffujax))
+    with pytest.raises(AttributeError, match="no attribute 'generat'"):
+        diffujax.generat
 
 
 # -- load -----------------------------------------------------------------------------------------

@@ -5,12 +5,16 @@ default, and ``--version`` prints the installed package's version."""
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -121,10 +125,24 @@ def test_version_is_the_package_metadata(capsys):
 
 
 def test_sampler_names_agree_with_the_samplers():
-    # imports jax: only here, where the two lists are compared (the module: diffujax.generate
-    # is the Python API's function)
-    generate = importlib.import_module("diffujax.generate")
-    assert arguments.SAMPLERS == generate.SAMPLERS
-    assert arguments.DIFFUSION_SAMPLERS == generate.DIFFUSION_SAMPLERS
-    assert arguments.RENAMED_SAMPLERS == generate.RENAMED_SAMPLERS
-    assert arguments.DEFAULT_BLOCK_LENGTH == generate.DEFAULT_BLOCK_LENGTH
+    from diffujax.inference import generation  # imports jax: only here, where the lists meet
+
+    assert arguments.SAMPLERS == generation.SAMPLERS
+    assert arguments.DIFFUSION_SAMPLERS == generation.DIFFUSION_SAMPLERS
+    assert arguments.RENAMED_SAMPLERS == generation.RENAMED_SAMPLERS
+    assert arguments.DEFAULT_BLOCK_LENGTH == generation.DEFAULT_BLOCK_LENGTH
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_runner_calls_the_run_function_of_its_command_module(command):
+    """A runner imports its command's module only when called, so a misspelt name would surface
+    only then (default-model and demo run in no quick test): read each runner instead."""
+    source = textwrap.dedent(inspect.getsource(cli.COMMANDS[command].run))
+    imported, returned = ast.parse(source).body[0].body
+    module_name = f"{imported.module}.{imported.names[0].name}"
+    assert module_name.startswith("diffujax.commands.")
+    if command == "lm-eval":
+        pytest.importorskip("lm_eval")  # an optional extra
+    module = importlib.import_module(module_name)
+    function = returned.value.func.attr
+    assert function == f"run_{command.replace('-', '_')}" and callable(getattr(module, function))

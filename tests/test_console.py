@@ -137,7 +137,7 @@ def test_bars_only_on_a_terminal_unless_forced(monkeypatch):
 
 
 def test_eval_blocks_default_to_the_whole_file(tmp_path):
-    from diffujax.evaluate import read_blocks
+    from diffujax.inference.perplexity import read_blocks
 
     class Words:  # one token per character
         def encode(self, text):

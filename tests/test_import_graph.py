@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,3 +71,46 @@ def test_checker_names_a_package_cycle_and_an_unplaced_package(tmp_path):
 
 def test_diffujax_import_graph_is_acyclic_and_downward():
     assert import_graph.problems(ROOT) == []
+
+
+def test_the_readme_design_section_lists_the_layers():
+    """The README's numbered layer list is ``LAYERS``: the same packages, in the same order."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("Imports point down a fixed stack of layers")
+    block = text[start:text.index("Modules import at the top", start)]
+    listed = [tuple(f"diffujax.{name}" for name in re.findall(r"`(\w+)`", names))
+              for names in re.findall(r"^\d+\. ([^:]+):", block, re.M)]
+    assert listed == list(import_graph.LAYERS)
+
+
+def test_only_cli_may_import_a_command_module_inside_a_function_and_the_edge_still_counts(
+        tmp_path):
+    root = _package(tmp_path, {
+        "cli.py": """
+            def run_generate(args):
+                from diffujax.commands import generate  # the one allowed deferred import
+                return generate.run_generate(args)
+            def run_train(args):
+                from diffujax.commands.train import run_train
+                return run_train(args)
+            def config():
+                from diffujax.config import X  # not a command module
+                return X
+            """,
+        "commands/generate.py": """
+            def run_generate(args):
+                from diffujax.commands import plan  # a command module, but not in cli
+                return plan
+            """,
+        "commands/plan.py": "",
+        "commands/train.py": "from diffujax import cli\n",  # closes a cycle through cli
+        "config.py": "X = 1\n",
+    })
+    found = import_graph.problems(root)
+    deferred = sorted(p for p in found if p.startswith("function-level"))
+    assert deferred == [
+        "function-level import of diffujax.commands.plan in diffujax.commands.generate:"
+        " import it at the top",
+        "function-level import of diffujax.config in diffujax.cli: import it at the top"], found
+    assert "module cycle: diffujax.cli <-> diffujax.commands.train" in found
+    assert any(p.startswith("upward import: diffujax.commands") for p in found), found

@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from diffujax.config import MeshSection, MeshShape
-from diffujax.evaluate import evaluate, read_blocks
-from diffujax.generate import build_canvas, sample
+from diffujax.inference.perplexity import evaluate, read_blocks
+from diffujax.inference.generation import build_canvas, sample
 from diffujax.parallel.mesh import make_mesh
 from diffujax.runtime import load_for_inference, mesh_from_args, parse_mesh
 

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CHECK = """
 import pathlib, sys
-import diffujax, diffujax.demo as demo
+import diffujax, diffujax.commands.demo as demo
 site = pathlib.Path(sys.argv[1]).resolve()
 assert pathlib.Path(diffujax.__file__).resolve().is_relative_to(site), diffujax.__file__
 cfg = demo.demo_config(sys.argv[2], pathlib.Path("out"), 5)

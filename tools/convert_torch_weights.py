@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from diffujax import arguments, console  # noqa: E402
-from diffujax.convert import run_convert, run_export  # noqa: E402
+from diffujax.commands.convert import run_convert, run_export  # noqa: E402
 
 
 def main(argv=None) -> int:

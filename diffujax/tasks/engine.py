@@ -25,7 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
-from diffujax.generate import DEFAULT_BLOCK_LENGTH, decode, sampler_call
+from diffujax.inference.generation import DEFAULT_BLOCK_LENGTH, decode, sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them
     # only while it is empty, and registering ours makes it non-empty)
     from lm_eval import utils as lm_utils
-    from lm_eval.__main__ import cli_evaluate
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences
@@ -37,7 +35,6 @@ except ModuleNotFoundError as e:  # an optional extra
     raise ModuleNotFoundError(f"{e}: diffujax lm-eval needs lm-evaluation-harness, pip install"
                               " 'diffujax[eval]'") from e
 
-from diffujax import console
 from diffujax.runtime import load_for_inference, mesh_from_args
 from diffujax.tasks.engine import Engine, Row
 from diffujax.tasks.model_args import batch_size_of, model_args
@@ -220,23 +217,3 @@ class DiffujaxLM(TemplateLM):
                         text = text.split(stop)[0]
                 texts[k] = text
         return texts
-
-
-# --- ``diffujax lm-eval`` ---------------------------------------------------------------------------
-
-def run_lm_eval(argv) -> int:
-    """Hand ``argv`` (the arguments after ``diffujax lm-eval``) to lm-eval's own CLI."""
-    if isinstance(argv, argparse.Namespace):
-        argv = []
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    saved = sys.argv
-    sys.argv = ["lm_eval", *argv]
-    try:
-        cli_evaluate()
-    except (OSError, ValueError) as e:  # bad model_args, files: one line, as every command
-        console.error_line(e, "diffujax lm-eval")
-        return 2
-    finally:
-        sys.argv = saved
-    return 0

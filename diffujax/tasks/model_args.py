@@ -12,7 +12,7 @@ import math
 
 from diffujax.checkpoint.hf_read import DTYPES
 from diffujax.diffusion.sampling import RANKINGS
-from diffujax.generate import DIFFUSION_SAMPLERS, RENAMED_SAMPLERS
+from diffujax.inference.generation import DIFFUSION_SAMPLERS, RENAMED_SAMPLERS
 
 OBJECTIVES = ("diffusion", "ar")
 SCORES = ("reference", "mc")

@@ -17,7 +17,7 @@ import sys
 
 from tqdm import tqdm
 
-from diffujax.generate import DIFFUSION_SAMPLERS, check_sampler
+from diffujax.inference.generation import DIFFUSION_SAMPLERS, check_sampler
 from diffujax.tasks import metrics
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine

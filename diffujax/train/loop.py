@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 
 import jax
@@ -31,12 +30,9 @@ import numpy as np
 
 from diffujax import paths
 from diffujax.attention.pattern import anneal_end, is_annealing
-from diffujax.config import load_config, to_dict, to_yaml
+from diffujax.config import to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.parallel import tpu_env
-from diffujax.parallel.mesh import (data_shard, make_global_batch, make_mesh,
-                                    maybe_initialize_distributed)
-from diffujax.parallel.topology import parse_slice
+from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
 from diffujax.train.metrics import (RunLogger, StepProfiler, Throughput, WriterError,
                                     matmul_params, peak_flops_per_device, train_flops_per_token)
 from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
@@ -55,54 +51,6 @@ log = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-
-
-def run_train(args) -> int:
-    check_override_text(args.overrides)
-    cfg = load_config(args.config, args.overrides)
-    _async_collectives(cfg)
-    # Before any other JAX call: multi-host jobs must join the distributed runtime first.
-    maybe_initialize_distributed(cfg.mesh)
-    _enable_compilation_cache()
-    return train(cfg)
-
-
-def check_override_text(overrides) -> None:
-    """Refuse an override with a control character in it: YAML would fold a newline into a space
-    (``output_dir=a<newline>b`` became ``a b``: the run went elsewhere) or fail obscurely."""
-    for item in overrides or ():
-        if any(ord(c) < 32 or ord(c) == 127 for c in item):
-            key, _, value = item.partition("=")
-            raise ValueError(f"{key.strip()}={value!r}: contains a control character (a newline,"
-                             " a tab...); such a value is a typo far more often than a wish")
-
-
-def _async_collectives(cfg):
-    """On a TPU, libtpu's async collective flags for its generation (``tpu_env``), before JAX
-    starts libtpu: the TPU VM's accelerator type, else the slice the config plans for."""
-    if not tpu_env.tpu_attached():
-        return
-    accelerator = os.environ.get("TPU_ACCELERATOR_TYPE") or cfg.plan.topology
-    try:
-        generation = parse_slice(accelerator).generation.libtpu if accelerator else None
-    except ValueError:
-        generation = None
-    if generation is None:
-        log.warning("TPU generation unknown (no TPU_ACCELERATOR_TYPE, no plan.topology): libtpu"
-                    " starts without the async collective flags")
-        return
-    flags = tpu_env.set_collective_flags(generation)
-    log.info("libtpu flags (%s): %s", generation, " ".join(flags))
-
-
-def _enable_compilation_cache():
-    """Restarts after a preemption should not pay for compilation again: keep compiled steps in
-    ``$DIFFUJAX_CACHE/jax`` unless the user chose a cache (``JAX_COMPILATION_CACHE_DIR``)."""
-    if jax.config.jax_compilation_cache_dir:
-        return
-    root = os.environ.get("DIFFUJAX_CACHE") or os.path.expanduser("~/.cache/diffujax")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # ------------------------------------------------------------------------------------ the loop

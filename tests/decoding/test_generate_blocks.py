@@ -16,7 +16,7 @@ from diffujax.attention import causal
 from diffujax.checkpoint import save
 from diffujax.cli import main as cli
 from diffujax.config import MeshSection, MeshShape
-from diffujax.generate import decode
+from diffujax.inference.generation import decode
 from diffujax.models import ConfigError, config_from_hf, forward
 from diffujax.parallel.mesh import make_mesh
 from diffujax.runtime import load_for_inference

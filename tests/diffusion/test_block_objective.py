@@ -333,7 +333,7 @@ def test_eval_reports_the_block_bound_of_a_block_model(params):
     NELBO of the reference on the same draws (rows numbered draw-major across batches, t
     stratified per block over all rows), its error bar over blocks of text."""
     from diffujax.diffusion import summarize_nll
-    from diffujax.evaluate import evaluate
+    from diffujax.inference.perplexity import evaluate
     from diffujax.runtime import LoadedModel
 
     config = LLAMA.replace(block_size=4)

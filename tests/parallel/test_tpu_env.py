@@ -110,16 +110,16 @@ def test_collective_flags_join_the_users_and_never_replace_them():
 def test_train_sets_the_flags_of_its_tpu_generation_and_logs_them(monkeypatch, caplog):
     from types import SimpleNamespace
 
-    from diffujax.train import loop
+    from diffujax.commands import train
 
     cfg = SimpleNamespace(plan=SimpleNamespace(topology="v5litepod-8"))
     monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
     monkeypatch.setattr(tpu_env, "tpu_attached", lambda: False)
-    loop._async_collectives(cfg)  # no TPU here: libtpu's flags are not this run's business
+    train._async_collectives(cfg)  # no TPU here: libtpu's flags are not this run's business
     assert "LIBTPU_INIT_ARGS" not in os.environ
     monkeypatch.setattr(tpu_env, "tpu_attached", lambda: True)
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-128")  # the VM's type wins over the config
-    with caplog.at_level("INFO", logger="diffujax.train.loop"):
-        loop._async_collectives(cfg)
+    with caplog.at_level("INFO", logger="diffujax.commands.train"):
+        train._async_collectives(cfg)
     assert os.environ["LIBTPU_INIT_ARGS"].split() == list(tpu_env.COLLECTIVE_FLAGS["v5p"])
     assert "libtpu flags (v5p)" in caplog.text

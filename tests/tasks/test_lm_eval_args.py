@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from diffujax.generate import sampler_call
+from diffujax.inference.generation import sampler_call
 from diffujax.tasks.harness import DiffujaxLM
 from diffujax.tasks.runner import Settings
 

@@ -11,7 +11,7 @@ from scipy import special
 
 from diffujax.attention.pattern import causal
 from diffujax.tasks import formats
-from diffujax.tasks.command import make_encoder
+from diffujax.commands.tasks import make_encoder
 from diffujax.tasks.encode import ROW_STRIDE, Encoder
 from diffujax.tasks.engine import Engine
 from diffujax.tasks.runner import TASKS, Settings, TaskRunner, run_task

@@ -8,7 +8,7 @@ import json
 import jax
 import pytest
 
-from diffujax.tasks.command import make_encoder
+from diffujax.commands.tasks import make_encoder
 from diffujax.tasks.engine import Engine
 from diffujax.tasks.runner import Settings, TaskRunner, run_task
 

@@ -184,7 +184,7 @@ def test_eval_command_reports_the_block_bound(tmp_path, capsys):
 
     from diffujax.checkpoint import store
     from diffujax.cli import main
-    from diffujax.evaluate import evaluate, read_blocks
+    from diffujax.inference.perplexity import evaluate, read_blocks
     from diffujax.models import LlamaConfig, init_params
     from diffujax.runtime import load_for_inference
 

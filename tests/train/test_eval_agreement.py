@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffujax.config import from_dict
-from diffujax.evaluate import evaluate
+from diffujax.inference.perplexity import evaluate
 from diffujax.models import LlamaConfig, apply_fn_for, init_params, param_shardings
 from diffujax.parallel.mesh import make_global_batch, make_mesh
 from diffujax.runtime import LoadedModel

@@ -20,8 +20,8 @@ from diffujax.attention import causal
 from diffujax.checkpoint import export, load
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import load_config
-from diffujax.evaluate import evaluate, read_blocks
-from diffujax.generate import build_canvas, sample
+from diffujax.inference.perplexity import evaluate, read_blocks
+from diffujax.inference.generation import build_canvas, sample
 from diffujax.models import forward
 from diffujax.runtime import load_for_inference
 from diffujax.train.loop import train

@@ -1,25 +1,22 @@
-"""``diffujax generate``: sample a continuation or an infill with one of the docs/algorithms.md §6
-samplers; on a block diffusion model (``block_size > 0``, §9) the samplers run inside the cached
-block decoder, and ``--sampler ar`` decodes autoregressively with a KV cache."""
+"""Text from a loaded model with one of the docs/algorithms.md §6 samplers: ``sample`` runs a
+sampler over whole canvases (a continuation or an infill), ``decode`` the cached decoders (a block
+diffusion model's block decoder, §9, or AR decoding with a KV cache). ``diffujax generate``
+(``commands/generate.py``), the task harness and the demo call them."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from diffujax.data.tokenizer import load_tokenizer
 from diffujax.diffusion import (sample_ancestral, sample_confidence, sample_semi_ar,
                                 sample_threshold)
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import infill_canvas
 from diffujax.models import init_cache
-from diffujax.runtime import (ArgumentError, LoadedModel, checkpoint_config,
-                              load_from_args, max_positions, pad_rows, require)
+from diffujax.runtime import LoadedModel, pad_rows
 
 # = arguments' DIFFUSION_SAMPLERS and SAMPLERS; "ar" is generate's alone.
 DIFFUSION_SAMPLERS = ("ancestral", "confidence", "semi_ar", "threshold")
@@ -31,10 +28,6 @@ RENAMED_SAMPLERS = {"topk": "confidence", "blocks": "semi_ar"}
 BLOCK_SAMPLERS = {"threshold": "threshold", "confidence": "confidence", "semi_ar": "confidence",
                   "ancestral": "ancestral"}
 DEFAULT_BLOCK_LENGTH = 32  # the semi_ar sampler of a full-sequence model (= arguments')
-
-
-DECODERS = {"canvas": "whole canvas per pass", "blocks": "cached blocks",
-            "ar": "AR with KV cache"}
 
 
 def prompt_ids(model: LoadedModel, prompt: str) -> tuple[list[int], int]:
@@ -121,26 +114,6 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
     return out, seconds
 
 
-def sampler_of(args, config) -> str:
-    """The sampler ``args`` ask for (``--ar`` is ``--sampler ar``), with the model's default:
-    threshold decoding for a block model, confidence otherwise."""
-    if args.ar:
-        require(args.sampler in (None, "ar"), "--sampler", args.sampler,
-                "left out or ar with --ar")
-        return "ar"
-    if args.sampler is not None:
-        return args.sampler
-    return "threshold" if config.block_size > 0 else "confidence"
-
-
-def decoder_of(args, config) -> str:
-    """``ar`` (KV-cache AR decoder), ``blocks`` (cached block decoder) or ``canvas`` (today's
-    samplers, which recompute the whole canvas at every pass)."""
-    if sampler_of(args, config) == "ar":
-        return "ar"
-    return "blocks" if config.block_size > 0 else "canvas"
-
-
 def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps: int,
            seed: int, temperature: float | None = None, top_p=None, top_k=None,
            threshold: float = 0.9, stop_at_eos: bool = True, row_ids=None,
@@ -196,122 +169,3 @@ def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps:
         canvas=model.fetch(out.canvas)[:len(prompts)], forwards=model.fetch(out.forwards),
         cache=None)
     return out, seconds
-
-
-def check_generate_args(args, config) -> None:
-    """Every argument in its valid range, before the weights are loaded (``config``: the
-    checkpoint's model config)."""
-    decoder = decoder_of(args, config)
-    if args.suffix is not None and decoder != "canvas":
-        what = ("a block diffusion model (block size"
-                f" {config.block_size}) decodes left to right against a cache of the blocks"
-                " before, so there is no suffix to condition on") if decoder == "blocks" else (
-                "AR decoding has no suffix to condition on")
-        raise ArgumentError(f"--suffix: infilling is not defined here: {what}")
-    if decoder == "blocks" and args.block_length not in (None, config.block_size):
-        raise ArgumentError(f"--block-length {args.block_length}: a block diffusion model"
-                            f" decodes in its own blocks of {config.block_size}")
-    require(args.steps >= 1, "--steps", args.steps, ">= 1")
-    require(args.length >= 1, "--length", args.length, ">= 1")
-    if args.infill_length is not None:
-        require(args.infill_length >= 1, "--infill-length", args.infill_length, ">= 1")
-        require(args.suffix is not None, "--infill-length", args.infill_length,
-                "given with --suffix (it is the length of the span before the suffix)")
-    require(args.num_samples >= 1, "--num-samples", args.num_samples, ">= 1")
-    if args.temperature is not None:
-        require(args.temperature >= 0 and np.isfinite(args.temperature), "--temperature",
-                args.temperature, ">= 0 (0: greedy)")
-    if args.top_p is not None:
-        require(0 < args.top_p <= 1, "--top-p", args.top_p, "in (0, 1]")
-    if args.top_k is not None:
-        require(1 <= args.top_k <= config.vocab_size, "--top-k", args.top_k,
-                f"in 1..{config.vocab_size} (the vocabulary)")
-    if args.block_length is not None:
-        require(args.block_length >= 1, "--block-length", args.block_length, ">= 1")
-    require(0 < args.threshold <= 1, "--threshold", args.threshold, "in (0, 1]")
-    require(args.seed >= 0, "--seed", args.seed, ">= 0")
-
-
-def span_length(args) -> int:
-    return args.infill_length if args.suffix and args.infill_length else args.length
-
-
-def check_fits(args, config, tokenizer) -> None:
-    """The canvas (BOS, prompt, span, suffix) must fit the model's positions; a cached decoder's
-    canvas (its KV cache) is counted in whole blocks."""
-    limit = max_positions(config)
-    if limit is None:
-        return
-    length = span_length(args)
-    lead = int(tokenizer.bos_id is not None or config.bos_token_id is not None)
-    size = (lead + (len(tokenizer.encode(args.prompt)) if args.prompt else 0) + length
-            + (len(tokenizer.encode(args.suffix)) if args.suffix else 0))
-    blocks = ""
-    if decoder_of(args, config) == "blocks" and config.block_size > 1:
-        size = canvas_length(size, 0, config.block_size)
-        blocks = f" in whole blocks of {config.block_size}"
-    if size > limit:
-        what = "--infill-length" if length != args.length else "--length"
-        raise ArgumentError(f"{what} {length}: the canvas (prompt, {length} generated tokens"
-                            f"{', suffix' if args.suffix else ''}{blocks}) is {size} tokens, more"
-                            f" than the model's {limit} positions")
-
-
-def run_generate(args) -> int:
-    config = checkpoint_config(args)
-    check_generate_args(args, config)
-    check_fits(args, config, load_tokenizer(args.checkpoint))
-    return print_generation(args, generate_texts(args, load_from_args(args)))
-
-
-class Generation(NamedTuple):
-    """What ``diffujax generate`` reports: one text per sample, and how it was made."""
-    texts: list[str]
-    forwards: int
-    tokens_per_second: float
-    sampler: str
-    decoder: str
-
-
-def generate_texts(args, model: LoadedModel) -> Generation:
-    """The work of ``diffujax generate`` on a loaded model, its arguments already checked
-    (``check_generate_args``, ``check_fits``)."""
-    sampler, decoder = sampler_of(args, model.config), decoder_of(args, model.config)
-    stop_at_eos = not args.keep_after_eos
-    if decoder == "canvas":
-        ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
-        canvas = np.tile(ids, (args.num_samples, 1))
-        srcs = np.tile(src, (args.num_samples, 1))
-        out, seconds = sample(model, canvas, srcs, sampler=sampler, steps=args.steps,
-                              seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k,
-                              block_length=args.block_length or DEFAULT_BLOCK_LENGTH,
-                              threshold=args.threshold)
-        generated = np.asarray(out.tokens)[:, span]
-    else:
-        prompt, _ = prompt_ids(model, args.prompt)
-        out, seconds = decode(model, [prompt] * args.num_samples, new_tokens=args.length,
-                              sampler=sampler, steps=args.steps, seed=args.seed,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              threshold=args.threshold, stop_at_eos=stop_at_eos)
-        generated = np.asarray(out.tokens)
-    texts = [args.prompt + model.tokenizer.decode_generated(row, stop_at_eos=stop_at_eos)
-             + (args.suffix or "") for row in generated]
-    rate = args.num_samples * span_length(args) / seconds if seconds > 0 else float("inf")
-    return Generation(texts, int(out.forwards), rate, sampler, decoder)
-
-
-def print_generation(args, result: Generation) -> int:
-    texts, forwards, rate, sampler, decoder = result
-    if jax.process_index() != 0:  # every process holds the same samples; one prints them
-        return 0
-    if args.json:
-        print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
-                          "forward_passes": forwards, "tokens_per_second": rate,
-                          "sampler": sampler, "decoder": decoder}))
-    else:
-        for text in texts:
-            print(text)
-        print(f"[{sampler}, {DECODERS[decoder]}: {forwards} forward passes,"
-              f" {rate:.1f} tokens/s]")
-    return 0

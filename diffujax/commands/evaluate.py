@@ -1,0 +1,79 @@
+"""``diffujax eval``: perplexity of a text file, AR (exact) or diffusion (ELBO bound,
+docs/algorithms.md §5; the block NELBO of §9 for a block model). The arguments' checks and the
+printing; the scoring itself is ``inference/perplexity.py``."""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from diffujax.diffusion import NLLEstimate
+from diffujax.inference.perplexity import eval_block_size, evaluate, read_blocks
+from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args, max_positions,
+                              require)
+
+
+def check_eval_args(args, config) -> None:
+    """Every argument in its valid range, before the weights are loaded (``config``: the
+    checkpoint's model config)."""
+    limit = max_positions(config)
+    require(args.seq_len >= 2, "--seq-len", args.seq_len, ">= 2 (position 0 is never scored)")
+    require(limit is None or args.seq_len <= limit, "--seq-len", args.seq_len,
+            f"<= {limit}, the model's maximum positions")
+    require(args.blocks is None or args.blocks >= 1, "--blocks", args.blocks, ">= 1")
+    require(args.draws >= 1, "--draws", args.draws, ">= 1")
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
+    require(args.seed >= 0, "--seed", args.seed, ">= 0")
+    require(args.block_size is None or 0 <= args.block_size <= args.seq_len, "--block-size",
+            args.block_size, f"in 0..{args.seq_len} (--seq-len {args.seq_len}; 0: the whole"
+            " sequence)")
+
+
+def run_eval(args) -> int:
+    check_eval_args(args, checkpoint_config(args))
+    return print_score(args, score(args, load_from_args(args)))
+
+
+class Score(NamedTuple):
+    """What ``diffujax eval`` reports: the estimate, the blocks scored ``[blocks, seq_len]``
+    and the block size of the bound (0: the whole sequence, or AR)."""
+    estimate: NLLEstimate
+    blocks: np.ndarray
+    block_size: int
+
+
+def score(args, model: LoadedModel) -> Score:
+    """The work of ``diffujax eval`` on a loaded model, its arguments already checked
+    (``check_eval_args``)."""
+    blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
+    est = evaluate(model, blocks, objective=args.objective, draws=args.draws,
+                   batch_size=args.batch_size, seed=args.seed, block_size=args.block_size)
+    block = 0 if args.objective == "ar" else eval_block_size(model.config, args.seq_len,
+                                                             args.block_size)
+    return Score(est, blocks, block)
+
+
+def metrics(args, result: Score) -> dict:
+    """The numbers ``diffujax eval --json`` prints."""
+    est = result.estimate
+    stderr = 0.0 if args.objective == "ar" else est.std_error
+    return {"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
+            "tokens": est.num_tokens, "draws": est.num_draws, "block_size": result.block_size}
+
+
+def print_score(args, result: Score) -> int:
+    est, blocks, block = result
+    if jax.process_index() != 0:  # every process computed the same numbers; one prints them
+        return 0
+    if args.json:
+        print(json.dumps(metrics(args, result)))
+    else:
+        kind = ("AR perplexity" if args.objective == "ar" else
+                f"block diffusion ELBO perplexity bound (blocks of {block})" if block else
+                "diffusion ELBO perplexity bound")
+        print(f"{kind} of {args.text} ({blocks.shape[0]} x {blocks.shape[1]} tokens"
+              f"{'' if args.blocks else ', the whole file but its last partial block'}): {est}")
+    return 0
