@@ -202,7 +202,8 @@ class GeluMLP(nnx.Module):
 
 
 def output_head(x, embed: Embed, lm_head: nnx.Param | None):
-    """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed, vocab]``."""
+    """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed,
+    vocab]``."""
     if lm_head is None:
         return embed.attend(x)
     return jnp.einsum("bld,dv->blv", x, lm_head[...].astype(x.dtype),

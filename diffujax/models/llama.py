@@ -139,13 +139,16 @@ class LlamaConfig(ModelConfig):
 def param_specs(c: LlamaConfig) -> dict[str, ParamSpec]:
     n, d, h, kv, hd, f = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                           c.intermediate_size)
+    heads = ("layers", "embed", "heads", "head_dim")
+    kv_heads = ("layers", "embed", "kv_heads", "head_dim")
     specs = {
         "embed/embedding": ParamSpec((c.vocab_size, d), ("vocab", "embed")),
         "layers/attn_norm/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
-        "layers/attn/q_proj/kernel": ParamSpec((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/attn/k_proj/kernel": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/attn/v_proj/kernel": ParamSpec((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/attn/o_proj/kernel": ParamSpec((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+        "layers/attn/q_proj/kernel": ParamSpec((n, d, h, hd), heads),
+        "layers/attn/k_proj/kernel": ParamSpec((n, d, kv, hd), kv_heads),
+        "layers/attn/v_proj/kernel": ParamSpec((n, d, kv, hd), kv_heads),
+        "layers/attn/o_proj/kernel": ParamSpec((n, h, hd, d),
+                                               ("layers", "heads", "head_dim", "embed")),
         "layers/mlp_norm/scale": ParamSpec((n, d), ("layers", "embed"), "ones"),
         "layers/mlp/gate_proj/kernel": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
         "layers/mlp/up_proj/kernel": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
@@ -179,7 +182,8 @@ class Llama(nnx.Module):
     """The LLaMA network (and, with q/k/v biases in its weight table, Qwen2's).
 
     ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new tokens against a
-    KV cache. Weights come from ``weight_table(config)``, initialised from ``rngs``' params stream."""
+    KV cache. Weights come from ``weight_table(config)``, initialised from ``rngs``' params
+    stream."""
 
     weight_table = staticmethod(param_specs)
 
@@ -211,7 +215,8 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x, rope = self._embed(tokens, positions)
-        attend = lambda q, k, v: (attention(q, k, v, pattern, self.config.attention), None)  # noqa: E731
+        config = self.config.attention
+        attend = lambda q, k, v: (attention(q, k, v, pattern, config), None)  # noqa: E731
         x = L.scan_layers(self.layers, lambda layer, x, _: layer(x, rope, attend)[0], x,
                           remat=self.config.remat)
         return self._head(x)
@@ -236,18 +241,22 @@ def hf_keys(c: LlamaConfig, naming: str = "transformers") -> KeyMap:
     d, f, v, h, kv, hd = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_heads,
                           c.num_kv_heads, c.head_dim)
     layer = "model.layers.{i}."
+
+    def proj(name: str) -> str:  # "attn/q" -> the kernel of the block's attn/q_proj
+        return f"layers/{name}_proj/kernel"
+
     entries = [
         Entry("model.embed_tokens.weight", ("embed/embedding",), (v, d)),
         Entry(layer + "input_layernorm.weight", ("layers/attn_norm/scale",), (d,)),
         # q/k stay in HF's rotate-half layout: no permutation, only [out, in] -> [in, heads, hd].
-        Entry(layer + "self_attn.q_proj.weight", ("layers/attn/q_proj/kernel",), (h * hd, d), transpose=True),
-        Entry(layer + "self_attn.k_proj.weight", ("layers/attn/k_proj/kernel",), (kv * hd, d), transpose=True),
-        Entry(layer + "self_attn.v_proj.weight", ("layers/attn/v_proj/kernel",), (kv * hd, d), transpose=True),
-        Entry(layer + "self_attn.o_proj.weight", ("layers/attn/o_proj/kernel",), (d, h * hd), transpose=True),
+        Entry(layer + "self_attn.q_proj.weight", (proj("attn/q"),), (h * hd, d), transpose=True),
+        Entry(layer + "self_attn.k_proj.weight", (proj("attn/k"),), (kv * hd, d), transpose=True),
+        Entry(layer + "self_attn.v_proj.weight", (proj("attn/v"),), (kv * hd, d), transpose=True),
+        Entry(layer + "self_attn.o_proj.weight", (proj("attn/o"),), (d, h * hd), transpose=True),
         Entry(layer + "post_attention_layernorm.weight", ("layers/mlp_norm/scale",), (d,)),
-        Entry(layer + "mlp.gate_proj.weight", ("layers/mlp/gate_proj/kernel",), (f, d), transpose=True),
-        Entry(layer + "mlp.up_proj.weight", ("layers/mlp/up_proj/kernel",), (f, d), transpose=True),
-        Entry(layer + "mlp.down_proj.weight", ("layers/mlp/down_proj/kernel",), (d, f), transpose=True),
+        Entry(layer + "mlp.gate_proj.weight", (proj("mlp/gate"),), (f, d), transpose=True),
+        Entry(layer + "mlp.up_proj.weight", (proj("mlp/up"),), (f, d), transpose=True),
+        Entry(layer + "mlp.down_proj.weight", (proj("mlp/down"),), (d, f), transpose=True),
         Entry("model.norm.weight", ("final_norm/scale",), (d,)),
     ]
     if not c.tie_word_embeddings:

@@ -2,11 +2,11 @@
 
 A family declares ``param_specs(config) -> {"path/to/weight": ParamSpec}``: the weight table.
 Its paths are the paths of the family's Flax NNX module tree (``"layers/attn/q_proj/kernel"`` is
-the kernel of the query projection of the stacked ``layers`` block), and the modules take their weights
-from the table through ``Weights`` (a module can only create a weight the table describes, and a
-model that leaves one unused is an error). Outside a module the parameters are a plain pytree,
-nested dicts of arrays laid out as those paths (``nnx.to_pure_dict`` of the model's state): the
-same tree in the optimizer state, in a checkpoint and in the converters. Per-layer weights are
+the kernel of the query projection of the stacked ``layers`` block), and the modules take their
+weights from the table through ``Weights`` (a module can only create a weight the table
+describes, and a model that leaves one unused is an error). Outside a module the parameters are
+a plain pytree, nested dicts of arrays laid out as those paths (``nnx.to_pure_dict`` of the
+model's state): the same tree in the optimizer state, in a checkpoint and in the converters. Per-layer weights are
 stacked on a leading ``layers`` axis so the forward pass is one scan (compile time independent
 of depth; slice ``i`` is Hugging Face layer ``i``).
 """

@@ -44,9 +44,11 @@ def param_specs(c: Qwen2Config) -> dict[str, ParamSpec]:
     n, h, kv, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim
     return {
         **llama.param_specs(c),
-        "layers/attn/q_proj/bias": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"), "zeros"),
-        "layers/attn/k_proj/bias": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
-        "layers/attn/v_proj/bias": ParamSpec((n, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros"),
+        "layers/attn/q_proj/bias": ParamSpec((n, h, hd), ("layers", "heads", "head_dim"),
+                                             "zeros"),
+        **{f"layers/attn/{x}_proj/bias": ParamSpec((n, kv, hd),
+                                                   ("layers", "kv_heads", "head_dim"), "zeros")
+           for x in "kv"},
     }
 
 
