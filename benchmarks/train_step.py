@@ -14,7 +14,7 @@ inside the step from the step's key); the torch side is the straightforward impl
 noise is drawn once with diffujax's own ``forward_process`` and the same key, so the first-step
 losses must agree (printed as a check). Times exclude compilation / a warm-up step; reported:
 tokens per second (``B * L / step time``, median of ``--steps``) side by side, their ratio, and on
-a GPU the MFU (model FLOPs: 6N + full attention, ``train/metrics.py``).
+a GPU the MFU (model FLOPs: 6N + full attention, ``runs/flops.py``).
 
 Models: SmolLM2-135M-Instruct (the embedded default model, ``diffujax default-model``) and, on a
 GPU, a TinyLlama-1.1B-shaped LLaMA with random weights (same weights on both sides); ``--model
@@ -39,7 +39,7 @@ from diffujax.config import from_dict
 from diffujax.diffusion.noise import forward_process
 from diffujax.models import LlamaConfig, apply_fn_for, init_params
 from diffujax.parallel.mesh import make_global_batch, make_mesh
-from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
 from diffujax.train.state import create_train_state
 from diffujax.train.step import make_train_step
 

@@ -5,6 +5,7 @@ The checker is tested on small synthetic packages first, so a pass on diffujax m
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
 import re
@@ -114,3 +115,27 @@ def test_only_cli_may_import_a_command_module_inside_a_function_and_the_edge_sti
         "function-level import of diffujax.config in diffujax.cli: import it at the top"], found
     assert "module cycle: diffujax.cli <-> diffujax.commands.train" in found
     assert any(p.startswith("upward import: diffujax.commands") for p in found), found
+
+
+def test_the_planner_reaches_no_metric_writer():
+    """``diffujax plan`` and the FLOP arithmetic (``runs/flops.py``) import no logging backend:
+    no module they reach, their packages' ``__init__`` included, imports tensorboardX or W&B."""
+    graph = import_graph.build_graph(ROOT)
+    start = [m for m in graph if m.startswith("diffujax.plan")] + ["diffujax.runs.flops"]
+    reached, todo = set(), list(start)
+    while todo:
+        mod = todo.pop()
+        if mod in reached:
+            continue
+        reached.add(mod)
+        parents = [mod.rsplit(".", i)[0] for i in range(1, mod.count(".") + 1)]
+        todo += [m for m in graph[mod]] + [p for p in parents if p in graph]
+    assert "diffujax.runs.metrics" not in reached and "diffujax.plan.search" in reached
+    writers = {"tensorboardX", "wandb"}
+    for mod in sorted(reached):
+        path = ROOT / (mod.replace(".", "/") + ".py")
+        path = path if path.exists() else ROOT / mod.replace(".", "/") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not {n.split(".")[0] for n in names} & writers, (mod, names)

@@ -31,7 +31,8 @@ LAYERS = (
     ("diffujax.plain", "diffujax.attention", "diffujax.parallel", "diffujax.paths",
      "diffujax.console", "diffujax.processes"),
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
-    ("diffujax.data", "diffujax.checkpoint"),  # tokenizers and pipelines; checkpoint formats
+    # tokenizers and pipelines; checkpoint formats; run operations (lock, run dir, logs, FLOPs)
+    ("diffujax.data", "diffujax.checkpoint", "diffujax.runs"),
     ("diffujax.config",),  # the run config tree
     ("diffujax.train", "diffujax.runtime"),  # training; a checkpoint loaded for inference
     ("diffujax.inference", "diffujax.plan"),  # perplexity and sampling; the TPU run planner

@@ -23,7 +23,7 @@ from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_device
 from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
-from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
 from diffujax.train.step import training_dropout
 
 

@@ -12,7 +12,7 @@ per-grid-step overhead is charged. The cycles at the chip's clock plus the kerne
 compute time; the communication the compiled schedule does not overlap (``comms.py``: each
 collective as a ring over its replica group on the slice's ICI torus; async pairs and collective
 fusions overlap the compute scheduled beside them) is added to it. MFU is the model's FLOPs (6N +
-full bidirectional attention, ``train/metrics.py``) over the chips' peak during that time.
+full bidirectional attention, ``runs/flops.py``) over the chips' peak during that time.
 ``compiled.cost_analysis()`` is not used: it counts each loop body once.
 
 The cached block decoder (``generate`` on a block model) is one ``while`` that stops on data; its

@@ -16,7 +16,7 @@ from diffujax.parallel.mesh import batch_shard_count
 from diffujax.plan.analysis import compile_program, make_target
 from diffujax.plan.estimate import estimate_step
 from diffujax.plan.programs import plan_model_config, train_programs
-from diffujax.train.metrics import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
 
 REMATS = ("none", "dots", "full")
 

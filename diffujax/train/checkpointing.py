@@ -12,7 +12,7 @@ Layout of ``RUN_DIR/checkpoints/STEP/``:
 Saves are asynchronous (the arrays are copied to host memory before ``save`` returns, so the step
 may donate its buffers right after), every ``save_every`` steps, keeping the last ``keep_last``
 plus every ``keep_every``-th step forever. ``PreemptionGuard`` turns SIGTERM / SIGINT (or, on a
-multi-host run, JAX's preemption sync point) into "save now and exit" (``train.preemption``).
+multi-host run, JAX's preemption sync point) into "save now and exit" (``runs.preemption``).
 ``restore_latest`` restores into abstract targets that carry the *current* shardings, so a run
 may resume on a different topology, and falls back to the previous step when the latest one is
 truncated or corrupt. Model checkpoints out of a run: ``train.export``.

@@ -33,16 +33,17 @@ from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.config import to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
-from diffujax.train.metrics import (RunLogger, StepProfiler, Throughput, WriterError,
-                                    matmul_params, peak_flops_per_device, train_flops_per_token)
+from diffujax.models import matmul_params
+from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.lock import RunLockError, run_lock
+from diffujax.runs.metrics import RunLogger, StepProfiler, Throughput, WriterError
+from diffujax.runs.preemption import PreemptionGuard
+from diffujax.runs.run_dir import resolve_output_dir
 from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
-from diffujax.train.lock import RunLockError, run_lock
-from diffujax.train.preemption import PreemptionGuard
 from diffujax.train.resume import check_resume
-from diffujax.train.run_dir import resolve_output_dir
 from diffujax.train.startup import initial_state
 from diffujax.train.state import apply_fn_for_run, model_params
 from diffujax.train.step import make_train_step, step_config

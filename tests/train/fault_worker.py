@@ -78,7 +78,7 @@ class _File:
 
 
 def _faulty_jsonl(nth: int, action: str):
-    from diffujax.train import metrics
+    from diffujax.runs import metrics
 
     real_init = metrics.RunLogger.__init__
 
@@ -95,7 +95,8 @@ def install(spec: str):
     from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
     from diffujax.checkpoint import store
-    from diffujax.train import checkpointing, evaluation, metrics
+    from diffujax.runs import metrics
+    from diffujax.train import checkpointing, evaluation
 
     targets = {"elbo": (evaluation.Evaluator, "elbo"),
                "samples": (evaluation.Evaluator, "samples"),

@@ -16,7 +16,7 @@ def main(pid, port, *output_dirs):
 
     from diffujax.config import MeshSection
     from diffujax.parallel.mesh import maybe_initialize_distributed
-    from diffujax.train.run_dir import resolve_output_dir
+    from diffujax.runs.run_dir import resolve_output_dir
 
     maybe_initialize_distributed(MeshSection(distributed=True, coordinator=f"127.0.0.1:{port}",
                                              num_processes=2, process_id=int(pid)))

@@ -128,7 +128,7 @@ def test_the_loop_compiles_one_step_per_block_size_and_evaluates_the_block_bound
         tmp_path, monkeypatch, capsys):
     import diffujax.train.loop as loop_module
     import diffujax.train.step as step_module
-    from diffujax.train.metrics import read_jsonl
+    from diffujax.runs.metrics import read_jsonl
 
     real = loop_module.make_train_step
     compiled = []

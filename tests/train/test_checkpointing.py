@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.train import checkpointing as C
-from diffujax.train.preemption import PreemptionGuard
+from diffujax.runs.preemption import PreemptionGuard
 
 
 def _mesh(shape, names):

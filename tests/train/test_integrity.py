@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.train import checkpointing as C
 from diffujax.checkpoint.integrity import checksums
-from diffujax.train.lock import LOCK_NAME, FileLock, RunLockError
+from diffujax.runs.lock import LOCK_NAME, FileLock, RunLockError
 
 
 def _numpy_checksum(x: np.ndarray) -> list[int]:

@@ -41,7 +41,7 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
     from diffujax.parallel.mesh import make_mesh
     from diffujax.train import checkpointing as C
     from diffujax.train.loop import EXIT_BAD_STEPS, train
-    from diffujax.train.metrics import read_jsonl
+    from diffujax.runs.metrics import read_jsonl
     from diffujax.train.state import (abstract_train_state, create_train_state,
                                       train_state_shardings)
 

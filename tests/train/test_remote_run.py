@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from diffujax import paths
 from diffujax.checkpoint import export
 from diffujax.cli import main as cli
-from diffujax.train.metrics import read_jsonl
+from diffujax.runs.metrics import read_jsonl
 
 pytestmark = pytest.mark.integration  # runs of the CLI into the GCS emulator, gloo jobs
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 from train_runs import NO_SAMPLES, STEPS, losses, run, start, wait_for_step
 
-from diffujax.train.metrics import read_jsonl
+from diffujax.runs.metrics import read_jsonl
 
 pytestmark = pytest.mark.integration  # runs of the CLI as processes
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from diffujax.train.metrics import read_jsonl
+from diffujax.runs.metrics import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 20

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from diffujax.config import ConfigError, load_config
-from diffujax.train.metrics import RunLogger, read_jsonl
+from diffujax.runs.metrics import RunLogger, read_jsonl
 
 
 TINY = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from diffujax.models import GPT2Config, LlamaConfig
-from diffujax.train.metrics import (PEAK_FLOPS, RunLogger, Throughput, attention_flops_per_token,
-                                    format_duration, format_si, matmul_params, mfu,
-                                    peak_flops_per_device, read_jsonl, summary_line,
-                                    train_flops_per_token)
+from diffujax.models import GPT2Config, LlamaConfig, matmul_params
+from diffujax.runs.flops import (PEAK_FLOPS, attention_flops_per_token, mfu, peak_flops_per_device,
+                                 train_flops_per_token)
+from diffujax.runs.metrics import (RunLogger, Throughput, format_duration, format_si, read_jsonl,
+                                   summary_line)
 
 GPT2_SMALL = GPT2Config(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
                         num_kv_heads=12, intermediate_size=3072, max_positions=1024)

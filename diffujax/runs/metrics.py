@@ -1,13 +1,6 @@
 """Every training number a user sees, computed in one place and written from one place.
 
-- ``train_flops_per_token(config, seq_len)``: model FLOPs of one training token (forward and
-  backward): ``6 * N`` for the matmul parameters ``N`` (attention and MLP projections and the
-  output head; embedding look-ups, norms and biases are not matmuls) plus attention scores and
-  values, counted over the FULL ``L x L`` square because a diffusion LM attends bidirectionally
-  (MaxText halves them for causal models; we must not). Rematerialisation is not counted: this is
-  MFU, not hardware FLOPs utilisation.
-- ``peak_flops_per_device()``: dense bf16 peak of the accelerator, or None (CPU, unknown) so that
-  MFU is reported as ``n/a`` rather than a made-up number.
+- FLOPs per token, device peaks and MFU: ``flops`` (pure arithmetic, also the planner's).
 - ``Throughput``: tokens/s, step time, MFU and ETA from wall-clock time between log points.
 - ``RunLogger``: console progress (tqdm on a terminal, one plain line per log step otherwise),
   TensorBoard event files (tensorboardX) and ``metrics.jsonl`` (one JSON object per log step, the
@@ -34,53 +27,9 @@ from tensorboardX.summary import text as text_summary
 from tqdm import tqdm
 
 from diffujax import paths
-from diffujax.models import ModelConfig, matmul_params
-from diffujax.train import tb_remote
-from diffujax.train.wandb_log import WandbLogger
-
-# ------------------------------------------------------------------------------------ FLOPs, MFU
-
-
-def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs of q.k^T and p.v for one token: 2 matmuls x 2 FLOPs x L keys x H x D per layer
-    forward, times 3 for forward + backward; full bidirectional (not halved)."""
-    return 3.0 * 4.0 * config.num_layers * seq_len * config.num_heads * config.head_dim
-
-
-def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    return 6.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)
-
-
-# Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' spec sheets. Matched
-# against ``jax.Device.device_kind``; the longest matching key wins ("TPU v5 lite" before "TPU v5").
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p reports "TPU v5"
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM / HBM3
-    "H200": 989e12,
-}
-
-
-def peak_flops_per_device(device_kind: str | None = None) -> float | None:
-    """Peak FLOP/s of one device, None when unknown (CPU, unlisted accelerators)."""
-    if device_kind is None:
-        device_kind = jax.devices()[0].device_kind
-    kind = device_kind.lower()
-    matches = [k for k in PEAK_FLOPS if k.lower() in kind]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
-
-
-def mfu(flops_per_s: float, num_devices: int, peak_per_device: float | None) -> float | None:
-    if not peak_per_device or num_devices <= 0:
-        return None
-    return flops_per_s / (num_devices * peak_per_device)
-
+from diffujax.runs import tb_remote
+from diffujax.runs.flops import mfu
+from diffujax.runs.wandb_log import WandbLogger
 
 # ------------------------------------------------------------------------------------ throughput
 

@@ -22,9 +22,9 @@ import pytest
 
 from diffujax import paths
 from diffujax.cli import main as cli
-from diffujax.train import lock as lock_module
-from diffujax.train.metrics import RunLogger
-from diffujax.train.lock import LOCK_NAME, LeaseLock, RunLockError, lock_for
+from diffujax.runs import lock as lock_module
+from diffujax.runs.metrics import RunLogger
+from diffujax.runs.lock import LOCK_NAME, LeaseLock, RunLockError, lock_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
