@@ -120,6 +120,11 @@ def adapter_shapes(config: ModelConfig, lora: LoraSpec) -> dict[str, tuple[tuple
     return out
 
 
+def adapter_params(config: ModelConfig, lora: LoraSpec) -> int:
+    """How many parameters the adapters have."""
+    return sum(math.prod(shape) for shape, _ in adapter_shapes(config, lora).values())
+
+
 def init_adapters(config: ModelConfig, lora: LoraSpec, seed: int = 0) -> Params:
     """Fresh adapters as a plain tree: ``A`` He-uniform over its contracted axes (one draw per
     layer), ``B`` zeros, in the model's parameter dtype."""

@@ -23,7 +23,8 @@ from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_device
 from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
-from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device
+from diffujax.train.state import model_flops_per_token
 from diffujax.train.step import training_dropout
 
 
@@ -202,7 +203,7 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
     report["fits"] = all(p["memory"]["fits"] for p in report["programs"])
     if what == "train":
         tokens = cfg.data.global_batch * cfg.data.seq_len
-        flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+        flops = model_flops_per_token(cfg, model_cfg) * tokens
         report["model_flops_per_step"] = flops
         # The steady state: the full-attention step (the last train program).
         report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)

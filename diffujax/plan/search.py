@@ -16,7 +16,8 @@ from diffujax.parallel.mesh import batch_shard_count
 from diffujax.plan.analysis import compile_program, make_target
 from diffujax.plan.estimate import estimate_step
 from diffujax.plan.programs import plan_model_config, train_programs
-from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device
+from diffujax.train.state import model_flops_per_token
 
 REMATS = ("none", "dots", "full")
 
@@ -40,7 +41,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log
     target = make_target(cfg, topology, num_slices)
     peak = peak_flops_per_device(target.device_kind)
     tokens = cfg.data.global_batch * cfg.data.seq_len
-    model_flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+    model_flops = model_flops_per_token(cfg, model_cfg) * tokens
     choices = accumulation_choices(cfg.data.global_batch,
                                    batch_shard_count(target.mesh, target.rules))
     tried: list[dict] = []

@@ -24,8 +24,15 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 3.0 * 4.0 * config.num_layers * seq_len * config.num_heads * config.head_dim
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    return 6.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)
+def train_flops_per_token(config: ModelConfig, seq_len: int,
+                          adapter_params: int | None = None) -> float:
+    """``6 N`` + attention; with LoRA (``adapter_params``: the adapters' parameter count) the
+    frozen weights take no weight gradient, so ``4 N`` (forward and the activations' gradient)
+    plus ``6`` per adapter parameter."""
+    if adapter_params is None:
+        return 6.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)
+    return (4.0 * matmul_params(config) + 6.0 * adapter_params
+            + attention_flops_per_token(config, seq_len))
 
 
 # Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' spec sheets. Matched

@@ -34,7 +34,7 @@ from diffujax.config import to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
 from diffujax.models import matmul_params
-from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
+from diffujax.runs.flops import peak_flops_per_device
 from diffujax.runs.lock import RunLockError, run_lock
 from diffujax.runs.metrics import RunLogger, StepProfiler, Throughput, WriterError
 from diffujax.runs.preemption import PreemptionGuard
@@ -45,7 +45,7 @@ from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
 from diffujax.train.resume import check_resume
 from diffujax.train.startup import initial_state
-from diffujax.train.state import apply_fn_for_run, model_params
+from diffujax.train.state import apply_fn_for_run, model_flops_per_token, model_params
 from diffujax.train.step import make_train_step, step_config
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class _Run:
             self.logger.message(line)
         seq_len = cfg.data.seq_len
         self.tokens_per_step = cfg.data.global_batch * seq_len
-        flops = train_flops_per_token(self.model_cfg, seq_len)
+        flops = model_flops_per_token(cfg, self.model_cfg)
         peak = peak_flops_per_device()
         self.throughput = Throughput(tokens_per_step=self.tokens_per_step, flops_per_token=flops,
                                      total_steps=cfg.train.steps, peak_per_device=peak)

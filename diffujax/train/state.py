@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from diffujax.models import abstract_params, apply_fn_for, init_params, lora, param_shardings
 from diffujax.parallel.mesh import replicated
+from diffujax.runs.flops import train_flops_per_token
 from diffujax.train.optim import make_optimizer
 
 
@@ -55,6 +56,14 @@ def apply_fn_for_run(run_cfg, model_cfg):
     base weights joined with the adapters)."""
     spec = run_cfg.lora_spec(model_cfg)
     return apply_fn_for(model_cfg) if spec is None else lora.apply_fn_for(model_cfg, spec)
+
+
+def model_flops_per_token(run_cfg, model_cfg) -> float:
+    """Model FLOPs of one training token of this run (``runs.flops``; LoRA counts no weight
+    gradient for the frozen base)."""
+    spec = run_cfg.lora_spec(model_cfg)
+    adapters = None if spec is None else lora.adapter_params(model_cfg, spec)
+    return train_flops_per_token(model_cfg, run_cfg.data.seq_len, adapters)
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, *, seed: int,

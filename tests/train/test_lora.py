@@ -108,3 +108,21 @@ def test_bad_lora_settings_are_refused_by_name(fields, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         cfg = W.make_config("llama", model__lora={**LORA, **fields})
         cfg.check_model(cfg.resolve_model_config(), "model.init")
+
+
+def test_lora_model_flops_count_no_weight_gradient_for_the_base():
+    from diffujax.models import matmul_params
+    from diffujax.runs.flops import attention_flops_per_token
+    from diffujax.train.state import model_flops_per_token
+
+    cfg = W.make_config("llama", model__lora=LORA)
+    model_cfg = cfg.resolve_model_config()
+    d, f, r = 32, 64, LORA["rank"]
+    # q: [d, 4 x 8] and v: [d, 2 x 8] per layer, o: [4 x 8, d], down: [f, d]; A + B each
+    adapters = 2 * r * ((d + 32) + (d + 16) + (32 + d) + (f + d))
+    assert lora.adapter_params(model_cfg, cfg.lora_spec(model_cfg)) == adapters
+    attention = attention_flops_per_token(model_cfg, W.SEQ_LEN)
+    assert model_flops_per_token(cfg, model_cfg) == (4 * matmul_params(model_cfg)
+                                                    + 6 * adapters + attention)
+    full = W.make_config("llama")
+    assert model_flops_per_token(full, model_cfg) == 6 * matmul_params(model_cfg) + attention
