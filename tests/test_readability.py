@@ -9,7 +9,8 @@ from diffujax.readability import longest_repeat, readability
 
 def test_words_and_non_words():
     r = readability('The baker (well-known in town) said: "don\'t wait," and left.')
-    assert r.pieces == 10 and r.word_fraction == 1.0 and r.repeats == 1 and r.readable()
+    assert r.pieces == 10 and r.word_fraction == 1.0 and r.repeats == 1 and r.doubled == 0
+    assert r.readable()
     # what the old demo printed: one piece, not a word
     bad = readability("the______________________")
     assert bad.pieces == 1 and bad.word_fraction == 0.0 and not bad.readable()
@@ -32,6 +33,15 @@ def test_repeats_of_one_to_eight_words():
     text = "It was a very very cold night."
     assert readability(text).repeats == 2 and readability(text).readable()
     assert not readability("It was a very very very cold night.").readable()
+
+
+def test_doubled_words():
+    # what the demo's sampler wrote after 40 steps: a unit never repeats 3x, but words double
+    text = ("and the lamb and the the priest are the the only the two the people are the the"
+            " only the.")
+    r = readability(text)
+    assert r.repeats == 2 and r.doubled == 3 and r.word_fraction == 1.0 and not r.readable()
+    assert readability("He had had enough, that is all.").doubled == 1
 
 
 def brute_force_repeats(items, max_unit):
