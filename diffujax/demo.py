@@ -5,8 +5,8 @@
 2. AR perplexity and the block-diffusion ELBO perplexity bound on a held-out text;
 3. adapt it to block diffusion (docs/algorithms.md §9: small blocks, so the model stays close to
    the AR model it starts from) on short everyday prose written for the demo, on CPU;
-4. the bound again, then a sample from the cached block decoder and an infill inside one block,
-   each with its readability measured (``diffujax.readability``);
+4. the bound again, then three samples from the cached block decoder and an infill inside one
+   block, each with its readability measured (``diffujax.readability``);
 5. export to Hugging Face safetensors and reload that with ``transformers``.
 """
 
@@ -166,7 +166,8 @@ def run_demo(args) -> int:
     _banner("1. embedded default model: SmolLM2-135M-Instruct (GGUF -> HF -> diffujax)")
     checkpoint = default_model()
     print(f"checkpoint: {checkpoint}")
-    config = demo_config(checkpoint, out / "run", args.train_steps)
+    # with --train-steps 0 the config only gives the block size the bound is taken with
+    config = demo_config(checkpoint, out / "run", args.train_steps or None)
     block_size = config.diffusion.block_size
     what = f"{args.blocks} x {args.seq_len} tokens of {text}"
     _banner(f"2. the AR model: perplexity on {what}")
