@@ -69,3 +69,22 @@ def test_the_bundled_infill_fits_one_block_of_the_demo(tmp_path):
     ids, _, span, _ = demo.infill_canvas(model, demo.INFILL_PROMPT, demo.INFILL_LENGTH,
                                          demo.INFILL_SUFFIX)
     assert span.stop < len(ids)  # there is a suffix, inside the span's block
+
+
+@pytest.mark.integration  # a fresh interpreter running the demo: about a minute on 2 cores
+def test_the_demo_without_adaptation_runs_end_to_end(tmp_path):
+    """``diffujax demo --train-steps 0``: every step but the adaptation, on the embedded model;
+    its AR samples are measured readable, the infill is skipped, the export reloads."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "diffujax.cli", "demo", "--train-steps", "0",
+                          "--blocks", "2", "--draws", "2", "--output-dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "why the bound starts far above the AR perplexity" in out
+    assert "3. adapting" not in out and "AR with KV cache" in out
+    assert f"{demo.SAMPLE_DRAWS} of {demo.SAMPLE_DRAWS} samples readable" in out
+    assert "infill: skipped" in out and "transformers reloads it" in out
