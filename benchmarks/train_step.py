@@ -12,9 +12,14 @@ weights. diffujax runs its real ``make_train_step`` (what ``diffujax train`` run
 inside the step from the step's key); the torch side is the straightforward implementation
 (``LlamaForCausalLM`` with an all-zero 4D additive mask, ``torch.optim.AdamW``). The batch's
 noise is drawn once with diffujax's own ``forward_process`` and the same key, so the first-step
-losses must agree (printed as a check). Times exclude compilation / a warm-up step; reported:
-tokens per second (``B * L / step time``, median of ``--steps``) side by side, their ratio, and on
-a GPU the MFU (model FLOPs: 6N + full attention, ``runs/flops.py``).
+losses must agree (printed as a check). Times exclude compilation / a warm-up step, and the two
+sides take turns, one step each, so a change in the machine's load (a shared machine) hits both
+alike; reported: tokens per second (``B * L / step time``, median of ``--steps``) side by side,
+their ratio, and on a GPU the MFU (model FLOPs: 6N + full attention, ``runs/flops.py``).
+
+What it measures is the step alone, on a batch already on the device: not what ``diffujax train``
+does around it (the data pipeline, attention-mask annealing, packed-document segment masks,
+per-step metrics, logging, evaluation, checkpoints; README, "Benchmarks").
 
 Models: SmolLM2-135M-Instruct (the embedded default model, ``diffujax default-model``) and, on a
 GPU, a TinyLlama-1.1B-shaped LLaMA with random weights (same weights on both sides); ``--model
@@ -90,18 +95,22 @@ def the_batch(config, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
     return tokens
 
 
-def time_steps(step_once, steps: int) -> float:
-    """Median seconds of ``steps`` calls after one warm-up call."""
-    step_once()
-    times = []
+def time_in_turns(step_fns, steps: int) -> list[float]:
+    """Median seconds per call of each of ``step_fns`` after one warm-up call each, the functions
+    taking turns (one call each per round, ``steps`` rounds)."""
+    for once in step_fns:
+        once()
+    times = [[] for _ in step_fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step_once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for once, seconds in zip(step_fns, times):
+            t0 = time.perf_counter()
+            once()
+            seconds.append(time.perf_counter() - t0)
+    return [statistics.median(seconds) for seconds in times]
 
 
-def diffujax_side(config, params, tokens, cfg, steps: int):
+def diffujax_side(config, params, tokens, cfg):
+    """``(first-step loss, a function that runs one more step)``."""
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     rules = cfg.mesh.rule_table()
     apply_fn = apply_fn_for(config)
@@ -117,10 +126,11 @@ def diffujax_side(config, params, tokens, cfg, steps: int):
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready(m["loss"])
 
-    return first_loss, time_steps(once, steps)
+    return first_loss, once
 
 
-def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: str):
+def torch_side(config, params, tokens, noised, device: str, dtype: str):
+    """``(first-step loss, a function that runs one more step)``."""
     import torch  # optional: the torch extra
     import transformers
 
@@ -164,7 +174,7 @@ def torch_side(config, params, tokens, noised, steps: int, device: str, dtype: s
         return loss.detach()
 
     first_loss = float(once())  # the same weights and batch as diffujax's first step
-    return first_loss, time_steps(once, steps)
+    return first_loss, once
 
 
 def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: str) -> dict:
@@ -175,8 +185,9 @@ def bench(name: str, batch: int, seq_len: int, steps: int, dtype: str, device: s
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
     noised = forward_process(key, jnp.asarray(tokens), mask_token_id=config.mask_token_id,
                              eps=cfg.diffusion.eps, global_batch=batch)
-    jax_loss, jax_s = diffujax_side(config, params, tokens, cfg, steps)
-    torch_loss, torch_s = torch_side(config, params, tokens, noised, steps, device, dtype)
+    jax_loss, jax_once = diffujax_side(config, params, tokens, cfg)
+    torch_loss, torch_once = torch_side(config, params, tokens, noised, device, dtype)
+    jax_s, torch_s = time_in_turns([jax_once, torch_once], steps)
     flops = train_flops_per_token(config, seq_len) * batch * seq_len
     peak = peak_flops_per_device()
     return dict(model=name, batch=batch, seq_len=seq_len, dtype=dtype,

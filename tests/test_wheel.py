@@ -26,10 +26,10 @@ import diffujax, diffujax.commands.demo as demo
 site = pathlib.Path(sys.argv[1]).resolve()
 assert pathlib.Path(diffujax.__file__).resolve().is_relative_to(site), diffujax.__file__
 cfg = demo.demo_config(sys.argv[2], pathlib.Path("out"), 5)
-train = cfg.data.sources[0]["path"]
+train = pathlib.Path(cfg.data.sources[0]["path"])
 held_out = pathlib.Path(cfg.data.eval_sources[0]["path"])
-assert pathlib.Path(train.split("**")[0]).resolve().is_relative_to(site), train
-assert len(list(pathlib.Path(train.split("**")[0]).rglob("*.py"))) > 20
+assert train.resolve().is_relative_to(site) and train == demo.DEMO_CORPUS, train
+assert "Every morning" in train.read_text()
 assert held_out.is_file() and "GNU GENERAL PUBLIC LICENSE" in held_out.read_text()
 assert pathlib.Path(demo.DEFAULT_TEXT) == held_out and cfg.train.steps == 5
 print("ok", cfg.model.checkpoint)
@@ -48,7 +48,8 @@ def test_demo_runs_from_the_wheel(tmp_path):
                    capture_output=True)
     [wheel] = (tmp_path / "dist").glob("diffujax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"diffujax/assets/smollm2_135m_demo.yaml", "diffujax/assets/gpl-3.0.txt"} <= names
+    assert {"diffujax/assets/smollm2_135m_demo.yaml", "diffujax/assets/gpl-3.0.txt",
+            "diffujax/assets/demo_prose.txt"} <= names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"

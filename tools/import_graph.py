@@ -27,9 +27,10 @@ PACKAGE = "diffujax"
 
 # Bottom to top; a package imports only packages of its own layer or below.
 LAYERS = (
-    # JSON; kernels; mesh; local paths vs bucket URLs; what a person sees (logs, errors, bars)
+    # JSON; kernels; mesh; local paths vs bucket URLs; what a person sees (logs, errors, bars,
+    # whether a text reads as text)
     ("diffujax.plain", "diffujax.attention", "diffujax.parallel", "diffujax.paths",
-     "diffujax.console", "diffujax.processes"),
+     "diffujax.console", "diffujax.processes", "diffujax.readability"),
     ("diffujax.models", "diffujax.diffusion"),  # networks; the diffusion math
     # tokenizers and pipelines; checkpoint formats; run operations (lock, run dir, logs, FLOPs)
     ("diffujax.data", "diffujax.checkpoint", "diffujax.runs"),

@@ -158,17 +158,18 @@ def _continuation(tokens, src, loss_mask):
 
 def multiple_choice_score(apply_fn: ApplyFn, params, tokens, src, key, *, mask_token_id: int,
                           pattern: AttentionPattern | None = None, loss_mask=None,
-                          num_levels: int = 32, row_offset=0, reference_levels: bool = False):
+                          num_levels: int = 32, row_offset=0):
     """The reference's multiple-choice score (docs/algorithms.md §5), ``[B]``, lower is better.
 
     For ``k = T..1`` noise the continuation (``~src``) at rate ``k / T`` with one draw, take the
     unweighted mean ce over the noised positions (shifted), skip levels with none noised; the
     score is the sum over levels divided by ``T``.
 
-    ``reference_levels``: what the reference's ``eval_forward`` computes instead, for numbers
-    comparable with the paper: levels ``k = T-1..1`` only, each the ``1/t``-weighted mean
-    (``T/k`` times the unweighted one), still divided by ``T``. (The reference divides by zero
-    on a level with nothing noised, a NaN that ``argmin`` then picks; here such a level adds 0.)
+    This is what the reference's evaluation scripts compute (``eval-diffugpt.py`` /
+    ``eval-diffullama.py`` import the module-level ``eval_forward`` of its ``ddm/trainer.py``,
+    one row per call): levels ``T..1``, unweighted, a level with nothing noised adding 0. Its
+    trainer's ``eval_forward`` *method* (levels ``T-1..1``, ``1/t``-weighted) is a training-time
+    loss that no evaluation script calls.
     ``row_offset`` may be a ``[B]`` array (row ``b`` draws as row ``row_offset[b] + b``).
     """
     pattern = full() if pattern is None else pattern
@@ -181,11 +182,9 @@ def multiple_choice_score(apply_fn: ApplyFn, params, tokens, src, key, *, mask_t
         logits = apply_fn(params, apply_noise(tokens, noise, mask_token_id), pattern)
         terms = per_sequence_terms(logits, tokens, NoisedBatch(rate, noise, tokens))
         # mean over noised positions; a level with none noised adds nothing
-        total = terms["weighted"] if reference_levels else terms["unweighted"]
-        return total / jnp.maximum(terms["noised"], 1.0)
+        return terms["unweighted"] / jnp.maximum(terms["noised"], 1.0)
 
-    top = num_levels - 1 if reference_levels else num_levels
-    levels = jnp.arange(top, 0, -1, dtype=jnp.int32)
+    levels = jnp.arange(num_levels, 0, -1, dtype=jnp.int32)
     return jax.lax.map(one_level, levels).sum(axis=0) / num_levels
 
 

@@ -134,7 +134,7 @@ class Engine:
 
     # --- scores ------------------------------------------------------------------------------
 
-    def diffusion_score(self, rows, *, num_levels: int = 32, reference_levels: bool = False):
+    def diffusion_score(self, rows, *, num_levels: int = 32):
         """The reference's multiple-choice score of the non-fixed span, ``[rows]``, lower is
         better (``multiple_choice_score``)."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
@@ -144,10 +144,9 @@ class Engine:
                 return multiple_choice_score(apply, params, tokens, fixed, self.key,
                                              mask_token_id=mask, pattern=full(segments),
                                              loss_mask=real, num_levels=num_levels,
-                                             row_offset=_offsets(row_ids),
-                                             reference_levels=reference_levels)
+                                             row_offset=_offsets(row_ids))
             return fn
-        return self._run(rows, self._jit(("score", num_levels, reference_levels), build))[0]
+        return self._run(rows, self._jit(("score", num_levels), build))[0]
 
     def conditional_nll(self, rows, *, num_draws: int = 128):
         """LLaDA's Monte-Carlo estimate of ``-log p(span | context)``, ``[rows]``."""

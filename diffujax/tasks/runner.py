@@ -113,8 +113,9 @@ class TaskRunner:
         rows = [self.encoder.choice_rows(i, item) for i, item in chunk]
         flat = [r for group in rows for r in group]
         if self.s.objective == "diffusion":
-            values = list(self.engine.diffusion_score(flat, num_levels=self.s.num_levels,
-                                                      reference_levels=self.s.reference))
+            # the reference's scripts score with exactly this (multiple_choice_score), so
+            # --reference-parity changes nothing here
+            values = list(self.engine.diffusion_score(flat, num_levels=self.s.num_levels))
             pick = min
         else:
             sums, counts, _ = self.engine.ar_logprob(flat)
@@ -212,8 +213,7 @@ class TaskRunner:
                             if s.objective == "diffusion" else "exact (AR log-prob "
                             f"{self.spec.ar_reduce})"), steps=None)
             if s.objective == "diffusion":
-                h["levels"] = (f"T-1..1 of T={s.num_levels}, 1/t weighted (reference)"
-                               if s.reference else f"T..1 of T={s.num_levels}, unweighted")
+                h["levels"] = f"T..1 of T={s.num_levels}, unweighted"
         elif s.objective == "ar":
             h.update(draws="greedy", steps="one forward pass per token")
         else:

@@ -229,3 +229,23 @@ def test_reference_parity_ar_context_has_no_bos(engine, tiny_model, task_files):
         assert runner.encoder.choice_rows(0, items[0])[0].tokens[0] == lead
     # Its Lambada encodes with the tokenizer's special tokens: BOS stays.
     assert runner_for(engine, "lambada", "ar", reference=True).encoder.bos_before_context
+
+
+def test_reference_parity_scores_choices_as_the_reference_scripts(engine, tiny_model, task_files):
+    """The reference's evaluation scripts (``eval-diffugpt.py`` / ``eval-diffullama.py``) score a
+    choice with the module-level ``eval_forward`` of its ``ddm/trainer.py``, one row per call:
+    levels T..1 at rate k / T, the unweighted mean ce over the row's noised positions, 0 for a
+    level with none, summed and divided by T (``plain_reference_score``, on the same draws). Not
+    its trainer's ``eval_forward`` method (T-1..1, 1/t weighted): no script calls that."""
+    items = TASKS["piqa"].load(str(task_files["piqa"]))
+    encoder = make_encoder(tiny_model)
+    parity = runner_for(engine, "piqa", reference=True, num_levels=8)
+    _, records = run_task(parity, str(task_files["piqa"]), progress=False)
+    _, default = run_task(runner_for(engine, "piqa", num_levels=8), str(task_files["piqa"]),
+                          progress=False)
+    for index, (item, record) in enumerate(zip(items, records)):
+        plain = [plain_reference_score(tiny_model, row, seed=SEED, levels=8)
+                 for row in encoder.choice_rows(index, item)]
+        np.testing.assert_allclose(record["scores"], plain, rtol=2e-5, atol=1e-5)
+        assert record["scores"] == default[index]["scores"]
+    assert parity.header("x")["levels"] == "T..1 of T=8, unweighted"

@@ -1,0 +1,90 @@
+"""``diffujax demo``'s pieces that need no training: its config (block diffusion on the bundled
+prose), the infill canvas a block model can condition on, and the bundled infill on the real
+SmolLM2 tokenizer. The demo end to end is minutes of CPU training: README, "Quickstart"."""
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from diffujax.commands import demo
+from diffujax.checkpoint import save, store
+from diffujax.data.tokenizer import load_tokenizer
+from diffujax.models import LlamaConfig, init_params
+from diffujax.readability import readability
+from diffujax.runtime import LoadedModel, load_for_inference
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from word_tokenizer import write_word_tokenizer  # noqa: E402
+
+
+def test_the_demo_adapts_in_blocks_on_its_prose(tmp_path):
+    cfg = demo.demo_config(tmp_path / "ckpt", tmp_path / "out", None)
+    assert [s["path"] for s in cfg.data.sources] == [str(demo.DEMO_CORPUS)]
+    assert [s["path"] for s in cfg.data.eval_sources] == [str(demo.DEFAULT_TEXT)]
+    assert 0 < cfg.diffusion.block_size < cfg.data.seq_len
+    # the criterion the demo prints accepts the text it trains on, paragraph by paragraph
+    paragraphs = [p for p in demo.DEMO_CORPUS.read_text().split("\n\n") if len(p) > 100]
+    assert len(paragraphs) >= 10
+    for paragraph in paragraphs:
+        assert readability(paragraph).readable(), paragraph[:60]
+    short = demo.demo_config(tmp_path / "ckpt", tmp_path / "out", 20)
+    assert short.train.steps == 20 and short.diffusion.anneal_steps == 10
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_ckpt")
+    (root / "tok").mkdir()
+    write_word_tokenizer(root / "tok", words=20, unk=20, mask=21, eos=22)
+    config = LlamaConfig(vocab_size=23, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                         intermediate_size=64, max_positions=64, tie_word_embeddings=False,
+                         mask_token_id=21, bos_token_id=22, eos_token_id=22, block_size=4)
+    save(root / "ckpt", config, init_params(config, seed=0), tokenizer_from=root / "tok")
+    return load_for_inference(str(root / "ckpt"))
+
+
+def test_infill_canvas_keeps_span_and_suffix_in_one_block(word_model):
+    # BOS w1 w2 w3 | M M w4 w5 | ...: blocks of 4
+    ids, src, span, _ = demo.infill_canvas(word_model, "w1 w2 w3", 2, "w4 w5")
+    np.testing.assert_array_equal(ids, [22, 1, 2, 3, 21, 21, 4, 5])
+    assert span == slice(4, 6) and src.tolist() == [True] * 4 + [False] * 2 + [True] * 2
+    # the span's block would not see w6: refused
+    with pytest.raises(ValueError, match="do not lie in one block of 4"):
+        demo.infill_canvas(word_model, "w1 w2 w3", 2, "w4 w5 w6")
+    with pytest.raises(ValueError, match="one block of 4"):
+        demo.infill_canvas(word_model, "w1 w2", 2, "w4")  # span positions 3..4 straddle blocks
+
+
+def test_the_bundled_infill_fits_one_block_of_the_demo(tmp_path):
+    """On SmolLM2's own tokenizer and the demo config's block size (the embedded model)."""
+    from diffujax.checkpoint.smollm2 import default_model
+
+    checkpoint = default_model()
+    config, _ = store.read_meta(checkpoint)
+    block = demo.demo_config(checkpoint, tmp_path, None).diffusion.block_size
+    model = LoadedModel(config.replace(block_size=block), None, None,
+                        load_tokenizer(checkpoint), None, None)
+    ids, _, span, _ = demo.infill_canvas(model, demo.INFILL_PROMPT, demo.INFILL_LENGTH,
+                                         demo.INFILL_SUFFIX)
+    assert span.stop < len(ids)  # there is a suffix, inside the span's block
+
+
+@pytest.mark.integration  # a fresh interpreter running the demo: about a minute on 2 cores
+def test_the_demo_without_adaptation_runs_end_to_end(tmp_path):
+    """``diffujax demo --train-steps 0``: every step but the adaptation, on the embedded model;
+    its AR samples are measured readable, the infill is skipped, the export reloads."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "diffujax.cli", "demo", "--train-steps", "0",
+                          "--blocks", "2", "--draws", "2", "--output-dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "why the bound starts far above the AR perplexity" in out
+    assert "3. adapting" not in out and "AR with KV cache" in out
+    assert f"{demo.SAMPLE_DRAWS} of {demo.SAMPLE_DRAWS} samples readable" in out
+    assert "infill: skipped" in out and "transformers reloads it" in out
