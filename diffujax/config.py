@@ -54,13 +54,13 @@ class LoraSection:
     def validate(self, key: str):
         _check(self.rank >= 1, f"{key}.rank", f"{self.rank} must be >= 1")
         _check(self.alpha > 0, f"{key}.alpha", f"{self.alpha} must be > 0")
-        _check(self.dropout == 0, f"{key}.dropout",
-               f"{self.dropout}: dropout on the adapters' input is not supported (0 only)")
+        _check(0 <= self.dropout < 1, f"{key}.dropout", f"{self.dropout} must be in [0, 1)")
 
     def spec(self, model: ModelConfig) -> lora.LoraSpec:
         """The adapters for ``model``: every projection of its block unless ``targets``."""
         targets = self.targets or tuple(lora.projections(model))
-        return lora.LoraSpec(rank=self.rank, alpha=self.alpha, targets=targets)
+        return lora.LoraSpec(rank=self.rank, alpha=self.alpha, targets=targets,
+                             dropout=self.dropout)
 
 
 @dataclasses.dataclass(frozen=True)

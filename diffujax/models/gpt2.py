@@ -140,6 +140,9 @@ class GPT2Block(nnx.Module):
                 return out
             return L.dropout(out, self.resid_pdrop, jax.random.fold_in(dropout_key, i))
 
+        if dropout_key is not None:
+            L.seed_adapter_dropout(self, jax.random.fold_in(dropout_key, 2))
+
         a, aux = self.attn(self.ln1(x), attend)
         x = x + residual(a, 0)
         x = x + residual(self.mlp(self.ln2(x)), 1)
@@ -183,10 +186,9 @@ class GPT2(nnx.Module):
             positions = jnp.arange(tokens.shape[1])[None]
         x = self._embed(tokens, positions)
         keys = None
-        if dropout_key is not None and (c.embd_pdrop > 0 or c.resid_pdrop > 0):
+        if dropout_key is not None:
             x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
-            keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
-                jnp.arange(c.num_layers))  # one per layer, scanned with the layer's weights
+            keys = L.layer_keys(dropout_key, c.num_layers)
         attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
                           keys, c.remat)

@@ -94,6 +94,22 @@ def scan_layers(block: nnx.Module, step, x, xs=None, remat: str = "none"):
     return x
 
 
+def layer_keys(key, num_layers: int):
+    """One key per layer, ``fold_in(key, i)``: scanned beside the layers' weights."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_layers))
+
+
+def seed_adapter_dropout(layer: nnx.Module, key) -> None:
+    """Give the modules of one layer of an adapted model (qwix marks its modules with
+    ``qwix_path``) the rng stream qwix draws LoRA dropout from (``qwix_rngs``), seeded from the
+    layer's dropout key; nothing on a model without adapters."""
+    if not hasattr(layer, "qwix_path"):
+        return
+    rngs = nnx.Rngs(dropout=key)
+    for _, module in nnx.iter_modules(layer):
+        module.qwix_rngs = rngs
+
+
 def dropout(x, rate: float, key):
     """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
     ``1 / (1 - rate)`` (``rate == 0``: ``x`` unchanged)."""

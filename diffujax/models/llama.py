@@ -170,8 +170,12 @@ class LlamaBlock(nnx.Module):
         self.mlp_norm = L.RMSNorm(weights.child("mlp_norm"), c.rms_norm_eps)
         self.mlp = L.SwiGLU(weights.child("mlp"))
 
-    def __call__(self, x, rope, attend):
-        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention``. Returns ``(x, aux)``."""
+    def __call__(self, x, rope, attend, dropout_key=None):
+        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention``. ``dropout_key``: this
+        layer's key in training (the family has no dropout of its own; LoRA adapters may).
+        Returns ``(x, aux)``."""
+        if dropout_key is not None:
+            L.seed_adapter_dropout(self, dropout_key)
         a, aux = self.attn(self.attn_norm(x), attend, rope)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
@@ -209,16 +213,17 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
         """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: RoPE positions,
-        default ``0..L-1``. The family has no dropout, so ``dropout_key`` (passed by training
-        to every family) changes nothing."""
-        del dropout_key
+        default ``0..L-1``. ``dropout_key`` (training): the family has no dropout of its own,
+        but LoRA adapters may drop out their input."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x, rope = self._embed(tokens, positions)
         config = self.config.attention
         attend = lambda q, k, v: (attention(q, k, v, pattern, config), None)  # noqa: E731
-        x = L.scan_layers(self.layers, lambda layer, x, _: layer(x, rope, attend)[0], x,
-                          remat=self.config.remat)
+        keys = None if dropout_key is None else L.layer_keys(dropout_key,
+                                                             self.config.num_layers)
+        x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
+                          keys, self.config.remat)
         return self._head(x)
 
     def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):

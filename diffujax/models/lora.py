@@ -44,6 +44,7 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0  # on the adapters' input, in training
 
     @property
     def scale(self) -> float:
@@ -145,7 +146,7 @@ def init_adapters(config: ModelConfig, lora: LoraSpec, seed: int = 0) -> Params:
 def _provider(lora: LoraSpec):
     targets = "|".join(lora.targets)
     return qwix.LoraProvider(module_path=f"{BLOCK}/.*({targets})", rank=lora.rank,
-                             alpha=lora.alpha)
+                             alpha=lora.alpha, dropout=lora.dropout)
 
 
 @functools.cache
@@ -194,9 +195,12 @@ def split(tree: Params) -> tuple[Params, Params]:
 def forward(config: ModelConfig, lora: LoraSpec, params: Params, tokens, pattern,
             positions=None, dropout_key=None):
     """The adapted model's logits; ``params``: ``join(base, adapters)``. The adapters are cast
-    to the compute dtype, as the projections cast their kernels."""
+    to the compute dtype, as the projections cast their kernels. ``dropout_key`` (training):
+    the adapters drop out their input at ``lora.dropout``; without it nothing is dropped."""
     dtype = jnp.dtype(config.dtype)
     flat = {p: v.astype(dtype) if p.endswith(SUFFIXES) else v for p, v in flatten(params).items()}
+    if dropout_key is None:
+        lora = dataclasses.replace(lora, dropout=0.0)
     model = nnx.merge(adapted_graphdef(config, lora), nest(flat))
     return model(tokens, pattern, positions, dropout_key)
 
@@ -266,6 +270,6 @@ def peft_tensors(config: ModelConfig, lora: LoraSpec, adapters: Params,
 def peft_config(lora: LoraSpec, target_modules: list[str], base_model: str | None) -> dict:
     """``adapter_config.json`` of a PEFT LoRA adapter for a causal LM."""
     return dict(peft_type="LORA", task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
-                target_modules=sorted(target_modules), lora_dropout=0.0, bias="none",
+                target_modules=sorted(target_modules), lora_dropout=lora.dropout, bias="none",
                 fan_in_fan_out=False, use_rslora=False, base_model_name_or_path=base_model,
                 inference_mode=True)

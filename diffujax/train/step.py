@@ -94,9 +94,18 @@ def _with_dropout(apply_fn, dropout_key=None):
 
 
 def training_dropout(run_cfg, model_cfg) -> bool:
-    """Whether the train step drops out: ``model.dropout`` and a model config with non-zero
-    ``embd_pdrop`` / ``resid_pdrop`` (GPT-2). Says so in the log, and that ``attn_pdrop`` is
-    not applied, so no rate of the checkpoint's config is ignored silently."""
+    """Whether the train step drops out: LoRA adapters with ``model.lora.dropout``, or
+    ``model.dropout`` and a model config with non-zero ``embd_pdrop`` / ``resid_pdrop``
+    (GPT-2). Says so in the log, and that ``attn_pdrop`` is not applied, so no rate of the
+    checkpoint's config is ignored silently."""
+    spec = run_cfg.lora_spec(model_cfg)
+    adapters = spec is not None and spec.dropout > 0
+    if adapters:
+        log.info("LoRA dropout %g on the adapters' input (training only)", spec.dropout)
+    return _model_dropout(run_cfg, model_cfg) or adapters
+
+
+def _model_dropout(run_cfg, model_cfg) -> bool:
     rates = {k: getattr(model_cfg, k, 0.0) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
     if not any(rates.values()):
         return False

@@ -3,6 +3,7 @@ in numpy (``W + (alpha / r) * A @ B``), the unadapted network, the optimizer sta
 leaves it holds), the single-device run for the sharded one, and ``peft`` loading the exported
 adapter onto the transformers model (tests/checkpoint for that one)."""
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -102,7 +103,7 @@ def test_lora_trains_block_diffusion_on_a_mesh():
     ({"rank": 0}, r"model.lora.rank: 0 must be >= 1"),
     ({"rank": 40}, r"model.lora.rank 40: must be 1..16"),
     ({"alpha": -1}, r"model.lora.alpha: -1.0 must be > 0"),
-    ({"dropout": 0.1}, r"model.lora.dropout: 0.1: dropout on the adapters' input is not"),
+    ({"dropout": 1.0}, r"model.lora.dropout: 1.0 must be in \[0, 1\)"),
 ])
 def test_bad_lora_settings_are_refused_by_name(fields, message):
     with pytest.raises((ConfigError, ValueError), match=message):
@@ -126,3 +127,26 @@ def test_lora_model_flops_count_no_weight_gradient_for_the_base():
                                                     + 6 * adapters + attention)
     full = W.make_config("llama")
     assert model_flops_per_token(full, model_cfg) == 6 * matmul_params(model_cfg) + attention
+
+
+def test_lora_dropout_drops_the_adapters_input_only():
+    cfg, state, _ = trained()
+    model_cfg = cfg.resolve_model_config()
+    spec = dataclasses.replace(cfg.lora_spec(model_cfg), dropout=0.5)
+    tokens = np.asarray(W.global_batches(1)[0]["tokens"])
+    run = jax.jit(lambda p, key: lora.forward(model_cfg, spec, p, tokens, causal(),
+                                              dropout_key=key))
+    # fresh adapters (B = 0) add nothing, dropped out or not: the base model's logits exactly
+    fresh = lora.join(state.frozen, lora.init_adapters(model_cfg, spec, 0))
+    np.testing.assert_array_equal(run(fresh, jax.random.key(1)),
+                                  forward(model_cfg, state.frozen, tokens, causal()))
+    # trained adapters: a key draws one mask (reproducible), another key another one, and
+    # without a key (evaluation) nothing is dropped
+    joined = model_params(state)
+    plain = lora.forward(model_cfg, spec, joined, tokens, causal())
+    np.testing.assert_array_equal(plain, lora.forward(model_cfg, cfg.lora_spec(model_cfg), joined,
+                                                      tokens, causal()))
+    one, again, other = (run(joined, jax.random.key(k)) for k in (1, 1, 2))
+    np.testing.assert_array_equal(one, again)
+    assert np.abs(np.asarray(one) - np.asarray(plain)).max() > 1e-4
+    assert np.abs(np.asarray(one) - np.asarray(other)).max() > 1e-4

@@ -1,5 +1,5 @@
-"""A LoRA run as the user runs it (``diffujax train model.lora=...``): killed and resumed it logs
-the uninterrupted run's losses exactly; ``diffujax export`` writes the merged model (loaded by
+"""A LoRA run as the user runs it (``diffujax train model.lora=...``, adapter dropout on): killed
+and resumed it logs the uninterrupted run's losses exactly; ``diffujax export`` writes the merged model (loaded by
 transformers) or, with ``--adapter``, a PEFT adapter that ``peft`` loads onto the base model's
 export with the merged model's logits. References: the uninterrupted run, transformers and
 peft."""
@@ -15,7 +15,7 @@ from train_runs import NO_SAMPLES, ROOT, losses, run, start, wait_for_step
 
 pytestmark = pytest.mark.integration  # runs of the CLI as processes
 
-LORA = ("model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}",
+LORA = ("model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj, down_proj], dropout: 0.1}",
         "train.steps=12", "logging.eval_every=0", NO_SAMPLES)
 
 
