@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffujax.attention.pattern import full
+from diffujax.attention.pattern import full, is_annealing
 from diffujax.checkpoint import load, to_state_dict
 from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import from_dict
@@ -118,12 +118,14 @@ def diffujax_side(config, params, tokens, cfg):
     step = make_train_step(cfg, config, apply_fn, mesh, rules)
     batch = make_global_batch({"tokens": tokens}, mesh, rules)
     holder = {"state": state}
-    state, metrics = step(state, batch)  # compiles; its loss is the first step's
+    # the program a run takes once annealing is over (here from step 0: anneal_steps is 0)
+    phase = is_annealing(0, cfg.diffusion.anneal_steps)
+    state, metrics = step(state, batch, phase)  # compiles; its loss is the first step's
     first_loss = float(metrics["loss"])
     holder["state"] = state
 
     def once():
-        holder["state"], m = step(holder["state"], batch)
+        holder["state"], m = step(holder["state"], batch, phase)
         jax.block_until_ready(m["loss"])
 
     return first_loss, once

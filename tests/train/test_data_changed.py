@@ -26,7 +26,7 @@ def _train(run_dir, corpus, steps, *extra):
 def corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
-    for name in ("loop.py", "checkpointing.py", "metrics.py", "export.py"):
+    for name in ("loop.py", "checkpointing.py", "step.py", "export.py"):
         shutil.copyfile(ROOT / "diffujax" / "train" / name, root / f"{name}.txt")
     return root
 
@@ -43,7 +43,7 @@ def test_a_changed_corpus_is_refused_unless_restart_data(corpus, tmp_path, capsy
     with open(corpus / "loop.py.txt", "a") as f:
         f.write("\n# one more line\n")
     shutil.copyfile(corpus / "export.py.txt", corpus / "new.txt")
-    os.remove(corpus / "metrics.py.txt")
+    os.remove(corpus / "step.py.txt")
     before = _snapshot(run_dir)
 
     assert cli(_train(run_dir, corpus, 4)) == 2
@@ -53,7 +53,7 @@ def test_a_changed_corpus_is_refused_unless_restart_data(corpus, tmp_path, capsy
     line = lines[0]
     assert "the training data changed since it was saved" in line
     assert f"1 files added: {corpus / 'new.txt'}" in line
-    assert f"1 files removed: {corpus / 'metrics.py.txt'}" in line
+    assert f"1 files removed: {corpus / 'step.py.txt'}" in line
     assert f"1 files modified: {corpus / 'loop.py.txt'}" in line
     assert "checkpoint.restart_data=true" in line
     assert _snapshot(run_dir) == before  # nothing written, config.yaml included
