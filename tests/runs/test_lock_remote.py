@@ -40,9 +40,16 @@ def _plant(url, **record):
     owner = {"host": "elsewhere", "pid": 4242, "start": None, "created": now - 60,
              "expires": now + 300, "run": "foreign0run0"} | record
     target = f"{url}/{LOCK_NAME}"
-    got = paths.read_object(target)
-    paths.write_object(target, json.dumps(owner).encode(), 0 if got is None else got[1])
-    return owner
+    for _ in range(100):
+        # A live holder renews between our read and our write now and then (the server then
+        # refuses the write, as GCS would): read the new generation and write again.
+        got = paths.read_object(target)
+        try:
+            paths.write_object(target, json.dumps(owner).encode(), 0 if got is None else got[1])
+            return owner
+        except FileExistsError:
+            continue
+    raise AssertionError(f"could not plant a lease at {target}: it changed under every write")
 
 
 def _wait_for(predicate, timeout=5.0):
@@ -181,8 +188,8 @@ def test_a_stolen_or_deleted_lease_is_detected(gcs):
     lock = LeaseLock(url, lease_s=0.6)
     lock.acquire()
     try:
-        assert paths.delete_object(f"{url}/{LOCK_NAME}", paths.read_object(
-            f"{url}/{LOCK_NAME}")[1])
+        target = f"{url}/{LOCK_NAME}"  # retried when a renewal slips in between read and delete
+        assert any(paths.delete_object(target, paths.read_object(target)[1]) for _ in range(100))
         assert _wait_for(lambda: lock._lost)
         with pytest.raises(RunLockError, match="it was deleted; this run stops"):
             lock.check()
