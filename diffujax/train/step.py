@@ -131,15 +131,15 @@ def step_config(run_cfg, step: int):
 
 
 def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
-    """``step(state, batch, annealing=True) -> (state, metrics)``, compiled once for the batch's
+    """``step(state, batch, annealing) -> (state, metrics)``, compiled once for the batch's
     shapes and each phase.
 
     ``batch`` holds global ``[B, L]`` arrays: ``tokens`` and optionally ``src`` (SFT prompt, never
     noised), ``loss_mask``, ``segment_ids`` (used when ``diffusion.segment_ids``) and
     ``positions``. ``metrics`` are replicated float32/int32 scalars. ``annealing`` (static): the
-    phase, ``pattern.is_annealing(step, diffusion.anneal_steps)``; ``True`` is right at any step
-    (the annealed pattern at ``r = 1`` is all open), ``False`` after the ramp lets the attention
-    take its full-attention paths (``pattern.for_training``).
+    phase, ``pattern.is_annealing(step, diffusion.anneal_steps)``, required so that no caller
+    compiles the annealed-mask program past the ramp by default (``False`` lets the attention
+    take its full-attention paths, ``pattern.for_training``).
 
     Non-finite steps are skipped here, not with ``optax.apply_if_finite``: that wrapper looks
     at the updates only (not the loss), keeps its counters inside the optimizer state (the loop
@@ -224,7 +224,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum, dtype=jnp.int32), micro_batches))
         return total
 
-    def step_fn(state: TrainState, batch, annealing: bool = True):
+    def step_fn(state: TrainState, batch, annealing: bool):
         key = jax.random.fold_in(state.key(), state.step)
         grad_fn = jax.grad(functools.partial(micro_loss, annealing=annealing), has_aux=True)
         grad_sums, sums = accumulate(grad_fn, state.params, state.frozen, batch, key,

@@ -110,6 +110,7 @@ def test_gradient_accumulation_gives_the_same_update():
 
 
 def test_non_finite_step_is_skipped_and_counted():
+    from diffujax.attention.pattern import is_annealing
     from diffujax.models import apply_fn_for
     from diffujax.parallel.mesh import make_global_batch, make_mesh
     from diffujax.train.step import make_train_step
@@ -125,7 +126,7 @@ def test_non_finite_step_is_skipped_and_counted():
     state.params["final_norm"]["scale"] = clean.at[0].set(jnp.nan)
     before = leaves((state.params, state.opt_state))
     for expected_bad in (1, 2):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, is_annealing(int(state.step), cfg.diffusion.anneal_steps))
         assert metrics["skipped"] == 1 and not np.isfinite(metrics["loss"])
         assert int(state.bad_steps) == expected_bad and int(state.total_bad_steps) == expected_bad
         for x, y in zip(before, leaves((state.params, state.opt_state)), strict=True):
@@ -134,7 +135,7 @@ def test_non_finite_step_is_skipped_and_counted():
     assert int(state.applied_steps) == train_worker.STEPS
 
     state.params["final_norm"]["scale"] = clean
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, is_annealing(int(state.step), cfg.diffusion.anneal_steps))
     assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
     assert int(state.bad_steps) == 0 and int(state.total_bad_steps) == 2
     # the skips did not advance Adam

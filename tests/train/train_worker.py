@@ -85,6 +85,7 @@ def run(cfg, devices=None, steps=STEPS, barrier=None):
     is called once the step is compiled."""
     import jax
 
+    from diffujax.attention.pattern import is_annealing
     from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
     from diffujax.train.state import apply_fn_for_run, create_train_state
     from diffujax.train.step import make_train_step
@@ -102,10 +103,11 @@ def run(cfg, devices=None, steps=STEPS, barrier=None):
     history = []
     for i, batch in enumerate(global_batches(steps)):
         local = make_global_batch({k: v[lo:lo + rows] for k, v in batch.items()}, mesh, rules)
+        annealing = is_annealing(i, cfg.diffusion.anneal_steps)
         if i == 0 and barrier is not None:
-            step.lower(state, local).compile()  # the call below reuses this executable
+            step.lower(state, local, annealing).compile()  # the call below reuses this executable
             barrier()
-        state, metrics = step(state, local)
+        state, metrics = step(state, local, annealing)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
 
