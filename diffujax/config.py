@@ -4,20 +4,27 @@
     print(to_yaml(cfg))
 
 Dotted keys reach nested fields; values are parsed as YAML scalars (``3e-4`` is accepted for a float
-although YAML 1.1 reads it as a string). An unknown key or a value of the wrong type is a
-``ConfigError`` that names the key, with a suggestion for near misses.
+although YAML 1.1 reads it as a string). The sections are pydantic dataclasses: pydantic checks
+types, bounds and unknown keys, each section's ``__post_init__`` what its types cannot say, and
+every failure is one ``ConfigError`` line naming the full dotted key, with a suggestion for near
+misses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
+import pydantic
 import yaml
+from pydantic import (AfterValidator, BeforeValidator, Field, PlainValidator, Strict, StrictBool,
+                      StrictStr, TypeAdapter, ValidationError)
+from pydantic_core import PydanticCustomError
 
 from diffujax import paths
 from diffujax.attention.config import AttentionConfig
@@ -38,23 +45,125 @@ class ConfigError(ValueError):
 MASK_TOKEN_KEY = "diffusion.mask_token_id"  # the run config's name for the mask token
 
 
+# ----------------------------------------------------------------------------- field types
+
+
+def _from_text(value):
+    """YAML 1.1 reads ``3e-4`` and ``1e6`` as strings; a number is meant."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _integral(value):  # 1e6 (or "1e6") is fine for a step count; 1.5 is not
+    value = _from_text(value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _real(value):  # converted before the bounds are checked, so that errors show the float
+    return float(value) if type(value) is int else _from_text(value)
+
+
+# Scalars checked strictly (a boolean is no number, a number no string), then converted.
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Float = Annotated[float, Strict(), BeforeValidator(_real)]
+_STRICT = {int: Int, float: Float, bool: StrictBool, str: StrictStr}
+
+
+@functools.cache
+def _strict(tp):
+    """``tp`` (a field type of a lower layer's plain dataclass: the attention config, the model
+    configs) with its scalars checked as strictly as the run config's own; a dataclass is read
+    from a mapping of such fields (unknown keys refused) and built as itself."""
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        mirror = pydantic.create_model(
+            tp.__name__, __config__=pydantic.ConfigDict(extra="forbid", from_attributes=True),
+            **{f.name: (_strict(hints[f.name]), f.default) for f in dataclasses.fields(tp)})
+        return Annotated[mirror, AfterValidator(lambda m: tp(**dict(m)))]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return Union[tuple(_strict(arm) for arm in typing.get_args(tp))]
+    return _STRICT.get(tp, tp)
+
+
+_adapter = functools.cache(lambda tp: TypeAdapter(_strict(tp)))
+
+
+def _validate_init(init: dict, key: str) -> dict[str, Any]:
+    """``model.init`` (or ``plan.model``, ``key``): a family name plus fields of that family's
+    model config, type-checked."""
+    family = init.get("family")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
+    cls = FAMILIES[family].config
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "attention"}
+    out = {"family": family}
+    for name, value in init.items():
+        if name == "family":
+            continue
+        if name == "block_size":  # what the run trains decides it
+            raise ConfigError(f"{key}.{name}: set diffusion.block_size instead (the model"
+                              " records the block size it is trained with)")
+        if name not in allowed:
+            raise ConfigError(_unknown(f"{key}.{name}", name, allowed))
+        try:
+            out[name] = _adapter(hints[name]).validate_python(value)
+        except ValidationError as e:
+            raise ConfigError(f"{key}.{name}: {_problem(e.errors()[0])}") from None
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _check(out.get(name, 0) > 0, f"{key}.{name}", "is required and must be > 0")
+    out.setdefault("num_kv_heads", out["num_heads"])
+    _check(out["num_heads"] % out["num_kv_heads"] == 0, f"{key}.num_kv_heads",
+           "must divide num_heads")
+    return out
+
+
+def _init_fields(key: str):
+    """The type of ``model.init`` / ``plan.model`` (at ``key``): checked by ``_validate_init``."""
+    return Annotated[dict[str, Any], AfterValidator(functools.partial(_validate_init, key=key))]
+
+
+def _bool_or_auto(value):
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise PydanticCustomError("expected", "expected {expected}", {"expected": "bool or 'auto'"})
+
+
+# Field metadata, ``Annotated[T, MAY_CHANGE]``: a resumed run may change this key (any key of a
+# section so marked; train/resume.py). Such keys steer the steps to come without contradicting
+# the saved state: the lr schedule, optimizer settings whose state keeps its shape, logging and
+# saving, the mesh (restores reshard), compute-only model settings, the block sizes (a warmup-
+# stable-decay run decides its decay mid-run, docs/algorithms.md §9). The rest shaped the state.
+MAY_CHANGE = "may change on resume"
+
+# Each section: frozen, unknown keys refused; ``async`` reads into ``async_save``. A section sits
+# at one key, which its ``__post_init__`` checks name in full (``model.lora.dropout``).
+section = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(
+    extra="forbid", validate_by_name=True, validate_by_alias=True))
+
+
+def _check(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 # --------------------------------------------------------------------------------------- sections
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class LoraSection:
     """``model.lora``: train low-rank adapters on the block's projections instead of every weight
     (``models/lora.py``); the base weights stay frozen."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ()  # projection names (q_proj, ..., down_proj); empty: all of them
-    dropout: float = 0.0
+    rank: Int = Field(8, ge=1)
+    alpha: Float = Field(16.0, gt=0)
+    targets: tuple[StrictStr, ...] = ()  # projection names (q_proj, ..., down_proj); empty: all
+    dropout: Float = 0.0
 
-    def validate(self, key: str):
-        _check(self.rank >= 1, f"{key}.rank", f"{self.rank} must be >= 1")
-        _check(self.alpha > 0, f"{key}.alpha", f"{self.alpha} must be > 0")
-        _check(0 <= self.dropout < 1, f"{key}.dropout", f"{self.dropout} must be in [0, 1)")
+    def __post_init__(self):
+        _check(0 <= self.dropout < 1, "model.lora.dropout", f"{self.dropout} must be in [0, 1)")
 
     def spec(self, model: ModelConfig) -> lora.LoraSpec:
         """The adapters for ``model``: every projection of its block unless ``targets``."""
@@ -63,62 +172,62 @@ class LoraSection:
                              dropout=self.dropout)
 
 
-@dataclasses.dataclass(frozen=True)
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@section
 class ModelSection:
     """Either ``checkpoint`` (a diffujax checkpoint dir) or ``init`` (``family`` plus model-config
     fields, for a randomly initialised model); the other fields override the model config."""
 
-    checkpoint: str | None = None
-    init: dict[str, Any] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute (activations)
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
+    checkpoint: StrictStr | None = None
+    init: _init_fields("model.init") | None = None
+    dtype: Annotated[Dtype, MAY_CHANGE] = "bfloat16"  # compute (activations)
+    param_dtype: Dtype = "float32"  # master weights
     # backend, block sizes, interpret mode: ``model.attention.backend: pallas_tpu`` etc.
-    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    remat: Literal["none", "full", "dots"] | None = None
-    init_seed: int = 0
+    attention: Annotated[_strict(AttentionConfig), MAY_CHANGE] = AttentionConfig()
+    remat: Annotated[Literal["none", "full", "dots"] | None, MAY_CHANGE] = None
+    init_seed: Int = 0
     # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
     # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
     # sampling. Models without dropout in their config (LLaMA) are unaffected.
-    dropout: bool = True
+    dropout: StrictBool = True
     lora: LoraSection | None = None  # set: train LoRA adapters, not the whole model
 
-    def validate(self, key: str):
+    def __post_init__(self):
         if (self.checkpoint is None) == (self.init is None):
-            raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
-        if self.init is not None:
-            object.__setattr__(self, "init", _validate_init(self.init, f"{key}.init"))
+            raise ConfigError("model: set exactly one of 'model.checkpoint' and 'model.init'")
+        self.attention.validate("model.attention")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class DiffusionSection:
-    mask_token_id: int | None = None  # overrides the model config's
-    anneal_steps: int = 0  # 0: full attention from the start (docs/algorithms.md §3)
-    anneal_seed: int = 0
+    mask_token_id: Int | None = None  # overrides the model config's
+    anneal_steps: Int = Field(0, ge=0)  # 0: full attention from the start (docs/algorithms.md §3)
+    anneal_seed: Int = 0
     # masked: over noised tokens (the reference); tokens: over target tokens (the NELBO per
     # token); sequence: LLaDA-style SFT, each sequence's loss over its answer length.
     normalization: Literal["masked", "tokens", "sequence"] = "masked"
-    stratified_t: bool = False
-    eps: float = 1e-3
-    segment_ids: bool = False  # keep attention inside packed documents
+    stratified_t: StrictBool = False
+    eps: Float = Field(1e-3, ge=0, lt=1)
+    segment_ids: StrictBool = False  # keep attention inside packed documents
     # SFT: the data are (prompt, answer) records, the prompt is never noised. The one switch:
     # the pipeline's mode and the sources' default fields follow from it (RunConfig.pipeline_*).
-    sft: bool = False
+    sft: StrictBool = False
     # Block diffusion (docs/algorithms.md §9): blocks of this many positions; 0 (or
     # data.seq_len): the whole sequence, the full-sequence recipe of §2.
-    block_size: int = 0
+    block_size: Annotated[Int, MAY_CHANGE] = 0
     # [[step, N], ...]: block size N from (0-based) step `step` on; block_size before the first.
-    block_schedule: tuple[tuple[int, ...], ...] = ()
+    block_schedule: Annotated[tuple[tuple[Int, ...], ...], MAY_CHANGE] = ()
     # Every row also trained with the complementary noise (Fast-dLLM v2), docs/algorithms.md §9.
-    complementary_mask: bool = False
+    complementary_mask: Annotated[StrictBool, MAY_CHANGE] = False
 
-    def validate(self, key: str):
-        _check(0.0 <= self.eps < 1.0, f"{key}.eps", "must lie in [0, 1)")
-        _check(self.anneal_steps >= 0, f"{key}.anneal_steps", "must be >= 0")
-        _check(self.block_size >= 0, f"{key}.block_size",
+    def __post_init__(self):
+        _check(self.block_size >= 0, "diffusion.block_size",
                f"{self.block_size} must be >= 1 (or 0: the whole sequence)")
         previous = None
         for i, entry in enumerate(self.block_schedule):
-            where = f"{key}.block_schedule[{i}]"
+            where = f"diffusion.block_schedule[{i}]"
             _check(len(entry) == 2, where, f"{list(entry)} must be a pair [step, block_size]")
             step, size = entry
             _check(step >= 0, where, f"step {step} must be >= 0")
@@ -142,104 +251,97 @@ class DiffusionSection:
         return (self.block_size,) + tuple(size for _, size in self.block_schedule)
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class DataSection:
     """Generic on purpose: the data pipeline maps these onto its own options. ``sources`` is a list
     of mappings (e.g. ``{path: ..., weight: 0.7}``) whose keys the pipeline validates."""
 
     sources: tuple[dict[str, Any], ...] = ()
-    tokenizer: str | None = None
-    seq_len: int = 512
-    global_batch: int = 8
-    shuffle: bool = True
-    seed: int = 0
-    worker_count: int = 0
-    num_epochs: int | None = None  # None: repeat forever
-    eval_sources: tuple[dict[str, Any], ...] = ()
-    eval_split: str | None = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # pipeline-specific extras
+    tokenizer: StrictStr | None = None
+    seq_len: Int = Field(512, gt=1)
+    global_batch: Int = Field(8, gt=0)
+    shuffle: StrictBool = True
+    seed: Int = 0
+    worker_count: Int = Field(0, ge=0)
+    num_epochs: Int | None = Field(None, gt=0)  # None: repeat forever
+    eval_sources: Annotated[tuple[dict[str, Any], ...], MAY_CHANGE] = ()
+    eval_split: Annotated[StrictStr | None, MAY_CHANGE] = None
+    options: dict[str, Any] = Field(default_factory=dict)  # pipeline-specific extras
 
-    def validate(self, key: str):
-        _check(self.seq_len > 1, f"{key}.seq_len", "must be > 1")
-        _check(self.global_batch > 0, f"{key}.global_batch", "must be > 0")
-        _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
-        _check(self.num_epochs is None or self.num_epochs > 0, f"{key}.num_epochs",
-               "must be > 0 (or unset: endless)")
+    def __post_init__(self):
         for name in ("sources", "eval_sources"):
             for i, spec in enumerate(getattr(self, name)):
-                _validate_source(spec, f"{key}.{name}[{i}]")
-        _validate_pipeline_options(self.options, f"{key}.options")
+                _validate_source(spec, f"data.{name}[{i}]")
+        _validate_pipeline_options(self.options)
 
 
-@dataclasses.dataclass(frozen=True)
+# A key of OptimizerSection that a resumed run may change (its optimizer state keeps its shape).
+Steering = Annotated[Float, MAY_CHANGE]
+
+
+@section
 class OptimizerSection:
-    peak_lr: float = 3e-4
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # steps of warmup + decay; None: train.steps
-    min_lr_ratio: float = 0.1  # final lr of the decay, as a fraction of peak_lr
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    peak_lr: Steering = Field(3e-4, ge=0)
+    schedule: Annotated[Literal["constant", "cosine", "linear"], MAY_CHANGE] = "cosine"
+    warmup_steps: Annotated[Int, MAY_CHANGE] = Field(0, ge=0)
+    # steps of warmup + decay; None: train.steps
+    decay_steps: Annotated[Int | None, MAY_CHANGE] = None
+    min_lr_ratio: Steering = Field(0.1, ge=0, le=1)  # the decay's final lr / peak_lr
+    b1: Steering = 0.9
+    b2: Steering = 0.95
+    eps: Steering = 1e-8
+    weight_decay: Steering = 0.1
     # What decays: matrices and embeddings (norm scales and biases exempt), or every parameter
     # as the reference's single AdamW parameter group did (docs/algorithms.md §2).
-    weight_decay_scope: Literal["matrices", "all"] = "matrices"
-    clip_norm: float | None = 1.0  # global-norm clipping; None or 0: off
-    grad_accum_steps: int = 1  # micro-batches per step
-    ema_decay: float | None = None
+    weight_decay_scope: Annotated[Literal["matrices", "all"], MAY_CHANGE] = "matrices"
+    clip_norm: Annotated[Float | None, MAY_CHANGE] = 1.0  # global-norm clipping; None or 0: off
+    grad_accum_steps: Annotated[Int, MAY_CHANGE] = Field(1, ge=1)  # micro-batches per step
+    ema_decay: Float | None = Field(None, ge=0, lt=1)
 
-    def validate(self, key: str):
-        _check(self.peak_lr >= 0, f"{key}.peak_lr", "must be >= 0")
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", "must lie in [0, 1]")
-        _check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps", "must be >= 1")
-        _check(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay",
-               "must lie in [0, 1)")
+    def __post_init__(self):
         _check(self.decay_steps is None or self.decay_steps > self.warmup_steps,
-               f"{key}.decay_steps", "must exceed warmup_steps")
+               "optimizer.decay_steps", "must exceed warmup_steps")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class MeshShape:
     """Mesh axis sizes; one axis may be -1 to take the remaining devices."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: Int = 1
+    fsdp: Int = -1
+    tensor: Int = 1
 
-    def validate(self, key: str):
-        sizes = dataclasses.astuple(self)
-        _check(all(s == -1 or s >= 1 for s in sizes), key, "axis sizes must be >= 1 or -1")
-        _check(sizes.count(-1) <= 1, key, "at most one axis may be -1")
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s >= 1 for s in sizes), "mesh.shape", "axis sizes must be >= 1 or -1")
+        _check(sizes.count(-1) <= 1, "mesh.shape", "at most one axis may be -1")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class MeshSection:
-    shape: MeshShape = dataclasses.field(default_factory=MeshShape)
+    shape: MeshShape = Field(default_factory=MeshShape)
     # Multi-slice TPU: the data axis spans this many slices (over DCN); the others stay in a slice.
-    num_slices: int = 1
-    rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # logical name -> mesh axes
-    distributed: Union[bool, Literal["auto"]] = "auto"
-    coordinator: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_slices: Int = Field(1, ge=1)
+    rules: dict[str, Any] = Field(default_factory=dict)  # logical name -> mesh axes
+    distributed: Annotated[bool | Literal["auto"], PlainValidator(_bool_or_auto)] = "auto"
+    coordinator: StrictStr | None = None  # host:port of process 0
+    num_processes: Int | None = None
+    process_id: Int | None = None
 
-    def validate(self, key: str):
+    def __post_init__(self):
         names, axes = {n for n, _ in DEFAULT_RULES}, ("data", "fsdp", "tensor")
         for name, target in self.rules.items():
             if name not in names:
-                raise ConfigError(_unknown(f"{key}.rules.{name}", name, names, "logical axis"))
+                raise ConfigError(_unknown(f"mesh.rules.{name}", name, names, "logical axis"))
             targets = [target] if isinstance(target, str) else [] if target is None else target
-            if not isinstance(targets, (list, tuple)) or any(t not in axes for t in targets):
-                raise ConfigError(f"{key}.rules.{name}: {target!r} must be null, a mesh axis or a"
-                                  f" list of mesh axes among {axes}")
+            _check(isinstance(targets, (list, tuple)) and all(t in axes for t in targets),
+                   f"mesh.rules.{name}", f"{target!r} must be null, a mesh axis or a list of mesh"
+                   f" axes among {axes}")
         for names in ACTIVATIONS + tuple(sorted(weight_axes(), key=str)):
             try:
                 check_collisions(names, self.rule_table())
             except ValueError as e:
-                raise ConfigError(f"{key}.rules: {e}") from None
-        _check(self.num_slices >= 1, f"{key}.num_slices", "must be >= 1")
+                raise ConfigError(f"mesh.rules: {e}") from None
 
     def rule_table(self) -> tuple:
         """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
@@ -247,93 +349,83 @@ class MeshSection:
         return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class CheckpointSection:
-    every_steps: int = 1000
-    keep_last: int = 3
-    keep_every: int | None = None  # also keep every n-th step for good
-    async_save: bool = dataclasses.field(default=True, metadata={"key": "async"})
+    every_steps: Int = Field(1000, gt=0)
+    keep_last: Int = Field(3, ge=1)
+    keep_every: Int | None = None  # also keep every n-th step for good
+    async_save: StrictBool = Field(True, alias="async")
     # Resume from a step that lacks this process's data-iterator state (deleted, or saved with
     # another process count), or whose training data changed since (files added, removed,
     # modified), by restarting the data stream; otherwise such a step is incomplete / refused.
-    restart_data: bool = False
-
-    def validate(self, key: str):
-        _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
-        _check(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
+    restart_data: StrictBool = False
 
 
 WANDB_KEYS = ("project", "name", "entity", "group", "tags", "notes", "mode", "id", "dir")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class LoggingSection:
-    every_steps: int = 10
-    tensorboard: bool = True
-    eval_every: int = 0  # 0: no periodic evaluation
-    eval_batches: int = 8
-    sample_every: int = 0
-    profile_steps: tuple[int, ...] = ()  # (first, last) step to trace, or empty
+    every_steps: Int = Field(10, gt=0)
+    tensorboard: StrictBool = True
+    eval_every: Int = 0  # 0: no periodic evaluation
+    eval_batches: Int = 8
+    sample_every: Int = 0
+    profile_steps: tuple[Int, ...] = ()  # (first, last) step to trace, or empty
     # Weights & Biases, off unless set: {project, name, entity, group, tags, notes, mode, id}
     wandb: dict[str, Any] | None = None
 
-    def validate(self, key: str):
-        _check(self.every_steps > 0, f"{key}.every_steps", "must be > 0")
+    def __post_init__(self):
         if self.wandb is not None:
-            w = self.wandb
-            _check(isinstance(w, dict), f"{key}.wandb", "must be a mapping like {project: NAME}")
-            unknown = sorted(set(w) - set(WANDB_KEYS))
-            _check(not unknown, f"{key}.wandb.{(unknown or [''])[0]}",
+            unknown = sorted(set(self.wandb) - set(WANDB_KEYS))
+            _check(not unknown, f"logging.wandb.{(unknown or [''])[0]}",
                    f"unknown key; known: {list(WANDB_KEYS)}")
-            _check(isinstance(w.get("project"), str) and bool(w["project"]),
-                   f"{key}.wandb.project", "must be set (the W&B project to log to)")
-        _check(len(self.profile_steps) in (0, 2), f"{key}.profile_steps",
+            project = self.wandb.get("project")
+            _check(isinstance(project, str) and bool(project), "logging.wandb.project",
+                   "must be set (the W&B project to log to)")
+        _check(len(self.profile_steps) in (0, 2), "logging.profile_steps",
                "must be empty or [first, last]")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class TrainSection:
-    steps: int = 1000
-    seed: int = 0  # noise keys are fold_in(seed, step): reproducible and resume-exact
-    max_bad_steps: int = 10  # consecutive non-finite steps (all skipped) before the run aborts
-
-    def validate(self, key: str):
-        _check(self.steps > 0, f"{key}.steps", "must be > 0")
-        _check(self.max_bad_steps >= 1, f"{key}.max_bad_steps", "must be >= 1")
+    steps: Annotated[Int, MAY_CHANGE] = Field(1000, gt=0)
+    seed: Int = 0  # noise keys are fold_in(seed, step): reproducible and resume-exact
+    # consecutive non-finite steps (all skipped) before the run aborts
+    max_bad_steps: Annotated[Int, MAY_CHANGE] = Field(10, ge=1)
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class PlanSection:
     """What ``diffujax plan`` needs besides the run itself (``train`` ignores it)."""
 
-    topology: str | None = None  # the Cloud TPU slice the run is meant for, e.g. v5p-128
+    topology: StrictStr | None = None  # the Cloud TPU slice the run is meant for, e.g. v5p-128
     # The architecture of model.checkpoint (model.init fields), so that plan runs without it.
-    model: dict[str, Any] | None = None
+    model: _init_fields("plan.model") | None = None
 
-    def validate(self, key: str):
+    def __post_init__(self):
         if self.topology is not None:
             try:
                 parse_slice(self.topology)
             except ValueError as e:
-                raise ConfigError(f"{key}.topology: {e}") from None
-        if self.model is not None:
-            object.__setattr__(self, "model", _validate_init(self.model, f"{key}.model"))
+                raise ConfigError(f"plan.topology: {e}") from None
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class RunConfig:
-    output_dir: str | None = None
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    diffusion: DiffusionSection = dataclasses.field(default_factory=DiffusionSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
-    train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    plan: PlanSection = dataclasses.field(default_factory=PlanSection)
+    output_dir: Annotated[StrictStr | None, MAY_CHANGE] = None
+    # No default model: an absent section is checked (and refused) like an empty one.
+    model: ModelSection = Field(default_factory=dict, validate_default=True)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    mesh: Annotated[MeshSection, MAY_CHANGE] = Field(default_factory=MeshSection)
+    checkpoint: Annotated[CheckpointSection, MAY_CHANGE] = Field(default_factory=CheckpointSection)
+    logging: Annotated[LoggingSection, MAY_CHANGE] = Field(default_factory=LoggingSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
 
-    def validate(self, key: str):
+    def __post_init__(self):
         accum = self.optimizer.grad_accum_steps
         _check(self.data.global_batch % accum == 0, "optimizer.grad_accum_steps",
                f"({accum}) must divide data.global_batch ({self.data.global_batch})")
@@ -448,6 +540,7 @@ class RunConfig:
         return base.replace(**self.model_overrides())
 
 
+
 # ------------------------------------------------------------------------------ loading, dumping
 
 
@@ -468,7 +561,10 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> RunConfi
 
 
 def from_dict(raw: Mapping) -> RunConfig:
-    return _build(RunConfig, raw, "")
+    try:
+        return TypeAdapter(RunConfig).validate_python(raw)
+    except ValidationError as e:
+        raise config_error(e) from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -492,12 +588,27 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg) -> dict:
     """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
-    return to_plain(cfg, field_key=_key)
+    # pydantic keeps a field's ``Field(alias=...)`` as the dataclass field's default
+    return to_plain(cfg, field_key=lambda f: getattr(f.default, "alias", None) or f.name)
 
 
 def to_yaml(cfg: RunConfig) -> str:
     """YAML text that ``load_config`` reads back into an equal ``RunConfig``."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether a resumed run may change the dotted ``key``: it, or a section above it, is marked
+    ``MAY_CHANGE``. Keys this config does not have may not."""
+    cls = RunConfig
+    for name in key.split("."):
+        hint = _field_hints(cls).get(name) if cls else None
+        if hint is None:
+            return False
+        if MAY_CHANGE in typing.get_args(hint):
+            return True
+        cls = _section_of(hint)
+    return False
 
 
 # ------------------------------------------------------------------------------- the validator
@@ -510,9 +621,7 @@ OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "see
             "segment_ids": "diffusion.segment_ids"}
 
 
-def _validate_source(spec, key: str) -> None:
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{key}: expected a mapping with a 'path', got {spec!r}")
+def _validate_source(spec: Mapping, key: str) -> None:
     if "path" not in spec:
         raise ConfigError(f"{key}: each source needs a 'path' (got keys {sorted(spec)})")
     for name in spec:
@@ -530,22 +639,13 @@ def _validate_source(spec, key: str) -> None:
            f"{key}.weight", f"{weight!r} must be a number > 0")
 
 
-def _validate_pipeline_options(options: Mapping, key: str) -> None:
+def _validate_pipeline_options(options: Mapping) -> None:
     known = {f.name for f in dataclasses.fields(PipelineOptions)} - set(OWN_KEYS)
     for name in options:
         if name in OWN_KEYS:
-            raise ConfigError(f"{key}.{name}: set {OWN_KEYS[name]} instead")
+            raise ConfigError(f"data.options.{name}: set {OWN_KEYS[name]} instead")
         if name not in known:
-            raise ConfigError(_unknown(f"{key}.{name}", str(name), known))
-
-
-
-def _key(field: dataclasses.Field) -> str:
-    return field.metadata.get("key", field.name)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+            raise ConfigError(_unknown(f"data.options.{name}", name, known))
 
 
 def checked_mask_token(model: ModelConfig, key: str = MASK_TOKEN_KEY) -> int:
@@ -561,11 +661,6 @@ def checked_mask_token(model: ModelConfig, key: str = MASK_TOKEN_KEY) -> int:
     return int(mask)
 
 
-def _check(ok: bool, key: str, message: str):
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
 def _unknown(full_key: str, name: str, known, what: str = "config key") -> str:
     msg = f"unknown {what} {full_key!r}"
     # Same words in another order (lr_peak / peak_lr) first, then spelling near misses.
@@ -579,104 +674,56 @@ def _unknown(full_key: str, name: str, known, what: str = "config key") -> str:
     return msg
 
 
-def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}"
-                          f" {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {_key(f): f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in raw.items():
-        full = _join(prefix, str(name))
-        if name not in fields:
-            raise ConfigError(_unknown(full, str(name), fields))
-        field = fields[name]
-        kwargs[field.name] = _coerce(hints[field.name], value, full)
-    for name, field in fields.items():  # absent sections are built (and validated) from defaults
-        if field.name not in kwargs and dataclasses.is_dataclass(hints[field.name]):
-            kwargs[field.name] = _build(hints[field.name], {}, _join(prefix, name))
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        try:
-            obj.validate(prefix)
-        except ConfigError:
-            raise
-        except ValueError as e:  # sections defined outside this module (attention) say ValueError
-            raise ConfigError(str(e)) from None
-    return obj
+@functools.cache
+def _field_hints(cls) -> dict[str, Any]:
+    """YAML key -> type (with its ``Annotated`` metadata) of each field of a section."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {info.alias or name: hints[name] for name, info in cls.__pydantic_fields__.items()}
 
 
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(map(repr, typing.get_args(tp)))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _section_of(hint) -> type | None:
+    """The section a field of type ``hint`` holds (``T``, ``T | None``, ``Annotated[T, ...]``)."""
+    if isinstance(hint, type) and hasattr(hint, "__pydantic_fields__"):
+        return hint
+    return next(filter(None, map(_section_of, typing.get_args(hint))), None)
 
 
-def _coerce(tp, value, key: str):
-    """``value`` converted to type ``tp``, or a ConfigError naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+# What a pydantic error type (before its first "_") expects, in the loader's words.
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)",
+             "string": "a string", "dict": "a mapping", "model": "a mapping",
+             "dataclass": "a mapping", "tuple": "a list", "list": "a list"}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+           "less_than_equal": "<="}
 
-    def fail(expected=None):
-        raise ConfigError(f"{key}: expected {expected or _type_name(tp)}, got"
-                          f" {type(value).__name__} {value!r}")
 
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return None if type(None) in args else fail()
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arm, value, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        fail(" or ".join(_type_name(a) for a in args))
-    if origin is Literal:
-        if value in args and type(value) in {type(a) for a in args}:
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-    if tp is bool:
-        return value if isinstance(value, bool) else fail("a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except ValueError:
-                fail("an integer")
-            if number.is_integer():  # "1e6" and 1.0e6 are fine for a step count
-                return int(number)
-        fail("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        fail("a number")
-    if tp is str:
-        return value if isinstance(value, str) else fail("a string")
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            fail("a list")
-        item = args[0] if args else Any
-        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            fail("a mapping")
-        item = args[1] if args else Any
-        return {str(k): _coerce(item, v, _join(key, str(k))) for k, v in value.items()}
-    raise TypeError(f"config field {key!r} has a type the loader does not handle: {tp}")
+def _problem(err: Mapping) -> str:
+    """What is wrong with the value of one pydantic error, without its key."""
+    kind, value = err["type"], err.get("input")
+    if kind == "literal_error":
+        return f"{value!r} is not one of {err['ctx']['expected']}"
+    if kind in _BOUNDS:
+        return f"{value!r} must be {_BOUNDS[kind]} {next(iter(err['ctx'].values())):g}"
+    expected = err["ctx"]["expected"] if kind == "expected" else _EXPECTED.get(kind.split("_")[0])
+    if expected is None:
+        return err["msg"]
+    return f"expected {expected}, got {type(value).__name__} {value!r}"
+
+
+def config_error(error: ValidationError) -> ConfigError:
+    """The first of pydantic's errors (loading a config, or building a section in code) as one
+    ``ConfigError`` line naming the full dotted key."""
+    err = error.errors()[0]
+    loc = err["loc"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError):  # a section's own check: it names the full key
+        return ConfigError(str(cause))
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        section = RunConfig
+        for name in loc[:-1]:
+            section = _section_of(_field_hints(section)[name])
+        return ConfigError(_unknown(where, str(loc[-1]), _field_hints(section)))
+    return ConfigError(f"{where or 'config'}: {_problem(err)}")
 
 
 def init_model_config(init: Mapping) -> ModelConfig:
@@ -684,30 +731,3 @@ def init_model_config(init: Mapping) -> ModelConfig:
     overrides (``RunConfig.resolve_model_config``)."""
     fields = dict(init)
     return FAMILIES[fields.pop("family")].config(**fields)
-
-
-def _validate_init(init: Mapping, key: str) -> dict[str, Any]:
-    """``model.init``: a family name plus fields of that family's model config, type-checked."""
-    init = dict(init)
-    family = init.get("family")
-    if family not in FAMILIES:
-        raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(FAMILIES)}")
-    cls = FAMILIES[family].config
-    hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "attention"}
-    out = {"family": family}
-    for name, value in init.items():
-        if name == "family":
-            continue
-        if name == "block_size":  # what the run trains decides it
-            raise ConfigError(f"{_join(key, name)}: set diffusion.block_size instead (the model"
-                              " records the block size it is trained with)")
-        if name not in allowed:
-            raise ConfigError(_unknown(_join(key, name), name, allowed))
-        out[name] = _coerce(hints[name], value, _join(key, name))
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        _check(out.get(name, 0) > 0, _join(key, name), "is required and must be > 0")
-    out.setdefault("num_kv_heads", out["num_heads"])
-    _check(out["num_heads"] % out["num_kv_heads"] == 0, _join(key, "num_kv_heads"),
-           "must divide num_heads")
-    return out

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
+from pydantic import ValidationError
 
 from diffujax.checkpoint.store import load, read_meta
-from diffujax.config import MeshSection, MeshShape
+from diffujax.config import MeshSection, MeshShape, config_error
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import ModelConfig, apply_fn_for, cached_fn_for
 from diffujax.parallel.arguments import add_mesh_args  # noqa: F401  (the commands' import)
@@ -157,9 +158,10 @@ def parse_mesh(text: str):
             sizes[axis] = int(value)
         except ValueError:
             raise ValueError(f"--mesh {text!r}: {axis} needs an integer size") from None
-    shape = MeshShape(**{a: sizes.get(a, 1) for a in AXES})
-    shape.validate("--mesh")
-    return shape
+    try:
+        return MeshShape(**{a: sizes.get(a, 1) for a in AXES})
+    except ValidationError as e:
+        raise ValueError(f"--mesh {text!r}: {config_error(e)}") from None
 
 
 def mesh_from_args(args):

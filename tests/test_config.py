@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
 
-from diffujax.config import ConfigError, RunConfig, from_dict, load_config, to_yaml
+from diffujax.config import ConfigError, RunConfig, from_dict, load_config, to_dict, to_yaml
 from diffujax.models import LlamaConfig
+from diffujax.train.resume import check_resume
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,11 +110,43 @@ def test_unknown_keys_are_named(path, override, message):
                                      " data.global_batch (8)"),
     ("model.checkpoint=/ckpt", "model: set exactly one of 'model.checkpoint' and 'model.init'"),
     ("model.init.family=gpt3", "model.init.family: 'gpt3' is not one of"),
+    ("model.init.family=[1]", "model.init.family: [1] is not one of"),
+    ("train.steps=-1e3", "train.steps: -1000 must be > 0"),
+    # The attention config (a plain dataclass of the attention layer) is read as strictly.
+    ("model.attention.splash_block=true", "model.attention.splash_block: expected an integer,"
+                                          " got bool True"),
+    ("model.attention.tpu_block_sizes={block_qq: 8}", "unknown config key"
+     " 'model.attention.tpu_block_sizes.block_qq' (did you mean"
+     " 'model.attention.tpu_block_sizes.block_q'?)"),
 ])
 def test_bad_values_are_named(path, override, message):
     with pytest.raises(ConfigError) as e:
         load_config(path, [override])
     assert message in str(e.value)
+
+
+def test_a_section_changed_in_code_is_checked_again(path):
+    cfg = load_config(path)
+    with pytest.raises(ValueError, match="optimizer.decay_steps: must exceed warmup_steps"):
+        dataclasses.replace(cfg.optimizer, warmup_steps=10, decay_steps=5)
+
+
+@pytest.mark.parametrize("override,honoured", [
+    ("mesh.shape.tensor=1", True),  # a key inside a section marked MAY_CHANGE
+    ("model.attention.splash_block=1024", True),
+    ("logging.wandb={project: p}", True),
+    ("optimizer.b2=0.99", True),  # a field marked MAY_CHANGE
+    ("optimizer.ema_decay=0.9", False),  # its unmarked sibling (the EMA weights' state)
+    ("model.param_dtype=bfloat16", False),
+    ("data.seq_len=64", False),
+])
+def test_a_resume_may_change_only_the_keys_marked_so(path, override, honoured):
+    old, new = to_dict(load_config(path)), to_dict(load_config(path, [override]))
+    if honoured:
+        assert check_resume(old, new, 5, "run/5")
+    else:
+        with pytest.raises(ValueError, match="cannot resume run/5"):
+            check_resume(old, new, 5, "run/5")
 
 
 def test_bad_override_syntax(path):

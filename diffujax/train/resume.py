@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffujax.config import OptimizerSection
+from diffujax.config import OptimizerSection, may_change_on_resume
 from diffujax.train.optim import describe_schedule, make_schedule
 
 
@@ -24,27 +24,6 @@ def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-# Keys whose change a checkpoint can honour: they steer the run from here on without
-# contradicting the saved state (the learning-rate schedule and optimizer hyperparameters
-# whose state has the same shape, where and how often to log / evaluate / save, the mesh:
-# restores reshard, and compute-only model settings; the block-diffusion objective: its block
-# sizes and schedule steer the steps to come like a learning-rate schedule, and a
-# warmup-stable-decay run decides its decay phase mid-run, docs/algorithms.md §9). Everything
-# else shaped the saved state or the data stream, so it cannot change mid-run.
-HONOURABLE = ("output_dir", "logging.", "checkpoint.", "mesh.", "train.steps",
-              "diffusion.block_size", "diffusion.block_schedule", "diffusion.complementary_mask",
-              "train.max_bad_steps", "optimizer.peak_lr", "optimizer.schedule",
-              "optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.min_lr_ratio",
-              "optimizer.weight_decay", "optimizer.weight_decay_scope", "optimizer.b1",
-              "optimizer.b2", "optimizer.eps", "optimizer.clip_norm",
-              "optimizer.grad_accum_steps", "model.dtype",
-              "model.attention.", "model.remat", "data.eval_sources", "data.eval_split")
-
-
-def _honourable(key: str) -> bool:
-    return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HONOURABLE)
-
-
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -55,7 +34,7 @@ def check_resume(old: dict | None, new: dict, step: int, where: str) -> list[str
     ``step`` cannot honour, listing every such key; return one line per change that it can
     honour (applied from here on)."""
     changes = config_changes(old, new)
-    refused = {k: v for k, v in changes.items() if not _honourable(k)}
+    refused = {k: v for k, v in changes.items() if not may_change_on_resume(k)}
     if refused:
         listing = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
         raise ValueError(
