@@ -442,33 +442,34 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return config_from_hf(dict(meta["model_config"]), source=f"meta of step {meta.get('step')}")
 
 
-def saved_model_config(directory):
-    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
-    directory = epath.Path(os.fspath(directory))
-    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
-        if directory.is_dir() else []
-    for step in steps:
+def saved_steps(directory) -> list[int]:
+    """The committed steps under ``directory``, oldest first, listed as the manager lists them."""
+    found = ocp.path.step.standard_name_format().find_all(paths.resolve(directory))
+    return sorted(m.step for m in found)
+
+
+def _newest_readable(directory, read):
+    """``(step, read(step_dir))`` of the newest step whose meta and ``read`` succeed, or None; a
+    step of another format version is refused (``FormatVersionError``) before ``read``."""
+    directory = paths.resolve(directory)
+    for step in reversed(saved_steps(directory)):
         try:
-            return model_config_from_meta(read_meta(directory / str(step)))
+            meta = read_meta(directory / str(step))
+            return step, read(directory / str(step), meta)
         except FormatVersionError:
             raise
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
+
+
+def saved_model_config(directory):
+    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
+    found = _newest_readable(directory, lambda _, meta: model_config_from_meta(meta))
+    return None if found is None else found[1]
 
 
 def saved_run_config(directory) -> tuple[int, dict] | None:
-    """``(step, run config)`` of the newest checkpoint whose config record is readable; a step
-    of another format version is refused (``FormatVersionError``) before its config is read."""
-    directory = epath.Path(os.fspath(directory))
-    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
-        if directory.is_dir() else []
-    for step in steps:
-        try:
-            read_meta(directory / str(step))
-            return step, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
-        except FormatVersionError:
-            raise
-        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
-            continue
-    return None
+    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
+    return _newest_readable(
+        directory, lambda step_dir, _: json.loads((step_dir / CONFIG / "metadata").read_text()))
