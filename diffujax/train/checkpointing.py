@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -103,6 +103,27 @@ def _data_file() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _NewestFinite(ocp.checkpoint_managers.PreservationPolicy):
+    """Keeps the newest step whose state was finite when saved, however many came after it."""
+
+    is_finite: Callable[[int], bool]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        good = next((c.step for c in reversed(checkpoints) if self.is_finite(c.step)), None)
+        return [c.step == good for c in checkpoints]
+
+
+def _retention(keep_last: int | None, keep_every: int | None, is_finite):
+    """The newest ``keep_last`` steps, the multiples of ``keep_every`` and the newest finite
+    step (None, all steps: no ``keep_last``). Steps it drops are deleted once a save commits."""
+    if (keep_last or 0) < 1:
+        return None
+    every = [ocp.checkpoint_managers.EveryNSteps(keep_every)] if keep_every else []
+    return ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(keep_last), _NewestFinite(is_finite), *every])
 
 
 class SaveFailed(OSError):
@@ -192,12 +213,10 @@ class TrainCheckpointer:
                  restart_data: bool = False):
         self.directory = paths.resolve(directory)  # a local path or a bucket URL
         self.save_every = int(save_every)
-        self.keep_last = keep_last if keep_last and keep_last > 0 else None
-        self.keep_every = keep_every or None
         self.restart_data = restart_data
         self._finite: dict[int, bool] = {}  # step -> its state was finite when saved
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,  # rotation is ours (``_rotate``): it must know which steps are good
+            preservation_policy=_retention(keep_last, keep_every, self._is_finite),
             enable_async_checkpointing=async_save,
             create=True,
             # Half-written temporary dirs of a killed save are removed on start.
@@ -213,11 +232,7 @@ class TrainCheckpointer:
     # -- saving --------------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return list(self.manager.all_steps())
 
     def is_due(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
@@ -232,7 +247,7 @@ class TrainCheckpointer:
         step = int(step)
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
-        self.wait()  # the previous save is complete (or SaveFailed): safe to rotate
+        self.wait()  # one save at a time: the previous one is on disk (or SaveFailed)
         bad = getattr(state, "bad_steps", 0)
         finite = int(local_value(bad)) == 0
         meta = to_plain(stamp(dict(meta or {}, step=step, time=time.time(),
@@ -248,10 +263,10 @@ class TrainCheckpointer:
             META: ocp.args.JsonSave(meta),
             INTEGRITY: ocp.args.JsonSave(integrity),
         })
+        self._finite[step] = finite  # the manager's retention asks while it starts the save
         with self._failing(step):
             started = bool(self.manager.save(step, args=args, force=True))
         if started:
-            self._finite[step] = finite
             self._in_flight = step
         return started
 
@@ -266,6 +281,8 @@ class TrainCheckpointer:
             step = self._in_flight if step is None else step
             self.failed = SaveFailed(step, self.directory / str(step), e)
             _quiet_abandoned_writes()
+            with contextlib.suppress(Exception):  # retention's picks are on disk: list them again
+                self.manager.reload()
             raise self.failed from None
 
     def check(self):
@@ -278,11 +295,10 @@ class TrainCheckpointer:
             self.wait()
 
     def wait(self):
-        """Block until every started save is on disk (then apply retention)."""
+        """Block until every started save is on disk (and the steps retention dropped deleted)."""
         with self._failing(None):
             self.manager.wait_until_finished()
         self._in_flight = None
-        self._rotate()
 
     def close(self):
         try:
@@ -303,22 +319,6 @@ class TrainCheckpointer:
             except Exception:  # noqa: BLE001 - unreadable: not a step to protect
                 self._finite[step] = False
         return self._finite[step]
-
-    def _rotate(self):
-        """Delete the steps retention does not keep: all but the newest ``keep_last``, the
-        multiples of ``keep_every``, and the newest step saved with a finite state."""
-        steps = self.all_steps()
-        if self.keep_last is None or len(steps) <= self.keep_last:
-            return
-        keep = set(steps[-self.keep_last:])
-        if self.keep_every:
-            keep |= {s for s in steps if s % self.keep_every == 0}
-        good = next((s for s in reversed(steps) if self._is_finite(s)), None)
-        if good is not None:
-            keep.add(good)
-        for step in steps:
-            if step not in keep:
-                self.manager.delete(step)
 
     # -- restoring -----------------------------------------------------------------------------
 
@@ -442,33 +442,34 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return config_from_hf(dict(meta["model_config"]), source=f"meta of step {meta.get('step')}")
 
 
-def saved_model_config(directory):
-    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
-    directory = epath.Path(os.fspath(directory))
-    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
-        if directory.is_dir() else []
-    for step in steps:
+def saved_steps(directory) -> list[int]:
+    """The committed steps under ``directory``, oldest first, listed as the manager lists them."""
+    found = ocp.path.step.standard_name_format().find_all(paths.resolve(directory))
+    return sorted(m.step for m in found)
+
+
+def _newest_readable(directory, read):
+    """``(step, read(step_dir))`` of the newest step whose meta and ``read`` succeed, or None; a
+    step of another format version is refused (``FormatVersionError``) before ``read``."""
+    directory = paths.resolve(directory)
+    for step in reversed(saved_steps(directory)):
         try:
-            return model_config_from_meta(read_meta(directory / str(step)))
+            meta = read_meta(directory / str(step))
+            return step, read(directory / str(step), meta)
         except FormatVersionError:
             raise
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
+
+
+def saved_model_config(directory):
+    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
+    found = _newest_readable(directory, lambda _, meta: model_config_from_meta(meta))
+    return None if found is None else found[1]
 
 
 def saved_run_config(directory) -> tuple[int, dict] | None:
-    """``(step, run config)`` of the newest checkpoint whose config record is readable; a step
-    of another format version is refused (``FormatVersionError``) before its config is read."""
-    directory = epath.Path(os.fspath(directory))
-    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
-        if directory.is_dir() else []
-    for step in steps:
-        try:
-            read_meta(directory / str(step))
-            return step, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
-        except FormatVersionError:
-            raise
-        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
-            continue
-    return None
+    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
+    return _newest_readable(
+        directory, lambda step_dir, _: json.loads((step_dir / CONFIG / "metadata").read_text()))

@@ -28,8 +28,8 @@ from diffujax.config import from_dict
 from diffujax.models import flatten, lora
 from diffujax.train.state import export_params
 from diffujax.train.checkpointing import (CONFIG, INTEGRITY, META, STATE,
-                                          model_config_from_meta, read_meta, stored_state_tree,
-                                          sync, verify_arrays, verify_record)
+                                          model_config_from_meta, read_meta, saved_steps,
+                                          stored_state_tree, sync, verify_arrays, verify_record)
 
 
 def _is_step_dir(path) -> bool:
@@ -45,7 +45,7 @@ def find_step_dir(path, step: int | None = None) -> epath.Path:
         return path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+    steps = saved_steps(path)
     if step is None:
         if not steps:
             raise FileNotFoundError(f"{path}: no training checkpoints")
@@ -189,9 +189,7 @@ def read_step_weights(run_dir, step: int | None, *, ema: bool = False) -> StepWe
     if step is not None or _is_step_dir(run_dir):
         candidates = [newest]  # one step asked for: its damage is an error
     else:
-        steps = sorted((int(p.name) for p in newest.parent.iterdir() if p.name.isdigit()),
-                       reverse=True)
-        candidates = [newest.parent / str(s) for s in steps]
+        candidates = [newest.parent / str(s) for s in reversed(saved_steps(newest.parent))]
     failures = []
     for step_dir in candidates:
         try:

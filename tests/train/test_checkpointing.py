@@ -91,6 +91,32 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
     ckpt.close()
 
 
+def test_a_step_without_its_commit_marker_in_a_bucket_is_not_listed(gcs):
+    """In a bucket orbax writes a step in place and commits it last (``commit_success.txt``): a
+    step whose save was killed before that is not listed by the config check of a resume
+    (``saved_run_config``), by export (``find_step_dir``) or by the manager, which deletes it
+    before its first save."""
+    from diffujax import paths
+    from diffujax.train.export import find_step_dir
+
+    run = gcs.url_for("uncommitted")
+    steps = paths.resolve(run) / "checkpoints"
+    mesh = _mesh((8,), ("fsdp",))
+    ckpt = C.TrainCheckpointer(steps, save_every=1)
+    for s in (1, 2):
+        ckpt.save(s, _state(mesh, float(s)), config={"saved_at": s})
+    ckpt.close()
+    (steps / "2" / "commit_success.txt").unlink()
+    assert C.saved_steps(steps) == [1]
+    assert C.saved_run_config(steps) == (1, {"saved_at": 1})
+    assert find_step_dir(run) == steps / "1"
+    reopened = C.TrainCheckpointer(steps, save_every=1)
+    assert reopened.all_steps() == [1]
+    assert reopened.save(3, _state(mesh, 3.0))
+    reopened.close()
+    assert reopened.all_steps() == [1, 3] and not (steps / "2").exists()
+
+
 def test_no_usable_checkpoint_is_an_error(tmp_path):
     mesh = _mesh((8,), ("fsdp",))
     ckpt = C.TrainCheckpointer(tmp_path, save_every=1)

@@ -23,6 +23,8 @@ ARGS = ["--config", "configs/tiny.yaml", "train.steps=6", "optimizer.warmup_step
 
 
 def test_a_failed_background_save_is_seen_before_the_next_save(tmp_path, monkeypatch):
+    """With keep_last=1 retention drops step 2 when the save of step 4 starts; step 4 never
+    commits, so step 2 stays on disk and listed (the run names it as the intact one)."""
     real = JsonCheckpointHandler._save_fn
 
     async def full_disk(self, x, directory):
@@ -30,7 +32,7 @@ def test_a_failed_background_save_is_seen_before_the_next_save(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return await real(self, x, directory)
 
-    ckpt = TrainCheckpointer(tmp_path / "checkpoints", save_every=2)
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints", save_every=2, keep_last=1)
     state = {"w": jnp.arange(4.0)}
     assert ckpt.save(2, state, data_state={"i": 0})
     ckpt.wait()  # a good save
@@ -45,8 +47,9 @@ def test_a_failed_background_save_is_seen_before_the_next_save(tmp_path, monkeyp
                                  " written: No space left on device")
     with pytest.raises(SaveFailed):  # no later save starts on a failed checkpointer
         ckpt.save(6, state, data_state={"i": 2})
-    ckpt.close()  # does not raise again
     assert ckpt.all_steps() == [2]
+    ckpt.close()  # does not raise again
+    assert ckpt.all_steps() == [2] and (tmp_path / "checkpoints" / "2" / "state").is_dir()
 
 
 def _train(out_dir, corpus, faults=None):
