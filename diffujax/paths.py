@@ -179,60 +179,6 @@ def read_range(path, start: int, length: int) -> bytes:
     return fs.cat_file(name, start=start, end=start + length)
 
 
-# -- objects written under a generation precondition (GCS): the run lease ---------------------------
-# GCS gives every version of an object a generation number; a write or delete with
-# ``ifGenerationMatch=N`` happens only while the object is at generation N (0: only if there is
-# none), else it fails with 412. fsspec has no call for that beyond "create only", so these use
-# gcsfs's request layer directly (its authentication and retries included).
-
-
-def _gcs_object(url):
-    fs, name = _fs(resolve(url))
-    if "gs" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        raise ValueError(f"{url}: generation preconditions need a gs:// URL")
-    bucket, key, _ = fs.split_path(name)
-    return fs, bucket, key
-
-
-def supports_generations(url) -> bool:
-    """Whether ``url`` is on a store whose writes can be conditioned on generations (gs://)."""
-    return is_remote(url) and os.fspath(url).partition("://")[0] in ("gs", "gcs")
-
-
-def read_object(url) -> tuple[bytes, int] | None:
-    """The contents of the object ``url`` and their generation, or None if there is no object."""
-    fs, bucket, key = _gcs_object(url)
-    try:
-        headers, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
-    except FileNotFoundError:
-        return None
-    return data, int(headers["x-goog-generation"])
-
-
-def write_object(url, data: bytes, if_generation: int) -> int:
-    """Write ``data`` as the object ``url`` only if it is at generation ``if_generation`` (0: only
-    if it does not exist); returns the new generation. FileExistsError if the object has moved on."""
-    fs, bucket, key = _gcs_object(url)
-    out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="media",
-                  name=key, ifGenerationMatch=str(if_generation), data=data,
-                  headers={"Content-Type": "application/octet-stream"},
-                  json_out=True)
-    fs.invalidate_cache(f"{bucket}/{key}")
-    return int(out["generation"])
-
-
-def delete_object(url, if_generation: int) -> bool:
-    """Delete the object ``url`` only if it is at generation ``if_generation``; False if it is
-    gone or has moved on (then it is left alone)."""
-    fs, bucket, key = _gcs_object(url)
-    try:
-        fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(if_generation))
-    except (FileNotFoundError, FileExistsError):
-        return False
-    fs.invalidate_cache(f"{bucket}/{key}")
-    return True
-
-
 def _with_protocol(path: str, like: str) -> str:
     scheme = like.partition("://")[0]
     return path if "://" in path else f"{scheme}://{path}"

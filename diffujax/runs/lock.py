@@ -36,6 +36,7 @@ import time
 import uuid
 
 from diffujax import paths
+from diffujax.runs import gcs_objects
 from diffujax.processes import hostname, process_alive, process_start
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class LeaseLock:
 
     def _read(self) -> tuple[dict, int] | None:
         """The lease object's record ({} if unreadable) and generation, None if there is none."""
-        got = paths.read_object(self.url)
+        got = gcs_objects.read_object(self.url)
         if got is None:
             return None
         data, generation = got
@@ -187,7 +188,7 @@ class LeaseLock:
                   "created": self._created, "expires": expires, "run": self.run_id}
         data = json.dumps(record).encode()
         try:
-            generation = paths.write_object(self.url, data, if_generation)
+            generation = gcs_objects.write_object(self.url, data, if_generation)
         except FileExistsError:
             # A retried request whose first try landed fails its own precondition: is it ours?
             current = self._read()
@@ -288,7 +289,7 @@ class LeaseLock:
         try:
             current = self._read()
             if current is not None and current[0].get("run") == self.run_id:
-                paths.delete_object(self.url, current[1])
+                gcs_objects.delete_object(self.url, current[1])
         except Exception as e:  # noqa: BLE001 - it expires by itself; the run's result stands
             log.warning("could not delete the run lease %s (%s); it expires at %s", self.url, e,
                         _when(self.expires))
@@ -316,7 +317,9 @@ def lock_for(directory):
     ``LeaseLock`` on gs://, no lock on other object stores."""
     if not paths.is_remote(directory):
         return FileLock(directory)
-    return LeaseLock(directory) if paths.supports_generations(directory) else NoLock(directory)
+    if gcs_objects.supports_generations(directory):
+        return LeaseLock(directory)
+    return NoLock(directory)
 
 
 @contextlib.contextmanager

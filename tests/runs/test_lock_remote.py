@@ -22,6 +22,7 @@ import pytest
 
 from diffujax import paths
 from diffujax.cli import main as cli
+from diffujax.runs import gcs_objects
 from diffujax.runs import lock as lock_module
 from diffujax.runs.metrics import RunLogger
 from diffujax.runs.lock import LOCK_NAME, LeaseLock, RunLockError, lock_for
@@ -30,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _object(url):
-    got = paths.read_object(f"{url}/{LOCK_NAME}")
+    got = gcs_objects.read_object(f"{url}/{LOCK_NAME}")
     return None if got is None else json.loads(got[0])
 
 
@@ -43,9 +44,10 @@ def _plant(url, **record):
     for _ in range(100):
         # A live holder renews between our read and our write now and then (the server then
         # refuses the write, as GCS would): read the new generation and write again.
-        got = paths.read_object(target)
+        got = gcs_objects.read_object(target)
         try:
-            paths.write_object(target, json.dumps(owner).encode(), 0 if got is None else got[1])
+            gcs_objects.write_object(target, json.dumps(owner).encode(),
+                                     0 if got is None else got[1])
             return owner
         except FileExistsError:
             continue
@@ -119,7 +121,7 @@ def test_an_expired_lease_or_one_of_a_gone_process_is_taken_over_and_said(gcs):
 
     # an unreadable lease is not taken over
     target = f"{url}/{LOCK_NAME}"
-    paths.write_object(target, b"{half", 0)
+    gcs_objects.write_object(target, b"{half", 0)
     with pytest.raises(RunLockError, match="cannot be read; if no run is using this output_dir,"
                                            " delete that object"):
         LeaseLock(url).acquire()
@@ -142,7 +144,7 @@ def test_of_two_runs_taking_over_one_expired_lease_only_one_wins(gcs):
         assert _object(url)["run"] == first.run_id
         first.check()  # still ours
         with pytest.raises(FileExistsError):  # the server refuses a write at a stale generation
-            paths.write_object(f"{url}/{LOCK_NAME}", b"{}", stale[1])
+            gcs_objects.write_object(f"{url}/{LOCK_NAME}", b"{}", stale[1])
     finally:
         first.release()
 
@@ -189,7 +191,8 @@ def test_a_stolen_or_deleted_lease_is_detected(gcs):
     lock.acquire()
     try:
         target = f"{url}/{LOCK_NAME}"  # retried when a renewal slips in between read and delete
-        assert any(paths.delete_object(target, paths.read_object(target)[1]) for _ in range(100))
+        assert any(gcs_objects.delete_object(target, gcs_objects.read_object(target)[1])
+                   for _ in range(100))
         assert _wait_for(lambda: lock._lost)
         with pytest.raises(RunLockError, match="it was deleted; this run stops"):
             lock.check()
@@ -205,7 +208,7 @@ def test_a_lease_that_cannot_be_renewed_is_lost_when_it_expires(gcs, monkeypatch
         def unreachable(*args, **kwargs):
             raise ConnectionError("bucket unreachable")
 
-        monkeypatch.setattr(paths, "read_object", unreachable)
+        monkeypatch.setattr(gcs_objects, "read_object", unreachable)
         time.sleep(0.25)
         lock.check()  # a failed renewal before expiry is retried, not fatal
         assert _wait_for(lambda: lock._lost)
