@@ -74,7 +74,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
     # backend, block sizes, interpret mode: ``model.attention.backend: pallas_tpu`` etc.
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    remat: Literal["none", "full", "dots"] | None = None
+    # what the backward pass recomputes per layer (models.layers.REMAT_POLICIES), least first
+    remat: Literal["none", "dots_with_attention", "dots", "full"] | None = None
     init_seed: int = 0
     # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
     # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
