@@ -186,7 +186,9 @@ class ModelSection:
     param_dtype: Dtype = "float32"  # master weights
     # backend, block sizes, interpret mode: ``model.attention.backend: pallas_tpu`` etc.
     attention: Annotated[_strict(AttentionConfig), MAY_CHANGE] = AttentionConfig()
-    remat: Annotated[Literal["none", "full", "dots"] | None, MAY_CHANGE] = None
+    # what the backward pass recomputes per layer (models.layers.REMAT_POLICIES), least first
+    remat: Annotated[Literal["none", "dots_with_attention", "dots", "full"] | None,
+                     MAY_CHANGE] = None
     init_seed: Int = 0
     # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
     # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import typing
 
 import pytest
 
-from diffujax.config import ConfigError, RunConfig, from_dict, load_config, to_dict, to_yaml
+from diffujax.config import (ConfigError, ModelSection, RunConfig, from_dict, load_config,
+                             to_dict, to_yaml)
 from diffujax.models import LlamaConfig
+from diffujax.models.layers import REMAT_POLICIES
 from diffujax.train.resume import check_resume
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,6 +121,8 @@ def test_unknown_keys_are_named(path, override, message):
     ("model.attention.tpu_block_sizes={block_qq: 8}", "unknown config key"
      " 'model.attention.tpu_block_sizes.block_qq' (did you mean"
      " 'model.attention.tpu_block_sizes.block_q'?)"),
+    ("model.remat=dots_attention", "model.remat: 'dots_attention' is not one of 'none',"
+                                   " 'dots_with_attention', 'dots' or 'full'"),
 ])
 def test_bad_values_are_named(path, override, message):
     with pytest.raises(ConfigError) as e:
@@ -182,3 +187,10 @@ def test_a_config_file_in_a_bucket_reads_as_the_local_one(gcs):
         load_config(gcs.url_for("configs") + "/missing.yaml")
     with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
         load_config(str(ROOT / "configs" / "missing.yaml"))
+
+
+def test_model_remat_takes_the_models_policies():
+    """``model.remat`` accepts exactly the policy names the layers' scan knows, in their order."""
+    literal, none = typing.get_args(typing.get_type_hints(ModelSection)["remat"])
+    assert none is type(None)
+    assert typing.get_args(literal) == tuple(REMAT_POLICIES)

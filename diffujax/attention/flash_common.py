@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern
 
 # Finite, so that (masked - masked) is 0, never NaN; far below any real score.
@@ -49,7 +50,8 @@ def flash_vjp(forward, dq, dkv, delta):
     ``forward(cfg, scalars, q, k, v, seg) -> (o, lse)``; ``dq(cfg, scalars, q, k, v, do, lse,
     delta, seg)`` and ``dkv(...)`` the backward kernels; ``delta(o, do)`` the softmax-backward
     correction ``sum_d o * do`` (one f32 per query row) in the layout the kernels read.
-    ``cfg`` is static (hashable); scalars and segment ids get no gradient.
+    ``cfg`` is static (hashable); scalars and segment ids get no gradient. The forward rule names
+    its residuals ``o`` and ``lse`` (``residuals.py``) so that a remat policy can save them.
     """
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def flash(cfg, scalars, q, k, v, seg):
@@ -57,6 +59,7 @@ def flash_vjp(forward, dq, dkv, delta):
 
     def fwd(cfg, scalars, q, k, v, seg):
         o, lse = forward(cfg, scalars, q, k, v, seg)
+        o, lse = residuals.name_output(o), residuals.name_logsumexp(lse)
         return o, (scalars, q, k, v, seg, o, lse)
 
     def bwd(cfg, res, do):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern, dense_mask
 
 
@@ -34,4 +35,5 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, h, d).astype(q.dtype)
+    # named for a remat policy (residuals.py); there is no log-sum-exp to name here
+    return residuals.name_output(out.reshape(b, lq, h, d).astype(q.dtype))

@@ -15,6 +15,9 @@ When to prefer it (an expectation, not a measurement: docs/kernels.md):
   above 0; the in-kernel-hash kernel (``diffujax.attention.tpu``) avoids both, so ``auto`` sends
   annealed patterns there.
 
+Its forward tags the output and log-sum-exp it keeps for the backward with one name,
+``residuals.SPLASH``, so that a remat policy can save them (``models.layers.REMAT_POLICIES``).
+
 Contract differences handled here: splash takes no softmax scale (q is pre-scaled, in f32 then
 cast back to q's dtype), works per example on ``[H, L, D]`` (vmapped over the batch), and needs
 the length to be a multiple of its blocks, which are multiples of 128. Inside ``shard_map`` it
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
+from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern, dense_mask, is_open
 from diffujax.attention.tiles import TileRule
 
@@ -131,13 +135,15 @@ def _static_kernel(kind, seq_len, heads, block, interpret, head_shards, block_si
     mask = static_mask(AttentionPattern(kind, block_size=block_size, stream_len=stream_len),
                        seq_len)
     return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=_blocks(seq_len, block),
-                              head_shards=head_shards, q_seq_shards=1, interpret=interpret)
+                              head_shards=head_shards, q_seq_shards=1, interpret=interpret,
+                              residual_checkpoint_name=residuals.SPLASH)
 
 
 def _dynamic_kernel(mask, block_sizes, interpret):
     # A mask computed on the device (per shard inside shard_map): the one-device form is the
     # right one here, the [1, L, L] mask being the local (and global) mask of every head.
-    kernel = sa.make_splash_mha_single_device(mask, block_sizes=block_sizes, interpret=interpret)
+    kernel = sa.make_splash_mha_single_device(mask, block_sizes=block_sizes, interpret=interpret,
+                                              residual_checkpoint_name=residuals.SPLASH)
     # Built under jit, the ``is_dynamic_mask`` flag of the mask tables becomes a traced bool
     # (a pytree leaf passed through jnp.array) which splash then tests in Python: restore it.
     fix = lambda info: None if info is None else info._replace(is_dynamic_mask=True)

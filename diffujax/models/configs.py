@@ -37,7 +37,9 @@ class ModelConfig:
     # How attention is computed (backend, block sizes): part of the compiled program, not of
     # the model's weights; never written to config.json.
     attention: AttentionConfig = AttentionConfig()
-    remat: str = "none"  # none | full | dots: what the backward pass recomputes per layer
+    # none | dots_with_attention | dots | full: what the backward pass recomputes per layer
+    # (layers.REMAT_POLICIES)
+    remat: str = "none"
     # Keys of the source config.json that diffujax does not model but writes back on export, as
     # canonical JSON so the config stays hashable (it is static under jit).
     extra_hf: str = "{}"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffujax.attention import residuals
 from diffujax.models.params import Weights
 from diffujax.parallel.logical import QUERY, constrain
 
@@ -67,10 +68,20 @@ def dense(x, w, spec: str):
     return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
+_POLICIES = jax.checkpoint_policies
+
+# What the backward pass of a scanned layer may read from the forward instead of recomputing it,
+# in order of ever more recompute (and ever less memory): everything; every matmul without batch
+# dimensions (the projections) and the attention kernel's output and log-sum-exp, so the
+# attention forward never runs twice; the projections only (attention, norms and activations
+# recomputed); nothing (the layer's input only: the whole layer runs twice).
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_attention": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable,
+        _POLICIES.save_only_these_names(*residuals.NAMES)),
+    "dots": _POLICIES.dots_with_no_batch_dims_saveable,
+    "full": _POLICIES.nothing_saveable,
 }
 
 

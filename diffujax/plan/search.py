@@ -2,16 +2,18 @@
 
 The global batch stays what the config says (it is a hyperparameter of the run); the search moves
 ``optimizer.grad_accum_steps`` (so the micro-batch is ``global_batch / grad_accum_steps``, a
-multiple of the mesh's batch shards) and ``model.remat`` (none, dots, full: ever more recompute,
-ever less memory). For each policy a bisection finds the fewest accumulation steps that fit (HBM
-only falls as the micro-batch shrinks); every compiled setting that fits is ranked by its
-estimated step time (``estimate.py``: from the same compile, no extra work).
+multiple of the mesh's batch shards) and ``model.remat`` (``models.layers.REMAT_POLICIES``: none,
+dots_with_attention, dots, full; ever more recompute, ever less memory). For each policy a
+bisection finds the fewest accumulation steps that fit (HBM only falls as the micro-batch
+shrinks); every compiled setting that fits is ranked by its estimated step time
+(``estimate.py``: from the same compile, no extra work).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from diffujax.models.layers import REMAT_POLICIES
 from diffujax.parallel.mesh import batch_shard_count
 from diffujax.plan.analysis import compile_program, make_target
 from diffujax.plan.estimate import estimate_step
@@ -19,7 +21,7 @@ from diffujax.plan.programs import plan_model_config, train_programs
 from diffujax.runs.flops import peak_flops_per_device
 from diffujax.train.state import model_flops_per_token
 
-REMATS = ("none", "dots", "full")
+REMATS = tuple(REMAT_POLICIES)  # in order of recompute
 
 
 def _with(cfg, model_cfg, remat: str, accum: int):

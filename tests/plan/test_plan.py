@@ -188,8 +188,9 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     micro-batch, remat trades time for memory; brute force over every setting is the reference."""
     cfg = load_config("configs/tiny.yaml", ["diffusion.anneal_steps=0", "data.global_batch=64",
                                             "mesh.shape.fsdp=4"])
-    hbm = {"none": 40, "dots": 25, "full": 12}  # HBM per chip and row, plus 10 for the state
-    cost = {"none": 1.0, "dots": 1.15, "full": 1.35}  # time multiplier of the recompute
+    # HBM per chip and row (plus 10 for the state), and the time multiplier of the recompute
+    hbm = {"none": 45, "dots_with_attention": 22, "dots": 20, "full": 12}
+    cost = {"none": 1.0, "dots_with_attention": 1.1, "dots": 1.15, "full": 1.35}
     total = lambda remat, accum: hbm[remat] * (64 / accum / 4) + 10  # noqa: E731
     seconds = lambda remat, accum: cost[remat] * (1 + 0.05 * accum)  # noqa: E731
 
@@ -209,6 +210,7 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     monkeypatch.setattr(fit_module, "compile_program", fake_compile)
     monkeypatch.setattr(fit_module, "estimate_step", fake_estimate)
     result = fit_module.fit(cfg, "v5p-8")
+    assert fit_module.REMATS == ("none", "dots_with_attention", "dots", "full")
     choices = fit_module.accumulation_choices(64, 4)
     assert choices == [1, 2, 4, 8, 16]
     brute = min((seconds(r, a), r, a) for r in fit_module.REMATS for a in choices
@@ -217,6 +219,7 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     assert best["overrides"] == [f"optimizer.grad_accum_steps={brute[2]}",
                                  f"model.remat={brute[1]}"]
     assert best["step_seconds"] == pytest.approx(brute[0])
+    assert brute[1:] == ("dots_with_attention", 4)  # the numbers above make it the one to find
     assert len(result["tried"]) < len(fit_module.REMATS) * len(choices)  # bisection, not all
 
 
