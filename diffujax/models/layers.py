@@ -49,17 +49,21 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: tuple | None)
 
 
 def rope_tables(positions, inv_freq, dtype):
-    """cos/sin ``[B, L, 1, head_dim]`` in Hugging Face's rotate-half layout."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    """cos/sin ``[B, L, 1, head_dim / 2]``: one entry per rotated pair (``apply_rope``)."""
+    angles = (positions.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on ``[B, L, heads, head_dim]`` (the layout HF checkpoints store q/k in)."""
+    """Rotate-half RoPE on ``[B, L, heads, head_dim]`` (the layout HF checkpoints store q/k in):
+    entry ``i`` of the first half and ``i`` of the second are rotated as one pair by angle
+    ``i``. Each half is computed from the half-width tables and the two are joined once; no
+    negated copy of ``x``, no full-width tables (measured with the TPU compiler: fewer ops and
+    bytes than the rotate-half form ``x * cos + concat(-x2, x1) * sin``, and than joining the
+    halves through a stacked ``[..., 2, half]`` axis)."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def dense(x, w, spec: str):
