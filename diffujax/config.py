@@ -81,8 +81,14 @@ class ModelSection:
     # sampling. Models without dropout in their config (LLaMA) are unaffected.
     dropout: bool = True
     lora: LoraSection | None = None  # set: train LoRA adapters, not the whole model
+    # The train step's cross-entropy over this many positions per row at a time (the float32
+    # logits of a chunk only, recomputed in the backward pass: less HBM, more time); 0: the
+    # logits of the whole micro-batch at once.
+    loss_chunk: int = 0
 
     def validate(self, key: str):
+        _check(self.loss_chunk >= 0, f"{key}.loss_chunk",
+               f"{self.loss_chunk} must be >= 1 (or 0: no chunks)")
         if (self.checkpoint is None) == (self.init is None):
             raise ConfigError(f"{key}: set exactly one of '{key}.checkpoint' and '{key}.init'")
         if self.init is not None:

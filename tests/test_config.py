@@ -108,6 +108,7 @@ def test_unknown_keys_are_named(path, override, message):
                                      " data.global_batch (8)"),
     ("model.checkpoint=/ckpt", "model: set exactly one of 'model.checkpoint' and 'model.init'"),
     ("model.init.family=gpt3", "model.init.family: 'gpt3' is not one of"),
+    ("model.loss_chunk=-8", "model.loss_chunk: -8 must be >= 1 (or 0: no chunks)"),
 ])
 def test_bad_values_are_named(path, override, message):
     with pytest.raises(ConfigError) as e:
