@@ -91,7 +91,8 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
     twice, segment ids repeated) under ``pattern.with_blocks(N, stream_len=L)``, then each
     position's prediction is taken from the stream :func:`two_stream_source` names. The model
     computes logits for all ``2L`` positions, half of which are dropped (docs/algorithms.md §9
-    counts that cost). ``block_size = 0``: the plain forward pass under ``pattern``.
+    counts that cost; an ``apply_fn`` returning an ``objective.SplitHead`` takes the kept half
+    before its head). ``block_size = 0``: the plain forward pass under ``pattern``.
     """
     batch, seq_len = tokens.shape
     if positions is None:
