@@ -194,7 +194,9 @@ class GPT2(nnx.Module):
         attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
                           keys, c.remat)
-        return (x, self._head) if split_head else self._head(x)
+        if split_head:
+            return L.split_output_head(x, self.ln_f, self.wte, self.lm_head)
+        return self._head(x)
 
     def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
         """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``

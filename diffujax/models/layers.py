@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffujax.models.params import Weights
-from diffujax.parallel.logical import QUERY, constrain
+from diffujax.parallel.logical import LOGITS, QUERY, constrain
 
 
 def rms_norm(x, scale, eps):
@@ -136,11 +136,6 @@ class Embed(nnx.Module):
     def __call__(self, ids, dtype):
         return self.embedding[...].astype(dtype)[ids]
 
-    def attend(self, x):
-        """The tied output head: float32 logits ``x @ embedding.T``."""
-        return jnp.einsum("bld,dv->blv", x, self.embedding[...].T.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-
 
 class RMSNorm(nnx.Module):
     def __init__(self, weights: Weights, eps: float):
@@ -221,10 +216,28 @@ class GeluMLP(nnx.Module):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact))
 
 
+def head_weight(embed: Embed, lm_head: nnx.Param | None, dtype):
+    """The output head's ``[embed, vocab]`` matrix in the compute dtype: the tied embedding,
+    transposed, or the separate ``lm_head``."""
+    w = embed.embedding[...].T if lm_head is None else lm_head[...]
+    return w.astype(dtype)
+
+
+def head_logits(x, w):
+    """Float32 logits ``x @ w``."""
+    return jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
+
+
 def output_head(x, embed: Embed, lm_head: nnx.Param | None):
     """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed,
     vocab]``."""
-    if lm_head is None:
-        return embed.attend(x)
-    return jnp.einsum("bld,dv->blv", x, lm_head[...].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    return head_logits(x, head_weight(embed, lm_head, x.dtype))
+
+
+def split_output_head(x, norm, embed: Embed, lm_head: nnx.Param | None):
+    """``(x, head)``: the last layer's output and ``head(x[:, i:j]) -> logits[:, i:j]`` (final
+    norm, output head, the logits' sharding), for a loss that computes the logits a chunk at a
+    time. The head's weight is cast and gathered whole over FSDP once, here, outside the
+    caller's loop over chunks (inside it XLA re-gathers it per chunk, a windowed einsum)."""
+    w = constrain(head_weight(embed, lm_head, x.dtype), ("activation_embed", "activation_vocab"))
+    return x, lambda h: constrain(head_logits(norm(h), w), LOGITS)

@@ -227,7 +227,9 @@ class Llama(nnx.Module):
                                                              self.config.num_layers)
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
                           keys, self.config.remat)
-        return (x, self._head) if split_head else self._head(x)
+        if split_head:
+            return L.split_output_head(x, self.final_norm, self.embed, self.lm_head)
+        return self._head(x)
 
     def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
         """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
