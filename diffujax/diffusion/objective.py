@@ -97,8 +97,8 @@ def chunked_cross_entropy(split: SplitHead, targets) -> jax.Array:
     backward pass recomputes them (``jax.checkpoint``), so neither pass keeps ``[B, L, V]``
     float32 logits, only ``[B, chunk, V]``. The sequence axis is chunked, so the batch axis
     keeps its sharding."""
-    hidden, chunk = split.hidden, split.chunk
     batch, length = targets.shape
+    hidden, chunk = split.hidden, min(split.chunk, length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
     if pad:

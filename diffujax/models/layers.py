@@ -216,28 +216,28 @@ class GeluMLP(nnx.Module):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact))
 
 
-def head_weight(embed: Embed, lm_head: nnx.Param | None, dtype):
-    """The output head's ``[embed, vocab]`` matrix in the compute dtype: the tied embedding,
+def head_weight(embed: Embed, lm_head: nnx.Param | None):
+    """The output head's ``[embed, vocab]`` matrix (parameter dtype): the tied embedding,
     transposed, or the separate ``lm_head``."""
-    w = embed.embedding[...].T if lm_head is None else lm_head[...]
-    return w.astype(dtype)
+    return embed.embedding[...].T if lm_head is None else lm_head[...]
 
 
 def head_logits(x, w):
-    """Float32 logits ``x @ w``."""
-    return jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
+    """Float32 logits ``x @ w``, ``w`` cast to the activations' dtype."""
+    return jnp.einsum("bld,dv->blv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def output_head(x, embed: Embed, lm_head: nnx.Param | None):
     """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed,
     vocab]``."""
-    return head_logits(x, head_weight(embed, lm_head, x.dtype))
+    return head_logits(x, head_weight(embed, lm_head))
 
 
 def split_output_head(x, norm, embed: Embed, lm_head: nnx.Param | None):
     """``(x, head)``: the last layer's output and ``head(x[:, i:j]) -> logits[:, i:j]`` (final
     norm, output head, the logits' sharding), for a loss that computes the logits a chunk at a
-    time. The head's weight is cast and gathered whole over FSDP once, here, outside the
-    caller's loop over chunks (inside it XLA re-gathers it per chunk, a windowed einsum)."""
-    w = constrain(head_weight(embed, lm_head, x.dtype), ("activation_embed", "activation_vocab"))
+    time. The head's weight is gathered whole over FSDP once, here, outside the caller's loop
+    over chunks (inside it the TPU compiler re-gathers it per chunk, a windowed einsum); it
+    stays in the parameter dtype, so its gradient adds up over the chunks in that dtype."""
+    w = constrain(head_weight(embed, lm_head), ("activation_embed", "activation_vocab"))
     return x, lambda h: constrain(head_logits(norm(h), w), LOGITS)
