@@ -295,6 +295,8 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
     mask_id = checked_mask_token(model_cfg) if kind == "elbo" else None
+    if run_cfg.model.loss_chunk:
+        apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
     params_sh = model_param_shardings(run_cfg, model_cfg, mesh, rules)
 
     def eval_fn(params, batch, key, row_offset, rows):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from diffujax.attention.pattern import full
-from diffujax.diffusion import block_diffusion_loss_sums, diffusion_loss_sums
+from diffujax.diffusion import (ar_nll_terms, block_diffusion_loss_sums, diffusion_loss_sums,
+                                elbo_terms)
 from diffujax.diffusion.objective import SplitHead, chunked_cross_entropy, shifted_cross_entropy
 from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
 
@@ -69,6 +70,20 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(name, objective):
     for g, w in zip(flat_got, flat_want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
                                    atol=1e-6 * float(np.abs(w).max()) + 1e-9)
+
+
+@pytest.mark.parametrize("block_size", [0, 7])
+def test_chunked_evaluation_terms_equal_the_full_logits(block_size):
+    """The evaluators' per-sequence terms (the ELBO, full-sequence and block, and the AR NLL)."""
+    config = CONFIGS["llama-tied"]
+    params = init_params(config, seed=2)
+    apply_fn, tokens = apply_fn_for(config), tokens_for(1)
+    chunked = split_fn(apply_fn, chunk=64)  # longer than the sequence: one chunk of L
+    for terms in (lambda fn: elbo_terms(fn, params, tokens, jax.random.key(5),
+                                        mask_token_id=MASK, block_size=block_size),
+                  lambda fn: ar_nll_terms(fn, params, tokens)):
+        for got, want in zip(terms(chunked), terms(apply_fn), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 def test_chunked_cross_entropy_is_log_softmax_written_in_numpy():
