@@ -195,8 +195,14 @@ class ModelSection:
     # sampling. Models without dropout in their config (LLaMA) are unaffected.
     dropout: StrictBool = True
     lora: LoraSection | None = None  # set: train LoRA adapters, not the whole model
+    # The train step's cross-entropy over this many positions per row at a time (the float32
+    # logits of a chunk only, recomputed in the backward pass: less HBM, more time); 0: the
+    # logits of the whole micro-batch at once.
+    loss_chunk: Annotated[Int, MAY_CHANGE] = 0
 
     def __post_init__(self):
+        _check(self.loss_chunk >= 0, "model.loss_chunk",
+               f"{self.loss_chunk} must be >= 1 (or 0: no chunks)")
         if (self.checkpoint is None) == (self.init is None):
             raise ConfigError("model: set exactly one of 'model.checkpoint' and 'model.init'")
         self.attention.validate("model.attention")

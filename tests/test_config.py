@@ -123,6 +123,7 @@ def test_unknown_keys_are_named(path, override, message):
      " 'model.attention.tpu_block_sizes.block_q'?)"),
     ("model.remat=dots_attention", "model.remat: 'dots_attention' is not one of 'none',"
                                    " 'dots_with_attention', 'dots' or 'full'"),
+    ("model.loss_chunk=-8", "model.loss_chunk: -8 must be >= 1 (or 0: no chunks)"),
 ])
 def test_bad_values_are_named(path, override, message):
     with pytest.raises(ConfigError) as e:

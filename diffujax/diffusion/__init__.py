@@ -3,6 +3,9 @@
 ``apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]`` is the only contact with a model
 (block diffusion, ``blocks.py``, also passes ``positions``: ``apply_fn(params, tokens, pattern,
 positions)``; the cached decoders take ``cached_fn(params, tokens, pattern, cache, offset)``).
+The losses and likelihoods also take an ``apply_fn`` that returns an ``objective.SplitHead``
+(hidden states and output head) in place of the logits: they then compute the cross-entropy
+in chunks of positions.
 """
 
 from diffujax.diffusion.blocks import (block_diffusion_loss_sums, block_forward_process,

@@ -22,7 +22,7 @@ import numpy as np
 from diffujax.attention.pattern import AttentionPattern
 from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, sample_block_t,
                                       sample_noise_mask)
-from diffujax.diffusion.objective import LossSums, loss_sums_from_logits
+from diffujax.diffusion.objective import LossSums, loss_sums_from_logits, take_positions
 
 
 def effective_block_size(block_size: int, seq_len: int) -> int:
@@ -91,7 +91,8 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
     twice, segment ids repeated) under ``pattern.with_blocks(N, stream_len=L)``, then each
     position's prediction is taken from the stream :func:`two_stream_source` names. The model
     computes logits for all ``2L`` positions, half of which are dropped (docs/algorithms.md §9
-    counts that cost). ``block_size = 0``: the plain forward pass under ``pattern``.
+    counts that cost; an ``apply_fn`` returning an ``objective.SplitHead`` takes the kept half
+    before its head). ``block_size = 0``: the plain forward pass under ``pattern``.
     """
     batch, seq_len = tokens.shape
     if positions is None:
@@ -105,7 +106,7 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
         block_size, stream_len=seq_len)
     logits = apply_fn(params, jnp.concatenate([x_t, tokens], axis=1), streams,
                       jnp.concatenate([positions, positions], axis=1))
-    return jnp.take(logits, two_stream_source(seq_len, block_size), axis=1)
+    return take_positions(logits, two_stream_source(seq_len, block_size))
 
 
 def block_diffusion_loss_sums(apply_fn, params, tokens, key, *, block_size: int,

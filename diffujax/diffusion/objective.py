@@ -24,6 +24,9 @@ from diffujax.attention.pattern import AttentionPattern, causal
 from diffujax.diffusion.noise import DEFAULT_EPS, NoisedBatch, forward_process
 
 ApplyFn = Callable[..., jax.Array]  # apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]
+# (or a SplitHead: the training step's apply_fn, whose logits the loss computes in chunks)
+
+LOSS_CHUNK = 128  # positions per chunk of the chunked cross-entropy (rows x chunk x V float32)
 
 # "masked": reference parity, sum(w * ce) / sum(noise[:, 1:]).
 # "tokens": per-token NELBO, sum(w * ce) / number of target tokens.
@@ -58,15 +61,74 @@ class LossSums:
                     target_tokens=self.targets)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitHead:
+    """Logits not yet computed: the network's last hidden states ``[B, L, D]`` and its output
+    head, ``head(hidden[:, i:j]) -> float32 logits [B, j - i, V]``. An ``apply_fn`` may return
+    one in place of ``[B, L, V]`` logits; the cross-entropy then never holds the logits of more
+    than ``chunk`` positions per row (:func:`chunked_cross_entropy`)."""
+
+    hidden: jax.Array
+    head: Callable[[jax.Array], jax.Array]
+    chunk: int = LOSS_CHUNK
+
+    def take(self, indices) -> "SplitHead":
+        """The positions ``indices`` (axis 1), as ``jnp.take(logits, indices, axis=1)``."""
+        return dataclasses.replace(self, hidden=jnp.take(self.hidden, indices, axis=1))
+
+
+def take_positions(logits, indices):
+    """``jnp.take(logits, indices, axis=1)`` of logits or of a :class:`SplitHead`."""
+    if isinstance(logits, SplitHead):
+        return logits.take(indices)
+    return jnp.take(logits, indices, axis=1)
+
+
+def _cross_entropy(logits, targets) -> jax.Array:
+    """``logsumexp(logits) - logits[target]`` over the last axis, float32."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def chunked_cross_entropy(split: SplitHead, targets) -> jax.Array:
+    """``ce[b, i]`` of ``split.head(split.hidden)`` against ``targets [B, L]``, ``split.chunk``
+    positions at a time: each chunk's logits are computed, reduced to ce and dropped; the
+    backward pass recomputes them (``jax.checkpoint``), so neither pass keeps ``[B, L, V]``
+    float32 logits, only ``[B, chunk, V]``. The sequence axis is chunked, so the batch axis
+    keeps its sharding."""
+    batch, length = targets.shape
+    hidden, chunk = split.hidden, min(split.chunk, length)
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def by_chunk(x):  # [B, chunks * chunk, ...] -> [chunks, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(batch, chunks, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        return _cross_entropy(split.head(h), t)
+
+    ce = jax.lax.map(one_chunk, (by_chunk(hidden), by_chunk(targets)))
+    return jnp.moveaxis(ce, 0, 1).reshape(batch, chunks * chunk)[:, :length]
+
+
 def shifted_cross_entropy(logits, tokens) -> jax.Array:
     """``ce[b, i] = -log softmax(logits[b, i])[tokens[b, i + 1]]`` for ``i < L - 1``, float32.
 
     The shift of docs/algorithms.md §1: the logits at position ``i`` predict the token at ``i + 1``.
+    ``logits``: ``[B, L, V]``, or a :class:`SplitHead` (computed in chunks).
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    if isinstance(logits, SplitHead):
+        # every position's ce against the next token (the last against a dummy, dropped): no
+        # copy of the hidden states without their last position
+        targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+        return chunked_cross_entropy(logits, targets)[:, :-1]
+    return _cross_entropy(logits[:, :-1], tokens[:, 1:])
 
 
 def target_positions(tokens, *, src=None, loss_mask=None) -> jax.Array:

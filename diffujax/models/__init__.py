@@ -87,10 +87,11 @@ def abstract_params(config: ModelConfig) -> Params:
 
 
 def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None,
-            dropout_key=None):
+            dropout_key=None, split_head: bool = False):
     """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``dropout_key``: training only (GPT-2's
-    dropout); without it nothing is dropped."""
-    return merge(config, params)(tokens, pattern, positions, dropout_key)
+    dropout); without it nothing is dropped. ``split_head``: ``(hidden [B, L, D], head)``
+    instead, ``head(hidden[:, i:j]) == logits[:, i:j]`` (a chunked loss's form)."""
+    return merge(config, params)(tokens, pattern, positions, dropout_key, split_head)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
@@ -127,8 +128,9 @@ def cached_fn_for(config: ModelConfig):
 
 
 def apply_fn_for(config: ModelConfig):
-    """``apply_fn(params, tokens, pattern, positions=None, dropout_key=None)``: the forward pass
-    with its config bound, the form the diffusion code and the train step take."""
+    """``apply_fn(params, tokens, pattern, positions=None, dropout_key=None, split_head=False)``:
+    the forward pass with its config bound, the form the diffusion code and the train step
+    take."""
     return functools.partial(forward, config)
 
 

@@ -173,8 +173,10 @@ class GPT2(nnx.Module):
     def _head(self, x):
         return constrain(L.output_head(self.ln_f(x), self.wte, self.lm_head), LOGITS)
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
-        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``.
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None,
+                 split_head: bool = False):
+        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``, or with
+        ``split_head`` ``(hidden, head)`` (as ``Llama``).
 
         ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop``
         on the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop``
@@ -192,6 +194,8 @@ class GPT2(nnx.Module):
         attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
                           keys, c.remat)
+        if split_head:
+            return L.split_output_head(x, self.ln_f, self.wte, self.lm_head)
         return self._head(x)
 
     def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):

@@ -211,10 +211,13 @@ class Llama(nnx.Module):
     def _head(self, x):
         return constrain(L.output_head(self.final_norm(x), self.embed, self.lm_head), LOGITS)
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None):
+    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None,
+                 split_head: bool = False):
         """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: RoPE positions,
         default ``0..L-1``. ``dropout_key`` (training): the family has no dropout of its own,
-        but LoRA adapters may drop out their input."""
+        but LoRA adapters may drop out their input. ``split_head``: return ``(hidden, head)``
+        instead, the last layer's output ``[B, L, D]`` and the function taking any positions of
+        it to their logits (a loss can then compute the logits a chunk at a time)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x, rope = self._embed(tokens, positions)
@@ -224,6 +227,8 @@ class Llama(nnx.Module):
                                                              self.config.num_layers)
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
                           keys, self.config.remat)
+        if split_head:
+            return L.split_output_head(x, self.final_norm, self.embed, self.lm_head)
         return self._head(x)
 
     def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):

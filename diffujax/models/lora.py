@@ -193,16 +193,17 @@ def split(tree: Params) -> tuple[Params, Params]:
 
 
 def forward(config: ModelConfig, lora: LoraSpec, params: Params, tokens, pattern,
-            positions=None, dropout_key=None):
+            positions=None, dropout_key=None, split_head: bool = False):
     """The adapted model's logits; ``params``: ``join(base, adapters)``. The adapters are cast
     to the compute dtype, as the projections cast their kernels. ``dropout_key`` (training):
-    the adapters drop out their input at ``lora.dropout``; without it nothing is dropped."""
+    the adapters drop out their input at ``lora.dropout``; without it nothing is dropped.
+    ``split_head``: ``(hidden, head)`` as ``models.forward`` (the head has no adapters)."""
     dtype = jnp.dtype(config.dtype)
     flat = {p: v.astype(dtype) if p.endswith(SUFFIXES) else v for p, v in flatten(params).items()}
     if dropout_key is None:
         lora = dataclasses.replace(lora, dropout=0.0)
     model = nnx.merge(adapted_graphdef(config, lora), nest(flat))
-    return model(tokens, pattern, positions, dropout_key)
+    return model(tokens, pattern, positions, dropout_key, split_head)
 
 
 def apply_fn_for(config: ModelConfig, lora: LoraSpec):

@@ -37,7 +37,7 @@ from diffujax.attention.pattern import anneal_ratio, causal, for_training, full
 from diffujax.config import checked_mask_token
 from diffujax.diffusion.blocks import block_diffusion_loss_sums, effective_block_size
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
-from diffujax.diffusion.objective import diffusion_loss_sums
+from diffujax.diffusion.objective import SplitHead, diffusion_loss_sums
 from diffujax.models import lora
 from diffujax.parallel.logical import axis_rules, constrain
 from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated, to_host
@@ -71,6 +71,16 @@ def _rules(run_cfg, rules):
 log = logging.getLogger(__name__)
 
 _DROPOUT_STREAM = 0x64726F70  # folded into the step's key: dropout draws apart from the noise
+
+
+def _split_head(apply_fn, chunk: int):
+    """``apply_fn`` returning a ``SplitHead`` (hidden states and output head) in place of the
+    logits, so that the objective computes the cross-entropy ``chunk`` positions at a time and
+    no pass holds float32 logits for the whole micro-batch (``model.loss_chunk``,
+    ``objective.chunked_cross_entropy``)."""
+    def split(*args, **kwargs):
+        return SplitHead(*apply_fn(*args, split_head=True, **kwargs), chunk=chunk)
+    return split
 
 
 def _with_positions(apply_fn, batch, dropout_key=None):
@@ -165,6 +175,8 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     batch_sh = batch_sharding(mesh, rules)
     shards = batch_shard_count(mesh, rules)
     dropout = training_dropout(run_cfg, model_cfg)
+    if run_cfg.model.loss_chunk:
+        apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
 
     def micro_loss(params, frozen, mb, key, step, row_offset, global_batch, *, annealing):
         """The micro-batch's loss sums; gradients are taken for ``params`` (the trained tree)
@@ -283,6 +295,8 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
     mask_id = checked_mask_token(model_cfg) if kind == "elbo" else None
+    if run_cfg.model.loss_chunk:
+        apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
     params_sh = model_param_shardings(run_cfg, model_cfg, mesh, rules)
 
     def eval_fn(params, batch, key, row_offset, rows):

@@ -42,9 +42,11 @@ def setup():
     return cfg, apply_fn, mesh, rules, sharded, batches, rows, reference
 
 
-@pytest.mark.parametrize("kind", ["elbo", "ar"])
-def test_training_eval_equals_diffujax_eval(setup, kind):
+@pytest.mark.parametrize("kind, loss_chunk", [("elbo", 0), ("ar", 0), ("elbo", 6), ("ar", 6)])
+def test_training_eval_equals_diffujax_eval(setup, kind, loss_chunk):
+    """Also with ``model.loss_chunk`` (the cross-entropy over chunks of 6 of the 16 positions)."""
     cfg, apply_fn, mesh, rules, sharded, batches, rows, reference = setup
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk=loss_chunk))
     step = make_eval_step(cfg, MODEL, apply_fn, mesh, rules, kind=kind)
     ours = heldout_nll(step, sharded, batches, jax.random.key(SEED), kind=kind)
     ref = evaluate(reference, rows, objective="ar" if kind == "ar" else "diffusion", draws=1,

@@ -205,3 +205,20 @@ def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for x, y in zip(leaves(a.params), leaves(b.params)):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_chunked_cross_entropy_gives_the_same_run(family, monkeypatch):
+    """``model.loss_chunk`` (16 positions in chunks of 6: three, the last padded) on a sharded
+    mesh: the same losses, gradients and updates as the full logits."""
+    from diffujax.diffusion import objective
+
+    chunks = []
+    chunked_ce = objective.chunked_cross_entropy
+    monkeypatch.setattr(objective, "chunked_cross_entropy",
+                        lambda split, targets: chunks.append(split.chunk) or chunked_ce(split,
+                                                                                        targets))
+    cfg = train_worker.make_config(family, 1, 2, 2, model__loss_chunk=6)
+    chunked = (cfg, *train_worker.run(cfg, jax.devices()[:4]))
+    assert chunks and set(chunks) == {6}  # the step's loss went through the chunks
+    assert_same_run(chunked, trained(family, 1, 2, 2))
