@@ -89,7 +89,7 @@ def _equation(target: str, config: ModelConfig) -> str:
 @functools.cache
 def _equations(config: ModelConfig) -> dict[str, str]:
     block = getattr(abstract_model(config), BLOCK)
-    return {path[-1]: module.equation for path, module in block.iter_modules()
+    return {path[-1]: module.equation for path, module in nnx.iter_modules(block)
             if hasattr(module, "equation")}
 
 
