@@ -717,16 +717,21 @@ def _problem(err: Mapping) -> str:
     return f"expected {expected}, got {type(value).__name__} {value!r}"
 
 
+UNKNOWN_KEY_ERRORS = ("extra_forbidden", "unexpected_keyword_argument")
+
+
 def config_error(error: ValidationError) -> ConfigError:
     """The first of pydantic's errors (loading a config, or building a section in code) as one
-    ``ConfigError`` line naming the full dotted key."""
-    err = error.errors()[0]
+    ``ConfigError`` line naming the full dotted key. Unknown keys come first: a misspelt key
+    (``modle:``) is the likelier cause of whatever else failed (``model`` left unset)."""
+    errors = error.errors()
+    err = next((e for e in errors if e["type"] in UNKNOWN_KEY_ERRORS), errors[0])
     loc = err["loc"]
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     cause = err.get("ctx", {}).get("error")
     if isinstance(cause, ValueError):  # a section's own check: it names the full key
         return ConfigError(str(cause))
-    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+    if err["type"] in UNKNOWN_KEY_ERRORS:
         section = RunConfig
         for name in loc[:-1]:
             section = _section_of(_field_hints(section)[name])

@@ -92,6 +92,14 @@ def test_unknown_keys_are_named(path, override, message):
     assert message in str(e.value)
 
 
+def test_an_unknown_key_is_named_before_what_it_left_unset():
+    """A misspelt section leaves the real one at its defaults, which fail too (``model`` needs a
+    checkpoint or an init); the error names the misspelling, the likelier cause."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({"modle": {"checkpoint": "x"}})
+    assert str(e.value) == "unknown config key 'modle' (did you mean 'model'?)"
+
+
 @pytest.mark.parametrize("override,message", [
     ("optimizer.peak_lr=fast", "optimizer.peak_lr: expected a number, got str 'fast'"),
     ("train.steps=1.5", "train.steps: expected an integer, got float 1.5"),
