@@ -352,7 +352,7 @@ class MeshSection:
                 raise ConfigError(f"mesh.rules: {e}") from None
 
     def rule_table(self) -> tuple:
-        """DEFAULT_RULES with this section's overrides applied (for ``axis_rules``)."""
+        """DEFAULT_RULES with this section's overrides applied (a ``Layout``'s rules)."""
         over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rules.items()}
         return tuple((name, over.get(name, target)) for name, target in DEFAULT_RULES)
 

@@ -2,8 +2,8 @@
 or laid out over the training mesh.
 
     model = load_for_inference(ckpt)                                # one device, no mesh
-    model = load_for_inference(ckpt, mesh=make_mesh(section), rules=section.rule_table())
-    with model.active():                                            # mesh + rules while tracing
+    model = load_for_inference(ckpt, layout=make_layout(section))   # over a mesh
+    with model.active():                                            # the layout while tracing
         out = jitted(model.params, model.put_batch(rows))
     host = model.fetch(out)
 
@@ -22,7 +22,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from pydantic import ValidationError
 
 from diffujax.checkpoint.store import load, read_meta
@@ -30,9 +29,8 @@ from diffujax.config import MeshSection, MeshShape, config_error
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import ModelConfig, apply_fn_for, cached_fn_for
 from diffujax.parallel.arguments import add_mesh_args  # noqa: F401  (the commands' import)
-from diffujax.parallel.logical import DEFAULT_RULES, axis_rules
-from diffujax.parallel.mesh import (AXES, batch_shard_count, data_shard, make_global_batch,
-                                    make_mesh, maybe_initialize_distributed, spec_for, to_host)
+from diffujax.parallel.mesh import (AXES, Layout, make_layout, maybe_initialize_distributed,
+                                    to_host)
 
 
 @dataclasses.dataclass
@@ -41,8 +39,7 @@ class LoadedModel:
     apply_fn: Callable  # apply_fn(params, tokens, pattern) -> logits
     params: Any
     tokenizer: Any
-    mesh: jax.sharding.Mesh | None = None  # None: everything on one device
-    rules: tuple | None = None  # logical axis rules (with a mesh)
+    layout: Layout | None = None  # the mesh and its logical rules; None: all on one device
     # cached_fn(params, tokens, pattern, cache, offset) -> (logits, cache): the decoders' pass
     # (one function object per model, so the jitted decoders compile once)
     cached_fn: Callable | None = None
@@ -59,32 +56,32 @@ class LoadedModel:
 
     @contextlib.contextmanager
     def active(self):
-        """Context for tracing and running compiled calls: the mesh and the logical rules, so the
-        models' activation constraints apply (nothing to do without a mesh)."""
-        if self.mesh is None:
+        """Context for tracing and running compiled calls: the layout, so the models' activation
+        constraints apply (nothing to do without a mesh)."""
+        if self.layout is None:
             yield
             return
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+        with self.layout.active():
             yield
 
     def batch_shards(self) -> int:
         """How many ways a batch is split over devices: batch sizes must be multiples of it."""
-        if self.mesh is None:
+        if self.layout is None:
             return 1
-        return batch_shard_count(self.mesh, self.rules)
+        return self.layout.batch_shards
 
     def put_batch(self, rows: np.ndarray) -> jax.Array:
         """``rows [B, ...]``, which every process holds whole, as one array split over the batch
         axes (each process contributes only its own block, so no data crosses hosts)."""
-        if self.mesh is None:
+        if self.layout is None:
             return jnp.asarray(rows)
         if len(rows) % self.batch_shards():
             raise ValueError(f"{len(rows)} rows do not split evenly over"
                              f" {self.batch_shards()} batch shards")
-        index, count = data_shard(self.mesh, self.rules)
+        index, count = self.layout.data_shard()
         block = len(rows) // count
         local = np.asarray(rows)[index * block:(index + 1) * block]
-        return make_global_batch({"rows": local}, self.mesh, self.rules)["rows"]
+        return self.layout.make_global_batch({"rows": local})["rows"]
 
     @staticmethod
     def fetch(x) -> np.ndarray:
@@ -99,23 +96,19 @@ def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def load_for_inference(checkpoint: str, *, dtype: str | None = None,
-                       attention=None, mesh=None,
-                       rules=None) -> LoadedModel:
+                       attention=None, layout: Layout | None = None) -> LoadedModel:
     """Load parameters, config and tokenizer of a diffujax checkpoint directory: on the first
-    device, or with ``mesh`` each parameter read straight into its shards (``rules``: a logical
-    rule table, default ``DEFAULT_RULES``)."""
+    device, or with a ``layout`` each parameter read straight into its shards."""
     shardings = None
-    if mesh is not None:
-        rules = DEFAULT_RULES if rules is None else tuple(rules)
-        shardings = lambda path, spec: NamedSharding(  # noqa: E731
-            mesh, spec_for(spec.axes, spec.shape, mesh, rules))
+    if layout is not None:
+        shardings = lambda path, spec: layout.sharding(spec.axes, spec.shape)  # noqa: E731
     config, params = load(checkpoint, dtype=dtype, shardings=shardings)
     if attention is not None:  # an AttentionConfig: how this run computes attention
         config = config.replace(attention=attention)
     apply_fn = apply_fn_for(config)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)
-    return LoadedModel(config, apply_fn, params, tokenizer, mesh, rules)
+    return LoadedModel(config, apply_fn, params, tokenizer, layout)
 
 
 # ----------------------------------------------------------------------- command-line options
@@ -164,26 +157,25 @@ def parse_mesh(text: str):
         raise ValueError(f"--mesh {text!r}: {config_error(e)}") from None
 
 
-def mesh_from_args(args):
-    """``(mesh, rules)`` for the ``--mesh`` / ``--distributed`` options, ``(None, None)`` for one
-    device. Joins the multi-host job first, so call it before anything else touches a device."""
+def layout_from_args(args):
+    """The ``Layout`` of the ``--mesh`` / ``--distributed`` options, None for one device. Joins
+    the multi-host job first, so call it before anything else touches a device."""
     shape = parse_mesh(args.mesh)
     distributed = {"auto": "auto", "true": True, "false": False}[args.distributed]
     maybe_initialize_distributed(MeshSection(distributed=distributed))
     if shape == "auto":
         if jax.device_count() == 1:
-            return None, None
+            return None
         shape = MeshSection().shape  # all devices on fsdp: parameters sharded like in training
     if shape is None:
         if jax.process_count() > 1:
             raise ValueError("--mesh none runs on one device, not across the hosts of a"
                              " multi-host job: give mesh axis sizes")
-        return None, None
+        return None
     section = MeshSection(shape=shape, distributed=distributed)
-    return make_mesh(section), section.rule_table()
+    return make_layout(section)
 
 
 def load_from_args(args) -> LoadedModel:
     """The checkpoint of ``args`` (``--checkpoint``, ``--dtype``, mesh options) ready to run."""
-    mesh, rules = mesh_from_args(args)
-    return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+    return load_for_inference(args.checkpoint, dtype=args.dtype, layout=layout_from_args(args))

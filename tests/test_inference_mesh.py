@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from diffujax.config import MeshSection, MeshShape
 from diffujax.inference.perplexity import evaluate, read_blocks
 from diffujax.inference.generation import build_canvas, sample
-from diffujax.parallel.mesh import make_mesh
-from diffujax.runtime import load_for_inference, mesh_from_args, parse_mesh
+from diffujax.parallel.mesh import make_layout
+from diffujax.runtime import load_for_inference, layout_from_args, parse_mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # tests/word_tokenizer.py
 from word_tokenizer import write_word_tokenizer  # noqa: E402
@@ -62,8 +62,8 @@ def _model(ckpt, mesh_shape=None):
         return load_for_inference(str(ckpt))
     data, fsdp, tensor = mesh_shape
     section = MeshSection(shape=MeshShape(data=data, fsdp=fsdp, tensor=tensor))
-    mesh = make_mesh(section, jax.devices()[:data * fsdp * tensor])
-    return load_for_inference(str(ckpt), mesh=mesh, rules=section.rule_table())
+    layout = make_layout(section, jax.devices()[:data * fsdp * tensor])
+    return load_for_inference(str(ckpt), layout=layout)
 
 
 @functools.cache
@@ -132,5 +132,6 @@ def test_mesh_option():
         with pytest.raises(ValueError):
             parse_mesh(bad)
     args = argparse.Namespace(mesh="auto", distributed="false")
-    mesh, _ = mesh_from_args(args)  # more than one device: all of them on fsdp
-    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {"data": 1, "fsdp": 8, "tensor": 1}
+    layout = layout_from_args(args)  # more than one device: all of them on fsdp
+    assert layout.axis_sizes == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert layout.rules == MeshSection().rule_table()

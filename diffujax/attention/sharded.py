@@ -11,7 +11,7 @@ over the active mesh, following the active rule table (``parallel.logical``):
 - the pattern scalars (seed, step, threshold) replicated.
 
 An axis that does not divide its dimension is dropped for that dimension (its devices compute
-the same values), as ``parallel.mesh.spec_for`` does for parameters.
+the same values), as ``parallel.mesh.Layout.spec`` does for parameters.
 
 GQA fallback: when the head axes (size ``T``) divide the query heads but not the K/V heads
 (``KVH``; e.g. MQA, or 8 K/V heads on ``tensor=16``), K/V are repeated up to ``lcm(KVH, T)``

@@ -14,8 +14,8 @@ keyed by the weight table's paths, ``nnx.to_pure_dict``), and the network is a p
     apply_fn = apply_fn_for(config)                   # apply_fn(params, tokens, pattern, ...)
     cache = init_cache(config, batch, length)         # decoding: keys/values of every layer
     logits, cache = forward_cached(config, params, tokens, pattern, cache, offset)
-    params = sharded_init(config, mesh, rules, seed=0)    # initialised in its shards
-    shardings = param_shardings(config, mesh, rules)      # a NamedSharding per weight
+    params = sharded_init(config, layout, seed=0)     # initialised in its shards
+    shardings = param_shardings(config, layout)       # a NamedSharding per weight
 
 Each family is one record (``family.Family``) in ``registry.FAMILIES``.
 """
@@ -27,7 +27,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from diffujax.models import params as ptree
 from diffujax.models.cache import KVCache, empty_cache
@@ -39,7 +38,7 @@ from diffujax.models.params import Params, ParamSpec, flatten, nest
 from diffujax.models.qwen2 import Qwen2Config
 from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
                                       weight_axes)
-from diffujax.parallel.mesh import spec_for
+from diffujax.parallel.mesh import Layout
 
 
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
@@ -134,20 +133,18 @@ def apply_fn_for(config: ModelConfig):
     return functools.partial(forward, config)
 
 
-def param_shardings(config: ModelConfig, mesh, rules=None) -> Params:
-    """A ``NamedSharding`` per weight, from its logical axes through ``rules``."""
-    def sharding(value, axes):
-        return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
-
-    return ptree.map_variables(sharding, nnx.state(abstract_model(config)))
+def param_shardings(config: ModelConfig, layout: Layout) -> Params:
+    """A ``NamedSharding`` per weight, from its logical axes through the layout's rules."""
+    return ptree.map_variables(lambda value, axes: layout.sharding(axes, value.shape),
+                               nnx.state(abstract_model(config)))
 
 
-def sharded_init(config: ModelConfig, mesh, rules=None, seed: int = 0) -> Params:
+def sharded_init(config: ModelConfig, layout: Layout, seed: int = 0) -> Params:
     """Freshly initialised weights created directly in their shards: the initialiser is jitted
     with ``out_shardings``, so no host ever holds a full copy."""
     init = jax.jit(lambda: init_params(config, seed),
-                   out_shardings=param_shardings(config, mesh, rules))
-    with jax.set_mesh(mesh):
+                   out_shardings=param_shardings(config, layout))
+    with jax.set_mesh(layout.mesh):
         return init()
 
 

@@ -28,12 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from diffujax.models import abstract_model, build, family_of, param_specs
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.params import Params, flatten, nest
-from diffujax.parallel.mesh import spec_for
+from diffujax.parallel.mesh import Layout
 
 BLOCK = "layers"  # the stacked block whose projections can be adapted
 SUFFIXES = ("_lora_a", "_lora_b")  # qwix's names: the kernel's name plus these
@@ -168,9 +167,9 @@ def adapted_graphdef(config: ModelConfig, lora: LoraSpec) -> nnx.GraphDef:
     return nnx.split(model)[0]
 
 
-def adapter_shardings(config: ModelConfig, lora: LoraSpec, mesh, rules=None) -> Params:
-    """A ``NamedSharding`` per adapter, from its logical axes through ``rules``."""
-    return nest({path: NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+def adapter_shardings(config: ModelConfig, lora: LoraSpec, layout: Layout) -> Params:
+    """A ``NamedSharding`` per adapter, from its logical axes through the layout's rules."""
+    return nest({path: layout.sharding(axes, shape)
                  for path, (shape, axes) in adapter_shapes(config, lora).items()})
 
 

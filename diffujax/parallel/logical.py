@@ -50,8 +50,9 @@ _RULES: contextvars.ContextVar = contextvars.ContextVar("diffujax_logical_rules"
 
 
 @contextlib.contextmanager
-def axis_rules(rules=DEFAULT_RULES):
-    """Activate a rule table (activation constraints are no-ops when none is active)."""
+def rules_in_effect(rules):
+    """Make ``rules`` the table that activation constraints read (they are no-ops when none is).
+    Entered through ``parallel.mesh.Layout.active``, which sets jax's mesh at the same time."""
     token = _RULES.set(tuple(rules))
     try:
         yield
@@ -60,7 +61,7 @@ def axis_rules(rules=DEFAULT_RULES):
 
 
 def active_rules():
-    """The rule table in effect: the one ``axis_rules`` activated, else ``DEFAULT_RULES``."""
+    """The rule table in effect: the one ``Layout.active`` activated, else ``DEFAULT_RULES``."""
     return _RULES.get() or DEFAULT_RULES
 
 

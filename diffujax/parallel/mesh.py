@@ -1,4 +1,5 @@
-"""The device mesh, the shardings derived from logical axis names, and process-local -> global data.
+"""The device mesh, the ``Layout`` (a mesh with its logical-axis rules: the shardings derived from
+logical names, process-local -> global data).
 
 Axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and optimizer
 state sharded along ``embed``) and ``tensor`` (heads, MLP and vocabulary). The batch is split over
@@ -9,13 +10,16 @@ across slices (only gradients cross the slow DCN links, once per step) and the o
 inside a slice, using ``mesh_utils.create_hybrid_device_mesh``.
 
     maybe_initialize_distributed(cfg.mesh)     # before anything touches a device
-    mesh = make_mesh(cfg.mesh)
-    rules = cfg.mesh.rule_table()
-    batch = make_global_batch(local_numpy_batch, mesh, rules)
+    layout = make_layout(cfg.mesh)             # the mesh and the logical-axis rules
+    batch = layout.make_global_batch(local_numpy_batch)
+    with layout.active():                      # tracing: activation constraints see both
+        ...
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.parallel.logical import BATCH as BATCH_AXES  # logical names of [B, L] batch arrays
-from diffujax.parallel.logical import logical_to_spec
+from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec, rules_in_effect
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -126,40 +130,115 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
     return True
 
 
-# -------------------------------------------------------------------------------------- shardings
+# -------------------------------------------------------------------------------------- the layout
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the rule table that maps logical axis names onto it: everything the code needs
+    to place an array. ``rules``: a tuple of ``(logical name, mesh axes)``, ``DEFAULT_RULES``
+    unless given (``MeshSection.rule_table()`` for a run's)."""
+
+    mesh: Mesh
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return mesh_axis_sizes(self.mesh)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Trace and run under this layout: jax's mesh and the rules that activation constraints
+        (``logical.constrain``, the attention kernels' ``kernel_layout``) read. Those are called
+        deep inside model code, so the layout reaches them through this one context rather than
+        through every module's arguments."""
+        with jax.set_mesh(self.mesh), rules_in_effect(self.rules):
+            yield
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def spec(self, names, shape) -> P:
+        """PartitionSpec of an array with logical axis ``names``; a mesh axis that does not divide
+        its dimension is dropped (e.g. GPT-2's vocabulary of 50257 on ``tensor=2`` stays
+        replicated)."""
+        sizes = self.axis_sizes
+        out = []
+        for dim, entry in zip(shape, logical_to_spec(names, self.rules, sizes)):
+            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            if axes and dim % math.prod(sizes[a] for a in axes):
+                log.info("dimension %d (%s) is not divisible by mesh axes %s: kept replicated", dim,
+                         names, axes)
+                entry = None
+            out.append(entry)
+        return P(*out)
+
+    def sharding(self, names, shape) -> NamedSharding:
+        """``NamedSharding`` of an array with logical axis ``names`` (``spec``)."""
+        return NamedSharding(self.mesh, self.spec(names, shape))
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Sharding of ``[B, L]`` batch arrays: batch over ``data`` x ``fsdp`` (per the rules)."""
+        return NamedSharding(self.mesh, logical_to_spec(BATCH_AXES, self.rules, self.axis_sizes))
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch dimension is split across devices (batch sizes must be
+        multiples of it)."""
+        spec = self.batch_sharding.spec[0]
+        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        return math.prod(self.axis_sizes[a] for a in axes)
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
+        blocks of rows of the global batch (give them to the data pipeline's shard options).
+
+        Usually ``(process_index, process_count)``; processes whose devices hold the same rows
+        (when the batch is not split across all hosts, e.g. ``tensor`` spanning hosts) get the
+        same index and must load the same data.
+        """
+        sharding = self.batch_sharding
+        n = sharding.num_devices
+        rows: dict[int, set] = {}
+        for device, index in sharding.devices_indices_map((n, 1)).items():
+            rows.setdefault(device.process_index, set()).add(
+                (index[0].start or 0, n if index[0].stop is None else index[0].stop))
+        spans = {}
+        for pid, slices in rows.items():
+            lo, hi = min(a for a, _ in slices), max(b for _, b in slices)
+            if sum(b - a for a, b in slices) != hi - lo:
+                raise ValueError(f"process {pid} holds non-consecutive batch rows {sorted(slices)}:"
+                                 " reorder the mesh so each host's devices hold one block of the"
+                                 " batch")
+            spans[pid] = (lo, hi)
+        blocks = sorted(set(spans.values()))
+        return blocks.index(spans[jax.process_index()]), len(blocks)
+
+    def make_global_batch(self, local_batch: dict) -> dict:
+        """Global ``jax.Array`` s from this process's numpy batch ``{name: [B_local, ...]}``.
+
+        Each process passes its block of rows, ``data_shard()``: the global batch is the blocks
+        in index order, ``B = B_local * count``. No data crosses hosts.
+        """
+        sharding = self.batch_sharding
+        out = {}
+        for name, value in local_batch.items():
+            value = np.asarray(value)
+            spec = P(*sharding.spec[: value.ndim])  # 1-D per-sequence fields shard like the batch
+            out[name] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec),
+                                                               value)
+        return out
 
 
-def spec_for(names, shape, mesh: Mesh, rules=None) -> P:
-    """PartitionSpec of an array with logical axis ``names``; a mesh axis that does not divide its
-    dimension is dropped (e.g. GPT-2's vocabulary of 50257 on ``tensor=2`` stays replicated)."""
-    sizes = mesh_axis_sizes(mesh)
-    spec = logical_to_spec(names, rules, sizes)
-    out = []
-    for dim, entry in zip(shape, spec):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        if axes and dim % math.prod(sizes[a] for a in axes):
-            log.info("dimension %d (%s) is not divisible by mesh axes %s: kept replicated", dim,
-                     names, axes)
-            entry = None
-        out.append(entry)
-    return P(*out)
-
-
-def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
-    """Sharding of ``[B, L]`` batch arrays: batch over ``data`` x ``fsdp`` (per the rules)."""
-    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules, mesh_axis_sizes(mesh)))
-
-
-def batch_shard_count(mesh: Mesh, rules=None) -> int:
-    """How many ways the batch dimension is split across devices (batch sizes must be multiples
-    of it)."""
-    spec = batch_sharding(mesh, rules).spec[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(mesh_axis_sizes(mesh)[a] for a in axes)
+def make_layout(mesh_cfg=None, devices=None) -> Layout:
+    """The ``Layout`` of a ``MeshSection``: ``make_mesh`` and the section's rule table (default:
+    everything on ``fsdp``, ``DEFAULT_RULES``)."""
+    rules = mesh_cfg.rule_table() if mesh_cfg is not None else DEFAULT_RULES
+    return Layout(make_mesh(mesh_cfg, devices), rules)
 
 
 def to_host(x) -> np.ndarray:
@@ -167,43 +246,3 @@ def to_host(x) -> np.ndarray:
     if not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def data_shard(mesh: Mesh, rules=None) -> tuple[int, int]:
-    """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
-    blocks of rows of the global batch (give them to the data pipeline's shard options).
-
-    Usually ``(process_index, process_count)``; processes whose devices hold the same rows (when
-    the batch is not split across all hosts, e.g. ``tensor`` spanning hosts) get the same index
-    and must load the same data.
-    """
-    sharding = batch_sharding(mesh, rules)
-    n = sharding.num_devices
-    rows: dict[int, set] = {}
-    for device, index in sharding.devices_indices_map((n, 1)).items():
-        rows.setdefault(device.process_index, set()).add(
-            (index[0].start or 0, n if index[0].stop is None else index[0].stop))
-    spans = {}
-    for pid, slices in rows.items():
-        lo, hi = min(a for a, _ in slices), max(b for _, b in slices)
-        if sum(b - a for a, b in slices) != hi - lo:
-            raise ValueError(f"process {pid} holds non-consecutive batch rows {sorted(slices)}:"
-                             " reorder the mesh so each host's devices hold one block of the batch")
-        spans[pid] = (lo, hi)
-    blocks = sorted(set(spans.values()))
-    return blocks.index(spans[jax.process_index()]), len(blocks)
-
-
-def make_global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
-    """Global ``jax.Array`` s from this process's numpy batch ``{name: [B_local, ...]}``.
-
-    Each process passes its block of rows, ``data_shard(mesh, rules)``: the global batch is the
-    blocks in index order, ``B = B_local * count``. No data crosses hosts.
-    """
-    sharding = batch_sharding(mesh, rules)
-    out = {}
-    for name, value in local_batch.items():
-        value = np.asarray(value)
-        spec = P(*sharding.spec[: value.ndim])  # 1-D per-sequence fields shard like the batch
-        out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out

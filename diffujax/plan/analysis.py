@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from diffujax.attention import resolve_backend
 from diffujax.attention.pattern import AttentionPattern
 from diffujax.models import param_specs
-from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.mesh import Layout, make_layout
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
 from diffujax.plan import comms, hlo
 from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
@@ -30,12 +30,15 @@ from diffujax.train.step import training_dropout
 
 @dataclasses.dataclass
 class Target:
-    """Where a plan compiles for: the slice(s), their mesh and the logical rules."""
+    """Where a plan compiles for: the slice(s) and the layout (their mesh, the logical rules)."""
 
     slice: SliceSpec
     num_slices: int
-    mesh: jax.sharding.Mesh
-    rules: tuple
+    layout: Layout
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.layout.mesh
 
     @property
     def num_devices(self) -> int:
@@ -52,8 +55,7 @@ def make_target(cfg, topology: str, num_slices: int | None = None) -> Target:
     spec = parse_slice(topology)
     slices = cfg.mesh.num_slices if num_slices is None else num_slices
     mesh_cfg = dataclasses.replace(cfg.mesh, num_slices=slices)
-    mesh = make_mesh(mesh_cfg, slice_devices(spec, slices))
-    return Target(spec, slices, mesh, cfg.mesh.rule_table())
+    return Target(spec, slices, make_layout(mesh_cfg, slice_devices(spec, slices)))
 
 
 # ------------------------------------------------------------------------------ one program
@@ -197,7 +199,7 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
                     peak_flops_per_chip=peak,
                     mesh=dict(zip(target.mesh.axis_names, map(int, target.mesh.axis_sizes)))),
         programs=[])
-    for program in programs_for(what, cfg, model_cfg, target.mesh, target.rules):
+    for program in programs_for(what, cfg, model_cfg, target.layout):
         log(f"compiling {program.name} ({program.description}) for {target.slice.name} ...")
         report["programs"].append(compile_program(program, target, model_cfg))
     report["fits"] = all(p["memory"]["fits"] for p in report["programs"])

@@ -23,8 +23,7 @@ from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
 from diffujax.models import (KVCache, abstract_params, apply_fn_for, cached_fn_for,
                              param_shardings)
-from diffujax.parallel.logical import axis_rules
-from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated
+from diffujax.parallel.mesh import Layout
 from diffujax.train.checkpointing import abstract_like
 from diffujax.train.state import (abstract_train_state, apply_fn_for_run, model_params,
                                   train_state_shardings)
@@ -77,10 +76,10 @@ def _sds(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
-def abstract_batch(cfg, rows: int, mesh, rules) -> dict:
+def abstract_batch(cfg, rows: int, layout: Layout) -> dict:
     """The batch the data pipeline yields (its output contract: tokens, segment_ids, src,
     loss_mask, and positions when ``data.options.positions``), as global ``[rows, L]`` arrays."""
-    sharding = batch_sharding(mesh, rules)
+    sharding = layout.batch_sharding
     shape = (rows, cfg.data.seq_len)
     fields = {"tokens": jnp.int32, "segment_ids": jnp.int32, "src": jnp.bool_,
               "loss_mask": jnp.bool_}
@@ -89,19 +88,19 @@ def abstract_batch(cfg, rows: int, mesh, rules) -> dict:
     return {name: _sds(shape, dtype, sharding) for name, dtype in fields.items()}
 
 
-def abstract_state(cfg, model_cfg, mesh, rules):
+def abstract_state(cfg, model_cfg, layout: Layout):
     return abstract_like(abstract_train_state(cfg, model_cfg),
-                         train_state_shardings(cfg, model_cfg, mesh, rules))
+                         train_state_shardings(cfg, model_cfg, layout))
 
 
-def abstract_model_params(cfg, model_cfg, mesh, rules):
+def abstract_model_params(cfg, model_cfg, layout: Layout):
     """The weights ``diffujax generate`` holds: the model's (a LoRA run exports them merged)."""
-    return abstract_like(abstract_params(model_cfg), param_shardings(model_cfg, mesh, rules))
+    return abstract_like(abstract_params(model_cfg), param_shardings(model_cfg, layout))
 
 
-def abstract_key(mesh):
+def abstract_key(layout: Layout):
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=layout.replicated())
 
 
 def micro_batch(cfg) -> int:
@@ -111,14 +110,14 @@ def micro_batch(cfg) -> int:
 # ------------------------------------------------------------------------------ the programs
 
 
-def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
+def train_programs(cfg, model_cfg, layout: Layout) -> list[Program]:
     """Every train step ``diffujax train`` compiles (``step_config``): the step while the
     attention mask anneals (when ``diffusion.anneal_steps > 0``), the full-attention step it
     switches to afterwards, and one of each per block size of ``diffusion.block_schedule``
     (docs/algorithms.md §9), in the order the run first needs them."""
     apply_fn = apply_fn_for_run(cfg, model_cfg)
-    state = abstract_state(cfg, model_cfg, mesh, rules)
-    batch = abstract_batch(cfg, cfg.data.global_batch, mesh, rules)
+    state = abstract_state(cfg, model_cfg, layout)
+    batch = abstract_batch(cfg, cfg.data.global_batch, layout)
     # With LoRA, "params" are the adapters (what trains) and "frozen" the base weights.
     inputs = {"params": state.params, "frozen": state.frozen, "optimizer": state.opt_state,
               "ema": state.ema, "batch": batch}
@@ -139,41 +138,41 @@ def train_programs(cfg, model_cfg, mesh, rules) -> list[Program]:
         if block:
             name += f"_blocks{block}"
             text += f", blocks of {block} (from step {step})"
-        train_step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+        train_step = make_train_step(run_cfg, model_cfg, apply_fn, layout)
         out.append(Program(name, text,
                            lambda s=train_step, a=annealing: s.lower(state, batch, a), inputs,
                            "annealed" if annealing else "full", cfg.data.global_batch))
     return out
 
 
-def eval_program(cfg, model_cfg, mesh, rules) -> Program:
+def eval_program(cfg, model_cfg, layout: Layout) -> Program:
     """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
     apply_fn = apply_fn_for_run(cfg, model_cfg)
-    params = model_params(abstract_state(cfg, model_cfg, mesh, rules))
+    params = model_params(abstract_state(cfg, model_cfg, layout))
     rows = micro_batch(cfg)
-    batch = abstract_batch(cfg, rows, mesh, rules)
-    step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
-    key = abstract_key(mesh)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))  # row offset, rows
+    batch = abstract_batch(cfg, rows, layout)
+    step = make_eval_step(cfg, model_cfg, apply_fn, layout, kind="elbo")
+    key = abstract_key(layout)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())  # row offset, rows
     return Program("eval", "held-out ELBO step (one micro-batch)",
                    lambda: step.lower(params, batch, key, scalar, scalar),
                    {"params": params, "batch": batch}, "full", rows)
 
 
-def generate_program(cfg, model_cfg, mesh, rules) -> Program:
+def generate_program(cfg, model_cfg, layout: Layout) -> Program:
     """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
     tokens (a whole denoising loop: one compiled ``while``)."""
     apply_fn = apply_fn_for(model_cfg)
-    params = abstract_model_params(cfg, model_cfg, mesh, rules)
-    rows = batch_shard_count(mesh, rules)
-    sharding = batch_sharding(mesh, rules)
+    params = abstract_model_params(cfg, model_cfg, layout)
+    rows = layout.batch_shards
+    sharding = layout.batch_sharding
     canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
     src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
-    key = abstract_key(mesh)
+    key = abstract_key(layout)
     mask_id = checked_mask_token(model_cfg)
 
     def lower():
-        with jax.set_mesh(mesh), axis_rules(rules):
+        with layout.active():
             return sample_confidence.lower(apply_fn, params, canvas, src, key,
                                            mask_token_id=int(mask_id), steps=GENERATE_STEPS)
 
@@ -212,7 +211,7 @@ def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> d
                 canvas=length, forward_passes=passes, loop_passes=passes - prefill)
 
 
-def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None = None
+def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | None = None
                             ) -> Program:
     """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
     compiled ``while`` over denoising and commit passes, the KV cache donated) on one row per
@@ -220,20 +219,20 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
     the AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
     n = model_cfg.block_size if block_size is None else block_size
     plan = decode_plan(cfg.data.seq_len, n)
-    params = abstract_model_params(cfg, model_cfg, mesh, rules)
-    rows = batch_shard_count(mesh, rules)
-    sharding = batch_sharding(mesh, rules)
+    params = abstract_model_params(cfg, model_cfg, layout)
+    rows = layout.batch_shards
+    sharding = layout.batch_sharding
     prompt = _sds((rows, plan["prompt_width"]), jnp.int32, sharding)
-    lengths = _sds((rows,), jnp.int32, NamedSharding(mesh, PartitionSpec(sharding.spec[0])))
+    lengths = _sds((rows,), jnp.int32, NamedSharding(layout.mesh, PartitionSpec(sharding.spec[0])))
     cache_shape = (model_cfg.num_layers, rows, plan["canvas"], model_cfg.num_kv_heads,
                    model_cfg.head_dim)
-    cache_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.spec[0]))
+    cache_sharding = NamedSharding(layout.mesh, PartitionSpec(None, sharding.spec[0]))
     cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
-    key = abstract_key(mesh)
+    key = abstract_key(layout)
     mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
 
     def lower():
-        with jax.set_mesh(mesh), axis_rules(rules):
+        with layout.active():
             return decode_blocks.lower(
                 cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
                 new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
@@ -251,16 +250,16 @@ def cached_generate_program(cfg, model_cfg, mesh, rules, block_size: int | None 
                                        "cache": cache}, "cached", rows, decode=plan)
 
 
-def programs_for(what: str, cfg, model_cfg, mesh, rules) -> list[Program]:
+def programs_for(what: str, cfg, model_cfg, layout: Layout) -> list[Program]:
     if what == "train":
-        return train_programs(cfg, model_cfg, mesh, rules)
+        return train_programs(cfg, model_cfg, layout)
     if what == "eval":
-        return [eval_program(cfg, model_cfg, mesh, rules)]
+        return [eval_program(cfg, model_cfg, layout)]
     if what == "generate":
         if model_cfg.block_size > 0:  # the cached block decoder and its AR baseline
-            return [cached_generate_program(cfg, model_cfg, mesh, rules),
-                    cached_generate_program(cfg, model_cfg, mesh, rules, block_size=1)]
-        return [generate_program(cfg, model_cfg, mesh, rules)]
+            return [cached_generate_program(cfg, model_cfg, layout),
+                    cached_generate_program(cfg, model_cfg, layout, block_size=1)]
+        return [generate_program(cfg, model_cfg, layout)]
     raise ValueError(f"--what {what!r} is not one of train, eval, generate")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 from diffujax.models.layers import REMAT_POLICIES
-from diffujax.parallel.mesh import batch_shard_count
 from diffujax.plan.analysis import compile_program, make_target
 from diffujax.plan.estimate import estimate_step
 from diffujax.plan.programs import plan_model_config, train_programs
@@ -44,8 +43,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log
     peak = peak_flops_per_device(target.device_kind)
     tokens = cfg.data.global_batch * cfg.data.seq_len
     model_flops = model_flops_per_token(cfg, model_cfg) * tokens
-    choices = accumulation_choices(cfg.data.global_batch,
-                                   batch_shard_count(target.mesh, target.rules))
+    choices = accumulation_choices(cfg.data.global_batch, target.layout.batch_shards)
     tried: list[dict] = []
     memo: dict[tuple[str, int], dict] = {}
 
@@ -56,7 +54,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS, log
             result = dict(remat=remat, grad_accum_steps=accum, total=0, fits=True)
             # The full-attention step first (the run's steady state, estimated), then the
             # annealing one, which must fit too.
-            for program in reversed(train_programs(run_cfg, mc, target.mesh, target.rules)):
+            for program in reversed(train_programs(run_cfg, mc, target.layout)):
                 compiled = compile_program(program, target, mc)
                 mem = compiled["memory"]
                 result["total"] = max(result["total"], mem["total"])

@@ -35,7 +35,7 @@ except ModuleNotFoundError as e:  # an optional extra
     raise ModuleNotFoundError(f"{e}: diffujax lm-eval needs lm-evaluation-harness, pip install"
                               " 'diffujax[eval]'") from e
 
-from diffujax.runtime import load_for_inference, mesh_from_args
+from diffujax.runtime import load_for_inference, layout_from_args
 from diffujax.tasks.engine import Engine, Row
 from diffujax.tasks.model_args import batch_size_of, model_args
 
@@ -67,9 +67,8 @@ class DiffujaxLM(TemplateLM):
         super().__init__()
         a = model_args(values)  # every key and value checked before the model loads
         mesh = "none" if a["mesh"] is None else a["mesh"]  # lm-eval reads mesh=none as None
-        mesh_, rules = mesh_from_args(argparse.Namespace(mesh=mesh, distributed="auto"))
-        self.model = load_for_inference(a["checkpoint"], dtype=a["dtype"], mesh=mesh_,
-                                        rules=rules)
+        layout = layout_from_args(argparse.Namespace(mesh=mesh, distributed="auto"))
+        self.model = load_for_inference(a["checkpoint"], dtype=a["dtype"], layout=layout)
         if a["objective"] == "diffusion":
             self.model.mask_token_id()  # one clear line if the checkpoint has none
         self.engine = Engine(self.model, batch_size=batch_size_of(a["batch_size"]),

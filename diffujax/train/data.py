@@ -18,7 +18,8 @@ from diffujax.data.sources import make_source
 def build_data(cfg, tokenizer, model_cfg, *, eval_split: bool = False, shard=None):
     """``(pipeline, sources)``: the process-local pipeline of ``data.sources`` (or, with
     ``eval_split``, of ``data.eval_sources``: one pass, in order; ``(None, [])`` if none).
-    ``shard``: this process's ``(index, count)`` block of the global batch (``data_shard``)."""
+    ``shard``: this process's ``(index, count)`` block of the global batch
+    (``Layout.data_shard``)."""
     specs = cfg.source_specs(eval_split)
     if not specs:
         if eval_split:

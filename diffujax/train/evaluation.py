@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from diffujax.diffusion.sampling import infill_canvas, sample_ancestral
-from diffujax.parallel.mesh import data_shard, make_global_batch, to_host
+from diffujax.parallel.mesh import to_host
 from diffujax.train.data import build_data, source_reports
 from diffujax.train.step import heldout_nll, make_eval_step
 
@@ -27,13 +27,13 @@ def _min_over_processes(n: int) -> int:
 class Evaluator:
     """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
 
-    def __init__(self, cfg, model_cfg, apply_fn, mesh, rules, tokenizer):
+    def __init__(self, cfg, model_cfg, apply_fn, layout, tokenizer):
         self.cfg, self.model_cfg, self.apply_fn = cfg, model_cfg, apply_fn
         self.tokenizer = tokenizer
         self.batches, self.reports = [], []
         if cfg.logging.eval_every and cfg.data.eval_sources:
             pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True,
-                                           shard=data_shard(mesh, rules))
+                                           shard=layout.data_shard())
             self.reports = source_reports(sources)
             it = pipeline.iterator()
             local = []
@@ -44,10 +44,10 @@ class Evaluator:
                     break
             # Every process must run the same number of eval steps (they are collectives).
             count = _min_over_processes(len(local))
-            self.batches = [make_global_batch(b, mesh, rules) for b in local[:count]]
+            self.batches = [layout.make_global_batch(b) for b in local[:count]]
             if not self.batches:
                 warnings.warn("data.eval_sources yield no full batch: periodic evaluation is off")
-            self.step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="elbo")
+            self.step = make_eval_step(cfg, model_cfg, apply_fn, layout, kind="elbo")
         self.key = jax.random.key(cfg.train.seed + 1)
 
     def elbo(self, params) -> dict | None:

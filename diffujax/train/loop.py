@@ -32,7 +32,7 @@ from diffujax import paths
 from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.config import to_dict, to_yaml
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.models import matmul_params
 from diffujax.runs.flops import peak_flops_per_device
 from diffujax.runs.lock import RunLockError, run_lock
@@ -119,13 +119,13 @@ class _Run:
         self.cfg, self.guard, self.lock = cfg, guard, lock
         self.out_dir = out_dir = paths.resolve(cfg.output_dir)  # a local path or a bucket URL
         c, lg = cfg.checkpoint, cfg.logging
-        self.mesh, self.rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
+        self.layout = make_layout(cfg.mesh)
         self.ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=c.every_steps,
                                       keep_last=c.keep_last, keep_every=c.keep_every,
                                       async_save=c.async_save, restart_data=c.restart_data)
         self.run_config = to_dict(cfg)
-        self.model_cfg, self.state, restored = initial_state(cfg, self.mesh, self.rules,
-                                                             self.ckpt, notes)
+        self.model_cfg, self.state, restored = initial_state(cfg, self.layout, self.ckpt,
+                                                             notes)
         self.restored_step = int(restored.step) if restored else None
         self.start = self.step = self.restored_step or 0
         if restored is not None:
@@ -137,7 +137,7 @@ class _Run:
         self.tokenizer_dir = cfg.tokenizer_dir()
         tokenizer = load_tokenizer(self.tokenizer_dir, model_vocab_size=self.model_cfg.vocab_size)
         self.pipeline, sources = build_data(cfg, tokenizer, self.model_cfg,
-                                            shard=data_shard(self.mesh, self.rules))
+                                            shard=self.layout.data_shard())
         self.data_sources = data_identity(sources)
         self.data_iter = self.pipeline.iterator()
         if restored is not None:
@@ -146,7 +146,7 @@ class _Run:
         if jax.process_index() == 0:  # only once the checkpoint accepted this config and data
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.mesh, self.rules, tokenizer)
+        self.evaluator = Evaluator(cfg, self.model_cfg, apply_fn, self.layout, tokenizer)
         self._steps = {}  # block size -> the step function of those steps (both phases)
         self._block_size = None  # of the last step run
         self._annealing = None  # the phase of the last step run
@@ -166,7 +166,7 @@ class _Run:
         self.logger.message(
             f"model: {self.model_cfg.family}, {matmul_params(self.model_cfg) / 1e6:.1f}M matmul"
             f" params, {flops / 1e9:.3f} GFLOP/token; mesh"
-            f" {dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))} of"
+            f" {self.layout.axis_sizes} of"
             f" {jax.devices()[0].device_kind}; peak"
             f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
@@ -226,7 +226,7 @@ class _Run:
         self._annealing = annealing
         if d.block_size not in self._steps:
             self._steps[d.block_size] = make_train_step(run_cfg, self.model_cfg, self._apply_fn,
-                                                        self.mesh, self.rules)
+                                                        self.layout)
         return self._steps[d.block_size], annealing
 
     # -- the loop --------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class _Run:
                 except StopIteration:
                     stop = "data"
                     break
-                batch = make_global_batch(local, self.mesh, self.rules)
+                batch = self.layout.make_global_batch(local)
                 self.profiler.before(self.step + 1)
                 train_step, annealing = self._step_fn()
                 self.state, metrics = train_step(self.state, batch, annealing)

@@ -11,7 +11,7 @@ from diffujax.train.resume import check_resume
 from diffujax.train.state import abstract_train_state, create_train_state, train_state_shardings
 
 
-def initial_state(cfg, mesh, rules, ckpt, notes: list):
+def initial_state(cfg, layout, ckpt, notes: list):
     """``(model_cfg, state, restored)``; ``restored`` is None for a fresh start. ``notes`` gets
     one line saying where the state came from."""
     recorded = saved_run_config(ckpt.directory)
@@ -24,7 +24,7 @@ def initial_state(cfg, mesh, rules, ckpt, notes: list):
         model_cfg = cfg.resolve_model_config(saved)
         cfg.check_model(model_cfg, f"the model of {ckpt.directory}")
         target = abstract_like(abstract_train_state(cfg, model_cfg),
-                               train_state_shardings(cfg, model_cfg, mesh, rules))
+                               train_state_shardings(cfg, model_cfg, layout))
         restored = ckpt.restore_latest(target)
         if restored is not None:
             notes.append(f"resumed from {ckpt.directory / str(restored.step)}")
@@ -34,12 +34,12 @@ def initial_state(cfg, mesh, rules, ckpt, notes: list):
         loaded_cfg, _ = store.read_meta(base)
         model_cfg = cfg.resolve_model_config(loaded_cfg)
         cfg.check_model(model_cfg, f"model.checkpoint {base}")  # before any weight is read
-        shardings = param_shardings(model_cfg, mesh, rules)
+        shardings = param_shardings(model_cfg, layout)
         _, params = store.load(base, dtype=model_cfg.param_dtype, shardings=shardings)
-        state = create_train_state(cfg, model_cfg, mesh, rules, params=params)
+        state = create_train_state(cfg, model_cfg, layout, params=params)
         notes.append(f"initialised from {base}")
     else:
         model_cfg = cfg.resolve_model_config()
-        state = create_train_state(cfg, model_cfg, mesh, rules)
+        state = create_train_state(cfg, model_cfg, layout)
         notes.append(f"random initialisation (seed {cfg.model.init_seed})")
     return model_cfg, state, None

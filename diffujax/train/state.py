@@ -1,8 +1,8 @@
 """The training state: one pytree holding everything a resumed run needs (besides the data state).
 
-    state = create_train_state(run_cfg, model_cfg, mesh, rules)             # random init, sharded
-    state = create_train_state(run_cfg, model_cfg, mesh, rules, params=p)   # from a checkpoint
-    shardings = train_state_shardings(run_cfg, model_cfg, mesh, rules)     # restore targets too
+    state = create_train_state(run_cfg, model_cfg, layout)             # random init, sharded
+    state = create_train_state(run_cfg, model_cfg, layout, params=p)   # from a checkpoint
+    shardings = train_state_shardings(run_cfg, model_cfg, layout)     # restore targets too
 
 Everything is derived from the two configs, so the abstract state (for orbax restore targets) and
 its shardings can be rebuilt on any topology without touching device memory.
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from diffujax.models import abstract_params, apply_fn_for, init_params, lora, param_shardings
-from diffujax.parallel.mesh import replicated
+from diffujax.parallel.mesh import Layout
 from diffujax.runs.flops import train_flops_per_token
 from diffujax.train.optim import make_optimizer
 
@@ -103,15 +103,15 @@ def abstract_train_state(run_cfg, model_cfg) -> TrainState:
     return jax.eval_shape(_init_fn(run_cfg, model_cfg), abstract_params(model_cfg))
 
 
-def train_state_shardings(run_cfg, model_cfg, mesh, rules=None) -> TrainState:
+def train_state_shardings(run_cfg, model_cfg, layout: Layout) -> TrainState:
     """``NamedSharding`` per state leaf: params, EMA and optimizer moments by their weights'
     logical axes, counters and the rng replicated. Which optimizer-state leaves mirror a weight
     is optax's answer (``tree_map_params``), not a guess from names or shapes."""
-    base = param_shardings(model_cfg, mesh, rules)
+    base = param_shardings(model_cfg, layout)
     spec = run_cfg.lora_spec(model_cfg)
-    weights = base if spec is None else lora.adapter_shardings(model_cfg, spec, mesh, rules)
+    weights = base if spec is None else lora.adapter_shardings(model_cfg, spec, layout)
     state = abstract_train_state(run_cfg, model_cfg)
-    everywhere = replicated(mesh)
+    everywhere = layout.replicated()
     opt_state = optax.tree_map_params(
         optimizer_for(run_cfg, model_cfg), lambda _, sharding: sharding, state.opt_state, weights,
         transform_non_params=lambda _: everywhere)
@@ -120,19 +120,19 @@ def train_state_shardings(run_cfg, model_cfg, mesh, rules=None) -> TrainState:
                       total_bad_steps=everywhere, frozen=None if spec is None else base)
 
 
-def model_param_shardings(run_cfg, model_cfg, mesh, rules=None):
+def model_param_shardings(run_cfg, model_cfg, layout: Layout):
     """Shardings of ``model_params(state)``'s tree (what ``apply_fn_for_run`` takes)."""
-    shardings = train_state_shardings(run_cfg, model_cfg, mesh, rules)
+    shardings = train_state_shardings(run_cfg, model_cfg, layout)
     return model_params(shardings)
 
 
-def create_train_state(run_cfg, model_cfg, mesh, rules=None, params=None) -> TrainState:
+def create_train_state(run_cfg, model_cfg, layout: Layout, params=None) -> TrainState:
     """A sharded step-0 state. Without ``params`` the model is initialised (seed
     ``model.init_seed``) directly in its shards; with ``params`` (e.g. from ``store.load``) they
     are cast to the master dtype and laid out as the rules say."""
-    shardings = train_state_shardings(run_cfg, model_cfg, mesh, rules)
+    shardings = train_state_shardings(run_cfg, model_cfg, layout)
     init = _init_fn(run_cfg, model_cfg)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(layout.mesh):
         if params is None:
             return jax.jit(init, out_shardings=shardings)()
         return jax.jit(init, out_shardings=shardings)(params)

@@ -1,7 +1,7 @@
 """The compiled training and evaluation steps.
 
-    step = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
-    # batch: make_global_batch(local_numpy, mesh, rules); the phase: pattern.is_annealing
+    step = make_train_step(run_cfg, model_cfg, apply_fn, layout)
+    # batch: layout.make_global_batch(local_numpy); the phase: pattern.is_annealing
     state, metrics = step(state, batch, is_annealing(step_index, anneal_steps))
 
 One ``jax.jit`` per step function, with explicit in/out shardings and the state donated. Inside:
@@ -39,33 +39,29 @@ from diffujax.diffusion.blocks import block_diffusion_loss_sums, effective_block
 from diffujax.diffusion.likelihood import ar_nll_terms, elbo_terms, summarize_nll
 from diffujax.diffusion.objective import SplitHead, diffusion_loss_sums
 from diffujax.models import lora
-from diffujax.parallel.logical import axis_rules, constrain
-from diffujax.parallel.mesh import batch_shard_count, batch_sharding, replicated, to_host
+from diffujax.parallel.logical import constrain
+from diffujax.parallel.mesh import Layout, to_host
 from diffujax.train.optim import ema_update, make_schedule
 from diffujax.train.state import (TrainState, model_param_shardings, optimizer_for,
                                   train_state_shardings)
 
 
 class CompiledStep:
-    """A jitted step run under the mesh and the logical-axis rules (activation constraints inside
-    the model read them while tracing). ``lower(*args)`` gives the AOT form (memory and cost
+    """A jitted step run under a ``Layout`` (activation constraints inside the model read its mesh
+    and rules while tracing). ``lower(*args)`` gives the AOT form (memory and cost
     analysis; a later call reuses what ``lower(...).compile()`` compiled)."""
 
-    def __init__(self, fn, mesh, rules, **jit_kwargs):
+    def __init__(self, fn, layout: Layout, **jit_kwargs):
         self.jitted = jax.jit(fn, **jit_kwargs)
-        self.mesh, self.rules = mesh, rules
+        self.layout = layout
 
     def __call__(self, *args):
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+        with self.layout.active():
             return self.jitted(*args)
 
     def lower(self, *args):
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+        with self.layout.active():
             return self.jitted.lower(*args)
-
-
-def _rules(run_cfg, rules):
-    return run_cfg.mesh.rule_table() if rules is None else tuple(rules)
 
 
 log = logging.getLogger(__name__)
@@ -140,7 +136,7 @@ def step_config(run_cfg, step: int):
         d, block_size=run_cfg.block_size_at(step), block_schedule=()))
 
 
-def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledStep:
+def make_train_step(run_cfg, model_cfg, apply_fn, layout: Layout) -> CompiledStep:
     """``step(state, batch, annealing) -> (state, metrics)``, compiled once for the batch's
     shapes and each phase.
 
@@ -164,16 +160,15 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
     if run_cfg.diffusion.block_schedule:
         raise ValueError("make_train_step compiles one block size: pass step_config(run_cfg,"
                          " step), which resolves diffusion.block_schedule for that step")
-    rules = _rules(run_cfg, rules)
     d, opt = run_cfg.diffusion, run_cfg.optimizer
     accum = opt.grad_accum_steps
     mask_id = checked_mask_token(model_cfg)
     optimizer = optimizer_for(run_cfg, model_cfg)
     schedule = make_schedule(opt, run_cfg.train.steps)
     max_bad_steps = run_cfg.train.max_bad_steps
-    state_sh = train_state_shardings(run_cfg, model_cfg, mesh, rules)
-    batch_sh = batch_sharding(mesh, rules)
-    shards = batch_shard_count(mesh, rules)
+    state_sh = train_state_shardings(run_cfg, model_cfg, layout)
+    batch_sh = layout.batch_sharding
+    shards = layout.batch_shards
     dropout = training_dropout(run_cfg, model_cfg)
     if run_cfg.model.loss_chunk:
         apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
@@ -273,12 +268,12 @@ def make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules=None) -> CompiledS
                        total_bad_steps=total_bad, halted=halted.astype(jnp.int32))
         return new_state, metrics
 
-    return CompiledStep(step_fn, mesh, rules, static_argnums=(2,),
+    return CompiledStep(step_fn, layout, static_argnums=(2,),
                         in_shardings=(state_sh, batch_sh),
-                        out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+                        out_shardings=(state_sh, layout.replicated()), donate_argnums=(0,))
 
 
-def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
+def make_eval_step(run_cfg, model_cfg, apply_fn, layout: Layout,
                    kind: str = "elbo") -> CompiledStep:
     """``eval_step(params, batch, key, row_offset, rows) -> (nll [B], targets [B])``, the
     per-sequence terms of ``diffujax eval`` (replicated); ``heldout_nll`` runs it over batches.
@@ -292,12 +287,11 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
     """
     if kind not in ("elbo", "ar"):
         raise ValueError(f"eval kind {kind!r} is not 'elbo' or 'ar'")
-    rules = _rules(run_cfg, rules)
     d = run_cfg.diffusion
     mask_id = checked_mask_token(model_cfg) if kind == "elbo" else None
     if run_cfg.model.loss_chunk:
         apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
-    params_sh = model_param_shardings(run_cfg, model_cfg, mesh, rules)
+    params_sh = model_param_shardings(run_cfg, model_cfg, layout)
 
     def eval_fn(params, batch, key, row_offset, rows):
         tokens = batch["tokens"]
@@ -314,10 +308,9 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, mesh, rules=None,
                           row_offset=row_offset, global_batch=rows, block_size=block,
                           positions=batch.get("positions") if block else None)
 
-    scalar = replicated(mesh)
-    return CompiledStep(eval_fn, mesh, rules,
-                        in_shardings=(params_sh, batch_sharding(mesh, rules), scalar, scalar,
-                                      scalar),
+    scalar = layout.replicated()
+    return CompiledStep(eval_fn, layout,
+                        in_shardings=(params_sh, layout.batch_sharding, scalar, scalar, scalar),
                         out_shardings=scalar)
 
 

@@ -11,7 +11,7 @@ from attn_testlib import (make_inputs, make_pattern, out_and_grads, segment_ids,
                           two_stream_segment_ids)
 from diffujax.attention import AttentionConfig, TpuBlockSizes, attention, reference_attention
 from diffujax.attention.sharded import kernel_layout
-from diffujax.parallel.logical import axis_rules
+from diffujax.parallel.mesh import Layout
 
 SMALL = TpuBlockSizes(16, 16, 16, 16)
 
@@ -23,7 +23,7 @@ def _mesh(data, fsdp, tensor):
 
 def _sharded_vs_reference(mesh, config, pattern, q, k, v, do, atol=3e-5):
     fn = lambda q, k, v, p: attention(q, k, v, p, config)  # noqa: E731
-    with jax.set_mesh(mesh), axis_rules():
+    with Layout(mesh).active():
         heads = NamedSharding(mesh, PS(("data", "fsdp"), None, "tensor", None))
         batch = NamedSharding(mesh, PS(("data", "fsdp")))
         args = [jax.device_put(x, heads if x.shape[2] % 2 == 0 else batch)
@@ -67,7 +67,7 @@ def test_replicated_when_nothing_divides():
     config = AttentionConfig(backend="pallas_tpu", interpret=True, tpu_block_sizes=SMALL)
     fn = lambda q, k, v, p: attention(q, k, v, p, config)  # noqa: E731
     pattern = make_pattern("causal")
-    with jax.set_mesh(mesh), axis_rules():
+    with Layout(mesh).active():
         got = out_and_grads(fn, pattern, q, k, v, do)
     want = out_and_grads(reference_attention, pattern, q, k, v, do)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):

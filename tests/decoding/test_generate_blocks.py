@@ -18,7 +18,7 @@ from diffujax.cli import main as cli
 from diffujax.config import MeshSection, MeshShape
 from diffujax.inference.generation import decode
 from diffujax.models import ConfigError, config_from_hf, forward
-from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.runtime import load_for_inference
 from diffujax.tasks.engine import Engine, Row
 from tiny_models import tiny_model
@@ -160,8 +160,8 @@ def test_cached_decoding_on_a_mesh_equals_one_device(checkpoints):
     batch shards: the same tokens as on one device, block decoder and AR decoder alike."""
     paths, _, _ = checkpoints
     section = MeshSection(shape=MeshShape(data=1, fsdp=4, tensor=2))
-    meshed = load_for_inference(str(paths["blocks"]), mesh=make_mesh(section, jax.devices()[:8]),
-                                rules=section.rule_table())
+    meshed = load_for_inference(str(paths["blocks"]),
+                                layout=make_layout(section, jax.devices()[:8]))
     single = load_for_inference(str(paths["blocks"]))
     prompts = [[EOS, 1, 2], [EOS, 4, 5, 6, 7, 8], [EOS]]
     for sampler in ("threshold", "ar"):

@@ -14,9 +14,8 @@ from jax.sharding import PartitionSpec as P
 from diffujax.attention import causal
 from diffujax.config import MeshSection, MeshShape
 from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
-from diffujax.parallel.logical import (DEFAULT_RULES, HIDDEN, LOGITS, QUERY, axis_rules,
-                                       logical_to_spec)
-from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.logical import DEFAULT_RULES, HIDDEN, LOGITS, QUERY, logical_to_spec
+from diffujax.parallel.mesh import Layout, make_mesh
 
 SIZES = {"data": 2, "fsdp": 4, "tensor": 1}
 BATCH_ON_DATA = MeshSection(rules={"activation_batch": ["data"]}).rule_table()
@@ -63,7 +62,7 @@ def test_models_constrain_activations_by_activation_names(config):
     apply_fn, params = apply_fn_for(config), init_params(config)
     mesh = make_mesh(MeshSection(shape=MeshShape(2, 4, 1)))
     tokens = np.zeros((8, 16), np.int32)
-    with jax.set_mesh(mesh), axis_rules(BATCH_ON_DATA):
+    with Layout(mesh, BATCH_ON_DATA).active():
         jaxpr = jax.make_jaxpr(lambda p, x: apply_fn(p, x, causal()))(params, tokens)
     specs = list(_constraints(jaxpr.jaxpr))
     # hidden states (embedding, each block), q, logits; the scan body is traced once

@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.config import MeshSection, MeshShape
 from diffujax.models import LlamaConfig, init_params, sharded_init
-from diffujax.parallel.mesh import (batch_sharding, data_shard, make_global_batch, make_mesh,
-                                    maybe_initialize_distributed, resolve_shape, spec_for)
+from diffujax.parallel.mesh import (Layout, make_layout, make_mesh, maybe_initialize_distributed,
+                                    resolve_shape)
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                    intermediate_size=64)
@@ -34,28 +34,29 @@ def test_make_mesh_has_auto_axes():
     assert single.axis_sizes == (1, 1, 1)
 
 
-def test_spec_for_skips_axes_that_do_not_divide():
+def test_spec_skips_axes_that_do_not_divide():
     mesh = make_mesh(MeshSection(shape=MeshShape(1, 4, 2)))
-    assert spec_for(("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
-    assert spec_for(("vocab", "embed"), (50257, 32), mesh) == P(None, "fsdp")  # GPT-2 vocab
+    layout = Layout(mesh)
+    assert layout.spec(("vocab", "embed"), (64, 32)) == P("tensor", "fsdp")
+    assert layout.spec(("vocab", "embed"), (50257, 32)) == P(None, "fsdp")  # GPT-2 vocab
     rules = (("embed", None), ("vocab", ("fsdp", "tensor")))
-    assert spec_for(("vocab", "embed"), (64, 32), mesh, rules) == P(("fsdp", "tensor"), None)
+    assert Layout(mesh, rules).spec(("vocab", "embed"), (64, 32)) == P(("fsdp", "tensor"), None)
 
 
 def test_global_batch_is_split_over_data_and_fsdp():
-    mesh = make_mesh(MeshSection(shape=MeshShape(2, 2, 2)))
+    layout = make_layout(MeshSection(shape=MeshShape(2, 2, 2)))
     tokens = np.arange(8 * 6, dtype=np.int32).reshape(8, 6)
-    batch = make_global_batch({"tokens": tokens, "src": tokens > 3}, mesh)
-    assert batch["tokens"].sharding == batch_sharding(mesh)
+    batch = layout.make_global_batch({"tokens": tokens, "src": tokens > 3})
+    assert batch["tokens"].sharding == layout.batch_sharding
     assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
     assert batch["tokens"].addressable_shards[0].data.shape == (2, 6)
     np.testing.assert_array_equal(batch["tokens"], tokens)
-    assert data_shard(mesh) == (0, 1)  # one process loads the whole batch
+    assert layout.data_shard() == (0, 1)  # one process loads the whole batch
+    assert layout.batch_shards == 4
 
 
 def test_sharded_init_matches_plain_init():
-    mesh = make_mesh(MeshSection(shape=MeshShape(1, 4, 2)))
-    params = sharded_init(TINY, mesh, seed=3)
+    params = sharded_init(TINY, make_layout(MeshSection(shape=MeshShape(1, 4, 2))), seed=3)
     plain = init_params(TINY, seed=3)
     wq = params["layers"]["attn"]["q_proj"]["kernel"]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)

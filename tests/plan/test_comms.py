@@ -205,7 +205,7 @@ cfg = load_config("configs/tiny.yaml", ["mesh.shape.fsdp=4", "model.dtype=bfloat
                                         "diffusion.anneal_steps=0"])
 model_cfg, _ = plan_model_config(cfg)
 target = make_target(cfg, "v5p-8")
-(program,) = programs_for("train", cfg, model_cfg, target.mesh, target.rules)
+(program,) = programs_for("train", cfg, model_cfg, target.layout)
 text = program.lower().compile().as_text()
 shapes = {tuple(s.shape[1:]) for k, s in param_specs(model_cfg).items()
           if k.startswith("layers/") and len(s.shape) > 2}

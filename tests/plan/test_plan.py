@@ -164,7 +164,7 @@ def test_abstract_batch_is_what_the_pipeline_yields(tiny_cfg):
     pipeline, _ = build_data(tiny_cfg, tokenizer, model_cfg)
     real = next(pipeline.iterator())
     target = make_target(tiny_cfg, "v5p-8")
-    abstract = abstract_batch(tiny_cfg, tiny_cfg.data.global_batch, target.mesh, target.rules)
+    abstract = abstract_batch(tiny_cfg, tiny_cfg.data.global_batch, target.layout)
     assert set(abstract) == set(real)
     for name, value in real.items():
         assert abstract[name].shape == np.shape(value)
@@ -194,7 +194,7 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     total = lambda remat, accum: hbm[remat] * (64 / accum / 4) + 10  # noqa: E731
     seconds = lambda remat, accum: cost[remat] * (1 + 0.05 * accum)  # noqa: E731
 
-    def fake_programs(run_cfg, model_cfg, mesh, rules):
+    def fake_programs(run_cfg, model_cfg, layout):
         return [SimpleNamespace(remat=model_cfg.remat, accum=run_cfg.optimizer.grad_accum_steps)]
 
     def fake_compile(program, target, model_cfg):

@@ -53,7 +53,7 @@ def test_block_model_plans_the_cached_decoder():
     cfg = load_config("configs/tiny.yaml", BLOCK_MODEL)
     model_cfg, _ = plan_model_config(cfg)
     target = make_target(cfg, TOPOLOGY)
-    program, ar = programs_for("generate", cfg, model_cfg, target.mesh, target.rules)
+    program, ar = programs_for("generate", cfg, model_cfg, target.layout)
     assert program.name == "generate_cached" and program.rows == 2  # fsdp=2 batch shards
     assert (ar.name, ar.decode) == ("generate_ar", decode_plan(128, 1))  # its AR baseline
     with _no_persistent_cache():  # compile-only executables cannot be read back

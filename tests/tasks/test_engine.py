@@ -95,12 +95,11 @@ def test_on_a_mesh_the_engine_gives_the_one_device_numbers(tiny_ckpt, engine, ro
     """data=2 x fsdp=2 x tensor=2 over the simulated devices: rows split over 4 batch shards
     (batches rounded up to 4 rows, padded with copies), parameters sharded as in training."""
     from diffujax.config import MeshSection, MeshShape
-    from diffujax.parallel.mesh import make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.runtime import load_for_inference
 
     section = MeshSection(shape=MeshShape(data=2, fsdp=2, tensor=2))
-    model = load_for_inference(str(tiny_ckpt), mesh=make_mesh(section, jax.devices()[:8]),
-                               rules=section.rule_table())
+    model = load_for_inference(str(tiny_ckpt), layout=make_layout(section, jax.devices()[:8]))
     meshed = Engine(model, batch_size=3, seed=SEED)
     assert meshed.batch_size == 4
     np.testing.assert_allclose(meshed.diffusion_score(rows, num_levels=LEVELS),

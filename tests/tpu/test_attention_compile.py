@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffujax.attention import AttentionConfig, AttentionPattern, attention, resolve_backend, tpu
 from diffujax.attention.sharded import target_device
-from diffujax.parallel.logical import axis_rules
+from diffujax.parallel.mesh import Layout
 
 from tpu_testlib import collectives, hbm_bytes, mesh
 
@@ -60,7 +60,7 @@ def _compile_fwd_bwd(m, config, args):
     def loss(q, k, v, pattern):
         return attention(q, k, v, pattern, config).astype(jnp.float32).sum()
 
-    with jax.set_mesh(m), axis_rules():
+    with Layout(m).active():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
 
 
@@ -121,7 +121,7 @@ def test_regression_bare_kernel_cannot_be_partitioned():
     m = mesh("v5p")
     args = _abstract_inputs(m, "causal", False, 8, 512, 128)
     bare = lambda q, k, v, p: tpu.flash_attention(q, k, v, p, block_sizes=tpu.BlockSizes())  # noqa
-    with jax.set_mesh(m), axis_rules():
+    with Layout(m).active():
         with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
             jax.jit(bare).lower(*args)
         fixed = lambda q, k, v, p: attention(q, k, v, p, AttentionConfig(backend="pallas_tpu"))  # noqa

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.models import (KVCache, LlamaConfig, abstract_params, cached_fn_for,
                              param_shardings)
-from diffujax.parallel.logical import axis_rules
+from diffujax.parallel.mesh import Layout
 
 from tpu_testlib import mesh
 
@@ -31,7 +31,7 @@ def test_cached_decoder_compiles_for_tpu(chip, block_size):
     m = mesh(chip)
     sd = jax.ShapeDtypeStruct
     batch = NamedSharding(m, P(("data", "fsdp")))
-    shardings = param_shardings(CONFIG, m)
+    shardings = param_shardings(CONFIG, Layout(m))
     params = jax.tree.map(lambda a, s: sd(a.shape, a.dtype, sharding=s),
                           abstract_params(CONFIG), shardings)
     length = canvas_length(WIDTH, NEW, block_size)
@@ -41,7 +41,7 @@ def test_cached_decoder_compiles_for_tpu(chip, block_size):
     prompt = sd((BATCH, WIDTH), jnp.int32, sharding=batch)
     lengths = sd((BATCH,), jnp.int32, sharding=batch)
     key = jax.random.key(0)
-    with jax.set_mesh(m), axis_rules():
+    with Layout(m).active():
         lowered = decode_blocks.lower(
             cached_fn_for(CONFIG), params, prompt, lengths, cache, key, block_size=block_size,
             new_tokens=NEW, mask_token_id=CONFIG.mask_token_id, sampler="threshold",

@@ -70,29 +70,29 @@ def test_a_scheduled_config_must_be_resolved_before_compiling():
     cfg = train_worker.make_config("llama", diffusion__block_schedule=[[0, 4]])
     model_cfg = cfg.resolve_model_config()
     with pytest.raises(ValueError, match="pass step_config"):
-        make_train_step(cfg, model_cfg, None, None)
+        make_train_step(cfg, model_cfg, None, layout=None)
 
 
 def _train(cfg, steps):
     """``steps`` train steps on one fixed batch, each run by the program the training loop would
     pick for it: (initial params, final state, the programs compiled, the batch)."""
     from diffujax.models import apply_fn_for
-    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train.state import create_train_state
 
-    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
     model_cfg = cfg.resolve_model_config()
     apply_fn = apply_fn_for(model_cfg)
-    state = create_train_state(cfg, model_cfg, mesh, rules)
+    state = create_train_state(cfg, model_cfg, layout)
     initial = jax.tree.map(np.asarray, state.params)
-    batch = make_global_batch(train_worker.global_batches(1)[0], mesh, rules)
+    batch = layout.make_global_batch(train_worker.global_batches(1)[0])
     compiled, programs = {}, set()
     for step in range(steps):
         run_cfg = step_config(cfg, step)
         block = run_cfg.diffusion.block_size
         annealing = is_annealing(step, cfg.diffusion.anneal_steps)
         if block not in compiled:
-            compiled[block] = make_train_step(run_cfg, model_cfg, apply_fn, mesh, rules)
+            compiled[block] = make_train_step(run_cfg, model_cfg, apply_fn, layout)
         state, metrics = compiled[block](state, batch, annealing)
         programs.add((block, annealing))
         assert not int(metrics["skipped"]) and np.isfinite(float(metrics["loss"]))

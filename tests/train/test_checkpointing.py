@@ -176,14 +176,13 @@ def test_export_step(tmp_path):
     """A training checkpoint's params -> a diffujax model checkpoint that ``store.load`` reads."""
     from diffujax.checkpoint import store
     from diffujax.config import load_config
-    from diffujax.parallel.mesh import make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train.state import create_train_state
 
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", "model.init.num_layers=1"])
     model_cfg = cfg.resolve_model_config()
-    mesh = make_mesh(cfg.mesh)
-    state = create_train_state(cfg, model_cfg, mesh, cfg.mesh.rule_table())
+    state = create_train_state(cfg, model_cfg, make_layout(cfg.mesh))
     ckpt = C.TrainCheckpointer(run_dir / "checkpoints", save_every=1)
     ckpt.save(7, state, meta={"model_config": C.model_config_to_meta(model_cfg),
                               "tokenizer_dir": os.path.abspath("configs/tokenizers/bytes")})

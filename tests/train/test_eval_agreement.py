@@ -15,7 +15,7 @@ import pytest
 from diffujax.config import from_dict
 from diffujax.inference.perplexity import evaluate
 from diffujax.models import LlamaConfig, apply_fn_for, init_params, param_shardings
-from diffujax.parallel.mesh import make_global_batch, make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.runtime import LoadedModel
 from diffujax.train.step import heldout_nll, make_eval_step
 
@@ -33,21 +33,20 @@ def setup():
                                                                      "seq_len": L}})
     apply_fn, params = apply_fn_for(MODEL), init_params(MODEL, seed=1)
     rows = np.random.default_rng(0).integers(0, V - 1, (BATCHES * B, L)).astype(np.int32)
-    mesh = make_mesh(cfg.mesh)
-    rules = cfg.mesh.rule_table()
-    sharded = jax.device_put(params, param_shardings(MODEL, mesh, rules))
-    batches = [make_global_batch({"tokens": rows[i * B:(i + 1) * B]}, mesh, rules)
+    layout = make_layout(cfg.mesh)
+    sharded = jax.device_put(params, param_shardings(MODEL, layout))
+    batches = [layout.make_global_batch({"tokens": rows[i * B:(i + 1) * B]})
                for i in range(BATCHES)]
     reference = LoadedModel(MODEL, apply_fn, params, tokenizer=None)
-    return cfg, apply_fn, mesh, rules, sharded, batches, rows, reference
+    return cfg, apply_fn, layout, sharded, batches, rows, reference
 
 
 @pytest.mark.parametrize("kind, loss_chunk", [("elbo", 0), ("ar", 0), ("elbo", 6), ("ar", 6)])
 def test_training_eval_equals_diffujax_eval(setup, kind, loss_chunk):
     """Also with ``model.loss_chunk`` (the cross-entropy over chunks of 6 of the 16 positions)."""
-    cfg, apply_fn, mesh, rules, sharded, batches, rows, reference = setup
+    cfg, apply_fn, layout, sharded, batches, rows, reference = setup
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk=loss_chunk))
-    step = make_eval_step(cfg, MODEL, apply_fn, mesh, rules, kind=kind)
+    step = make_eval_step(cfg, MODEL, apply_fn, layout, kind=kind)
     ours = heldout_nll(step, sharded, batches, jax.random.key(SEED), kind=kind)
     ref = evaluate(reference, rows, objective="ar" if kind == "ar" else "diffusion", draws=1,
                    batch_size=B, seed=SEED)
@@ -61,9 +60,9 @@ def test_training_eval_equals_diffujax_eval(setup, kind, loss_chunk):
 def test_block_model_training_eval_equals_diffujax_eval(setup):
     """A block model (its config's ``block_size``, 5 here: blocks of 5, 5, 5 and 1): the held-out
     bound of training is the block NELBO, as ``diffujax eval`` reports it."""
-    cfg, apply_fn, mesh, rules, sharded, batches, rows, reference = setup
+    cfg, apply_fn, layout, sharded, batches, rows, reference = setup
     block_model = MODEL.replace(block_size=5)
-    step = make_eval_step(cfg, block_model, apply_fn, mesh, rules, kind="elbo")
+    step = make_eval_step(cfg, block_model, apply_fn, layout, kind="elbo")
     ours = heldout_nll(step, sharded, batches, jax.random.key(SEED))
     ref = evaluate(dataclasses.replace(reference, config=block_model), rows,
                    objective="diffusion", draws=1, batch_size=B, seed=SEED)

@@ -38,7 +38,7 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
     """Every loss is NaN: each update is skipped, and once ``max_bad_steps`` in a row are seen the
     run stops (status 3) with a checkpoint whose params are still the initial ones."""
     import diffujax.train.step as step_module
-    from diffujax.parallel.mesh import make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train import checkpointing as C
     from diffujax.train.loop import EXIT_BAD_STEPS, train
     from diffujax.runs.metrics import read_jsonl
@@ -71,15 +71,14 @@ def test_nonfinite_steps_stop_the_run_with_the_last_good_state(tmp_path, monkeyp
     assert not (tmp_path / "final").exists()
 
     model_cfg = cfg.resolve_model_config()
-    mesh = make_mesh(cfg.mesh)
-    rules = cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh)
     ckpt = C.TrainCheckpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [3]
     target = C.abstract_like(abstract_train_state(cfg, model_cfg),
-                             train_state_shardings(cfg, model_cfg, mesh, rules))
+                             train_state_shardings(cfg, model_cfg, layout))
     restored = ckpt.restore_latest(target)
     ckpt.close()
-    fresh = create_train_state(cfg, model_cfg, mesh, rules)
+    fresh = create_train_state(cfg, model_cfg, layout)
     assert int(restored.state.step) == 3 and int(restored.state.total_bad_steps) == 3
     for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(fresh.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

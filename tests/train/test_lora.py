@@ -15,7 +15,7 @@ import pytest
 from diffujax.attention import causal
 from diffujax.config import ConfigError
 from diffujax.models import flatten, forward, lora
-from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.train.state import create_train_state, model_params
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -37,8 +37,8 @@ def trained(data=1, fsdp=1, tensor=1, block_size=0):
 def test_only_the_adapters_train():
     cfg, state, history = trained()
     model_cfg = cfg.resolve_model_config()
-    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    base = create_train_state(cfg, model_cfg, mesh, cfg.mesh.rule_table()).frozen
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
+    base = create_train_state(cfg, model_cfg, layout).frozen
     # the base is untouched, bit for bit
     for path, value in flatten(base).items():
         np.testing.assert_array_equal(np.asarray(flatten(state.frozen)[path]), value, path)

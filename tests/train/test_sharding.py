@@ -112,15 +112,15 @@ def test_gradient_accumulation_gives_the_same_update():
 def test_non_finite_step_is_skipped_and_counted():
     from diffujax.attention.pattern import is_annealing
     from diffujax.models import apply_fn_for
-    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train.step import make_train_step
 
     cfg, trained_state, _ = trained("llama")
     state = jax.tree.map(jnp.copy, trained_state)  # the step donates its input
-    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
     model_cfg = cfg.resolve_model_config()
-    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
-    batch = make_global_batch(train_worker.global_batches(1)[0], mesh, rules)
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), layout)
+    batch = layout.make_global_batch(train_worker.global_batches(1)[0])
 
     clean = state.params["final_norm"]["scale"]
     state.params["final_norm"]["scale"] = clean.at[0].set(jnp.nan)
@@ -185,18 +185,18 @@ def test_after_the_ramp_the_full_attention_step_computes_the_same_update():
     the loop switches exactly there (``is_annealing``)."""
     from diffujax.attention.pattern import is_annealing
     from diffujax.models import apply_fn_for
-    from diffujax.parallel.mesh import make_global_batch, make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train.state import create_train_state
     from diffujax.train.step import make_train_step
 
     cfg = train_worker.make_config("llama")  # anneal_steps = 4: r = 1 from step 3 on
     phases = [is_annealing(s, cfg.diffusion.anneal_steps) for s in range(5)]
     assert phases == [True, True, True, False, False]
-    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
     model_cfg = cfg.resolve_model_config()
-    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
-    state = create_train_state(cfg, model_cfg, mesh, rules)
-    batches = [make_global_batch(b, mesh, rules) for b in train_worker.global_batches(4)]
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), layout)
+    state = create_train_state(cfg, model_cfg, layout)
+    batches = [layout.make_global_batch(b) for b in train_worker.global_batches(4)]
     for batch in batches[:3]:
         state, _ = step(state, batch, True)
     copy = jax.tree.map(jnp.copy, state)

@@ -86,23 +86,22 @@ def run(cfg, devices=None, steps=STEPS, barrier=None):
     import jax
 
     from diffujax.attention.pattern import is_annealing
-    from diffujax.parallel.mesh import data_shard, make_global_batch, make_mesh
+    from diffujax.parallel.mesh import make_layout
     from diffujax.train.state import apply_fn_for_run, create_train_state
     from diffujax.train.step import make_train_step
 
-    mesh = make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, devices)
     model_cfg = cfg.resolve_model_config()
     apply_fn = apply_fn_for_run(cfg, model_cfg)
-    state = create_train_state(cfg, model_cfg, mesh, rules)
-    step = make_train_step(cfg, model_cfg, apply_fn, mesh, rules)
-    index, count = data_shard(mesh, rules)
+    state = create_train_state(cfg, model_cfg, layout)
+    step = make_train_step(cfg, model_cfg, apply_fn, layout)
+    index, count = layout.data_shard()
     assert (index, count) == (jax.process_index(), jax.process_count())
     rows = GLOBAL_BATCH // count
     lo = index * rows
     history = []
     for i, batch in enumerate(global_batches(steps)):
-        local = make_global_batch({k: v[lo:lo + rows] for k, v in batch.items()}, mesh, rules)
+        local = layout.make_global_batch({k: v[lo:lo + rows] for k, v in batch.items()})
         annealing = is_annealing(i, cfg.diffusion.anneal_steps)
         if i == 0 and barrier is not None:
             step.lower(state, local, annealing).compile()  # the call below reuses this executable
