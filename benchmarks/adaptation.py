@@ -37,7 +37,7 @@ from diffujax.checkpoint.smollm2 import default_model
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.commands.demo import PACKAGE, demo_config
 from diffujax.models import apply_fn_for, param_shardings
-from diffujax.parallel.mesh import make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.train.evaluation import Evaluator
 from diffujax.train.loop import train
 from diffujax.train.step import heldout_nll, make_eval_step
@@ -59,18 +59,18 @@ def run_config(args, checkpoint, out: pathlib.Path, block_size: int):
 def base_scores(cfg) -> dict:
     """The base model before any step, scored as the training loop scores it (same held-out
     batches, same noise): the run's own bound ``nelbo``, and the AR NLL ``ar``."""
-    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh)
     loaded, _ = store.read_meta(cfg.model_checkpoint())
     model_cfg = cfg.resolve_model_config(loaded)
     _, params = store.load(cfg.model_checkpoint(), dtype=model_cfg.param_dtype,
-                           shardings=param_shardings(model_cfg, mesh, rules))
+                           shardings=param_shardings(model_cfg, layout))
     tokenizer = load_tokenizer(cfg.tokenizer_dir(), model_vocab_size=model_cfg.vocab_size)
     apply_fn = apply_fn_for(model_cfg)
-    evaluator = Evaluator(cfg, model_cfg, apply_fn, mesh, rules, tokenizer)
+    evaluator = Evaluator(cfg, model_cfg, apply_fn, layout, tokenizer)
     if not evaluator.batches:
         raise SystemExit("adaptation.py: the held-out text yields no full evaluation batch;"
                          " lower --seq-len, --batch or --eval-batches")
-    ar_step = make_eval_step(cfg, model_cfg, apply_fn, mesh, rules, kind="ar")
+    ar_step = make_eval_step(cfg, model_cfg, apply_fn, layout, kind="ar")
     ar = heldout_nll(ar_step, params, evaluator.batches, evaluator.key, kind="ar")
     elbo = evaluator.elbo(params)
     return {"nelbo": elbo["nelbo"], "nelbo_se": elbo.get("nelbo_se", math.nan),

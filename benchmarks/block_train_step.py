@@ -27,7 +27,7 @@ import numpy as np
 from diffujax.attention.pattern import is_annealing
 from diffujax.config import from_dict
 from diffujax.models import apply_fn_for
-from diffujax.parallel.mesh import make_global_batch, make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.train.state import create_train_state
 from diffujax.train.step import make_train_step
 
@@ -53,13 +53,13 @@ def run_config(args, block_size: int, complementary: bool):
 def prepare(args, block_size: int, complementary: bool):
     """A compiled and warmed-up train step of one variant: ``() -> seconds of one step``."""
     cfg = run_config(args, block_size, complementary)
-    mesh, rules = make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
     model_cfg = cfg.resolve_model_config()
-    box = {"state": create_train_state(cfg, model_cfg, mesh, rules)}
-    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), mesh, rules)
+    box = {"state": create_train_state(cfg, model_cfg, layout)}
+    step = make_train_step(cfg, model_cfg, apply_fn_for(model_cfg), layout)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, args.vocab - 1, (args.batch, args.seq_len)).astype(np.int32)
-    batch = make_global_batch({"tokens": tokens}, mesh, rules)
+    batch = layout.make_global_batch({"tokens": tokens})
     annealing = is_annealing(0, cfg.diffusion.anneal_steps)  # the run's program (no annealing)
 
     def run() -> float:

@@ -43,7 +43,7 @@ from diffujax.checkpoint.smollm2 import default_model
 from diffujax.config import from_dict
 from diffujax.diffusion.noise import forward_process
 from diffujax.models import LlamaConfig, apply_fn_for, init_params
-from diffujax.parallel.mesh import make_global_batch, make_mesh
+from diffujax.parallel.mesh import make_layout
 from diffujax.runs.flops import peak_flops_per_device, train_flops_per_token
 from diffujax.train.state import create_train_state
 from diffujax.train.step import make_train_step
@@ -111,12 +111,11 @@ def time_in_turns(step_fns, steps: int) -> list[float]:
 
 def diffujax_side(config, params, tokens, cfg):
     """``(first-step loss, a function that runs one more step)``."""
-    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    rules = cfg.mesh.rule_table()
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
     apply_fn = apply_fn_for(config)
-    state = create_train_state(cfg, config, mesh, rules, params=params)
-    step = make_train_step(cfg, config, apply_fn, mesh, rules)
-    batch = make_global_batch({"tokens": tokens}, mesh, rules)
+    state = create_train_state(cfg, config, layout, params=params)
+    step = make_train_step(cfg, config, apply_fn, layout)
+    batch = layout.make_global_batch({"tokens": tokens})
     holder = {"state": state}
     # the program a run takes once annealing is over (here from step 0: anneal_steps is 0)
     phase = is_annealing(0, cfg.diffusion.anneal_steps)
