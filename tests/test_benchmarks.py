@@ -13,10 +13,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # word_tokenizer.py
 
-from word_tokenizer import write_word_tokenizer  # noqa: E402
+from word_tokenizer import save_word_checkpoint  # noqa: E402
 
-from diffujax.checkpoint import save  # noqa: E402
-from diffujax.models import LlamaConfig, init_params  # noqa: E402
 
 
 def script(name: str):
@@ -27,14 +25,8 @@ def script(name: str):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random 2-layer LLaMA saved by diffujax, with a word-level tokenizer (w0..w60)."""
-    root = tmp_path_factory.mktemp("benchmarks")
-    (root / "tok").mkdir()
-    write_word_tokenizer(root / "tok", words=61, unk=61, mask=62, eos=63)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64, max_positions=512, tie_word_embeddings=False,
-                         mask_token_id=62, bos_token_id=63, eos_token_id=63)
-    save(root / "ckpt", config, init_params(config, seed=0), tokenizer_from=root / "tok")
-    return root / "ckpt"
+    return save_word_checkpoint(tmp_path_factory.mktemp("benchmarks"), words=61, num_layers=2,
+                                max_positions=512)
 
 
 def test_train_step_matches_the_torch_step():

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from diffujax.commands import demo
-from diffujax.checkpoint import save, store
+from diffujax.checkpoint import store
 from diffujax.data.tokenizer import load_tokenizer
-from diffujax.models import LlamaConfig, init_params
 from diffujax.readability import readability
 from diffujax.runtime import LoadedModel, load_for_inference
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from word_tokenizer import write_word_tokenizer  # noqa: E402
+from word_tokenizer import save_word_checkpoint  # noqa: E402
 
 
 def test_the_demo_adapts_in_blocks_on_its_prose(tmp_path):
@@ -35,14 +34,8 @@ def test_the_demo_adapts_in_blocks_on_its_prose(tmp_path):
 
 @pytest.fixture(scope="module")
 def word_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_ckpt")
-    (root / "tok").mkdir()
-    write_word_tokenizer(root / "tok", words=20, unk=20, mask=21, eos=22)
-    config = LlamaConfig(vocab_size=23, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64, max_positions=64, tie_word_embeddings=False,
-                         mask_token_id=21, bos_token_id=22, eos_token_id=22, block_size=4)
-    save(root / "ckpt", config, init_params(config, seed=0), tokenizer_from=root / "tok")
-    return load_for_inference(str(root / "ckpt"))
+    ckpt = save_word_checkpoint(tmp_path_factory.mktemp("demo_ckpt"), words=20, block_size=4)
+    return load_for_inference(str(ckpt))
 
 
 def test_infill_canvas_keeps_span_and_suffix_in_one_block(word_model):
