@@ -20,7 +20,7 @@ DIFFUSION_SAMPLERS = ("ancestral", "confidence", "semi_ar", "threshold")  # task
 SAMPLERS = DIFFUSION_SAMPLERS + ("ar",)
 RENAMED_SAMPLERS = {"topk": "confidence", "blocks": "semi_ar"}
 DEFAULT_BLOCK_LENGTH = 32
-PLAN_WHAT = ("train", "eval", "generate")
+PLAN_WHAT = ("train", "eval", "generate", "decode")
 # The demo's default text, shipped inside the package (the GNU GPL v3, verbatim: its own terms
 # allow that); commands/demo.py reads it from here.
 DEMO_TEXT = pathlib.Path(str(importlib.resources.files("diffujax"))) / "assets" / "gpl-3.0.txt"
@@ -227,7 +227,14 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-slices", type=int, default=None,
                    help="slices over DCN (default: mesh.num_slices)")
     p.add_argument("--what", choices=PLAN_WHAT, default="train",
-                   help="the train step, the eval step or the sampler")
+                   help="the train step, the eval step, the sampler, or one pass of a block"
+                        " model's cached decoder (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="--what decode: rows per pass (default: one per batch shard of the"
+                        " mesh)")
+    p.add_argument("--context", type=int, default=None,
+                   help="--what decode: KV-cache positions the block attends to, rounded up"
+                        " to whole blocks (default: the config's data.seq_len)")
     p.add_argument("--fit", action="store_true",
                    help="search grad_accum_steps and remat for the fastest setting that fits")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -15,6 +15,8 @@ from diffujax.plan.report import format_fit, format_report
 
 
 def run_plan(args) -> int:
+    if (args.batch is not None or args.context is not None) and args.what != "decode":
+        raise ValueError("--batch and --context belong to --what decode")
     cfg = load_config(args.config, args.overrides)
     topology = args.topology or cfg.plan.topology
     if not topology:
@@ -28,7 +30,8 @@ def run_plan(args) -> int:
         result = fit(cfg, topology, num_slices=args.num_slices, log=log)
         print(json.dumps(result) if args.json else format_fit(result))
         return 0 if result.get("best") else 1
-    report = plan(cfg, topology, num_slices=args.num_slices, what=args.what, log=log)
+    report = plan(cfg, topology, num_slices=args.num_slices, what=args.what, log=log,
+                  batch=args.batch, context=args.context)
     report["config"]["path"] = os.fspath(args.config)
     report["target"]["libtpu_flags"] = flags
     print(json.dumps(report) if args.json else format_report(report))

@@ -90,6 +90,15 @@ def block_rule(sampler: str, block_size: int, steps: int | None, threshold: floa
     return ancestral_rule(steps)
 
 
+def block_pass(cached_fn: Callable, params, tokens, cache, offset, *, block_size: int):
+    """One forward pass of the decoder: ``tokens [B, n]`` at canvas positions ``offset ..
+    offset + n - 1`` against ``cache``, under the block-causal pattern of ``block_size``
+    (``n``: a whole block, or the prefill's whole blocks). Returns ``(logits [B, n, V],
+    cache)``. Every pass of ``decode_blocks`` is this call (and ``diffujax plan --decode``
+    compiles it)."""
+    return cached_fn(params, tokens, full().with_blocks(block_size), cache, offset)
+
+
 def _commit_all(step, masked, confidence, keys, generate):
     return masked
 
@@ -124,7 +133,6 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
     rule = _commit_all if n == 1 else block_rule(sampler, n, steps, threshold)
     pad = next((t for t in (pad_token_id, eos_token_id, mask_token_id) if t is not None), 0)
     fill = 0 if mask_token_id is None else mask_token_id
-    pattern = full().with_blocks(n)
     num_blocks = length // n
 
     lengths = jnp.asarray(prompt_lengths, jnp.int32)
@@ -160,10 +168,11 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
     # prefill: the blocks complete in every row's prompt, in one pass
     first = jnp.min(lengths) // n
     prefill = width // n * n
-    vocab = jax.eval_shape(cached_fn, params, x[:, :n], pattern, cache, 0)[0].shape[-1]
+    forward = functools.partial(block_pass, cached_fn, block_size=n)
+    vocab = jax.eval_shape(forward, params, x[:, :n], cache, 0)[0].shape[-1]
     carried = jnp.zeros((batch, vocab), jnp.float32)
     if prefill:
-        logits, cache = cached_fn(params, x[:, :prefill], pattern, cache, 0)
+        logits, cache = forward(params, x[:, :prefill], cache, 0)
         last = jnp.maximum(first * n - 1, 0)
         carried = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
     init = dict(b=first, step=jnp.int32(0), x=x, masked=block_of(generate, first),
@@ -198,7 +207,7 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
 
     def one_pass(carry):
         s, cache = carry
-        logits, cache = cached_fn(params, block_of(s["x"], s["b"]), pattern, cache, s["b"] * n)
+        logits, cache = forward(params, block_of(s["x"], s["b"]), cache, s["b"] * n)
         s = dict(s, forwards=s["forwards"] + 1)
         s = jax.lax.cond(s["masked"].any(), denoise, commit, s, logits.astype(jnp.float32))
         return s, cache

@@ -21,7 +21,8 @@ from diffujax.models import param_specs
 from diffujax.parallel.mesh import Layout, make_layout
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
 from diffujax.plan import comms, hlo
-from diffujax.plan.estimate import estimate_decode, estimate_step, kernel_summary
+from diffujax.plan.estimate import (estimate_decode, estimate_decode_step, estimate_step,
+                                    kernel_summary)
 from diffujax.plan.programs import bytes_per_device, plan_model_config, programs_for
 from diffujax.runs.flops import peak_flops_per_device
 from diffujax.train.state import model_flops_per_token
@@ -72,6 +73,10 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                attention=attention_backend(model_cfg, program, target))
     if program.decode:
         out["decode"] = dict(program.decode)
+    if program.decode_step:
+        out["decode_step"] = dict(program.decode_step)
+    if program.matmul_flops:
+        out["matmul_flops"] = program.matmul_flops()
     t0 = time.perf_counter()
     try:
         with _no_persistent_cache():
@@ -173,8 +178,11 @@ def attention_backend(model_cfg, program, target: Target) -> dict:
 
 
 def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "train",
-         model_cfg=None, log=None) -> dict:
-    """Compile ``what`` (train | eval | generate) for the slice and return the report."""
+         model_cfg=None, log=None, batch: int | None = None, context: int | None = None
+         ) -> dict:
+    """Compile ``what`` (train | eval | generate | decode) for the slice and return the report;
+    ``batch`` and ``context``: the rows and KV-cache positions of ``decode``'s pass
+    (``programs.programs_for``)."""
     log = log or (lambda msg: None)
     source = "given"
     if model_cfg is None:
@@ -199,7 +207,8 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
                     peak_flops_per_chip=peak,
                     mesh=dict(zip(target.mesh.axis_names, map(int, target.mesh.axis_sizes)))),
         programs=[])
-    for program in programs_for(what, cfg, model_cfg, target.layout):
+    for program in programs_for(what, cfg, model_cfg, target.layout, batch=batch,
+                                context=context):
         log(f"compiling {program.name} ({program.description}) for {target.slice.name} ...")
         report["programs"].append(compile_program(program, target, model_cfg))
     report["fits"] = all(p["memory"]["fits"] for p in report["programs"])
@@ -209,6 +218,8 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         report["model_flops_per_step"] = flops
         # The steady state: the full-attention step (the last train program).
         report["estimate"] = estimate_step(report["programs"][-1], target, peak, flops, tokens)
+    elif what == "decode":
+        report["estimate"] = estimate_decode_step(report["programs"][0], target, peak)
     elif what == "generate" and report["programs"][0].get("decode"):
         # Each decoder's own estimate; the headline is the block decoder's (the first).
         for program in report["programs"]:

@@ -178,5 +178,34 @@ def estimate_decode(program: dict, target, peak_flops: float | None) -> dict:
     return out
 
 
-__all__ = ["estimate_decode", "estimate_step", "kernel_cost", "kernel_seconds", "kernel_summary",
-           "step_time"]
+def tokens_per_pass(block_size: int) -> dict[str, float]:
+    """Tokens one row commits per pass of the cached decoder, in its two extremes: a block of
+    ``n`` takes its denoising passes and then a commit pass (``decoding.py``), so one token per
+    denoising pass commits ``n`` tokens in ``n + 1`` passes and the whole block in one
+    denoising pass ``n`` in 2 (the most a pass can yield); with blocks of one token (AR) every
+    pass is a commit pass and yields one token."""
+    n = block_size
+    if n == 1:
+        return dict(one_token_per_denoising_pass=1.0, whole_block_per_denoising_pass=1.0)
+    return dict(one_token_per_denoising_pass=n / (n + 1), whole_block_per_denoising_pass=n / 2)
+
+
+def estimate_decode_step(program: dict, target, peak_flops: float | None) -> dict:
+    """One pass of the cached decoder (``programs.decode_step_program``): its estimated time
+    (``step_time``), its matmul FLOPs and their share of the chips' peak in that time, and the
+    tokens/s per chip at ``tokens_per_pass`` x rows tokens per pass."""
+    out = step_time(program, target, peak_flops)
+    rows, chips = program["rows"], target.num_devices
+    out.update(pass_seconds=out["step_seconds"], tokens_per_pass_per_row=tokens_per_pass(
+        program["decode_step"]["block_size"]), matmul_flops_per_pass=program.get("matmul_flops"))
+    if out["step_seconds"]:
+        seconds = out["step_seconds"]
+        if out["matmul_flops_per_pass"]:
+            out["mfu"] = out["matmul_flops_per_pass"] / (chips * peak_flops * seconds)
+        out["tokens_per_second_per_chip"] = {
+            k: rows * v / seconds / chips for k, v in out["tokens_per_pass_per_row"].items()}
+    return out
+
+
+__all__ = ["estimate_decode", "estimate_decode_step", "estimate_step", "kernel_cost",
+           "kernel_seconds", "kernel_summary", "step_time", "tokens_per_pass"]

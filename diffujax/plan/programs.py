@@ -19,11 +19,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffujax.attention.pattern import anneal_end, is_annealing
 from diffujax.checkpoint import store
 from diffujax.config import checked_mask_token, init_model_config
+from diffujax.diffusion import decoding
 from diffujax.diffusion.decoding import canvas_length, decode_blocks
 from diffujax.diffusion.sampling import sample_confidence
 from diffujax.models import (KVCache, abstract_params, apply_fn_for, cached_fn_for,
                              param_shardings)
 from diffujax.parallel.mesh import Layout
+from diffujax.plan.matmuls import matmul_flops
 from diffujax.train.checkpointing import abstract_like
 from diffujax.train.state import (abstract_train_state, apply_fn_for_run, model_params,
                                   train_state_shardings)
@@ -44,6 +46,10 @@ class Program:
     # The cached decoder's plan (``cached_generate_program``): prompt width, new tokens, block
     # size, passes per block and forward passes per call.
     decode: dict | None = None
+    # One pass of it (``decode_step_program``): rows, context, cache length, block size.
+    decode_step: dict | None = None
+    # () -> the matmul FLOPs of one call, from the traced program (``matmuls.py``).
+    matmul_flops: Callable[[], int] | None = None
 
 
 # ------------------------------------------------------------------------------ the model config
@@ -250,7 +256,64 @@ def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | No
                                        "cache": cache}, "cached", rows, decode=plan)
 
 
-def programs_for(what: str, cfg, model_cfg, layout: Layout) -> list[Program]:
+def decode_step_program(cfg, model_cfg, layout: Layout, batch: int, context: int) -> Program:
+    """One pass of the cached block decoder (``decoding.block_pass``, what every denoising and
+    commit pass of ``decode_blocks`` calls): ``batch`` rows of one block of ``block_size``
+    tokens, the last block of a KV cache of ``context`` positions (rounded up to whole blocks;
+    the pass attends over the whole cache, so where the block sits changes no cost), the cache
+    donated and split over the batch shards as the decoder's. The sampler's work between passes
+    is not in it (``--what generate`` compiles the whole decoder with it)."""
+    n = model_cfg.block_size
+    if n < 1:
+        raise ValueError("plan --decode: the model is not a block diffusion model; set"
+                         " diffusion.block_size (the block of tokens a pass decodes)")
+    if batch < 1 or batch % layout.batch_shards:
+        raise ValueError(f"--batch {batch}: must be a positive multiple of the mesh's"
+                         f" {layout.batch_shards} batch shards")
+    if context < 1:
+        raise ValueError(f"--context {context}: must be >= 1")
+    length = canvas_length(context, 0, n)
+    limit = getattr(model_cfg, "max_positions", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"--context {context}: a cache of {length} positions (whole blocks of"
+                         f" {n}) exceeds the model's {limit} positions")
+    params = abstract_model_params(cfg, model_cfg, layout)
+    sharding = layout.batch_sharding
+    tokens = _sds((batch, n), jnp.int32, sharding)
+    cache_shape = (model_cfg.num_layers, batch, length, model_cfg.num_kv_heads,
+                   model_cfg.head_dim)
+    cache_sharding = NamedSharding(layout.mesh, PartitionSpec(None, sharding.spec[0]))
+    cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
+    offset = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
+    step = jax.jit(decoding.block_pass, static_argnames=("cached_fn", "block_size"),
+                   donate_argnames=("cache",))
+
+    cached_fn = cached_fn_for(model_cfg)
+
+    def trace():
+        with layout.active():
+            return step.trace(cached_fn, params, tokens, cache, offset, block_size=n)
+
+    def lower():
+        with layout.active():
+            return trace().lower()
+
+    return Program("decode_step", f"one cached decoder pass: {batch} rows x a block of {n}"
+                   f" tokens against a KV cache of {length} positions", lower,
+                   {"params": params, "batch": {"tokens": tokens}, "cache": cache}, "cached",
+                   batch, decode_step=dict(batch=batch, context=context, cache_length=length,
+                                           block_size=n),
+                   matmul_flops=lambda: matmul_flops(trace().jaxpr))
+
+
+def programs_for(what: str, cfg, model_cfg, layout: Layout, *, batch: int | None = None,
+                 context: int | None = None) -> list[Program]:
+    """The programs of ``what``; ``decode`` (one cached decoder pass) takes ``batch`` rows
+    (default: one per batch shard) and a ``context`` of KV-cache positions (default:
+    ``data.seq_len``)."""
+    if what == "decode":
+        return [decode_step_program(cfg, model_cfg, layout, batch or layout.batch_shards,
+                                    context or cfg.data.seq_len)]
     if what == "train":
         return train_programs(cfg, model_cfg, layout)
     if what == "eval":
@@ -260,7 +323,7 @@ def programs_for(what: str, cfg, model_cfg, layout: Layout) -> list[Program]:
             return [cached_generate_program(cfg, model_cfg, layout),
                     cached_generate_program(cfg, model_cfg, layout, block_size=1)]
         return [generate_program(cfg, model_cfg, layout)]
-    raise ValueError(f"--what {what!r} is not one of train, eval, generate")
+    raise ValueError(f"--what {what!r} is not one of train, eval, generate, decode")
 
 
 # ------------------------------------------------------------------------------ sizes
@@ -276,6 +339,6 @@ def bytes_per_device(tree) -> int:
 
 
 __all__ = ["Program", "abstract_batch", "abstract_state", "bytes_per_device",
-           "cached_generate_program", "decode_plan", "eval_program",
+           "cached_generate_program", "decode_plan", "decode_step_program", "eval_program",
            "generate_program", "micro_batch", "plan_model_config", "programs_for",
            "train_programs"]

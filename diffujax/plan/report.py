@@ -61,11 +61,13 @@ def format_report(r: dict) -> str:
                          f" {', '.join(p['all_reduced_whole'])}")
         if p.get("decode") and p.get("estimate"):
             lines += _decode_estimate(p, r["target"]["devices"])
+        if p.get("decode_step"):
+            lines += _decode_step_estimate(p, r.get("estimate") or {}, r["target"]["devices"])
     if "model_flops_per_step" in r:
         lines += ["", f"model FLOPs per step: {r['model_flops_per_step']:.3e} (6N + full"
                       " bidirectional attention)"]
     e = r.get("estimate")
-    if e and "forward_passes" in e:
+    if e and ("forward_passes" in e or "pass_seconds" in e):
         pass  # the decoders' estimates are printed under each program
     elif e and not e.get("step_seconds"):
         lines.append(f"no estimate: {e['source']}")
@@ -96,6 +98,32 @@ def _decode_estimate(p: dict, chips: int) -> list[str]:
         f" token): {how}",
         f"    = XLA ops {e['xla_seconds']:.4f} s + Pallas kernels {e['kernel_seconds']:.4f} s +"
         f" exposed communication {e['exposed_communication_seconds']:.4f} s",
+    ]
+
+
+def _decode_step_estimate(p: dict, e: dict, chips: int) -> list[str]:
+    d, mem = p["decode_step"], p["memory"]
+    lines = [f"  weights {_bytes(mem['params'])} + KV cache {_bytes(mem['cache'])} per chip"
+             f" ({d['batch']} rows x {d['cache_length']} positions over {chips} chips)"]
+    if not e.get("step_seconds"):
+        return lines + [f"  no estimate: {e.get('source', 'none')}"]
+    rate, per_row = e["tokens_per_second_per_chip"], e["tokens_per_pass_per_row"]
+    n = d["block_size"]
+    flops = (f", {e['matmul_flops_per_pass']:.3e} matmul FLOPs (MFU {100 * e['mfu']:.1f}%)"
+             if e.get("mfu") is not None else "")
+    return lines + [
+        f"  ESTIMATE ({e['source']}; not a measurement): one pass {1e3 * e['pass_seconds']:.3f}"
+        f" ms{flops}",
+        f"    = XLA ops {1e3 * e['xla_seconds']:.3f} ms + Pallas kernels"
+        f" {1e3 * e['kernel_seconds']:.3f} ms + exposed communication"
+        f" {1e3 * e['exposed_communication_seconds']:.3f} ms",
+        f"  tokens/s per chip: {rate['one_token_per_denoising_pass']:,.0f} at one token per"
+        f" denoising pass ({per_row['one_token_per_denoising_pass']:.3f} per row per pass), up"
+        f" to {rate['whole_block_per_denoising_pass']:,.0f} at a whole block per denoising pass"
+        f" ({per_row['whole_block_per_denoising_pass']:.3f}; a block of {n} also takes a"
+        " commit pass)" if n > 1 else
+        f"  tokens/s per chip: {rate['one_token_per_denoising_pass']:,.0f} (blocks of one"
+        " token: one token per pass)",
     ]
 
 
