@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from diffujax.attention import resolve_backend
 from diffujax.attention.pattern import AttentionPattern
-from diffujax.models import param_specs
+from diffujax.models import lora, param_specs
 from diffujax.parallel.mesh import Layout, make_layout
 from diffujax.parallel.topology import GIB, SliceSpec, parse_slice, slice_devices
 from diffujax.plan import comms, hlo
@@ -207,6 +207,12 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
                     peak_flops_per_chip=peak,
                     mesh=dict(zip(target.mesh.axis_names, map(int, target.mesh.axis_sizes)))),
         programs=[])
+    spec = cfg.lora_spec(model_cfg)
+    if spec is not None and what != "decode":  # a LoRA run trains (and its optimizer holds)
+        adapters = lora.adapter_shapes(model_cfg, spec)  # only these; the base is "frozen"
+        report["lora"] = dict(rank=spec.rank, alpha=spec.alpha, targets=list(spec.targets),
+                              adapter_params=int(sum(math.prod(shape)
+                                                     for shape, _ in adapters.values())))
     for program in programs_for(what, cfg, model_cfg, target.layout, batch=batch,
                                 context=context):
         log(f"compiling {program.name} ({program.description}) for {target.slice.name} ...")

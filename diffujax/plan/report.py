@@ -31,13 +31,19 @@ def format_report(r: dict) -> str:
         + (", training dropout" if c.get("dropout") else "")
         + (f", cross-entropy in chunks of {c['loss_chunk']}" if c.get("loss_chunk") else ""),
     ]
+    if r.get("lora"):
+        a = r["lora"]
+        lines.append(f"LoRA: rank {a['rank']} (alpha {a['alpha']:g}) on {', '.join(a['targets'])}:"
+                     f" {a['adapter_params'] / 1e6:.2f}M adapter parameters train (\"adapters\";"
+                     " the optimizer holds state for them only), the base stays frozen")
+    names = {"params": "adapters" if r.get("lora") else "params", "frozen": "frozen base"}
     for p in r["programs"]:
         mem = p["memory"]
         attention = ", ".join(f"{k} -> {v}" for k, v in p["attention"].items())
         kernels = f", {p['kernel_calls']} Pallas kernel calls" if p.get("kernel_calls") else ""
         lines += ["", f"[{p['name']}] {p['description']}: {p['rows']} rows, compiled in"
                       f" {p['compile_seconds']:.1f} s; attention {attention}{kernels}"]
-        parts = [f"{k} {_bytes(mem[k])}" for k in ("params", "frozen", "optimizer", "ema",
+        parts = [f"{names.get(k, k)} {_bytes(mem[k])}" for k in ("params", "frozen", "optimizer", "ema",
                                                  "batch", "cache", "temporaries") if k in mem]
         verdict = "fits" if mem["fits"] else "DOES NOT FIT"
         lines.append(f"  HBM per chip: {', '.join(parts)}; total {_bytes(mem['total'])} of"
