@@ -22,6 +22,9 @@ branch) is counted for the passes of a deterministic plan (``programs.decode_pla
 charged on every pass: an upper bound on the sampler's share (both branches together: 8.6% of
 the XLA cycles for GPT-2 small on v5litepod-8, about a fifth on the tests' 0.1M-parameter
 model).
+
+One pass of that decoder (``--what decode``, ``programs.decode_step_program``) has no loop on data:
+its time is ``step_time``'s; the tokens it yields depend on the sampler (``tokens_per_pass``).
 """
 
 from __future__ import annotations

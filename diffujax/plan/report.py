@@ -43,8 +43,9 @@ def format_report(r: dict) -> str:
         kernels = f", {p['kernel_calls']} Pallas kernel calls" if p.get("kernel_calls") else ""
         lines += ["", f"[{p['name']}] {p['description']}: {p['rows']} rows, compiled in"
                       f" {p['compile_seconds']:.1f} s; attention {attention}{kernels}"]
-        parts = [f"{names.get(k, k)} {_bytes(mem[k])}" for k in ("params", "frozen", "optimizer", "ema",
-                                                 "batch", "cache", "temporaries") if k in mem]
+        parts = [f"{names.get(k, k)} {_bytes(mem[k])}"
+                 for k in ("params", "frozen", "optimizer", "ema", "batch", "cache", "temporaries")
+                 if k in mem]
         verdict = "fits" if mem["fits"] else "DOES NOT FIT"
         lines.append(f"  HBM per chip: {', '.join(parts)}; total {_bytes(mem['total'])} of"
                      f" {gib(mem['hbm'])}: {verdict}")
