@@ -312,8 +312,9 @@ def programs_for(what: str, cfg, model_cfg, layout: Layout, *, batch: int | None
     (default: one per batch shard) and a ``context`` of KV-cache positions (default:
     ``data.seq_len``)."""
     if what == "decode":
-        return [decode_step_program(cfg, model_cfg, layout, batch or layout.batch_shards,
-                                    context or cfg.data.seq_len)]
+        return [decode_step_program(
+            cfg, model_cfg, layout, layout.batch_shards if batch is None else batch,
+            cfg.data.seq_len if context is None else context)]
     if what == "train":
         return train_programs(cfg, model_cfg, layout)
     if what == "eval":

@@ -147,6 +147,9 @@ def test_decode_json_and_bad_input(capsys, monkeypatch):
             (["--what", "decode", "diffusion.anneal_steps=0"], "not a block diffusion model"),
             (["--what", "decode", "--batch", "3"] + BLOCK_MODEL,
              "--batch 3: must be a positive multiple of the mesh's 2 batch shards"),
+            (["--what", "decode", "--batch", "0"] + BLOCK_MODEL,
+             "--batch 0: must be a positive multiple of the mesh's 2 batch shards"),
+            (["--what", "decode", "--context", "0"] + BLOCK_MODEL, "--context 0: must be >= 1"),
             (["--what", "decode", "--context", "129"] + BLOCK_MODEL,
              "--context 129: a cache of 136 positions (whole blocks of 8) exceeds the model's"
              " 128 positions"),
