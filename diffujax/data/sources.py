@@ -84,13 +84,6 @@ class SourceReport:
         return text
 
 
-def expand_paths(inputs, keep=None) -> list:
-    """Files named by ``inputs``: files, directories (all non-hidden files below, sorted) and glob
-    patterns, local or remote (``epath.Path`` objects). Anything that names nothing raises
-    ``FileNotFoundError``."""
-    return expand(inputs, keep)[0]
-
-
 def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
     """UTF-8 decode, or a DataError naming the byte offset and line of the first bad byte."""
     try:
