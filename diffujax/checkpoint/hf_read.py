@@ -52,19 +52,9 @@ def dtype_name(dtype) -> str:
 
 
 class TensorSource:
-    """Names, shapes and dtypes up front; data one tensor at a time."""
-
-    def names(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def dtype(self, name: str) -> np.dtype:
-        raise NotImplementedError
-
-    def get(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+    """Names, shapes and dtypes up front; data one tensor at a time. Each source defines
+    ``names() -> list[str]``, ``shape(name) -> tuple``, ``dtype(name) -> np.dtype`` and
+    ``get(name) -> np.ndarray``."""
 
     def where(self, name: str) -> str:
         """The file holding ``name`` (for error messages)."""
