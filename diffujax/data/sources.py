@@ -301,12 +301,26 @@ class JsonlSource(_IndexedFiles):
 
 
 class _LazyRecords(_Source):
-    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS)."""
+    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS,
+    arrow), and the index of those made of parts (files, row groups)."""
 
     def __init__(self, name, field, errors):
         super().__init__(name, errors)
         self.single = isinstance(field, str) or field is None
         self.fields = (field,) if self.single else tuple(field)
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def _count_parts(self, counts: list[int]) -> None:
+        """Index the parts, which hold ``counts`` records in order."""
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.report.documents = self._ends[-1] if self._ends else 0
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """``(part, row in it)`` of record ``index``."""
+        part = bisect.bisect_right(self._ends, index)
+        return part, index - (self._ends[part - 1] if part else 0)
 
     def _text(self, raw, where: str):
         """A record that is the text itself."""
@@ -361,8 +375,7 @@ class ParquetSource(_LazyRecords):
                 if meta.row_group(g).num_rows:
                     self._groups.append((i, g))
                     counts.append(meta.row_group(g).num_rows)
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._cache: dict = {}
         self._lock = threading.Lock()  # grain reads with several threads
         self._finish_scan()
@@ -373,9 +386,6 @@ class ParquetSource(_LazyRecords):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.report.documents
 
     def _row_group(self, g: int) -> dict[str, list]:
         with self._lock:
@@ -391,9 +401,7 @@ class ParquetSource(_LazyRecords):
             return table
 
     def __getitem__(self, index):
-        index = int(index)
-        g = bisect.bisect_right(self._ends, index)
-        row = index - (self._ends[g - 1] if g else 0)
+        g, row = self._locate(int(index))
         table = self._row_group(g)
         fi, rg = self._groups[g]
         record = {c: table[c][row] for c in self.fields}
@@ -419,17 +427,13 @@ class ArrayRecordSource(_LazyRecords):
             reader.close()
             if counts[-1] == 0:
                 self.report.skip("empty files", self.paths[len(counts) - 1])
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._finish_scan()
         self._records = grain.sources.ArrayRecordDataSource(local)
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def _where(self, index: int) -> str:
-        f = bisect.bisect_right(self._ends, index)
-        return f"{self.paths[f]} record {index - (self._ends[f - 1] if f else 0)}"
+        f, row = self._locate(index)
+        return f"{self.paths[f]} record {row}"
 
     def __getitem__(self, index):
         index = int(index)
@@ -492,9 +496,6 @@ class TfdsSource(_LazyRecords):
         self.__dict__.update(state)
         self._ds = self._open()
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def __getitem__(self, index):
         index = int(index)
         return self._document(self._ds[index], f"{self.report.name} example {index}")
@@ -523,8 +524,7 @@ class ArrowSource(_LazyRecords):
             counts.append(table.num_rows)
             if not table.num_rows:
                 self.report.skip("empty files", path)
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._finish_scan()
 
     def _files(self, item, split: str) -> list[str]:
@@ -560,13 +560,8 @@ class ArrowSource(_LazyRecords):
     def __getstate__(self):
         return {**self.__dict__, "_tables": {}}
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def __getitem__(self, index):
-        index = int(index)
-        f = bisect.bisect_right(self._ends, index)
-        row = index - (self._ends[f - 1] if f else 0)
+        f, row = self._locate(int(index))
         table = self._table(f)
         record = {c: table.column(c)[row].as_py() for c in self.fields}
         return self._document(record, f"{self.paths[f]} row {row}")
