@@ -174,8 +174,9 @@ def _torch_load(torch, path):
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-class TorchBinSource(TensorSource):
-    """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only."""
+class TorchBinSource(DictSource):
+    """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only (kept as
+    torch tensors: each is converted when it is read)."""
 
     def __init__(self, files: list[pathlib.Path]):
         try:
@@ -194,12 +195,6 @@ class TorchBinSource(TensorSource):
                 raise CheckpointError(f"{path}: expected a state dict of tensors")
             for name, t in sd.items():
                 self._tensors[name], self._file[name] = t, path
-
-    def names(self):
-        return list(self._tensors)
-
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
 
     def dtype(self, name):
         import torch  # optional, and present: __init__ imported it
