@@ -29,7 +29,6 @@ import pathlib
 import shutil
 import tempfile
 import re
-import time
 import uuid
 import warnings
 from typing import Iterator
@@ -309,19 +308,18 @@ def _remote_directory(dst: epath.Path, overwrite: bool, error):
 
 class _ObjectLog:
     """An append-only log kept in an object store, where objects cannot be appended to: the
-    content is held in memory and the whole object is rewritten on ``flush`` (at most every
-    ``interval_s`` seconds unless forced, and on ``close``). With ``roll_bytes``, a log that has
-    grown past it continues in a new object ``NAME.partNNNN`` (TensorBoard reads every event file
-    of a directory in name order), which bounds the memory and the bytes rewritten per flush."""
+    content is held in memory and the whole object is rewritten on ``flush`` and ``close`` (the
+    writers flush at their own pace: the run's logger at every checkpoint, TensorBoard's every
+    30 s). With ``roll_bytes``, a log that has grown past it continues in a new object
+    ``NAME.partNNNN`` (TensorBoard reads every event file of a directory in name order), which
+    bounds the memory and the bytes rewritten per flush."""
 
-    def __init__(self, path: epath.Path, binary: bool, interval_s: float, roll_bytes: int | None):
-        self._clock = time.monotonic
-        self.base, self.binary = path, binary
-        self.interval_s, self.roll_bytes = interval_s, roll_bytes
+    def __init__(self, path: epath.Path, binary: bool, roll_bytes: int | None):
+        self.base, self.binary, self.roll_bytes = path, binary, roll_bytes
         self.part = 0
         self.path = path
         self._data = bytearray(path.read_bytes() if path.is_file() else b"")
-        self._dirty, self._last = False, self._clock()
+        self._dirty = False
         self.closed = False
 
     def write(self, data) -> int:
@@ -329,12 +327,12 @@ class _ObjectLog:
         self._dirty = True
         return len(data)
 
-    def flush(self, force: bool = False) -> None:
-        if not self._dirty or (not force and self._clock() - self._last < self.interval_s):
+    def flush(self) -> None:
+        if not self._dirty:
             return
         with self.path.open("wb") as f:
             f.write(bytes(self._data))
-        self._dirty, self._last = False, self._clock()
+        self._dirty = False
         if self.roll_bytes and len(self._data) >= self.roll_bytes:
             self.part += 1
             self.path = self.base.parent / f"{self.base.name}.part{self.part:04d}"
@@ -342,51 +340,17 @@ class _ObjectLog:
 
     def close(self) -> None:
         if not self.closed:
-            self.flush(force=True)
+            self.flush()
             self.closed = True
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-def open_append(path, *, binary: bool = False, interval_s: float = 10.0,
-                roll_bytes: int | None = None):
+def open_append(path, *, binary: bool = False, roll_bytes: int | None = None):
     """A file to append records to: a local file opened for appending (line-buffered text), or
-    for a URL an in-memory log uploaded whole on ``flush(force=True)``, at most every
-    ``interval_s`` seconds on a plain ``flush()``, and on ``close()``."""
+    for a URL an in-memory log uploaded whole on ``flush()`` and ``close()``."""
     path = resolve(path)
     if is_remote(path):
-        return _ObjectLog(path, binary, interval_s, roll_bytes)
-    return _LocalLog(open(path, "ab" if binary else "a", **({} if binary else {"buffering": 1})))
-
-
-class _LocalLog:
-    """A local append-mode file whose ``flush`` takes the same ``force`` flag as ``_ObjectLog``."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data) -> int:
-        return self._f.write(data)
-
-    def flush(self, force: bool = False) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._f.closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return _ObjectLog(path, binary, roll_bytes)
+    return open(path, "ab" if binary else "a", **({} if binary else {"buffering": 1}))
 
 
 def write_text_atomic(path, text: str) -> None:

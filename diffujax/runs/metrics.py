@@ -266,7 +266,7 @@ class RunLogger:
         """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
         if self._jsonl is not None:
             with self._guard(self.path):
-                self._jsonl.flush(force=True)
+                self._jsonl.flush()
         if self._tb is not None:
             with self._guard(self.tb_dir):
                 self._tb.flush()
