@@ -157,11 +157,7 @@ def local_view(directory, names=None) -> Iterator[epath.Path]:
     with tempfile.TemporaryDirectory(prefix=".diffujax-download-") as tmp:
         root = pathlib.Path(tmp) / directory.name
         root.mkdir()
-        for src in (list_files(directory) if names is None
-                    else [directory / n for n in names if (directory / n).is_file()]):
-            dst = root / os.fspath(src)[len(os.fspath(directory)):].lstrip("/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            copy_file(src, dst)
+        copy_tree(directory, root, names)
         yield epath.Path(root)
 
 
@@ -359,10 +355,11 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text)
 
 
-def copy_tree(src, dst) -> None:
-    """Every file below ``src`` to the same relative name below ``dst`` (either may be remote)."""
+def copy_tree(src, dst, names=None) -> None:
+    """Every file below ``src`` (or only the top-level ``names`` that exist) to the same relative
+    name below ``dst`` (either may be remote)."""
     src, dst = resolve(src), resolve(dst)
-    for f in list_files(src):
+    for f in list_files(src) if names is None else [src / n for n in names if (src / n).is_file()]:
         target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(f, target)
