@@ -169,7 +169,12 @@ def _fs(path):
 
 
 def read_range(path, start: int, length: int) -> bytes:
-    """Bytes ``start .. start + length`` of a remote object, in one ranged request."""
+    """Bytes ``start .. start + length`` of ``path``: a local read, or for a URL one ranged
+    request (no open handle either way: nothing to close, nothing to pickle)."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
     fs, name = _fs(resolve(path))
     return fs.cat_file(name, start=start, end=start + length)
 

@@ -45,8 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffujax import paths
-from diffujax.data.files import (expand, has_suffix, local_files, read_range, readable, size,
-                                 strip_compression)
+from diffujax.data.files import expand, has_suffix, local_files, readable, size, strip_compression
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +166,8 @@ class _IndexedFiles(_Source):
     def _read(self, index: int) -> tuple[str, str, int]:
         i = int(index)
         f = self._file[i]
-        data = read_range(self._data[f], int(self._start[i]),
-                          int(self._end[i] - self._start[i]))
+        data = paths.read_range(self._data[f], int(self._start[i]),
+                                int(self._end[i] - self._start[i]))
         return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
 
     def _scan(self, path: str, data: str):
