@@ -95,23 +95,7 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable=None, *, total=None, desc=None, unit="it"):
-    """``iterable`` wrapped in a progress bar (or unchanged when bars are off). Without an
-    iterable: an object with ``update(n)`` and ``close()``, usable as a context manager."""
-    if progress_enabled():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
-                    dynamic_ncols=True)
-    return iterable if iterable is not None else _NoBar()
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    """``iterable`` wrapped in a progress bar (a silent pass-through when bars are off). Without
+    an iterable: an object with ``update(n)`` and ``close()``, usable as a context manager."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=not progress_enabled())

@@ -29,7 +29,6 @@ import pathlib
 import shutil
 import tempfile
 import re
-import time
 import uuid
 import warnings
 from typing import Iterator
@@ -158,11 +157,7 @@ def local_view(directory, names=None) -> Iterator[epath.Path]:
     with tempfile.TemporaryDirectory(prefix=".diffujax-download-") as tmp:
         root = pathlib.Path(tmp) / directory.name
         root.mkdir()
-        for src in (list_files(directory) if names is None
-                    else [directory / n for n in names if (directory / n).is_file()]):
-            dst = root / os.fspath(src)[len(os.fspath(directory)):].lstrip("/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            copy_file(src, dst)
+        copy_tree(directory, root, names)
         yield epath.Path(root)
 
 
@@ -174,7 +169,12 @@ def _fs(path):
 
 
 def read_range(path, start: int, length: int) -> bytes:
-    """Bytes ``start .. start + length`` of a remote object, in one ranged request."""
+    """Bytes ``start .. start + length`` of ``path``: a local read, or for a URL one ranged
+    request (no open handle either way: nothing to close, nothing to pickle)."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
     fs, name = _fs(resolve(path))
     return fs.cat_file(name, start=start, end=start + length)
 
@@ -309,19 +309,18 @@ def _remote_directory(dst: epath.Path, overwrite: bool, error):
 
 class _ObjectLog:
     """An append-only log kept in an object store, where objects cannot be appended to: the
-    content is held in memory and the whole object is rewritten on ``flush`` (at most every
-    ``interval_s`` seconds unless forced, and on ``close``). With ``roll_bytes``, a log that has
-    grown past it continues in a new object ``NAME.partNNNN`` (TensorBoard reads every event file
-    of a directory in name order), which bounds the memory and the bytes rewritten per flush."""
+    content is held in memory and the whole object is rewritten on ``flush`` and ``close`` (the
+    writers flush at their own pace: the run's logger at every checkpoint, TensorBoard's every
+    30 s). With ``roll_bytes``, a log that has grown past it continues in a new object
+    ``NAME.partNNNN`` (TensorBoard reads every event file of a directory in name order), which
+    bounds the memory and the bytes rewritten per flush."""
 
-    def __init__(self, path: epath.Path, binary: bool, interval_s: float, roll_bytes: int | None):
-        self._clock = time.monotonic
-        self.base, self.binary = path, binary
-        self.interval_s, self.roll_bytes = interval_s, roll_bytes
+    def __init__(self, path: epath.Path, binary: bool, roll_bytes: int | None):
+        self.base, self.binary, self.roll_bytes = path, binary, roll_bytes
         self.part = 0
         self.path = path
         self._data = bytearray(path.read_bytes() if path.is_file() else b"")
-        self._dirty, self._last = False, self._clock()
+        self._dirty = False
         self.closed = False
 
     def write(self, data) -> int:
@@ -329,12 +328,12 @@ class _ObjectLog:
         self._dirty = True
         return len(data)
 
-    def flush(self, force: bool = False) -> None:
-        if not self._dirty or (not force and self._clock() - self._last < self.interval_s):
+    def flush(self) -> None:
+        if not self._dirty:
             return
         with self.path.open("wb") as f:
             f.write(bytes(self._data))
-        self._dirty, self._last = False, self._clock()
+        self._dirty = False
         if self.roll_bytes and len(self._data) >= self.roll_bytes:
             self.part += 1
             self.path = self.base.parent / f"{self.base.name}.part{self.part:04d}"
@@ -342,51 +341,17 @@ class _ObjectLog:
 
     def close(self) -> None:
         if not self.closed:
-            self.flush(force=True)
+            self.flush()
             self.closed = True
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-def open_append(path, *, binary: bool = False, interval_s: float = 10.0,
-                roll_bytes: int | None = None):
+def open_append(path, *, binary: bool = False, roll_bytes: int | None = None):
     """A file to append records to: a local file opened for appending (line-buffered text), or
-    for a URL an in-memory log uploaded whole on ``flush(force=True)``, at most every
-    ``interval_s`` seconds on a plain ``flush()``, and on ``close()``."""
+    for a URL an in-memory log uploaded whole on ``flush()`` and ``close()``."""
     path = resolve(path)
     if is_remote(path):
-        return _ObjectLog(path, binary, interval_s, roll_bytes)
-    return _LocalLog(open(path, "ab" if binary else "a", **({} if binary else {"buffering": 1})))
-
-
-class _LocalLog:
-    """A local append-mode file whose ``flush`` takes the same ``force`` flag as ``_ObjectLog``."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data) -> int:
-        return self._f.write(data)
-
-    def flush(self, force: bool = False) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._f.closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return _ObjectLog(path, binary, roll_bytes)
+    return open(path, "ab" if binary else "a", **({} if binary else {"buffering": 1}))
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -395,10 +360,11 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text)
 
 
-def copy_tree(src, dst) -> None:
-    """Every file below ``src`` to the same relative name below ``dst`` (either may be remote)."""
+def copy_tree(src, dst, names=None) -> None:
+    """Every file below ``src`` (or only the top-level ``names`` that exist) to the same relative
+    name below ``dst`` (either may be remote)."""
     src, dst = resolve(src), resolve(dst)
-    for f in list_files(src):
+    for f in list_files(src) if names is None else [src / n for n in names if (src / n).is_file()]:
         target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(f, target)

@@ -102,14 +102,13 @@ def test_listing_and_globs(root):
 
 def test_append_log_in_a_bucket_uploads_and_rolls(gcs):
     url = gcs.url_for("log") + "/events.out.tfevents.1.host"
-    log = paths.open_append(url, binary=True, interval_s=3600, roll_bytes=10)
+    log = paths.open_append(url, binary=True, roll_bytes=10)
     log.write(b"12345")
-    log.flush()  # within the interval: nothing uploaded yet
-    assert gcs.objects(url) == []
-    log.flush(force=True)
+    assert gcs.objects(url) == []  # held in memory until a flush
+    log.flush()
     assert paths.resolve(url).read_bytes() == b"12345"
     log.write(b"67890")
-    log.flush(force=True)  # reached roll_bytes: the next bytes go to a new object
+    log.flush()  # reached roll_bytes: the next bytes go to a new object
     log.write(b"abc")
     log.close()
     names = sorted(n.rsplit("/", 1)[1] for n in gcs.objects(url))

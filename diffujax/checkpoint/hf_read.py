@@ -52,19 +52,9 @@ def dtype_name(dtype) -> str:
 
 
 class TensorSource:
-    """Names, shapes and dtypes up front; data one tensor at a time."""
-
-    def names(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def dtype(self, name: str) -> np.dtype:
-        raise NotImplementedError
-
-    def get(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+    """Names, shapes and dtypes up front; data one tensor at a time. Each source defines
+    ``names() -> list[str]``, ``shape(name) -> tuple``, ``dtype(name) -> np.dtype`` and
+    ``get(name) -> np.ndarray``."""
 
     def where(self, name: str) -> str:
         """The file holding ``name`` (for error messages)."""
@@ -184,8 +174,9 @@ def _torch_load(torch, path):
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-class TorchBinSource(TensorSource):
-    """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only."""
+class TorchBinSource(DictSource):
+    """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only (kept as
+    torch tensors: each is converted when it is read)."""
 
     def __init__(self, files: list[pathlib.Path]):
         try:
@@ -204,12 +195,6 @@ class TorchBinSource(TensorSource):
                 raise CheckpointError(f"{path}: expected a state dict of tensors")
             for name, t in sd.items():
                 self._tensors[name], self._file[name] = t, path
-
-    def names(self):
-        return list(self._tensors)
-
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
 
     def dtype(self, name):
         import torch  # optional, and present: __init__ imported it

@@ -74,17 +74,22 @@ def checksums(tree) -> dict[str, list[int]]:
     sharded or not, or host numpy arrays)."""
     named = [(array_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
              if hasattr(x, "shape") and hasattr(x, "dtype")]
-    # One program per set of devices the arrays live on (a jitted call cannot mix them).
-    groups: dict = {}
-    for name, x in named:
-        devices = getattr(getattr(x, "sharding", None), "device_set", None)
-        key = tuple(sorted(d.id for d in devices)) if devices else ()
-        groups.setdefault(key, []).append((name, x))
     out = {}
-    for members in groups.values():
+    for members in by_device_set(named):
         values = [local_value(v) for v in _checksums([x for _, x in members])]
         out.update({name: [int(v[0]), int(v[1])] for (name, _), v in zip(members, values)})
     return out
+
+
+def by_device_set(named) -> list[list]:
+    """``(name, array)`` pairs grouped by the set of devices each array lives on (host arrays:
+    one group): one jitted program per group, since a call cannot mix them."""
+    groups: dict = {}
+    for name, x in named:
+        devices = getattr(getattr(x, "sharding", None), "device_set", None)
+        groups.setdefault(tuple(sorted(d.id for d in devices)) if devices else (), []).append(
+            (name, x))
+    return list(groups.values())
 
 
 def local_value(x) -> np.ndarray:

@@ -33,7 +33,7 @@ from orbax.checkpoint import type_handlers as th
 from diffujax import paths
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
-from diffujax.checkpoint.integrity import checksums, first_mismatch
+from diffujax.checkpoint.integrity import by_device_set, checksums, first_mismatch, local_value
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
 from diffujax.checkpoint.version import check_version, stamp
 from diffujax.models import Params, family_of, flatten, nest, param_specs
@@ -82,10 +82,6 @@ def atomic_directory(dst, overwrite: bool = False):
     """Yield where to write ``dst``'s contents; never a half-written ``dst`` (``paths``: a
     temporary directory renamed into place, or on an object store a completion marker)."""
     return paths.atomic_directory(dst, overwrite, error=CheckpointError)
-
-
-def _checkpointer():
-    return ocp.StandardCheckpointer()
 
 
 def _saver():
@@ -168,13 +164,11 @@ def read_meta(directory) -> tuple[ModelConfig, dict]:
 
 
 def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
-    """Normalise ``shardings`` to a function of the spec path: None (first device), one Sharding
-    for all, a callable ``(path, ParamSpec) -> Sharding``, or a tree like the params."""
+    """Normalise ``shardings`` to a function of the spec path: None (first device), a callable
+    ``(path, ParamSpec) -> Sharding``, or a tree like the params."""
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return lambda path: device
-    if isinstance(shardings, jax.sharding.Sharding):
-        return lambda path: shardings
     if callable(shardings) and not isinstance(shardings, Mapping):
         specs = param_specs(config)
         return lambda path: shardings(path, specs[path])
@@ -183,7 +177,7 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
 
 def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
     directory = paths.resolve(directory)
-    ckptr = _checkpointer()
+    ckptr = ocp.StandardCheckpointer()
     try:
         where = directory / PARAMS
         stored = flatten(ckptr.metadata(where).item_metadata.tree)
@@ -236,14 +230,9 @@ def _all_finite(leaves):
 def check_finite(flat: Mapping[str, Any], where: str) -> None:
     """Refuse parameters holding NaN or inf: one reduction per array, on the devices that hold
     it (grouped by device set: one program per group), naming the first bad tensor."""
-    groups: dict = {}
-    for name, x in flat.items():
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            devices = getattr(getattr(x, "sharding", None), "device_set", None) or ()
-            groups.setdefault(tuple(sorted(d.id for d in devices)), []).append((name, x))
-    for members in groups.values():
-        ok = [bool(np.asarray(v.addressable_data(0) if not v.is_fully_addressable else v))
-              for v in _all_finite([x for _, x in members])]
+    inexact = [(name, x) for name, x in flat.items() if jnp.issubdtype(x.dtype, jnp.inexact)]
+    for members in by_device_set(inexact):
+        ok = [bool(local_value(v)) for v in _all_finite([x for _, x in members])]
         bad = [name for (name, _), good in zip(members, ok) if not good]
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -6,8 +6,8 @@
   text sources index documents by offset: they are decompressed once into the cache
   (``paths.cache_root()/decompressed``, keyed by ``paths.fingerprint``) and read
   from there.
-- ``read_range`` reads byte ranges of plain files; a remote file costs one ranged request per
-  read and no open handle (nothing to close, nothing to pickle for grain workers).
+- Byte ranges of plain files are read with ``paths.read_range``: a remote file costs one ranged
+  request per read and no open handle (nothing to close, nothing to pickle for grain workers).
 """
 
 from __future__ import annotations
@@ -129,18 +129,6 @@ def readable(path) -> str:
 
 def size(path: str) -> int:
     return paths.resolve(path).stat().length
-
-
-# -- byte ranges ----------------------------------------------------------------------------------
-
-
-def read_range(path: str, start: int, length: int) -> bytes:
-    """``length`` bytes of ``path`` from ``start``: a local read, or one ranged GET for a URL."""
-    if not paths.is_remote(path):
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read(length)
-    return paths.read_range(path, start, length)
 
 
 def local_files(files: Sequence) -> list[str]:

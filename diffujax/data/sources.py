@@ -45,8 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffujax import paths
-from diffujax.data.files import (expand, has_suffix, local_files, read_range, readable, size,
-                                 strip_compression)
+from diffujax.data.files import expand, has_suffix, local_files, readable, size, strip_compression
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +81,6 @@ class SourceReport:
         for reason, n in sorted(self.skipped.items()):
             text += f"; skipped {n} {reason} (e.g. {', '.join(self.examples[reason])})"
         return text
-
-
-def expand_paths(inputs, keep=None) -> list:
-    """Files named by ``inputs``: files, directories (all non-hidden files below, sorted) and glob
-    patterns, local or remote (``epath.Path`` objects). Anything that names nothing raises
-    ``FileNotFoundError``."""
-    return expand(inputs, keep)[0]
 
 
 def _decode(data: bytes, path, base_offset: int, base_line: int) -> str:
@@ -174,8 +166,8 @@ class _IndexedFiles(_Source):
     def _read(self, index: int) -> tuple[str, str, int]:
         i = int(index)
         f = self._file[i]
-        data = read_range(self._data[f], int(self._start[i]),
-                          int(self._end[i] - self._start[i]))
+        data = paths.read_range(self._data[f], int(self._start[i]),
+                                int(self._end[i] - self._start[i]))
         return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
 
     def _scan(self, path: str, data: str):
@@ -308,12 +300,26 @@ class JsonlSource(_IndexedFiles):
 
 
 class _LazyRecords(_Source):
-    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS)."""
+    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS,
+    arrow), and the index of those made of parts (files, row groups)."""
 
     def __init__(self, name, field, errors):
         super().__init__(name, errors)
         self.single = isinstance(field, str) or field is None
         self.fields = (field,) if self.single else tuple(field)
+
+    def __len__(self) -> int:
+        return self.report.documents
+
+    def _count_parts(self, counts: list[int]) -> None:
+        """Index the parts, which hold ``counts`` records in order."""
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.report.documents = self._ends[-1] if self._ends else 0
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """``(part, row in it)`` of record ``index``."""
+        part = bisect.bisect_right(self._ends, index)
+        return part, index - (self._ends[part - 1] if part else 0)
 
     def _text(self, raw, where: str):
         """A record that is the text itself."""
@@ -368,8 +374,7 @@ class ParquetSource(_LazyRecords):
                 if meta.row_group(g).num_rows:
                     self._groups.append((i, g))
                     counts.append(meta.row_group(g).num_rows)
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._cache: dict = {}
         self._lock = threading.Lock()  # grain reads with several threads
         self._finish_scan()
@@ -380,9 +385,6 @@ class ParquetSource(_LazyRecords):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.report.documents
 
     def _row_group(self, g: int) -> dict[str, list]:
         with self._lock:
@@ -398,9 +400,7 @@ class ParquetSource(_LazyRecords):
             return table
 
     def __getitem__(self, index):
-        index = int(index)
-        g = bisect.bisect_right(self._ends, index)
-        row = index - (self._ends[g - 1] if g else 0)
+        g, row = self._locate(int(index))
         table = self._row_group(g)
         fi, rg = self._groups[g]
         record = {c: table[c][row] for c in self.fields}
@@ -426,17 +426,13 @@ class ArrayRecordSource(_LazyRecords):
             reader.close()
             if counts[-1] == 0:
                 self.report.skip("empty files", self.paths[len(counts) - 1])
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._finish_scan()
         self._records = grain.sources.ArrayRecordDataSource(local)
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def _where(self, index: int) -> str:
-        f = bisect.bisect_right(self._ends, index)
-        return f"{self.paths[f]} record {index - (self._ends[f - 1] if f else 0)}"
+        f, row = self._locate(index)
+        return f"{self.paths[f]} record {row}"
 
     def __getitem__(self, index):
         index = int(index)
@@ -499,9 +495,6 @@ class TfdsSource(_LazyRecords):
         self.__dict__.update(state)
         self._ds = self._open()
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def __getitem__(self, index):
         index = int(index)
         return self._document(self._ds[index], f"{self.report.name} example {index}")
@@ -530,8 +523,7 @@ class ArrowSource(_LazyRecords):
             counts.append(table.num_rows)
             if not table.num_rows:
                 self.report.skip("empty files", path)
-        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
-        self.report.documents = self._ends[-1] if self._ends else 0
+        self._count_parts(counts)
         self._finish_scan()
 
     def _files(self, item, split: str) -> list[str]:
@@ -567,13 +559,8 @@ class ArrowSource(_LazyRecords):
     def __getstate__(self):
         return {**self.__dict__, "_tables": {}}
 
-    def __len__(self) -> int:
-        return self.report.documents
-
     def __getitem__(self, index):
-        index = int(index)
-        f = bisect.bisect_right(self._ends, index)
-        row = index - (self._ends[f - 1] if f else 0)
+        f, row = self._locate(int(index))
         table = self._table(f)
         record = {c: table.column(c)[row].as_py() for c in self.fields}
         return self._document(record, f"{self.paths[f]} row {row}")

@@ -47,7 +47,8 @@ class SpecialTokens:
 class Tokenizer:
     """Base class: ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ids.
 
-    Subclasses implement ``_load`` (returns the backend object) and the ``_backend_*`` methods.
+    Subclasses implement ``_load`` (returns the backend object), ``_default_special``,
+    ``token_to_id`` and ``_backend_vocab_size`` / ``_backend_encode`` / ``_backend_decode``.
     """
 
     kind = ""
@@ -117,9 +118,6 @@ class Tokenizer:
                 return int(tid)
         return None
 
-    def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
-
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Raise ``VocabMismatchError`` if an id this tokenizer can emit is >= the model vocab.
 
@@ -144,22 +142,6 @@ class Tokenizer:
             f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
             f"special={self.special.as_dict()})"
         )
-
-    # -- backend hooks ---------------------------------------------------------------------------
-    def _load(self):
-        raise NotImplementedError
-
-    def _default_special(self) -> SpecialTokens:
-        raise NotImplementedError
-
-    def _backend_vocab_size(self) -> int:
-        raise NotImplementedError
-
-    def _backend_encode(self, texts: list[str]) -> list[list[int]]:
-        raise NotImplementedError
-
-    def _backend_decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -111,12 +111,11 @@ class FileLock:
             return (f"{directory} is locked by {self.path}, which cannot be read; if no run is"
                     " using this output_dir, delete that file")
         who = f"process {owner.get('pid')} on {owner.get('host')}"
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("created", 0)))
         hint = ("if that machine's run has ended, delete the file" if owner.get("host")
                 != hostname() else "wait for it to finish or stop it")
         return (f"output_dir {directory} is in use by another diffujax train ({who}, since"
-                f" {since}); two runs must not write one directory: choose another output_dir,"
-                f" or {hint} ({self.path})")
+                f" {_when(owner.get('created'))}); two runs must not write one directory: choose"
+                f" another output_dir, or {hint} ({self.path})")
 
     def check(self) -> None:
         """A lock file cannot be taken from a live process (only a gone one's is taken over)."""

@@ -225,12 +225,8 @@ class RunLogger:
         """One log step of training numbers (host floats)."""
         if not self.enabled:
             return
-        self._record("train", step, scalars)
-        tagged = {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()}
-        for tag, v in tagged.items():
-            self._scalar(tag, v, step)
-        if self._wandb is not None:
-            self._wandb.log(step, tagged)
+        self._scalars("train", step, scalars,
+                      {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()})
         if self._bar is not None:
             self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
@@ -241,12 +237,7 @@ class RunLogger:
     def eval(self, step: int, scalars: dict, prefix: str = "eval"):
         if not self.enabled:
             return
-        self._record(prefix, step, scalars)
-        tagged = {f"{prefix}/{k}": v for k, v in scalars.items()}
-        for tag, v in tagged.items():
-            self._scalar(tag, v, step)
-        if self._wandb is not None:
-            self._wandb.log(step, tagged)
+        self._scalars(prefix, step, scalars, {f"{prefix}/{k}": v for k, v in scalars.items()})
         self.message(f"{prefix} @ step {step}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
 
@@ -275,7 +266,7 @@ class RunLogger:
         """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
         if self._jsonl is not None:
             with self._guard(self.path):
-                self._jsonl.flush(force=True)
+                self._jsonl.flush()
         if self._tb is not None:
             with self._guard(self.tb_dir):
                 self._tb.flush()
@@ -317,10 +308,16 @@ class RunLogger:
                 raise
             raise WriterError(f"writing {where} failed: {e.strerror or e}") from e
 
-    def _scalar(self, tag, value, step):
-        if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
-            with self._guard(self.tb_dir):
-                self._tb.add_scalar(tag, value, step)
+    def _scalars(self, kind, step, scalars, tagged):
+        """One record of ``scalars`` in the log; each of ``tagged`` (tag: value) to TensorBoard
+        (the finite numbers) and W&B."""
+        self._record(kind, step, scalars)
+        for tag, value in tagged.items():
+            if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
+                with self._guard(self.tb_dir):
+                    self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
 
     def _record(self, kind, step, values):
         if self._jsonl is not None:

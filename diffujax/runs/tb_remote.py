@@ -15,13 +15,11 @@ from diffujax import paths
 
 SCHEMES = ("gs", "s3", "az", "hf")
 ROLL_BYTES = 8 << 20
-FLUSH_INTERVAL_S = 30.0
 
 
 class _Factory:
     def open(self, path):
-        return paths.open_append(path, binary=True, interval_s=FLUSH_INTERVAL_S,
-                                 roll_bytes=ROLL_BYTES)
+        return paths.open_append(path, binary=True, roll_bytes=ROLL_BYTES)
 
     def directory_check(self, path):
         paths.resolve(path).mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,11 @@ class Engine:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _jit(self, name, build: Callable):
+    def _jit(self, name, fn: Callable):
+        """``fn`` jitted, once per ``name`` (which names everything ``fn`` closes over that
+        varies between calls)."""
         if name not in self._jitted:
-            self._jitted[name] = jax.jit(build())
+            self._jitted[name] = jax.jit(fn)
         return self._jitted[name]
 
     def _packed_batches(self, rows: Sequence[Row]):
@@ -139,26 +141,22 @@ class Engine:
         better (``multiple_choice_score``)."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                return multiple_choice_score(apply, params, tokens, fixed, self.key,
-                                             mask_token_id=mask, pattern=full(segments),
-                                             loss_mask=real, num_levels=num_levels,
-                                             row_offset=_offsets(row_ids))
-            return fn
-        return self._run(rows, self._jit(("score", num_levels), build))[0]
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            return multiple_choice_score(apply, params, tokens, fixed, self.key,
+                                         mask_token_id=mask, pattern=full(segments),
+                                         loss_mask=real, num_levels=num_levels,
+                                         row_offset=_offsets(row_ids))
+        return self._run(rows, self._jit(("score", num_levels), fn))[0]
 
     def conditional_nll(self, rows, *, num_draws: int = 128):
         """LLaDA's Monte-Carlo estimate of ``-log p(span | context)``, ``[rows]``."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                return conditional_nll(apply, params, tokens, fixed, self.key, mask_token_id=mask,
-                                       pattern=full(segments), loss_mask=real,
-                                       num_draws=num_draws, row_offset=_offsets(row_ids))
-            return fn
-        return self._run(rows, self._jit(("llada", num_draws), build))[0]
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            return conditional_nll(apply, params, tokens, fixed, self.key, mask_token_id=mask,
+                                   pattern=full(segments), loss_mask=real,
+                                   num_draws=num_draws, row_offset=_offsets(row_ids))
+        return self._run(rows, self._jit(("llada", num_draws), fn))[0]
 
     def conditional_elbo(self, rows, *, num_draws: int = 8, eps: float = DEFAULT_EPS):
         """Negative ELBO of the span given the context (docs/algorithms.md §5's bound with ``src`` =
@@ -167,62 +165,56 @@ class Engine:
         draws. ``-nelbo`` lower-bounds ``log p(span | context)``."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                offsets = _offsets(row_ids)
-                base = jax.random.fold_in(self.key, 0)
-                u0 = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(base, r), ()))(
-                    row_ids)
-                hold = fixed | ~real
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            offsets = _offsets(row_ids)
+            base = jax.random.fold_in(self.key, 0)
+            u0 = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(base, r), ()))(
+                row_ids)
+            hold = fixed | ~real
 
-                def one_draw(draw):
-                    u = jnp.mod(u0 + draw.astype(jnp.float32) / num_draws, 1.0)
-                    t = (1.0 - eps) * u + eps
-                    noise = sample_noise_mask(jax.random.fold_in(self.key, draw + 1), t,
-                                              tokens.shape[1], src=hold, row_offset=offsets)
-                    logits = apply(params, apply_noise(tokens, noise, mask), full(segments))
-                    terms = per_sequence_terms(logits, tokens, NoisedBatch(t, noise, tokens),
-                                               src=hold)
-                    return terms["weighted"]
+            def one_draw(draw):
+                u = jnp.mod(u0 + draw.astype(jnp.float32) / num_draws, 1.0)
+                t = (1.0 - eps) * u + eps
+                noise = sample_noise_mask(jax.random.fold_in(self.key, draw + 1), t,
+                                          tokens.shape[1], src=hold, row_offset=offsets)
+                logits = apply(params, apply_noise(tokens, noise, mask), full(segments))
+                terms = per_sequence_terms(logits, tokens, NoisedBatch(t, noise, tokens),
+                                           src=hold)
+                return terms["weighted"]
 
-                draws = jnp.arange(num_draws, dtype=jnp.int32)
-                span = (~hold)[:, 1:].sum(axis=1).astype(jnp.float32)
-                return jax.lax.map(one_draw, draws).mean(axis=0), span
-            return fn
-        return self._run(rows, self._jit(("elbo", num_draws, eps), build))
+            draws = jnp.arange(num_draws, dtype=jnp.int32)
+            span = (~hold)[:, 1:].sum(axis=1).astype(jnp.float32)
+            return jax.lax.map(one_draw, draws).mean(axis=0), span
+        return self._run(rows, self._jit(("elbo", num_draws, eps), fn))
 
     def diffusion_greedy(self, rows):
         """Bool ``[rows]``: with the whole span masked, one pass's argmax (mask token excluded)
         reproduces the span (lm-eval's ``is_greedy`` for a diffusion model)."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                span = ~fixed & real & (jnp.arange(tokens.shape[1]) > 0)
-                logits = apply(params, jnp.where(span, mask, tokens), full(segments))
-                logits = jnp.where(jnp.arange(logits.shape[-1]) == mask, -jnp.inf, logits)
-                guess = jnp.argmax(logits[:, :-1], axis=-1)
-                hit = (guess == tokens[:, 1:]) | ~span[:, 1:]
-                return hit.all(axis=1)
-            return fn
-        return self._run(rows, self._jit("diffusion_greedy", build))[0]
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            span = ~fixed & real & (jnp.arange(tokens.shape[1]) > 0)
+            logits = apply(params, jnp.where(span, mask, tokens), full(segments))
+            logits = jnp.where(jnp.arange(logits.shape[-1]) == mask, -jnp.inf, logits)
+            guess = jnp.argmax(logits[:, :-1], axis=-1)
+            hit = (guess == tokens[:, 1:]) | ~span[:, 1:]
+            return hit.all(axis=1)
+        return self._run(rows, self._jit("diffusion_greedy", fn))[0]
 
     def ar_logprob(self, rows):
         """AR (causal) log-probability of the span: ``(sum [rows], tokens [rows],
         greedy [rows])``, greedy = every span token is the argmax of its prediction."""
         apply = self.model.apply_fn
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                logits = apply(params, tokens, causal(segments))
-                scored = (~fixed & real)[:, 1:]
-                logp = -shifted_cross_entropy(logits, tokens)
-                greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
-                return (jnp.where(scored, logp, 0.0).sum(axis=1),
-                        scored.sum(axis=1).astype(jnp.float32),
-                        (greedy | ~scored).all(axis=1))
-            return fn
-        return self._run(rows, self._jit("ar", build))
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            logits = apply(params, tokens, causal(segments))
+            scored = (~fixed & real)[:, 1:]
+            logp = -shifted_cross_entropy(logits, tokens)
+            greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+            return (jnp.where(scored, logp, 0.0).sum(axis=1),
+                    scored.sum(axis=1).astype(jnp.float32),
+                    (greedy | ~scored).all(axis=1))
+        return self._run(rows, self._jit("ar", fn))
 
     # --- decoding ------------------------------------------------------------------------------
 
@@ -292,27 +284,25 @@ class Engine:
         full forward pass per generated token, no KV cache)."""
         apply = self.model.apply_fn
 
-        def build():
-            def fn(params, tokens, fixed, real, segments, row_ids):
-                span = ~fixed & real
-                first = jnp.argmax(span, axis=1)  # the span's first position per row
-                count = span.sum(axis=1)
-                rows_index = jnp.arange(tokens.shape[0])
+        def fn(params, tokens, fixed, real, segments, row_ids):
+            span = ~fixed & real
+            first = jnp.argmax(span, axis=1)  # the span's first position per row
+            count = span.sum(axis=1)
+            rows_index = jnp.arange(tokens.shape[0])
 
-                def step(k, x):
-                    logits = apply(params, x, causal(segments))
-                    position = jnp.minimum(first + k, x.shape[1] - 1)
-                    guess = jnp.argmax(logits[rows_index, position - 1], axis=-1)
-                    write = k < count
-                    value = jnp.where(write, guess.astype(x.dtype), x[rows_index, position])
-                    return x.at[rows_index, position].set(value)
+            def step(k, x):
+                logits = apply(params, x, causal(segments))
+                position = jnp.minimum(first + k, x.shape[1] - 1)
+                guess = jnp.argmax(logits[rows_index, position - 1], axis=-1)
+                write = k < count
+                value = jnp.where(write, guess.astype(x.dtype), x[rows_index, position])
+                return x.at[rows_index, position].set(value)
 
-                return jax.lax.fori_loop(0, count.max(), step, tokens)
-            return fn
+            return jax.lax.fori_loop(0, count.max(), step, tokens)
 
         for row in rows:
             span = [i for i, f in enumerate(row.fixed) if not f]
             if span and (span[0] == 0 or span != list(range(span[0], span[0] + len(span)))):
                 raise ValueError("AR decoding needs one contiguous span after a non-empty context")
-        filled = self._run(rows, self._jit("ar_decode", build))[0]
+        filled = self._run(rows, self._jit("ar_decode", fn))[0]
         return [[int(v[i]) for i, f in enumerate(r.fixed) if not f] for r, v in zip(rows, filled)]

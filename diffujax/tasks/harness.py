@@ -205,12 +205,7 @@ class DiffujaxLM(TemplateLM):
                 spans = self.engine.diffusion_decode(rows, steps=self.steps or count,
                                                      **self.decoding)
             for k, span in zip(members, spans):
-                ids = []
-                for t in span:
-                    if t == self.eot_token_id:
-                        break
-                    ids.append(t)
-                text = self.tok_decode(ids)
+                text = self.tokenizer.decode_generated(span)  # cut before the first EOS
                 for stop in plans[k][1]:
                     if stop and stop in text:
                         text = text.split(stop)[0]

@@ -246,11 +246,8 @@ class TaskRunner:
 # --- per-item file (restart) --------------------------------------------------------------------
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PerItemFile:

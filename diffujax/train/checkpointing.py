@@ -73,18 +73,6 @@ class DataStateHandler(ocp.CheckpointHandler):
                                   " (damaged)")
         return record["state"]
 
-    def metadata(self, directory):
-        return None
-
-    def structure(self, directory):
-        return None
-
-    def finalize(self, directory):
-        pass
-
-    def close(self):
-        pass
-
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
 @dataclasses.dataclass

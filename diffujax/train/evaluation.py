@@ -3,6 +3,7 @@ unconditional samples, every ``logging.eval_every`` / ``sample_every`` steps and
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -35,13 +36,7 @@ class Evaluator:
             pipeline, sources = build_data(cfg, tokenizer, model_cfg, eval_split=True,
                                            shard=layout.data_shard())
             self.reports = source_reports(sources)
-            it = pipeline.iterator()
-            local = []
-            for _ in range(cfg.logging.eval_batches):
-                try:
-                    local.append(next(it))
-                except StopIteration:
-                    break
+            local = list(itertools.islice(pipeline.iterator(), cfg.logging.eval_batches))
             # Every process must run the same number of eval steps (they are collectives).
             count = _min_over_processes(len(local))
             self.batches = [layout.make_global_batch(b) for b in local[:count]]

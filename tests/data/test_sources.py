@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from diffujax.data.files import expand
 from diffujax.data.sources import (
     ArrayRecordSource,
     DataError,
@@ -13,7 +14,6 @@ from diffujax.data.sources import (
     ParquetSource,
     TextSource,
     TfdsSource,
-    expand_paths,
     guess_format,
     make_source,
 )
@@ -144,11 +144,11 @@ def test_array_record(tmp_path):
         ArrayRecordSource(tmp_path / "c.array_record")[1]
 
 
-def test_expand_paths(tmp_path, text_dir):
+def test_expand(tmp_path, text_dir):
     (text_dir / ".hidden").write_text("x")
-    names = [p.name for p in expand_paths([text_dir])]
+    names = [p.name for p in expand([text_dir])[0]]
     assert names == ["a.txt", "b.txt", "blank.txt", "empty.txt"]
-    assert [p.name for p in expand_paths(str(text_dir / "[ab].txt"))] == ["a.txt", "b.txt"]
+    assert [p.name for p in expand(str(text_dir / "[ab].txt"))[0]] == ["a.txt", "b.txt"]
 
 
 # -- TFDS: a tiny builder written in array_record format to a temporary data_dir ----------------
