@@ -117,6 +117,33 @@ def test_psum_over_a_v5p_torus_and_across_slices():
         2 * within + across)
 
 
+def _gather_collectives(name: str, shape, axes, gather_over) -> list:
+    """The collectives of one tiled all-gather of a [64, 512] bf16 shard per device over the mesh
+    axes ``gather_over`` of a mesh over ``name``'s devices (``_mesh`` order)."""
+    mesh = _mesh(name, shape, axes)
+    f = jax.jit(jax.shard_map(lambda x: jax.lax.all_gather(x, gather_over, tiled=True) * 2,
+                              mesh=mesh, in_specs=P(axes), out_specs=P(), check_vma=False))
+    x = jax.ShapeDtypeStruct((64 * mesh.size, 512), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P(axes)))
+    with _no_persistent_cache():
+        return hlo.collectives(f.lower(x).compile().as_text())
+
+
+def test_a_gather_over_a_whole_3d_torus_is_a_zero_filled_all_reduce():
+    """Why the 7B config keeps fsdp to a plane of v5p-128: the TPU compiler turns an all-gather
+    whose group spans the whole 4 x 4 x 4 torus into a zero-filled full-size buffer summed by an
+    all-reduce (twice the bytes), but keeps it an all-gather over a 4 x 4 plane of it, and over
+    all 32 chips of v5p-64 (2 x 4 x 4, no wraparound)."""
+    shard = 64 * 512 * 2
+    (plane,) = _gather_collectives("v5p-128", (4, 16), ("planes", "plane"), "plane")
+    assert (plane.kind, plane.group_size, plane.full_bytes) == ("all-gather", 16, 16 * shard)
+    assert plane.groups[0] == list(range(16))  # one x-coordinate: a y-z plane
+    (whole,) = _gather_collectives("v5p-128", (4, 16), ("planes", "plane"), ("planes", "plane"))
+    assert (whole.kind, whole.group_size, whole.full_bytes) == ("all-reduce", 64, 64 * shard)
+    (line,) = _gather_collectives("v5p-64", (32,), ("all",), "all")
+    assert (line.kind, line.group_size, line.full_bytes) == ("all-gather", 32, 32 * shard)
+
+
 ASYNC_MODULE = """HloModule jit_step, is_scheduled=true
 
 %ag_start (p0: bf16[16,64]) -> bf16[64,64] {
