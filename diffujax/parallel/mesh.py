@@ -70,13 +70,20 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
     shape = tuple(sizes[a] for a in AXES)
     auto = (AxisType.Auto,) * len(AXES)
     slices = mesh_cfg.num_slices if mesh_cfg else 1
-    if slices == 1:
-        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
-    if sizes["data"] % slices:
-        raise ValueError(f"mesh.shape.data={sizes['data']} must be a multiple of mesh.num_slices"
-                         f"={slices}: the data axis is the one that spans slices")
-    ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    try:
+        if slices == 1:
+            return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+        if sizes["data"] % slices:
+            raise ValueError(f"mesh.shape.data={sizes['data']} must be a multiple of"
+                             f" mesh.num_slices={slices}: the data axis is the one that spans"
+                             " slices")
+        ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    except NotImplementedError as e:
+        # jax's TPU mesh builder: an axis size that is no product of the torus's own sides
+        raise ValueError(f"mesh.shape {sizes} does not tile the slice's physical chip grid:"
+                         f" each axis size must be a product of some of its sides"
+                         f" ({str(e).split('.')[0]})") from e
     return Mesh(grid, AXES, axis_types=auto)
 
 

@@ -34,6 +34,21 @@ def test_make_mesh_has_auto_axes():
     assert single.axis_sizes == (1, 1, 1)
 
 
+def test_a_mesh_that_does_not_tile_the_tpu_torus_is_one_line():
+    """On v5p-128 (a 4x4x4 torus, the real TPU topology, deviceless) an axis of 8 is no product
+    of the torus's sides: a ValueError naming mesh.shape, not jax's NotImplementedError."""
+    from jax.experimental import topologies
+
+    torus = topologies.get_topology_desc(platform="tpu", topology_name="v5p:4x4x4",
+                                         chip_config_name="megacore",
+                                         chips_per_host_bounds=(2, 2, 1)).devices
+    with pytest.raises(ValueError, match=r"mesh.shape \{'data': 8, 'fsdp': 8, 'tensor': 1\} does"
+                                         r" not tile .* \(Failed to find assignment.*\[4, 4, 4\]\)$"):
+        make_mesh(MeshSection(shape=MeshShape(data=8, fsdp=-1, tensor=1)), torus)
+    mesh = make_mesh(MeshSection(shape=MeshShape(data=4, fsdp=-1, tensor=1)), torus)
+    assert mesh.axis_sizes == (4, 16, 1)
+
+
 def test_spec_skips_axes_that_do_not_divide():
     mesh = make_mesh(MeshSection(shape=MeshShape(1, 4, 2)))
     layout = Layout(mesh)
