@@ -147,10 +147,15 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
     comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
                                                 overlapped_seconds=0.0)
     seconds = xla + kernels + comm["exposed_seconds"]
+    parts = {name: cycles / generation.clock_hz
+             for name, cycles in (counts.get("by_category") or {}).items()}
+    parts.update({"Pallas kernels": kernels, "exposed communication": comm["exposed_seconds"]})
+    bound_by = [dict(category=name, seconds=s, share=s / seconds if seconds else 0.0)
+                for name, s in sorted(parts.items(), key=lambda kv: -kv[1]) if s > 0]
     return dict(step_seconds=seconds, compute_seconds=xla + kernels, xla_seconds=xla,
                 kernel_seconds=kernels, communication_seconds=comm["seconds"],
                 exposed_communication_seconds=comm["exposed_seconds"],
-                overlapped_communication_seconds=comm["overlapped_seconds"],
+                overlapped_communication_seconds=comm["overlapped_seconds"], bound_by=bound_by,
                 source="TPU compiler per-op cycle estimates, kernel rooflines, ICI ring model")
 
 
