@@ -459,7 +459,7 @@ def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
 
 # What the compiler's cycles are spent on, by the ops an instruction (a fusion: its whole body)
 # runs. Checked in this order: the first that applies names it.
-CATEGORIES = ("collective", "matmul", "vocabulary", "reduction", "data movement", "elementwise")
+CATEGORIES = ("matmul", "collective", "vocabulary", "reduction", "data movement", "elementwise")
 _MOVES = frozenset({"copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
                     "dynamic-update-slice", "concatenate", "pad", "broadcast", "gather",
                     "scatter", "reverse", "copy-start", "copy-done", "parameter", "constant",
@@ -493,10 +493,12 @@ def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
     loss over the logits, their padding to the tile, the embedding table's gradient and update).
     ``data movement``: copies, transposes, pads, slices, broadcasts, and fusions that write into
     a stacked buffer (``dynamic-update-slice``) whatever else they compute on the way."""
+    if opcodes & {"convolution", "dot"}:
+        # also a collective fusion that multiplies: its transfer is charged by the
+        # communication model (``comms.charge``), its cycles are the matmul's
+        return "matmul"
     if any(op.removesuffix("-start").removesuffix("-done") in COLLECTIVES for op in opcodes):
         return "collective"
-    if opcodes & {"convolution", "dot"}:
-        return "matmul"
     if vocab and any(vocab in dims for _, dims in shapes):
         return "vocabulary"
     if opcodes & {"reduce", "reduce-window", "sort"}:
