@@ -119,7 +119,9 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
-                                    kernels=[kernel_summary(k) for k in counts.kernels]))
+                                    kernels=[kernel_summary(k) for k in counts.kernels],
+                                    by_category=hlo.cycles_by_category(
+                                        text, trips, model_cfg.vocab_size or None)))
     return out
 
 

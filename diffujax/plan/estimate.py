@@ -133,8 +133,10 @@ def kernel_seconds(kernels: list[dict], generation, peak_flops: float) -> float:
 def step_time(program: dict, target, peak_flops: float | None) -> dict:
     """The time of one call of a compiled program (``compile_program``'s dict): XLA's ops at the
     compiler's cycle estimates, the Pallas kernels at their roofline, and the communication the
-    schedule does not overlap (``comms.charge``), one after the other. ``step_seconds`` is None
-    (with the reason in ``source``) when there is nothing to estimate from."""
+    schedule does not overlap (``comms.charge``), one after the other. ``bound_by``: the step's
+    seconds by category (``hlo.cycles_by_category``, then the kernels and the exposed
+    communication), largest first. ``step_seconds`` is None (with the reason in ``source``) when
+    there is nothing to estimate from."""
     generation = target.slice.generation
     counts = program.get("compiler_cycles")
     if counts is None:
@@ -147,10 +149,15 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
     comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
                                                 overlapped_seconds=0.0)
     seconds = xla + kernels + comm["exposed_seconds"]
+    parts = {name: cycles / generation.clock_hz
+             for name, cycles in (counts.get("by_category") or {}).items()}
+    parts.update({"Pallas kernels": kernels, "exposed communication": comm["exposed_seconds"]})
+    bound_by = [dict(category=name, seconds=s, share=s / seconds if seconds else 0.0)
+                for name, s in sorted(parts.items(), key=lambda kv: -kv[1]) if s > 0]
     return dict(step_seconds=seconds, compute_seconds=xla + kernels, xla_seconds=xla,
                 kernel_seconds=kernels, communication_seconds=comm["seconds"],
                 exposed_communication_seconds=comm["exposed_seconds"],
-                overlapped_communication_seconds=comm["overlapped_seconds"],
+                overlapped_communication_seconds=comm["overlapped_seconds"], bound_by=bound_by,
                 source="TPU compiler per-op cycle estimates, kernel rooflines, ICI ring model")
 
 

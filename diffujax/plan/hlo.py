@@ -455,7 +455,79 @@ def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
     return CycleCount(cycles, count, kernels)
 
 
-__all__ = ["COLLECTIVES", "Collective", "CycleCount", "KernelCall", "all_reduced_whole",
-           "collectives",
+# ------------------------------------------------------------------------------ categories
+
+# What the compiler's cycles are spent on, by the ops an instruction (a fusion: its whole body)
+# runs. Checked in this order: the first that applies names it.
+CATEGORIES = ("matmul", "collective", "vocabulary", "reduction", "data movement", "elementwise")
+_MOVES = frozenset({"copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
+                    "dynamic-update-slice", "concatenate", "pad", "broadcast", "gather",
+                    "scatter", "reverse", "copy-start", "copy-done", "parameter", "constant",
+                    "tuple", "get-tuple-element", "iota", "bitcast-convert"})
+
+
+def _fused_body(comps, name, depth=0) -> tuple[set[str], list]:
+    """``(opcodes, shapes)``: what a fused computation runs (nested fusions included) and the
+    result shapes (``shape_dims``) of its instructions."""
+    comp = comps.get(name)
+    if comp is None or depth > 8:
+        return set(), []
+    opcodes, shapes = set(), []
+    for line in comp.lines:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        opcodes.add(m.group(3))
+        shapes += shape_dims(m.group(2))
+        if m.group(3) == "fusion":
+            inner = _fused_body(comps, dict(_CALLEES.findall(line)).get("calls"), depth + 1)
+            opcodes |= inner[0]
+            shapes += inner[1]
+    return opcodes, shapes
+
+
+def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
+    """The category (``CATEGORIES``) of an instruction that runs ``opcodes`` and makes arrays of
+    ``shapes`` (``shape_dims``; a fusion: its body's, parameters included).
+    ``vocabulary``: any non-matmul work on an array with a ``vocab``-long axis (the softmax and
+    loss over the logits, their padding to the tile, the embedding table's gradient and update).
+    ``data movement``: copies, transposes, pads, slices, broadcasts, and fusions that write into
+    a stacked buffer (``dynamic-update-slice``) whatever else they compute on the way."""
+    if opcodes & {"convolution", "dot"}:
+        # also a collective fusion that multiplies: its transfer is charged by the
+        # communication model (``comms.charge``), its cycles are the matmul's
+        return "matmul"
+    if any(op.removesuffix("-start").removesuffix("-done") in COLLECTIVES for op in opcodes):
+        return "collective"
+    if vocab and any(vocab in dims for _, dims in shapes):
+        return "vocabulary"
+    if opcodes & {"reduce", "reduce-window", "sort"}:
+        return "reduction"
+    if opcodes <= _MOVES or "dynamic-update-slice" in opcodes:
+        # the second: a fusion that writes into a stacked buffer (a layer's activations saved
+        # for the backward pass, the scan's outputs): it costs the bytes it writes
+        return "data movement"
+    return "elementwise"
+
+
+def cycles_by_category(text: str, open_trips: int | None = None, vocab: int | None = None
+                       ) -> dict[str, int]:
+    """``estimated_cycles`` (``estimated_cycles``' sum, per run of the program) split by
+    ``category``, largest first. ``vocab``: the model's vocabulary size, for ``vocabulary``."""
+    comps, _ = _computations(text)
+    out = collections.Counter()
+    for _, m, line, runs in _walk(text, open_trips):
+        found = _CYCLES.search(line)
+        if not found:
+            continue
+        opcodes, shapes = {m.group(3)}, shape_dims(m.group(2))
+        if m.group(3) == "fusion":
+            opcodes, shapes = _fused_body(comps, dict(_CALLEES.findall(line)).get("calls"))
+        out[category(opcodes, shapes, vocab)] += int(found.group(1)) * runs
+    return dict(out.most_common())
+
+
+__all__ = ["CATEGORIES", "COLLECTIVES", "Collective", "CycleCount", "KernelCall",
+           "all_reduced_whole", "category", "collectives", "cycles_by_category",
            "replica_groups",
            "dtype_bytes", "estimated_cycles", "gathered_whole", "shape_bytes", "summarize"]

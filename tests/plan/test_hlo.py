@@ -97,3 +97,90 @@ def test_a_loop_that_stops_on_data_counts_the_trips_it_is_given():
     counted = MODULE.replace("dimensions={1}\n", "dimensions={1},"
                              " backend_config={\"estimated_cycles\":\"100\"}\n", 1)
     assert hlo.estimated_cycles(counted, open_trips=51).cycles == 100 * 5
+
+
+CATEGORY_MODULE = """HloModule jit_step, entry_computation_layout={()}
+
+%fused_dot (a: bf16[8,16], b: bf16[16,32]) -> bf16[8,32] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  %c = f32[8,32]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+  ROOT %d = bf16[8,32]{1,0} convert(%c)
+}
+
+%fused_norm (x: f32[8,32]) -> f32[8] {
+  %x = f32[8,32]{1,0} parameter(0)
+  %zero = f32[] constant(0)
+  %s = f32[8,32]{1,0} multiply(%x, %x)
+  ROOT %r = f32[8]{0} reduce(%s, %zero), dimensions={1}, to_apply=%add
+}
+
+%fused_gelu (x.1: f32[8,32]) -> f32[8,32] {
+  %x.1 = f32[8,32]{1,0} parameter(0)
+  ROOT %t = f32[8,32]{1,0} tanh(%x.1)
+}
+
+%fused_stack (y: f32[8,32]) -> f32[3,8,32] {
+  %y = f32[8,32]{1,0} parameter(0)
+  ROOT %u = f32[3,8,32]{2,1,0} broadcast(%y), dimensions={1,2}
+}
+
+%fused_save (y.1: f32[3,8,32], v: f32[1,8,32]) -> f32[3,8,32] {
+  %y.1 = f32[3,8,32]{2,1,0} parameter(0)
+  %v = f32[1,8,32]{2,1,0} parameter(1)
+  %w = f32[1,8,32]{2,1,0} add(%v, %v)
+  %k = s32[] constant(0)
+  ROOT %dus = f32[3,8,32]{2,1,0} dynamic-update-slice(%y.1, %w, %k, %k, %k)
+}
+
+%fused_inner_softmax (z: f32[8,100]) -> f32[8,100] {
+  %z = f32[8,100]{1,0} parameter(0)
+  ROOT %e = f32[8,100]{1,0} exponential(%z)
+}
+
+%fused_loss (l: f32[8,100]) -> f32[8] {
+  %l = f32[8,100]{1,0} parameter(0)
+  %f = f32[8,100]{1,0} fusion(%l), kind=kLoop, calls=%fused_inner_softmax
+  %zero.1 = f32[] constant(0)
+  ROOT %r.1 = f32[8]{0} reduce(%f, %zero.1), dimensions={1}, to_apply=%add
+}
+
+%cond (p: (s32[], f32[8,32])) -> pred[] {
+  %p = (s32[], f32[8,32]{1,0}) parameter(0)
+  %constant.7 = s32[] constant(3)
+  %gte = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%gte, %constant.7), direction=LT
+}
+
+%body (p.1: (s32[], f32[8,32])) -> (s32[], f32[8,32]) {
+  %p.1 = (s32[], f32[8,32]{1,0}) parameter(0)
+  %mm = bf16[8,32]{1,0} fusion(%a0, %b0), kind=kOutput, calls=%fused_dot, backend_config={"estimated_cycles":"100"}
+  %ln = f32[8]{0} fusion(%mm), kind=kInput, calls=%fused_norm, backend_config={"estimated_cycles":"40"}
+  %ge = f32[8,32]{1,0} fusion(%mm), kind=kLoop, calls=%fused_gelu, backend_config={"estimated_cycles":"30"}
+  %cp = f32[8,32]{1,0} copy(%ge), backend_config={"estimated_cycles":"7"}
+  %sv = f32[3,8,32]{2,1,0} fusion(%st0, %ge), kind=kLoop, calls=%fused_save, backend_config={"estimated_cycles":"2"}
+  ROOT %t.1 = (s32[], f32[8,32]) tuple(%i, %cp)
+}
+
+ENTRY %main (a: f32[8,100]) -> f32[8] {
+  %a = f32[8,100]{1,0} parameter(0)
+  %while.1 = (s32[], f32[8,32]{1,0}) while(%t0), condition=%cond, body=%body
+  %st = f32[3,8,32]{2,1,0} fusion(%y0), kind=kLoop, calls=%fused_stack, backend_config={"estimated_cycles":"11"}
+  %loss = f32[8]{0} fusion(%a), kind=kInput, calls=%fused_loss, backend_config={"estimated_cycles":"50"}
+  ROOT %ar = f32[8]{0} all-reduce(%loss), channel_id=1, to_apply=%add, backend_config={"estimated_cycles":"5"}
+}
+"""
+
+
+def test_cycles_by_category_on_a_hand_made_module():
+    """Each estimate lands in the category of what its fusion's body runs, times its loop's
+    trips (3): a convolution is a matmul, a reduce a reduction, tanh elementwise, a copy or a
+    broadcast data movement (an add written into a stacked buffer too), anything on a
+    vocabulary-long (100) axis the vocabulary's."""
+    by = hlo.cycles_by_category(CATEGORY_MODULE, vocab=100)
+    assert by == {"matmul": 300, "reduction": 120, "elementwise": 90, "data movement": 21 + 6 + 11,
+                  "vocabulary": 50, "collective": 5}
+    assert list(by) == sorted(by, key=by.get, reverse=True)
+    # The categories split the compiler's total; without a vocabulary the loss is a reduction.
+    assert sum(by.values()) == hlo.estimated_cycles(CATEGORY_MODULE).cycles
+    assert hlo.cycles_by_category(CATEGORY_MODULE)["reduction"] == 120 + 50

@@ -24,6 +24,7 @@ from diffujax.plan import search as fit_module
 from diffujax.plan import plan
 from diffujax.plan.analysis import make_target
 from diffujax.plan.programs import abstract_batch, plan_model_config
+from diffujax.plan.report import format_report
 from diffujax.train.data import build_data
 
 FSDP_X_TP = ["mesh.shape.fsdp=2", "mesh.shape.tensor=2"]  # 4 chips of v5p-8
@@ -129,6 +130,21 @@ def test_gpt2_small_shape_on_fsdp_x_tp(gpt2_report):
     est = gpt2_report["estimate"]
     assert est["step_seconds"] > 0 and 0 < est["mfu"] < 1
     assert est["compute_seconds"] >= est["kernel_seconds"] > 0
+
+
+def test_the_estimate_says_what_bounds_the_step(gpt2_report):
+    """The step's time by category adds up to the estimate (the categories split the compiler's
+    cycles; the kernels and the exposed communication are their own), largest first, and the
+    text report prints it; GPT-2's 50257-token softmax and loss is a category of its own."""
+    est = gpt2_report["estimate"]
+    parts = {p["category"]: p["seconds"] for p in est["bound_by"]}
+    assert sum(parts.values()) == pytest.approx(est["step_seconds"])
+    assert sum(p["share"] for p in est["bound_by"]) == pytest.approx(1.0)
+    assert parts["Pallas kernels"] == pytest.approx(est["kernel_seconds"])
+    assert parts["matmul"] > 0 and parts["vocabulary"] > 0
+    seconds = [p["seconds"] for p in est["bound_by"]]
+    assert seconds == sorted(seconds, reverse=True)
+    assert f"bound by: {est['bound_by'][0]['category']} " in format_report(gpt2_report)
 
 
 def test_eval_program_compiles_through_the_cli(capsys, monkeypatch):
