@@ -94,7 +94,7 @@ def block_pass(cached_fn: Callable, params, tokens, cache, offset, *, block_size
     """One forward pass of the decoder: ``tokens [B, n]`` at canvas positions ``offset ..
     offset + n - 1`` against ``cache``, under the block-causal pattern of ``block_size``
     (``n``: a whole block, or the prefill's whole blocks). Returns ``(logits [B, n, V],
-    cache)``. Every pass of ``decode_blocks`` is this call (and ``diffujax plan --decode``
+    cache)``. Every pass of ``decode_blocks`` is this call (and ``diffujax plan --what decode``
     compiles it)."""
     return cached_fn(params, tokens, full().with_blocks(block_size), cache, offset)
 

@@ -8,6 +8,7 @@ run compiles; only the arrays are ``jax.ShapeDtypeStruct`` s carrying their ``Na
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable
@@ -217,6 +218,14 @@ def decode_plan(seq_len: int, block_size: int, steps: int = GENERATE_STEPS) -> d
                 canvas=length, forward_passes=passes, loop_passes=passes - prefill)
 
 
+def abstract_cache(model_cfg, layout: Layout, rows: int, length: int) -> KVCache:
+    """The decoder's KV cache as abstract arrays: ``rows`` x ``length`` positions in the compute
+    dtype, split over the batch shards as ``decode_blocks`` receives it."""
+    shape = (model_cfg.num_layers, rows, length, model_cfg.num_kv_heads, model_cfg.head_dim)
+    sharding = NamedSharding(layout.mesh, PartitionSpec(None, layout.batch_sharding.spec[0]))
+    return KVCache(*(_sds(shape, model_cfg.dtype, sharding),) * 2)
+
+
 def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | None = None
                             ) -> Program:
     """A block model's ``diffujax generate``: the cached block decoder (``decode_blocks``, one
@@ -230,10 +239,7 @@ def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | No
     sharding = layout.batch_sharding
     prompt = _sds((rows, plan["prompt_width"]), jnp.int32, sharding)
     lengths = _sds((rows,), jnp.int32, NamedSharding(layout.mesh, PartitionSpec(sharding.spec[0])))
-    cache_shape = (model_cfg.num_layers, rows, plan["canvas"], model_cfg.num_kv_heads,
-                   model_cfg.head_dim)
-    cache_sharding = NamedSharding(layout.mesh, PartitionSpec(None, sharding.spec[0]))
-    cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
+    cache = abstract_cache(model_cfg, layout, rows, plan["canvas"])
     key = abstract_key(layout)
     mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
 
@@ -265,7 +271,7 @@ def decode_step_program(cfg, model_cfg, layout: Layout, batch: int, context: int
     is not in it (``--what generate`` compiles the whole decoder with it)."""
     n = model_cfg.block_size
     if n < 1:
-        raise ValueError("plan --decode: the model is not a block diffusion model; set"
+        raise ValueError("plan --what decode: the model is not a block diffusion model; set"
                          " diffusion.block_size (the block of tokens a pass decodes)")
     if batch < 1 or batch % layout.batch_shards:
         raise ValueError(f"--batch {batch}: must be a positive multiple of the mesh's"
@@ -278,18 +284,15 @@ def decode_step_program(cfg, model_cfg, layout: Layout, batch: int, context: int
         raise ValueError(f"--context {context}: a cache of {length} positions (whole blocks of"
                          f" {n}) exceeds the model's {limit} positions")
     params = abstract_model_params(cfg, model_cfg, layout)
-    sharding = layout.batch_sharding
-    tokens = _sds((batch, n), jnp.int32, sharding)
-    cache_shape = (model_cfg.num_layers, batch, length, model_cfg.num_kv_heads,
-                   model_cfg.head_dim)
-    cache_sharding = NamedSharding(layout.mesh, PartitionSpec(None, sharding.spec[0]))
-    cache = KVCache(*(_sds(cache_shape, model_cfg.dtype, cache_sharding),) * 2)
+    tokens = _sds((batch, n), jnp.int32, layout.batch_sharding)
+    cache = abstract_cache(model_cfg, layout, batch, length)
     offset = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
     step = jax.jit(decoding.block_pass, static_argnames=("cached_fn", "block_size"),
                    donate_argnames=("cache",))
 
     cached_fn = cached_fn_for(model_cfg)
 
+    @functools.cache  # traced once, for both the matmul count and the lowering
     def trace():
         with layout.active():
             return step.trace(cached_fn, params, tokens, cache, offset, block_size=n)
@@ -339,7 +342,7 @@ def bytes_per_device(tree) -> int:
     return total
 
 
-__all__ = ["Program", "abstract_batch", "abstract_state", "bytes_per_device",
+__all__ = ["Program", "abstract_batch", "abstract_cache", "abstract_state", "bytes_per_device",
            "cached_generate_program", "decode_plan", "decode_step_program", "eval_program",
            "generate_program", "micro_batch", "plan_model_config", "programs_for",
            "train_programs"]
