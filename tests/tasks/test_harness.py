@@ -114,7 +114,7 @@ def test_ar_loglikelihood_equals_lm_eval_hf_on_smollm2(smol_ar, tmp_path):
         "metric_list:\n  - metric: acc\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    manager = TaskManager(include_path=str(tmp_path))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     scores = {}
     for model, args in [("hf", f"pretrained={hf_dir},dtype=float32,device=cpu"),
                         ("diffujax", f"checkpoint={ckpt},objective=ar,mesh=none")]:
