@@ -146,7 +146,8 @@ def format_fit(r: dict) -> str:
     lines = [f"fit search on {r['topology']} (global batch {r['global_batch']} kept):"]
     for t in r["tried"]:
         est = t.get("step_seconds")
-        lines.append(f"  remat={t['remat']:<19} grad_accum_steps={t['grad_accum_steps']:<4}"
+        lines.append(f"  remat={t['remat']:<19} loss_chunk={t['loss_chunk']:<4}"
+                     f" grad_accum_steps={t['grad_accum_steps']:<4}"
                      f" HBM {gib(t['total'])}: {'fits' if t['fits'] else 'does not fit'}"
                      + (f"; est. step {est:.3f} s, MFU {100 * t['mfu']:.1f}%" if est else ""))
     best = r.get("best")
