@@ -540,7 +540,8 @@ class RunConfig:
         the schedule), so checkpoints and exports say how to decode it."""
         m = self.model
         out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
-                   remat=m.remat, scan_layers=m.scan_layers, mask_token_id=self.diffusion.mask_token_id,
+                   remat=m.remat, scan_layers=m.scan_layers,
+                   mask_token_id=self.diffusion.mask_token_id,
                    block_size=self.block_size_at(self.train.steps - 1))
         return {k: v for k, v in out.items() if v is not None}
 
