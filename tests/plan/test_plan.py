@@ -43,9 +43,12 @@ def tiny_report(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def gpt2_report():
-    """A GPT-2-small shape (diffugpt_s's plan.model: 12 x 768, vocabulary 50257) on FSDP x TP."""
+    """A GPT-2-small shape (diffugpt_s's plan.model: 12 x 768, vocabulary 50257) on FSDP x TP,
+    its layers scanned (the config unrolls them: minutes more to compile; test_unrolled_compile
+    compiles that path)."""
     cfg = load_config("configs/diffugpt_s.yaml", FSDP_X_TP + [
-        "data.seq_len=256", "data.global_batch=8", "diffusion.anneal_steps=0"])
+        "data.seq_len=256", "data.global_batch=8", "diffusion.anneal_steps=0",
+        "model.scan_layers=true"])
     return plan(cfg, "v5p-8", what="train")
 
 
