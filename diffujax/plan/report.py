@@ -28,6 +28,7 @@ def format_report(r: dict) -> str:
         f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
         f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
         f" {c['dtype']}, master weights {c['param_dtype']}"
+        + (", layers unrolled" if c.get("scan_layers") is False else "")
         + (", training dropout" if c.get("dropout") else "")
         + (f", cross-entropy in chunks of {c['loss_chunk']}" if c.get("loss_chunk") else ""),
     ]

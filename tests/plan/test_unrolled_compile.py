@@ -6,6 +6,7 @@ per layer and micro-batch (``test_plan.py``'s tiny step)."""
 
 from diffujax.config import load_config
 from diffujax.plan import plan
+from diffujax.plan.report import format_report
 
 LAYERS, ACCUM = 2, 2
 
@@ -22,3 +23,6 @@ def test_unrolled_layers_compile_with_a_kernel_call_per_layer():
     assert program["kernel_calls"] == 3 * LAYERS
     assert {k["runs"] for k in kernels} == {ACCUM}
     assert report["estimate"]["step_seconds"] > 0
+    assert report["config"]["scan_layers"] is False
+    assert "(grad_accum_steps x micro-batch), remat none, compute float32, master weights" \
+        " float32, layers unrolled" in format_report(report)
