@@ -70,7 +70,7 @@ def test_unrolled_layers_give_the_scans_logits_and_gradient(family, remat):
 def test_the_unrolled_program_has_no_scan():
     params = init_params(CONFIGS["gpt2"], seed=0)
     for scan in (True, False):
-        apply_fn, loss = _logits_and_loss("gpt2", scan, "none")
+        _, loss = _logits_and_loss("gpt2", scan, "none")
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
         assert ("scan[" in jaxpr) == scan, scan
 
