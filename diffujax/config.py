@@ -189,6 +189,9 @@ class ModelSection:
     # what the backward pass recomputes per layer (models.layers.REMAT_POLICIES), least first
     remat: Annotated[Literal["none", "dots_with_attention", "dots", "full"] | None,
                      MAY_CHANGE] = None
+    # the layers as one lax.scan (true) or unrolled (false: no stacked buffers of saved
+    # activations, a longer program; models.layers.unrolled_layers); unset: the model config's
+    scan_layers: Annotated[StrictBool | None, MAY_CHANGE] = None
     init_seed: Int = 0
     # Training dropout from the checkpoint's config (GPT-2: embd_pdrop / resid_pdrop, 0.1 in
     # HF GPT-2, as the reference trained); false trains without. Never applied in evaluation or
@@ -537,7 +540,8 @@ class RunConfig:
         the schedule), so checkpoints and exports say how to decode it."""
         m = self.model
         out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
-                   remat=m.remat, mask_token_id=self.diffusion.mask_token_id,
+                   remat=m.remat, scan_layers=m.scan_layers,
+                   mask_token_id=self.diffusion.mask_token_id,
                    block_size=self.block_size_at(self.train.steps - 1))
         return {k: v for k, v in out.items() if v is not None}
 

@@ -58,7 +58,8 @@ def row(config: str, report: dict) -> str:
     comm = (f"{est['exposed_communication_seconds']:.2f} of"
             f" {est['communication_seconds']:.2f} s" if est.get("step_seconds") else "n/a")
     compile_s = sum(p["compile_seconds"] for p in report["programs"])
-    setting = f"{c['grad_accum_steps']} x {c['micro_batch']}, remat {c['remat']}"
+    setting = (f"{c['grad_accum_steps']} x {c['micro_batch']}, remat {c['remat']}"
+               + (", unrolled" if c.get("scan_layers") is False else ""))
     return (f"| `{pathlib.Path(config).name}` | {t['topology']} ({t['devices']} chips) |"
             f" {setting} | {worst['total'] / gib:.1f} of {worst['hbm'] / gib:.0f} GiB |"
             f" {'yes' if report['fits'] else '**no**'} | {step} | {kernels} | {comm} | {mfu} |"

@@ -40,6 +40,9 @@ class ModelConfig:
     # none | dots_with_attention | dots | full: what the backward pass recomputes per layer
     # (layers.REMAT_POLICIES)
     remat: str = "none"
+    # the layers as one lax.scan over their stacked weights (True), or unrolled (False:
+    # layers.unrolled_layers; a longer program, no stacked buffers of saved activations)
+    scan_layers: bool = True
     # Keys of the source config.json that diffujax does not model but writes back on export, as
     # canonical JSON so the config stays hashable (it is static under jit).
     extra_hf: str = "{}"

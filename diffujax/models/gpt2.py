@@ -193,7 +193,7 @@ class GPT2(nnx.Module):
             keys = L.layer_keys(dropout_key, c.num_layers)
         attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
-                          keys, c.remat)
+                          keys, c.remat, c.scan_layers)
         if split_head:
             return L.split_output_head(x, self.ln_f, self.wte, self.lm_head)
         return self._head(x)

@@ -89,12 +89,13 @@ REMAT_POLICIES = {
 }
 
 
-def scan_layers(block: nnx.Module, step, x, xs=None, remat: str = "none"):
+def scan_layers(block: nnx.Module, step, x, xs=None, remat: str = "none", scan: bool = True):
     """Run ``step(layer, x, xs_i) -> x`` once per layer of ``block``, an NNX module whose weights
     are stacked on a leading layers axis: the module is split once, and ``lax.scan`` merges each
     layer's slice of its state back into a one-layer module (the split/merge form of
     ``nnx.scan``). ``xs``: per-layer inputs scanned beside the weights (dropout keys), or None.
-    ``remat``: the rematerialisation policy of the scanned step (``REMAT_POLICIES``)."""
+    ``remat``: the rematerialisation policy of each layer's step (``REMAT_POLICIES``).
+    ``scan=False``: the same steps unrolled (``unrolled_layers``)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat policy {remat!r} is not one of {tuple(REMAT_POLICIES)}")
     graphdef, state = nnx.split(block)
@@ -105,7 +106,24 @@ def scan_layers(block: nnx.Module, step, x, xs=None, remat: str = "none"):
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    if not scan:
+        return unrolled_layers(body, x, (state, xs))
     x, _ = jax.lax.scan(body, x, (state, xs))
+    return x
+
+
+def unrolled_layers(body, x, stacked):
+    """``lax.scan(body, x, stacked)[0]`` as a Python loop over the layers: every stacked leaf is
+    split once into its layers (``lax.split``, whose transpose is one ``concatenate`` of the
+    layers' gradients). Each layer's activations saved for the backward pass are then buffers
+    of their own, not slices written into (and read back out of) a scan's stacked buffers;
+    the program grows with the number of layers."""
+    leaves, tree = jax.tree.flatten(stacked)
+    count = leaves[0].shape[0]
+    per_leaf = [jax.lax.split(leaf, (1,) * count) for leaf in leaves]
+    for i in range(count):
+        layer = [jax.lax.squeeze(parts[i], (0,)) for parts in per_leaf]
+        x, _ = body(x, jax.tree.unflatten(tree, layer))
     return x
 
 

@@ -226,7 +226,7 @@ class Llama(nnx.Module):
         keys = None if dropout_key is None else L.layer_keys(dropout_key,
                                                              self.config.num_layers)
         x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
-                          keys, self.config.remat)
+                          keys, self.config.remat, self.config.scan_layers)
         if split_head:
             return L.split_output_head(x, self.final_norm, self.embed, self.lm_head)
         return self._head(x)

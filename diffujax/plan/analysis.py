@@ -195,7 +195,8 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
     report = dict(
         config=dict(seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
                     grad_accum_steps=accum, micro_batch=cfg.data.global_batch // accum,
-                    remat=model_cfg.remat, loss_chunk=cfg.model.loss_chunk,
+                    remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
+                    loss_chunk=cfg.model.loss_chunk,
                     dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                     dropout=training_dropout(cfg, model_cfg) if what == "train" else False),
         model=dict(family=model_cfg.family, source=source, layers=model_cfg.num_layers,

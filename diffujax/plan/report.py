@@ -28,6 +28,7 @@ def format_report(r: dict) -> str:
         f" {c['seq_len']}, global batch {c['global_batch']} = {c['grad_accum_steps']} x"
         f" {c['micro_batch']} (grad_accum_steps x micro-batch), remat {c['remat']}, compute"
         f" {c['dtype']}, master weights {c['param_dtype']}"
+        + (", layers unrolled" if c.get("scan_layers") is False else "")
         + (", training dropout" if c.get("dropout") else "")
         + (f", cross-entropy in chunks of {c['loss_chunk']}" if c.get("loss_chunk") else ""),
     ]
@@ -146,7 +147,8 @@ def format_fit(r: dict) -> str:
     lines = [f"fit search on {r['topology']} (global batch {r['global_batch']} kept):"]
     for t in r["tried"]:
         est = t.get("step_seconds")
-        lines.append(f"  remat={t['remat']:<19} grad_accum_steps={t['grad_accum_steps']:<4}"
+        lines.append(f"  remat={t['remat']:<19} loss_chunk={t['loss_chunk']:<4}"
+                     f" grad_accum_steps={t['grad_accum_steps']:<4}"
                      f" HBM {gib(t['total'])}: {'fits' if t['fits'] else 'does not fit'}"
                      + (f"; est. step {est:.3f} s, MFU {100 * t['mfu']:.1f}%" if est else ""))
     best = r.get("best")

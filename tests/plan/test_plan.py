@@ -24,7 +24,7 @@ from diffujax.plan import search as fit_module
 from diffujax.plan import plan
 from diffujax.plan.analysis import make_target
 from diffujax.plan.programs import abstract_batch, plan_model_config
-from diffujax.plan.report import format_report
+from diffujax.plan.report import format_fit, format_report
 from diffujax.train.data import build_data
 
 FSDP_X_TP = ["mesh.shape.fsdp=2", "mesh.shape.tensor=2"]  # 4 chips of v5p-8
@@ -43,9 +43,12 @@ def tiny_report(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def gpt2_report():
-    """A GPT-2-small shape (diffugpt_s's plan.model: 12 x 768, vocabulary 50257) on FSDP x TP."""
+    """A GPT-2-small shape (diffugpt_s's plan.model: 12 x 768, vocabulary 50257) on FSDP x TP,
+    its layers scanned (the config unrolls them: minutes more to compile; test_unrolled_compile
+    compiles that path)."""
     cfg = load_config("configs/diffugpt_s.yaml", FSDP_X_TP + [
-        "data.seq_len=256", "data.global_batch=8", "diffusion.anneal_steps=0"])
+        "data.seq_len=256", "data.global_batch=8", "diffusion.anneal_steps=0",
+        "model.scan_layers=true"])
     return plan(cfg, "v5p-8", what="train")
 
 
@@ -201,25 +204,33 @@ def test_several_slices_put_data_across_slices():
 
 def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     """The search on a synthetic memory / time model (no compiles): HBM falls with the
-    micro-batch, remat trades time for memory; brute force over every setting is the reference."""
+    micro-batch, remat trades time for memory, a loss chunk trades a little time for the
+    logits' memory; brute force over every setting is the reference."""
     cfg = load_config("configs/tiny.yaml", ["diffusion.anneal_steps=0", "data.global_batch=64",
+                                            "model.loss_chunk=32",
                                             "mesh.shape.fsdp=4"])
-    # HBM per chip and row (plus 10 for the state), and the time multiplier of the recompute
-    hbm = {"none": 45, "dots_with_attention": 22, "dots": 20, "full": 12}
+    # HBM per chip and row (plus 10 for the state), and the time multiplier of the recompute;
+    # the logits' HBM per row and the chunks' time multiplier, by loss chunk
+    hbm = {"none": 20, "dots_with_attention": 14, "dots": 12, "full": 4}
     cost = {"none": 1.0, "dots_with_attention": 1.1, "dots": 1.15, "full": 1.35}
-    total = lambda remat, accum: hbm[remat] * (64 / accum / 4) + 10  # noqa: E731
-    seconds = lambda remat, accum: cost[remat] * (1 + 0.05 * accum)  # noqa: E731
+    logits = {0: 8, 32: 1}
+    chunk_cost = {0: 1.0, 32: 1.02}
+    total = lambda remat, chunk, accum: (  # noqa: E731
+        (hbm[remat] + logits[chunk]) * (64 / accum / 4) + 10)
+    seconds = lambda remat, chunk, accum: (  # noqa: E731
+        cost[remat] * chunk_cost[chunk] * (1 + 0.05 * accum))
 
     def fake_programs(run_cfg, model_cfg, layout):
-        return [SimpleNamespace(remat=model_cfg.remat, accum=run_cfg.optimizer.grad_accum_steps)]
+        return [SimpleNamespace(remat=model_cfg.remat, chunk=run_cfg.model.loss_chunk,
+                                accum=run_cfg.optimizer.grad_accum_steps)]
 
     def fake_compile(program, target, model_cfg):
-        used = total(program.remat, program.accum)
-        return dict(memory=dict(total=used, fits=used <= 100), remat=program.remat,
-                    accum=program.accum)
+        used = total(program.remat, program.chunk, program.accum)
+        return dict(memory=dict(total=used, fits=used <= 100), setting=(
+            program.remat, program.chunk, program.accum))
 
     def fake_estimate(compiled, target, peak, flops, tokens):
-        s = seconds(compiled["remat"], compiled["accum"])
+        s = seconds(*compiled["setting"])
         return dict(step_seconds=s, mfu=0.5 / s)
 
     monkeypatch.setattr(fit_module, "train_programs", fake_programs)
@@ -229,14 +240,19 @@ def test_fit_bisection_finds_what_brute_force_finds(monkeypatch):
     assert fit_module.REMATS == ("none", "dots_with_attention", "dots", "full")
     choices = fit_module.accumulation_choices(64, 4)
     assert choices == [1, 2, 4, 8, 16]
-    brute = min((seconds(r, a), r, a) for r in fit_module.REMATS for a in choices
-                if total(r, a) <= 100)
+    assert fit_module.loss_chunk_choices(128, 1024) == [0, 128, 256]  # LOSS_CHUNKS and its own
+    chunks = fit_module.loss_chunk_choices(32, 128)  # L = 128: 256 is the unchunked loss
+    assert chunks == [0, 32]
+    settings = [(r, c, a) for r in fit_module.REMATS for c in chunks for a in choices]
+    brute = min((seconds(*s), s) for s in settings if total(*s) <= 100)
     best = result["best"]
-    assert best["overrides"] == [f"optimizer.grad_accum_steps={brute[2]}",
-                                 f"model.remat={brute[1]}"]
+    remat, chunk, accum = brute[1]
+    assert best["overrides"] == [f"optimizer.grad_accum_steps={accum}", f"model.remat={remat}",
+                                 f"model.loss_chunk={chunk}"]
     assert best["step_seconds"] == pytest.approx(brute[0])
-    assert brute[1:] == ("dots_with_attention", 4)  # the numbers above make it the one to find
-    assert len(result["tried"]) < len(fit_module.REMATS) * len(choices)  # bisection, not all
+    assert brute[1] == ("none", 32, 4)  # the numbers above make it the one to find
+    assert len(result["tried"]) < len(settings)  # bisection, not all
+    assert "remat=none                loss_chunk=32   grad_accum_steps=4" in format_fit(result)
 
 
 def test_block_train_step_compiles_for_a_multichip_v5p():
