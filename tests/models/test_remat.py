@@ -22,17 +22,11 @@ import pytest
 
 from diffujax.attention import AttentionConfig, annealed, full
 from diffujax.diffusion.objective import diffusion_loss
-from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
+from diffujax.models import apply_fn_for, init_params
 from diffujax.models.layers import REMAT_POLICIES, scan_layers
 
-MASK, LENGTH = 63, 16
-CONFIGS = {
-    "llama": LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                         num_kv_heads=2, intermediate_size=48, mask_token_id=MASK),
-    "gpt2": GPT2Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                       num_kv_heads=4, intermediate_size=64, max_positions=LENGTH,
-                       mask_token_id=MASK, embd_pdrop=0.1, resid_pdrop=0.1),
-}
+from tiny_families import CONFIGS, LENGTH, MASK
+
 BACKENDS = {"xla": AttentionConfig(backend="xla"),
             "pallas_tpu": AttentionConfig(backend="pallas_tpu", interpret=True)}
 # Half the CPU compile time of the interpret-mode kernels; XLA's own passes (dead code removed)

@@ -20,16 +20,12 @@ import pytest
 from diffujax.attention import annealed
 from diffujax.config import load_config
 from diffujax.diffusion.objective import diffusion_loss
-from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for, init_params
+from diffujax.models import apply_fn_for, init_params
 
-MASK, LENGTH = 63, 16
-CONFIGS = {
-    "llama": LlamaConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
-                         num_kv_heads=2, intermediate_size=48, mask_token_id=MASK),
-    "gpt2": GPT2Config(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
-                       num_kv_heads=4, intermediate_size=64, max_positions=LENGTH,
-                       mask_token_id=MASK, embd_pdrop=0.1, resid_pdrop=0.1),
-}
+from tiny_families import CONFIGS as TINY, LENGTH, MASK
+
+# three layers: the loop's middle layer has neighbours on both sides
+CONFIGS = {name: c.replace(num_layers=3) for name, c in TINY.items()}
 
 
 def _logits_and_loss(family: str, scan: bool, remat: str):
