@@ -12,7 +12,6 @@
 - an unknown policy is refused by name.
 """
 
-import functools
 import re
 
 import jax
@@ -21,11 +20,10 @@ import numpy as np
 import pytest
 
 from diffujax.attention import AttentionConfig, annealed, full
-from diffujax.diffusion.objective import diffusion_loss
-from diffujax.models import apply_fn_for, init_params
+from diffujax.models import init_params
 from diffujax.models.layers import REMAT_POLICIES, scan_layers
 
-from tiny_families import CONFIGS, LENGTH, MASK
+from tiny_families import CONFIGS, forward_and_loss
 
 BACKENDS = {"xla": AttentionConfig(backend="xla"),
             "pallas_tpu": AttentionConfig(backend="pallas_tpu", interpret=True)}
@@ -41,17 +39,9 @@ def _compiled_gradient(family: str, backend: str, remat: str):
     (whose interpret-mode hash compiles slowly on CPU)."""
     config = CONFIGS[family].replace(attention=BACKENDS[backend], remat=remat)
     params = init_params(config, seed=0)
-    tokens = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, MASK)
     pattern = (full() if backend == "pallas_tpu"
                else annealed(jnp.int32(7), jnp.int32(3), jnp.float32(0.5)))
-    apply_fn = apply_fn_for(config)
-    if family == "gpt2":
-        apply_fn = functools.partial(apply_fn, dropout_key=jax.random.key(2))
-
-    def loss(p):
-        return diffusion_loss(apply_fn, p, tokens, jax.random.key(3), mask_token_id=MASK,
-                              pattern=pattern)[0]
-
+    _, loss = forward_and_loss(config, pattern)
     return jax.jit(jax.grad(loss)).lower(params).compile(FAST_COMPILE), params
 
 

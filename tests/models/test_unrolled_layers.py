@@ -10,7 +10,6 @@ their split weights in place of ``lax.scan``.
   scanned).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +18,9 @@ import pytest
 
 from diffujax.attention import annealed
 from diffujax.config import load_config
-from diffujax.diffusion.objective import diffusion_loss
-from diffujax.models import apply_fn_for, init_params
+from diffujax.models import init_params
 
-from tiny_families import CONFIGS as TINY, LENGTH, MASK
+from tiny_families import CONFIGS as TINY, forward_and_loss
 
 # three layers: the loop's middle layer has neighbours on both sides
 CONFIGS = {name: c.replace(num_layers=3) for name, c in TINY.items()}
@@ -31,18 +29,8 @@ CONFIGS = {name: c.replace(num_layers=3) for name, c in TINY.items()}
 def _logits_and_loss(family: str, scan: bool, remat: str):
     """``(apply, loss)``: the model's forward on fixed tokens and the diffusion train loss (GPT-2
     with its dropout) under a half-annealed pattern, as functions of the weights."""
-    config = CONFIGS[family].replace(scan_layers=scan, remat=remat)
-    tokens = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, MASK)
-    pattern = annealed(jnp.int32(7), jnp.int32(3), jnp.float32(0.5))
-    apply_fn = apply_fn_for(config)
-    if family == "gpt2":
-        apply_fn = functools.partial(apply_fn, dropout_key=jax.random.key(2))
-
-    def loss(params):
-        return diffusion_loss(apply_fn, params, tokens, jax.random.key(3), mask_token_id=MASK,
-                              pattern=pattern)[0]
-
-    return (lambda params: apply_fn(params, tokens, pattern)), loss
+    return forward_and_loss(CONFIGS[family].replace(scan_layers=scan, remat=remat),
+                            annealed(jnp.int32(7), jnp.int32(3), jnp.float32(0.5)))
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])
