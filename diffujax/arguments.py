@@ -236,7 +236,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="--what decode: KV-cache positions the block attends to, rounded up"
                         " to whole blocks (default: the config's data.seq_len)")
     p.add_argument("--fit", action="store_true",
-                   help="search grad_accum_steps and remat for the fastest setting that fits")
+                   help="search grad_accum_steps, remat and loss_chunk for the fastest setting"
+                        " that fits")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
