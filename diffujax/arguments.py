@@ -101,8 +101,19 @@ def add_default_model_args(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a checkpoint takes: it, its dtype, the seed, the mesh,
+    ``--json``."""
     p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute and parameter dtype (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_mesh_args(p)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--objective", choices=("ar", "diffusion"), default="diffusion")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
@@ -117,15 +128,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="diffusion: score as a block model with blocks of this many tokens"
                         " (default: the checkpoint's own block size; 0: the full-sequence bound)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute and parameter dtype (default: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    add_mesh_args(p)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    _add_checkpoint_args(p)
     p.add_argument("--prompt", default="", help="fixed text before the generated span")
     p.add_argument("--suffix", default=None, help="fixed text after the span (infilling)")
     p.add_argument("--length", type=int, default=64, help="tokens to generate")
@@ -147,23 +153,18 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    add_mesh_args(p)
 
 
 def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.epilog = "task files (--data):\n" + "\n".join(
         f"  {name:11s} {spec.data}" for name, spec in TASKS.items())
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+    _add_checkpoint_args(p)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, help="the task's file, in its distributed format")
     p.add_argument("--limit", type=int, default=None, help="the first N items only")
     p.add_argument("--objective", choices=OBJECTIVES, default="diffusion",
                    help="diffusion (the adapted model) or ar (the base model, causal)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows per forward pass (rounded up to the mesh's batch shards)")
     p.add_argument("--levels", type=int, default=32,
@@ -191,10 +192,7 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-item", default=None,
                    help="JSON lines of every item's result; an existing file with the same"
                         " settings is resumed")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
-    add_mesh_args(p)
 
 
 def add_lm_eval_args(p: argparse.ArgumentParser) -> None:

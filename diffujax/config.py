@@ -160,16 +160,7 @@ class LoraSection:
     rank: Int = Field(8, ge=1)
     alpha: Float = Field(16.0, gt=0)
     targets: tuple[StrictStr, ...] = ()  # projection names (q_proj, ..., down_proj); empty: all
-    dropout: Float = 0.0
-
-    def __post_init__(self):
-        _check(0 <= self.dropout < 1, "model.lora.dropout", f"{self.dropout} must be in [0, 1)")
-
-    def spec(self, model: ModelConfig) -> lora.LoraSpec:
-        """The adapters for ``model``: every projection of its block unless ``targets``."""
-        targets = self.targets or tuple(lora.projections(model))
-        return lora.LoraSpec(rank=self.rank, alpha=self.alpha, targets=targets,
-                             dropout=self.dropout)
+    dropout: Float = Field(0.0, ge=0, lt=1)
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -201,11 +192,9 @@ class ModelSection:
     # The train step's cross-entropy over this many positions per row at a time (the float32
     # logits of a chunk only, recomputed in the backward pass: less HBM, more time); 0: the
     # logits of the whole micro-batch at once.
-    loss_chunk: Annotated[Int, MAY_CHANGE] = 0
+    loss_chunk: Annotated[Int, MAY_CHANGE] = Field(0, ge=0)
 
     def __post_init__(self):
-        _check(self.loss_chunk >= 0, "model.loss_chunk",
-               f"{self.loss_chunk} must be >= 1 (or 0: no chunks)")
         if (self.checkpoint is None) == (self.init is None):
             raise ConfigError("model: set exactly one of 'model.checkpoint' and 'model.init'")
         self.attention.validate("model.attention")
@@ -227,15 +216,13 @@ class DiffusionSection:
     sft: StrictBool = False
     # Block diffusion (docs/algorithms.md §9): blocks of this many positions; 0 (or
     # data.seq_len): the whole sequence, the full-sequence recipe of §2.
-    block_size: Annotated[Int, MAY_CHANGE] = 0
+    block_size: Annotated[Int, MAY_CHANGE] = Field(0, ge=0)
     # [[step, N], ...]: block size N from (0-based) step `step` on; block_size before the first.
     block_schedule: Annotated[tuple[tuple[Int, ...], ...], MAY_CHANGE] = ()
     # Every row also trained with the complementary noise (Fast-dLLM v2), docs/algorithms.md §9.
     complementary_mask: Annotated[StrictBool, MAY_CHANGE] = False
 
     def __post_init__(self):
-        _check(self.block_size >= 0, "diffusion.block_size",
-               f"{self.block_size} must be >= 1 (or 0: the whole sequence)")
         previous = None
         for i, entry in enumerate(self.block_schedule):
             where = f"diffusion.block_schedule[{i}]"
@@ -256,10 +243,6 @@ class DiffusionSection:
             if step >= start:
                 size = scheduled
         return size
-
-    def block_sizes(self) -> tuple[int, ...]:
-        """Every block size the run may train with, in the order they come into force."""
-        return (self.block_size,) + tuple(size for _, size in self.block_schedule)
 
 
 @section
@@ -483,9 +466,9 @@ class RunConfig:
                f" ({model.hidden_size})")
         _check(model.num_heads % model.num_kv_heads == 0, f"{source} num_kv_heads",
                f"({model.num_kv_heads}) must divide num_heads ({model.num_heads})")
-        positions = getattr(model, "max_positions", None)
-        _check(positions is None or self.data.seq_len <= positions, "data.seq_len",
-               f"({self.data.seq_len}) exceeds the model's maximum positions ({positions})")
+        _check(self.data.seq_len <= model.max_positions, "data.seq_len",
+               f"({self.data.seq_len}) exceeds the model's maximum positions"
+               f" ({model.max_positions})")
         rules = dict(self.mesh.rule_table())
         for name, heads in (("heads", model.num_heads), ("kv_heads", model.num_kv_heads)):
             target = rules.get(name)
@@ -496,11 +479,15 @@ class RunConfig:
             _check(size < 0 or heads % size == 0, f"mesh.shape ({'x'.join(axes)})",
                    f"size {size} must divide the model's {name.replace('_', ' ')} ({heads})")
         if self.model.lora is not None:
-            lora.check(model, self.model.lora.spec(model))
+            lora.check(model, self.lora_spec(model))
 
     def lora_spec(self, model: ModelConfig) -> lora.LoraSpec | None:
-        """The adapters this run trains on ``model``, or None (the whole model trains)."""
-        return None if self.model.lora is None else self.model.lora.spec(model)
+        """The adapters this run trains on ``model`` (every projection of its block unless
+        ``model.lora.targets``), or None (the whole model trains)."""
+        c = self.model.lora
+        return None if c is None else lora.LoraSpec(
+            rank=c.rank, alpha=c.alpha, targets=c.targets or tuple(lora.projections(model)),
+            dropout=c.dropout)
 
     # -- what the data pipeline gets -----------------------------------------------------------
 
@@ -534,22 +521,18 @@ class RunConfig:
         whole sequence (the full-sequence recipe), else ``N < data.seq_len``."""
         return effective_block_size(self.diffusion.block_size_at(step), self.data.seq_len)
 
-    def model_overrides(self) -> dict[str, Any]:
-        """Changes this run makes to the model config it loads or initialises. ``block_size``
-        records what the model is trained as at the end of the run (the last block size of
-        the schedule), so checkpoints and exports say how to decode it."""
-        m = self.model
-        out = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
-                   remat=m.remat, scan_layers=m.scan_layers,
-                   mask_token_id=self.diffusion.mask_token_id,
-                   block_size=self.block_size_at(self.train.steps - 1))
-        return {k: v for k, v in out.items() if v is not None}
-
     def resolve_model_config(self, loaded: ModelConfig | None = None) -> ModelConfig:
         """The model config of this run: ``loaded`` (from ``model.checkpoint``) or ``model.init``,
-        with the overrides applied."""
+        with this run's changes. ``block_size`` records what the model is trained as at the end
+        of the run (the last block size of the schedule), so checkpoints and exports say how to
+        decode it."""
+        m = self.model
+        changes = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
+                       remat=m.remat, scan_layers=m.scan_layers,
+                       mask_token_id=self.diffusion.mask_token_id,
+                       block_size=self.block_size_at(self.train.steps - 1))
         base = loaded if loaded is not None else init_model_config(self.model.init)
-        return base.replace(**self.model_overrides())
+        return base.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 

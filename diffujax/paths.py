@@ -22,7 +22,6 @@ finished file.
 from __future__ import annotations
 
 import contextlib
-import glob as globlib
 import hashlib
 import os
 import pathlib
@@ -144,10 +143,10 @@ def local_copy(path, names=None) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def local_view(directory, names=None) -> Iterator[epath.Path]:
-    """A local directory with the files of ``directory`` (all of them, recursively, or only the
-    top-level ``names`` that exist): ``directory`` itself when local, else a temporary copy that is
-    removed afterwards. For readers of whole directories that need local files (safetensors)."""
+def local_view(directory) -> Iterator[epath.Path]:
+    """A local directory with the files of ``directory``: ``directory`` itself when local, else a
+    temporary copy that is removed afterwards. For readers of whole directories that need local
+    files (safetensors)."""
     directory = resolve(directory)
     if not is_remote(directory):
         yield directory
@@ -157,7 +156,7 @@ def local_view(directory, names=None) -> Iterator[epath.Path]:
     with tempfile.TemporaryDirectory(prefix=".diffujax-download-") as tmp:
         root = pathlib.Path(tmp) / directory.name
         root.mkdir()
-        copy_tree(directory, root, names)
+        copy_tree(directory, root)
         yield epath.Path(root)
 
 
@@ -169,39 +168,28 @@ def _fs(path):
 
 
 def read_range(path, start: int, length: int) -> bytes:
-    """Bytes ``start .. start + length`` of ``path``: a local read, or for a URL one ranged
-    request (no open handle either way: nothing to close, nothing to pickle)."""
-    if not is_remote(path):
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read(length)
+    """Bytes ``start .. start + length`` of ``path`` (for a URL one ranged request; no open
+    handle either way: nothing to close, nothing to pickle)."""
     fs, name = _fs(resolve(path))
     return fs.cat_file(name, start=start, end=start + length)
 
 
-def _with_protocol(path: str, like: str) -> str:
-    scheme = like.partition("://")[0]
-    return path if "://" in path else f"{scheme}://{path}"
+def _sorted_paths(names, like: str) -> list[epath.Path]:
+    """fsspec's ``names`` (a bucket's without their scheme) as sorted paths."""
+    scheme = f"{like.partition('://')[0]}://" if is_remote(like) else ""
+    return [epath.Path(scheme + p) for p in sorted(names)]
 
 
 def list_files(directory) -> list[epath.Path]:
     """Every file below ``directory`` (recursively), sorted."""
-    directory = resolve(directory)
-    if is_remote(directory):
-        fs, root = _fs(directory)
-        return [epath.Path(_with_protocol(p, os.fspath(directory)))
-                for p in sorted(fs.find(root)) if not p.endswith("/")]
-    return [epath.Path(p) for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()]
+    fs, root = _fs(resolve(directory))
+    return _sorted_paths(fs.find(root), os.fspath(directory))
 
 
 def glob(pattern: str) -> list[epath.Path]:
     """Files matching ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted."""
-    if is_remote(pattern):
-        fs, root = _fs(pattern)
-        return [epath.Path(_with_protocol(p, pattern)) for p in sorted(fs.glob(root))
-                if fs.isfile(p)]
-    return [epath.Path(p) for p in sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
-            if os.path.isfile(p)]
+    fs, root = _fs(resolve(pattern))
+    return _sorted_paths(filter(fs.isfile, fs.glob(root)), pattern)
 
 
 # -- directories ----------------------------------------------------------------------------------
@@ -209,14 +197,6 @@ def glob(pattern: str) -> list[epath.Path]:
 
 def is_complete(directory) -> bool:
     return (resolve(directory) / COMPLETE).is_file()
-
-
-def remove_tree(path) -> None:
-    path = resolve(path)
-    if path.is_dir():
-        path.rmtree()
-    elif path.exists():
-        path.unlink()
 
 
 # Scratch directories beside a destination are named ``.NAME.PURPOSE-HOST-PID-RANDOM``, so the
@@ -293,14 +273,14 @@ def _remote_directory(dst: epath.Path, overwrite: bool, error):
             what = ("already exists" if is_complete(dst) else
                     f"holds an interrupted write (no {COMPLETE} marker)")
             raise error(f"{dst}: {what} (pass overwrite=True / --overwrite to replace it)")
-        remove_tree(dst)
+        dst.rmtree()
     dst.mkdir(parents=True, exist_ok=True)
     try:
         yield dst
         (dst / COMPLETE).write_text("ok\n")
     except BaseException:
         with contextlib.suppress(Exception):
-            remove_tree(dst)
+            dst.rmtree()
         raise
 
 
@@ -360,11 +340,10 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text)
 
 
-def copy_tree(src, dst, names=None) -> None:
-    """Every file below ``src`` (or only the top-level ``names`` that exist) to the same relative
-    name below ``dst`` (either may be remote)."""
+def copy_tree(src, dst) -> None:
+    """Every file below ``src`` to the same relative name below ``dst`` (either may be remote)."""
     src, dst = resolve(src), resolve(dst)
-    for f in list_files(src) if names is None else [src / n for n in names if (src / n).is_file()]:
+    for f in list_files(src):
         target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(f, target)

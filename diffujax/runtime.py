@@ -28,7 +28,6 @@ from diffujax.checkpoint.store import load, read_meta
 from diffujax.config import MeshSection, MeshShape, config_error
 from diffujax.data.tokenizer import load_tokenizer
 from diffujax.models import ModelConfig, apply_fn_for, cached_fn_for
-from diffujax.parallel.arguments import add_mesh_args  # noqa: F401  (the commands' import)
 from diffujax.parallel.mesh import (AXES, Layout, make_layout, maybe_initialize_distributed,
                                     to_host)
 
@@ -54,21 +53,14 @@ class LoadedModel:
                              " (or with --mask-token-id N) to use the diffusion objective")
         return int(self.config.mask_token_id)
 
-    @contextlib.contextmanager
     def active(self):
         """Context for tracing and running compiled calls: the layout, so the models' activation
         constraints apply (nothing to do without a mesh)."""
-        if self.layout is None:
-            yield
-            return
-        with self.layout.active():
-            yield
+        return contextlib.nullcontext() if self.layout is None else self.layout.active()
 
     def batch_shards(self) -> int:
         """How many ways a batch is split over devices: batch sizes must be multiples of it."""
-        if self.layout is None:
-            return 1
-        return self.layout.batch_shards
+        return 1 if self.layout is None else self.layout.batch_shards
 
     def put_batch(self, rows: np.ndarray) -> jax.Array:
         """``rows [B, ...]``, which every process holds whole, as one array split over the batch
@@ -96,19 +88,16 @@ def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def load_for_inference(checkpoint: str, *, dtype: str | None = None,
-                       attention=None, layout: Layout | None = None) -> LoadedModel:
+                       layout: Layout | None = None) -> LoadedModel:
     """Load parameters, config and tokenizer of a diffujax checkpoint directory: on the first
     device, or with a ``layout`` each parameter read straight into its shards."""
     shardings = None
     if layout is not None:
         shardings = lambda path, spec: layout.sharding(spec.axes, spec.shape)  # noqa: E731
     config, params = load(checkpoint, dtype=dtype, shardings=shardings)
-    if attention is not None:  # an AttentionConfig: how this run computes attention
-        config = config.replace(attention=attention)
-    apply_fn = apply_fn_for(config)
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.check_model_vocab(config.vocab_size)
-    return LoadedModel(config, apply_fn, params, tokenizer, layout)
+    return LoadedModel(config, apply_fn_for(config), params, tokenizer, layout)
 
 
 # ----------------------------------------------------------------------- command-line options
@@ -124,14 +113,17 @@ def require(ok: bool, option: str, value, valid: str) -> None:
         raise ArgumentError(f"{option} {value}: must be {valid}")
 
 
+def require_at_least(args, **lows) -> None:
+    """``require`` each named argument (``seq_len`` is ``--seq-len``) to be unset or >= its low."""
+    for name, low in lows.items():
+        value = getattr(args, name)
+        require(value is None or value >= low, f"--{name.replace('_', '-')}", value, f">= {low}")
+
+
 def checkpoint_config(args) -> ModelConfig:
     """The model config of ``--checkpoint`` (its config.json only: cheap, before any weight is
     read), so arguments can be checked against it."""
     return read_meta(args.checkpoint)[0]
-
-
-def max_positions(config: ModelConfig) -> int | None:
-    return getattr(config, "max_positions", None)
 
 
 def parse_mesh(text: str):

@@ -131,7 +131,7 @@ def test_an_unknown_key_is_named_before_what_it_left_unset():
      " 'model.attention.tpu_block_sizes.block_q'?)"),
     ("model.remat=dots_attention", "model.remat: 'dots_attention' is not one of 'none',"
                                    " 'dots_with_attention', 'dots' or 'full'"),
-    ("model.loss_chunk=-8", "model.loss_chunk: -8 must be >= 1 (or 0: no chunks)"),
+    ("model.loss_chunk=-8", "model.loss_chunk: -8 must be >= 0"),
     ("model.scan_layers=2", "model.scan_layers: expected a boolean (true/false), got int 2"),
 ])
 def test_bad_values_are_named(path, override, message):

@@ -12,21 +12,17 @@ import numpy as np
 
 from diffujax.diffusion import NLLEstimate
 from diffujax.inference.perplexity import eval_block_size, evaluate, read_blocks
-from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args, max_positions,
-                              require)
+from diffujax.runtime import (LoadedModel, checkpoint_config, load_from_args, require,
+                              require_at_least)
 
 
 def check_eval_args(args, config) -> None:
     """Every argument in its valid range, before the weights are loaded (``config``: the
     checkpoint's model config)."""
-    limit = max_positions(config)
     require(args.seq_len >= 2, "--seq-len", args.seq_len, ">= 2 (position 0 is never scored)")
-    require(limit is None or args.seq_len <= limit, "--seq-len", args.seq_len,
-            f"<= {limit}, the model's maximum positions")
-    require(args.blocks is None or args.blocks >= 1, "--blocks", args.blocks, ">= 1")
-    require(args.draws >= 1, "--draws", args.draws, ">= 1")
-    require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
-    require(args.seed >= 0, "--seed", args.seed, ">= 0")
+    require(args.seq_len <= config.max_positions, "--seq-len", args.seq_len,
+            f"<= {config.max_positions}, the model's maximum positions")
+    require_at_least(args, blocks=1, draws=1, batch_size=1, seed=0)
     require(args.block_size is None or 0 <= args.block_size <= args.seq_len, "--block-size",
             args.block_size, f"in 0..{args.seq_len} (--seq-len {args.seq_len}; 0: the whole"
             " sequence)")

@@ -17,7 +17,7 @@ from diffujax.diffusion.decoding import canvas_length
 from diffujax.inference.generation import (DEFAULT_BLOCK_LENGTH, build_canvas, decode,
                                            prompt_ids, sample)
 from diffujax.runtime import (ArgumentError, LoadedModel, checkpoint_config, load_from_args,
-                              max_positions, require)
+                              require, require_at_least)
 
 DECODERS = {"canvas": "whole canvas per pass", "blocks": "cached blocks",
             "ar": "AR with KV cache"}
@@ -56,13 +56,11 @@ def check_generate_args(args, config) -> None:
     if decoder == "blocks" and args.block_length not in (None, config.block_size):
         raise ArgumentError(f"--block-length {args.block_length}: a block diffusion model"
                             f" decodes in its own blocks of {config.block_size}")
-    require(args.steps >= 1, "--steps", args.steps, ">= 1")
-    require(args.length >= 1, "--length", args.length, ">= 1")
-    if args.infill_length is not None:
-        require(args.infill_length >= 1, "--infill-length", args.infill_length, ">= 1")
-        require(args.suffix is not None, "--infill-length", args.infill_length,
-                "given with --suffix (it is the length of the span before the suffix)")
-    require(args.num_samples >= 1, "--num-samples", args.num_samples, ">= 1")
+    require_at_least(args, steps=1, length=1, infill_length=1, num_samples=1, block_length=1,
+                     seed=0)
+    require(args.infill_length is None or args.suffix is not None, "--infill-length",
+            args.infill_length, "given with --suffix (it is the length of the span before the"
+            " suffix)")
     if args.temperature is not None:
         require(args.temperature >= 0 and np.isfinite(args.temperature), "--temperature",
                 args.temperature, ">= 0 (0: greedy)")
@@ -71,10 +69,7 @@ def check_generate_args(args, config) -> None:
     if args.top_k is not None:
         require(1 <= args.top_k <= config.vocab_size, "--top-k", args.top_k,
                 f"in 1..{config.vocab_size} (the vocabulary)")
-    if args.block_length is not None:
-        require(args.block_length >= 1, "--block-length", args.block_length, ">= 1")
     require(0 < args.threshold <= 1, "--threshold", args.threshold, "in (0, 1]")
-    require(args.seed >= 0, "--seed", args.seed, ">= 0")
 
 
 def span_length(args) -> int:
@@ -84,9 +79,7 @@ def span_length(args) -> int:
 def check_fits(args, config, tokenizer) -> None:
     """The canvas (BOS, prompt, span, suffix) must fit the model's positions; a cached decoder's
     canvas (its KV cache) is counted in whole blocks."""
-    limit = max_positions(config)
-    if limit is None:
-        return
+    limit = config.max_positions
     length = span_length(args)
     lead = int(tokenizer.bos_id is not None or config.bos_token_id is not None)
     size = (lead + (len(tokenizer.encode(args.prompt)) if args.prompt else 0) + length

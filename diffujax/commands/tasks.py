@@ -9,7 +9,7 @@ import os
 import jax
 
 from diffujax import paths
-from diffujax.runtime import load_from_args
+from diffujax.runtime import load_from_args, require_at_least
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine
 from diffujax.tasks.runner import TASKS, Settings, TaskRunner, run_task
@@ -53,9 +53,7 @@ def run_tasks(args) -> int:
                         steps=args.steps, sampler=args.sampler, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, reference=args.reference_parity,
                         logits_temp=args.logits_temp, seq_len=args.seq_len, timeout=args.timeout)
-    for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} {value}: must be >= 1")
+    require_at_least(args, batch_size=1, limit=1)
     items = TASKS[args.task].load(args.data)  # bad data is named before the model loads
     model = load_from_args(args)
     if args.objective == "diffusion":

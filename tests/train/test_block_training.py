@@ -22,8 +22,7 @@ TINY = ROOT / "configs" / "tiny.yaml"  # data.seq_len 128
 
 
 @pytest.mark.parametrize("override, message", [
-    ("diffusion.block_size=-1", "diffusion.block_size: -1 must be >= 1 (or 0: the whole"
-                                " sequence)"),
+    ("diffusion.block_size=-1", "diffusion.block_size: -1 must be >= 0"),
     ("diffusion.block_size=129", "diffusion.block_size: block size 129 exceeds data.seq_len"
                                  " (128)"),
     ("diffusion.block_schedule=[[0, 8], [0, 16]]", "diffusion.block_schedule[1]: step 0 must"
