@@ -203,7 +203,7 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompt: str = "", **option
                               fixed={"prompt": prompt}, refused=NOT_OPTIONS)
     check_generate_args(args, loaded.config)
     check_fits(args, loaded.config, tokenizer)
-    return generate_texts(args, loaded).texts
+    return generate_texts(args, loaded)["texts"]
 
 
 def evaluate(model: nnx.Module, tokenizer: Tokenizer, text_file, **options) -> dict:

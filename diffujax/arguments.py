@@ -40,22 +40,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written; every option's help ends with its default unless it
     already speaks of it (required options, flags and positionals have none to show)."""
 
-    @staticmethod
-    def _default_note(action: argparse.Action) -> str:
-        if (action.required or action.nargs == 0 or action.default is argparse.SUPPRESS
-                or not action.option_strings or "default" in (action.help or "")):
-            return ""
-        return "default: " + ("none" if action.default is None
-                              else "''" if action.default == "" else "%(default)s")
-
     def _get_help_string(self, action: argparse.Action) -> str:
-        note = self._default_note(action)
-        return f"{action.help} ({note})" if note and action.help else action.help or note
+        text = action.help or ""
+        if (action.required or action.nargs == 0 or not action.option_strings
+                or "default" in text):
+            return text
+        shown = ("none" if action.default is None else "''" if action.default == ""
+                 else "%(default)s")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
     def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and self._default_note(action):  # argparse skips an empty help
+        if not action.help:  # argparse shows no help for an empty one: show the default alone
             action = copy.copy(action)
-            action.help = self._default_note(action)
+            action.help = self._get_help_string(action)
         return super()._format_action(action)
 
 
@@ -101,10 +98,9 @@ def add_default_model_args(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    """What every command that runs a checkpoint takes: it, its dtype, the seed, the mesh,
-    ``--json``."""
-    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a checkpoint takes last: its dtype, the seed, ``--json``, the
+    mesh."""
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +109,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(p)
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--objective", choices=("ar", "diffusion"), default="diffusion")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
@@ -128,10 +124,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="diffusion: score as a block model with blocks of this many tokens"
                         " (default: the checkpoint's own block size; 0: the full-sequence bound)")
+    _add_run_args(p)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(p)
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
     p.add_argument("--prompt", default="", help="fixed text before the generated span")
     p.add_argument("--suffix", default=None, help="fixed text after the span (infilling)")
     p.add_argument("--length", type=int, default=64, help="tokens to generate")
@@ -154,12 +151,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--keep-after-eos", action="store_true", help="do not cut text at EOS")
+    _add_run_args(p)
 
 
 def add_tasks_args(p: argparse.ArgumentParser) -> None:
     p.epilog = "task files (--data):\n" + "\n".join(
         f"  {name:11s} {spec.data}" for name, spec in TASKS.items())
-    _add_checkpoint_args(p)
+    p.add_argument("--checkpoint", required=True, help="diffujax checkpoint directory")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, help="the task's file, in its distributed format")
     p.add_argument("--limit", type=int, default=None, help="the first N items only")
@@ -193,6 +191,7 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
                    help="JSON lines of every item's result; an existing file with the same"
                         " settings is resumed")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    _add_run_args(p)
 
 
 def add_lm_eval_args(p: argparse.ArgumentParser) -> None:

@@ -707,10 +707,11 @@ def _problem(err: Mapping) -> str:
 UNKNOWN_KEY_ERRORS = ("extra_forbidden", "unexpected_keyword_argument")
 
 
-def config_error(error: ValidationError) -> ConfigError:
+def config_error(error: ValidationError, root: type | None = None) -> ConfigError:
     """The first of pydantic's errors (loading a config, or building a section in code) as one
-    ``ConfigError`` line naming the full dotted key. Unknown keys come first: a misspelt key
-    (``modle:``) is the likelier cause of whatever else failed (``model`` left unset)."""
+    ``ConfigError`` line naming the full dotted key below ``root`` (default: ``RunConfig``).
+    Unknown keys come first: a misspelt key (``modle:``) is the likelier cause of whatever else
+    failed (``model`` left unset)."""
     errors = error.errors()
     err = next((e for e in errors if e["type"] in UNKNOWN_KEY_ERRORS), errors[0])
     loc = err["loc"]
@@ -719,7 +720,7 @@ def config_error(error: ValidationError) -> ConfigError:
     if isinstance(cause, ValueError):  # a section's own check: it names the full key
         return ConfigError(str(cause))
     if err["type"] in UNKNOWN_KEY_ERRORS:
-        section = RunConfig
+        section = root or RunConfig
         for name in loc[:-1]:
             section = _section_of(_field_hints(section)[name])
         return ConfigError(_unknown(where, str(loc[-1]), _field_hints(section)))

@@ -22,10 +22,9 @@ class Readability:
     repeats: int  # most back-to-back copies of a unit of 1..MAX_UNIT pieces (1: none repeated)
     doubled: int  # pieces equal to the piece before them ("the the"; rare in written text)
 
-    def readable(self, *, min_pieces: int = 4, min_word_fraction: float = 0.8,
-                 max_repeats: int = 2, max_doubled: int = 1) -> bool:
-        return (self.pieces >= min_pieces and self.word_fraction >= min_word_fraction
-                and self.repeats <= max_repeats and self.doubled <= max_doubled)
+    def readable(self) -> bool:
+        return (self.pieces >= 4 and self.word_fraction >= 0.8 and self.repeats <= 2
+                and self.doubled <= 1)
 
     def __str__(self) -> str:
         verdict = "readable" if self.readable() else "NOT readable"

@@ -131,22 +131,13 @@ def parse_mesh(text: str):
     text = text.strip().lower()
     if text in ("auto", "none"):
         return None if text == "none" else "auto"
-    sizes = {}
-    for item in text.split(","):
-        axis, _, value = item.partition("=")
-        axis = axis.strip()
-        if axis not in AXES:
-            raise ValueError(f"--mesh {text!r}: {axis!r} is not one of {', '.join(AXES)}")
-        if axis in sizes:
-            raise ValueError(f"--mesh {text!r}: {axis} is given twice")
-        try:
-            sizes[axis] = int(value)
-        except ValueError:
-            raise ValueError(f"--mesh {text!r}: {axis} needs an integer size") from None
+    sizes = [(axis.strip(), size) for axis, _, size in (i.partition("=") for i in text.split(","))]
+    if len(dict(sizes)) < len(sizes):
+        raise ValueError(f"--mesh {text!r}: an axis is given twice")
     try:
-        return MeshShape(**{a: sizes.get(a, 1) for a in AXES})
+        return MeshShape(**dict.fromkeys(AXES, 1) | dict(sizes))  # axes left out: 1
     except ValidationError as e:
-        raise ValueError(f"--mesh {text!r}: {config_error(e)}") from None
+        raise ValueError(f"--mesh {text!r}: {config_error(e, MeshShape)}") from None
 
 
 def layout_from_args(args):

@@ -5,8 +5,6 @@ printing; the scoring itself is ``inference/perplexity.py``."""
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
-
 import jax
 import numpy as np
 
@@ -33,34 +31,27 @@ def run_eval(args) -> int:
     return print_score(args, score(args, load_from_args(args)))
 
 
-class Score(NamedTuple):
-    """What ``diffujax eval`` reports: the estimate, the blocks scored ``[blocks, seq_len]``
-    and the block size of the bound (0: the whole sequence, or AR)."""
-    estimate: NLLEstimate
-    blocks: np.ndarray
-    block_size: int
-
-
-def score(args, model: LoadedModel) -> Score:
+def score(args, model: LoadedModel) -> tuple[NLLEstimate, np.ndarray, int]:
     """The work of ``diffujax eval`` on a loaded model, its arguments already checked
-    (``check_eval_args``)."""
+    (``check_eval_args``): the estimate, the blocks scored ``[blocks, seq_len]`` and the block
+    size of the bound (0: the whole sequence, or AR)."""
     blocks = read_blocks(model.tokenizer, args.text, args.seq_len, args.blocks)
     est = evaluate(model, blocks, objective=args.objective, draws=args.draws,
                    batch_size=args.batch_size, seed=args.seed, block_size=args.block_size)
     block = 0 if args.objective == "ar" else eval_block_size(model.config, args.seq_len,
                                                              args.block_size)
-    return Score(est, blocks, block)
+    return est, blocks, block
 
 
-def metrics(args, result: Score) -> dict:
-    """The numbers ``diffujax eval --json`` prints."""
-    est = result.estimate
+def metrics(args, result) -> dict:
+    """The numbers ``diffujax eval --json`` prints (``result``: ``score``'s)."""
+    est, _, block = result
     stderr = 0.0 if args.objective == "ar" else est.std_error
     return {"nelbo": est.mean_nll, "stderr": stderr, "perplexity": est.perplexity,
-            "tokens": est.num_tokens, "draws": est.num_draws, "block_size": result.block_size}
+            "tokens": est.num_tokens, "draws": est.num_draws, "block_size": block}
 
 
-def print_score(args, result: Score) -> int:
+def print_score(args, result) -> int:
     est, blocks, block = result
     if jax.process_index() != 0:  # every process computed the same numbers; one prints them
         return 0

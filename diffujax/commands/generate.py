@@ -7,8 +7,6 @@ checks, the choice of sampler and decoder, and the printing; the sampling itself
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
-
 import jax
 import numpy as np
 
@@ -102,54 +100,41 @@ def run_generate(args) -> int:
     return print_generation(args, generate_texts(args, load_from_args(args)))
 
 
-class Generation(NamedTuple):
-    """What ``diffujax generate`` reports: one text per sample, and how it was made."""
-    texts: list[str]
-    forwards: int
-    tokens_per_second: float
-    sampler: str
-    decoder: str
-
-
-def generate_texts(args, model: LoadedModel) -> Generation:
+def generate_texts(args, model: LoadedModel) -> dict:
     """The work of ``diffujax generate`` on a loaded model, its arguments already checked
-    (``check_generate_args``, ``check_fits``)."""
+    (``check_generate_args``, ``check_fits``): ``texts`` (one per sample: the prompt, the
+    generated span, the suffix) and the other fields ``--json`` prints."""
     sampler, decoder = sampler_of(args, model.config), decoder_of(args, model.config)
     stop_at_eos = not args.keep_after_eos
+    options = dict(sampler=sampler, steps=args.steps, seed=args.seed, threshold=args.threshold,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if decoder == "canvas":
         ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
-        canvas = np.tile(ids, (args.num_samples, 1))
-        srcs = np.tile(src, (args.num_samples, 1))
-        out, seconds = sample(model, canvas, srcs, sampler=sampler, steps=args.steps,
-                              seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k,
-                              block_length=args.block_length or DEFAULT_BLOCK_LENGTH,
-                              threshold=args.threshold)
+        rows = (args.num_samples, 1)
+        out, seconds = sample(model, np.tile(ids, rows), np.tile(src, rows),
+                              block_length=args.block_length or DEFAULT_BLOCK_LENGTH, **options)
         generated = np.asarray(out.tokens)[:, span]
     else:
         prompt, _ = prompt_ids(model, args.prompt)
         out, seconds = decode(model, [prompt] * args.num_samples, new_tokens=args.length,
-                              sampler=sampler, steps=args.steps, seed=args.seed,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              threshold=args.threshold, stop_at_eos=stop_at_eos)
+                              stop_at_eos=stop_at_eos, **options)
         generated = np.asarray(out.tokens)
     texts = [args.prompt + model.tokenizer.decode_generated(row, stop_at_eos=stop_at_eos)
              + (args.suffix or "") for row in generated]
     rate = args.num_samples * span_length(args) / seconds if seconds > 0 else float("inf")
-    return Generation(texts, int(out.forwards), rate, sampler, decoder)
+    return {"texts": texts, "forward_passes": int(out.forwards), "tokens_per_second": rate,
+            "sampler": sampler, "decoder": decoder}
 
 
-def print_generation(args, result: Generation) -> int:
-    texts, forwards, rate, sampler, decoder = result
+def print_generation(args, result: dict) -> int:
     if jax.process_index() != 0:  # every process holds the same samples; one prints them
         return 0
+    texts = result.pop("texts")
     if args.json:
-        print(json.dumps({"text": texts[0] if len(texts) == 1 else texts,
-                          "forward_passes": forwards, "tokens_per_second": rate,
-                          "sampler": sampler, "decoder": decoder}))
+        print(json.dumps({"text": texts[0] if len(texts) == 1 else texts, **result}))
     else:
-        for text in texts:
-            print(text)
-        print(f"[{sampler}, {DECODERS[decoder]}: {forwards} forward passes,"
-              f" {rate:.1f} tokens/s]")
+        print(*texts, sep="\n")
+        print(f"[{result['sampler']}, {DECODERS[result['decoder']]}:"
+              f" {result['forward_passes']} forward passes,"
+              f" {result['tokens_per_second']:.1f} tokens/s]")
     return 0

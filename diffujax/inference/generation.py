@@ -107,11 +107,7 @@ def sample(model: LoadedModel, canvas, src, *, sampler: str, steps: int, seed: i
         begin = time.perf_counter()
         out = jax.block_until_ready(compiled(*args[1:], **mask))
         seconds = time.perf_counter() - begin
-    out = dataclasses.replace(
-        out, tokens=model.fetch(out.tokens)[:rows], forwards=model.fetch(out.forwards),
-        row_forwards=model.fetch(out.row_forwards)[:rows],
-        commit_step=model.fetch(out.commit_step)[:rows])
-    return out, seconds
+    return _on_host(model, out, rows), seconds
 
 
 def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps: int,
@@ -163,9 +159,13 @@ def decode(model: LoadedModel, prompts, *, new_tokens: int, sampler: str, steps:
         else:  # the jit cache: batches of one shape compile once
             out = decode_blocks(*args, cache(), jax.random.key(seed), row_ids=batch[2],
                                 **static)
-    out = dataclasses.replace(
-        out, tokens=model.fetch(out.tokens)[:len(prompts)],
-        lengths=model.fetch(out.lengths)[:len(prompts)],
-        canvas=model.fetch(out.canvas)[:len(prompts)], forwards=model.fetch(out.forwards),
-        cache=None)
-    return out, seconds
+    return _on_host(model, dataclasses.replace(out, cache=None), len(prompts)), seconds
+
+
+def _on_host(model: LoadedModel, out, rows: int):
+    """``out``'s arrays (a sampler's or decoder's output) on the host, the padding rows dropped
+    (every array is batch-first but the scalar pass count)."""
+    def fetch(x):
+        host = model.fetch(x)
+        return host[:rows] if host.ndim else host
+    return jax.tree.map(fetch, out)
