@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import types
 import typing
@@ -35,7 +36,6 @@ from diffujax.diffusion.blocks import effective_block_size
 from diffujax.models import FAMILIES, ModelConfig, lora, weight_axes
 from diffujax.parallel.logical import ACTIVATIONS, DEFAULT_RULES, check_collisions
 from diffujax.parallel.topology import parse_slice
-from diffujax.plain import to_plain
 
 
 class ConfigError(ValueError):
@@ -473,9 +473,7 @@ class RunConfig:
         for name, heads in (("heads", model.num_heads), ("kv_heads", model.num_kv_heads)):
             target = rules.get(name)
             axes = (target,) if isinstance(target, str) else tuple(target or ())
-            size = 1
-            for axis in axes:
-                size *= getattr(self.mesh.shape, axis)
+            size = math.prod(getattr(self.mesh.shape, axis) for axis in axes)
             _check(size < 0 or heads % size == 0, f"mesh.shape ({'x'.join(axes)})",
                    f"size {size} must divide the model's {name.replace('_', ' ')} ({heads})")
         if self.model.lora is not None:
@@ -581,10 +579,9 @@ def apply_override(raw: dict, item: str) -> None:
     node[leaf] = value
 
 
-def to_dict(cfg) -> dict:
-    """The plain (YAML-ready) form of a config dataclass, using the YAML key names."""
-    # pydantic keeps a field's ``Field(alias=...)`` as the dataclass field's default
-    return to_plain(cfg, field_key=lambda f: getattr(f.default, "alias", None) or f.name)
+def to_dict(cfg: RunConfig) -> dict:
+    """The plain (YAML-ready) form of a run config, under the YAML key names."""
+    return TypeAdapter(RunConfig).dump_python(cfg, mode="json", by_alias=True)
 
 
 def to_yaml(cfg: RunConfig) -> str:

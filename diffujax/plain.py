@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 
-def to_plain(obj, field_key: Callable[[dataclasses.Field], str] | None = None) -> Any:
-    """``obj`` as JSON-able data; ``field_key(field)`` names a dataclass field (default: its
-    name; the run config uses its YAML key)."""
+def to_plain(obj) -> Any:
+    """``obj`` as JSON-able data."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {(field_key(f) if field_key else f.name): to_plain(getattr(obj, f.name), field_key)
-                for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
-        return {str(k): to_plain(v, field_key) for k, v in obj.items()}
+        return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v, field_key) for v in obj]
+        return [to_plain(v) for v in obj]
     if isinstance(obj, np.generic) or (hasattr(obj, "__array__") and np.ndim(obj) == 0):
         return np.asarray(obj).item()
     if isinstance(obj, os.PathLike):

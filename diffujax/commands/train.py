@@ -9,6 +9,7 @@ import os
 
 import jax
 
+from diffujax import paths
 from diffujax.config import load_config
 from diffujax.parallel import tpu_env
 from diffujax.parallel.mesh import maybe_initialize_distributed
@@ -61,6 +62,5 @@ def _enable_compilation_cache():
     ``$DIFFUJAX_CACHE/jax`` unless the user chose a cache (``JAX_COMPILATION_CACHE_DIR``)."""
     if jax.config.jax_compilation_cache_dir:
         return
-    root = os.environ.get("DIFFUJAX_CACHE") or os.path.expanduser("~/.cache/diffujax")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
+    jax.config.update("jax_compilation_cache_dir", os.fspath(paths.cache_root() / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -31,13 +31,6 @@ def read_blocks(tokenizer, path: str, seq_len: int, blocks: int | None = None) -
     return np.asarray(ids[: available * seq_len], np.int32).reshape(available, seq_len)
 
 
-def _batches(rows: np.ndarray, batch_size: int):
-    """Fixed-size batches (one compiled shape); the last is padded with copies of row 0."""
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        yield start, len(chunk), pad_rows(chunk, batch_size)
-
-
 def eval_block_size(config, seq_len: int, block_size: int | None = None) -> int:
     """The block size the diffusion bound is computed with (0: the whole sequence):
     ``block_size``, else the model config's (``diffusion.block_size`` of the run that trained
@@ -58,7 +51,7 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
     shards = model.batch_shards()
     batch_size = -(-batch_size // shards) * shards
     if objective == "ar":
-        fn = jax.jit(lambda p, x: ar_nll_terms(model.apply_fn, p, x))
+        fn = jax.jit(lambda p, x, key, offset: ar_nll_terms(model.apply_fn, p, x))
         rows = blocks
     else:
         mask_id = model.mask_token_id()
@@ -69,17 +62,15 @@ def evaluate(model: LoadedModel, blocks: np.ndarray, *, objective: str, draws: i
             global_batch=len(rows), block_size=block))
     key = jax.random.key(seed)
     nll, targets = [], []
-    bar = console.progress(_batches(rows, batch_size), total=-(-len(rows) // batch_size),
-                           desc=f"eval {objective}", unit="batch")
+    starts = console.progress(range(0, len(rows), batch_size), desc=f"eval {objective}",
+                              unit="batch")
     with model.active():
-        for start, count, batch in bar:
-            batch = model.put_batch(batch)
-            if objective == "ar":
-                out = fn(model.params, batch)
-            else:
-                out = fn(model.params, batch, key, jnp.int32(start))
-            nll.append(model.fetch(out[0])[:count])
-            targets.append(model.fetch(out[1])[:count])
+        for start in starts:
+            chunk = rows[start:start + batch_size]  # one compiled shape: the last one padded
+            batch = model.put_batch(pad_rows(chunk, batch_size))
+            out = fn(model.params, batch, key, jnp.int32(start))
+            nll.append(model.fetch(out[0])[:len(chunk)])
+            targets.append(model.fetch(out[1])[:len(chunk)])
     nll, targets = np.concatenate(nll), np.concatenate(targets)
     if objective == "ar":
         return summarize_nll(nll, targets, num_draws=0)
