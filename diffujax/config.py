@@ -566,6 +566,9 @@ def apply_override(raw: dict, item: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):  # YAML would fold a newline into a space
+        raise ConfigError(f"{key}={text!r}: contains a control character (a newline, a tab...);"
+                          " such a value is a typo far more often than a wish")
     value = yaml.safe_load(text) if text.strip() else None
     node = raw
     *parents, leaf = key.split(".")

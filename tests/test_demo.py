@@ -40,7 +40,7 @@ def word_model(tmp_path_factory):
 
 def test_infill_canvas_keeps_span_and_suffix_in_one_block(word_model):
     # BOS w1 w2 w3 | M M w4 w5 | ...: blocks of 4
-    ids, src, span, _ = demo.infill_canvas(word_model, "w1 w2 w3", 2, "w4 w5")
+    ids, src, span = demo.infill_canvas(word_model, "w1 w2 w3", 2, "w4 w5")
     np.testing.assert_array_equal(ids, [22, 1, 2, 3, 21, 21, 4, 5])
     assert span == slice(4, 6) and src.tolist() == [True] * 4 + [False] * 2 + [True] * 2
     # the span's block would not see w6: refused
@@ -59,7 +59,7 @@ def test_the_bundled_infill_fits_one_block_of_the_demo(tmp_path):
     block = demo.demo_config(checkpoint, tmp_path, None).diffusion.block_size
     model = LoadedModel(config.replace(block_size=block), None, None,
                         load_tokenizer(checkpoint), None, None)
-    ids, _, span, _ = demo.infill_canvas(model, demo.INFILL_PROMPT, demo.INFILL_LENGTH,
+    ids, _, span = demo.infill_canvas(model, demo.INFILL_PROMPT, demo.INFILL_LENGTH,
                                          demo.INFILL_SUFFIX)
     assert span.stop < len(ids)  # there is a suffix, inside the span's block
 

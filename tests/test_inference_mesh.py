@@ -75,7 +75,7 @@ def _results(ckpt, text, mesh_shape=None):
     blocks = read_blocks(model.tokenizer, str(text), SEQ_LEN, 3)
     ar = evaluate(model, blocks, objective="ar", batch_size=3)
     diffusion = evaluate(model, blocks, objective="diffusion", draws=2, batch_size=3, seed=1)
-    ids, src, _, _ = build_canvas(model, "w1 w2 w3", 8, "w4 w5")
+    ids, src, _ = build_canvas(model, "w1 w2 w3", 8, "w4 w5")
     canvas, srcs = np.tile(ids, (3, 1)), np.tile(src, (3, 1))  # 3 rows: padded to 4 on a mesh
     confidence, _ = sample(model, canvas, srcs, sampler="confidence", steps=4, seed=0)
     ancestral, _ = sample(model, canvas, srcs, sampler="ancestral", steps=4, seed=3)

@@ -95,12 +95,12 @@ def adapt(config, out: pathlib.Path) -> pathlib.Path:
 def infill_canvas(model, prompt: str, length: int, suffix: str):
     """``build_canvas`` for an infill that a block model can condition on: the span and the whole
     suffix in one block (docs/algorithms.md §9: a block sees no later block)."""
-    ids, src, span, lead = build_canvas(model, prompt, length, suffix)
+    ids, src, span = build_canvas(model, prompt, length, suffix)
     n = model.config.block_size
     if n and span.start // n != (len(ids) - 1) // n:
         raise ValueError(f"infill: the span (positions {span.start}..{span.stop - 1}) and the"
                          f" suffix (up to {len(ids) - 1}) do not lie in one block of {n}")
-    return ids, src, span, lead
+    return ids, src, span
 
 
 def show_samples(checkpoint) -> None:
@@ -128,7 +128,7 @@ def show_samples(checkpoint) -> None:
     if n == 0:
         print("infill: skipped (an AR model does not infill; adapt it first)")
         return
-    ids, src, span, _ = infill_canvas(model, INFILL_PROMPT, INFILL_LENGTH, INFILL_SUFFIX)
+    ids, src, span = infill_canvas(model, INFILL_PROMPT, INFILL_LENGTH, INFILL_SUFFIX)
     with model.active():
         out = sample_threshold(model.apply_fn, model.params, ids[None], src[None],
                                jax.random.key(0), mask_token_id=model.mask_token_id(),

@@ -79,7 +79,7 @@ def check_fits(args, config, tokenizer) -> None:
     canvas (its KV cache) is counted in whole blocks."""
     limit = config.max_positions
     length = span_length(args)
-    lead = int(tokenizer.bos_id is not None or config.bos_token_id is not None)
+    lead = int(tokenizer.start_id(config.bos_token_id) is not None)  # as prompt_ids counts
     size = (lead + (len(tokenizer.encode(args.prompt)) if args.prompt else 0) + length
             + (len(tokenizer.encode(args.suffix)) if args.suffix else 0))
     blocks = ""
@@ -109,7 +109,7 @@ def generate_texts(args, model: LoadedModel) -> dict:
     options = dict(sampler=sampler, steps=args.steps, seed=args.seed, threshold=args.threshold,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if decoder == "canvas":
-        ids, src, span, _ = build_canvas(model, args.prompt, span_length(args), args.suffix)
+        ids, src, span = build_canvas(model, args.prompt, span_length(args), args.suffix)
         rows = (args.num_samples, 1)
         out, seconds = sample(model, np.tile(ids, rows), np.tile(src, rows),
                               block_length=args.block_length or DEFAULT_BLOCK_LENGTH, **options)

@@ -47,11 +47,11 @@ def prompt_ids(model: LoadedModel, prompt: str) -> tuple[list[int], int]:
 
 def build_canvas(model: LoadedModel, prompt: str, length: int, suffix: str | None = None):
     """``[first] + prompt + [M] * length + suffix`` with ``src`` over everything but the span
-    (``prompt_ids``). Returns (tokens [L], src [L], span slice, dropped_first)."""
-    head, lead = prompt_ids(model, prompt)
+    (``prompt_ids``). Returns (tokens [L], src [L], span slice)."""
+    head, _ = prompt_ids(model, prompt)
     suffix_ids = model.tokenizer.encode(suffix) if suffix else []
     tokens, src = infill_canvas(head, length, model.mask_token_id(), suffix_ids)
-    return tokens, src, slice(len(head), len(head) + length), lead
+    return tokens, src, slice(len(head), len(head) + length)
 
 
 def check_sampler(sampler: str, choices: tuple[str, ...] = SAMPLERS) -> None:
