@@ -26,6 +26,7 @@ import yaml
 from pydantic import (AfterValidator, BeforeValidator, Field, PlainValidator, Strict, StrictBool,
                       StrictStr, TypeAdapter, ValidationError)
 from pydantic_core import PydanticCustomError
+from typing_extensions import Required, TypedDict, is_typeddict
 
 from diffujax import paths
 from diffujax.attention.config import AttentionConfig
@@ -245,12 +246,27 @@ class DiffusionSection:
         return size
 
 
+@pydantic.with_config(pydantic.ConfigDict(extra="forbid"))
+class Source(TypedDict, total=False):
+    """One of ``data.sources`` / ``data.eval_sources``, read as a dict (``RunConfig.source_specs``
+    fills in what it leaves out)."""
+
+    path: Required[Any]  # a file, directory, glob or URL, or a list of them
+    format: Literal[("auto",) + FORMATS]
+    field: Any  # a record's text field, or SFT's [prompt, answer] fields
+    mode: Literal["file", "paragraph", "lines"]
+    errors: Literal["strict", "skip"]
+    split: StrictStr
+    data_dir: StrictStr | None
+    weight: Annotated[Float, Field(gt=0)]
+
+
 @section
 class DataSection:
     """Generic on purpose: the data pipeline maps these onto its own options. ``sources`` is a list
-    of mappings (e.g. ``{path: ..., weight: 0.7}``) whose keys the pipeline validates."""
+    of mappings (e.g. ``{path: ..., weight: 0.7}``)."""
 
-    sources: tuple[dict[str, Any], ...] = ()
+    sources: tuple[Source, ...] = ()
     tokenizer: StrictStr | None = None
     seq_len: Int = Field(512, gt=1)
     global_batch: Int = Field(8, gt=0)
@@ -258,14 +274,11 @@ class DataSection:
     seed: Int = 0
     worker_count: Int = Field(0, ge=0)
     num_epochs: Int | None = Field(None, gt=0)  # None: repeat forever
-    eval_sources: Annotated[tuple[dict[str, Any], ...], MAY_CHANGE] = ()
+    eval_sources: Annotated[tuple[Source, ...], MAY_CHANGE] = ()
     eval_split: Annotated[StrictStr | None, MAY_CHANGE] = None
     options: dict[str, Any] = Field(default_factory=dict)  # pipeline-specific extras
 
     def __post_init__(self):
-        for name in ("sources", "eval_sources"):
-            for i, spec in enumerate(getattr(self, name)):
-                _validate_source(spec, f"data.{name}[{i}]")
         _validate_pipeline_options(self.options)
 
 
@@ -424,9 +437,10 @@ class RunConfig:
         _check(self.data.global_batch % accum == 0, "optimizer.grad_accum_steps",
                f"({accum}) must divide data.global_batch ({self.data.global_batch})")
         o = self.optimizer
-        _check(o.schedule != "cosine" or (o.decay_steps or self.train.steps) > o.warmup_steps,
-               "optimizer.warmup_steps", f"({o.warmup_steps}) must be below the cosine decay's"
-               f" end (optimizer.decay_steps, else train.steps: {o.decay_steps or self.train.steps})")
+        end = o.decay_steps or self.train.steps
+        _check(o.schedule != "cosine" or end > o.warmup_steps, "optimizer.warmup_steps",
+               f"({o.warmup_steps}) must be below the cosine decay's end (optimizer.decay_steps,"
+               f" else train.steps: {end})")
         seq_len = self.data.seq_len
         sizes = [("diffusion.block_size", self.diffusion.block_size)] + [
             (f"diffusion.block_schedule[{i}]", size)
@@ -461,8 +475,8 @@ class RunConfig:
         size or the mesh's tensor axis, sequences longer than the model's positions."""
         checked_mask_token(model, "diffusion.mask_token_id" if self.diffusion.mask_token_id
                            is not None else f"{source} mask_token_id")
-        _check(model.hidden_size % model.num_heads == 0 or getattr(model, "explicit_head_dim", None),
-               f"{source} num_heads", f"({model.num_heads}) must divide hidden_size"
+        _check(model.hidden_size % model.num_heads == 0
+               or getattr(model, "explicit_head_dim", None), f"{source} num_heads", f"({model.num_heads}) must divide hidden_size"
                f" ({model.hidden_size})")
         _check(model.num_heads % model.num_kv_heads == 0, f"{source} num_kv_heads",
                f"({model.num_kv_heads}) must divide num_heads ({model.num_heads})")
@@ -608,30 +622,11 @@ def may_change_on_resume(key: str) -> bool:
 
 # ------------------------------------------------------------------------------- the validator
 
-SOURCE_KEYS = ("path", "format", "field", "mode", "errors", "split", "data_dir", "weight")
 # Pipeline options that have a config key of their own (one place per decision).
 OWN_KEYS = {"seq_len": "data.seq_len", "global_batch": "data.global_batch", "seed": "data.seed",
             "shuffle": "data.shuffle", "num_epochs": "data.num_epochs",
             "worker_count": "data.worker_count", "mode": "diffusion.sft",
             "segment_ids": "diffusion.segment_ids"}
-
-
-def _validate_source(spec: Mapping, key: str) -> None:
-    if "path" not in spec:
-        raise ConfigError(f"{key}: each source needs a 'path' (got keys {sorted(spec)})")
-    for name in spec:
-        if name not in SOURCE_KEYS:
-            raise ConfigError(_unknown(f"{key}.{name}", str(name), SOURCE_KEYS))
-    fmt = spec.get("format", "auto")
-    _check(fmt == "auto" or fmt in FORMATS, f"{key}.format",
-           f"{fmt!r} is not one of auto, {', '.join(FORMATS)}")
-    _check(spec.get("mode", "file") in ("file", "paragraph", "lines"), f"{key}.mode",
-           f"{spec.get('mode')!r} is not one of 'file', 'paragraph', 'lines'")
-    _check(spec.get("errors", "strict") in ("strict", "skip"), f"{key}.errors",
-           f"{spec.get('errors')!r} is not one of 'strict', 'skip'")
-    weight = spec.get("weight", 1.0)
-    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
-           f"{key}.weight", f"{weight!r} must be a number > 0")
 
 
 def _validate_pipeline_options(options: Mapping) -> None:
@@ -673,12 +668,14 @@ def _unknown(full_key: str, name: str, known, what: str = "config key") -> str:
 def _field_hints(cls) -> dict[str, Any]:
     """YAML key -> type (with its ``Annotated`` metadata) of each field of a section."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {info.alias or name: hints[name] for name, info in cls.__pydantic_fields__.items()}
+    fields = getattr(cls, "__pydantic_fields__", {})  # a section's (a Source has no aliases)
+    return {getattr(fields.get(name), "alias", None) or name: hint for name, hint in hints.items()}
 
 
 def _section_of(hint) -> type | None:
-    """The section a field of type ``hint`` holds (``T``, ``T | None``, ``Annotated[T, ...]``)."""
-    if isinstance(hint, type) and hasattr(hint, "__pydantic_fields__"):
+    """The section a field of type ``hint`` holds (``T``, ``T | None``, ``Annotated[T, ...]``,
+    ``tuple[T, ...]``)."""
+    if isinstance(hint, type) and (hasattr(hint, "__pydantic_fields__") or is_typeddict(hint)):
         return hint
     return next(filter(None, map(_section_of, typing.get_args(hint))), None)
 
@@ -694,6 +691,8 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
 def _problem(err: Mapping) -> str:
     """What is wrong with the value of one pydantic error, without its key."""
     kind, value = err["type"], err.get("input")
+    if kind == "missing":
+        return "is required"
     if kind == "literal_error":
         return f"{value!r} is not one of {err['ctx']['expected']}"
     if kind in _BOUNDS:
@@ -722,7 +721,8 @@ def config_error(error: ValidationError, root: type | None = None) -> ConfigErro
     if err["type"] in UNKNOWN_KEY_ERRORS:
         section = root or RunConfig
         for name in loc[:-1]:
-            section = _section_of(_field_hints(section)[name])
+            if not isinstance(name, int):  # an index into a list of sections
+                section = _section_of(_field_hints(section)[name])
         return ConfigError(_unknown(where, str(loc[-1]), _field_hints(section)))
     return ConfigError(f"{where or 'config'}: {_problem(err)}")
 
