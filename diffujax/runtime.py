@@ -155,8 +155,7 @@ def layout_from_args(args):
             raise ValueError("--mesh none runs on one device, not across the hosts of a"
                              " multi-host job: give mesh axis sizes")
         return None
-    section = MeshSection(shape=shape, distributed=distributed)
-    return make_layout(section)
+    return make_layout(MeshSection(shape=shape, distributed=distributed))
 
 
 def load_from_args(args) -> LoadedModel:

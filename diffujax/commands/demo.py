@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import pathlib
 import tempfile
 
@@ -33,8 +32,8 @@ from diffujax.runtime import load_for_inference
 from diffujax.train.loop import train
 
 # Everything the demo reads ships inside the package (package data): it runs from a wheel.
-PACKAGE = pathlib.Path(str(importlib.resources.files("diffujax")))
-ASSETS = PACKAGE / "assets"
+ASSETS = DEMO_TEXT.parent
+PACKAGE = ASSETS.parent  # the installed diffujax (benchmarks/adaptation.py trains on its code)
 DEMO_CONFIG = ASSETS / "smollm2_135m_demo.yaml"
 DEMO_CORPUS = ASSETS / "demo_prose.txt"  # plain everyday prose written for the demo (Apache-2.0)
 DEFAULT_TEXT = DEMO_TEXT  # the GNU GPL v3, bundled (the --text default), held out
@@ -144,7 +143,6 @@ def export_and_reload(checkpoint, dst: pathlib.Path) -> None:
     # optional and heavy (the torch extra): only this last step needs them
     import torch
     from transformers import AutoModelForCausalLM
-
 
     export(str(checkpoint), str(dst), overwrite=True)
     files = sorted(p.name for p in dst.iterdir())
