@@ -257,7 +257,7 @@ class Pipeline:
 def _resolve_ids(tokenizer, source, opts: PipelineOptions):
     special = dict(getattr(source, "special", None) or {})  # pretokenized data carries its own
     if tokenizer is not None:
-        mine = tokenizer.special.as_dict()
+        mine = tokenizer.special
         for name in ("bos", "eos"):
             if name in special and name in mine and special[name] != mine[name]:
                 raise VocabMismatchError(
@@ -266,10 +266,12 @@ def _resolve_ids(tokenizer, source, opts: PipelineOptions):
         special.update(mine)
     eos = special.get("eos")
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; pass eos=... to load_tokenizer")
+        raise ValueError("the tokenizer has no EOS token; declare eos_token in its"
+                         " tokenizer_config.json")
     bos = special.get("bos")
     if (opts.add_bos or opts.mode == "sft") and bos is None:
-        raise ValueError("BOS is needed (add_bos / SFT) but the tokenizer has none; pass bos=...")
+        raise ValueError("BOS is needed (add_bos / SFT) but the tokenizer has none; declare"
+                         " bos_token in its tokenizer_config.json")
     pad = opts.pad_id if opts.pad_id is not None else special.get("pad", eos)
     return eos, bos, pad
 

@@ -164,7 +164,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
         tokenizer.check_model_vocab(model_vocab_size)
     if not getattr(source, "single", True):
         raise ValueError(f"{source} yields records of several fields; pretokenize takes text")
-    special = tokenizer.special.as_dict()
+    special = dict(tokenizer.special)
     if seq_len is not None and "eos" not in special:
         raise ValueError(f"{tokenizer} has no EOS token to end documents with")
     if add_bos and "bos" not in special:
