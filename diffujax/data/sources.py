@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -202,34 +202,29 @@ class TextSource(_IndexedFiles):
         doc = None  # [start offset, end offset, first line, first bad line or None]
         with paths.resolve(data).open("rb") as f:
             for offset, n, line in _lines_with_offsets(f):
-                if not line.strip():
+                blank = not line.strip()
+                if doc is not None and (self.mode == "lines" or blank and self.mode != "file"):
+                    yield from self._emit(path, doc)
+                    doc = None
+                if blank:  # file mode: inner blank lines belong to the document
                     if self.mode == "lines":
                         self.report.skip("blank lines", f"{path}:{n}")
-                    elif self.mode == "paragraph" and doc is not None:
-                        yield from self._emit(path, doc)
-                        doc = None
-                    continue  # file mode: inner blank lines belong to the document
-                bad = None if self._valid(path, line, offset, n) else n
-                if self.mode == "lines":
-                    yield from self._emit(path, [offset, offset + len(line), n, bad])
-                elif doc is None:
+                    continue
+                bad = None
+                try:
+                    _decode(line, path, offset, n)
+                except EncodingError:
+                    if self.errors == "strict":
+                        raise
+                    bad = n
+                if doc is None:
                     doc = [offset, offset + len(line), n, bad]
                 else:
-                    doc[1] = offset + len(line)
-                    doc[3] = doc[3] or bad
+                    doc[1], doc[3] = offset + len(line), doc[3] or bad
         if doc is not None:
             yield from self._emit(path, doc)
         elif self.mode == "file":
             self.report.skip("empty files", path)
-
-    def _valid(self, path, line: bytes, offset: int, n: int) -> bool:
-        try:
-            _decode(line, path, offset, n)
-            return True
-        except EncodingError:
-            if self.errors == "strict":
-                raise
-            return False
 
     def _emit(self, path, doc):
         start, end, n, bad = doc
@@ -299,9 +294,17 @@ class JsonlSource(_IndexedFiles):
                 yield offset, offset + len(line), n
 
 
+def _text_of(value, where: str) -> str:
+    if isinstance(value, bytes):
+        value = _decode(value, where, 0, 1)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: expected text, got {type(value).__name__}")
+    return value
+
+
 class _LazyRecords(_Source):
-    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS,
-    arrow), and the index of those made of parts (files, row groups)."""
+    """Record sources read lazily (parquet, ArrayRecord, TFDS, arrow): a record's decoding into a
+    document, and the index of those made of parts (files, row groups)."""
 
     def __init__(self, name, field, errors):
         super().__init__(name, errors)
@@ -312,41 +315,62 @@ class _LazyRecords(_Source):
         return self.report.documents
 
     def _count_parts(self, counts: list[int]) -> None:
-        """Index the parts, which hold ``counts`` records in order."""
+        """Index the parts, which hold ``counts`` records in order; the scan is done."""
         self._ends = np.cumsum(counts, dtype=np.int64).tolist()
         self.report.documents = self._ends[-1] if self._ends else 0
+        self._finish_scan()
 
     def _locate(self, index: int) -> tuple[int, int]:
         """``(part, row in it)`` of record ``index``."""
         part = bisect.bisect_right(self._ends, index)
         return part, index - (self._ends[part - 1] if part else 0)
 
-    def _text(self, raw, where: str):
-        """A record that is the text itself."""
-        try:
-            return self._to_text(raw, where)
-        except DataError as e:
-            return self._bad("bad records", e, where)
-
-    def _to_text(self, value, where: str):
-        if isinstance(value, bytes):
-            value = _decode(value, where, 0, 1)
-        if not isinstance(value, str):
-            raise DataError(f"{where}: expected text, got {type(value).__name__}")
-        return value
-
     def _document(self, record: dict, where: str):
+        """The text fields of ``record`` (a dict of them for several); a bad record raises or,
+        with ``errors="skip"``, is None."""
         try:
-            values = {
-                k: self._to_text(record.get(k), f"{where} field {k!r}")
-                for k in self.fields
-            }
+            values = {k: _text_of(record.get(k), f"{where} field {k!r}" if k else where)
+                      for k in self.fields}
         except DataError as e:
             return self._bad("bad records", e, where)
         return values[self.fields[0]] if self.single else values
 
 
-class ParquetSource(_LazyRecords):
+class _TableParts(_LazyRecords):
+    """Columns read a part at a time (``_read_part``: a parquet row group, an arrow file),
+    ``_CACHE`` decoded parts kept per process (None: all)."""
+
+    _CACHE: int | None = None
+
+    def _start_cache(self):
+        self._cache: dict = {}
+        self._lock = threading.Lock()  # grain reads with several threads
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _part(self, g: int):
+        with self._lock:
+            table = self._cache.get(g)
+            if table is None:
+                table = self._read_part(g)
+                if self._CACHE is not None and len(self._cache) >= self._CACHE:
+                    self._cache.pop(next(iter(self._cache)))  # oldest first
+                self._cache[g] = table
+            return table
+
+    def __getitem__(self, index):
+        g, row = self._locate(int(index))
+        table = self._part(g)
+        record = {c: table.column(c)[row].as_py() for c in self.fields}
+        return self._document(record, f"{self._part_name(g)} row {row}")
+
+
+class ParquetSource(_TableParts):
     """Parquet files, a text ``column`` (or several, giving dicts). Reads one row group per
     access and keeps a few decoded row groups per process; shuffled reads of a large parquet
     corpus are slow, pre-tokenise it instead (``diffujax.data.pretokenize``)."""
@@ -374,133 +398,20 @@ class ParquetSource(_LazyRecords):
                 if meta.row_group(g).num_rows:
                     self._groups.append((i, g))
                     counts.append(meta.row_group(g).num_rows)
+        self._start_cache()
         self._count_parts(counts)
-        self._cache: dict = {}
-        self._lock = threading.Lock()  # grain reads with several threads
-        self._finish_scan()
 
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": {}, "_lock": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _row_group(self, g: int) -> dict[str, list]:
-        with self._lock:
-            table = self._cache.get(g)
-            if table is None:
-                fi, rg = self._groups[g]
-                with paths.resolve(self.paths[fi]).open("rb") as f:
-                    table = pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
-                table = {c: table.column(c).to_pylist() for c in self.fields}
-                if len(self._cache) >= self._CACHE:
-                    self._cache.pop(next(iter(self._cache)))  # oldest first
-                self._cache[g] = table
-            return table
-
-    def __getitem__(self, index):
-        g, row = self._locate(int(index))
-        table = self._row_group(g)
+    def _read_part(self, g: int):
         fi, rg = self._groups[g]
-        record = {c: table[c][row] for c in self.fields}
-        return self._document(record, f"{self.paths[fi]} row group {rg} row {row}")
+        with paths.resolve(self.paths[fi]).open("rb") as f:
+            return pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
+
+    def _part_name(self, g: int) -> str:
+        fi, rg = self._groups[g]
+        return f"{self.paths[fi]} row group {rg}"
 
 
-class ArrayRecordSource(_LazyRecords):
-    """ArrayRecord files whose records are UTF-8 text (``field=None``) or JSON objects (``field``
-    names the text field, or several fields for dicts)."""
-
-    def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
-        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        super().__init__(f"array_record[{field or 'text'}]", field, errors)
-        self.json = field is not None
-        self.paths = self._list(paths, (".array_record", ".arrayrecord"))
-        local = local_files(self.paths)  # the reader opens local files only
-        counts = []
-        for path in local:
-            reader = ArrayRecordReader(path)
-            counts.append(reader.num_records())
-            reader.close()
-            if counts[-1] == 0:
-                self.report.skip("empty files", self.paths[len(counts) - 1])
-        self._count_parts(counts)
-        self._finish_scan()
-        self._records = grain.sources.ArrayRecordDataSource(local)
-
-    def _where(self, index: int) -> str:
-        f, row = self._locate(index)
-        return f"{self.paths[f]} record {row}"
-
-    def __getitem__(self, index):
-        index = int(index)
-        raw = self._records[index]
-        if not self.json:
-            return self._text(raw, self._where(index))
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            err = DataError(f"{self._where(index)}: bad JSON record: {e}")
-            return self._bad("bad records", err, self._where(index))
-        return self._document(record if isinstance(record, dict) else {}, self._where(index))
-
-
-class TfdsSource(_LazyRecords):
-    """A prepared TFDS dataset in ArrayRecord format, read with ``tfds.data_source`` (random
-    access, no TensorFlow needed). Never downloads: ``data_dir`` must hold the prepared data."""
-
-    def __init__(
-        self,
-        name: str,
-        split: str = "train",
-        data_dir: str | None = None,
-        field: str | Sequence[str] = "text",
-        builder_kwargs: dict[str, Any] | None = None,
-        errors: str = "strict",
-    ):
-        super().__init__(f"tfds[{name}/{split}]", field, errors)
-        self._args = dict(name=name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs)
-        self._ds = self._open()
-        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
-        if features is not None and hasattr(features, "keys"):
-            missing = [f for f in self.fields if f not in features.keys()]
-            if missing:
-                raise DataError(
-                    f"TFDS {name}/{split} has no feature {missing} (features: {list(features)})"
-                )
-        self.report.documents = len(self._ds)
-        self._finish_scan()
-
-    def _open(self):
-        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
-
-        a = self._args
-        try:
-            return tfds.data_source(a["name"], split=a["split"], data_dir=a["data_dir"],
-                                    download=False, builder_kwargs=a["builder_kwargs"])
-        except Exception as e:  # tfds raises several types; keep its message and add ours
-            raise DataError(
-                f"cannot open TFDS dataset {a['name']!r} split {a['split']!r} in data_dir "
-                f"{a['data_dir']!r} (it must be prepared there in array_record format): {e}"
-            ) from e
-
-    # Pickle the arguments, not tfds' reader: a worker re-opens the prepared files itself
-    # (the builder class that wrote them need not be importable there).
-    def __getstate__(self):
-        return {**self.__dict__, "_ds": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._ds = self._open()
-
-    def __getitem__(self, index):
-        index = int(index)
-        return self._document(self._ds[index], f"{self.report.name} example {index}")
-
-
-class ArrowSource(_LazyRecords):
+class ArrowSource(_TableParts):
     """Arrow IPC files (stream or file format), read through memory maps: a Hugging Face
     ``datasets`` directory saved with ``save_to_disk`` (``split`` picks one of a ``DatasetDict``)
     or ``.arrow`` files. ``field`` names the text column (several give dicts)."""
@@ -513,10 +424,10 @@ class ArrowSource(_LazyRecords):
             self.paths += self._files(item, split)
         self.report.files = len(self.paths)
         self._local = local_files(self.paths)
-        self._tables: dict = {}
+        self._start_cache()
         counts = []
         for f, path in enumerate(self.paths):
-            table = self._table(f)
+            table = self._part(f)
             missing = [c for c in self.fields if c not in table.schema.names]
             if missing:
                 raise DataError(f"{path}: no column {missing} (columns: {table.schema.names})")
@@ -524,7 +435,6 @@ class ArrowSource(_LazyRecords):
             if not table.num_rows:
                 self.report.skip("empty files", path)
         self._count_parts(counts)
-        self._finish_scan()
 
     def _files(self, item, split: str) -> list[str]:
         """The arrow files of one input, in the order ``datasets`` records them."""
@@ -541,29 +451,98 @@ class ArrowSource(_LazyRecords):
                 return [os.fspath(root / n) for n in names]
         return self._list([os.fspath(root)], (".arrow",))
 
-    def _table(self, f: int):
-        table = self._tables.get(f)
-        if table is None:
-            source = pa.memory_map(self._local[f])
+    def _read_part(self, f: int):
+        source = pa.memory_map(self._local[f])
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:  # datasets writes the stream format
+            source.seek(0)
             try:
-                table = pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:  # datasets writes the stream format
-                source.seek(0)
-                try:
-                    table = pa.ipc.open_stream(source).read_all()
-                except pa.ArrowInvalid as e:
-                    raise DataError(f"{self.paths[f]}: not an arrow file ({e})") from None
-            self._tables[f] = table
-        return table
+                return pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{self.paths[f]}: not an arrow file ({e})") from None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_tables": {}}
+    def _part_name(self, f: int) -> str:
+        return self.paths[f]
+
+
+class ArrayRecordSource(_LazyRecords):
+    """ArrayRecord files whose records are UTF-8 text (``field=None``) or JSON objects (``field``
+    names the text field, or several fields for dicts)."""
+
+    def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
+        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        super().__init__(f"array_record[{field or 'text'}]", field, errors)
+        self.paths = self._list(paths, (".array_record", ".arrayrecord"))
+        local = local_files(self.paths)  # the reader opens local files only
+        counts = []
+        for path, name in zip(local, self.paths):
+            reader = ArrayRecordReader(path)
+            counts.append(reader.num_records())
+            reader.close()
+            if counts[-1] == 0:
+                self.report.skip("empty files", name)
+        self._count_parts(counts)
+        self._records = grain.sources.ArrayRecordDataSource(local)
 
     def __getitem__(self, index):
         f, row = self._locate(int(index))
-        table = self._table(f)
-        record = {c: table.column(c)[row].as_py() for c in self.fields}
-        return self._document(record, f"{self.paths[f]} row {row}")
+        where = f"{self.paths[f]} record {row}"
+        raw = self._records[int(index)]
+        if self.fields == (None,):
+            return self._document({None: raw}, where)
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._bad("bad records", DataError(f"{where}: bad JSON record: {e}"), where)
+        return self._document(record if isinstance(record, dict) else {}, where)
+
+
+class TfdsSource(_LazyRecords):
+    """A prepared TFDS dataset in ArrayRecord format, read with ``tfds.data_source`` (random
+    access, no TensorFlow needed). Never downloads: ``data_dir`` must hold the prepared data."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 field: str | Sequence[str] = "text", errors: str = "strict"):
+        super().__init__(f"tfds[{name}/{split}]", field, errors)
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self._ds = self._open()
+        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
+        if features is not None and hasattr(features, "keys"):
+            missing = [f for f in self.fields if f not in features.keys()]
+            if missing:
+                raise DataError(
+                    f"TFDS {name}/{split} has no feature {missing} (features: {list(features)})"
+                )
+        self.report.documents = len(self._ds)
+        self._finish_scan()
+
+    def _open(self):
+        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
+
+        try:
+            return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                    download=False)
+        except Exception as e:  # tfds raises several types; keep its message and add ours
+            raise DataError(
+                f"cannot open TFDS dataset {self.name!r} split {self.split!r} in data_dir "
+                f"{self.data_dir!r} (it must be prepared there in array_record format): {e}"
+            ) from e
+
+    # Pickle the arguments, not tfds' reader: a worker re-opens the prepared files itself
+    # (the builder class that wrote them need not be importable there).
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._ds = self._open()
+
+    def __getitem__(self, index):
+        index = int(index)
+        return self._document(self._ds[index], f"{self.report.name} example {index}")
 
 
 # ``diffujax.data.pretokenize`` writes this format; PretokenizedSource reads it.
@@ -654,7 +633,6 @@ def make_source(
     errors: str = "strict",
     split: str = "train",
     data_dir: str | None = None,
-    builder_kwargs: dict[str, Any] | None = None,
 ):
     """Build a source from a format name (``FORMATS`` or ``"auto"``) and inputs. For ``tfds``,
     ``inputs`` is the dataset name (``name`` or ``name:split``)."""
@@ -676,7 +654,7 @@ def make_source(
     if fmt == "tfds":
         name, _, sp = inputs[0].partition(":")
         return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",
-                          builder_kwargs=builder_kwargs, errors=errors)
+                          errors=errors)
     if fmt == "pretokenized":
         return PretokenizedSource(inputs[0])
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")
