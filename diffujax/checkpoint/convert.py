@@ -31,7 +31,12 @@ log = logging.getLogger(__name__)
 def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[ModelConfig, Params]:
     """A Hugging Face state dict (torch tensors or numpy arrays, e.g. ``hf_model.state_dict()``)
     and its config (a ``config.json`` dict or a diffujax config) -> ``(config, params)``."""
-    config = hf_config if isinstance(hf_config, ModelConfig) else _config(hf_config, "config")
+    config = hf_config
+    if not isinstance(config, ModelConfig):
+        try:
+            config = config_from_hf(dict(hf_config), source="config")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
     params, _ = read_params(config, DictSource(tensors), parse_dtype(dtype))
     config = config.replace(param_dtype=dtype_name(params[family_of(config).embedding].dtype))
     return config, nest(params)
@@ -43,13 +48,6 @@ def to_state_dict(config: ModelConfig, params, *, dtype=None, naming="transforme
     store.check_params(config, flat, "params")
     return {name: make() for name, _, _, make in
             hf_tensors(config, flat, {"naming": naming}, parse_dtype(dtype))}
-
-
-def _config(hf: dict, source: str) -> ModelConfig:
-    try:
-        return config_from_hf(dict(hf), source=source)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
 
 
 # -- the mask token (docs/algorithms.md §1) --------------------------------------------------------

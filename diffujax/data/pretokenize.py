@@ -48,11 +48,6 @@ def _shard_name(k: int, n: int) -> str:
     return f"data-{k:05d}-of-{n:05d}.array_record"
 
 
-def _atomic_json(path, obj: Any) -> None:
-    with paths.writing_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-
-
 def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -> dict:
     """Tokenise documents of shard ``k`` and write its ArrayRecord file, then its ``.json``."""
     # array_record is a Linux-only dependency (pyproject marker): imported where it is written
@@ -73,7 +68,8 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
                                counts)
             finally:
                 writer.close()
-        _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+        paths.write_text_atomic(final.with_suffix(".json"), json.dumps(
+            {"config": config, "counts": counts}, indent=1, sort_keys=True))
     except (OSError, RuntimeError) as e:  # the writer's own errors are RuntimeErrors
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
         raise OSError(f"writing {final} failed: {reason}") from None
@@ -196,10 +192,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
             counts.update({k: f.result() for k, f in futures.items()})
     else:
         counts.update({k: _write_shard(source, tokenizer, os.fspath(out), k, config) for k in todo})
-    total: dict[str, int] = {}
-    for c in counts.values():
-        for key, v in c.items():
-            total[key] = total.get(key, 0) + v
+    total = {key: sum(c[key] for c in counts.values()) for key in counts[0]}
     report: SourceReport | None = getattr(source, "report", None)
     meta = dict(
         format=PRETOKENIZED_FORMAT, version=PRETOKENIZED_VERSION,
@@ -207,7 +200,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
         shards=[_shard_name(k, num_shards) for k in range(num_shards)],
         counts=total, source_skipped=dict(report.skipped) if report else {}, **config,
     )
-    _atomic_json(out / "metadata.json", meta)
+    paths.write_text_atomic(out / "metadata.json", json.dumps(meta, indent=1, sort_keys=True))
     return meta
 
 
