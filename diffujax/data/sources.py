@@ -100,13 +100,32 @@ ORDINARY_SKIPS = frozenset({"empty files", "blank lines", "empty documents"})
 
 
 class _Source:
-    """Shared bits: error policy and the report."""
+    """Shared bits: error policy, the report, and the record fields a document is made of."""
 
-    def __init__(self, name: str, errors: str):
+    def __init__(self, name: str, errors: str, field: str | Sequence[str] | None = "text"):
         if errors not in ("strict", "skip"):
             raise ValueError(f"errors must be 'strict' or 'skip', got {errors!r}")
         self.errors = errors
         self.report = SourceReport(name)
+        self.single = isinstance(field, str) or field is None
+        self.fields = (field,) if self.single else tuple(field)
+
+    def _fields(self, record, where: str):
+        """The document in ``record``: its text field, or a dict of its text fields (bytes read
+        as UTF-8); a ``DataError`` naming ``where`` when one is missing or not text."""
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        out = {}
+        for name in self.fields:
+            value = record.get(name)
+            if isinstance(value, bytes):
+                value = _decode(value, where if name is None else f"{where} field {name!r}", 0, 1)
+            if not isinstance(value, str):
+                got = "missing" if name not in record else f"a {type(value).__name__}"
+                raise DataError(f"{where}: field {name!r} is {got}, expected a string (fields"
+                                f" present: {sorted(record)})")
+            out[name] = value
+        return out[self.fields[0]] if self.single else out
 
     def _bad(self, reason: str, err: DataError, where: str):
         """Raise (strict) or record and return None (skip)."""
@@ -142,33 +161,23 @@ class _IndexedFiles(_Source):
 
     suffixes: tuple[str, ...] | None = None  # in directories, read only files ending so
 
-    def __init__(self, inputs, errors: str, name: str):
-        super().__init__(name, errors)
+    def __init__(self, inputs, errors: str, name: str, field="text"):
+        super().__init__(name, errors, field)
         self.paths = self._list(inputs, self.suffixes)
         self._data = [readable(p) for p in self.paths]
-        file_idx, starts, ends, lines = [], [], [], []
-        for i, path in enumerate(self.paths):
-            for start, end, line in self._scan(path, self._data[i]):
-                file_idx.append(i)
-                starts.append(start)
-                ends.append(end)
-                lines.append(line)
-        self._file = np.asarray(file_idx, np.int32)
-        self._start = np.asarray(starts, np.int64)
-        self._end = np.asarray(ends, np.int64)
-        self._line = np.asarray(lines, np.int64)
-        self.report.documents = len(self._file)
+        rows = [(i, *doc) for i, path in enumerate(self.paths)
+                for doc in self._scan(path, self._data[i])]
+        self._index = np.asarray(rows, np.int64).reshape(-1, 4)  # file, start, end, first line
+        self.report.documents = len(self._index)
         self._finish_scan()
 
     def __len__(self) -> int:
-        return len(self._file)
+        return len(self._index)
 
     def _read(self, index: int) -> tuple[str, str, int]:
-        i = int(index)
-        f = self._file[i]
-        data = paths.read_range(self._data[f], int(self._start[i]),
-                                int(self._end[i] - self._start[i]))
-        return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
+        f, start, end, line = map(int, self._index[int(index)])
+        data = paths.read_range(self._data[f], start, end - start)
+        return data.decode("utf-8"), self.paths[f], line  # validated by the scan
 
     def _scan(self, path: str, data: str):
         """``(start, end, first line)`` of each document of the file named ``path``, whose
@@ -234,22 +243,6 @@ class TextSource(_IndexedFiles):
             self.report.skip("non-UTF-8 documents", f"{path}:{bad}")
 
 
-def _json_fields(obj, fields: Sequence[str], where: str) -> dict[str, str]:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    out = {}
-    for name in fields:
-        value = obj.get(name)
-        if not isinstance(value, str):
-            got = "missing" if name not in obj else f"a {type(value).__name__}"
-            raise DataError(
-                f"{where}: field {name!r} is {got}, expected a string "
-                f"(fields present: {sorted(obj)})"
-            )
-        out[name] = value
-    return out
-
-
 class JsonlSource(_IndexedFiles):
     """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
     dict of those strings. Every line is parsed once at construction to find bad records early."""
@@ -257,14 +250,12 @@ class JsonlSource(_IndexedFiles):
     suffixes = (".jsonl", ".json", ".ndjson")
 
     def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
-        self.single = isinstance(field, str)
-        self.fields = (field,) if self.single else tuple(field)
-        super().__init__(paths, errors, name=f"jsonl[{','.join(self.fields)}]")
+        name = f"jsonl[{field if isinstance(field, str) else ','.join(field)}]"
+        super().__init__(paths, errors, name, field)
 
     def __getitem__(self, index):
         text, path, line = self._read(index)
-        values = _json_fields(json.loads(text), self.fields, f"{path}:{line}")
-        return values[self.fields[0]] if self.single else values
+        return self._fields(json.loads(text), f"{path}:{line}")
 
     def _scan(self, path, data):
         if size(data) == 0:
@@ -282,34 +273,21 @@ class JsonlSource(_IndexedFiles):
                         obj = json.loads(text)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{where}: invalid JSON: {e}") from None
-                    values = _json_fields(obj, self.fields, where)
+                    doc = self._fields(obj, where)
                 except DataError as e:
                     bad_text = isinstance(e, EncodingError)
                     reason = "non-UTF-8 lines" if bad_text else "invalid records"
                     self._bad(reason, e, where)
                     continue
-                if not any(v.strip() for v in values.values()):
+                if not any(v.strip() for v in ([doc] if self.single else doc.values())):
                     self.report.skip("empty documents", where)
                     continue
                 yield offset, offset + len(line), n
 
 
-def _text_of(value, where: str) -> str:
-    if isinstance(value, bytes):
-        value = _decode(value, where, 0, 1)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: expected text, got {type(value).__name__}")
-    return value
-
-
 class _LazyRecords(_Source):
     """Record sources read lazily (parquet, ArrayRecord, TFDS, arrow): a record's decoding into a
     document, and the index of those made of parts (files, row groups)."""
-
-    def __init__(self, name, field, errors):
-        super().__init__(name, errors)
-        self.single = isinstance(field, str) or field is None
-        self.fields = (field,) if self.single else tuple(field)
 
     def __len__(self) -> int:
         return self.report.documents
@@ -325,15 +303,12 @@ class _LazyRecords(_Source):
         part = bisect.bisect_right(self._ends, index)
         return part, index - (self._ends[part - 1] if part else 0)
 
-    def _document(self, record: dict, where: str):
-        """The text fields of ``record`` (a dict of them for several); a bad record raises or,
-        with ``errors="skip"``, is None."""
+    def _document(self, record, where: str):
+        """The document of ``record``; a bad one raises or, with ``errors="skip"``, is None."""
         try:
-            values = {k: _text_of(record.get(k), f"{where} field {k!r}" if k else where)
-                      for k in self.fields}
+            return self._fields(record, where)
         except DataError as e:
             return self._bad("bad records", e, where)
-        return values[self.fields[0]] if self.single else values
 
 
 class _TableParts(_LazyRecords):
@@ -378,7 +353,7 @@ class ParquetSource(_TableParts):
     _CACHE = 4
 
     def __init__(self, inputs, column: str | Sequence[str] = "text", errors: str = "strict"):
-        super().__init__(f"parquet[{column}]", column, errors)
+        super().__init__(f"parquet[{column}]", errors, column)
         self.paths = self._list(inputs, (".parquet", ".pq"))
         self._groups: list[tuple[int, int]] = []  # (file index, row group)
         counts = []
@@ -418,7 +393,7 @@ class ArrowSource(_TableParts):
 
     def __init__(self, inputs, field: str | Sequence[str] = "text", split: str = "train",
                  errors: str = "strict"):
-        super().__init__(f"arrow[{field}]", field, errors)
+        super().__init__(f"arrow[{field}]", errors, field)
         self.paths = []
         for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
             self.paths += self._files(item, split)
@@ -474,7 +449,7 @@ class ArrayRecordSource(_LazyRecords):
         # array_record is a Linux-only dependency (pyproject marker): imported where it is read
         from array_record.python.array_record_module import ArrayRecordReader
 
-        super().__init__(f"array_record[{field or 'text'}]", field, errors)
+        super().__init__(f"array_record[{field or 'text'}]", errors, field)
         self.paths = self._list(paths, (".array_record", ".arrayrecord"))
         local = local_files(self.paths)  # the reader opens local files only
         counts = []
@@ -497,7 +472,7 @@ class ArrayRecordSource(_LazyRecords):
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return self._bad("bad records", DataError(f"{where}: bad JSON record: {e}"), where)
-        return self._document(record if isinstance(record, dict) else {}, where)
+        return self._document(record, where)
 
 
 class TfdsSource(_LazyRecords):
@@ -506,7 +481,7 @@ class TfdsSource(_LazyRecords):
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                  field: str | Sequence[str] = "text", errors: str = "strict"):
-        super().__init__(f"tfds[{name}/{split}]", field, errors)
+        super().__init__(f"tfds[{name}/{split}]", errors, field)
         self.name, self.split, self.data_dir = name, split, data_dir
         self._ds = self._open()
         features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
