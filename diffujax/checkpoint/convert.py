@@ -144,7 +144,7 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
     # safetensors reads local files: a model in a bucket is read from a temporary local copy.
     with store.atomic_directory(dst, overwrite) as tmp, paths.local_view(src) as src:
         src = pathlib.Path(src)
-        _, config = read_config(src)
+        config, _ = read_config(src)
         mask_id, fresh = _choose_mask_token(config, src, mask_token_id, no_mask_token)
         with open_weights(src) as source:
             params, layout = read_params(config, source, target)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.version import check_version
 from diffujax.models import param_specs
 from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
 from diffujax.models.family import LM_HEAD
@@ -186,8 +187,9 @@ def open_weights(directory) -> TensorSource:
                           f" {TORCH_BIN} or {TORCH_BIN_INDEX})")
 
 
-def read_config(directory) -> tuple[dict, ModelConfig]:
-    """``config.json`` of a Hugging Face (or diffujax) directory: the raw dict and the config."""
+def read_config(directory, kind: str | None = None) -> tuple[ModelConfig, dict]:
+    """The config in ``config.json`` of a Hugging Face (or diffujax) directory, and its "diffujax"
+    section; with ``kind`` ("model") that section's format version is checked first."""
     path = paths.resolve(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a model directory?)")
@@ -197,9 +199,11 @@ def read_config(directory) -> tuple[dict, ModelConfig]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    hf.pop("diffujax", None)
+    section = hf.pop("diffujax", None) or {}
+    if kind is not None:
+        check_version(section, path.parent, kind)
     try:
-        return hf, config_from_hf(hf, source=str(path))
+        return config_from_hf(hf, source=str(path)), section
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -237,8 +241,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         raise CheckpointError(f"{', '.join(where)}: unexpected tensor(s) {_listing(unexpected)}"
                               f" for a {config.family} model with {config.num_layers} layers"
                               f" ({naming} naming)")
-    present = set(names)
-    missing = [n for n in expected if n not in present]
+    missing = [n for n in expected if n not in source.meta]
     if missing:
         raise CheckpointError(f"missing tensor(s) {_listing(missing)} for the {config.family}"
                               f" model described by config.json ({config.num_layers} layers,"
@@ -267,10 +270,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         for path, part in zip(entry.paths, entry.to_diffujax(tensor, slices)):
             if path not in params:
                 params[path] = np.empty(specs[path].shape, target or tensor.dtype)
-            if entry.per_layer:
-                params[path][layer] = part
-            else:
-                params[path][...] = part
+            params[path][layer if entry.per_layer else ...] = part
         del tensor
 
     if tied_head:

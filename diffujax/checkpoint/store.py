@@ -35,7 +35,7 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
 from diffujax.checkpoint.integrity import by_device_set, checksums, first_mismatch, local_value
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.checkpoint.version import check_version, stamp
+from diffujax.checkpoint.version import stamp
 from diffujax.models import Params, family_of, flatten, nest, param_specs
 from diffujax.models.configs import ModelConfig
 
@@ -151,16 +151,7 @@ def read_meta(directory) -> tuple[ModelConfig, dict]:
     if not (directory / COMPLETE).is_file():
         what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
-    try:
-        recorded = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        recorded = None  # read_config names what is wrong
-    meta = {}
-    if isinstance(recorded, dict):
-        meta = recorded.get("diffujax") or {}
-        check_version(meta, directory, "model")
-    _, config = read_config(directory)
-    return config, meta
+    return read_config(directory, "model")
 
 
 def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
