@@ -166,11 +166,10 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
     return flatten(shardings).__getitem__
 
 
-def _restore(directory, dtype, shardings) -> tuple[ModelConfig, dict[str, jax.Array], dict]:
-    """Config, flat parameters and the "diffujax" section of the checkpoint in ``directory``:
-    its marker, format version, parameter names and shapes checked before any array is read, its
-    checksums and finiteness after (of the stored bits: ``dtype`` casts afterwards)."""
-    config, meta = read_meta(directory)
+def _restore(directory, config, dtype, shardings) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """The flat parameters of the checkpoint in ``directory`` (``read_meta`` has checked it), and
+    ``config`` with their dtype: names and shapes checked before any array is read, checksums and
+    finiteness after (of the stored bits: ``dtype`` casts afterwards)."""
     directory = paths.resolve(directory)
     where = directory / PARAMS
     ckptr = ocp.StandardCheckpointer()
@@ -206,8 +205,7 @@ def _restore(directory, dtype, shardings) -> tuple[ModelConfig, dict[str, jax.Ar
     if dtype is not None:
         for name in flat:  # one at a time: each stored copy is released once it is cast
             flat[name] = flat[name].astype(dtype)  # keeps its sharding
-    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
-    return config, flat, meta
+    return config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype)), flat
 
 
 @jax.jit
@@ -233,13 +231,14 @@ def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, Params]
     ...)`` runs it). ``dtype`` casts once the checksums are verified;
     ``shardings`` (see ``_sharding_for``) places each parameter as it is read. The config's
     ``param_dtype`` is set to the dtype the parameters now have."""
-    config, flat, _ = _restore(directory, parse_dtype(dtype), shardings)
+    config, flat = _restore(directory, read_meta(directory)[0], parse_dtype(dtype), shardings)
     return config, nest(flat)
 
 
 def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
     """Host copies of the parameters as a flat dict, and the HF layout, for export."""
-    config, flat, meta = _restore(directory, parse_dtype(dtype), None)
+    config, meta = read_meta(directory)
+    config, flat = _restore(directory, config, parse_dtype(dtype), None)
     layout = {"naming": meta.get("hf_naming", "transformers"),
               "tied_head_stored": meta.get("hf_tied_head_stored", False)}
     return config, {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}, layout

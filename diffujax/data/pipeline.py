@@ -228,9 +228,7 @@ class DataIterator:
         self._it.set_state(from_tagged(state))
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        self._it.close()
 
 
 @dataclasses.dataclass

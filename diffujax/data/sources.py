@@ -2,30 +2,25 @@
 pretokenized.
 
 Inputs are files, directories (every data file below them) or glob patterns, local or remote
-(``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). Text and jsonl files may be
-compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``: decompressed once into the cache). ``arrow``
-reads Hugging Face ``datasets`` saved with ``save_to_disk`` (a ``Dataset`` or one split of a
-``DatasetDict``) and plain ``.arrow`` files.
+(``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). ``arrow`` reads Hugging Face
+``datasets`` saved with ``save_to_disk`` (a ``Dataset`` or one split of a ``DatasetDict``) and
+plain ``.arrow`` files.
 
 Every source has ``__len__`` and ``__getitem__`` (what ``grain.MapDataset.source`` needs), pickles
 without open handles (grain workers are spawned processes), and yields one *document* per index:
+a ``str`` when it reads one text field, a ``dict[str, str]`` (e.g. ``{"prompt": ..., "answer":
+...}`` for SFT) when it reads several.
 
-- a ``str`` (pretraining text), when the source reads one text field;
-- a ``dict[str, str]`` (e.g. ``{"prompt": ..., "answer": ...}`` for SFT), when it reads several.
+Bad data is never dropped silently. Text and jsonl files are scanned once when the source is
+built: empty files / blank lines are skipped and counted in ``source.report``; invalid UTF-8,
+invalid JSON or a missing field raise ``DataError`` naming the file, the line and the byte offset
+(``errors="skip"`` skips such documents instead, and counts and locates them in the report).
+The other formats are read lazily: a bad record raises ``DataError`` naming file/record at read
+time, or with ``errors="skip"`` becomes ``None``, which the pipeline drops and counts.
 
-Bad data is never dropped silently. Missing inputs raise ``FileNotFoundError``. Text and jsonl
-files are scanned once when the source is built: empty files / blank lines are skipped and counted
-in ``source.report``; invalid UTF-8, invalid JSON or a missing field raise ``DataError`` naming the
-file, the line and the byte offset (``errors="skip"`` skips such documents instead, and counts and
-locates them in the report). Parquet, ArrayRecord and TFDS are read lazily: a bad record raises
-``DataError`` naming file/record at read time, or with ``errors="skip"`` becomes ``None``, which the
-pipeline drops and counts.
-
-Text file modes (``TextSource(mode=...)``):
-- ``"file"`` (default): one document per file. Document boundaries in text corpora are usually
-  file boundaries, and this mode never splits a document by accident.
-- ``"paragraph"``: documents separated by one or more blank (whitespace-only) lines.
-- ``"lines"``: one document per non-blank line.
+Text file modes (``TextSource(mode=...)``): ``"file"`` (default), one document per file (document
+boundaries in text corpora are usually file boundaries: never split by accident); ``"paragraph"``,
+documents separated by blank lines; ``"lines"``, one document per non-blank line.
 """
 
 from __future__ import annotations
@@ -45,11 +40,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffujax import paths
-from diffujax.data.files import expand, has_suffix, local_files, readable, size, strip_compression
+from diffujax.data.files import expand, has_suffix, local_files, readable
 
 log = logging.getLogger(__name__)
 
 _MAX_EXAMPLES = 5  # locations kept per skip reason
+# The names of each format's files (compression suffixes aside): how a format is guessed, and
+# which files of a directory a source of that format reads.
+_SUFFIXES = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet", ".pq"),
+             "array_record": (".array_record", ".arrayrecord"), "arrow": (".arrow",)}
 
 
 class DataError(ValueError):
@@ -134,10 +133,10 @@ class _Source:
         self.report.skip(reason, where)
         return None
 
-    def _list(self, paths_, suffixes: tuple[str, ...] | None = None) -> list[str]:
-        """The files of ``paths_``; in directories, only those with ``suffixes`` (others are
-        counted in the report)."""
-        found, ignored = expand(paths_, has_suffix(*suffixes) if suffixes else None)
+    def _list(self, paths_, fmt: str | None = None) -> list[str]:
+        """The files of ``paths_``; in directories, only the ``fmt`` files (others are counted
+        in the report)."""
+        found, ignored = expand(paths_, has_suffix(*_SUFFIXES[fmt]) if fmt else None)
         for path in ignored:
             self.report.skip("files of another format", path)
         self.report.files = len(found)
@@ -159,11 +158,11 @@ class _IndexedFiles(_Source):
     """A source over byte ranges of files, found by a scan at construction. ``paths`` name the
     files (in messages); ``_data`` is what is read (a compressed file's decompressed copy)."""
 
-    suffixes: tuple[str, ...] | None = None  # in directories, read only files ending so
+    fmt: str | None = None  # in directories, read only the files of this format
 
     def __init__(self, inputs, errors: str, name: str, field="text"):
         super().__init__(name, errors, field)
-        self.paths = self._list(inputs, self.suffixes)
+        self.paths = self._list(inputs, self.fmt)
         self._data = [readable(p) for p in self.paths]
         rows = [(i, *doc) for i, path in enumerate(self.paths)
                 for doc in self._scan(path, self._data[i])]
@@ -247,7 +246,7 @@ class JsonlSource(_IndexedFiles):
     """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
     dict of those strings. Every line is parsed once at construction to find bad records early."""
 
-    suffixes = (".jsonl", ".json", ".ndjson")
+    fmt = "jsonl"
 
     def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
         name = f"jsonl[{field if isinstance(field, str) else ','.join(field)}]"
@@ -258,9 +257,7 @@ class JsonlSource(_IndexedFiles):
         return self._fields(json.loads(text), f"{path}:{line}")
 
     def _scan(self, path, data):
-        if size(data) == 0:
-            self.report.skip("empty files", path)
-            return
+        n = 0
         with paths.resolve(data).open("rb") as f:
             for offset, n, line in _lines_with_offsets(f):
                 where = f"{path}:{n}"
@@ -268,21 +265,20 @@ class JsonlSource(_IndexedFiles):
                     self.report.skip("blank lines", where)
                     continue
                 try:
-                    text = _decode(line, path, offset, n)
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{where}: invalid JSON: {e}") from None
-                    doc = self._fields(obj, where)
+                    doc = self._fields(json.loads(_decode(line, path, offset, n)), where)
+                except json.JSONDecodeError as e:
+                    self._bad("invalid records", DataError(f"{where}: invalid JSON: {e}"), where)
+                    continue
                 except DataError as e:
                     bad_text = isinstance(e, EncodingError)
-                    reason = "non-UTF-8 lines" if bad_text else "invalid records"
-                    self._bad(reason, e, where)
+                    self._bad("non-UTF-8 lines" if bad_text else "invalid records", e, where)
                     continue
                 if not any(v.strip() for v in ([doc] if self.single else doc.values())):
                     self.report.skip("empty documents", where)
                     continue
                 yield offset, offset + len(line), n
+        if n == 0:
+            self.report.skip("empty files", path)
 
 
 class _LazyRecords(_Source):
@@ -354,7 +350,7 @@ class ParquetSource(_TableParts):
 
     def __init__(self, inputs, column: str | Sequence[str] = "text", errors: str = "strict"):
         super().__init__(f"parquet[{column}]", errors, column)
-        self.paths = self._list(inputs, (".parquet", ".pq"))
+        self.paths = self._list(inputs, "parquet")
         self._groups: list[tuple[int, int]] = []  # (file index, row group)
         counts = []
         for i, path in enumerate(self.paths):
@@ -424,7 +420,7 @@ class ArrowSource(_TableParts):
             names = [d["filename"] for d in state.get("_data_files", [])]
             if names:
                 return [os.fspath(root / n) for n in names]
-        return self._list([os.fspath(root)], (".arrow",))
+        return self._list([os.fspath(root)], "arrow")
 
     def _read_part(self, f: int):
         source = pa.memory_map(self._local[f])
@@ -450,7 +446,7 @@ class ArrayRecordSource(_LazyRecords):
         from array_record.python.array_record_module import ArrayRecordReader
 
         super().__init__(f"array_record[{field or 'text'}]", errors, field)
-        self.paths = self._list(paths, (".array_record", ".arrayrecord"))
+        self.paths = self._list(paths, "array_record")
         local = local_files(self.paths)  # the reader opens local files only
         counts = []
         for path, name in zip(local, self.paths):
@@ -484,13 +480,11 @@ class TfdsSource(_LazyRecords):
         super().__init__(f"tfds[{name}/{split}]", errors, field)
         self.name, self.split, self.data_dir = name, split, data_dir
         self._ds = self._open()
-        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
-        if features is not None and hasattr(features, "keys"):
-            missing = [f for f in self.fields if f not in features.keys()]
-            if missing:
-                raise DataError(
-                    f"TFDS {name}/{split} has no feature {missing} (features: {list(features)})"
-                )
+        features = self._ds.dataset_info.features
+        missing = [f for f in self.fields if f not in features.keys()]
+        if missing:
+            raise DataError(f"TFDS {name}/{split} has no feature {missing} (features:"
+                            f" {list(features)})")
         self.report.documents = len(self._ds)
         self._finish_scan()
 
@@ -572,13 +566,10 @@ class PretokenizedSource:
 
 
 FORMATS = ("text", "jsonl", "parquet", "array_record", "arrow", "tfds", "pretokenized")
-_SUFFIXES = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
-             (".parquet", "parquet"), (".array_record", "array_record"), (".arrow", "arrow"))
 
 
 def _format_of(name: str) -> str:
-    name = strip_compression(name.lower())
-    return next((fmt for suffix, fmt in _SUFFIXES if suffix in name), "text")
+    return next((fmt for fmt, sfx in _SUFFIXES.items() if has_suffix(*sfx)(name)), "text")
 
 
 def guess_format(path: str) -> str:
