@@ -53,14 +53,10 @@ def check_separate(src, dst, what: str = "destination") -> None:
             return tuple(text.rstrip("/").split("/"))
         return pathlib.Path(os.path.realpath(os.path.expanduser(text))).parts
     a, b = parts(src), parts(dst)
-    if a == b:
-        raise CheckpointError(f"{dst}: the {what} is the source itself; choose another directory")
-    if a[:len(b)] == b:
-        raise CheckpointError(f"{dst}: the {what} contains the source {src}; choose a directory"
-                              " outside it")
-    if b[:len(a)] == a:
-        raise CheckpointError(f"{dst}: the {what} lies inside the source {src}; choose a directory"
-                              " outside it")
+    clash = ("is the source itself" if a == b else f"contains the source {src}"
+             if a[:len(b)] == b else f"lies inside the source {src}" if b[:len(a)] == a else None)
+    if clash:
+        raise CheckpointError(f"{dst}: the {what} {clash}; choose a directory outside it")
 
 
 @contextlib.contextmanager

@@ -265,25 +265,6 @@ def _resolve_ids(tokenizer, source, opts: PipelineOptions):
     return eos, bos, pad
 
 
-def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
-    n = len(ds)
-    if shard.drop_remainder and n % shard.shard_count:
-        log.warning("data: dropping %d of %d documents so every process gets the same number",
-                    n % shard.shard_count, n)
-        ds = ds[: n - n % shard.shard_count]
-    return ds[shard.shard_index :: shard.shard_count]
-
-
-def _as_pairs(sources) -> list[tuple[Any, float]]:
-    """A list of ``(source, weight)`` pairs is a mixture; anything else is one source (a plain
-    list of documents is a source too)."""
-    if isinstance(sources, (list, tuple)) and sources and all(
-        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in sources
-    ):
-        return [(src, float(w)) for src, w in sources]
-    return [(sources, 1.0)]
-
-
 def build_pipeline(
     sources,
     tokenizer: Tokenizer | None,
@@ -307,7 +288,11 @@ def build_pipeline(
         raise ValueError(f"global batch {opts.global_batch} is not divisible by the "
                          f"{shard.shard_count} processes")
     local_batch = opts.global_batch // shard.shard_count
-    pairs = _as_pairs(sources)
+    # A list of (source, weight) pairs is a mixture; anything else (a plain list of documents
+    # too) is one source.
+    mixture = isinstance(sources, (list, tuple)) and sources and all(
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in sources)
+    pairs = [(src, float(w)) for src, w in sources] if mixture else [(sources, 1.0)]
     if len(pairs) > 1 and opts.num_epochs is not None:
         raise ValueError("mixing several sources needs num_epochs=None")
     # "blocks": pretokenized, already packed; "tokens": pretokenized documents; else text.
@@ -337,7 +322,12 @@ def build_pipeline(
         ds = grain.MapDataset.source(src)
         if opts.shuffle:
             ds = ds.shuffle(seed=opts.seed + i)
-        ds = _shard(ds, shard)
+        n = len(ds)
+        if shard.drop_remainder and n % shard.shard_count:
+            log.warning("data: dropping %d of %d documents so every process gets the same"
+                        " number", n % shard.shard_count, n)
+            ds = ds[: n - n % shard.shard_count]
+        ds = ds[shard.shard_index :: shard.shard_count]
         if opts.num_epochs != 1:
             ds = ds.repeat(opts.num_epochs)
         parts.append(ds)
