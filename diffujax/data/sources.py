@@ -179,9 +179,44 @@ class _IndexedFiles(_Source):
         return data.decode("utf-8"), self.paths[f], line  # validated by the scan
 
     def _scan(self, path: str, data: str):
-        """``(start, end, first line)`` of each document of the file named ``path``, whose
-        contents are read from ``data``."""
-        raise NotImplementedError
+        """``(start, end, first line)`` of each document of the file named ``path``, read from
+        ``data`` line by line, so a huge file is never held in memory; each line is checked
+        (``_check``: UTF-8 per line, as a multi-byte character never spans a newline, gives
+        exact offsets). ``mode`` draws the boundaries (module doc)."""
+        doc, n = None, 0  # doc: [start offset, end offset, first line, first skip or None]
+        with paths.resolve(data).open("rb") as f:
+            for offset, n, line in _lines_with_offsets(f):
+                blank = not line.strip()
+                if doc is not None and (self.mode == "lines" or blank and self.mode != "file"):
+                    yield from self._emit(path, doc)
+                    doc = None
+                if blank:  # file mode: inner blank lines belong to the document
+                    if self.mode == "lines":
+                        self.report.skip("blank lines", f"{path}:{n}")
+                    continue
+                reason = self._check(line, path, offset, n)
+                skip = None if reason is None else (reason, f"{path}:{n}")
+                if doc is None:
+                    doc = [offset, offset + len(line), n, skip]
+                else:
+                    doc[1], doc[3] = offset + len(line), doc[3] or skip
+        if doc is not None:
+            yield from self._emit(path, doc)
+        elif n == 0 or self.mode == "file":
+            self.report.skip("empty files", path)
+
+    def _emit(self, path, doc):
+        start, end, n, skip = doc
+        if skip is None:
+            yield start, end, n
+        else:
+            self.report.skip(*skip)
+
+    def _reject(self, reason: str, err: DataError) -> str:
+        """Raise ``err`` (strict), or skip the document for ``reason``."""
+        if self.errors == "strict":
+            raise err
+        return reason
 
 
 def _lines_with_offsets(f):
@@ -204,49 +239,19 @@ class TextSource(_IndexedFiles):
     def __getitem__(self, index) -> str:
         return self._read(index)[0]
 
-    def _scan(self, path, data):
-        """Line by line, so a huge file is never held in memory; UTF-8 is checked per line
-        (a multi-byte character never spans a newline), which gives exact offsets."""
-        doc = None  # [start offset, end offset, first line, first bad line or None]
-        with paths.resolve(data).open("rb") as f:
-            for offset, n, line in _lines_with_offsets(f):
-                blank = not line.strip()
-                if doc is not None and (self.mode == "lines" or blank and self.mode != "file"):
-                    yield from self._emit(path, doc)
-                    doc = None
-                if blank:  # file mode: inner blank lines belong to the document
-                    if self.mode == "lines":
-                        self.report.skip("blank lines", f"{path}:{n}")
-                    continue
-                bad = None
-                try:
-                    _decode(line, path, offset, n)
-                except EncodingError:
-                    if self.errors == "strict":
-                        raise
-                    bad = n
-                if doc is None:
-                    doc = [offset, offset + len(line), n, bad]
-                else:
-                    doc[1], doc[3] = offset + len(line), doc[3] or bad
-        if doc is not None:
-            yield from self._emit(path, doc)
-        elif self.mode == "file":
-            self.report.skip("empty files", path)
-
-    def _emit(self, path, doc):
-        start, end, n, bad = doc
-        if bad is None:
-            yield start, end, n
-        else:
-            self.report.skip("non-UTF-8 documents", f"{path}:{bad}")
+    def _check(self, line, path, offset, n) -> str | None:
+        try:
+            _decode(line, path, offset, n)
+        except EncodingError as e:
+            return self._reject("non-UTF-8 documents", e)
+        return None
 
 
 class JsonlSource(_IndexedFiles):
     """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
     dict of those strings. Every line is parsed once at construction to find bad records early."""
 
-    fmt = "jsonl"
+    fmt, mode = "jsonl", "lines"  # one document per line
 
     def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
         name = f"jsonl[{field if isinstance(field, str) else ','.join(field)}]"
@@ -256,29 +261,18 @@ class JsonlSource(_IndexedFiles):
         text, path, line = self._read(index)
         return self._fields(json.loads(text), f"{path}:{line}")
 
-    def _scan(self, path, data):
-        n = 0
-        with paths.resolve(data).open("rb") as f:
-            for offset, n, line in _lines_with_offsets(f):
-                where = f"{path}:{n}"
-                if not line.strip():
-                    self.report.skip("blank lines", where)
-                    continue
-                try:
-                    doc = self._fields(json.loads(_decode(line, path, offset, n)), where)
-                except json.JSONDecodeError as e:
-                    self._bad("invalid records", DataError(f"{where}: invalid JSON: {e}"), where)
-                    continue
-                except DataError as e:
-                    bad_text = isinstance(e, EncodingError)
-                    self._bad("non-UTF-8 lines" if bad_text else "invalid records", e, where)
-                    continue
-                if not any(v.strip() for v in ([doc] if self.single else doc.values())):
-                    self.report.skip("empty documents", where)
-                    continue
-                yield offset, offset + len(line), n
-        if n == 0:
-            self.report.skip("empty files", path)
+    def _check(self, line, path, offset, n) -> str | None:
+        where = f"{path}:{n}"
+        try:
+            doc = self._fields(json.loads(_decode(line, path, offset, n)), where)
+        except json.JSONDecodeError as e:
+            return self._reject("invalid records", DataError(f"{where}: invalid JSON: {e}"))
+        except DataError as e:
+            bad_text = isinstance(e, EncodingError)
+            return self._reject("non-UTF-8 lines" if bad_text else "invalid records", e)
+        if not any(v.strip() for v in ([doc] if self.single else doc.values())):
+            return "empty documents"
+        return None
 
 
 class _LazyRecords(_Source):
