@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,7 +147,7 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
         src = pathlib.Path(src)
         config, _ = read_config(src)
         mask_id, fresh = _choose_mask_token(config, src, mask_token_id, no_mask_token)
-        with open_weights(src) as source:
+        with contextlib.closing(open_weights(src)) as source:
             params, layout = read_params(config, source, target)
         copy_tokenizer_files(src, tmp)
         if fresh:

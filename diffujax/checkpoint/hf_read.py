@@ -65,12 +65,6 @@ class TensorSource:
     def close(self):
         pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _torch_to_numpy(t) -> np.ndarray:
     """A view of a CPU torch tensor's memory (a memory-mapped one stays unread until used)."""

@@ -140,13 +140,6 @@ def read_json_file(path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _token_content(value: Any) -> str | None:
-    """tokenizer_config / special_tokens_map spell a token as a string or an AddedToken dict."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
 def declared_tokens(directory) -> dict[str, tuple[str, pathlib.Path]]:
     """``{name: (token string, file)}`` of the special tokens (``bos``, ``eos``, ..., ``mask``)
     the side files declare; tokenizer_config.json wins over special_tokens_map.json. The one
@@ -156,8 +149,9 @@ def declared_tokens(directory) -> dict[str, tuple[str, pathlib.Path]]:
         path = paths.resolve(directory) / fname
         cfg = read_json_file(path) or {}
         for name in _SPECIAL_NAMES:
-            content = _token_content(cfg.get(f"{name}_token"))
-            if content is not None:
+            content = cfg.get(f"{name}_token")  # a string, or an AddedToken dict
+            content = content.get("content") if isinstance(content, dict) else content
+            if isinstance(content, str):
                 found[name] = (content, path)
     return found
 
