@@ -53,9 +53,7 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
     # array_record is a Linux-only dependency (pyproject marker): imported where it is written
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    n, L = config["num_shards"], config["seq_len"]
-    dtype = np.dtype(config["dtype"]).newbyteorder("<")
-    eos, bos = config["special"]["eos"], config["special"].get("bos")
+    n = config["num_shards"]
     lo, hi = len(source) * k // n, len(source) * (k + 1) // n
     final = paths.resolve(out) / _shard_name(k, n)
     counts = dict(documents=0, tokens=0, records=0, empty_documents_skipped=0,
@@ -64,8 +62,7 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
         with paths.writing_file(final) as tmp:  # removed on failure: nothing half-written stays
             writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # read one by one
             try:
-                _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config,
-                               counts)
+                _tokenize_into(writer, source, tokenizer, range(lo, hi), config, counts)
             finally:
                 writer.close()
         paths.write_text_atomic(final.with_suffix(".json"), json.dumps(
@@ -76,20 +73,21 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
     return counts
 
 
-def _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config, counts):
-    """Documents ``lo..hi`` of ``source`` as records (``L`` None: one per document, else packed
-    blocks of ``L`` tokens); ``counts`` is updated in place."""
+def _tokenize_into(writer, source, tokenizer, docs: range, config: dict, counts: dict):
+    """Documents ``docs`` of ``source`` as records (``seq_len`` None: one per document, else
+    packed blocks of ``seq_len`` tokens); ``counts`` is updated in place."""
+    L, dtype = config["seq_len"], np.dtype(config["dtype"]).newbyteorder("<")
+    eos, bos = config["special"].get("eos"), config["special"].get("bos")
     pending: list[int] = []  # blocks layout: tokens not yet written
 
     def emit(ids):
         writer.write(np.asarray(ids, dtype).tobytes())
         counts["records"] += 1
 
-    for start in range(lo, hi, _BATCH):
-        docs = [source[i] for i in range(start, min(hi, start + _BATCH))]
-        counts["unreadable_skipped"] += sum(d is None for d in docs)
-        texts = [d for d in docs if d is not None]
-        for ids in tokenizer.encode_batch(texts):
+    for start in range(docs.start, docs.stop, _BATCH):
+        batch = [source[i] for i in range(start, min(docs.stop, start + _BATCH))]
+        counts["unreadable_skipped"] += sum(d is None for d in batch)
+        for ids in tokenizer.encode_batch([d for d in batch if d is not None]):
             if not ids:
                 counts["empty_documents_skipped"] += 1
                 continue
