@@ -47,10 +47,6 @@ def strip_compression(name: str) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def _hidden(relative: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.split("/"))
-
-
 def expand(inputs, keep: Callable[[str], bool] | None = None
            ) -> tuple[list[epath.Path], list[str]]:
     """``(files, ignored)`` named by ``inputs`` (a path or a list: files, directories, globs).
@@ -75,8 +71,8 @@ def expand(inputs, keep: Callable[[str], bool] | None = None
             found = []
             for p in paths.list_files(path):
                 relative = os.fspath(p)[len(os.fspath(path)):].lstrip("/")
-                if _hidden(relative):
-                    continue
+                if any(part.startswith((".", "_")) for part in relative.split("/")):
+                    continue  # hidden, or Spark's _SUCCESS and the like
                 (found if keep is None or keep(p.name) else ignored).append(p)
             if not found:
                 raise FileNotFoundError(f"directory {path} contains no data files"
