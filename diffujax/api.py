@@ -114,7 +114,7 @@ def _as_checkpoint(path):
 
 def _lasting_tokenizer(checkpoint) -> Tokenizer:
     """The tokenizer of a temporary checkpoint, from a copy of its files that lives as long as
-    the tokenizer does (it loads them lazily, and again in any process it is sent to)."""
+    the tokenizer does (it loads them again in any process it is sent to)."""
     directory = tempfile.mkdtemp(prefix="diffujax-tokenizer-")
     copy_tokenizer_files(checkpoint, directory)
     paths.copy_file(paths.resolve(checkpoint) / "config.json",

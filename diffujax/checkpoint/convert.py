@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,12 @@ log = logging.getLogger(__name__)
 def from_state_dict(hf_config, tensors: Mapping, *, dtype="keep") -> tuple[ModelConfig, Params]:
     """A Hugging Face state dict (torch tensors or numpy arrays, e.g. ``hf_model.state_dict()``)
     and its config (a ``config.json`` dict or a diffujax config) -> ``(config, params)``."""
-    config = hf_config if isinstance(hf_config, ModelConfig) else _config(hf_config, "config")
+    config = hf_config
+    if not isinstance(config, ModelConfig):
+        try:
+            config = config_from_hf(dict(hf_config), source="config")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
     params, _ = read_params(config, DictSource(tensors), parse_dtype(dtype))
     config = config.replace(param_dtype=dtype_name(params[family_of(config).embedding].dtype))
     return config, nest(params)
@@ -43,13 +49,6 @@ def to_state_dict(config: ModelConfig, params, *, dtype=None, naming="transforme
     store.check_params(config, flat, "params")
     return {name: make() for name, _, _, make in
             hf_tensors(config, flat, {"naming": naming}, parse_dtype(dtype))}
-
-
-def _config(hf: dict, source: str) -> ModelConfig:
-    try:
-        return config_from_hf(dict(hf), source=source)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
 
 
 # -- the mask token (docs/algorithms.md §1) --------------------------------------------------------
@@ -146,9 +145,9 @@ def convert(src, dst, *, dtype="keep", mask_token_id: int | None = None,
     # safetensors reads local files: a model in a bucket is read from a temporary local copy.
     with store.atomic_directory(dst, overwrite) as tmp, paths.local_view(src) as src:
         src = pathlib.Path(src)
-        _, config = read_config(src)
+        config, _ = read_config(src)
         mask_id, fresh = _choose_mask_token(config, src, mask_token_id, no_mask_token)
-        with open_weights(src) as source:
+        with contextlib.closing(open_weights(src)) as source:
             params, layout = read_params(config, source, target)
         copy_tokenizer_files(src, tmp)
         if fresh:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from diffujax import console, paths
 from diffujax.checkpoint.errors import CheckpointError
+from diffujax.checkpoint.version import check_version
 from diffujax.models import param_specs
 from diffujax.models import ConfigError, ModelConfig, config_from_hf, family_of
 from diffujax.models.family import LM_HEAD
@@ -25,12 +26,11 @@ from diffujax.models.family import LM_HEAD
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+# safetensors' dtype codes, as numpy names (the ones a weight may have, and the common others).
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
           "float64": np.float64}
-FLOAT_DTYPES = {np.dtype(t) for t in DTYPES.values()}  # bfloat16 is no np.floating subtype
 
 
 def parse_dtype(dtype) -> np.dtype | None:
@@ -52,25 +52,22 @@ def dtype_name(dtype) -> str:
 
 
 class TensorSource:
-    """Names, shapes and dtypes up front; data one tensor at a time. Each source defines
-    ``names() -> list[str]``, ``shape(name) -> tuple``, ``dtype(name) -> np.dtype`` and
-    ``get(name) -> np.ndarray``."""
+    """Names, shapes and dtype names up front (``meta``: name -> ``(shape, dtype name)``), data
+    one tensor at a time (``get(name) -> np.ndarray``); ``where(name)`` names the file holding a
+    tensor, for messages."""
+
+    def __init__(self, meta: dict, files: Mapping | None = None):
+        self.meta, self._files = meta, files or {}
 
     def where(self, name: str) -> str:
-        """The file holding ``name`` (for error messages)."""
-        return "state dict"
+        return str(self._files.get(name, "state dict"))
 
     def close(self):
         pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _torch_to_numpy(t) -> np.ndarray:
+    """A view of a CPU torch tensor's memory (a memory-mapped one stays unread until used)."""
     import torch  # optional (the torch extra): only torch tensors get here
 
     t = t.detach().cpu()
@@ -80,26 +77,20 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 
 class DictSource(TensorSource):
-    """An in-memory state dict (numpy arrays or torch tensors), e.g. ``hf_model.state_dict()``."""
+    """A state dict (numpy arrays or torch tensors), e.g. ``hf_model.state_dict()``."""
 
-    def __init__(self, tensors: Mapping):
+    def __init__(self, tensors: Mapping, files: Mapping | None = None):
         self._tensors = {k: v if isinstance(v, np.ndarray) else _torch_to_numpy(v)
                          for k, v in tensors.items()}
-
-    def names(self):
-        return list(self._tensors)
-
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
-
-    def dtype(self, name):
-        return self._tensors[name].dtype
+        super().__init__({k: (tuple(v.shape), v.dtype.name) for k, v in self._tensors.items()},
+                         files)
 
     def get(self, name):
         return self._tensors[name]
 
 
-def _read_index(path: pathlib.Path) -> dict[str, str]:
+def _read_index(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]]:
+    """The shard files a ``*.index.json`` lists (checked to exist), and its weight map."""
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -108,7 +99,7 @@ def _read_index(path: pathlib.Path) -> dict[str, str]:
     if missing:
         raise CheckpointError(f"{path}: shard file(s) {', '.join(missing)} listed in the index"
                               f" are missing from {path.parent}")
-    return weight_map
+    return [path.parent / f for f in sorted(set(weight_map.values()))], weight_map
 
 
 class SafetensorsSource(TensorSource):
@@ -116,119 +107,83 @@ class SafetensorsSource(TensorSource):
     by ``safe_open``; ``get`` copies a single tensor out)."""
 
     def __init__(self, files: list[pathlib.Path], weight_map: dict[str, str] | None = None):
-        self._handles, self._file, self._meta = {}, {}, {}
+        super().__init__({}, {})
+        self._handles = {}
         for path in files:
             try:
-                handle = safe_open(str(path), framework="numpy")
-                handle.__enter__()
+                handle = self._handles[path] = safe_open(str(path), framework="numpy")
                 for name in handle.keys():
                     s = handle.get_slice(name)
-                    self._meta[name] = (tuple(s.get_shape()), s.get_dtype())
-                    self._file[name] = path
+                    code = s.get_dtype()
+                    self.meta[name] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(code, code))
+                    self._files[name] = path
             except Exception as e:  # safetensors raises its own SafetensorError, or OSError
                 self.close()
                 raise CheckpointError(f"{path}: cannot read safetensors file"
                                       f" (truncated or corrupted?): {e}") from None
-            self._handles[path] = handle
         for name, shard in (weight_map or {}).items():
-            if self._file.get(name, pathlib.Path()).name != shard:
+            if self._files.get(name, pathlib.Path()).name != shard:
                 self.close()
                 raise CheckpointError(f"index lists tensor {name!r} in {shard}, which does not"
                                       " contain it")
 
-    def names(self):
-        return list(self._meta)
-
-    def shape(self, name):
-        return self._meta[name][0]
-
-    def dtype(self, name):
-        code = self._meta[name][1]
-        if code not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.where(name)}: tensor {name!r} has unsupported dtype {code}")
-        return np.dtype(_SAFETENSORS_DTYPES[code])
-
     def get(self, name):
         try:
-            return self._handles[self._file[name]].get_tensor(name)
+            return self._handles[self._files[name]].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot read tensor {name!r}: {e}") from None
 
-    def where(self, name):
-        return str(self._file.get(name, "?"))
-
     def close(self):
         for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+            handle.__exit__(None, None, None)  # unmaps the file
         self._handles = {}
 
 
-def _torch_load(torch, path):
-    """Memory-mapped where the file allows it (zip format, torch >= 1.6); the legacy format
-    cannot be mapped and is read whole."""
+def _torch_bin(files: list[pathlib.Path]) -> DictSource:
+    """``pytorch_model.bin`` (or its shards): torch pickles of tensors, memory-mapped where the
+    file allows it (zip format, torch >= 1.6; the legacy format is read whole)."""
     try:
-        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-class TorchBinSource(DictSource):
-    """``pytorch_model.bin`` (or its shards): memory-mapped torch pickles, tensors only (kept as
-    torch tensors: each is converted when it is read)."""
-
-    def __init__(self, files: list[pathlib.Path]):
+        import torch  # optional (the torch extra): only .bin checkpoints need it
+    except ImportError:
+        raise CheckpointError(f"{files[0]}: reading pytorch_model.bin needs torch; install it"
+                              " (pip install torch) or convert the checkpoint to safetensors")
+    tensors, where = {}, {}
+    for path in files:
         try:
-            import torch  # optional (the torch extra): only .bin checkpoints need it
-        except ImportError:
-            raise CheckpointError(f"{files[0]}: reading pytorch_model.bin needs torch; install it"
-                                  " (pip install torch) or convert the checkpoint to safetensors")
-        self._tensors, self._file = {}, {}
-        for path in files:
             try:
-                sd = _torch_load(torch, path)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read torch checkpoint"
-                                      f" (truncated or corrupted?): {e}") from None
-            if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise CheckpointError(f"{path}: expected a state dict of tensors")
-            for name, t in sd.items():
-                self._tensors[name], self._file[name] = t, path
-
-    def dtype(self, name):
-        import torch  # optional, and present: __init__ imported it
-
-        t = self._tensors[name]
-        if t.dtype == torch.bfloat16:
-            return np.dtype(ml_dtypes.bfloat16)
-        return torch.empty(0, dtype=t.dtype).numpy().dtype
-
-    def get(self, name):
-        return _torch_to_numpy(self._tensors[name])
-
-    def where(self, name):
-        return str(self._file.get(name, "?"))
+                sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read torch checkpoint"
+                                  f" (truncated or corrupted?): {e}") from None
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors")
+        tensors.update(sd)
+        where.update(dict.fromkeys(sd, path))
+    return DictSource(tensors, where)
 
 
 def open_weights(directory) -> TensorSource:
     """The weights of a Hugging Face model directory, whichever of the four layouts it uses."""
     d = pathlib.Path(directory)
     if (d / SAFETENSORS_INDEX).is_file():
-        weight_map = _read_index(d / SAFETENSORS_INDEX)
-        return SafetensorsSource([d / f for f in sorted(set(weight_map.values()))], weight_map)
+        return SafetensorsSource(*_read_index(d / SAFETENSORS_INDEX))
     if (d / SAFETENSORS).is_file():
         return SafetensorsSource([d / SAFETENSORS])
     if (d / TORCH_BIN_INDEX).is_file():
-        return TorchBinSource([d / f for f in sorted(set(_read_index(d / TORCH_BIN_INDEX).values()))])
+        return _torch_bin(_read_index(d / TORCH_BIN_INDEX)[0])
     if (d / TORCH_BIN).is_file():
-        return TorchBinSource([d / TORCH_BIN])
+        return _torch_bin([d / TORCH_BIN])
     raise CheckpointError(f"{d}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX},"
                           f" {TORCH_BIN} or {TORCH_BIN_INDEX})")
 
 
-def read_config(directory) -> tuple[dict, ModelConfig]:
-    """``config.json`` of a Hugging Face (or diffujax) directory: the raw dict and the config."""
+def read_config(directory, kind: str | None = None) -> tuple[ModelConfig, dict]:
+    """The config in ``config.json`` of a Hugging Face (or diffujax) directory, and its "diffujax"
+    section; with ``kind`` ("model") that section's format version is checked first."""
     path = paths.resolve(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a model directory?)")
@@ -238,9 +193,11 @@ def read_config(directory) -> tuple[dict, ModelConfig]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    hf.pop("diffujax", None)
+    section = hf.pop("diffujax", None) or {}
+    if kind is not None:
+        check_version(section, path.parent, kind)
     try:
-        return hf, config_from_hf(hf, source=str(path))
+        return config_from_hf(hf, source=str(path)), section
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -262,7 +219,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
     (``{"naming": ..., "tied_head_stored": bool}``). ``dtype=None`` keeps each tensor's dtype.
     """
     target = parse_dtype(dtype)
-    names = source.names()
+    names = list(source.meta)
     family = family_of(config)
     naming = family.detect_naming(names)
     kmap = family.keymap(config, naming)
@@ -278,8 +235,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         raise CheckpointError(f"{', '.join(where)}: unexpected tensor(s) {_listing(unexpected)}"
                               f" for a {config.family} model with {config.num_layers} layers"
                               f" ({naming} naming)")
-    present = set(names)
-    missing = [n for n in expected if n not in present]
+    missing = [n for n in expected if n not in source.meta]
     if missing:
         raise CheckpointError(f"missing tensor(s) {_listing(missing)} for the {config.family}"
                               f" model described by config.json ({config.num_layers} layers,"
@@ -289,13 +245,13 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         if name not in known:
             continue
         want = emb_shape if name == LM_HEAD and tied_head else expected[name][0].shape
-        got = source.shape(name)
+        got, dtype_got = source.meta[name]
         if got != want:
             raise CheckpointError(f"{source.where(name)}: tensor {name!r} has shape {got}, but"
                                   f" config.json implies {want}")
-        if source.dtype(name) not in FLOAT_DTYPES:
-            raise CheckpointError(f"{source.where(name)}: tensor {name!r} has dtype"
-                                  f" {source.dtype(name)}, expected a floating-point weight")
+        if dtype_got not in DTYPES:
+            raise CheckpointError(f"{source.where(name)}: tensor {name!r} has dtype {dtype_got},"
+                                  " expected a floating-point weight")
 
     specs = param_specs(config)
     params: dict[str, np.ndarray] = {}
@@ -308,10 +264,7 @@ def read_params(config: ModelConfig, source: TensorSource, dtype=None):
         for path, part in zip(entry.paths, entry.to_diffujax(tensor, slices)):
             if path not in params:
                 params[path] = np.empty(specs[path].shape, target or tensor.dtype)
-            if entry.per_layer:
-                params[path][layer] = part
-            else:
-                params[path][...] = part
+            params[path][layer if entry.per_layer else ...] = part
         del tensor
 
     if tied_head:

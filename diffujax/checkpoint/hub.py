@@ -25,10 +25,6 @@ def is_hub_id(src) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and not os.path.exists(text) and "://" not in text
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_snapshot(hub_id: str) -> str:
     """The local directory of the model's snapshot in the Hugging Face cache, fetched first
     unless offline. Errors are one line naming the id."""
@@ -39,7 +35,7 @@ def hub_snapshot(hub_id: str) -> str:
         raise CheckpointError(f"{hub_id}: a Hugging Face Hub id needs huggingface_hub"
                               " (pip install huggingface_hub), or give a local directory") from None
     repo_id, _, revision = hub_id.partition("@")
-    offline = hub_offline()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id, revision=revision or None, local_files_only=offline, ignore_patterns=["*/*"],

@@ -27,17 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def array_name(path) -> str:
-    """``params/layers/attn/q_proj/kernel`` for a key path."""
-    parts = []
-    for key in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
-
-
 def _words(x: jax.Array) -> jax.Array:
     """The array's bits as uint32 words (narrow types widened, 8-byte types split in two)."""
     if x.dtype == jnp.bool_:
@@ -72,7 +61,9 @@ def _checksums(leaves):
 def checksums(tree) -> dict[str, list[int]]:
     """``{array name: [sum, weighted sum]}`` of every array leaf of ``tree`` (device arrays,
     sharded or not, or host numpy arrays)."""
-    named = [(array_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    # ``params/layers/attn/q_proj/kernel`` for a key path
+    named = [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
+             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
              if hasattr(x, "shape") and hasattr(x, "dtype")]
     out = {}
     for members in by_device_set(named):
@@ -117,4 +108,4 @@ def json_digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["array_name", "checksums", "first_mismatch", "json_digest"]
+__all__ = ["checksums", "first_mismatch", "json_digest"]

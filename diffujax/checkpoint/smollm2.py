@@ -43,29 +43,22 @@ def gguf_file() -> pathlib.Path:
     return files[0]
 
 
-def _done(directory: pathlib.Path) -> bool:
-    return (directory / store.COMPLETE).is_file()
-
-
-def _materialise(dst: pathlib.Path, build) -> pathlib.Path:
-    """Run ``build(tmp)`` into a fresh directory renamed to ``dst``, unless ``dst`` is complete.
-    If another process finishes first, its result is used."""
-    if _done(dst):
-        return dst
-    try:
-        with store.atomic_directory(dst, overwrite=dst.exists()) as tmp:
-            build(tmp)
-            store.mark_complete(tmp)
-    except (CheckpointError, OSError):
-        if not _done(dst):
-            raise
+def _once(dst: pathlib.Path, make) -> pathlib.Path:
+    """``make(dst)`` (which writes ``dst`` atomically) unless ``dst`` is complete; if another
+    process finishes it first, its result is used."""
+    if not (dst / store.COMPLETE).is_file():
+        try:
+            make(dst)
+        except (CheckpointError, OSError):
+            if not (dst / store.COMPLETE).is_file():
+                raise
     return dst
 
 
 def materialize_hf(cache=None) -> pathlib.Path:
     """The Hugging Face directory of SmolLM2-135M-Instruct (GGUF dequantised by transformers)."""
 
-    def build(tmp):
+    def make(dst):
         # optional and heavy (the torch extra): only the first materialisation needs them
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,21 +72,15 @@ def materialize_hf(cache=None) -> pathlib.Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with store.atomic_directory(dst, overwrite=dst.exists()) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            store.mark_complete(tmp)
 
-    return _materialise(cache_dir(cache) / "hf", build)
+    return _once(cache_dir(cache) / "hf", make)
 
 
 def default_model(cache=None) -> pathlib.Path:
     """The diffujax checkpoint of SmolLM2-135M-Instruct (float32, fresh ``<|mask|>`` token)."""
-    hf = materialize_hf(cache)
-    dst = cache_dir(cache) / MODEL_DIR
-    if _done(dst):
-        return dst
-    try:
-        convert(hf, dst, dtype="float32", overwrite=dst.exists())
-    except CheckpointError:
-        if not _done(dst):
-            raise
-    return dst
+    return _once(cache_dir(cache) / MODEL_DIR, lambda dst: convert(
+        materialize_hf(cache), dst, dtype="float32", overwrite=dst.exists()))

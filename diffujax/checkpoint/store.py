@@ -35,7 +35,7 @@ from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.hf_read import dtype_name, parse_dtype, read_config
 from diffujax.checkpoint.integrity import by_device_set, checksums, first_mismatch, local_value
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.checkpoint.version import check_version, stamp
+from diffujax.checkpoint.version import stamp
 from diffujax.models import Params, family_of, flatten, nest, param_specs
 from diffujax.models.configs import ModelConfig
 
@@ -53,14 +53,10 @@ def check_separate(src, dst, what: str = "destination") -> None:
             return tuple(text.rstrip("/").split("/"))
         return pathlib.Path(os.path.realpath(os.path.expanduser(text))).parts
     a, b = parts(src), parts(dst)
-    if a == b:
-        raise CheckpointError(f"{dst}: the {what} is the source itself; choose another directory")
-    if a[:len(b)] == b:
-        raise CheckpointError(f"{dst}: the {what} contains the source {src}; choose a directory"
-                              " outside it")
-    if b[:len(a)] == a:
-        raise CheckpointError(f"{dst}: the {what} lies inside the source {src}; choose a directory"
-                              " outside it")
+    clash = ("is the source itself" if a == b else f"contains the source {src}"
+             if a[:len(b)] == b else f"lies inside the source {src}" if b[:len(a)] == a else None)
+    if clash:
+        raise CheckpointError(f"{dst}: the {what} {clash}; choose a directory outside it")
 
 
 @contextlib.contextmanager
@@ -151,16 +147,7 @@ def read_meta(directory) -> tuple[ModelConfig, dict]:
     if not (directory / COMPLETE).is_file():
         what = "incomplete or not a diffujax checkpoint" if directory.exists() else "not found"
         raise CheckpointError(f"{directory}: {what} (no {COMPLETE} marker)")
-    try:
-        recorded = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        recorded = None  # read_config names what is wrong
-    meta = {}
-    if isinstance(recorded, dict):
-        meta = recorded.get("diffujax") or {}
-        check_version(meta, directory, "model")
-    _, config = read_config(directory)
-    return config, meta
+    return read_config(directory, "model")
 
 
 def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
@@ -175,11 +162,14 @@ def _sharding_for(config: ModelConfig, shardings) -> Callable[[str], Any]:
     return flatten(shardings).__getitem__
 
 
-def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.Array]:
+def _restore(directory, config, dtype, shardings) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """The flat parameters of the checkpoint in ``directory`` (``read_meta`` has checked it), and
+    ``config`` with their dtype: names and shapes checked before any array is read, checksums and
+    finiteness after (of the stored bits: ``dtype`` casts afterwards)."""
     directory = paths.resolve(directory)
+    where = directory / PARAMS
     ckptr = ocp.StandardCheckpointer()
     try:
-        where = directory / PARAMS
         stored = flatten(ckptr.metadata(where).item_metadata.tree)
         specs = param_specs(config)
         if set(stored) != set(specs):
@@ -190,36 +180,28 @@ def _restore(directory, config: ModelConfig, dtype, shardings) -> dict[str, jax.
                 raise CheckpointError(f"{where}: parameter {p!r} has shape {tuple(stored[p].shape)},"
                                       f" config.json implies {specs[p].shape}")
         sharding = _sharding_for(config, shardings)
-        # Read as stored (the checksums are of those bits), cast afterwards one array at a time.
         target = {p: jax.ShapeDtypeStruct(s.shape, stored[p].dtype, sharding=sharding(p))
                   for p, s in specs.items()}
-        flat = flatten(ckptr.restore(directory / PARAMS, nest(target)))
+        flat = flatten(ckptr.restore(where, nest(target)))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore: files missing or damaged
-        raise CheckpointError(f"{directory / PARAMS}: the parameters cannot be read (files"
+        raise CheckpointError(f"{where}: the parameters cannot be read (files"
                               f" missing or damaged: {type(e).__name__}: {str(e)[:200]})") from None
     finally:
         ckptr.close()
-    verify_checksums(directory, flat)
-    check_finite(flat, str(directory / PARAMS))
-    if dtype is not None:
-        for name in flat:  # one at a time: each stored copy is released once it is cast
-            flat[name] = flat[name].astype(dtype)  # keeps its sharding
-    return flat
-
-
-def verify_checksums(directory, flat: Mapping[str, Any]) -> None:
-    """Compare the restored parameters with the checksums saved with them; raise naming the
-    first damaged one."""
-    directory = paths.resolve(directory)
     record = directory / CHECKSUMS
     if not record.exists():
         raise CheckpointError(f"{record}: missing (the checkpoint is damaged)")
     name = first_mismatch(json.loads(record.read_text()), checksums(flat))
     if name is not None:
-        raise CheckpointError(f"{directory / PARAMS}: parameter {name!r} does not match its saved"
+        raise CheckpointError(f"{where}: parameter {name!r} does not match its saved"
                               " checksum (the files are damaged)")
+    check_finite(flat, str(where))
+    if dtype is not None:
+        for name in flat:  # one at a time: each stored copy is released once it is cast
+            flat[name] = flat[name].astype(dtype)  # keeps its sharding
+    return config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype)), flat
 
 
 @jax.jit
@@ -245,19 +227,14 @@ def load(directory, *, dtype=None, shardings=None) -> tuple[ModelConfig, Params]
     ...)`` runs it). ``dtype`` casts once the checksums are verified;
     ``shardings`` (see ``_sharding_for``) places each parameter as it is read. The config's
     ``param_dtype`` is set to the dtype the parameters now have."""
-    config, _ = read_meta(directory)
-    dtype = parse_dtype(dtype)
-    flat = _restore(directory, config, dtype, shardings)
-    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
+    config, flat = _restore(directory, read_meta(directory)[0], parse_dtype(dtype), shardings)
     return config, nest(flat)
 
 
 def load_numpy(directory, dtype=None) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
     """Host copies of the parameters as a flat dict, and the HF layout, for export."""
     config, meta = read_meta(directory)
-    flat = _restore(directory, config, parse_dtype(dtype), None)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
-    config = config.replace(param_dtype=dtype_name(flat[family_of(config).embedding].dtype))
+    config, flat = _restore(directory, config, parse_dtype(dtype), None)
     layout = {"naming": meta.get("hf_naming", "transformers"),
               "tied_head_stored": meta.get("hf_tied_head_stored", False)}
-    return config, flat, layout
+    return config, {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}, layout

@@ -16,14 +16,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MASK_TOKEN = "<|mask|>"
 
 
-def copy_tokenizer_files(src, dst) -> list[str]:
-    copied = []
+def copy_tokenizer_files(src, dst) -> None:
     src, dst = paths.resolve(src), paths.resolve(dst)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             paths.copy_file(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def _load(directory, name):
@@ -74,35 +71,26 @@ def find_mask_token(directory) -> int | None:
     return int(ids[content]) if content in ids else None
 
 
-def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> list[str]:
+def add_mask_token(directory, token_id: int, content: str = MASK_TOKEN) -> None:
     """Add ``content`` as special token ``token_id`` to the tokenizer files in ``directory``
-    (edited in place) and declare it the mask token. Returns the files changed."""
-    changed = []
+    (edited in place) and declare it the mask token."""
     added = {"id": token_id, "content": content, "single_word": False, "lstrip": False,
              "rstrip": False, "normalized": False, "special": True}
     tok = _load(directory, "tokenizer.json")
     if tok is not None:
         tok.setdefault("added_tokens", []).append(added)
         _dump(directory, "tokenizer.json", tok)
-        changed.append("tokenizer.json")
-    config = _load(directory, "tokenizer_config.json")
-    if config is not None:
-        config["mask_token"] = content
-        if "added_tokens_decoder" in config:  # transformers 4.x spelling of the added tokens
-            entry = {k: v for k, v in added.items() if k != "id"}
-            config["added_tokens_decoder"][str(token_id)] = entry
-        _dump(directory, "tokenizer_config.json", config)
-        changed.append("tokenizer_config.json")
-    special = _load(directory, "special_tokens_map.json")
-    if special is not None:
-        special["mask_token"] = content
-        _dump(directory, "special_tokens_map.json", special)
-        changed.append("special_tokens_map.json")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = _load(directory, name)
+        if config is not None:
+            config["mask_token"] = content
+            if "added_tokens_decoder" in config:  # transformers 4.x spelling of added tokens
+                entry = {k: v for k, v in added.items() if k != "id"}
+                config["added_tokens_decoder"][str(token_id)] = entry
+            _dump(directory, name, config)
     # Slow tokenizers (vocab.json + merges.txt, sentencepiece) read extra ids from added_tokens.json.
     slow = any((paths.resolve(directory) / f).is_file() for f in ("vocab.json", "tokenizer.model"))
     if tok is None and slow:
         extra = _load(directory, "added_tokens.json") or {}
         extra[content] = token_id
         _dump(directory, "added_tokens.json", extra)
-        changed.append("added_tokens.json")
-    return changed

@@ -26,8 +26,15 @@ from etils import epath
 
 from diffujax import paths
 
-_ZSTD = (".zst", ".zstd")
-COMPRESSED = (".gz", ".bz2", ".xz") + _ZSTD
+
+def _zstd(raw):  # every frame: ``zstd`` writes several for concatenated inputs
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+# Readers of a compressed stream, by suffix.
+_DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File,
+                  ".xz": lzma.LZMAFile, ".zst": _zstd, ".zstd": _zstd}
+COMPRESSED = tuple(_DECOMPRESSORS)
 
 
 def compression(path) -> str | None:
@@ -38,10 +45,6 @@ def compression(path) -> str | None:
 def strip_compression(name: str) -> str:
     suffix = compression(name)
     return name[: -len(suffix)] if suffix else name
-
-
-def _hidden(relative: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
 def expand(inputs, keep: Callable[[str], bool] | None = None
@@ -68,8 +71,8 @@ def expand(inputs, keep: Callable[[str], bool] | None = None
             found = []
             for p in paths.list_files(path):
                 relative = os.fspath(p)[len(os.fspath(path)):].lstrip("/")
-                if _hidden(relative):
-                    continue
+                if any(part.startswith((".", "_")) for part in relative.split("/")):
+                    continue  # hidden, or Spark's _SUCCESS and the like
                 (found if keep is None or keep(p.name) else ignored).append(p)
             if not found:
                 raise FileNotFoundError(f"directory {path} contains no data files"
@@ -91,16 +94,6 @@ def has_suffix(*suffixes: str) -> Callable[[str], bool]:
 # -- compressed files -------------------------------------------------------------------------------
 
 
-def _decompressor(suffix: str, raw):
-    if suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw)
-    if suffix == ".bz2":
-        return bz2.BZ2File(raw)
-    if suffix == ".xz":
-        return lzma.LZMAFile(raw)
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-
-
 def decompressed(path) -> pathlib.Path:
     """A local, decompressed copy of the compressed file ``path`` (made once, then reused)."""
     path = paths.resolve(path)
@@ -112,12 +105,10 @@ def decompressed(path) -> pathlib.Path:
     suffix = compression(path.name)
     try:
         with paths.writing_file(local) as tmp, path.open("rb") as raw, \
-                _decompressor(suffix, raw) as stream, open(tmp, "wb") as out:
+                _DECOMPRESSORS[suffix](raw) as stream, open(tmp, "wb") as out:
             shutil.copyfileobj(stream, out, 8 << 20)
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
         raise OSError(f"{path}: cannot decompress ({suffix[1:]}): {e}") from None
-    except zstandard.ZstdError as e:  # not an OSError
-        raise OSError(f"{path}: cannot decompress (zstd): {e}") from None
     return local
 
 
@@ -125,10 +116,6 @@ def readable(path) -> str:
     """What to open for byte-range reads of the data in ``path``: the path itself, or the
     decompressed copy of a compressed file."""
     return os.fspath(decompressed(path)) if compression(path) else os.fspath(paths.resolve(path))
-
-
-def size(path: str) -> int:
-    return paths.resolve(path).stat().length
 
 
 def local_files(files: Sequence) -> list[str]:

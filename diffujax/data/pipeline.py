@@ -68,7 +68,7 @@ class PipelineOptions:
     sft_pack: bool = False
     sft_packing_bins: int | None = None  # None: the local batch size
     drop_remainder: bool = True  # drop the last incomplete batch of a finite run
-    worker_count: int = 0  # grain worker processes (spawned; build_pipeline readies absl flags)
+    worker_count: int = 0  # grain worker processes (spawned)
     worker_buffer_size: int = 2
     read_threads: int = 2  # threads reading + tokenising in each process
 
@@ -98,14 +98,14 @@ class DocStats:
         return {"counts": collections.Counter()}
 
 
-def ensure_absl_flags_parsed() -> None:
-    """grain's worker processes read absl flags; a program that does not run ``absl.app`` must
-    mark them parsed in ``__main__`` before starting workers (``worker_count > 0``)."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 # -- per-document transforms (picklable: they travel to worker processes) ----------------------
+
+
+def _check_vocab(ids: np.ndarray, vocab: int | None) -> None:
+    if vocab is not None and ids.size and int(ids.max()) >= vocab:
+        raise VocabMismatchError(
+            f"token id {int(ids.max())} >= model vocabulary size {vocab}: the tokenizer "
+            "or the pretokenized data does not belong to this model")
 
 
 class _Tokenize:
@@ -122,13 +122,6 @@ class _Tokenize:
             return text.tolist()
         return self.tok.encode(text)
 
-    def _check_ids(self, ids: np.ndarray) -> None:
-        if self.vocab is not None and ids.size and int(ids.max()) >= self.vocab:
-            raise VocabMismatchError(
-                f"token id {int(ids.max())} >= model vocabulary size {self.vocab}: the tokenizer "
-                "or the pretokenized data does not belong to this model"
-            )
-
     def __call__(self, doc) -> dict[str, np.ndarray] | None:
         if self.opts.mode == "sft":
             return self._sft(doc)
@@ -138,7 +131,7 @@ class _Tokenize:
             return None
         ids = ([self.bos] if self.opts.add_bos else []) + ids + [self.eos]
         tokens = np.asarray(ids, np.int32)
-        self._check_ids(tokens)
+        _check_vocab(tokens, self.vocab)
         self.stats.add("documents")
         self.stats.add("tokens", len(tokens))
         if len(tokens) > self.opts.seq_len:
@@ -163,37 +156,38 @@ class _Tokenize:
         length = min(natural, o.seq_len) if o.sft_pack else o.seq_len
         tokens, src = build_sft_example(prompt, answer, length=length, bos_id=self.bos,
                                         eos_id=self.eos, pad_id=self.pad, sep_id=o.sep_id)
-        self._check_ids(tokens)
+        _check_vocab(tokens, self.vocab)
         self.stats.add("documents")
         return {"tokens": tokens, "src": src}
 
 
-class _Finish:
-    """Packed example -> the output contract (see the module doc)."""
+class _Block:
+    """A pretokenized block -> the packers' form: documents end at EOS."""
 
-    def __init__(self, opts: PipelineOptions, pad: int, eos: int, layout: str):
-        self.opts, self.pad, self.eos, self.layout = opts, pad, eos, layout
+    def __init__(self, eos: int, model_vocab_size: int | None):
+        self.eos, self.vocab = eos, model_vocab_size
+
+    def __call__(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        _check_vocab(tokens, self.vocab)
+        seg = 1 + np.concatenate([[0], np.cumsum(tokens[:-1] == self.eos)])
+        return {"tokens": tokens, "tokens_segment_ids": seg.astype(np.int32)}
+
+
+class _Finish:
+    """A row (grain's packers' form: ``tokens_segment_ids`` 0 on filler; an unpacked SFT row
+    has none) -> the output contract (see the module doc)."""
+
+    def __init__(self, opts: PipelineOptions, pad: int):
+        self.opts, self.pad = opts, pad
 
     def __call__(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         L = self.opts.seq_len
-        if self.layout == "blocks":  # pretokenized blocks: documents end at EOS
-            tokens = ex
-            ends = tokens == self.eos
-            seg = (1 + np.concatenate([[0], np.cumsum(ends[:-1])])).astype(np.int32)
-            src = np.zeros(L, bool)
-        elif self.layout == "padded_sft":
-            tokens, src = ex["tokens"], ex["src"]
-            seg = np.ones(L, np.int32)
-        else:  # grain packers: *_segment_ids is 0 on filler
-            tokens, seg = ex["tokens"], ex["tokens_segment_ids"]
-            src = ex["src"] if "src" in ex else np.zeros(L, bool)
-            tokens = np.where(seg > 0, tokens, self.pad).astype(np.int32)
-        real = seg > 0
+        seg = ex.get("tokens_segment_ids", np.ones(L, np.int32))
         out = {
-            "tokens": tokens.astype(np.int32),
+            "tokens": np.where(seg > 0, ex["tokens"], self.pad).astype(np.int32),
             "segment_ids": seg if self.opts.segment_ids else np.ones(L, np.int32),
-            "src": src.astype(bool),
-            "loss_mask": real,
+            "src": ex["src"].astype(bool) if "src" in ex else np.zeros(L, bool),
+            "loss_mask": seg > 0,
         }
         if self.opts.positions:
             out["positions"] = _positions(seg)
@@ -234,17 +228,12 @@ class DataIterator:
         self._it.set_state(from_tagged(state))
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        self._it.close()
 
 
 @dataclasses.dataclass
 class Pipeline:
     dataset: grain.IterDataset
-    options: PipelineOptions
-    local_batch: int
-    shard: grain.sharding.ShardOptions
     stats: DocStats
 
     def iterator(self) -> DataIterator:
@@ -257,7 +246,7 @@ class Pipeline:
 def _resolve_ids(tokenizer, source, opts: PipelineOptions):
     special = dict(getattr(source, "special", None) or {})  # pretokenized data carries its own
     if tokenizer is not None:
-        mine = tokenizer.special.as_dict()
+        mine = tokenizer.special
         for name in ("bos", "eos"):
             if name in special and name in mine and special[name] != mine[name]:
                 raise VocabMismatchError(
@@ -266,31 +255,14 @@ def _resolve_ids(tokenizer, source, opts: PipelineOptions):
         special.update(mine)
     eos = special.get("eos")
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; pass eos=... to load_tokenizer")
+        raise ValueError("the tokenizer has no EOS token; declare eos_token in its"
+                         " tokenizer_config.json")
     bos = special.get("bos")
     if (opts.add_bos or opts.mode == "sft") and bos is None:
-        raise ValueError("BOS is needed (add_bos / SFT) but the tokenizer has none; pass bos=...")
+        raise ValueError("BOS is needed (add_bos / SFT) but the tokenizer has none; declare"
+                         " bos_token in its tokenizer_config.json")
     pad = opts.pad_id if opts.pad_id is not None else special.get("pad", eos)
     return eos, bos, pad
-
-
-def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
-    n = len(ds)
-    if shard.drop_remainder and n % shard.shard_count:
-        log.warning("data: dropping %d of %d documents so every process gets the same number",
-                    n % shard.shard_count, n)
-        ds = ds[: n - n % shard.shard_count]
-    return ds[shard.shard_index :: shard.shard_count]
-
-
-def _as_pairs(sources) -> list[tuple[Any, float]]:
-    """A list of ``(source, weight)`` pairs is a mixture; anything else is one source (a plain
-    list of documents is a source too)."""
-    if isinstance(sources, (list, tuple)) and sources and all(
-        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in sources
-    ):
-        return [(src, float(w)) for src, w in sources]
-    return [(sources, 1.0)]
 
 
 def build_pipeline(
@@ -316,7 +288,11 @@ def build_pipeline(
         raise ValueError(f"global batch {opts.global_batch} is not divisible by the "
                          f"{shard.shard_count} processes")
     local_batch = opts.global_batch // shard.shard_count
-    pairs = _as_pairs(sources)
+    # A list of (source, weight) pairs is a mixture; anything else (a plain list of documents
+    # too) is one source.
+    mixture = isinstance(sources, (list, tuple)) and sources and all(
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in sources)
+    pairs = [(src, float(w)) for src, w in sources] if mixture else [(sources, 1.0)]
     if len(pairs) > 1 and opts.num_epochs is not None:
         raise ValueError("mixing several sources needs num_epochs=None")
     # "blocks": pretokenized, already packed; "tokens": pretokenized documents; else text.
@@ -346,7 +322,12 @@ def build_pipeline(
         ds = grain.MapDataset.source(src)
         if opts.shuffle:
             ds = ds.shuffle(seed=opts.seed + i)
-        ds = _shard(ds, shard)
+        n = len(ds)
+        if shard.drop_remainder and n % shard.shard_count:
+            log.warning("data: dropping %d of %d documents so every process gets the same"
+                        " number", n % shard.shard_count, n)
+            ds = ds[: n - n % shard.shard_count]
+        ds = ds[shard.shard_index :: shard.shard_count]
         if opts.num_epochs != 1:
             ds = ds.repeat(opts.num_epochs)
         parts.append(ds)
@@ -354,46 +335,29 @@ def build_pipeline(
 
     stats = DocStats()
     if blocks:
-        ds = ds.map(_CheckBlock(model_vocab_size))
+        ds = ds.map(_Block(eos, model_vocab_size))
     else:
         ds = ds.map(_Tokenize(tokenizer, opts, eos, bos, pad, model_vocab_size, stats))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=opts.read_threads,
                                               prefetch_buffer_size=max(opts.read_threads, 1) * 8))
-    it, finish_layout = _pack(it, opts, local_batch, blocks)
-    it = it.map(_Finish(opts, pad, eos, finish_layout))
+    L = opts.seq_len  # rows of L tokens: pretokenized blocks and unpacked SFT rows are already
+    if opts.mode == "pretrain" and not blocks:
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": L})
+    elif opts.mode == "sft" and opts.sft_pack:
+        if not opts.segment_ids:
+            log.warning("data: packed SFT rows without segment_ids let examples attend to each"
+                        " other")
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={"tokens": L, "src": L},
+            num_packing_bins=opts.sft_packing_bins or local_batch, seed=opts.seed)
+    it = it.map(_Finish(opts, pad))
     it = it.batch(local_batch, drop_remainder=opts.drop_remainder)
     if opts.worker_count > 0:
-        ensure_absl_flags_parsed()
+        # grain's worker processes read absl flags; a program that does not run absl.app must
+        # mark them parsed before it starts workers.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=opts.worker_count, per_worker_buffer_size=opts.worker_buffer_size))
-    return Pipeline(it, opts, local_batch, shard, stats)
-
-
-def _pack(it: grain.IterDataset, opts: PipelineOptions, local_batch: int, blocks: bool):
-    """Rows of ``seq_len`` tokens, and the layout ``_Finish`` reads them with."""
-    L = opts.seq_len
-    if blocks:
-        return it, "blocks"
-    if opts.mode == "pretrain":
-        packed = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": L})
-        return packed, "packed"
-    if not opts.sft_pack:
-        return it, "padded_sft"
-    if not opts.segment_ids:
-        log.warning("data: packed SFT rows without segment_ids let examples attend to each other")
-    packed = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"tokens": L, "src": L},
-        num_packing_bins=opts.sft_packing_bins or local_batch, seed=opts.seed)
-    return packed, "packed"
-
-
-class _CheckBlock:
-    def __init__(self, model_vocab_size: int | None):
-        self.vocab = model_vocab_size
-
-    def __call__(self, block: np.ndarray) -> np.ndarray:
-        if self.vocab is not None and int(block.max()) >= self.vocab:
-            raise VocabMismatchError(f"pretokenized token id {int(block.max())} >= model "
-                                     f"vocabulary size {self.vocab}")
-        return block
+    return Pipeline(it, stats)
 

@@ -48,19 +48,12 @@ def _shard_name(k: int, n: int) -> str:
     return f"data-{k:05d}-of-{n:05d}.array_record"
 
 
-def _atomic_json(path, obj: Any) -> None:
-    with paths.writing_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-
-
 def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -> dict:
     """Tokenise documents of shard ``k`` and write its ArrayRecord file, then its ``.json``."""
     # array_record is a Linux-only dependency (pyproject marker): imported where it is written
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    n, L = config["num_shards"], config["seq_len"]
-    dtype = np.dtype(config["dtype"]).newbyteorder("<")
-    eos, bos = config["special"]["eos"], config["special"].get("bos")
+    n = config["num_shards"]
     lo, hi = len(source) * k // n, len(source) * (k + 1) // n
     final = paths.resolve(out) / _shard_name(k, n)
     counts = dict(documents=0, tokens=0, records=0, empty_documents_skipped=0,
@@ -69,31 +62,32 @@ def _write_shard(source, tokenizer: Tokenizer, out: str, k: int, config: dict) -
         with paths.writing_file(final) as tmp:  # removed on failure: nothing half-written stays
             writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # read one by one
             try:
-                _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config,
-                               counts)
+                _tokenize_into(writer, source, tokenizer, range(lo, hi), config, counts)
             finally:
                 writer.close()
-        _atomic_json(final.with_suffix(".json"), {"config": config, "counts": counts})
+        paths.write_text_atomic(final.with_suffix(".json"), json.dumps(
+            {"config": config, "counts": counts}, indent=1, sort_keys=True))
     except (OSError, RuntimeError) as e:  # the writer's own errors are RuntimeErrors
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
         raise OSError(f"writing {final} failed: {reason}") from None
     return counts
 
 
-def _tokenize_into(writer, source, tokenizer, lo, hi, L, dtype, bos, eos, config, counts):
-    """Documents ``lo..hi`` of ``source`` as records (``L`` None: one per document, else packed
-    blocks of ``L`` tokens); ``counts`` is updated in place."""
+def _tokenize_into(writer, source, tokenizer, docs: range, config: dict, counts: dict):
+    """Documents ``docs`` of ``source`` as records (``seq_len`` None: one per document, else
+    packed blocks of ``seq_len`` tokens); ``counts`` is updated in place."""
+    L, dtype = config["seq_len"], np.dtype(config["dtype"]).newbyteorder("<")
+    eos, bos = config["special"].get("eos"), config["special"].get("bos")
     pending: list[int] = []  # blocks layout: tokens not yet written
 
     def emit(ids):
         writer.write(np.asarray(ids, dtype).tobytes())
         counts["records"] += 1
 
-    for start in range(lo, hi, _BATCH):
-        docs = [source[i] for i in range(start, min(hi, start + _BATCH))]
-        counts["unreadable_skipped"] += sum(d is None for d in docs)
-        texts = [d for d in docs if d is not None]
-        for ids in tokenizer.encode_batch(texts):
+    for start in range(docs.start, docs.stop, _BATCH):
+        batch = [source[i] for i in range(start, min(docs.stop, start + _BATCH))]
+        counts["unreadable_skipped"] += sum(d is None for d in batch)
+        for ids in tokenizer.encode_batch([d for d in batch if d is not None]):
             if not ids:
                 counts["empty_documents_skipped"] += 1
                 continue
@@ -164,7 +158,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
         tokenizer.check_model_vocab(model_vocab_size)
     if not getattr(source, "single", True):
         raise ValueError(f"{source} yields records of several fields; pretokenize takes text")
-    special = tokenizer.special.as_dict()
+    special = dict(tokenizer.special)
     if seq_len is not None and "eos" not in special:
         raise ValueError(f"{tokenizer} has no EOS token to end documents with")
     if add_bos and "bos" not in special:
@@ -196,10 +190,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
             counts.update({k: f.result() for k, f in futures.items()})
     else:
         counts.update({k: _write_shard(source, tokenizer, os.fspath(out), k, config) for k in todo})
-    total: dict[str, int] = {}
-    for c in counts.values():
-        for key, v in c.items():
-            total[key] = total.get(key, 0) + v
+    total = {key: sum(c[key] for c in counts.values()) for key in counts[0]}
     report: SourceReport | None = getattr(source, "report", None)
     meta = dict(
         format=PRETOKENIZED_FORMAT, version=PRETOKENIZED_VERSION,
@@ -207,7 +198,7 @@ def pretokenize(source, tokenizer: Tokenizer, out_dir, *, num_shards: int, seq_l
         shards=[_shard_name(k, num_shards) for k in range(num_shards)],
         counts=total, source_skipped=dict(report.skipped) if report else {}, **config,
     )
-    _atomic_json(out / "metadata.json", meta)
+    paths.write_text_atomic(out / "metadata.json", json.dumps(meta, indent=1, sort_keys=True))
     return meta
 
 

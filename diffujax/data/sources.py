@@ -2,30 +2,25 @@
 pretokenized.
 
 Inputs are files, directories (every data file below them) or glob patterns, local or remote
-(``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). Text and jsonl files may be
-compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``: decompressed once into the cache). ``arrow``
-reads Hugging Face ``datasets`` saved with ``save_to_disk`` (a ``Dataset`` or one split of a
-``DatasetDict``) and plain ``.arrow`` files.
+(``gs://bucket/corpus/*.jsonl.zst``; see ``diffujax.data.files``). ``arrow`` reads Hugging Face
+``datasets`` saved with ``save_to_disk`` (a ``Dataset`` or one split of a ``DatasetDict``) and
+plain ``.arrow`` files.
 
 Every source has ``__len__`` and ``__getitem__`` (what ``grain.MapDataset.source`` needs), pickles
 without open handles (grain workers are spawned processes), and yields one *document* per index:
+a ``str`` when it reads one text field, a ``dict[str, str]`` (e.g. ``{"prompt": ..., "answer":
+...}`` for SFT) when it reads several.
 
-- a ``str`` (pretraining text), when the source reads one text field;
-- a ``dict[str, str]`` (e.g. ``{"prompt": ..., "answer": ...}`` for SFT), when it reads several.
+Bad data is never dropped silently. Text and jsonl files are scanned once when the source is
+built: empty files / blank lines are skipped and counted in ``source.report``; invalid UTF-8,
+invalid JSON or a missing field raise ``DataError`` naming the file, the line and the byte offset
+(``errors="skip"`` skips such documents instead, and counts and locates them in the report).
+The other formats are read lazily: a bad record raises ``DataError`` naming file/record at read
+time, or with ``errors="skip"`` becomes ``None``, which the pipeline drops and counts.
 
-Bad data is never dropped silently. Missing inputs raise ``FileNotFoundError``. Text and jsonl
-files are scanned once when the source is built: empty files / blank lines are skipped and counted
-in ``source.report``; invalid UTF-8, invalid JSON or a missing field raise ``DataError`` naming the
-file, the line and the byte offset (``errors="skip"`` skips such documents instead, and counts and
-locates them in the report). Parquet, ArrayRecord and TFDS are read lazily: a bad record raises
-``DataError`` naming file/record at read time, or with ``errors="skip"`` becomes ``None``, which the
-pipeline drops and counts.
-
-Text file modes (``TextSource(mode=...)``):
-- ``"file"`` (default): one document per file. Document boundaries in text corpora are usually
-  file boundaries, and this mode never splits a document by accident.
-- ``"paragraph"``: documents separated by one or more blank (whitespace-only) lines.
-- ``"lines"``: one document per non-blank line.
+Text file modes (``TextSource(mode=...)``): ``"file"`` (default), one document per file (document
+boundaries in text corpora are usually file boundaries: never split by accident); ``"paragraph"``,
+documents separated by blank lines; ``"lines"``, one document per non-blank line.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -45,11 +40,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffujax import paths
-from diffujax.data.files import expand, has_suffix, local_files, readable, size, strip_compression
+from diffujax.data.files import expand, has_suffix, local_files, readable
 
 log = logging.getLogger(__name__)
 
 _MAX_EXAMPLES = 5  # locations kept per skip reason
+# The names of each format's files (compression suffixes aside): how a format is guessed, and
+# which files of a directory a source of that format reads.
+_SUFFIXES = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet", ".pq"),
+             "array_record": (".array_record", ".arrayrecord"), "arrow": (".arrow",)}
 
 
 class DataError(ValueError):
@@ -100,13 +99,32 @@ ORDINARY_SKIPS = frozenset({"empty files", "blank lines", "empty documents"})
 
 
 class _Source:
-    """Shared bits: error policy and the report."""
+    """Shared bits: error policy, the report, and the record fields a document is made of."""
 
-    def __init__(self, name: str, errors: str):
+    def __init__(self, name: str, errors: str, field: str | Sequence[str] | None = "text"):
         if errors not in ("strict", "skip"):
             raise ValueError(f"errors must be 'strict' or 'skip', got {errors!r}")
         self.errors = errors
         self.report = SourceReport(name)
+        self.single = isinstance(field, str) or field is None
+        self.fields = (field,) if self.single else tuple(field)
+
+    def _fields(self, record, where: str):
+        """The document in ``record``: its text field, or a dict of its text fields (bytes read
+        as UTF-8); a ``DataError`` naming ``where`` when one is missing or not text."""
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        out = {}
+        for name in self.fields:
+            value = record.get(name)
+            if isinstance(value, bytes):
+                value = _decode(value, where if name is None else f"{where} field {name!r}", 0, 1)
+            if not isinstance(value, str):
+                got = "missing" if name not in record else f"a {type(value).__name__}"
+                raise DataError(f"{where}: field {name!r} is {got}, expected a string (fields"
+                                f" present: {sorted(record)})")
+            out[name] = value
+        return out[self.fields[0]] if self.single else out
 
     def _bad(self, reason: str, err: DataError, where: str):
         """Raise (strict) or record and return None (skip)."""
@@ -115,10 +133,10 @@ class _Source:
         self.report.skip(reason, where)
         return None
 
-    def _list(self, paths_, suffixes: tuple[str, ...] | None = None) -> list[str]:
-        """The files of ``paths_``; in directories, only those with ``suffixes`` (others are
-        counted in the report)."""
-        found, ignored = expand(paths_, has_suffix(*suffixes) if suffixes else None)
+    def _list(self, paths_, fmt: str | None = None) -> list[str]:
+        """The files of ``paths_``; in directories, only the ``fmt`` files (others are counted
+        in the report)."""
+        found, ignored = expand(paths_, has_suffix(*_SUFFIXES[fmt]) if fmt else None)
         for path in ignored:
             self.report.skip("files of another format", path)
         self.report.files = len(found)
@@ -140,40 +158,65 @@ class _IndexedFiles(_Source):
     """A source over byte ranges of files, found by a scan at construction. ``paths`` name the
     files (in messages); ``_data`` is what is read (a compressed file's decompressed copy)."""
 
-    suffixes: tuple[str, ...] | None = None  # in directories, read only files ending so
+    fmt: str | None = None  # in directories, read only the files of this format
 
-    def __init__(self, inputs, errors: str, name: str):
-        super().__init__(name, errors)
-        self.paths = self._list(inputs, self.suffixes)
+    def __init__(self, inputs, errors: str, name: str, field="text"):
+        super().__init__(name, errors, field)
+        self.paths = self._list(inputs, self.fmt)
         self._data = [readable(p) for p in self.paths]
-        file_idx, starts, ends, lines = [], [], [], []
-        for i, path in enumerate(self.paths):
-            for start, end, line in self._scan(path, self._data[i]):
-                file_idx.append(i)
-                starts.append(start)
-                ends.append(end)
-                lines.append(line)
-        self._file = np.asarray(file_idx, np.int32)
-        self._start = np.asarray(starts, np.int64)
-        self._end = np.asarray(ends, np.int64)
-        self._line = np.asarray(lines, np.int64)
-        self.report.documents = len(self._file)
+        rows = [(i, *doc) for i, path in enumerate(self.paths)
+                for doc in self._scan(path, self._data[i])]
+        self._index = np.asarray(rows, np.int64).reshape(-1, 4)  # file, start, end, first line
+        self.report.documents = len(self._index)
         self._finish_scan()
 
     def __len__(self) -> int:
-        return len(self._file)
+        return len(self._index)
 
     def _read(self, index: int) -> tuple[str, str, int]:
-        i = int(index)
-        f = self._file[i]
-        data = paths.read_range(self._data[f], int(self._start[i]),
-                                int(self._end[i] - self._start[i]))
-        return data.decode("utf-8"), self.paths[f], int(self._line[i])  # validated by the scan
+        f, start, end, line = map(int, self._index[int(index)])
+        data = paths.read_range(self._data[f], start, end - start)
+        return data.decode("utf-8"), self.paths[f], line  # validated by the scan
 
     def _scan(self, path: str, data: str):
-        """``(start, end, first line)`` of each document of the file named ``path``, whose
-        contents are read from ``data``."""
-        raise NotImplementedError
+        """``(start, end, first line)`` of each document of the file named ``path``, read from
+        ``data`` line by line, so a huge file is never held in memory; each line is checked
+        (``_check``: UTF-8 per line, as a multi-byte character never spans a newline, gives
+        exact offsets). ``mode`` draws the boundaries (module doc)."""
+        doc, n = None, 0  # doc: [start offset, end offset, first line, first skip or None]
+        with paths.resolve(data).open("rb") as f:
+            for offset, n, line in _lines_with_offsets(f):
+                blank = not line.strip()
+                if doc is not None and (self.mode == "lines" or blank and self.mode != "file"):
+                    yield from self._emit(path, doc)
+                    doc = None
+                if blank:  # file mode: inner blank lines belong to the document
+                    if self.mode == "lines":
+                        self.report.skip("blank lines", f"{path}:{n}")
+                    continue
+                reason = self._check(line, path, offset, n)
+                skip = None if reason is None else (reason, f"{path}:{n}")
+                if doc is None:
+                    doc = [offset, offset + len(line), n, skip]
+                else:
+                    doc[1], doc[3] = offset + len(line), doc[3] or skip
+        if doc is not None:
+            yield from self._emit(path, doc)
+        elif n == 0 or self.mode == "file":
+            self.report.skip("empty files", path)
+
+    def _emit(self, path, doc):
+        start, end, n, skip = doc
+        if skip is None:
+            yield start, end, n
+        else:
+            self.report.skip(*skip)
+
+    def _reject(self, reason: str, err: DataError) -> str:
+        """Raise ``err`` (strict), or skip the document for ``reason``."""
+        if self.errors == "strict":
+            raise err
+        return reason
 
 
 def _lines_with_offsets(f):
@@ -196,157 +239,103 @@ class TextSource(_IndexedFiles):
     def __getitem__(self, index) -> str:
         return self._read(index)[0]
 
-    def _scan(self, path, data):
-        """Line by line, so a huge file is never held in memory; UTF-8 is checked per line
-        (a multi-byte character never spans a newline), which gives exact offsets."""
-        doc = None  # [start offset, end offset, first line, first bad line or None]
-        with paths.resolve(data).open("rb") as f:
-            for offset, n, line in _lines_with_offsets(f):
-                if not line.strip():
-                    if self.mode == "lines":
-                        self.report.skip("blank lines", f"{path}:{n}")
-                    elif self.mode == "paragraph" and doc is not None:
-                        yield from self._emit(path, doc)
-                        doc = None
-                    continue  # file mode: inner blank lines belong to the document
-                bad = None if self._valid(path, line, offset, n) else n
-                if self.mode == "lines":
-                    yield from self._emit(path, [offset, offset + len(line), n, bad])
-                elif doc is None:
-                    doc = [offset, offset + len(line), n, bad]
-                else:
-                    doc[1] = offset + len(line)
-                    doc[3] = doc[3] or bad
-        if doc is not None:
-            yield from self._emit(path, doc)
-        elif self.mode == "file":
-            self.report.skip("empty files", path)
-
-    def _valid(self, path, line: bytes, offset: int, n: int) -> bool:
+    def _check(self, line, path, offset, n) -> str | None:
         try:
             _decode(line, path, offset, n)
-            return True
-        except EncodingError:
-            if self.errors == "strict":
-                raise
-            return False
-
-    def _emit(self, path, doc):
-        start, end, n, bad = doc
-        if bad is None:
-            yield start, end, n
-        else:
-            self.report.skip("non-UTF-8 documents", f"{path}:{bad}")
-
-
-def _json_fields(obj, fields: Sequence[str], where: str) -> dict[str, str]:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    out = {}
-    for name in fields:
-        value = obj.get(name)
-        if not isinstance(value, str):
-            got = "missing" if name not in obj else f"a {type(value).__name__}"
-            raise DataError(
-                f"{where}: field {name!r} is {got}, expected a string "
-                f"(fields present: {sorted(obj)})"
-            )
-        out[name] = value
-    return out
+        except EncodingError as e:
+            return self._reject("non-UTF-8 documents", e)
+        return None
 
 
 class JsonlSource(_IndexedFiles):
     """JSON lines. ``field="text"`` yields that string; ``field=("prompt", "answer")`` yields a
     dict of those strings. Every line is parsed once at construction to find bad records early."""
 
-    suffixes = (".jsonl", ".json", ".ndjson")
+    fmt, mode = "jsonl", "lines"  # one document per line
 
     def __init__(self, paths, field: str | Sequence[str] = "text", errors: str = "strict"):
-        self.single = isinstance(field, str)
-        self.fields = (field,) if self.single else tuple(field)
-        super().__init__(paths, errors, name=f"jsonl[{','.join(self.fields)}]")
+        name = f"jsonl[{field if isinstance(field, str) else ','.join(field)}]"
+        super().__init__(paths, errors, name, field)
 
     def __getitem__(self, index):
         text, path, line = self._read(index)
-        values = _json_fields(json.loads(text), self.fields, f"{path}:{line}")
-        return values[self.fields[0]] if self.single else values
+        return self._fields(json.loads(text), f"{path}:{line}")
 
-    def _scan(self, path, data):
-        if size(data) == 0:
-            self.report.skip("empty files", path)
-            return
-        with paths.resolve(data).open("rb") as f:
-            for offset, n, line in _lines_with_offsets(f):
-                where = f"{path}:{n}"
-                if not line.strip():
-                    self.report.skip("blank lines", where)
-                    continue
-                try:
-                    text = _decode(line, path, offset, n)
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{where}: invalid JSON: {e}") from None
-                    values = _json_fields(obj, self.fields, where)
-                except DataError as e:
-                    bad_text = isinstance(e, EncodingError)
-                    reason = "non-UTF-8 lines" if bad_text else "invalid records"
-                    self._bad(reason, e, where)
-                    continue
-                if not any(v.strip() for v in values.values()):
-                    self.report.skip("empty documents", where)
-                    continue
-                yield offset, offset + len(line), n
+    def _check(self, line, path, offset, n) -> str | None:
+        where = f"{path}:{n}"
+        try:
+            doc = self._fields(json.loads(_decode(line, path, offset, n)), where)
+        except json.JSONDecodeError as e:
+            return self._reject("invalid records", DataError(f"{where}: invalid JSON: {e}"))
+        except DataError as e:
+            bad_text = isinstance(e, EncodingError)
+            return self._reject("non-UTF-8 lines" if bad_text else "invalid records", e)
+        if not any(v.strip() for v in ([doc] if self.single else doc.values())):
+            return "empty documents"
+        return None
 
 
 class _LazyRecords(_Source):
-    """Shared decoding for record sources that are read lazily (parquet, ArrayRecord, TFDS,
-    arrow), and the index of those made of parts (files, row groups)."""
-
-    def __init__(self, name, field, errors):
-        super().__init__(name, errors)
-        self.single = isinstance(field, str) or field is None
-        self.fields = (field,) if self.single else tuple(field)
+    """Record sources read lazily (parquet, ArrayRecord, TFDS, arrow): a record's decoding into a
+    document, and the index of those made of parts (files, row groups)."""
 
     def __len__(self) -> int:
         return self.report.documents
 
     def _count_parts(self, counts: list[int]) -> None:
-        """Index the parts, which hold ``counts`` records in order."""
+        """Index the parts, which hold ``counts`` records in order; the scan is done."""
         self._ends = np.cumsum(counts, dtype=np.int64).tolist()
         self.report.documents = self._ends[-1] if self._ends else 0
+        self._finish_scan()
 
     def _locate(self, index: int) -> tuple[int, int]:
         """``(part, row in it)`` of record ``index``."""
         part = bisect.bisect_right(self._ends, index)
         return part, index - (self._ends[part - 1] if part else 0)
 
-    def _text(self, raw, where: str):
-        """A record that is the text itself."""
+    def _document(self, record, where: str):
+        """The document of ``record``; a bad one raises or, with ``errors="skip"``, is None."""
         try:
-            return self._to_text(raw, where)
+            return self._fields(record, where)
         except DataError as e:
             return self._bad("bad records", e, where)
 
-    def _to_text(self, value, where: str):
-        if isinstance(value, bytes):
-            value = _decode(value, where, 0, 1)
-        if not isinstance(value, str):
-            raise DataError(f"{where}: expected text, got {type(value).__name__}")
-        return value
 
-    def _document(self, record: dict, where: str):
-        try:
-            values = {
-                k: self._to_text(record.get(k), f"{where} field {k!r}")
-                for k in self.fields
-            }
-        except DataError as e:
-            return self._bad("bad records", e, where)
-        return values[self.fields[0]] if self.single else values
+class _TableParts(_LazyRecords):
+    """Columns read a part at a time (``_read_part``: a parquet row group, an arrow file),
+    ``_CACHE`` decoded parts kept per process (None: all)."""
+
+    _CACHE: int | None = None
+
+    def _start_cache(self):
+        self._cache: dict = {}
+        self._lock = threading.Lock()  # grain reads with several threads
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _part(self, g: int):
+        with self._lock:
+            table = self._cache.get(g)
+            if table is None:
+                table = self._read_part(g)
+                if self._CACHE is not None and len(self._cache) >= self._CACHE:
+                    self._cache.pop(next(iter(self._cache)))  # oldest first
+                self._cache[g] = table
+            return table
+
+    def __getitem__(self, index):
+        g, row = self._locate(int(index))
+        table = self._part(g)
+        record = {c: table.column(c)[row].as_py() for c in self.fields}
+        return self._document(record, f"{self._part_name(g)} row {row}")
 
 
-class ParquetSource(_LazyRecords):
+class ParquetSource(_TableParts):
     """Parquet files, a text ``column`` (or several, giving dicts). Reads one row group per
     access and keeps a few decoded row groups per process; shuffled reads of a large parquet
     corpus are slow, pre-tokenise it instead (``diffujax.data.pretokenize``)."""
@@ -354,8 +343,8 @@ class ParquetSource(_LazyRecords):
     _CACHE = 4
 
     def __init__(self, inputs, column: str | Sequence[str] = "text", errors: str = "strict"):
-        super().__init__(f"parquet[{column}]", column, errors)
-        self.paths = self._list(inputs, (".parquet", ".pq"))
+        super().__init__(f"parquet[{column}]", errors, column)
+        self.paths = self._list(inputs, "parquet")
         self._groups: list[tuple[int, int]] = []  # (file index, row group)
         counts = []
         for i, path in enumerate(self.paths):
@@ -374,149 +363,36 @@ class ParquetSource(_LazyRecords):
                 if meta.row_group(g).num_rows:
                     self._groups.append((i, g))
                     counts.append(meta.row_group(g).num_rows)
+        self._start_cache()
         self._count_parts(counts)
-        self._cache: dict = {}
-        self._lock = threading.Lock()  # grain reads with several threads
-        self._finish_scan()
 
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": {}, "_lock": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _row_group(self, g: int) -> dict[str, list]:
-        with self._lock:
-            table = self._cache.get(g)
-            if table is None:
-                fi, rg = self._groups[g]
-                with paths.resolve(self.paths[fi]).open("rb") as f:
-                    table = pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
-                table = {c: table.column(c).to_pylist() for c in self.fields}
-                if len(self._cache) >= self._CACHE:
-                    self._cache.pop(next(iter(self._cache)))  # oldest first
-                self._cache[g] = table
-            return table
-
-    def __getitem__(self, index):
-        g, row = self._locate(int(index))
-        table = self._row_group(g)
+    def _read_part(self, g: int):
         fi, rg = self._groups[g]
-        record = {c: table[c][row] for c in self.fields}
-        return self._document(record, f"{self.paths[fi]} row group {rg} row {row}")
+        with paths.resolve(self.paths[fi]).open("rb") as f:
+            return pq.ParquetFile(f).read_row_group(rg, columns=list(self.fields))
+
+    def _part_name(self, g: int) -> str:
+        fi, rg = self._groups[g]
+        return f"{self.paths[fi]} row group {rg}"
 
 
-class ArrayRecordSource(_LazyRecords):
-    """ArrayRecord files whose records are UTF-8 text (``field=None``) or JSON objects (``field``
-    names the text field, or several fields for dicts)."""
-
-    def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
-        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        super().__init__(f"array_record[{field or 'text'}]", field, errors)
-        self.json = field is not None
-        self.paths = self._list(paths, (".array_record", ".arrayrecord"))
-        local = local_files(self.paths)  # the reader opens local files only
-        counts = []
-        for path in local:
-            reader = ArrayRecordReader(path)
-            counts.append(reader.num_records())
-            reader.close()
-            if counts[-1] == 0:
-                self.report.skip("empty files", self.paths[len(counts) - 1])
-        self._count_parts(counts)
-        self._finish_scan()
-        self._records = grain.sources.ArrayRecordDataSource(local)
-
-    def _where(self, index: int) -> str:
-        f, row = self._locate(index)
-        return f"{self.paths[f]} record {row}"
-
-    def __getitem__(self, index):
-        index = int(index)
-        raw = self._records[index]
-        if not self.json:
-            return self._text(raw, self._where(index))
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            err = DataError(f"{self._where(index)}: bad JSON record: {e}")
-            return self._bad("bad records", err, self._where(index))
-        return self._document(record if isinstance(record, dict) else {}, self._where(index))
-
-
-class TfdsSource(_LazyRecords):
-    """A prepared TFDS dataset in ArrayRecord format, read with ``tfds.data_source`` (random
-    access, no TensorFlow needed). Never downloads: ``data_dir`` must hold the prepared data."""
-
-    def __init__(
-        self,
-        name: str,
-        split: str = "train",
-        data_dir: str | None = None,
-        field: str | Sequence[str] = "text",
-        builder_kwargs: dict[str, Any] | None = None,
-        errors: str = "strict",
-    ):
-        super().__init__(f"tfds[{name}/{split}]", field, errors)
-        self._args = dict(name=name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs)
-        self._ds = self._open()
-        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
-        if features is not None and hasattr(features, "keys"):
-            missing = [f for f in self.fields if f not in features.keys()]
-            if missing:
-                raise DataError(
-                    f"TFDS {name}/{split} has no feature {missing} (features: {list(features)})"
-                )
-        self.report.documents = len(self._ds)
-        self._finish_scan()
-
-    def _open(self):
-        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
-
-        a = self._args
-        try:
-            return tfds.data_source(a["name"], split=a["split"], data_dir=a["data_dir"],
-                                    download=False, builder_kwargs=a["builder_kwargs"])
-        except Exception as e:  # tfds raises several types; keep its message and add ours
-            raise DataError(
-                f"cannot open TFDS dataset {a['name']!r} split {a['split']!r} in data_dir "
-                f"{a['data_dir']!r} (it must be prepared there in array_record format): {e}"
-            ) from e
-
-    # Pickle the arguments, not tfds' reader: a worker re-opens the prepared files itself
-    # (the builder class that wrote them need not be importable there).
-    def __getstate__(self):
-        return {**self.__dict__, "_ds": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._ds = self._open()
-
-    def __getitem__(self, index):
-        index = int(index)
-        return self._document(self._ds[index], f"{self.report.name} example {index}")
-
-
-class ArrowSource(_LazyRecords):
+class ArrowSource(_TableParts):
     """Arrow IPC files (stream or file format), read through memory maps: a Hugging Face
     ``datasets`` directory saved with ``save_to_disk`` (``split`` picks one of a ``DatasetDict``)
     or ``.arrow`` files. ``field`` names the text column (several give dicts)."""
 
     def __init__(self, inputs, field: str | Sequence[str] = "text", split: str = "train",
                  errors: str = "strict"):
-        super().__init__(f"arrow[{field}]", field, errors)
+        super().__init__(f"arrow[{field}]", errors, field)
         self.paths = []
         for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
             self.paths += self._files(item, split)
         self.report.files = len(self.paths)
         self._local = local_files(self.paths)
-        self._tables: dict = {}
+        self._start_cache()
         counts = []
         for f, path in enumerate(self.paths):
-            table = self._table(f)
+            table = self._part(f)
             missing = [c for c in self.fields if c not in table.schema.names]
             if missing:
                 raise DataError(f"{path}: no column {missing} (columns: {table.schema.names})")
@@ -524,7 +400,6 @@ class ArrowSource(_LazyRecords):
             if not table.num_rows:
                 self.report.skip("empty files", path)
         self._count_parts(counts)
-        self._finish_scan()
 
     def _files(self, item, split: str) -> list[str]:
         """The arrow files of one input, in the order ``datasets`` records them."""
@@ -539,31 +414,98 @@ class ArrowSource(_LazyRecords):
             names = [d["filename"] for d in state.get("_data_files", [])]
             if names:
                 return [os.fspath(root / n) for n in names]
-        return self._list([os.fspath(root)], (".arrow",))
+        return self._list([os.fspath(root)], "arrow")
 
-    def _table(self, f: int):
-        table = self._tables.get(f)
-        if table is None:
-            source = pa.memory_map(self._local[f])
+    def _read_part(self, f: int):
+        source = pa.memory_map(self._local[f])
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:  # datasets writes the stream format
+            source.seek(0)
             try:
-                table = pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:  # datasets writes the stream format
-                source.seek(0)
-                try:
-                    table = pa.ipc.open_stream(source).read_all()
-                except pa.ArrowInvalid as e:
-                    raise DataError(f"{self.paths[f]}: not an arrow file ({e})") from None
-            self._tables[f] = table
-        return table
+                return pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{self.paths[f]}: not an arrow file ({e})") from None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_tables": {}}
+    def _part_name(self, f: int) -> str:
+        return self.paths[f]
+
+
+class ArrayRecordSource(_LazyRecords):
+    """ArrayRecord files whose records are UTF-8 text (``field=None``) or JSON objects (``field``
+    names the text field, or several fields for dicts)."""
+
+    def __init__(self, paths, field: str | Sequence[str] | None = None, errors: str = "strict"):
+        # array_record is a Linux-only dependency (pyproject marker): imported where it is read
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        super().__init__(f"array_record[{field or 'text'}]", errors, field)
+        self.paths = self._list(paths, "array_record")
+        local = local_files(self.paths)  # the reader opens local files only
+        counts = []
+        for path, name in zip(local, self.paths):
+            reader = ArrayRecordReader(path)
+            counts.append(reader.num_records())
+            reader.close()
+            if counts[-1] == 0:
+                self.report.skip("empty files", name)
+        self._count_parts(counts)
+        self._records = grain.sources.ArrayRecordDataSource(local)
 
     def __getitem__(self, index):
         f, row = self._locate(int(index))
-        table = self._table(f)
-        record = {c: table.column(c)[row].as_py() for c in self.fields}
-        return self._document(record, f"{self.paths[f]} row {row}")
+        where = f"{self.paths[f]} record {row}"
+        raw = self._records[int(index)]
+        if self.fields == (None,):
+            return self._document({None: raw}, where)
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._bad("bad records", DataError(f"{where}: bad JSON record: {e}"), where)
+        return self._document(record, where)
+
+
+class TfdsSource(_LazyRecords):
+    """A prepared TFDS dataset in ArrayRecord format, read with ``tfds.data_source`` (random
+    access, no TensorFlow needed). Never downloads: ``data_dir`` must hold the prepared data."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 field: str | Sequence[str] = "text", errors: str = "strict"):
+        super().__init__(f"tfds[{name}/{split}]", errors, field)
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self._ds = self._open()
+        features = self._ds.dataset_info.features
+        missing = [f for f in self.fields if f not in features.keys()]
+        if missing:
+            raise DataError(f"TFDS {name}/{split} has no feature {missing} (features:"
+                            f" {list(features)})")
+        self.report.documents = len(self._ds)
+        self._finish_scan()
+
+    def _open(self):
+        import tensorflow_datasets as tfds  # heavy (seconds, may pull TensorFlow): only for tfds
+
+        try:
+            return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                    download=False)
+        except Exception as e:  # tfds raises several types; keep its message and add ours
+            raise DataError(
+                f"cannot open TFDS dataset {self.name!r} split {self.split!r} in data_dir "
+                f"{self.data_dir!r} (it must be prepared there in array_record format): {e}"
+            ) from e
+
+    # Pickle the arguments, not tfds' reader: a worker re-opens the prepared files itself
+    # (the builder class that wrote them need not be importable there).
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._ds = self._open()
+
+    def __getitem__(self, index):
+        index = int(index)
+        return self._document(self._ds[index], f"{self.report.name} example {index}")
 
 
 # ``diffujax.data.pretokenize`` writes this format; PretokenizedSource reads it.
@@ -618,13 +560,10 @@ class PretokenizedSource:
 
 
 FORMATS = ("text", "jsonl", "parquet", "array_record", "arrow", "tfds", "pretokenized")
-_SUFFIXES = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
-             (".parquet", "parquet"), (".array_record", "array_record"), (".arrow", "arrow"))
 
 
 def _format_of(name: str) -> str:
-    name = strip_compression(name.lower())
-    return next((fmt for suffix, fmt in _SUFFIXES if suffix in name), "text")
+    return next((fmt for fmt, sfx in _SUFFIXES.items() if has_suffix(*sfx)(name)), "text")
 
 
 def guess_format(path: str) -> str:
@@ -654,7 +593,6 @@ def make_source(
     errors: str = "strict",
     split: str = "train",
     data_dir: str | None = None,
-    builder_kwargs: dict[str, Any] | None = None,
 ):
     """Build a source from a format name (``FORMATS`` or ``"auto"``) and inputs. For ``tfds``,
     ``inputs`` is the dataset name (``name`` or ``name:split``)."""
@@ -676,7 +614,7 @@ def make_source(
     if fmt == "tfds":
         name, _, sp = inputs[0].partition(":")
         return TfdsSource(name, sp or split, data_dir=data_dir, field=field or "text",
-                          builder_kwargs=builder_kwargs, errors=errors)
+                          errors=errors)
     if fmt == "pretokenized":
         return PretokenizedSource(inputs[0])
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS} or 'auto'")

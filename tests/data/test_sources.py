@@ -198,7 +198,7 @@ def test_sources_pickle(tmp_path, text_dir, tfds_dir):
                 TfdsSource("diffujax_tiny_text", data_dir=str(tfds_dir))):
         clone = pickle.loads(pickle.dumps(src))
         assert [clone[i] for i in range(len(clone))] == [src[i] for i in range(len(src))]
-    assert np.all(TextSource(text_dir, mode="lines")._start >= 0)
+    assert np.all(TextSource(text_dir, mode="lines")._index >= 0)
 
 
 def test_only_skipped_bad_data_warns(tmp_path, caplog):
