@@ -128,10 +128,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
 def _flat(tree) -> list:
     """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their
     ``param_specs`` names."""
-    if tree is None:
-        return []
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0] if tree is not None else []
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf)
             for path, leaf in leaves]
 
 
@@ -236,6 +234,3 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         report["estimate"] = report["programs"][0]["estimate"]
     return report
 
-
-__all__ = ["Target", "attention_backend", "compile_program", "make_target", "out_of_memory",
-           "plan"]

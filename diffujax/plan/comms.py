@@ -93,28 +93,18 @@ def charge(items: list[hlo.Collective], devices, spec) -> dict:
     by form (sync, async, fusion). Without a clock rate overlap cannot be measured in seconds,
     so everything is counted as exposed."""
     clock = spec.generation.clock_hz
-    out = dict(seconds=0.0, exposed_seconds=0.0, overlapped_seconds=0.0, by_kind={}, by_form={})
+    total = collections.Counter(seconds=0.0, exposed_seconds=0.0)
+    by_kind, by_form = collections.defaultdict(collections.Counter), {}
     for item in items:
         once = collective_seconds(item, devices, spec)
         hidden = min(once, item.overlap_cycles / clock) if clock and item.form != "sync" else 0.0
         seconds, exposed = once * item.runs, (once - hidden) * item.runs
-        kind = out["by_kind"].setdefault(item.kind, dict(ops=0, executions=0, bytes_per_step=0,
-                                                         seconds=0.0, exposed_seconds=0.0))
-        kind["ops"] += 1
-        kind["executions"] += item.runs
-        kind["bytes_per_step"] += item.full_bytes * item.runs
-        kind["seconds"] += seconds
-        kind["exposed_seconds"] += exposed
-        form = out["by_form"].setdefault(item.form, dict(ops=0, seconds=0.0,
-                                                         exposed_seconds=0.0))
-        form["ops"] += 1
-        form["seconds"] += seconds
-        form["exposed_seconds"] += exposed
-        out["seconds"] += seconds
-        out["exposed_seconds"] += exposed
-    out["overlapped_seconds"] = out["seconds"] - out["exposed_seconds"]
-    out["by_kind"] = dict(sorted(out["by_kind"].items()))
-    return out
-
-
-__all__ = ["charge", "collective_seconds", "group_seconds", "ring_bandwidth"]
+        by_kind[item.kind].update(ops=1, executions=item.runs,
+                                  bytes_per_step=item.full_bytes * item.runs, seconds=seconds,
+                                  exposed_seconds=exposed)
+        by_form.setdefault(item.form, collections.Counter()).update(ops=1, seconds=seconds,
+                                                                   exposed_seconds=exposed)
+        total.update(seconds=seconds, exposed_seconds=exposed)
+    return dict(total, overlapped_seconds=total["seconds"] - total["exposed_seconds"],
+                by_kind={k: dict(v) for k, v in sorted(by_kind.items())},
+                by_form={k: dict(v) for k, v in by_form.items()})

@@ -43,5 +43,3 @@ def matmul_flops(jaxpr) -> int:
             total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
 
-
-__all__ = ["matmul_flops"]

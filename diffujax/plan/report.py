@@ -159,5 +159,3 @@ def format_fit(r: dict) -> str:
     lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}")
     return "\n".join(lines)
 
-
-__all__ = ["format_fit", "format_report"]

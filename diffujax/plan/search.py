@@ -35,13 +35,6 @@ def loss_chunk_choices(configured: int, seq_len: int) -> list[int]:
     return sorted({0 if c >= seq_len else c for c in (*LOSS_CHUNKS, configured)})
 
 
-def _with(cfg, model_cfg, remat: str, accum: int, chunk: int):
-    cfg = dataclasses.replace(
-        cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum),
-        model=dataclasses.replace(cfg.model, remat=remat, loss_chunk=chunk))
-    return cfg, model_cfg.replace(remat=remat)
-
-
 def accumulation_choices(global_batch: int, batch_shards: int) -> list[int]:
     """Accumulation steps whose micro-batch splits evenly over the batch shards."""
     return [a for a in range(1, global_batch + 1)
@@ -66,7 +59,10 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
 
     def check(remat: str, chunk: int, accum: int) -> dict:
         if (remat, chunk, accum) not in memo:
-            run_cfg, mc = _with(cfg, model_cfg, remat, accum, chunk)
+            run_cfg = dataclasses.replace(
+                cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum),
+                model=dataclasses.replace(cfg.model, remat=remat, loss_chunk=chunk))
+            mc = model_cfg.replace(remat=remat)
             log(f"  remat={remat} loss_chunk={chunk} grad_accum_steps={accum} ...")
             result = dict(remat=remat, loss_chunk=chunk, grad_accum_steps=accum, total=0,
                           fits=True)
@@ -108,5 +104,3 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
     return dict(topology=target.slice.name, global_batch=cfg.data.global_batch, tried=tried,
                 best=best)
 
-
-__all__ = ["LOSS_CHUNKS", "REMATS", "accumulation_choices", "fit", "loss_chunk_choices"]

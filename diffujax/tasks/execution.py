@@ -8,6 +8,7 @@ namespaces (``unshare -rn``), the process also runs without any network interfac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -59,13 +60,6 @@ def _network_namespace() -> list[str]:
     return [tool, "-rn"] if ok else []
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_program(program: str, *, timeout: float = 10.0, memory_bytes: int = 2 << 30) -> Outcome:
     """Run ``program`` isolated (see the module docstring); passed = exit status 0."""
     with tempfile.TemporaryDirectory(prefix="diffujax-exec-") as workdir:
@@ -80,11 +74,13 @@ def run_program(program: str, *, timeout: float = 10.0, memory_bytes: int = 2 <<
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(process.pid)
+            stderr = None
+        finally:  # the whole group: also whatever the program left running in the background
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if stderr is None:
             process.communicate()
             return Outcome(False, "timed out")
-        finally:
-            _kill_group(process.pid)  # also whatever the program left running in the background
         if process.returncode == 0:
             return Outcome(True, "passed")
         lines = stderr.decode("utf-8", "replace").strip().splitlines()

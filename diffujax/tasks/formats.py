@@ -108,21 +108,15 @@ def winogrande(path):
 
 
 def siqa(path):
-    items = []
-    for r in readers.read_records(path):
-        query = f"Question: {field(r, 'context')} {field(r, 'question')}\nAnswer: "
-        answers = tuple(field(r, k) for k in ("answerA", "answerB", "answerC"))
-        items.append(Choice(prefix=query, continuations=answers, gold=_gold(r, "label", 3, 1)))
-    return items
+    return [Choice(prefix=f"Question: {field(r, 'context')} {field(r, 'question')}\nAnswer: ",
+                   continuations=tuple(field(r, k) for k in ("answerA", "answerB", "answerC")),
+                   gold=_gold(r, "label", 3, 1)) for r in readers.read_records(path)]
 
 
 def piqa(path):
-    items = []
-    for r in readers.read_records(path):
-        query = f"Question: {field(r, 'goal')}\nAnswer: "
-        sols = (" " + field(r, "sol1"), " " + field(r, "sol2"))
-        items.append(Choice(prefix=query, continuations=sols, gold=_gold(r, "label", 2)))
-    return items
+    return [Choice(prefix=f"Question: {field(r, 'goal')}\nAnswer: ",
+                   continuations=(" " + field(r, "sol1"), " " + field(r, "sol2")),
+                   gold=_gold(r, "label", 2)) for r in readers.read_records(path)]
 
 
 # --- infilling -----------------------------------------------------------------------------------
