@@ -75,17 +75,9 @@ def collective_seconds(item: hlo.Collective, devices, spec) -> float:
             return item.full_bytes / rate
         return _RING_FACTOR[item.kind] * item.full_bytes * (slices - 1) / slices / rate
     groups = item.groups or [list(range(len(devices)))]
-    if item.kind == "collective-permute":
-        groups = [[a, b] for a, b in groups]
-    seen, worst = set(), 0.0
-    for group in groups:
-        members = tuple(sorted(group))
-        if members in seen or len(members) < 2:
-            continue
-        seen.add(members)
-        worst = max(worst, group_seconds(item.kind, item.full_bytes,
-                                         [devices[i] for i in members], spec))
-    return worst
+    unique = {tuple(sorted(group)) for group in groups if len(group) >= 2}
+    return max((group_seconds(item.kind, item.full_bytes, [devices[i] for i in members], spec)
+                for members in unique), default=0.0)
 
 
 def charge(items: list[hlo.Collective], devices, spec) -> dict:

@@ -287,8 +287,7 @@ def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
             # reduces / gathers it over the data-center network (the peers are the other slices).
             kind = _MEGASCALE.search(line).group(1).lower().replace("_", "-")
             kind = kind if kind in COLLECTIVES else "collective-permute"
-            size = shape_bytes(" ".join(f"{t}[{','.join(map(str, d))}]"
-                                        for t, d in shape_dims(result)[:1]))
+            size = int(sum(map(array_bytes, shape_dims(result)[:1])))
             out.append(Collective(kind, name, comp, result, size, runs, [], size,
                                   network="dcn"))
         elif opcode == "fusion":
@@ -418,8 +417,8 @@ def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
 # ------------------------------------------------------------------------------ categories
 
 # What the compiler's cycles are spent on, by the ops an instruction (a fusion: its whole body)
-# runs. Checked in this order: the first that applies names it.
-CATEGORIES = ("matmul", "collective", "vocabulary", "reduction", "data movement", "elementwise")
+# runs (``category``), checked in this order, the first that applies naming it: matmul,
+# collective, vocabulary, reduction, data movement, elementwise.
 _MOVES = frozenset({"copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
                     "dynamic-update-slice", "concatenate", "pad", "broadcast", "gather",
                     "scatter", "reverse", "copy-start", "copy-done", "parameter", "constant",
@@ -427,7 +426,7 @@ _MOVES = frozenset({"copy", "transpose", "bitcast", "reshape", "slice", "dynamic
 
 
 def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
-    """The category (``CATEGORIES``) of an instruction that runs ``opcodes`` and makes arrays of
+    """The category of an instruction that runs ``opcodes`` and makes arrays of
     ``shapes`` (``shape_dims``; a fusion: its body's, parameters included).
     ``vocabulary``: any non-matmul work on an array with a ``vocab``-long axis (the softmax and
     loss over the logits, their padding to the tile, the embedding table's gradient and update).

@@ -237,13 +237,13 @@ def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | No
     lengths = _sds((rows,), jnp.int32, NamedSharding(layout.mesh, PartitionSpec(sharding.spec[0])))
     cache = abstract_cache(model_cfg, layout, rows, plan["canvas"])
     key = abstract_key(layout)
-    mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
+    mask_id = int(checked_mask_token(model_cfg)) if n > 1 else None
 
     def lower():
         with layout.active():
             return decode_blocks.lower(
                 cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
-                new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
+                new_tokens=plan["new_tokens"], mask_token_id=mask_id,
                 sampler="confidence", steps=plan["steps_per_block"])
 
     sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"

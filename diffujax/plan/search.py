@@ -54,8 +54,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
     choices = accumulation_choices(cfg.data.global_batch, target.layout.batch_shards)
     if loss_chunks is None:
         loss_chunks = loss_chunk_choices(cfg.model.loss_chunk, cfg.data.seq_len)
-    tried: list[dict] = []
-    memo: dict[tuple[str, int, int], dict] = {}
+    memo: dict[tuple[str, int, int], dict] = {}  # every compiled setting, in order
 
     def check(remat: str, chunk: int, accum: int) -> dict:
         if (remat, chunk, accum) not in memo:
@@ -79,7 +78,6 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
                     result["fits"] = False
                     break
             memo[remat, chunk, accum] = result
-            tried.append(result)
         return memo[remat, chunk, accum]
 
     for remat in remats:
@@ -93,6 +91,7 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
                     hi = mid
                 else:
                     lo = mid + 1
+    tried = list(memo.values())
     ranked = sorted((t for t in tried if t["fits"] and t.get("step_seconds")),
                     key=lambda t: t["step_seconds"])
     best = None

@@ -70,6 +70,17 @@ def pack(rows: Sequence[Row], batch_rows: int, length: int) -> list[np.ndarray]:
     return [pad_rows(a, batch_rows) for a in (tokens, fixed, segments, ids)]
 
 
+def by_span_length(rows: Sequence[Row], decode) -> list:
+    """``decode(rows, n)`` on each group of ``rows`` whose spans are ``n`` tokens long (so that
+    ``n`` can set the steps of the group); the spans back in the order of ``rows``."""
+    spans, lengths = [None] * len(rows), [row.fixed.count(False) for row in rows]
+    for n in sorted(set(lengths)):
+        members = [k for k, m in enumerate(lengths) if m == n]
+        for k, span in zip(members, decode([rows[k] for k in members], n)):
+            spans[k] = span
+    return spans
+
+
 def _span_after_context(row: Row, decoder: str) -> int:
     """The length of ``row``'s span, checked to run from the end of a non-empty context to the
     end of the row (what ``decoder`` generates)."""

@@ -4,16 +4,12 @@ hands its arguments to lm-eval's own command line, offline).
     diffujax lm-eval --model diffujax --model_args checkpoint=CKPT,objective=diffusion \\
         --tasks lambada_openai --include_path my_tasks/ --limit 100
 
-``model_args``: ``checkpoint`` (required); ``objective`` diffusion | ar; ``score`` reference
-(the T = 32 multiple-choice score, negated, with ``levels``) | mc (LLaDA's Monte-Carlo
-estimate of log p(continuation | context) with ``mc_num`` draws); ``rolling_draws`` (the
-ELBO's draws of t per rolling window in ``loglikelihood_rolling``, a lower bound on the
-log-likelihood, stratified per window); ``sampler`` / ``steps`` / ``temperature`` /
-``ranking`` / ``confidence_temperature`` for ``generate_until`` (stop sequences and EOS are
-honoured; ``steps`` defaults to the number of tokens to generate); ``batch_size`` (over
-lm-eval's ``--batch_size``; ``auto`` is 8), ``seed``, ``dtype``, ``mesh``, ``max_length``,
-``max_gen_toks``, ``add_bos_token``. Every key and value is checked before the model loads
-(``tasks.model_args``): an unknown or misspelt key is refused, naming the nearest known one.
+``model_args``: keys, defaults and checks in ``tasks.model_args`` (README: Tasks), every one
+checked before the model loads. ``loglikelihood`` is the negated T = 32 multiple-choice score
+(``score=reference``) or LLaDA's Monte-Carlo estimate (``score=mc``); ``loglikelihood_rolling``
+the ELBO's lower bound with ``rolling_draws`` draws of t per window, stratified;
+``generate_until`` honours stop sequences and EOS (``steps`` defaults to the tokens to
+generate).
 
 With ``objective=ar`` every request is exact causal scoring, so an unadapted model gives the
 numbers of lm-eval's own ``hf`` model (tested to 1e-4).
@@ -38,7 +34,7 @@ except ModuleNotFoundError as e:  # an optional extra
                               " 'diffujax[eval]'") from e
 
 from diffujax.runtime import load_for_inference, layout_from_args
-from diffujax.tasks.engine import Engine, Row
+from diffujax.tasks.engine import Engine, Row, by_span_length
 from diffujax.tasks.model_args import model_args
 
 
@@ -169,29 +165,24 @@ class DiffujaxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         eos_text = self.tok_decode([self.eot_token_id])
-        groups: dict[int, list[int]] = {}
-        plans = []
+        rows, stops = [], []
         for k, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
-            until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+            stops.append(handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text))
             count = int(gen_kwargs.pop("max_gen_toks", self.args["max_gen_toks"]))
             ids = self.tok_encode(context) or [self.prefix_token_id]
-            ids = ids[-max(1, self.max_length - count):]
-            plans.append((Row.make(ids, [0] * count, k), until))
-            groups.setdefault(count, []).append(k)
-        texts = [None] * len(requests)
-        for count, members in groups.items():
-            rows = [plans[k][0] for k in members]
-            if self.args["objective"] == "ar":
-                spans = self.engine.ar_decode(rows)
-            else:
-                spans = self.engine.diffusion_decode(rows, steps=self.args["steps"] or count,
-                                                     **self.decoding)
-            for k, span in zip(members, spans):
-                text = self.tokenizer.decode_generated(span)  # cut before the first EOS
-                for stop in plans[k][1]:
-                    if stop and stop in text:
-                        text = text.split(stop)[0]
-                texts[k] = text
+            rows.append(Row.make(ids[-max(1, self.max_length - count):], [0] * count, k))
+        if self.args["objective"] == "ar":
+            spans = by_span_length(rows, lambda group, n: self.engine.ar_decode(group))
+        else:
+            spans = by_span_length(rows, lambda group, n: self.engine.diffusion_decode(
+                group, steps=self.args["steps"] or n, **self.decoding))
+        texts = []
+        for span, until in zip(spans, stops):
+            text = self.tokenizer.decode_generated(span)  # cut before the first EOS
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            texts.append(text)
         return texts

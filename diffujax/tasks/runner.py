@@ -20,7 +20,7 @@ from tqdm import tqdm
 from diffujax.inference.generation import DIFFUSION_SAMPLERS, check_sampler
 from diffujax.tasks import metrics
 from diffujax.tasks.encode import Encoder
-from diffujax.tasks.engine import Engine
+from diffujax.tasks.engine import Engine, by_span_length
 from diffujax.tasks.execution import humaneval_program, run_program
 from diffujax.tasks.specs import OBJECTIVES, TASKS, TaskSpec
 
@@ -43,19 +43,15 @@ class Settings:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
-        at_least_1 = {"--levels": self.num_levels, "--steps": self.steps, "--top-k": self.top_k}
-        for name, value in at_least_1.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} {value}: must be >= 1")
-        if not self.temperature >= 0:  # NaN too
-            raise ValueError(f"--temperature {self.temperature}: must be >= 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
-        for name, value in (("--logits-temp", self.logits_temp), ("--timeout", self.timeout)):
-            if not value > 0:
-                raise ValueError(f"{name} {value}: must be > 0")
-        if self.seq_len < 2:
-            raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
+        rules = {">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2, ">= 0": lambda v: v >= 0,
+                 "> 0": lambda v: v > 0, "in (0, 1]": lambda v: 0 < v <= 1}  # NaN fails each
+        for flag, value, rule in (
+                ("--levels", self.num_levels, ">= 1"), ("--steps", self.steps, ">= 1"),
+                ("--top-k", self.top_k, ">= 1"), ("--temperature", self.temperature, ">= 0"),
+                ("--top-p", self.top_p, "in (0, 1]"), ("--logits-temp", self.logits_temp, "> 0"),
+                ("--timeout", self.timeout, "> 0"), ("--seq-len", self.seq_len, ">= 2")):
+            if value is not None and not rules[rule](value):
+                raise ValueError(f"{flag} {value}: must be {rule}")
         check_sampler(self.sampler, DIFFUSION_SAMPLERS)
         if self.reference and self.sampler != "confidence":
             raise ValueError("--reference-parity uses the reference's confidence sampler: drop"
@@ -132,14 +128,8 @@ class TaskRunner:
                        top_p=self.s.top_p)
         if options["steps"] is not None:
             return self.engine.diffusion_decode(rows, **options)
-        spans, lengths = [None] * len(rows), [row.fixed.count(False) for row in rows]
-        for steps in sorted(set(lengths)):
-            members = [k for k, n in enumerate(lengths) if n == steps]
-            decoded = self.engine.diffusion_decode([rows[k] for k in members],
-                                                   **dict(options, steps=steps))
-            for k, span in zip(members, decoded):
-                spans[k] = span
-        return spans
+        return by_span_length(rows, lambda group, n: self.engine.diffusion_decode(
+            group, **dict(options, steps=n)))
 
     def _last_word(self, chunk):
         texts = map(self.encoder.decode,
@@ -275,7 +265,7 @@ def _read_records(path: str, header: dict, fields: tuple[str, ...]) -> dict[int,
 
 
 def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
-             per_item: str | None = None, progress: bool | None = None, write: bool = True,
+             per_item: str | None = None, progress: bool | None = None,
              computed_from: dict | None = None, items: list | None = None
              ) -> tuple[dict, list[dict]]:
     """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records).
@@ -289,7 +279,6 @@ def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
     with open(data, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     header = dict(runner.header(data), data_sha256=digest, **(computed_from or {}))
-    per_item = per_item if write else None
     fields = ("index", *runner.metric_fields.values())
     done = _read_records(per_item, header, fields) if per_item else {}
     todo = [(i, item) for i, item in enumerate(items) if i not in done]
