@@ -71,10 +71,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     hbm = target.slice.hbm_bytes
     out = dict(name=program.name, description=program.description, rows=program.rows,
                attention=attention_backend(model_cfg, program, target))
-    if program.decode:
-        out["decode"] = dict(program.decode)
-    if program.decode_step:
-        out["decode_step"] = dict(program.decode_step)
+    out.update({name: dict(plan) for name, plan in (("decode", program.decode),
+                                                     ("decode_step", program.decode_step)) if plan})
     if program.matmul_flops:
         out["matmul_flops"] = program.matmul_flops()
     t0 = time.perf_counter()
@@ -108,8 +106,9 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     specs = param_specs(model_cfg)
     shapes = {path: spec.shape for path, spec in specs.items()}
     # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
-    weights = _flat(program.inputs.get("params")) + _flat(program.inputs.get("frozen"))
-    sharded = {path for path, leaf in weights
+    sharded = {jax.tree_util.keystr(path, simple=True, separator="/")
+               for group in ("params", "frozen")
+               for path, leaf in jax.tree_util.tree_flatten_with_path(program.inputs.get(group))[0]
                if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
                     for path, spec in specs.items() if path in sharded}
@@ -123,14 +122,6 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                                     by_category=hlo.cycles_by_category(
                                         text, trips, model_cfg.vocab_size or None)))
     return out
-
-
-def _flat(tree) -> list:
-    """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their
-    ``param_specs`` names."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0] if tree is not None else []
-    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf)
-            for path, leaf in leaves]
 
 
 @contextlib.contextmanager

@@ -127,8 +127,7 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
                                               f" {target.slice.name}")
     kernels = kernel_seconds(counts["kernels"], generation, peak_flops)
     xla = counts["cycles"] / generation.clock_hz
-    comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
-                                                overlapped_seconds=0.0)
+    comm = program["communication"]  # compiled with compiler_cycles
     seconds = xla + kernels + comm["exposed_seconds"]
     parts = {name: cycles / generation.clock_hz
              for name, cycles in (counts.get("by_category") or {}).items()}

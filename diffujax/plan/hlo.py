@@ -82,7 +82,8 @@ def _trip_count(condition: list[str] | None, open_trips: int | None = None) -> i
     stops on data, whose trip count the program text cannot say)."""
     if condition is None:
         return 1
-    if open_trips is not None and not _is_counter(condition):
+    root = next((line for line in condition if line.lstrip().startswith("ROOT ")), "")
+    if open_trips is not None and not (" compare(" in root and "direction=LT" in root):
         return open_trips
     constants = dict(m.groups() for m in map(_CONSTANT.match, condition) if m)
     for line in condition:
@@ -91,12 +92,6 @@ def _trip_count(condition: list[str] | None, open_trips: int | None = None) -> i
                 if re.search(rf"%{re.escape(name)}\b", line):
                     return int(value)
     return 1
-
-
-def _is_counter(condition: list[str]) -> bool:
-    """Whether a loop condition is a counted loop's: its root one ``compare`` (LT)."""
-    root = next((line for line in condition if line.lstrip().startswith("ROOT ")), "")
-    return " compare(" in root and "direction=LT" in root
 
 
 def _walk(text: str, open_trips: int | None = None):
@@ -181,21 +176,15 @@ def replica_groups(line: str) -> list[list[int]]:
         return [[int(x) for x in g.split(",") if x.strip()]
                 for g in re.findall(r"\{([0-9, ]*)\}", text[1:-1])]
     if text.startswith("["):
-        shape, source, perm = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?",
-                                           text).groups()
-        dims = [int(d) for d in source.split(",")]
-        ids = np.arange(math.prod(dims)).reshape(dims)
-        if perm:
-            ids = ids.transpose([int(p) for p in perm.split(",")])
-        return ids.reshape([int(d) for d in shape.split(",")]).tolist()
-    axes = _MESH_AXIS.findall(text.split("]")[0])
-    names = [a for a, _ in axes]
-    grouped = re.findall(r"'([^']+)'", text.split("]", 1)[1])
-    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
-    inner = [names.index(a) for a in grouped]
+        shape, source, perm = ([int(d) for d in g.split(",")] if g else None for g in re.fullmatch(
+            r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", text).groups())
+        ids = np.arange(math.prod(source)).reshape(source).transpose(perm or range(len(source)))
+        return ids.reshape(shape).tolist()
+    names, sizes = zip(*((a, int(n)) for a, n in _MESH_AXIS.findall(text.split("]")[0])))
+    inner = [names.index(a) for a in re.findall(r"'([^']+)'", text.split("]", 1)[1])]
     outer = [i for i in range(len(names)) if i not in inner]
-    ids = ids.transpose(outer + inner)
-    return ids.reshape(-1, math.prod(ids.shape[len(outer):]) if inner else 1).tolist()
+    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(outer + inner)
+    return ids.reshape(-1, math.prod(sizes[i] for i in inner)).tolist()
 
 
 def _collective(kind, name, comp, result, line, runs, form, overlap=0) -> Collective:
@@ -398,11 +387,9 @@ def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
             cycles += int(found.group(1)) * runs
             count += 1
         elif m.group(3) == "custom-call" and "tpu_custom_call" in line:
-            cost = _KERNEL_COST.search(line)
-            declared = None
-            if cost:
-                fields = re.findall(r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1))
-                declared = {k: float(v) for k, v in fields}
+            cost = _KERNEL_COST.search(line)  # its pl.CostEstimate, if it declares one
+            declared = cost and {k: float(v) for k, v in re.findall(
+                r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1))}
             operands = shape_dims(_braced(line, "operand_layout_constraints="))
             metadata = _XPROF.search(line)  # the JSON the kernel writes into kernel_metadata
             try:

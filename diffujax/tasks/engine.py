@@ -49,11 +49,10 @@ class Row:
 
 
 def bucket_length(n: int, limit: int | None = None) -> int:
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
+    """The power of two from ``MIN_BUCKET`` up that holds ``n`` tokens (at most ``limit``)."""
     if limit is not None and n > limit:
         raise ValueError(f"a row of {n} tokens exceeds the model's {limit} positions")
+    size = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
     return size if limit is None else min(size, limit)
 
 
@@ -113,9 +112,7 @@ class Engine:
     def _jit(self, name, fn: Callable):
         """``fn`` jitted, once per ``name`` (which names everything ``fn`` closes over that
         varies between calls)."""
-        if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn)
-        return self._jitted[name]
+        return self._jitted.setdefault(name, jax.jit(fn))  # a new wrapper compiles nothing
 
     def _packed_batches(self, rows: Sequence[Row]):
         """``(rows of the batch, its ``pack`` on the mesh)`` for consecutive batches of
