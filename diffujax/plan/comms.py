@@ -49,20 +49,14 @@ def group_seconds(kind: str, full_bytes: float, devices, spec) -> float:
     by_slice = collections.defaultdict(list)
     for d in devices:
         by_slice[getattr(d, "slice_index", 0)].append(d)
-    if kind == "collective-permute":
-        if len(by_slice) > 1:
-            return full_bytes / generation.dcn_bandwidth
-        return full_bytes / generation.ici_link_bandwidth
-    factor = _RING_FACTOR[kind]
     m = len(by_slice)
-    local = max(by_slice.values(), key=len)
+    if kind == "collective-permute":
+        return full_bytes / (generation.dcn_bandwidth if m > 1 else generation.ici_link_bandwidth)
+    factor, local = _RING_FACTOR[kind], max(by_slice.values(), key=len)
     k = len(local)
-    seconds = 0.0
-    if k > 1:
-        seconds += factor * full_bytes * (k - 1) / k / ring_bandwidth(local, spec)
-    if m > 1:
-        seconds += factor * (full_bytes / k) * (m - 1) / m / generation.dcn_bandwidth
-    return seconds
+    within = factor * full_bytes * (k - 1) / k / ring_bandwidth(local, spec) if k > 1 else 0.0
+    across = factor * (full_bytes / k) * (m - 1) / m / generation.dcn_bandwidth if m > 1 else 0.0
+    return within + across  # within each slice over ICI, then its share across the slices
 
 
 def collective_seconds(item: hlo.Collective, devices, spec) -> float:

@@ -168,9 +168,8 @@ def generate_program(cfg, model_cfg, layout: Layout) -> Program:
     apply_fn = apply_fn_for(model_cfg)
     params = abstract_model_params(model_cfg, layout)
     rows = layout.batch_shards
-    sharding = layout.batch_sharding
-    canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
-    src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
+    canvas, src = (_sds((rows, cfg.data.seq_len), dtype, layout.batch_sharding)
+                   for dtype in (jnp.int32, jnp.bool_))
     key = abstract_key(layout)
     mask_id = checked_mask_token(model_cfg)
 

@@ -13,7 +13,7 @@ import math
 from diffujax.checkpoint.hf_read import DTYPES
 from diffujax.diffusion.sampling import RANKINGS
 from diffujax.inference.generation import DIFFUSION_SAMPLERS, RENAMED_SAMPLERS
-from diffujax.tasks.specs import OBJECTIVES
+from diffujax.tasks.formats import OBJECTIVES
 
 SCORES = ("reference", "mc")
 # lm-eval passes these to every model (from its --max_batch_size, --device).

@@ -22,7 +22,7 @@ from diffujax.tasks import metrics
 from diffujax.tasks.encode import Encoder
 from diffujax.tasks.engine import Engine, by_span_length
 from diffujax.tasks.execution import humaneval_program, run_program
-from diffujax.tasks.specs import OBJECTIVES, TASKS, TaskSpec
+from diffujax.tasks.formats import OBJECTIVES, TASKS, TaskSpec
 
 
 @dataclasses.dataclass(frozen=True)
