@@ -92,14 +92,10 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
                 else:
                     lo = mid + 1
     tried = list(memo.values())
-    ranked = sorted((t for t in tried if t["fits"] and t.get("step_seconds")),
-                    key=lambda t: t["step_seconds"])
-    best = None
-    if ranked:
-        top = ranked[0]
-        best = dict(top, overrides=[f"optimizer.grad_accum_steps={top['grad_accum_steps']}",
-                                    f"model.remat={top['remat']}",
-                                    f"model.loss_chunk={top['loss_chunk']}"])
+    top = min((t for t in tried if t["fits"] and t.get("step_seconds")),
+              key=lambda t: t["step_seconds"], default=None)  # the fastest that fits
+    best = top and dict(top, overrides=[f"optimizer.grad_accum_steps={top['grad_accum_steps']}",
+                                        f"model.remat={top['remat']}",
+                                        f"model.loss_chunk={top['loss_chunk']}"])
     return dict(topology=target.slice.name, global_batch=cfg.data.global_batch, tried=tried,
                 best=best)
-

@@ -69,9 +69,7 @@ def lambada(path):
 
 def hellaswag_preprocess(text: str) -> str:
     """lm-eval's / the reference's HellaSwag cleaning (WikiHow bracket artifacts)."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def _gold(record, name, count, offset=0):

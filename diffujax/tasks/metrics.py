@@ -57,9 +57,7 @@ _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 def gsm_number(text: str) -> str | None:
     """The number after the last '####' (commas dropped, ``12.0`` -> ``12``), or None."""
-    if "####" not in text:
-        return None
-    match = _NUMBER.search(text.rsplit("####", 1)[1])
+    match = _NUMBER.search(text.rsplit("####", 1)[1]) if "####" in text else None
     if match is None:
         return None
     number = match.group().replace(",", "")

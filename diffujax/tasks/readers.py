@@ -40,8 +40,7 @@ def _open_text(path: str):
 
 def read_lines(path: str) -> list[str]:
     """Non-empty lines, stripped (Lambada's plain-text format)."""
-    lines = [line.strip() for line in _open_text(path).splitlines()]
-    lines = [line for line in lines if line]
+    lines = [s for s in (line.strip() for line in _open_text(path).splitlines()) if s]
     if not lines:
         raise TaskDataError(f"{path}: no non-empty lines")
     return lines

@@ -270,12 +270,9 @@ def run_task(runner: TaskRunner, data: str, *, limit: int | None = None,
              ) -> tuple[dict, list[dict]]:
     """Evaluate ``runner``'s task on the file ``data``; returns (result, per-item records).
     ``computed_from``: more of what the results depend on (the checkpoint), for the header;
-    ``items``: the file's items, when they were read already."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: must be >= 1")
-    items = runner.spec.load(data) if items is None else items
-    if limit is not None:
-        items = items[:limit]
+    ``items``: the file's items, when they were read already (``--limit`` >= 1 is the command's
+    check)."""
+    items = (runner.spec.load(data) if items is None else items)[:limit]
     with open(data, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     header = dict(runner.header(data), data_sha256=digest, **(computed_from or {}))
