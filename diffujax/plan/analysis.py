@@ -112,15 +112,14 @@ def compile_program(program, target: Target, model_cfg) -> dict:
                if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
                     for path, spec in specs.items() if path in sharded}
-    counts = hlo.estimated_cycles(text, trips)
+    counts = hlo.estimated_cycles(text, trips, model_cfg.vocab_size or None)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
                all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
                communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels],
-                                    by_category=hlo.cycles_by_category(
-                                        text, trips, model_cfg.vocab_size or None)))
+                                    by_category=counts.by_category))
     return out
 
 

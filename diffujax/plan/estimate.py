@@ -115,7 +115,7 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
     """The time of one call of a compiled program (``compile_program``'s dict): XLA's ops at the
     compiler's cycle estimates, the Pallas kernels at their roofline, and the communication the
     schedule does not overlap (``comms.charge``), one after the other. ``bound_by``: the step's
-    seconds by category (``hlo.cycles_by_category``, then the kernels and the exposed
+    seconds by category (``hlo.estimated_cycles``, then the kernels and the exposed
     communication), largest first. ``step_seconds`` is None (with the reason in ``source``) when
     there is nothing to estimate from."""
     generation = target.slice.generation

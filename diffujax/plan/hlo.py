@@ -359,6 +359,7 @@ class CycleCount:
     cycles: int  # sum of ``estimated_cycles`` x runs
     instructions: int  # instructions that carry an estimate
     kernels: list  # KernelCall of every Pallas kernel (they carry no cycle estimate)
+    by_category: dict  # the cycles split by ``category``, largest first
 
 
 def _braced(line: str, key: str) -> str:
@@ -374,18 +375,25 @@ def _braced(line: str, key: str) -> str:
     return ""
 
 
-def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
+def estimated_cycles(text: str, open_trips: int | None = None, vocab: int | None = None
+                     ) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
-    backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
+    backend config, times how often it runs, and split by ``category`` (``vocab``: the model's
+    vocabulary size, for ``vocabulary``). Pallas kernels (Mosaic custom calls) carry no cycle
     estimate; they are returned with their declared ``pl.CostEstimate`` (if any) and operand
     shapes for the caller to cost. ``open_trips``: the trips of a loop that stops on data."""
+    comps, _ = _computations(text)
     cycles = count = 0
-    kernels = []
+    kernels, by_category = [], collections.Counter()
     for _, m, line, runs in _walk(text, open_trips):
         found = _CYCLES.search(line)
         if found:
             cycles += int(found.group(1)) * runs
             count += 1
+            body = list(_fused(comps, _calls(line))) if m.group(3) == "fusion" else [(m, line)]
+            shapes = [array for i, _ in body for array in shape_dims(i.group(2))]
+            by_category[category({i.group(3) for i, _ in body}, shapes, vocab)] += (
+                int(found.group(1)) * runs)
         elif m.group(3) == "custom-call" and "tpu_custom_call" in line:
             cost = _KERNEL_COST.search(line)  # its pl.CostEstimate, if it declares one
             declared = cost and {k: float(v) for k, v in re.findall(
@@ -398,7 +406,7 @@ def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
                 metadata = None
             kernels.append(KernelCall(m.group(1), runs, declared, operands,
                                       shape_dims(m.group(2)), metadata))
-    return CycleCount(cycles, count, kernels)
+    return CycleCount(cycles, count, kernels, dict(by_category.most_common()))
 
 
 # ------------------------------------------------------------------------------ categories
@@ -434,21 +442,3 @@ def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
         # for the backward pass, the scan's outputs): it costs the bytes it writes
         return "data movement"
     return "elementwise"
-
-
-def cycles_by_category(text: str, open_trips: int | None = None, vocab: int | None = None
-                       ) -> dict[str, int]:
-    """``estimated_cycles`` (``estimated_cycles``' sum, per run of the program) split by
-    ``category``, largest first. ``vocab``: the model's vocabulary size, for ``vocabulary``."""
-    comps, _ = _computations(text)
-    out = collections.Counter()
-    for _, m, line, runs in _walk(text, open_trips):
-        found = _CYCLES.search(line)
-        if not found:
-            continue
-        body = list(_fused(comps, _calls(line))) if m.group(3) == "fusion" else [(m, line)]
-        opcodes = {i.group(3) for i, _ in body}
-        shapes = [array for i, _ in body for array in shape_dims(i.group(2))]
-        out[category(opcodes, shapes, vocab)] += int(found.group(1)) * runs
-    return dict(out.most_common())
-
