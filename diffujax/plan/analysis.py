@@ -37,17 +37,10 @@ class Target:
     num_slices: int
     layout: Layout
 
-    @property
-    def mesh(self) -> jax.sharding.Mesh:
-        return self.layout.mesh
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.devices.size
-
-    @property
-    def device_kind(self) -> str:
-        return self.mesh.devices.flat[0].device_kind
+    def __post_init__(self):
+        self.mesh: jax.sharding.Mesh = self.layout.mesh
+        self.num_devices: int = self.mesh.devices.size
+        self.device_kind: str = self.mesh.devices.flat[0].device_kind
 
 
 def make_target(cfg, topology: str, num_slices: int | None = None) -> Target:

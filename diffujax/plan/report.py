@@ -148,10 +148,8 @@ def format_fit(r: dict) -> str:
                      f" HBM {gib(t['total'])}: {'fits' if t['fits'] else 'does not fit'}"
                      + (f"; est. step {est:.3f} s, MFU {100 * t['mfu']:.1f}%" if est else ""))
     best = r.get("best")
-    if not best:
-        lines.append("nothing tried fits: use a larger slice, tensor parallelism"
-                     " (mesh.shape.tensor) or a shorter seq_len")
-        return "\n".join(lines)
-    lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}")
+    lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}" if best else
+                 "nothing tried fits: use a larger slice, tensor parallelism (mesh.shape.tensor)"
+                 " or a shorter seq_len")
     return "\n".join(lines)
 

@@ -51,10 +51,9 @@ def humaneval_program(prefix: str, completion: str, suffix: str, test: str,
 def _network_namespace() -> list[str]:
     """``["unshare", "-rn"]`` if an unprivileged network namespace works here, else ``[]``."""
     tool = shutil.which("unshare")
-    if tool is None:
-        return []
     try:
-        ok = subprocess.run([tool, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+        ok = tool and subprocess.run([tool, "-rn", "true"], capture_output=True,
+                                     timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return [tool, "-rn"] if ok else []

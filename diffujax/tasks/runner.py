@@ -152,8 +152,7 @@ class TaskRunner:
         completions = self._infill_texts(chunk)
         programs = [humaneval_program(item.prefix, c, item.suffix, item.test, item.entry_point)
                     for (_, item), c in zip(chunk, completions)]
-        workers = max(1, min(len(programs), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # made as needed
             outcomes = list(pool.map(lambda p: run_program(p, timeout=self.s.timeout), programs))
         return [dict(index=index, task_id=item.task_id, completion=c, status=o.status,
                      detail=o.detail, **{"pass@1": float(o.passed)})
