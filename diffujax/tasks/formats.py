@@ -84,7 +84,10 @@ def hellaswag(path):
     items = []
     for r in readers.read_records(path):
         ctx = field(r, "ctx_a") + " " + field(r, "ctx_b").capitalize()
-        endings = readers.strings(r, "endings")
+        endings = field(r, "endings", list)
+        if not all(isinstance(e, str) for e in endings):
+            raise TaskDataError(f"{r['_where']}: field 'endings' must be a list of strings, got"
+                                f" {endings!r:.60}")
         items.append(Choice(prefix=hellaswag_preprocess(field(r, "activity_label") + ": " + ctx),
                             continuations=tuple(hellaswag_preprocess(e) for e in endings),
                             gold=_gold(r, "label", len(endings))))

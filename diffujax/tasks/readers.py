@@ -82,15 +82,6 @@ def read_csv(path: str) -> list[dict]:
     return rows
 
 
-def strings(record: dict, name: str) -> list[str]:
-    """``record[name]`` checked to be a list of strings."""
-    value = field(record, name, list)
-    if not all(isinstance(v, str) for v in value):
-        raise TaskDataError(f"{record.get('_where', '?')}: field {name!r} must be a list of"
-                            f" strings, got {value!r:.60}")
-    return value
-
-
 def nonempty(record: dict, name: str, what: str) -> str:
     """``record[name]``, a string with more than white space (``what`` says why)."""
     value = field(record, name)
