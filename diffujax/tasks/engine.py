@@ -25,7 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
-from diffujax.inference.generation import DEFAULT_BLOCK_LENGTH, decode, sampler_call
+from diffujax.inference.generation import decode, sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
@@ -223,7 +223,6 @@ class Engine:
     def diffusion_decode(self, rows, *, sampler: str = "confidence", steps: int = 32,
                          temperature: float = 0.0, top_k=None, top_p=None,
                          ranking: str = "masked", confidence_temperature=None,
-                         block_length: int = DEFAULT_BLOCK_LENGTH,
                          threshold: float = 0.9) -> list[list[int]]:
         """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
         span of every row (token lists). ``steps`` is the number of denoising passes. On a
@@ -236,14 +235,12 @@ class Engine:
                                       temperature=temperature, top_k=top_k, top_p=top_p,
                                       threshold=threshold)
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
-        outputs = []
-        m = self.model
+        outputs, m = [], self.model
         with m.active():
             for chunk, (tokens, fixed, segments, ids) in self._packed_batches(rows):
-                longest = max(sum(1 for f in r.fixed if not f) for r in chunk)
+                longest = max(r.fixed.count(False) for r in chunk)
                 fn, extra = sampler_call(sampler, steps=steps, generated=longest,
-                                         block_length=block_length, threshold=threshold,
-                                         ranking=ranking,
+                                         threshold=threshold, ranking=ranking,
                                          confidence_temperature=confidence_temperature)
                 out = fn(apply, m.params, tokens, fixed, self.key, mask_token_id=mask,
                          pattern=full(segments), temperature=temperature, top_k=top_k,
