@@ -12,7 +12,7 @@ import importlib.resources
 import pathlib
 
 from diffujax.parallel.arguments import add_mesh_args
-from diffujax.tasks.specs import OBJECTIVES, TASKS
+from diffujax.tasks.formats import OBJECTIVES, TASKS
 
 # inference/generation.py's SAMPLERS, RENAMED_SAMPLERS and DEFAULT_BLOCK_LENGTH, spelled here so
 # that `--help` need not import the samplers (tests/test_cli.py checks that they agree).

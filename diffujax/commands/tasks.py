@@ -66,8 +66,8 @@ def run_tasks(args) -> int:
                         args.task, settings)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     first = jax.process_index() == 0  # every process computes the same; one writes and prints
-    result, _ = run_task(runner, args.data, limit=args.limit, per_item=args.per_item,
-                         progress=progress and first, write=first,
+    result, _ = run_task(runner, args.data, limit=args.limit,
+                         per_item=args.per_item if first else None, progress=progress and first,
                          computed_from=checkpoint_identity(args.checkpoint), items=items)
     if first:
         print(json.dumps(result) if args.json else format_result(result))

@@ -37,17 +37,10 @@ class Target:
     num_slices: int
     layout: Layout
 
-    @property
-    def mesh(self) -> jax.sharding.Mesh:
-        return self.layout.mesh
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.devices.size
-
-    @property
-    def device_kind(self) -> str:
-        return self.mesh.devices.flat[0].device_kind
+    def __post_init__(self):
+        self.mesh: jax.sharding.Mesh = self.layout.mesh
+        self.num_devices: int = self.mesh.devices.size
+        self.device_kind: str = self.mesh.devices.flat[0].device_kind
 
 
 def make_target(cfg, topology: str, num_slices: int | None = None) -> Target:
@@ -71,10 +64,8 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     hbm = target.slice.hbm_bytes
     out = dict(name=program.name, description=program.description, rows=program.rows,
                attention=attention_backend(model_cfg, program, target))
-    if program.decode:
-        out["decode"] = dict(program.decode)
-    if program.decode_step:
-        out["decode_step"] = dict(program.decode_step)
+    out.update({name: dict(plan) for name, plan in (("decode", program.decode),
+                                                     ("decode_step", program.decode_step)) if plan})
     if program.matmul_flops:
         out["matmul_flops"] = program.matmul_flops()
     t0 = time.perf_counter()
@@ -108,31 +99,21 @@ def compile_program(program, target: Target, model_cfg) -> dict:
     specs = param_specs(model_cfg)
     shapes = {path: spec.shape for path, spec in specs.items()}
     # Weights the mesh shards (a replicated one, such as a bias, is rightly all-reduced), per layer.
-    weights = _flat(program.inputs.get("params")) + _flat(program.inputs.get("frozen"))
-    sharded = {path for path, leaf in weights
+    sharded = {jax.tree_util.keystr(path, simple=True, separator="/")
+               for group in ("params", "frozen")
+               for path, leaf in jax.tree_util.tree_flatten_with_path(program.inputs.get(group))[0]
                if leaf.sharding is not None and leaf.sharding.shard_shape(leaf.shape) != leaf.shape}
     layer_shapes = {path: spec.shape[1:] if spec.axes[:1] == ("layers",) else spec.shape
                     for path, spec in specs.items() if path in sharded}
-    counts = hlo.estimated_cycles(text, trips)
+    counts = hlo.estimated_cycles(text, trips, model_cfg.vocab_size or None)
     out.update(collectives=hlo.summarize(items), gathered_whole=hlo.gathered_whole(items, shapes),
                all_reduced_whole=hlo.all_reduced_whole(items, layer_shapes),
                communication=comms.charge(items, list(target.mesh.devices.flat), target.slice),
                kernel_calls=len(counts.kernels),
                compiler_cycles=dict(cycles=counts.cycles, instructions=counts.instructions,
                                     kernels=[kernel_summary(k) for k in counts.kernels],
-                                    by_category=hlo.cycles_by_category(
-                                        text, trips, model_cfg.vocab_size or None)))
+                                    by_category=counts.by_category))
     return out
-
-
-def _flat(tree) -> list:
-    """``[("layers/attn/q_proj/kernel", leaf), ...]``: a parameter tree's leaves by their
-    ``param_specs`` names."""
-    if tree is None:
-        return []
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
-            for path, leaf in leaves]
 
 
 @contextlib.contextmanager
@@ -236,6 +217,3 @@ def plan(cfg, topology: str, *, num_slices: int | None = None, what: str = "trai
         report["estimate"] = report["programs"][0]["estimate"]
     return report
 
-
-__all__ = ["Target", "attention_backend", "compile_program", "make_target", "out_of_memory",
-           "plan"]

@@ -49,20 +49,14 @@ def group_seconds(kind: str, full_bytes: float, devices, spec) -> float:
     by_slice = collections.defaultdict(list)
     for d in devices:
         by_slice[getattr(d, "slice_index", 0)].append(d)
-    if kind == "collective-permute":
-        if len(by_slice) > 1:
-            return full_bytes / generation.dcn_bandwidth
-        return full_bytes / generation.ici_link_bandwidth
-    factor = _RING_FACTOR[kind]
     m = len(by_slice)
-    local = max(by_slice.values(), key=len)
+    if kind == "collective-permute":
+        return full_bytes / (generation.dcn_bandwidth if m > 1 else generation.ici_link_bandwidth)
+    factor, local = _RING_FACTOR[kind], max(by_slice.values(), key=len)
     k = len(local)
-    seconds = 0.0
-    if k > 1:
-        seconds += factor * full_bytes * (k - 1) / k / ring_bandwidth(local, spec)
-    if m > 1:
-        seconds += factor * (full_bytes / k) * (m - 1) / m / generation.dcn_bandwidth
-    return seconds
+    within = factor * full_bytes * (k - 1) / k / ring_bandwidth(local, spec) if k > 1 else 0.0
+    across = factor * (full_bytes / k) * (m - 1) / m / generation.dcn_bandwidth if m > 1 else 0.0
+    return within + across  # within each slice over ICI, then its share across the slices
 
 
 def collective_seconds(item: hlo.Collective, devices, spec) -> float:
@@ -75,17 +69,9 @@ def collective_seconds(item: hlo.Collective, devices, spec) -> float:
             return item.full_bytes / rate
         return _RING_FACTOR[item.kind] * item.full_bytes * (slices - 1) / slices / rate
     groups = item.groups or [list(range(len(devices)))]
-    if item.kind == "collective-permute":
-        groups = [[a, b] for a, b in groups]
-    seen, worst = set(), 0.0
-    for group in groups:
-        members = tuple(sorted(group))
-        if members in seen or len(members) < 2:
-            continue
-        seen.add(members)
-        worst = max(worst, group_seconds(item.kind, item.full_bytes,
-                                         [devices[i] for i in members], spec))
-    return worst
+    unique = {tuple(sorted(group)) for group in groups if len(group) >= 2}
+    return max((group_seconds(item.kind, item.full_bytes, [devices[i] for i in members], spec)
+                for members in unique), default=0.0)
 
 
 def charge(items: list[hlo.Collective], devices, spec) -> dict:
@@ -93,28 +79,18 @@ def charge(items: list[hlo.Collective], devices, spec) -> dict:
     by form (sync, async, fusion). Without a clock rate overlap cannot be measured in seconds,
     so everything is counted as exposed."""
     clock = spec.generation.clock_hz
-    out = dict(seconds=0.0, exposed_seconds=0.0, overlapped_seconds=0.0, by_kind={}, by_form={})
+    total = collections.Counter(seconds=0.0, exposed_seconds=0.0)
+    by_kind, by_form = collections.defaultdict(collections.Counter), {}
     for item in items:
         once = collective_seconds(item, devices, spec)
         hidden = min(once, item.overlap_cycles / clock) if clock and item.form != "sync" else 0.0
         seconds, exposed = once * item.runs, (once - hidden) * item.runs
-        kind = out["by_kind"].setdefault(item.kind, dict(ops=0, executions=0, bytes_per_step=0,
-                                                         seconds=0.0, exposed_seconds=0.0))
-        kind["ops"] += 1
-        kind["executions"] += item.runs
-        kind["bytes_per_step"] += item.full_bytes * item.runs
-        kind["seconds"] += seconds
-        kind["exposed_seconds"] += exposed
-        form = out["by_form"].setdefault(item.form, dict(ops=0, seconds=0.0,
-                                                         exposed_seconds=0.0))
-        form["ops"] += 1
-        form["seconds"] += seconds
-        form["exposed_seconds"] += exposed
-        out["seconds"] += seconds
-        out["exposed_seconds"] += exposed
-    out["overlapped_seconds"] = out["seconds"] - out["exposed_seconds"]
-    out["by_kind"] = dict(sorted(out["by_kind"].items()))
-    return out
-
-
-__all__ = ["charge", "collective_seconds", "group_seconds", "ring_bandwidth"]
+        by_kind[item.kind].update(ops=1, executions=item.runs,
+                                  bytes_per_step=item.full_bytes * item.runs, seconds=seconds,
+                                  exposed_seconds=exposed)
+        by_form.setdefault(item.form, collections.Counter()).update(ops=1, seconds=seconds,
+                                                                   exposed_seconds=exposed)
+        total.update(seconds=seconds, exposed_seconds=exposed)
+    return dict(total, overlapped_seconds=total["seconds"] - total["exposed_seconds"],
+                by_kind={k: dict(v) for k, v in sorted(by_kind.items())},
+                by_form={k: dict(v) for k, v in by_form.items()})

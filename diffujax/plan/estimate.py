@@ -29,23 +29,16 @@ its time is ``step_time``'s; the tokens it yields depend on the sampler (``token
 
 from __future__ import annotations
 
-import math
-
 from diffujax.plan import hlo
 
 
 # FLOPs per (query, key, head_dim) triple of the attention kernels' passes: forward q.k and p.v;
 # dq recomputes q.k and adds dp and dq; dkv recomputes q.k and adds dv, dp and dk.
-_PASS_FLOPS = (("dkv", 8), ("dq", 6), ("bwd", 10), ("fwd", 4))
+_PASS_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8}
 # The block-size keys of each pass in a kernel's metadata (splash's names; the diffujax kernels
 # write the same): (query block, key/value block).
 _PASS_BLOCKS = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
                 "dkv": ("block_q_dkv", "block_kv_dkv")}
-
-
-def _nbytes(shape) -> float:
-    dtype, dims = shape
-    return math.prod(dims) * hlo.dtype_bytes(dtype)
 
 
 def attention_blocks(call) -> dict | None:
@@ -80,10 +73,10 @@ def blocked_attention_cost(call, blocks: dict) -> tuple[float, float, int]:
     (_, (b, h, lq, d)), (_, (_, kvh, lk, _)) = blocks["q"], blocks["k"]
     bq, bkv = min(blocks["bq"], lq), min(blocks["bkv"], lk)
     steps = b * h * -(-lq // bq) * -(-lk // bkv)
-    flops = dict(_PASS_FLOPS)[blocks["name"]] * steps * bq * bkv * d
-    outputs = sum(_nbytes(r) for r in blocks["outputs"])
-    kv = _nbytes(blocks["k"]) + _nbytes(blocks["v"])
-    q_side = _nbytes(blocks["q"]) + sum(_nbytes(r) for r in blocks["rest"])
+    flops = _PASS_FLOPS[blocks["name"]] * steps * bq * bkv * d
+    outputs = sum(hlo.array_bytes(r) for r in blocks["outputs"])
+    kv = hlo.array_bytes(blocks["k"]) + hlo.array_bytes(blocks["v"])
+    q_side = hlo.array_bytes(blocks["q"]) + sum(hlo.array_bytes(r) for r in blocks["rest"])
     if blocks["name"] == "dkv":
         moved = outputs + kv + q_side * -(-lk // bkv)
     else:
@@ -91,34 +84,22 @@ def blocked_attention_cost(call, blocks: dict) -> tuple[float, float, int]:
     return float(flops), float(moved), steps
 
 
-def kernel_cost(call) -> tuple[float, float]:
-    """``(flops, bytes)`` of one Pallas kernel call: from its block sizes for an attention pass
-    that names them (``blocked_attention_cost``); else its declared ``pl.CostEstimate``; else
-    dense attention FLOPs from its q and k operands and the pass its name says, with its operands
-    and results read once."""
-    blocks = attention_blocks(call)
-    if blocks:
-        flops, moved, _ = blocked_attention_cost(call, blocks)
-        return flops, moved
-    moved = sum(math.prod(dims) * hlo.dtype_bytes(t) for t, dims in call.operands + call.results)
-    if call.declared:
-        return call.declared.get("flops", 0.0), call.declared.get("bytes_accessed", moved)
-    tensors = [dims for _, dims in call.operands if len(dims) == 4]
-    if len(tensors) < 2:
-        return 0.0, moved
-    (b, h, lq, d), lk = tensors[0], tensors[1][2]
-    factor = next((f for key, f in _PASS_FLOPS if key in call.name), 4)
-    return float(factor * b * h * lq * lk * d), moved
-
-
 def kernel_summary(call) -> dict:
-    flops, moved = kernel_cost(call)
-    blocks = attention_blocks(call)
-    out = dict(name=call.name, runs=call.runs, flops=flops, bytes=moved,
+    """The cost of one Pallas kernel call: ``flops`` and ``bytes`` from its block sizes for an
+    attention pass that names them (``blocked_attention_cost``, with its grid ``steps`` and
+    ``blocks``); else its declared ``pl.CostEstimate``, or no FLOPs, with its operands and
+    results read once."""
+    out = dict(name=call.name, runs=call.runs, flops=0.0, bytes=0.0,
                declared=call.declared is not None, steps=None, blocks=None)
+    blocks = attention_blocks(call)
     if blocks:
-        out.update(steps=blocked_attention_cost(call, blocks)[2],
-                   blocks=[blocks["bq"], blocks["bkv"]])
+        out["flops"], out["bytes"], out["steps"] = blocked_attention_cost(call, blocks)
+        out["blocks"] = [blocks["bq"], blocks["bkv"]]
+        return out
+    out["bytes"] = sum(hlo.array_bytes(shape) for shape in call.operands + call.results)
+    if call.declared:
+        out["flops"] = call.declared.get("flops", 0.0)
+        out["bytes"] = call.declared.get("bytes_accessed", out["bytes"])
     return out
 
 
@@ -134,7 +115,7 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
     """The time of one call of a compiled program (``compile_program``'s dict): XLA's ops at the
     compiler's cycle estimates, the Pallas kernels at their roofline, and the communication the
     schedule does not overlap (``comms.charge``), one after the other. ``bound_by``: the step's
-    seconds by category (``hlo.cycles_by_category``, then the kernels and the exposed
+    seconds by category (``hlo.estimated_cycles``, then the kernels and the exposed
     communication), largest first. ``step_seconds`` is None (with the reason in ``source``) when
     there is nothing to estimate from."""
     generation = target.slice.generation
@@ -146,8 +127,7 @@ def step_time(program: dict, target, peak_flops: float | None) -> dict:
                                               f" {target.slice.name}")
     kernels = kernel_seconds(counts["kernels"], generation, peak_flops)
     xla = counts["cycles"] / generation.clock_hz
-    comm = program.get("communication") or dict(seconds=0.0, exposed_seconds=0.0,
-                                                overlapped_seconds=0.0)
+    comm = program["communication"]  # compiled with compiler_cycles
     seconds = xla + kernels + comm["exposed_seconds"]
     parts = {name: cycles / generation.clock_hz
              for name, cycles in (counts.get("by_category") or {}).items()}
@@ -216,6 +196,3 @@ def estimate_decode_step(program: dict, target, peak_flops: float | None) -> dic
             k: rows * v / seconds / chips for k, v in out["tokens_per_pass_per_row"].items()}
     return out
 
-
-__all__ = ["estimate_decode", "estimate_decode_step", "estimate_step", "kernel_cost",
-           "kernel_seconds", "kernel_summary", "step_time", "tokens_per_pass"]

@@ -42,69 +42,56 @@ def shape_dims(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(text)]
 
 
-def dtype_bytes(dtype: str) -> float:
-    return _BYTES[dtype]
+def array_bytes(array: tuple[str, tuple[int, ...]]) -> float:
+    """The bytes of one ``(dtype, dims)`` array (``shape_dims``)."""
+    dtype, dims = array
+    return _BYTES[dtype] * math.prod(dims)
 
 
 def shape_bytes(text: str) -> int:
-    return int(sum(_BYTES[t] * math.prod(d) for t, d in shape_dims(text)))
+    return int(sum(map(array_bytes, shape_dims(text))))
 
 
 # ------------------------------------------------------------------------------ control flow
 
 
-@dataclasses.dataclass
-class _Computation:
-    name: str
-    lines: list = dataclasses.field(default_factory=list)
-
-
-def _computations(text: str) -> tuple[dict[str, _Computation], str | None]:
-    """Computations by name, one joined line per instruction (a kernel's metadata can span
-    several text lines; only a lone ``}`` closes a computation)."""
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+    """Computations by name, each a list of its instructions, one joined line per instruction (a
+    kernel's metadata can span several text lines; only a lone ``}`` closes a computation)."""
     comps, entry, current = {}, None, None
     for line in text.splitlines():
         if current is None:
             m = _HEADER.match(line)
             if m:
-                current = comps.setdefault(m.group(1), _Computation(m.group(1)))
+                current = comps.setdefault(m.group(1), [])
                 if line.startswith("ENTRY"):
                     entry = m.group(1)
             continue
         if line.strip() == "}":
             current = None
-        elif line.startswith((" ", "\t")) or not current.lines:
-            current.lines.append(line)
+        elif line.startswith((" ", "\t")) or not current:
+            current.append(line)
         else:  # the continuation of the instruction above
-            current.lines[-1] += " " + line
+            current[-1] += " " + line
     return comps, entry
 
 
-def _trip_count(condition: _Computation | None, open_trips: int | None = None) -> int:
+def _trip_count(condition: list[str] | None, open_trips: int | None = None) -> int:
     """A scan's condition is ``counter < constant(N)``; unknown forms count once, or
     ``open_trips`` times when given and the condition is not that one comparison (a loop that
     stops on data, whose trip count the program text cannot say)."""
     if condition is None:
         return 1
-    if open_trips is not None and not _is_counter(condition):
+    root = next((line for line in condition if line.lstrip().startswith("ROOT ")), "")
+    if open_trips is not None and not (" compare(" in root and "direction=LT" in root):
         return open_trips
-    constants = {}
-    for line in condition.lines:
-        m = _CONSTANT.match(line)
-        if m:
-            constants[m.group(1)] = int(m.group(2))
-    for line in condition.lines:
+    constants = dict(m.groups() for m in map(_CONSTANT.match, condition) if m)
+    for line in condition:
         if " compare(" in line and "direction=LT" in line:
             for name, value in constants.items():
                 if re.search(rf"%{re.escape(name)}\b", line):
-                    return value
+                    return int(value)
     return 1
-
-
-def _is_counter(condition: _Computation) -> bool:
-    """Whether a loop condition is a counted loop's: its root one ``compare`` (LT)."""
-    root = next((line for line in condition.lines if line.lstrip().startswith("ROOT ")), "")
-    return " compare(" in root and "direction=LT" in root
 
 
 def _walk(text: str, open_trips: int | None = None):
@@ -118,7 +105,7 @@ def _walk(text: str, open_trips: int | None = None):
     def visit(name, runs, depth):
         if depth > 64 or name not in comps:
             return
-        for line in comps[name].lines:
+        for line in comps[name]:
             m = _INSTR.match(line)
             if not m:
                 continue
@@ -189,32 +176,15 @@ def replica_groups(line: str) -> list[list[int]]:
         return [[int(x) for x in g.split(",") if x.strip()]
                 for g in re.findall(r"\{([0-9, ]*)\}", text[1:-1])]
     if text.startswith("["):
-        shape, source, perm = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?",
-                                           text).groups()
-        dims = [int(d) for d in source.split(",")]
-        ids = np.arange(math.prod(dims)).reshape(dims)
-        if perm:
-            ids = ids.transpose([int(p) for p in perm.split(",")])
-        return ids.reshape([int(d) for d in shape.split(",")]).tolist()
-    axes = _MESH_AXIS.findall(text.split("]")[0])
-    names = [a for a, _ in axes]
-    grouped = re.findall(r"'([^']+)'", text.split("]", 1)[1])
-    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
-    inner = [names.index(a) for a in grouped]
+        shape, source, perm = ([int(d) for d in g.split(",")] if g else None for g in re.fullmatch(
+            r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", text).groups())
+        ids = np.arange(math.prod(source)).reshape(source).transpose(perm or range(len(source)))
+        return ids.reshape(shape).tolist()
+    names, sizes = zip(*((a, int(n)) for a, n in _MESH_AXIS.findall(text.split("]")[0])))
+    inner = [names.index(a) for a in re.findall(r"'([^']+)'", text.split("]", 1)[1])]
     outer = [i for i in range(len(names)) if i not in inner]
-    ids = ids.transpose(outer + inner)
-    return ids.reshape(-1, math.prod(ids.shape[len(outer):]) if inner else 1).tolist()
-
-
-def _operand_names(call: str) -> list[str]:
-    """The ``%name`` operands of an instruction's argument text (up to the closing paren)."""
-    depth, end = 1, len(call)
-    for i, ch in enumerate(call):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if depth == 0:
-            end = i
-            break
-    return re.findall(r"%([^\s,()]+)", call[:end])
+    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(outer + inner)
+    return ids.reshape(-1, math.prod(sizes[i] for i in inner)).tolist()
 
 
 def _collective(kind, name, comp, result, line, runs, form, overlap=0) -> Collective:
@@ -226,28 +196,28 @@ def _collective(kind, name, comp, result, line, runs, form, overlap=0) -> Collec
     return item
 
 
-def _fused_collectives(comps, name, depth=0) -> list[tuple[str, str, str, str]]:
-    """``([(kind, name, result, line), ...], computes)``: the collectives inside a fused
-    computation (nested fusions included) and whether it also runs a matmul or kernel."""
-    found, computes = [], False
-    comp = comps.get(name)
-    if comp is None or depth > 8:
-        return found, computes
-    for line in comp.lines:
+def _calls(line: str) -> str | None:
+    """The computation a ``fusion`` / ``call`` / ``async-start`` instruction calls."""
+    return dict(_CALLEES.findall(line)).get("calls")
+
+
+def _fused(comps, name, depth=0):
+    """``(instruction match, line)`` of every instruction of a fused computation, the nested
+    fusions' included."""
+    if name not in comps or depth > 8:
+        return
+    for line in comps[name]:
         m = _INSTR.match(line)
-        if not m:
-            continue
-        opcode = m.group(3)
-        if opcode in COLLECTIVES:
-            found.append((opcode, m.group(1), m.group(2), line))
-        elif opcode in ("convolution", "dot", "custom-call"):
-            computes = True
-        elif opcode == "fusion":
-            callee = dict(_CALLEES.findall(line)).get("calls")
-            inner, inner_computes = _fused_collectives(comps, callee, depth + 1)
-            found += inner
-            computes = computes or inner_computes
-    return found, computes
+        if m:
+            yield m, line
+            if m.group(3) == "fusion":
+                yield from _fused(comps, _calls(line), depth + 1)
+
+
+def _fused_collectives(comps, name) -> list[tuple[str, str, str, str]]:
+    """``[(kind, name, result, line), ...]``: the collectives inside a fused computation."""
+    return [(m.group(3), m.group(1), m.group(2), line) for m, line in _fused(comps, name)
+            if m.group(3) in COLLECTIVES]
 
 
 def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
@@ -288,12 +258,11 @@ def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
             pending[name] = [comp, 0, line]
             continue
         if opcode.endswith("-done"):
-            operands = _operand_names(m.group(4))
-            start = pending.pop(operands[0], None) if operands else None
+            operand = re.search(r"%([^\s,()]+)", m.group(4))  # the -start it waits for
+            start = pending.pop(operand.group(1), None) if operand else None
             kind, start_line = opcode[:-5], (start[2] if start else line)
             if kind == "async" and start:  # a generic async wrapper: look at what it calls
-                callee = dict(_CALLEES.findall(start_line)).get("calls")
-                inner, _ = _fused_collectives(comps, callee)
+                inner = _fused_collectives(comps, _calls(start_line))
                 if inner:
                     kind, _, _, start_line = inner[0]
             if kind in COLLECTIVES:
@@ -307,12 +276,11 @@ def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
             # reduces / gathers it over the data-center network (the peers are the other slices).
             kind = _MEGASCALE.search(line).group(1).lower().replace("_", "-")
             kind = kind if kind in COLLECTIVES else "collective-permute"
-            size = shape_bytes(" ".join(f"{t}[{','.join(map(str, d))}]"
-                                        for t, d in shape_dims(result)[:1]))
+            size = int(sum(map(array_bytes, shape_dims(result)[:1])))
             out.append(Collective(kind, name, comp, result, size, runs, [], size,
                                   network="dcn"))
         elif opcode == "fusion":
-            inner, _ = _fused_collectives(comps, dict(_CALLEES.findall(line)).get("calls"))
+            inner = _fused_collectives(comps, _calls(line))
             for kind, inner_name, inner_result, inner_line in inner:
                 channel = _CHANNEL.search(inner_line)
                 key = (comp, channel.group(1) if channel else f"{name}/{inner_name}")
@@ -334,31 +302,28 @@ def collectives(text: str, open_trips: int | None = None) -> list[Collective]:
 def summarize(items: list[Collective]) -> dict[str, dict[str, int]]:
     """``{kind: {"ops", "bytes", "executions", "bytes_per_step"}}``, bytes per device: ``bytes``
     counts each op once, ``bytes_per_step`` every execution (one run of the program)."""
-    out: dict[str, dict[str, int]] = {}
+    out = collections.defaultdict(collections.Counter)
     for c in items:
-        s = out.setdefault(c.kind, dict(ops=0, bytes=0, executions=0, bytes_per_step=0))
-        s["ops"] += 1
-        s["bytes"] += c.bytes
-        s["executions"] += c.runs
-        s["bytes_per_step"] += c.bytes * c.runs
-    return dict(sorted(out.items()))
+        out[c.kind].update(ops=1, bytes=c.bytes, executions=c.runs, bytes_per_step=c.bytes * c.runs)
+    return {kind: dict(s) for kind, s in sorted(out.items())}
+
+
+def _named_by_shape(items, kind: str, shapes: dict, key=tuple) -> list[str]:
+    """Names in ``shapes`` whose ``key(shape)`` is that of a result of some ``kind`` collective."""
+    by_shape = collections.defaultdict(list)
+    for name, shape in shapes.items():
+        by_shape[key(shape)].append(name)
+    hits = []
+    for c in items:
+        for _, dims in shape_dims(c.result) if c.kind == kind else ():
+            hits += [name for name in by_shape.get(key(dims), ()) if name not in hits]
+    return hits
 
 
 def gathered_whole(items: list[Collective], full_shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Names of parameters some all-gather materialises whole on every device (its result has the
     parameter's full shape): large ones cost their full size in HBM and ICI bandwidth."""
-    by_shape = collections.defaultdict(list)
-    for name, shape in full_shapes.items():
-        by_shape[tuple(shape)].append(name)
-    hits = []
-    for c in items:
-        if c.kind != "all-gather":
-            continue
-        for _, dims in shape_dims(c.result):
-            for name in by_shape.get(dims, ()):
-                if name not in hits:
-                    hits.append(name)
-    return hits
+    return _named_by_shape(items, "all-gather", full_shapes)
 
 
 def all_reduced_whole(items: list[Collective], layer_shapes: dict[str, tuple[int, ...]]
@@ -368,19 +333,8 @@ def all_reduced_whole(items: list[Collective], layer_shapes: dict[str, tuple[int
     gathered as a zero-filled buffer summed across devices; either moves about twice the bytes
     FSDP needs. ``layer_shapes``: each weight's shape without its stacked ``layers`` axis."""
     squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731
-    by_shape = collections.defaultdict(list)
-    for name, shape in layer_shapes.items():
-        if len(squeeze(shape)) >= 2:
-            by_shape[squeeze(shape)].append(name)
-    hits = []
-    for c in items:
-        if c.kind != "all-reduce":
-            continue
-        for _, dims in shape_dims(c.result):
-            for name in by_shape.get(squeeze(dims), ()):
-                if name not in hits:
-                    hits.append(name)
-    return hits
+    matrices = {name: shape for name, shape in layer_shapes.items() if len(squeeze(shape)) >= 2}
+    return _named_by_shape(items, "all-reduce", matrices, squeeze)
 
 
 # ------------------------------------------------------------------------------ cycles
@@ -405,6 +359,7 @@ class CycleCount:
     cycles: int  # sum of ``estimated_cycles`` x runs
     instructions: int  # instructions that carry an estimate
     kernels: list  # KernelCall of every Pallas kernel (they carry no cycle estimate)
+    by_category: dict  # the cycles split by ``category``, largest first
 
 
 def _braced(line: str, key: str) -> str:
@@ -420,74 +375,53 @@ def _braced(line: str, key: str) -> str:
     return ""
 
 
-def kernel_metadata(line: str) -> dict | None:
-    """The JSON a Pallas kernel writes into its ``kernel_metadata`` (``xprof_metadata``)."""
-    found = _XPROF.search(line)
-    if not found:
-        return None
-    try:
-        return json.loads(json.loads(f'"{found.group(1)}"'))
-    except ValueError:
-        return None
-
-
-def estimated_cycles(text: str, open_trips: int | None = None) -> CycleCount:
+def estimated_cycles(text: str, open_trips: int | None = None, vocab: int | None = None
+                     ) -> CycleCount:
     """Sum of the ``estimated_cycles`` XLA's TPU backend writes into each fusion's and op's
-    backend config, times how often it runs. Pallas kernels (Mosaic custom calls) carry no cycle
+    backend config, times how often it runs, and split by ``category`` (``vocab``: the model's
+    vocabulary size, for ``vocabulary``). Pallas kernels (Mosaic custom calls) carry no cycle
     estimate; they are returned with their declared ``pl.CostEstimate`` (if any) and operand
     shapes for the caller to cost. ``open_trips``: the trips of a loop that stops on data."""
+    comps, _ = _computations(text)
     cycles = count = 0
-    kernels = []
+    kernels, by_category = [], collections.Counter()
     for _, m, line, runs in _walk(text, open_trips):
         found = _CYCLES.search(line)
         if found:
             cycles += int(found.group(1)) * runs
             count += 1
+            body = list(_fused(comps, _calls(line))) if m.group(3) == "fusion" else [(m, line)]
+            shapes = [array for i, _ in body for array in shape_dims(i.group(2))]
+            by_category[category({i.group(3) for i, _ in body}, shapes, vocab)] += (
+                int(found.group(1)) * runs)
         elif m.group(3) == "custom-call" and "tpu_custom_call" in line:
-            cost = _KERNEL_COST.search(line)
-            declared = None
-            if cost:
-                fields = re.findall(r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1))
-                declared = {k: float(v) for k, v in fields}
+            cost = _KERNEL_COST.search(line)  # its pl.CostEstimate, if it declares one
+            declared = cost and {k: float(v) for k, v in re.findall(
+                r'"(\w+)":"?([0-9.e+]+)"?', cost.group(1))}
             operands = shape_dims(_braced(line, "operand_layout_constraints="))
+            metadata = _XPROF.search(line)  # the JSON the kernel writes into kernel_metadata
+            try:
+                metadata = metadata and json.loads(json.loads(f'"{metadata.group(1)}"'))
+            except ValueError:
+                metadata = None
             kernels.append(KernelCall(m.group(1), runs, declared, operands,
-                                      shape_dims(m.group(2)), kernel_metadata(line)))
-    return CycleCount(cycles, count, kernels)
+                                      shape_dims(m.group(2)), metadata))
+    return CycleCount(cycles, count, kernels, dict(by_category.most_common()))
 
 
 # ------------------------------------------------------------------------------ categories
 
 # What the compiler's cycles are spent on, by the ops an instruction (a fusion: its whole body)
-# runs. Checked in this order: the first that applies names it.
-CATEGORIES = ("matmul", "collective", "vocabulary", "reduction", "data movement", "elementwise")
+# runs (``category``), checked in this order, the first that applies naming it: matmul,
+# collective, vocabulary, reduction, data movement, elementwise.
 _MOVES = frozenset({"copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
                     "dynamic-update-slice", "concatenate", "pad", "broadcast", "gather",
                     "scatter", "reverse", "copy-start", "copy-done", "parameter", "constant",
                     "tuple", "get-tuple-element", "iota", "bitcast-convert"})
 
 
-def _fused_body(comps, name, depth=0) -> tuple[set[str], list]:
-    """``(opcodes, shapes)``: what a fused computation runs (nested fusions included) and the
-    result shapes (``shape_dims``) of its instructions."""
-    comp = comps.get(name)
-    if comp is None or depth > 8:
-        return set(), []
-    opcodes, shapes = set(), []
-    for line in comp.lines:
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        opcodes.add(m.group(3))
-        shapes += shape_dims(m.group(2))
-        if m.group(3) == "fusion":
-            inner = _fused_body(comps, dict(_CALLEES.findall(line)).get("calls"), depth + 1)
-            opcodes |= inner[0]
-            shapes += inner[1]
-    return opcodes, shapes
-
-
 def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
-    """The category (``CATEGORIES``) of an instruction that runs ``opcodes`` and makes arrays of
+    """The category of an instruction that runs ``opcodes`` and makes arrays of
     ``shapes`` (``shape_dims``; a fusion: its body's, parameters included).
     ``vocabulary``: any non-matmul work on an array with a ``vocab``-long axis (the softmax and
     loss over the logits, their padding to the tile, the embedding table's gradient and update).
@@ -508,26 +442,3 @@ def category(opcodes: set[str], shapes: list, vocab: int | None = None) -> str:
         # for the backward pass, the scan's outputs): it costs the bytes it writes
         return "data movement"
     return "elementwise"
-
-
-def cycles_by_category(text: str, open_trips: int | None = None, vocab: int | None = None
-                       ) -> dict[str, int]:
-    """``estimated_cycles`` (``estimated_cycles``' sum, per run of the program) split by
-    ``category``, largest first. ``vocab``: the model's vocabulary size, for ``vocabulary``."""
-    comps, _ = _computations(text)
-    out = collections.Counter()
-    for _, m, line, runs in _walk(text, open_trips):
-        found = _CYCLES.search(line)
-        if not found:
-            continue
-        opcodes, shapes = {m.group(3)}, shape_dims(m.group(2))
-        if m.group(3) == "fusion":
-            opcodes, shapes = _fused_body(comps, dict(_CALLEES.findall(line)).get("calls"))
-        out[category(opcodes, shapes, vocab)] += int(found.group(1)) * runs
-    return dict(out.most_common())
-
-
-__all__ = ["CATEGORIES", "COLLECTIVES", "Collective", "CycleCount", "KernelCall",
-           "all_reduced_whole", "category", "collectives", "cycles_by_category",
-           "replica_groups",
-           "dtype_bytes", "estimated_cycles", "gathered_whole", "shape_bytes", "summarize"]

@@ -13,18 +13,6 @@ import math
 from jax.extend import core
 
 
-def _subjaxprs(params) -> list:
-    """The jaxprs an equation's parameters hold (closed or open), in order."""
-    found = []
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, core.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, core.Jaxpr):
-                found.append(item)
-    return found
-
-
 def matmul_flops(jaxpr) -> int:
     """FLOPs of the ``dot_general`` s of ``jaxpr`` (a ``Jaxpr`` or ``ClosedJaxpr``)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -39,9 +27,7 @@ def matmul_flops(jaxpr) -> int:
         elif name == "cond":
             total += max(matmul_flops(branch) for branch in eqn.params["branches"])
         else:
-            inner = sum(matmul_flops(sub) for sub in _subjaxprs(eqn.params))
+            inner = sum(map(matmul_flops, core.jaxprs_in_params(eqn.params)))
             total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
 
-
-__all__ = ["matmul_flops"]

@@ -100,7 +100,7 @@ def abstract_state(cfg, model_cfg, layout: Layout):
                          train_state_shardings(cfg, model_cfg, layout))
 
 
-def abstract_model_params(cfg, model_cfg, layout: Layout):
+def abstract_model_params(model_cfg, layout: Layout):
     """The weights ``diffujax generate`` holds: the model's (a LoRA run exports them merged)."""
     return abstract_like(abstract_params(model_cfg), param_shardings(model_cfg, layout))
 
@@ -108,10 +108,6 @@ def abstract_model_params(cfg, model_cfg, layout: Layout):
 def abstract_key(layout: Layout):
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=layout.replicated())
-
-
-def micro_batch(cfg) -> int:
-    return cfg.data.global_batch // cfg.optimizer.grad_accum_steps
 
 
 # ------------------------------------------------------------------------------ the programs
@@ -156,7 +152,7 @@ def eval_program(cfg, model_cfg, layout: Layout) -> Program:
     """The held-out ELBO step of training (one micro-batch of rows, as the loop feeds it)."""
     apply_fn = apply_fn_for_run(cfg, model_cfg)
     params = model_params(abstract_state(cfg, model_cfg, layout))
-    rows = micro_batch(cfg)
+    rows = cfg.data.global_batch // cfg.optimizer.grad_accum_steps
     batch = abstract_batch(cfg, rows, layout)
     step = make_eval_step(cfg, model_cfg, apply_fn, layout, kind="elbo")
     key = abstract_key(layout)
@@ -170,11 +166,10 @@ def generate_program(cfg, model_cfg, layout: Layout) -> Program:
     """``diffujax generate``'s default sampler on one row per batch shard of ``data.seq_len``
     tokens (a whole denoising loop: one compiled ``while``)."""
     apply_fn = apply_fn_for(model_cfg)
-    params = abstract_model_params(cfg, model_cfg, layout)
+    params = abstract_model_params(model_cfg, layout)
     rows = layout.batch_shards
-    sharding = layout.batch_sharding
-    canvas = _sds((rows, cfg.data.seq_len), jnp.int32, sharding)
-    src = _sds((rows, cfg.data.seq_len), jnp.bool_, sharding)
+    canvas, src = (_sds((rows, cfg.data.seq_len), dtype, layout.batch_sharding)
+                   for dtype in (jnp.int32, jnp.bool_))
     key = abstract_key(layout)
     mask_id = checked_mask_token(model_cfg)
 
@@ -234,20 +229,20 @@ def cached_generate_program(cfg, model_cfg, layout: Layout, block_size: int | No
     the AR KV-cache decoder (``--sampler ar``) on the same prompts, its speed baseline."""
     n = model_cfg.block_size if block_size is None else block_size
     plan = decode_plan(cfg.data.seq_len, n)
-    params = abstract_model_params(cfg, model_cfg, layout)
+    params = abstract_model_params(model_cfg, layout)
     rows = layout.batch_shards
     sharding = layout.batch_sharding
     prompt = _sds((rows, plan["prompt_width"]), jnp.int32, sharding)
     lengths = _sds((rows,), jnp.int32, NamedSharding(layout.mesh, PartitionSpec(sharding.spec[0])))
     cache = abstract_cache(model_cfg, layout, rows, plan["canvas"])
     key = abstract_key(layout)
-    mask_id = checked_mask_token(model_cfg) if n > 1 else model_cfg.mask_token_id
+    mask_id = int(checked_mask_token(model_cfg)) if n > 1 else None
 
     def lower():
         with layout.active():
             return decode_blocks.lower(
                 cached_fn_for(model_cfg), params, prompt, lengths, cache, key, block_size=n,
-                new_tokens=plan["new_tokens"], mask_token_id=None if n == 1 else int(mask_id),
+                new_tokens=plan["new_tokens"], mask_token_id=mask_id,
                 sampler="confidence", steps=plan["steps_per_block"])
 
     sizes = (f"prompt {plan['prompt_width']}, {plan['new_tokens']} new tokens, one row per batch"
@@ -283,7 +278,7 @@ def decode_step_program(cfg, model_cfg, layout: Layout, batch: int, context: int
     if limit is not None and length > limit:
         raise ValueError(f"--context {context}: a cache of {length} positions (whole blocks of"
                          f" {n}) exceeds the model's {limit} positions")
-    params = abstract_model_params(cfg, model_cfg, layout)
+    params = abstract_model_params(model_cfg, layout)
     tokens = _sds((batch, n), jnp.int32, layout.batch_sharding)
     cache = abstract_cache(model_cfg, layout, batch, length)
     offset = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
@@ -341,8 +336,3 @@ def bytes_per_device(tree) -> int:
         total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
     return total
 
-
-__all__ = ["Program", "abstract_batch", "abstract_cache", "abstract_state", "bytes_per_device",
-           "cached_generate_program", "decode_plan", "decode_step_program", "eval_program",
-           "generate_program", "micro_batch", "plan_model_config", "programs_for",
-           "train_programs"]

@@ -87,16 +87,12 @@ def format_report(r: dict) -> str:
                      f" {e['exposed_communication_seconds']:.3f} s (communication"
                      f" {e['communication_seconds']:.3f} s in all, of which"
                      f" {e['overlapped_communication_seconds']:.3f} s overlapped with compute)")
-        if e.get("bound_by"):
-            lines.append(f"  bound by: {_bound_by(e['bound_by'])}")
+        if e.get("bound_by"):  # the step's time by category, largest first
+            lines.append("  bound by: " + ", ".join(
+                f"{p['category']} {p['seconds']:.3f} s ({100 * p['share']:.0f}%)"
+                for p in e["bound_by"]))
     lines += ["", "fits" if r["fits"] else "DOES NOT FIT: try `diffujax plan --fit ...`"]
     return "\n".join(lines)
-
-
-def _bound_by(parts: list[dict]) -> str:
-    """``matmul 0.120 s (41%), reduction ...``: the step's time by category, largest first."""
-    return ", ".join(f"{p['category']} {p['seconds']:.3f} s ({100 * p['share']:.0f}%)"
-                     for p in parts)
 
 
 def _decode_estimate(p: dict, chips: int) -> list[str]:
@@ -152,12 +148,8 @@ def format_fit(r: dict) -> str:
                      f" HBM {gib(t['total'])}: {'fits' if t['fits'] else 'does not fit'}"
                      + (f"; est. step {est:.3f} s, MFU {100 * t['mfu']:.1f}%" if est else ""))
     best = r.get("best")
-    if not best:
-        lines.append("nothing tried fits: use a larger slice, tensor parallelism"
-                     " (mesh.shape.tensor) or a shorter seq_len")
-        return "\n".join(lines)
-    lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}")
+    lines.append(f"fastest that fits (estimate): {' '.join(best['overrides'])}" if best else
+                 "nothing tried fits: use a larger slice, tensor parallelism (mesh.shape.tensor)"
+                 " or a shorter seq_len")
     return "\n".join(lines)
 
-
-__all__ = ["format_fit", "format_report"]

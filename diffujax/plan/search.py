@@ -35,13 +35,6 @@ def loss_chunk_choices(configured: int, seq_len: int) -> list[int]:
     return sorted({0 if c >= seq_len else c for c in (*LOSS_CHUNKS, configured)})
 
 
-def _with(cfg, model_cfg, remat: str, accum: int, chunk: int):
-    cfg = dataclasses.replace(
-        cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum),
-        model=dataclasses.replace(cfg.model, remat=remat, loss_chunk=chunk))
-    return cfg, model_cfg.replace(remat=remat)
-
-
 def accumulation_choices(global_batch: int, batch_shards: int) -> list[int]:
     """Accumulation steps whose micro-batch splits evenly over the batch shards."""
     return [a for a in range(1, global_batch + 1)
@@ -61,12 +54,14 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
     choices = accumulation_choices(cfg.data.global_batch, target.layout.batch_shards)
     if loss_chunks is None:
         loss_chunks = loss_chunk_choices(cfg.model.loss_chunk, cfg.data.seq_len)
-    tried: list[dict] = []
-    memo: dict[tuple[str, int, int], dict] = {}
+    memo: dict[tuple[str, int, int], dict] = {}  # every compiled setting, in order
 
     def check(remat: str, chunk: int, accum: int) -> dict:
         if (remat, chunk, accum) not in memo:
-            run_cfg, mc = _with(cfg, model_cfg, remat, accum, chunk)
+            run_cfg = dataclasses.replace(
+                cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum),
+                model=dataclasses.replace(cfg.model, remat=remat, loss_chunk=chunk))
+            mc = model_cfg.replace(remat=remat)
             log(f"  remat={remat} loss_chunk={chunk} grad_accum_steps={accum} ...")
             result = dict(remat=remat, loss_chunk=chunk, grad_accum_steps=accum, total=0,
                           fits=True)
@@ -83,7 +78,6 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
                     result["fits"] = False
                     break
             memo[remat, chunk, accum] = result
-            tried.append(result)
         return memo[remat, chunk, accum]
 
     for remat in remats:
@@ -97,16 +91,11 @@ def fit(cfg, topology: str, *, num_slices: int | None = None, remats=REMATS,
                     hi = mid
                 else:
                     lo = mid + 1
-    ranked = sorted((t for t in tried if t["fits"] and t.get("step_seconds")),
-                    key=lambda t: t["step_seconds"])
-    best = None
-    if ranked:
-        top = ranked[0]
-        best = dict(top, overrides=[f"optimizer.grad_accum_steps={top['grad_accum_steps']}",
-                                    f"model.remat={top['remat']}",
-                                    f"model.loss_chunk={top['loss_chunk']}"])
+    tried = list(memo.values())
+    top = min((t for t in tried if t["fits"] and t.get("step_seconds")),
+              key=lambda t: t["step_seconds"], default=None)  # the fastest that fits
+    best = top and dict(top, overrides=[f"optimizer.grad_accum_steps={top['grad_accum_steps']}",
+                                        f"model.remat={top['remat']}",
+                                        f"model.loss_chunk={top['loss_chunk']}"])
     return dict(topology=target.slice.name, global_batch=cfg.data.global_batch, tried=tried,
                 best=best)
-
-
-__all__ = ["LOSS_CHUNKS", "REMATS", "accumulation_choices", "fit", "loss_chunk_choices"]

@@ -11,6 +11,7 @@ context starts with its own first token (README: Tasks).
 from __future__ import annotations
 
 import copy
+import itertools
 
 from diffujax.tasks.engine import ROW_STRIDE, Row
 
@@ -48,12 +49,7 @@ class Encoder:
 
     def until_stop(self, ids) -> list[int]:
         """Generated ids up to the first EOS / PAD."""
-        out = []
-        for i in ids:
-            if int(i) in self.stops:
-                break
-            out.append(int(i))
-        return out
+        return list(itertools.takewhile(lambda i: i not in self.stops, map(int, ids)))
 
     # --- per kind --------------------------------------------------------------------------------
 
@@ -78,17 +74,16 @@ class Encoder:
             raise ValueError(f"item {index}: the last word adds no tokens to its prefix")
         return Row.make(context, [self.mask] * count, index * ROW_STRIDE)
 
-    def infill_row(self, index: int, item) -> Row:
-        middle = self.ids(item.middle)
-        return Row.make(self.context(item.prefix, f"item {index}"), [self.mask] * len(middle),
-                        index * ROW_STRIDE, suffix=self.ids(item.suffix))
-
-    def ar_infill_row(self, index: int, item) -> Row:
-        """AR baseline: its prompt (the prefix, or HumanEval's instruction), then the oracle
-        length of the middle, generated left to right."""
-        prompt = item.ar_prompt if item.ar_prompt is not None else item.prefix
-        return Row.make(self.context(prompt, f"item {index}"), [self.mask] * len(
-            self.ids(item.middle)), index * ROW_STRIDE)
+    def infill_row(self, index: int, item, ar: bool = False) -> Row:
+        """The prefix, the oracle length of the middle, the suffix; ``ar`` (the AR baseline):
+        its prompt (the prefix, or HumanEval's instruction), then the middle's length, generated
+        left to right."""
+        masks = [self.mask] * len(self.ids(item.middle))
+        if ar:
+            prompt = item.ar_prompt if item.ar_prompt is not None else item.prefix
+            return Row.make(self.context(prompt, f"item {index}"), masks, index * ROW_STRIDE)
+        return Row.make(self.context(item.prefix, f"item {index}"), masks, index * ROW_STRIDE,
+                        suffix=self.ids(item.suffix))
 
     def answer_row(self, index: int, item, seq_len: int) -> Row:
         """``[BOS] + question + [SEP]`` and masks up to ``seq_len`` positions (the SFT layout of

@@ -25,7 +25,7 @@ from diffujax.attention.pattern import causal, full
 from diffujax.diffusion import (DEFAULT_EPS, NoisedBatch, apply_noise, conditional_nll,
                                 multiple_choice_score, per_sequence_terms, sample_noise_mask,
                                 shifted_cross_entropy)
-from diffujax.inference.generation import DEFAULT_BLOCK_LENGTH, decode, sampler_call
+from diffujax.inference.generation import decode, sampler_call
 from diffujax.runtime import LoadedModel, pad_rows
 
 MIN_BUCKET = 32
@@ -49,35 +49,45 @@ class Row:
 
 
 def bucket_length(n: int, limit: int | None = None) -> int:
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
+    """The power of two from ``MIN_BUCKET`` up that holds ``n`` tokens (at most ``limit``)."""
     if limit is not None and n > limit:
         raise ValueError(f"a row of {n} tokens exceeds the model's {limit} positions")
+    size = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
     return size if limit is None else min(size, limit)
 
 
-@dataclasses.dataclass(frozen=True)
-class Packed:
-    tokens: np.ndarray  # [B, L] int32 (0 at padding)
-    fixed: np.ndarray  # [B, L] bool (True at padding)
-    real: np.ndarray  # [B, L] bool
-    segments: np.ndarray  # [B, L] int32: 1 on the row, 0 on padding
-    row_ids: np.ndarray  # [B] int32
-    count: int  # rows before the batch padding
-
-
-def pack(rows: Sequence[Row], batch_rows: int, length: int) -> Packed:
+def pack(rows: Sequence[Row], batch_rows: int, length: int) -> list[np.ndarray]:
+    """``[tokens, fixed, segments, row_ids]`` of ``rows`` padded to ``[batch_rows, length]``:
+    token 0, fixed and segment 0 at padding (1 on a row); the padding rows copy the first."""
     tokens = np.zeros((len(rows), length), np.int32)
     fixed = np.ones((len(rows), length), bool)
-    real = np.zeros((len(rows), length), bool)
+    segments = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
         n = len(row.tokens)
-        tokens[i, :n], fixed[i, :n], real[i, :n] = row.tokens, row.fixed, True
+        tokens[i, :n], fixed[i, :n], segments[i, :n] = row.tokens, row.fixed, 1
     ids = np.asarray([r.row_id for r in rows], np.int32)
-    arrays = [pad_rows(a, batch_rows) for a in (tokens, fixed, real, ids)]
-    return Packed(arrays[0], arrays[1], arrays[2], arrays[2].astype(np.int32), arrays[3],
-                  len(rows))
+    return [pad_rows(a, batch_rows) for a in (tokens, fixed, segments, ids)]
+
+
+def by_span_length(rows: Sequence[Row], decode) -> list:
+    """``decode(rows, n)`` on each group of ``rows`` whose spans are ``n`` tokens long (so that
+    ``n`` can set the steps of the group); the spans back in the order of ``rows``."""
+    spans, lengths = [None] * len(rows), [row.fixed.count(False) for row in rows]
+    for n in sorted(set(lengths)):
+        members = [k for k, m in enumerate(lengths) if m == n]
+        for k, span in zip(members, decode([rows[k] for k in members], n)):
+            spans[k] = span
+    return spans
+
+
+def _span_after_context(row: Row, decoder: str) -> int:
+    """The length of ``row``'s span, checked to run from the end of a non-empty context to the
+    end of the row (what ``decoder`` generates)."""
+    n, free = len(row.fixed), row.fixed.count(False)
+    if free and (free == n or not all(row.fixed[:n - free])):
+        raise ValueError(f"{decoder} generates after a non-empty context only: infilling (a span"
+                         " with fixed tokens after it) is not defined for it")
+    return free
 
 
 def _offsets(row_ids):
@@ -102,13 +112,11 @@ class Engine:
     def _jit(self, name, fn: Callable):
         """``fn`` jitted, once per ``name`` (which names everything ``fn`` closes over that
         varies between calls)."""
-        if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn)
-        return self._jitted[name]
+        return self._jitted.setdefault(name, jax.jit(fn))  # a new wrapper compiles nothing
 
     def _packed_batches(self, rows: Sequence[Row]):
-        """``(rows of the batch, packed batch)`` for consecutive batches of ``batch_size`` rows,
-        each padded to its own length bucket."""
+        """``(rows of the batch, its ``pack`` on the mesh)`` for consecutive batches of
+        ``batch_size`` rows, each padded to its own length bucket."""
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
             longest = max(chunk, key=lambda r: len(r.tokens))
@@ -116,47 +124,42 @@ class Engine:
                 length = bucket_length(len(longest.tokens), self._limit)
             except ValueError as e:  # name the item (row ids are item * ROW_STRIDE + choice)
                 raise ValueError(f"item {longest.row_id // ROW_STRIDE}: {e}") from None
-            yield chunk, pack(chunk, self.batch_size, length)
+            yield chunk, [self.model.put_batch(a) for a in pack(chunk, self.batch_size, length)]
 
-    def _run(self, rows: Sequence[Row], fn, *extra):
-        """``fn(params, tokens, fixed, real, segments, row_ids, *extra)`` over batches; returns
-        the outputs (a tuple of ``[rows]`` host arrays) in the order of ``rows``."""
+    def _run(self, rows: Sequence[Row], fn):
+        """``fn(params, tokens, fixed, segments, row_ids)`` over batches (padding is fixed, so
+        outside every span); returns the outputs (a tuple of ``[rows]`` host arrays) in the order
+        of ``rows``."""
         outputs = []
         m = self.model
         with m.active():
-            for _, p in self._packed_batches(rows):
-                args = [m.put_batch(a) for a in (p.tokens, p.fixed, p.real, p.segments,
-                                                  p.row_ids)]
-                out = fn(m.params, *args, *extra)
+            for chunk, batch in self._packed_batches(rows):
+                out = fn(m.params, *batch)
                 out = out if isinstance(out, tuple) else (out,)
-                outputs.append(tuple(m.fetch(o)[:p.count] for o in out))
+                outputs.append(tuple(m.fetch(o)[:len(chunk)] for o in out))
         # per-row outputs ([rows]); per-position ones differ in length between batches: a list
         return tuple(np.concatenate(parts) if parts[0].ndim == 1 else
                      [row for part in parts for row in part] for parts in zip(*outputs))
 
     # --- scores ------------------------------------------------------------------------------
 
-    def diffusion_score(self, rows, *, num_levels: int = 32):
-        """The reference's multiple-choice score of the non-fixed span, ``[rows]``, lower is
-        better (``multiple_choice_score``)."""
+    def _span_score(self, rows, score, **options):
+        """``score`` (``multiple_choice_score`` or ``conditional_nll``) of each row's non-fixed
+        span given its context, ``[rows]``."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def fn(params, tokens, fixed, real, segments, row_ids):
-            return multiple_choice_score(apply, params, tokens, fixed, self.key,
-                                         mask_token_id=mask, pattern=full(segments),
-                                         loss_mask=real, num_levels=num_levels,
-                                         row_offset=_offsets(row_ids))
-        return self._run(rows, self._jit(("score", num_levels), fn))[0]
+        def fn(params, tokens, fixed, segments, row_ids):
+            return score(apply, params, tokens, fixed, self.key, mask_token_id=mask,
+                         pattern=full(segments), row_offset=_offsets(row_ids), **options)
+        return self._run(rows, self._jit((score.__name__, *options.items()), fn))[0]
+
+    def diffusion_score(self, rows, *, num_levels: int = 32):
+        """The reference's multiple-choice score of the span, ``[rows]``, lower is better."""
+        return self._span_score(rows, multiple_choice_score, num_levels=num_levels)
 
     def conditional_nll(self, rows, *, num_draws: int = 128):
         """LLaDA's Monte-Carlo estimate of ``-log p(span | context)``, ``[rows]``."""
-        apply, mask = self.model.apply_fn, self.model.mask_token_id()
-
-        def fn(params, tokens, fixed, real, segments, row_ids):
-            return conditional_nll(apply, params, tokens, fixed, self.key, mask_token_id=mask,
-                                   pattern=full(segments), loss_mask=real,
-                                   num_draws=num_draws, row_offset=_offsets(row_ids))
-        return self._run(rows, self._jit(("llada", num_draws), fn))[0]
+        return self._span_score(rows, conditional_nll, num_draws=num_draws)
 
     def conditional_elbo(self, rows, *, num_draws: int = 8, eps: float = DEFAULT_EPS):
         """Negative ELBO of the span given the context (docs/algorithms.md §5's bound with ``src`` =
@@ -165,25 +168,24 @@ class Engine:
         draws. ``-nelbo`` lower-bounds ``log p(span | context)``."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def fn(params, tokens, fixed, real, segments, row_ids):
+        def fn(params, tokens, fixed, segments, row_ids):
             offsets = _offsets(row_ids)
             base = jax.random.fold_in(self.key, 0)
             u0 = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(base, r), ()))(
                 row_ids)
-            hold = fixed | ~real
 
             def one_draw(draw):
                 u = jnp.mod(u0 + draw.astype(jnp.float32) / num_draws, 1.0)
                 t = (1.0 - eps) * u + eps
                 noise = sample_noise_mask(jax.random.fold_in(self.key, draw + 1), t,
-                                          tokens.shape[1], src=hold, row_offset=offsets)
+                                          tokens.shape[1], src=fixed, row_offset=offsets)
                 logits = apply(params, apply_noise(tokens, noise, mask), full(segments))
                 terms = per_sequence_terms(logits, tokens, NoisedBatch(t, noise, tokens),
-                                           src=hold)
+                                           src=fixed)
                 return terms["weighted"]
 
             draws = jnp.arange(num_draws, dtype=jnp.int32)
-            span = (~hold)[:, 1:].sum(axis=1).astype(jnp.float32)
+            span = (~fixed)[:, 1:].sum(axis=1).astype(jnp.float32)
             return jax.lax.map(one_draw, draws).mean(axis=0), span
         return self._run(rows, self._jit(("elbo", num_draws, eps), fn))
 
@@ -192,8 +194,8 @@ class Engine:
         reproduces the span (lm-eval's ``is_greedy`` for a diffusion model)."""
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
 
-        def fn(params, tokens, fixed, real, segments, row_ids):
-            span = ~fixed & real & (jnp.arange(tokens.shape[1]) > 0)
+        def fn(params, tokens, fixed, segments, row_ids):
+            span = ~fixed & (jnp.arange(tokens.shape[1]) > 0)
             logits = apply(params, jnp.where(span, mask, tokens), full(segments))
             logits = jnp.where(jnp.arange(logits.shape[-1]) == mask, -jnp.inf, logits)
             guess = jnp.argmax(logits[:, :-1], axis=-1)
@@ -206,9 +208,9 @@ class Engine:
         greedy [rows])``, greedy = every span token is the argmax of its prediction."""
         apply = self.model.apply_fn
 
-        def fn(params, tokens, fixed, real, segments, row_ids):
+        def fn(params, tokens, fixed, segments, row_ids):
             logits = apply(params, tokens, causal(segments))
-            scored = (~fixed & real)[:, 1:]
+            scored = ~fixed[:, 1:]
             logp = -shifted_cross_entropy(logits, tokens)
             greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
             return (jnp.where(scored, logp, 0.0).sum(axis=1),
@@ -221,7 +223,6 @@ class Engine:
     def diffusion_decode(self, rows, *, sampler: str = "confidence", steps: int = 32,
                          temperature: float = 0.0, top_k=None, top_p=None,
                          ranking: str = "masked", confidence_temperature=None,
-                         block_length: int = DEFAULT_BLOCK_LENGTH,
                          threshold: float = 0.9) -> list[list[int]]:
         """Fill each row's non-fixed positions with a diffusion sampler; returns the filled
         span of every row (token lists). ``steps`` is the number of denoising passes. On a
@@ -234,21 +235,17 @@ class Engine:
                                       temperature=temperature, top_k=top_k, top_p=top_p,
                                       threshold=threshold)
         apply, mask = self.model.apply_fn, self.model.mask_token_id()
-        outputs = []
-        m = self.model
+        outputs, m = [], self.model
         with m.active():
-            for chunk, p in self._packed_batches(rows):
-                longest = max(sum(1 for f in r.fixed if not f) for r in chunk)
+            for chunk, (tokens, fixed, segments, ids) in self._packed_batches(rows):
+                longest = max(r.fixed.count(False) for r in chunk)
                 fn, extra = sampler_call(sampler, steps=steps, generated=longest,
-                                         block_length=block_length, threshold=threshold,
-                                         ranking=ranking,
+                                         threshold=threshold, ranking=ranking,
                                          confidence_temperature=confidence_temperature)
-                tokens, fixed, segments, ids = (m.put_batch(a) for a in (
-                    p.tokens, p.fixed, p.segments, p.row_ids))
                 out = fn(apply, m.params, tokens, fixed, self.key, mask_token_id=mask,
                          pattern=full(segments), temperature=temperature, top_k=top_k,
                          top_p=top_p, row_ids=ids, **extra)
-                filled = m.fetch(out.tokens)[:p.count]
+                filled = m.fetch(out.tokens)[:len(chunk)]
                 for row, values in zip(chunk, filled):
                     outputs.append([int(values[i]) for i, f in enumerate(row.fixed) if not f])
         return outputs
@@ -257,15 +254,8 @@ class Engine:
         """``diffusion_decode`` of a block model: each row's span must run from the end of its
         context to the end of the row (no suffix: infilling is not defined for block models);
         rows are decoded ``batch_size`` at a time with the cached block decoder."""
-        prompts, spans = [], []
-        for row in rows:
-            free = [i for i, f in enumerate(row.fixed) if not f]
-            if free and (free[0] == 0 or free != list(range(free[0], len(row.tokens)))):
-                raise ValueError("a block diffusion model generates after its context only:"
-                                 " infilling (a span with fixed tokens after it) is not"
-                                 " defined for it")
-            prompts.append(list(row.tokens[:len(row.tokens) - len(free)]))
-            spans.append(len(free))
+        spans = [_span_after_context(row, "a block diffusion model") for row in rows]
+        prompts = [list(row.tokens[:len(row.tokens) - k]) for row, k in zip(rows, spans)]
         outputs = []
         for start in range(0, len(rows), self.batch_size):
             chunk = slice(start, start + self.batch_size)
@@ -280,12 +270,12 @@ class Engine:
         return outputs
 
     def ar_decode(self, rows) -> list[list[int]]:
-        """Greedy AR decoding of each row's non-fixed span (which must follow the context; one
-        full forward pass per generated token, no KV cache)."""
+        """Greedy AR decoding of each row's non-fixed span (``_span_after_context``; one full
+        forward pass per generated token, no KV cache)."""
         apply = self.model.apply_fn
 
-        def fn(params, tokens, fixed, real, segments, row_ids):
-            span = ~fixed & real
+        def fn(params, tokens, fixed, segments, row_ids):
+            span = ~fixed
             first = jnp.argmax(span, axis=1)  # the span's first position per row
             count = span.sum(axis=1)
             rows_index = jnp.arange(tokens.shape[0])
@@ -301,8 +291,6 @@ class Engine:
             return jax.lax.fori_loop(0, count.max(), step, tokens)
 
         for row in rows:
-            span = [i for i, f in enumerate(row.fixed) if not f]
-            if span and (span[0] == 0 or span != list(range(span[0], span[0] + len(span)))):
-                raise ValueError("AR decoding needs one contiguous span after a non-empty context")
+            _span_after_context(row, "AR decoding")
         filled = self._run(rows, self._jit("ar_decode", fn))[0]
         return [[int(v[i]) for i, f in enumerate(r.fixed) if not f] for r, v in zip(rows, filled)]

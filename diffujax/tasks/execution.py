@@ -8,6 +8,7 @@ namespaces (``unshare -rn``), the process also runs without any network interfac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -50,20 +51,12 @@ def humaneval_program(prefix: str, completion: str, suffix: str, test: str,
 def _network_namespace() -> list[str]:
     """``["unshare", "-rn"]`` if an unprivileged network namespace works here, else ``[]``."""
     tool = shutil.which("unshare")
-    if tool is None:
-        return []
     try:
-        ok = subprocess.run([tool, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+        ok = tool and subprocess.run([tool, "-rn", "true"], capture_output=True,
+                                     timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return [tool, "-rn"] if ok else []
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_program(program: str, *, timeout: float = 10.0, memory_bytes: int = 2 << 30) -> Outcome:
@@ -80,11 +73,13 @@ def run_program(program: str, *, timeout: float = 10.0, memory_bytes: int = 2 <<
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(process.pid)
+            stderr = None
+        finally:  # the whole group: also whatever the program left running in the background
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if stderr is None:
             process.communicate()
             return Outcome(False, "timed out")
-        finally:
-            _kill_group(process.pid)  # also whatever the program left running in the background
         if process.returncode == 0:
             return Outcome(True, "passed")
         lines = stderr.decode("utf-8", "replace").strip().splitlines()

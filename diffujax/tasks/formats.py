@@ -5,13 +5,16 @@ Items are text; :mod:`diffujax.tasks.encode` turns them into token rows. Four ki
 ``Choice`` (score each continuation, lowest diffusion score / highest AR log-prob wins),
 ``LastWord`` (Lambada: decode the last word), ``Infill`` (ROCStories, HumanEval: the
 oracle-length middle between a fixed prefix and suffix) and ``Answer`` (GSM8K: generate, parse
-the number after ``####``).
+the number after ``####``). ``TASKS``: what each task is (its reader, kind, defaults and the
+format of its file; light imports only: ``diffujax tasks --help`` lists them without loading a
+model's machinery).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 from diffujax.tasks import readers
 from diffujax.tasks.metrics import gsm_number
@@ -66,9 +69,7 @@ def lambada(path):
 
 def hellaswag_preprocess(text: str) -> str:
     """lm-eval's / the reference's HellaSwag cleaning (WikiHow bracket artifacts)."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def _gold(record, name, count, offset=0):
@@ -83,7 +84,10 @@ def hellaswag(path):
     items = []
     for r in readers.read_records(path):
         ctx = field(r, "ctx_a") + " " + field(r, "ctx_b").capitalize()
-        endings = readers.strings(r, "endings")
+        endings = field(r, "endings", list)
+        if not all(isinstance(e, str) for e in endings):
+            raise TaskDataError(f"{r['_where']}: field 'endings' must be a list of strings, got"
+                                f" {endings!r:.60}")
         items.append(Choice(prefix=hellaswag_preprocess(field(r, "activity_label") + ": " + ctx),
                             continuations=tuple(hellaswag_preprocess(e) for e in endings),
                             gold=_gold(r, "label", len(endings))))
@@ -108,21 +112,15 @@ def winogrande(path):
 
 
 def siqa(path):
-    items = []
-    for r in readers.read_records(path):
-        query = f"Question: {field(r, 'context')} {field(r, 'question')}\nAnswer: "
-        answers = tuple(field(r, k) for k in ("answerA", "answerB", "answerC"))
-        items.append(Choice(prefix=query, continuations=answers, gold=_gold(r, "label", 3, 1)))
-    return items
+    return [Choice(prefix=f"Question: {field(r, 'context')} {field(r, 'question')}\nAnswer: ",
+                   continuations=tuple(field(r, k) for k in ("answerA", "answerB", "answerC")),
+                   gold=_gold(r, "label", 3, 1)) for r in readers.read_records(path)]
 
 
 def piqa(path):
-    items = []
-    for r in readers.read_records(path):
-        query = f"Question: {field(r, 'goal')}\nAnswer: "
-        sols = (" " + field(r, "sol1"), " " + field(r, "sol2"))
-        items.append(Choice(prefix=query, continuations=sols, gold=_gold(r, "label", 2)))
-    return items
+    return [Choice(prefix=f"Question: {field(r, 'goal')}\nAnswer: ",
+                   continuations=(" " + field(r, "sol1"), " " + field(r, "sol2")),
+                   gold=_gold(r, "label", 2)) for r in readers.read_records(path)]
 
 
 # --- infilling -----------------------------------------------------------------------------------
@@ -181,3 +179,38 @@ def gsm8k(path):
             raise TaskDataError(f"{r['_where']}: the answer has no number after '####'")
         items.append(Answer(question=field(r, q_key), answer=answer, gold=gold))
     return items
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+OBJECTIVES = ("diffusion", "ar")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    load: Callable[[str], list]
+    kind: str  # choice | last_word | infill | code | answer
+    ar_reduce: str = "sum"  # choice tasks, AR objective: sum or mean log-prob (eval-llm.py)
+    steps: int | None = 32  # default denoising passes (None: the span's token count)
+    data: str = ""  # the format of --data, for --help and errors
+
+
+TASKS = {
+    "lambada": TaskSpec(lambada, "last_word", steps=None,
+                        data="plain text, one passage a line (lambada_test_plain_text.txt)"),
+    "hellaswag": TaskSpec(hellaswag, "choice", ar_reduce="mean",
+                          data="jsonl: activity_label, ctx_a, ctx_b, endings, label"),
+    "winogrande": TaskSpec(winogrande, "choice", ar_reduce="mean",
+                           data="jsonl: sentence (with '_'), option1, option2, answer"),
+    "siqa": TaskSpec(siqa, "choice",
+                     data="jsonl: context, question, answerA/B/C, label (1-3)"),
+    "piqa": TaskSpec(piqa, "choice", data="jsonl: goal, sol1, sol2, label (0/1)"),
+    "rocstories": TaskSpec(rocstories, "infill",
+                           data="csv: the cloze test (InputSentence1-4, RandomFifthSentenceQuiz1/2,"
+                                " AnswerRightEnding) or sentence1-5"),
+    "humaneval": TaskSpec(humaneval, "code",
+                          data="jsonl: task_id, prompt, suffix, canonical_solution, test,"
+                               " entry_point (HumanEval infilling)"),
+    "gsm8k": TaskSpec(gsm8k, "answer", steps=64,
+                      data="jsonl: question, answer ('... #### N'), or instruction/output"),
+}

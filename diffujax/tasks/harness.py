@@ -4,16 +4,12 @@ hands its arguments to lm-eval's own command line, offline).
     diffujax lm-eval --model diffujax --model_args checkpoint=CKPT,objective=diffusion \\
         --tasks lambada_openai --include_path my_tasks/ --limit 100
 
-``model_args``: ``checkpoint`` (required); ``objective`` diffusion | ar; ``score`` reference
-(the T = 32 multiple-choice score, negated, with ``levels``) | mc (LLaDA's Monte-Carlo
-estimate of log p(continuation | context) with ``mc_num`` draws); ``rolling_draws`` (the
-ELBO's draws of t per rolling window in ``loglikelihood_rolling``, a lower bound on the
-log-likelihood, stratified per window); ``sampler`` / ``steps`` / ``temperature`` /
-``ranking`` / ``confidence_temperature`` for ``generate_until`` (stop sequences and EOS are
-honoured; ``steps`` defaults to the number of tokens to generate); ``batch_size`` (over
-lm-eval's ``--batch_size``; ``auto`` is 8), ``seed``, ``dtype``, ``mesh``, ``max_length``,
-``max_gen_toks``, ``add_bos_token``. Every key and value is checked before the model loads
-(``tasks.model_args``): an unknown or misspelt key is refused, naming the nearest known one.
+``model_args``: keys, defaults and checks in ``tasks.model_args`` (README: Tasks), every one
+checked before the model loads. ``loglikelihood`` is the negated T = 32 multiple-choice score
+(``score=reference``) or LLaDA's Monte-Carlo estimate (``score=mc``); ``loglikelihood_rolling``
+the ELBO's lower bound with ``rolling_draws`` draws of t per window, stratified;
+``generate_until`` honours stop sequences and EOS (``steps`` defaults to the tokens to
+generate).
 
 With ``objective=ar`` every request is exact causal scoring, so an unadapted model gives the
 numbers of lm-eval's own ``hf`` model (tested to 1e-4).
@@ -23,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+import numpy as np
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them
@@ -36,28 +34,16 @@ except ModuleNotFoundError as e:  # an optional extra
                               " 'diffujax[eval]'") from e
 
 from diffujax.runtime import load_for_inference, layout_from_args
-from diffujax.tasks.engine import Engine, Row
-from diffujax.tasks.model_args import batch_size_of, model_args
-
-
-def _sorted_by_length(rows):
-    """Indices of ``rows`` longest first (full batches of similar length)."""
-    return sorted(range(len(rows)), key=lambda k: -len(rows[k].tokens))
+from diffujax.tasks.engine import Engine, Row, by_span_length
+from diffujax.tasks.model_args import model_args
 
 
 def _in_order(rows, compute):
-    """``compute`` on ``rows`` longest first, results back in the order of ``rows``."""
-    order = _sorted_by_length(rows)
-    out = compute([rows[k] for k in order])
-    single = not isinstance(out, tuple)
-    out = (out,) if single else out
-    restored = []
-    for values in out:
-        back = [None] * len(rows)
-        for position, k in enumerate(order):
-            back[k] = values[position]
-        restored.append(back)
-    return restored[0] if single else tuple(restored)
+    """``compute`` on ``rows`` longest first (full batches of similar length), its output (an
+    array per row, or a tuple of them) back in the order of ``rows``."""
+    order = sorted(range(len(rows)), key=lambda k: -len(rows[k].tokens))
+    out, back = compute([rows[k] for k in order]), np.argsort(order)
+    return tuple(v[back] for v in out) if isinstance(out, tuple) else out[back]
 
 
 @register_model("diffujax")
@@ -71,23 +57,19 @@ class DiffujaxLM(TemplateLM):
         self.model = load_for_inference(a["checkpoint"], dtype=a["dtype"], layout=layout)
         if a["objective"] == "diffusion":
             self.model.mask_token_id()  # one clear line if the checkpoint has none
-        self.engine = Engine(self.model, batch_size=batch_size_of(a["batch_size"]),
-                             seed=a["seed"])
+        batch = 8 if isinstance(a["batch_size"], str) else a["batch_size"]  # auto / auto:N
+        self.engine = Engine(self.model, batch_size=batch, seed=a["seed"])
         self.tokenizer = self.model.tokenizer
-        self.objective, self.score = a["objective"], a["score"]
-        self.levels, self.mc_num, self.rolling_draws = a["levels"], a["mc_num"], a["rolling_draws"]
+        self.args = a
         temp = a["confidence_temperature"]
         self.decoding = dict(sampler=a["sampler"], temperature=float(a["temperature"]),
                              ranking=a["ranking"],
                              confidence_temperature=None if temp is None else float(temp))
-        self.steps = a["steps"]
         positions = getattr(self.model.config, "max_positions", None) or 2048
         if a["max_length"] is not None and a["max_length"] > positions:
             raise ValueError(f"model_args max_length={a['max_length']}: more than the model's"
                              f" {positions} positions")
         self._max_length = a["max_length"] or positions - 1
-        self._max_gen_toks = a["max_gen_toks"]
-        self.add_bos_token = a["add_bos_token"]
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
@@ -121,12 +103,11 @@ class DiffujaxLM(TemplateLM):
         return os.path.basename(str(self.tokenizer))
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
-        ids = list(self.tokenizer.encode(string))
+        if add_special_tokens is None:
+            add_special_tokens = self.args["add_bos_token"]
         bos = self.tokenizer.bos_id
-        if (add_special_tokens or (add_special_tokens is None and self.add_bos_token)) and \
-                bos is not None:
-            ids = [bos] + ids
-        return ids
+        return ([bos] if add_special_tokens and bos is not None else []) + list(
+            self.tokenizer.encode(string))
 
     def tok_decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
@@ -134,24 +115,22 @@ class DiffujaxLM(TemplateLM):
     # --- scoring ---------------------------------------------------------------------------------
 
     def _rows(self, pairs):
-        rows = []
-        for k, (context, continuation) in enumerate(pairs):
-            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-            cut = len(whole) - len(continuation)
-            rows.append(Row.make(whole[:cut], whole[cut:], k))
-        return rows
+        """A row per (context, continuation), cut on the left to ``max_length + 1`` tokens."""
+        wholes = [(list(ctx) + list(cont))[-(self.max_length + 1):] for ctx, cont in pairs]
+        return [Row.make(w[:len(w) - len(cont)], w[len(w) - len(cont):], k)
+                for k, (w, (_, cont)) in enumerate(zip(wholes, pairs))]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         rows = self._rows([(ctx, cont) for _, ctx, cont in requests])
         if not rows:
             return []
-        if self.objective == "ar":
+        if self.args["objective"] == "ar":
             sums, _, greedy = _in_order(rows, self.engine.ar_logprob)
             return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
-        if self.score == "reference":
-            values = _in_order(rows, lambda r: self.engine.diffusion_score(r, num_levels=self.levels))
-        else:
-            values = _in_order(rows, lambda r: self.engine.conditional_nll(r, num_draws=self.mc_num))
+        a, engine = self.args, self.engine
+        values = _in_order(rows, lambda r: engine.diffusion_score(r, num_levels=a["levels"])
+                           if a["score"] == "reference" else
+                           engine.conditional_nll(r, num_draws=a["mc_num"]))
         greedy = _in_order(rows, self.engine.diffusion_greedy)
         return [(-float(v), bool(g)) for v, g in zip(values, greedy)]
 
@@ -170,12 +149,13 @@ class DiffujaxLM(TemplateLM):
                 windows.append((context, target))
                 owner.append(k)
         rows = self._rows(windows)
-        if self.objective == "ar":
-            values = _in_order(rows, self.engine.ar_logprob)[0] if rows else []
+        if not rows:
+            values = []
+        elif self.args["objective"] == "ar":
+            values = _in_order(rows, self.engine.ar_logprob)[0]
         else:
-            nelbo = _in_order(rows, lambda r: self.engine.conditional_elbo(
-                r, num_draws=self.rolling_draws))[0] if rows else []
-            values = [-v for v in nelbo]
+            values = -_in_order(rows, lambda r: self.engine.conditional_elbo(
+                r, num_draws=self.args["rolling_draws"]))[0]
         totals = [0.0] * len(requests)
         for k, v in zip(owner, values):
             totals[k] += float(v)
@@ -185,29 +165,24 @@ class DiffujaxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         eos_text = self.tok_decode([self.eot_token_id])
-        groups: dict[int, list[int]] = {}
-        plans = []
+        rows, stops = [], []
         for k, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
-            until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
-            count = int(gen_kwargs.pop("max_gen_toks", self._max_gen_toks))
+            stops.append(handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text))
+            count = int(gen_kwargs.pop("max_gen_toks", self.args["max_gen_toks"]))
             ids = self.tok_encode(context) or [self.prefix_token_id]
-            ids = ids[-max(1, self.max_length - count):]
-            plans.append((Row.make(ids, [0] * count, k), until))
-            groups.setdefault(count, []).append(k)
-        texts = [None] * len(requests)
-        for count, members in groups.items():
-            rows = [plans[k][0] for k in members]
-            if self.objective == "ar":
-                spans = self.engine.ar_decode(rows)
-            else:
-                spans = self.engine.diffusion_decode(rows, steps=self.steps or count,
-                                                     **self.decoding)
-            for k, span in zip(members, spans):
-                text = self.tokenizer.decode_generated(span)  # cut before the first EOS
-                for stop in plans[k][1]:
-                    if stop and stop in text:
-                        text = text.split(stop)[0]
-                texts[k] = text
+            rows.append(Row.make(ids[-max(1, self.max_length - count):], [0] * count, k))
+        if self.args["objective"] == "ar":
+            spans = by_span_length(rows, lambda group, n: self.engine.ar_decode(group))
+        else:
+            spans = by_span_length(rows, lambda group, n: self.engine.diffusion_decode(
+                group, steps=self.args["steps"] or n, **self.decoding))
+        texts = []
+        for span, until in zip(spans, stops):
+            text = self.tokenizer.decode_generated(span)  # cut before the first EOS
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            texts.append(text)
         return texts

@@ -7,42 +7,26 @@ from __future__ import annotations
 import collections
 import math
 import re
+import statistics
 from typing import Sequence
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample standard deviation / sqrt(n), as
     lm-evaluation-harness reports it); the error is NaN for fewer than two items."""
-    n = len(values)
-    if n == 0:
+    if not values:
         return math.nan, math.nan
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
+    spread = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), spread
 
 
 # --- ROUGE ---------------------------------------------------------------------------------------
 
-def rouge_tokens(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
 def _f_measure(overlap: int, predicted: int, reference: int) -> float:
-    if overlap == 0 or predicted == 0 or reference == 0:
+    if overlap == 0:
         return 0.0
     precision, recall = overlap / predicted, overlap / reference
     return 2 * precision * recall / (precision + recall)
-
-
-def rouge_n(prediction: str, reference: str, n: int) -> float:
-    def grams(tokens):
-        return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-    p, r = grams(rouge_tokens(prediction)), grams(rouge_tokens(reference))
-    overlap = sum(min(count, r[g]) for g, count in p.items())
-    return _f_measure(overlap, sum(p.values()), sum(r.values()))
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -54,16 +38,16 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    p, r = rouge_tokens(prediction), rouge_tokens(reference)
-    return _f_measure(_lcs(p, r), len(p), len(r))
-
-
 def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
     """ROUGE-1/2/L F-measures in percent."""
-    return {"rouge1": 100 * rouge_n(prediction, reference, 1),
-            "rouge2": 100 * rouge_n(prediction, reference, 2),
-            "rougeL": 100 * rouge_l(prediction, reference)}
+    p, r = (re.sub(r"[^a-z0-9]+", " ", text.lower()).split() for text in (prediction, reference))
+    out = {}
+    for n in (1, 2):
+        pn, rn = (collections.Counter(zip(*(t[i:] for i in range(n)))) for t in (p, r))
+        overlap = sum((pn & rn).values())  # n-grams in both, each as often as in the rarer
+        out[f"rouge{n}"] = 100 * _f_measure(overlap, sum(pn.values()), sum(rn.values()))
+    out["rougeL"] = 100 * _f_measure(_lcs(p, r), len(p), len(r))
+    return out
 
 
 # --- GSM8K ---------------------------------------------------------------------------------------
@@ -73,9 +57,7 @@ _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 def gsm_number(text: str) -> str | None:
     """The number after the last '####' (commas dropped, ``12.0`` -> ``12``), or None."""
-    if "####" not in text:
-        return None
-    match = _NUMBER.search(text.rsplit("####", 1)[1])
+    match = _NUMBER.search(text.rsplit("####", 1)[1]) if "####" in text else None
     if match is None:
         return None
     number = match.group().replace(",", "")

@@ -13,24 +13,22 @@ import math
 from diffujax.checkpoint.hf_read import DTYPES
 from diffujax.diffusion.sampling import RANKINGS
 from diffujax.inference.generation import DIFFUSION_SAMPLERS, RENAMED_SAMPLERS
+from diffujax.tasks.formats import OBJECTIVES
 
-OBJECTIVES = ("diffusion", "ar")
 SCORES = ("reference", "mc")
-# lm-eval passes these to every model (from its --batch_size, --max_batch_size, --device).
+# lm-eval passes these to every model (from its --max_batch_size, --device).
 HARNESS_KEYS = ("max_batch_size", "device")
 
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _integer(low: int):
+    return lambda v: None if type(v) is int and v >= low else f"must be an integer >= {low}"
 
 
-def _number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _at_least(low: int):
-    return lambda v: (None if _integer(v) and v >= low else f"must be an integer >= {low}")
+def _number(low: float, strict: bool = False):
+    def check(v):
+        ok = type(v) in (int, float) and math.isfinite(v) and (v > low if strict else v >= low)
+        return None if ok else f"must be a number {'>' if strict else '>='} {low:g}"
+    return check
 
 
 def _optional(check):
@@ -47,79 +45,53 @@ def _sampler(v):
     return _one_of(DIFFUSION_SAMPLERS)(v)
 
 
-def _float_at_least(low: float, strict: bool = False):
-    def check(v):
-        ok = _number(v) and (v > low if strict else v >= low)
-        return None if ok else f"must be a number {'>' if strict else '>='} {low:g}"
-    return check
-
-
 def _batch_size(v):
-    if _integer(v) and v >= 1:
-        return None
-    if isinstance(v, str) and (v == "auto" or (v.startswith("auto:") and v[5:].isdigit()
-                                               and int(v[5:]) >= 1)):
-        return None
-    return "must be an integer >= 1, auto or auto:N"
+    n = v[5:] if isinstance(v, str) and v.startswith("auto:") else ""
+    ok = (type(v) is int and v >= 1) or v == "auto" or (n.isdigit() and int(n) >= 1)
+    return None if ok else "must be an integer >= 1, auto or auto:N"
 
 
-def _checkpoint(v):
-    return None if isinstance(v, str) and v else "is required: a diffujax checkpoint directory"
-
-
-CHECKS = {
-    "checkpoint": _checkpoint,
-    "objective": _one_of(OBJECTIVES),
-    "score": _one_of(SCORES),
-    "levels": _at_least(1),
-    "mc_num": _at_least(1),
-    "rolling_draws": _at_least(1),
-    "sampler": _sampler,
-    "steps": _optional(_at_least(1)),
-    "temperature": _float_at_least(0.0),
-    "ranking": _one_of(RANKINGS),
-    "confidence_temperature": _optional(_float_at_least(0.0, strict=True)),
-    "batch_size": _batch_size,
-    "seed": _at_least(0),
-    "dtype": _optional(_one_of(tuple(DTYPES))),
+# key: (default, check: None if the value is good, else what it must be)
+ARGS = {
+    "checkpoint": (None, lambda v: None if isinstance(v, str) and v else
+                   "is required: a diffujax checkpoint directory"),
+    "objective": ("diffusion", _one_of(OBJECTIVES)),
+    "score": ("reference", _one_of(SCORES)),
+    "levels": (32, _integer(1)),
+    "mc_num": (128, _integer(1)),
+    "rolling_draws": (8, _integer(1)),
+    "sampler": ("confidence", _sampler),
+    "steps": (None, _optional(_integer(1))),
+    "temperature": (0.0, _number(0.0)),
+    "ranking": ("masked", _one_of(RANKINGS)),
+    "confidence_temperature": (None, _optional(_number(0.0, strict=True))),
+    # auto / auto:N (lm-eval's batch search, which a compiled model does not need): 8
+    "batch_size": (8, _batch_size),
+    "seed": (0, _integer(0)),
+    "dtype": (None, _optional(_one_of(tuple(DTYPES)))),
     # lm-eval reads mesh=none as None
-    "mesh": lambda v: None if v is None or isinstance(v, str) and v else
-    "must be auto, none or axis sizes",
-    "max_length": _optional(_at_least(2)),
-    "max_gen_toks": _at_least(1),
-    "add_bos_token": lambda v: None if isinstance(v, bool) else "must be true or false",
-    "max_batch_size": _optional(_at_least(1)),
-    "device": lambda v: None,  # lm-eval's: the mesh places the model
+    "mesh": ("auto", lambda v: None if v is None or isinstance(v, str) and v else
+             "must be auto, none or axis sizes"),
+    "max_length": (None, _optional(_integer(2))),
+    "max_gen_toks": (256, _integer(1)),
+    "add_bos_token": (False, lambda v: None if isinstance(v, bool) else "must be true or false"),
+    "max_batch_size": (None, _optional(_integer(1))),
+    "device": (None, lambda v: None),  # lm-eval's: the mesh places the model
 }
 
 
-DEFAULTS = dict(objective="diffusion", score="reference", levels=32, mc_num=128, rolling_draws=8,
-                sampler="confidence", steps=None, temperature=0.0, ranking="masked",
-                confidence_temperature=None, batch_size=8, seed=0, dtype=None, mesh="auto",
-                max_length=None, max_gen_toks=256, add_bos_token=False)
-
-
 def model_args(values: dict) -> dict:
-    """``values`` checked (``check_model_args``), with the defaults of the keys not given."""
-    check_model_args(values)
-    return dict(DEFAULTS, **values)
-
-
-def check_model_args(values: dict) -> None:
-    """Raise ``ValueError`` (one line) for the first unknown key or bad value of ``values``."""
+    """``values`` with the defaults of the keys not given; ``ValueError`` (one line) for the
+    first unknown key or bad value."""
     for key in values:
-        if key not in CHECKS:
-            near = difflib.get_close_matches(key, list(CHECKS), n=1)
+        if key not in ARGS:
+            near = difflib.get_close_matches(key, list(ARGS), n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            known = ", ".join(k for k in CHECKS if k not in HARNESS_KEYS)
+            known = ", ".join(k for k in ARGS if k not in HARNESS_KEYS)
             raise ValueError(f"model_args {key}: unknown key{hint}; known keys: {known}")
-    for key, check in CHECKS.items():
-        problem = check(values.get(key)) if key in values or key == "checkpoint" else None
+    out = {key: values.get(key, default) for key, (default, _) in ARGS.items()}
+    for key, (_, check) in ARGS.items():
+        problem = check(out[key])
         if problem:
-            raise ValueError(f"model_args {key}={values.get(key)!r}: {problem}")
-
-
-def batch_size_of(value) -> int:
-    """The rows per forward pass: an integer as given; ``auto`` / ``auto:N`` (lm-eval's batch
-    search, which a compiled model does not need) take the default, 8."""
-    return 8 if isinstance(value, str) else int(value)
+            raise ValueError(f"model_args {key}={out[key]!r}: {problem}")
+    return out

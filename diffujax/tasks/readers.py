@@ -40,8 +40,7 @@ def _open_text(path: str):
 
 def read_lines(path: str) -> list[str]:
     """Non-empty lines, stripped (Lambada's plain-text format)."""
-    lines = [line.strip() for line in _open_text(path).splitlines()]
-    lines = [line for line in lines if line]
+    lines = [s for s in (line.strip() for line in _open_text(path).splitlines()) if s]
     if not lines:
         raise TaskDataError(f"{path}: no non-empty lines")
     return lines
@@ -81,15 +80,6 @@ def read_csv(path: str) -> list[dict]:
     if not rows:
         raise TaskDataError(f"{path}: no data rows under the header")
     return rows
-
-
-def strings(record: dict, name: str) -> list[str]:
-    """``record[name]`` checked to be a list of strings."""
-    value = field(record, name, list)
-    if not all(isinstance(v, str) for v in value):
-        raise TaskDataError(f"{record.get('_where', '?')}: field {name!r} must be a list of"
-                            f" strings, got {value!r:.60}")
-    return value
 
 
 def nonempty(record: dict, name: str, what: str) -> str:

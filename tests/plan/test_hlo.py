@@ -177,10 +177,10 @@ def test_cycles_by_category_on_a_hand_made_module():
     trips (3): a convolution is a matmul, a reduce a reduction, tanh elementwise, a copy or a
     broadcast data movement (an add written into a stacked buffer too), anything on a
     vocabulary-long (100) axis the vocabulary's."""
-    by = hlo.cycles_by_category(CATEGORY_MODULE, vocab=100)
+    by = hlo.estimated_cycles(CATEGORY_MODULE, vocab=100).by_category
     assert by == {"matmul": 300, "reduction": 120, "elementwise": 90, "data movement": 21 + 6 + 11,
                   "vocabulary": 50, "collective": 5}
     assert list(by) == sorted(by, key=by.get, reverse=True)
     # The categories split the compiler's total; without a vocabulary the loss is a reduction.
     assert sum(by.values()) == hlo.estimated_cycles(CATEGORY_MODULE).cycles
-    assert hlo.cycles_by_category(CATEGORY_MODULE)["reduction"] == 120 + 50
+    assert hlo.estimated_cycles(CATEGORY_MODULE).by_category["reduction"] == 120 + 50

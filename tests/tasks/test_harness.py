@@ -41,11 +41,11 @@ def test_loglikelihood_requests_equal_the_engine_scores(tiny_lm):
             Row.make([lm.prefix_token_id], enc("w9 w10"), 2)]
     expected = -lm.engine.diffusion_score(rows, num_levels=8)
     np.testing.assert_allclose([ll for ll, _ in out], expected, rtol=1e-6)
-    lm.score = "mc"
+    lm.args["score"] = "mc"
     try:
         mc = lm.loglikelihood(requests)
     finally:
-        lm.score = "reference"
+        lm.args["score"] = "reference"
     np.testing.assert_allclose([ll for ll, _ in mc], -lm.engine.conditional_nll(rows, num_draws=4),
                                rtol=1e-6)
 
