@@ -136,15 +136,9 @@ def summary_line(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
-# Scalars -> TensorBoard tags. Unlisted keys go under "train/".
-_TB_TAGS = {
-    "tokens_per_s": "perf/tokens_per_s",
-    "tokens_per_s_per_device": "perf/tokens_per_s_per_device",
-    "model_tflops_per_s_per_device": "perf/model_tflops_per_s_per_device",
-    "mfu": "perf/mfu",
-    "step_time_s": "perf/step_time_s",
-    "eta_s": "perf/eta_s",
-}
+# Throughput's numbers go under "perf/" in TensorBoard, every other scalar under "train/".
+_PERF = {"tokens_per_s", "tokens_per_s_per_device", "model_tflops_per_s_per_device", "mfu",
+         "step_time_s", "eta_s"}
 
 
 # ------------------------------------------------------------------------------------ the writer
@@ -226,7 +220,7 @@ class RunLogger:
         if not self.enabled:
             return
         self._scalars("train", step, scalars,
-                      {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()})
+                      {f"{'perf' if k in _PERF else 'train'}/{k}": v for k, v in scalars.items()})
         if self._bar is not None:
             self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
@@ -365,34 +359,29 @@ class StepProfiler:
     def __init__(self, logdir, steps=()):
         self.logdir = os.fspath(logdir)
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
-        self.active = False
-        self._local = None
+        self._dir = None  # where the trace being taken is written; None: no trace running
 
     def before(self, step: int):
-        if self.first is not None and not self.active and self.first <= step <= self.last:
-            if paths.is_remote(self.logdir):
-                self._local = tempfile.mkdtemp(prefix="diffujax-profile-")
-            jax.profiler.start_trace(self._local or self.logdir)
-            self.active = True
-
-    def _stop(self):
-        jax.profiler.stop_trace()
-        self.active = False
-        if self._local is not None:
-            paths.copy_tree(self._local, self.logdir)
-            shutil.rmtree(self._local, ignore_errors=True)
-            self._local = None
+        if self.first is not None and self._dir is None and self.first <= step <= self.last:
+            self._dir = (tempfile.mkdtemp(prefix="diffujax-profile-")
+                         if paths.is_remote(self.logdir) else self.logdir)
+            jax.profiler.start_trace(self._dir)
 
     def after(self, step: int, sync=None) -> bool:
         """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
         trace holds the device work of the step. True when a trace was just written."""
-        if self.active and step >= self.last:
-            if sync is not None:
-                jax.block_until_ready(sync)
-            self._stop()
-            return True
-        return False
+        if self._dir is None or step < self.last:
+            return False
+        if sync is not None:
+            jax.block_until_ready(sync)
+        self.close()
+        return True
 
     def close(self):
-        if self.active:
-            self._stop()
+        if self._dir is None:
+            return
+        jax.profiler.stop_trace()
+        if self._dir != self.logdir:
+            paths.copy_tree(self._dir, self.logdir)
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None

@@ -310,7 +310,7 @@ class TrainCheckpointer:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore(self, step: int, abstract_state, *, restore_data: bool = True) -> Restored:
+    def restore(self, step: int, abstract_state) -> Restored:
         """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the wanted shardings)
         and verify it against its checksums. Raises if the checkpoint is incomplete (also: no
         data-iterator state for this process, unless ``restart_data``), unreadable or damaged."""
@@ -322,10 +322,9 @@ class TrainCheckpointer:
         read_meta(step_dir)  # its format version, before any array is read
         items = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore(),
                  META: ocp.args.JsonRestore(), INTEGRITY: ocp.args.JsonRestore()}
-        has_data = (step_dir / DATA / _data_file()).exists()
-        if restore_data and has_data:
+        if (step_dir / DATA / _data_file()).exists():
             items[DATA] = DataStateRestore()
-        elif restore_data and not self.restart_data:
+        elif not self.restart_data:
             raise CheckpointError(
                 f"checkpoint {step_dir} is incomplete: no data-iterator state for process"
                 f" {jax.process_index()} of {jax.process_count()} (to resume from it with a"
@@ -342,7 +341,7 @@ class TrainCheckpointer:
         return Restored(step=step, state=state, data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)
 
-    def restore_latest(self, abstract_state, *, restore_data: bool = True) -> Restored | None:
+    def restore_latest(self, abstract_state) -> Restored | None:
         """Restore the newest usable step; None when there is no checkpoint at all.
 
         A step that fails to restore (truncated, missing files, no commit marker, no data state,
@@ -356,7 +355,7 @@ class TrainCheckpointer:
         failed = []
         for step in reversed(self.all_steps()):
             try:
-                restored = self.restore(step, abstract_state, restore_data=restore_data)
+                restored = self.restore(step, abstract_state)
             except FormatVersionError:
                 raise  # the older steps are no more readable: nothing to fall back to or move
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
@@ -419,14 +418,9 @@ def read_meta(step_dir) -> dict:
     return meta
 
 
-def model_config_to_meta(config: ModelConfig) -> dict:
-    """The model config as a step's meta records it: its Hugging Face config dict (the one
-    serialisation of a model config, also that of ``checkpoint.store``)."""
-    return config.to_hf()
-
-
 def model_config_from_meta(meta: dict) -> ModelConfig:
-    """The model config a step's meta recorded (``model_config_to_meta``)."""
+    """The model config a step's meta recorded: its Hugging Face config dict (the one
+    serialisation of a model config, also that of ``checkpoint.store``)."""
     return config_from_hf(dict(meta["model_config"]), source=f"meta of step {meta.get('step')}")
 
 
@@ -436,28 +430,17 @@ def saved_steps(directory) -> list[int]:
     return sorted(m.step for m in found)
 
 
-def _newest_readable(directory, read):
-    """``(step, read(step_dir))`` of the newest step whose meta and ``read`` succeed, or None; a
-    step of another format version is refused (``FormatVersionError``) before ``read``."""
+def saved_record(directory) -> tuple[int, dict, dict] | None:
+    """``(step, meta, run config)`` of the newest step under ``directory`` whose records are
+    readable (None if none is); a step of another format version is refused
+    (``FormatVersionError``), not skipped. Nothing of the state is read."""
     directory = paths.resolve(directory)
     for step in reversed(saved_steps(directory)):
         try:
             meta = read_meta(directory / str(step))
-            return step, read(directory / str(step), meta)
+            return step, meta, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
         except FormatVersionError:
             raise
         except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
             continue
     return None
-
-
-def saved_model_config(directory):
-    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
-    found = _newest_readable(directory, lambda _, meta: model_config_from_meta(meta))
-    return None if found is None else found[1]
-
-
-def saved_run_config(directory) -> tuple[int, dict] | None:
-    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
-    return _newest_readable(
-        directory, lambda step_dir, _: json.loads((step_dir / CONFIG / "metadata").read_text()))
