@@ -352,22 +352,12 @@ class TrainCheckpointer:
         saved state (optimizer, EMA, model), not damage to every checkpoint, and the user's work
         must stay where it is.
         """
-        failed = []
-        for step in reversed(self.all_steps()):
-            try:
-                restored = self.restore(step, abstract_state)
-            except FormatVersionError:
-                raise  # the older steps are no more readable: nothing to fall back to or move
-            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                reason = f"{type(e).__name__}: {str(e)[:300]}"
-                failed.append((step, reason))
-                warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({reason});"
-                              " falling back to the previous checkpoint", RuntimeWarning,
-                              stacklevel=2)
-                continue
+        found, failed = newest_usable(self.directory, self.all_steps(),
+                                      lambda step: self.restore(step, abstract_state))
+        if found is not None:
             for bad_step, _ in failed:
                 self._quarantine(bad_step)
-            return restored
+            return found
         if failed:
             steps = [s for s, _ in failed]
             raise CheckpointError(
@@ -430,17 +420,33 @@ def saved_steps(directory) -> list[int]:
     return sorted(m.step for m in found)
 
 
-def saved_record(directory) -> tuple[int, dict, dict] | None:
-    """``(step, meta, run config)`` of the newest step under ``directory`` whose records are
-    readable (None if none is); a step of another format version is refused
-    (``FormatVersionError``), not skipped. Nothing of the state is read."""
-    directory = paths.resolve(directory)
-    for step in reversed(saved_steps(directory)):
+def newest_usable(directory, steps, read, *, warn: bool = True):
+    """``(read(step), failures)`` for the newest of ``steps`` (in ``directory``) that ``read``
+    reads, the ``failures`` being the ``(step, reason)`` of the newer ones (each warned about
+    with ``warn``); ``(None, failures)`` when none does. A step of another format version is
+    refused (``FormatVersionError``) at once: the older ones are no more readable."""
+    failed = []
+    for step in reversed(steps):
         try:
-            meta = read_meta(directory / str(step))
-            return step, meta, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
+            return read(step), failed
         except FormatVersionError:
             raise
-        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
-            continue
-    return None
+        except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+            failed.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+            if warn:
+                warnings.warn(f"checkpoint step {step} in {directory} is unusable"
+                              f" ({failed[-1][1]}); falling back to the previous checkpoint",
+                              RuntimeWarning, stacklevel=3)
+    return None, failed
+
+
+def saved_record(directory) -> tuple[int, dict, dict] | None:
+    """``(step, meta, run config)`` of the newest step under ``directory`` whose records are
+    readable (None if none is; nothing of the state is read)."""
+    directory = paths.resolve(directory)
+
+    def read(step):
+        meta = read_meta(directory / str(step))  # its format version first
+        return step, meta, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
+
+    return newest_usable(directory, saved_steps(directory), read, warn=False)[0]

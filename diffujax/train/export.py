@@ -23,13 +23,13 @@ from diffujax.checkpoint import store
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.checkpoint.version import FormatVersionError
 from diffujax.config import from_dict
 from diffujax.models import flatten, lora
 from diffujax.train.state import export_params
 from diffujax.train.checkpointing import (CONFIG, INTEGRITY, META, STATE,
-                                          model_config_from_meta, read_meta, saved_steps,
-                                          stored_state_tree, sync, verify_arrays, verify_record)
+                                          model_config_from_meta, newest_usable, read_meta,
+                                          saved_steps, stored_state_tree, sync, verify_arrays,
+                                          verify_record)
 
 
 def _is_step_dir(path) -> bool:
@@ -187,23 +187,13 @@ def read_step_weights(run_dir, step: int | None, *, ema: bool = False) -> StepWe
     params_key = "ema" if ema else "params"
     newest = find_step_dir(run_dir, step)
     if step is not None or _is_step_dir(run_dir):
-        candidates = [newest]  # one step asked for: its damage is an error
-    else:
-        candidates = [newest.parent / str(s) for s in reversed(saved_steps(newest.parent))]
-    failures = []
-    for step_dir in candidates:
-        try:
-            return _step_params(step_dir, params_key)
-        except FormatVersionError:
-            raise  # the older steps are no more readable
-        except CheckpointError as e:
-            failures.append(str(e))
-            if len(candidates) > 1:
-                warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning,
-                              stacklevel=2)
-    if len(candidates) == 1:
-        raise CheckpointError(failures[0])
-    raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
+        return _step_params(newest, params_key)  # one step asked for: its damage is an error
+    found, failed = newest_usable(newest.parent, saved_steps(newest.parent),
+                                  lambda s: _step_params(newest.parent / str(s), params_key))
+    if found is None:
+        raise CheckpointError(f"{newest.parent}: no step can be exported (newest:"
+                              f" {failed[0][1]})")
+    return found
 
 
 def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,
