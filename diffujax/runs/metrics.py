@@ -159,16 +159,10 @@ class _TensorBoard:
                                            session_log=SessionLog(status=SessionLog.START)))
         self._flush_secs, self._last_flush = flush_secs, time.monotonic()
 
-    def _write(self, summary, step: int):
+    def write(self, summary, step: int):
         self._writer.write_event(Event(summary=summary, step=int(step), wall_time=time.time()))
         if time.monotonic() - self._last_flush > self._flush_secs:
             self.flush()
-
-    def add_scalar(self, tag: str, value: float, step: int):
-        self._write(scalar_summary(tag, float(value)), step)
-
-    def add_text(self, tag: str, text: str, step: int):
-        self._write(text_summary(tag, text), step)
 
     def flush(self):
         self._writer.flush()
@@ -187,11 +181,10 @@ class RunLogger:
     """
 
     def __init__(self, output_dir, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, enabled: bool | None = None,
-                 stream=None, wandb: dict | None = None, run_config: dict | None = None):
+                 tensorboard: bool = True, enabled: bool | None = None,
+                 wandb: dict | None = None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
-        self.stream = stream or sys.stderr
         self._bar = self._tb = self._jsonl = self._wandb = None
         self.recorded: set[tuple[str, int]] = set()  # (kind, step) of the records kept
         if not self.enabled:
@@ -209,8 +202,8 @@ class RunLogger:
                 self._tb = _TensorBoard(self.tb_dir, start_step + 1 if start_step else None)
         if wandb is not None:
             self._wandb = WandbLogger(wandb, output_dir, run_config)
-        if progress and getattr(self.stream, "isatty", lambda: False)():
-            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
+        if sys.stderr.isatty():
+            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr,
                              dynamic_ncols=True, desc="train",
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
                                         " [{elapsed}]{postfix}")
@@ -244,7 +237,7 @@ class RunLogger:
         if self._tb is not None:
             body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
             with self._guard(self.tb_dir):
-                self._tb.add_text(tag, body, step)
+                self._tb.write(text_summary(tag, body), step)
         if self._wandb is not None:
             self._wandb.text(step, tag, texts)
 
@@ -252,9 +245,9 @@ class RunLogger:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.write(line, file=self.stream)
+            self._bar.write(line, file=sys.stderr)
         else:
-            print(line, file=self.stream, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def flush(self):
         """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
@@ -306,10 +299,11 @@ class RunLogger:
         """One record of ``scalars`` in the log; each of ``tagged`` (tag: value) to TensorBoard
         (the finite numbers) and W&B."""
         self._record(kind, step, scalars)
-        for tag, value in tagged.items():
-            if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                with self._guard(self.tb_dir):
-                    self._tb.add_scalar(tag, value, step)
+        if self._tb is not None:
+            with self._guard(self.tb_dir):
+                for tag, value in tagged.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.write(scalar_summary(tag, float(value)), step)
         if self._wandb is not None:
             self._wandb.log(step, tagged)
 

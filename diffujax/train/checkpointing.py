@@ -125,15 +125,13 @@ class SaveFailed(OSError):
         self.step = step
 
 
-class _QuietBackgroundSaveErrors(logging.Filter):
+def _quiet_background_save_errors(record) -> bool:
     """orbax logs a failed background save with a traceback from each of its threads, steps
     before the run can see it; the run reports the failure in one line (``SaveFailed``)
-    instead. Errors of other origin, and everything under ``--debug``, pass."""
-
-    def filter(self, record) -> bool:
-        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
-                    and not console.debug_enabled())
+    instead. Errors of other origin, and everything under ``--debug``, pass (a log filter)."""
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
+                and not console.debug_enabled())
 
 
 def _quiet_abandoned_writes() -> None:
@@ -214,8 +212,7 @@ class TrainCheckpointer:
                                              item_names=(STATE, DATA, CONFIG, META, INTEGRITY))
         self._in_flight: int | None = None  # the step of a started save not yet checked
         self.failed: SaveFailed | None = None
-        self._quiet = _QuietBackgroundSaveErrors()
-        logging.getLogger("absl").addFilter(self._quiet)
+        logging.getLogger("absl").addFilter(_quiet_background_save_errors)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -294,7 +291,7 @@ class TrainCheckpointer:
                 self.wait()
         finally:
             if self.failed is None:
-                logging.getLogger("absl").removeFilter(self._quiet)
+                logging.getLogger("absl").removeFilter(_quiet_background_save_errors)
                 self.manager.close()
             else:  # its threads may still report the failure: they stay quiet until exit
                 with contextlib.suppress(Exception):

@@ -84,7 +84,7 @@ def load_params(step_dir, *, params_key: str = "params"):
     return out[params_key]
 
 
-def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
+def save_model(directory, model_cfg, params, *, tokenizer_from=None):
     """``params`` (sharded or not) as a diffujax model checkpoint (``checkpoint.store`` format).
 
     Single process: ``store.save`` (atomic). Several processes: every process writes its shards
@@ -95,7 +95,7 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     directory = paths.resolve(directory)
     if jax.process_count() == 1:
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
+        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=True)
         return directory
     remote = paths.is_remote(directory)
     tmp = directory if remote else directory.parent / f"{directory.name}.tmp"
