@@ -169,12 +169,10 @@ class FileLock:
 def lease_seconds() -> float:
     """``$DIFFUJAX_LEASE_S`` if set, else ``LEASE_S``."""
     text = os.environ.get(LEASE_ENV, "").strip()
-    if not text:
-        return LEASE_S
     try:
-        value = float(text)
+        value = float(text or LEASE_S)
     except ValueError:
-        value = float("nan")
+        value = 0.0
     if not value > 0:
         raise ValueError(f"{LEASE_ENV}={text}: must be a number of seconds > 0")
     return value

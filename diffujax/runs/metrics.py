@@ -71,19 +71,14 @@ class Throughput:
         now = time.perf_counter() if now is None else now
         if self._t0 is None or step <= self._last_step:
             return {}
-        window = max(now - self._last_t - self.paused_s, 1e-9)
-        steps = step - self._last_step
-        step_time = window / steps
+        step_time = max(now - self._last_t - self.paused_s, 1e-9) / (step - self._last_step)
         tokens_per_s = self.tokens_per_step / step_time
         flops_per_s = self.flops_per_step / step_time
         average = (now - self._t0) / max(step - self._step0, 1)
-        out = {
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / self.num_devices,
-            "model_tflops_per_s_per_device": flops_per_s / self.num_devices / 1e12,
-            "eta_s": max(self.total_steps - step, 0) * average,
-        }
+        out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
+               "tokens_per_s_per_device": tokens_per_s / self.num_devices,
+               "model_tflops_per_s_per_device": flops_per_s / self.num_devices / 1e12,
+               "eta_s": max(self.total_steps - step, 0) * average}
         m = mfu(flops_per_s, self.num_devices, self.peak)
         if m is not None:
             out["mfu"] = m
