@@ -381,11 +381,8 @@ def stored_state_tree(step_dir) -> dict:
 
     Read by the item's handler: a Checkpointer would also look for step metadata inside the item
     directory (it sits one level up, in the step) and log a warning on every resume."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         return handler.metadata(epath.Path(os.fspath(step_dir)) / STATE).tree
-    finally:
-        handler.close()
 
 
 def sync(name: str):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -61,7 +62,7 @@ def is_training_checkpoint(path) -> bool:
     try:
         find_step_dir(path)
         return True
-    except (FileNotFoundError, OSError):
+    except OSError:
         return False
 
 
@@ -75,13 +76,9 @@ def load_params(step_dir, *, params_key: str = "params"):
     target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), saved[params_key])}
     restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
                                              saved[params_key])}
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:
-        out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
-    finally:
-        checkpointer.close()
-    return out[params_key]
+    with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
+        return checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))[params_key]
 
 
 def save_model(directory, model_cfg, params, *, tokenizer_from=None):
