@@ -168,17 +168,15 @@ def abstract_like(tree, shardings=None):
                         tree, shardings)
 
 
-def verify_record(integrity: dict, step_dir, *, config=None, meta=None):
-    """Raise if the run config or meta of a step do not match the digests saved with it."""
+def verify(integrity: dict, step_dir, *, config=None, meta=None, arrays=None, prefix: str = ""):
+    """Raise if the run config or meta of a step do not match the digests saved with it, naming
+    it, or if an array of ``arrays`` (under ``prefix``) does not match its saved checksum, naming
+    the first damaged (or unrecorded) one."""
     for name, value in ((CONFIG, config), (META, meta)):
         if value is not None and json_digest(value) != integrity.get(f"{name}_sha256"):
             raise CheckpointError(f"{step_dir}/{name}: does not match its checksum (damaged)")
-
-
-def verify_arrays(integrity: dict, tree, step_dir, prefix: str = "") -> None:
-    """Compare the checksums of ``tree``'s arrays (under ``prefix``) with those saved with the
-    step; raise naming the first damaged (or unrecorded) array."""
-    name = first_mismatch(integrity.get("arrays", {}), checksums(tree), prefix)
+    name = None if arrays is None else first_mismatch(integrity.get("arrays", {}),
+                                                      checksums(arrays), prefix)
     if name is not None:
         raise CheckpointError(f"{step_dir}: array {name!r} does not match its saved checksum"
                               " (the files are damaged)")
@@ -331,9 +329,8 @@ class TrainCheckpointer:
         if meta.get("step", step) != step:
             raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
         integrity = out[INTEGRITY] or {}
-        verify_record(integrity, step_dir, config=out[CONFIG], meta=out[META])
         state = out[STATE]
-        verify_arrays(integrity, state, step_dir)
+        verify(integrity, step_dir, config=out[CONFIG], meta=out[META], arrays=state)
         self._finite.setdefault(step, bool(meta.get("finite", True)))
         return Restored(step=step, state=state, data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)

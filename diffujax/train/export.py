@@ -29,8 +29,7 @@ from diffujax.models import flatten, lora
 from diffujax.train.state import export_params
 from diffujax.train.checkpointing import (CONFIG, INTEGRITY, META, STATE,
                                           model_config_from_meta, newest_usable, read_meta,
-                                          saved_steps, stored_state_tree, sync, verify_arrays,
-                                          verify_record)
+                                          saved_steps, stored_state_tree, sync, verify)
 
 
 def _is_step_dir(path) -> bool:
@@ -169,9 +168,9 @@ def _step_params(step_dir, params_key: str) -> StepWeights:
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
         raise CheckpointError(f"{step_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})"
                               ) from None
-    verify_record(integrity, step_dir, meta=meta)
+    verify(integrity, step_dir, meta=meta)
     for key, tree in trees.items():
-        verify_arrays(integrity, {key: tree}, step_dir, prefix=f"{key}/")
+        verify(integrity, step_dir, arrays={key: tree}, prefix=f"{key}/")
     return StepWeights(model_cfg, trees[params_key], meta, trees.get("frozen"), spec, base)
 
 
