@@ -92,8 +92,7 @@ class Throughput:
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
-    s = int(round(seconds))
-    d, s = divmod(s, 86400)
+    d, s = divmod(int(round(seconds)), 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     if d:
@@ -257,11 +256,8 @@ class RunLogger:
         """Stop logging without writing anything more into the run directory (it belongs to
         another run now: the lease was lost). Records not yet flushed are dropped there; the
         console bar and W&B, which live elsewhere, are closed as usual."""
-        bar, wandb = self._bar, self._wandb
-        self._bar = self._tb = self._jsonl = self._wandb = None
-        for handle in (bar, wandb):
-            if handle is not None:
-                handle.close()
+        self._tb = self._jsonl = None
+        self.close()
 
     def close(self):
         """Flush and close everything; a failure is raised after all are closed."""
