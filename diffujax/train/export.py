@@ -72,7 +72,8 @@ def load_params(step_dir, *, params_key: str = "params"):
     saved = stored_state_tree(step_dir)
     if params_key not in saved:
         raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(saved)})")
-    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), saved[params_key])}
+    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)),
+                                       saved[params_key])}
     restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
                                              saved[params_key])}
     with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
