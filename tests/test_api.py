@@ -227,7 +227,7 @@ def training_run(root: pathlib.Path, ckpt, steps=(2, 4)):
     for step in steps:
         scaled = jax.tree.map(lambda x, s=step: x * (s / max(steps)), params)
         saver.save(step, {"params": scaled, "step": jnp.int32(step)},
-                   meta={"model_config": C.model_config_to_meta(config),
+                   meta={"model_config": config.to_hf(),
                          "tokenizer_dir": os.fspath(ckpt)})
     saver.close()
     return params

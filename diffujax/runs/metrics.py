@@ -71,19 +71,14 @@ class Throughput:
         now = time.perf_counter() if now is None else now
         if self._t0 is None or step <= self._last_step:
             return {}
-        window = max(now - self._last_t - self.paused_s, 1e-9)
-        steps = step - self._last_step
-        step_time = window / steps
+        step_time = max(now - self._last_t - self.paused_s, 1e-9) / (step - self._last_step)
         tokens_per_s = self.tokens_per_step / step_time
         flops_per_s = self.flops_per_step / step_time
         average = (now - self._t0) / max(step - self._step0, 1)
-        out = {
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / self.num_devices,
-            "model_tflops_per_s_per_device": flops_per_s / self.num_devices / 1e12,
-            "eta_s": max(self.total_steps - step, 0) * average,
-        }
+        out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
+               "tokens_per_s_per_device": tokens_per_s / self.num_devices,
+               "model_tflops_per_s_per_device": flops_per_s / self.num_devices / 1e12,
+               "eta_s": max(self.total_steps - step, 0) * average}
         m = mfu(flops_per_s, self.num_devices, self.peak)
         if m is not None:
             out["mfu"] = m
@@ -97,8 +92,7 @@ class Throughput:
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
-    s = int(round(seconds))
-    d, s = divmod(s, 86400)
+    d, s = divmod(int(round(seconds)), 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     if d:
@@ -136,15 +130,9 @@ def summary_line(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
-# Scalars -> TensorBoard tags. Unlisted keys go under "train/".
-_TB_TAGS = {
-    "tokens_per_s": "perf/tokens_per_s",
-    "tokens_per_s_per_device": "perf/tokens_per_s_per_device",
-    "model_tflops_per_s_per_device": "perf/model_tflops_per_s_per_device",
-    "mfu": "perf/mfu",
-    "step_time_s": "perf/step_time_s",
-    "eta_s": "perf/eta_s",
-}
+# Throughput's numbers go under "perf/" in TensorBoard, every other scalar under "train/".
+_PERF = {"tokens_per_s", "tokens_per_s_per_device", "model_tflops_per_s_per_device", "mfu",
+         "step_time_s", "eta_s"}
 
 
 # ------------------------------------------------------------------------------------ the writer
@@ -165,16 +153,10 @@ class _TensorBoard:
                                            session_log=SessionLog(status=SessionLog.START)))
         self._flush_secs, self._last_flush = flush_secs, time.monotonic()
 
-    def _write(self, summary, step: int):
+    def write(self, summary, step: int):
         self._writer.write_event(Event(summary=summary, step=int(step), wall_time=time.time()))
         if time.monotonic() - self._last_flush > self._flush_secs:
             self.flush()
-
-    def add_scalar(self, tag: str, value: float, step: int):
-        self._write(scalar_summary(tag, float(value)), step)
-
-    def add_text(self, tag: str, text: str, step: int):
-        self._write(text_summary(tag, text), step)
 
     def flush(self):
         self._writer.flush()
@@ -193,11 +175,10 @@ class RunLogger:
     """
 
     def __init__(self, output_dir, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, enabled: bool | None = None,
-                 stream=None, wandb: dict | None = None, run_config: dict | None = None):
+                 tensorboard: bool = True, enabled: bool | None = None,
+                 wandb: dict | None = None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
-        self.stream = stream or sys.stderr
         self._bar = self._tb = self._jsonl = self._wandb = None
         self.recorded: set[tuple[str, int]] = set()  # (kind, step) of the records kept
         if not self.enabled:
@@ -215,8 +196,8 @@ class RunLogger:
                 self._tb = _TensorBoard(self.tb_dir, start_step + 1 if start_step else None)
         if wandb is not None:
             self._wandb = WandbLogger(wandb, output_dir, run_config)
-        if progress and getattr(self.stream, "isatty", lambda: False)():
-            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
+        if sys.stderr.isatty():
+            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr,
                              dynamic_ncols=True, desc="train",
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
                                         " [{elapsed}]{postfix}")
@@ -226,7 +207,7 @@ class RunLogger:
         if not self.enabled:
             return
         self._scalars("train", step, scalars,
-                      {_TB_TAGS.get(k, f"train/{k}"): v for k, v in scalars.items()})
+                      {f"{'perf' if k in _PERF else 'train'}/{k}": v for k, v in scalars.items()})
         if self._bar is not None:
             self._bar.n = step  # one refresh below, with the new postfix
             self._bar.set_postfix_str(summary_line(step, self.total_steps, scalars)
@@ -250,7 +231,7 @@ class RunLogger:
         if self._tb is not None:
             body = "\n\n".join(f"**{i}**\n\n```\n{t}\n```" for i, t in enumerate(texts))
             with self._guard(self.tb_dir):
-                self._tb.add_text(tag, body, step)
+                self._tb.write(text_summary(tag, body), step)
         if self._wandb is not None:
             self._wandb.text(step, tag, texts)
 
@@ -258,9 +239,9 @@ class RunLogger:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.write(line, file=self.stream)
+            self._bar.write(line, file=sys.stderr)
         else:
-            print(line, file=self.stream, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def flush(self):
         """Everything logged so far on disk / in the bucket (called before each checkpoint)."""
@@ -275,11 +256,8 @@ class RunLogger:
         """Stop logging without writing anything more into the run directory (it belongs to
         another run now: the lease was lost). Records not yet flushed are dropped there; the
         console bar and W&B, which live elsewhere, are closed as usual."""
-        bar, wandb = self._bar, self._wandb
-        self._bar = self._tb = self._jsonl = self._wandb = None
-        for handle in (bar, wandb):
-            if handle is not None:
-                handle.close()
+        self._tb = self._jsonl = None
+        self.close()
 
     def close(self):
         """Flush and close everything; a failure is raised after all are closed."""
@@ -312,10 +290,11 @@ class RunLogger:
         """One record of ``scalars`` in the log; each of ``tagged`` (tag: value) to TensorBoard
         (the finite numbers) and W&B."""
         self._record(kind, step, scalars)
-        for tag, value in tagged.items():
-            if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                with self._guard(self.tb_dir):
-                    self._tb.add_scalar(tag, value, step)
+        if self._tb is not None:
+            with self._guard(self.tb_dir):
+                for tag, value in tagged.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.write(scalar_summary(tag, float(value)), step)
         if self._wandb is not None:
             self._wandb.log(step, tagged)
 
@@ -365,34 +344,29 @@ class StepProfiler:
     def __init__(self, logdir, steps=()):
         self.logdir = os.fspath(logdir)
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
-        self.active = False
-        self._local = None
+        self._dir = None  # where the trace being taken is written; None: no trace running
 
     def before(self, step: int):
-        if self.first is not None and not self.active and self.first <= step <= self.last:
-            if paths.is_remote(self.logdir):
-                self._local = tempfile.mkdtemp(prefix="diffujax-profile-")
-            jax.profiler.start_trace(self._local or self.logdir)
-            self.active = True
-
-    def _stop(self):
-        jax.profiler.stop_trace()
-        self.active = False
-        if self._local is not None:
-            paths.copy_tree(self._local, self.logdir)
-            shutil.rmtree(self._local, ignore_errors=True)
-            self._local = None
+        if self.first is not None and self._dir is None and self.first <= step <= self.last:
+            self._dir = (tempfile.mkdtemp(prefix="diffujax-profile-")
+                         if paths.is_remote(self.logdir) else self.logdir)
+            jax.profiler.start_trace(self._dir)
 
     def after(self, step: int, sync=None) -> bool:
         """Stop after step ``last``; ``sync`` (an array of the step) is waited on first so the
         trace holds the device work of the step. True when a trace was just written."""
-        if self.active and step >= self.last:
-            if sync is not None:
-                jax.block_until_ready(sync)
-            self._stop()
-            return True
-        return False
+        if self._dir is None or step < self.last:
+            return False
+        if sync is not None:
+            jax.block_until_ready(sync)
+        self.close()
+        return True
 
     def close(self):
-        if self.active:
-            self._stop()
+        if self._dir is None:
+            return
+        jax.profiler.stop_trace()
+        if self._dir != self.logdir:
+            paths.copy_tree(self._dir, self.logdir)
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None

@@ -21,8 +21,7 @@ class PreemptionGuard:
     back after the first), so a stuck run can still be killed with Ctrl-C twice.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
+    def __init__(self):
         self.signal_name: str | None = None
         self._previous: dict = {}
         self._multihost = jax.process_count() > 1
@@ -35,7 +34,7 @@ class PreemptionGuard:
 
     def __enter__(self):
         if not self._multihost:
-            for s in self.signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
                 try:
                     self._previous[s] = signal.signal(s, self._handle)
                 except ValueError:  # not the main thread: leave signals alone

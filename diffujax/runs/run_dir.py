@@ -22,7 +22,8 @@ def resolve_output_dir(raw) -> "paths.epath.Path":
     """``output_dir`` to write to (``paths.resolve``), refused when a multi-host run could not
     share it."""
     if not raw:
-        raise ValueError("output_dir is not set (add output_dir=PATH or output_dir=gs://BUCKET/RUN)")
+        raise ValueError("output_dir is not set (add output_dir=PATH or"
+                         " output_dir=gs://BUCKET/RUN)")
     if any(ord(c) < 32 or ord(c) == 127 for c in str(raw)):
         raise ValueError(f"output_dir={str(raw)!r}: contains a control character (a newline, a"
                          " tab...); such a value is a typo far more often than a wish")

@@ -125,15 +125,13 @@ class SaveFailed(OSError):
         self.step = step
 
 
-class _QuietBackgroundSaveErrors(logging.Filter):
+def _quiet_background_save_errors(record) -> bool:
     """orbax logs a failed background save with a traceback from each of its threads, steps
     before the run can see it; the run reports the failure in one line (``SaveFailed``)
-    instead. Errors of other origin, and everything under ``--debug``, pass."""
-
-    def filter(self, record) -> bool:
-        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
-                    and not console.debug_enabled())
+    instead. Errors of other origin, and everything under ``--debug``, pass (a log filter)."""
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info
+                and not console.debug_enabled())
 
 
 def _quiet_abandoned_writes() -> None:
@@ -170,17 +168,15 @@ def abstract_like(tree, shardings=None):
                         tree, shardings)
 
 
-def verify_record(integrity: dict, step_dir, *, config=None, meta=None):
-    """Raise if the run config or meta of a step do not match the digests saved with it."""
+def verify(integrity: dict, step_dir, *, config=None, meta=None, arrays=None, prefix: str = ""):
+    """Raise if the run config or meta of a step do not match the digests saved with it, naming
+    it, or if an array of ``arrays`` (under ``prefix``) does not match its saved checksum, naming
+    the first damaged (or unrecorded) one."""
     for name, value in ((CONFIG, config), (META, meta)):
         if value is not None and json_digest(value) != integrity.get(f"{name}_sha256"):
             raise CheckpointError(f"{step_dir}/{name}: does not match its checksum (damaged)")
-
-
-def verify_arrays(integrity: dict, tree, step_dir, prefix: str = "") -> None:
-    """Compare the checksums of ``tree``'s arrays (under ``prefix``) with those saved with the
-    step; raise naming the first damaged (or unrecorded) array."""
-    name = first_mismatch(integrity.get("arrays", {}), checksums(tree), prefix)
+    name = None if arrays is None else first_mismatch(integrity.get("arrays", {}),
+                                                      checksums(arrays), prefix)
     if name is not None:
         raise CheckpointError(f"{step_dir}: array {name!r} does not match its saved checksum"
                               " (the files are damaged)")
@@ -214,8 +210,7 @@ class TrainCheckpointer:
                                              item_names=(STATE, DATA, CONFIG, META, INTEGRITY))
         self._in_flight: int | None = None  # the step of a started save not yet checked
         self.failed: SaveFailed | None = None
-        self._quiet = _QuietBackgroundSaveErrors()
-        logging.getLogger("absl").addFilter(self._quiet)
+        logging.getLogger("absl").addFilter(_quiet_background_save_errors)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -294,7 +289,7 @@ class TrainCheckpointer:
                 self.wait()
         finally:
             if self.failed is None:
-                logging.getLogger("absl").removeFilter(self._quiet)
+                logging.getLogger("absl").removeFilter(_quiet_background_save_errors)
                 self.manager.close()
             else:  # its threads may still report the failure: they stay quiet until exit
                 with contextlib.suppress(Exception):
@@ -310,7 +305,7 @@ class TrainCheckpointer:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore(self, step: int, abstract_state, *, restore_data: bool = True) -> Restored:
+    def restore(self, step: int, abstract_state) -> Restored:
         """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the wanted shardings)
         and verify it against its checksums. Raises if the checkpoint is incomplete (also: no
         data-iterator state for this process, unless ``restart_data``), unreadable or damaged."""
@@ -322,10 +317,9 @@ class TrainCheckpointer:
         read_meta(step_dir)  # its format version, before any array is read
         items = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore(),
                  META: ocp.args.JsonRestore(), INTEGRITY: ocp.args.JsonRestore()}
-        has_data = (step_dir / DATA / _data_file()).exists()
-        if restore_data and has_data:
+        if (step_dir / DATA / _data_file()).exists():
             items[DATA] = DataStateRestore()
-        elif restore_data and not self.restart_data:
+        elif not self.restart_data:
             raise CheckpointError(
                 f"checkpoint {step_dir} is incomplete: no data-iterator state for process"
                 f" {jax.process_index()} of {jax.process_count()} (to resume from it with a"
@@ -335,14 +329,13 @@ class TrainCheckpointer:
         if meta.get("step", step) != step:
             raise CheckpointError(f"checkpoint {step_dir} says it is step {meta.get('step')}")
         integrity = out[INTEGRITY] or {}
-        verify_record(integrity, step_dir, config=out[CONFIG], meta=out[META])
         state = out[STATE]
-        verify_arrays(integrity, state, step_dir)
+        verify(integrity, step_dir, config=out[CONFIG], meta=out[META], arrays=state)
         self._finite.setdefault(step, bool(meta.get("finite", True)))
         return Restored(step=step, state=state, data_state=out.get(DATA),
                         config=out[CONFIG], meta=meta)
 
-    def restore_latest(self, abstract_state, *, restore_data: bool = True) -> Restored | None:
+    def restore_latest(self, abstract_state) -> Restored | None:
         """Restore the newest usable step; None when there is no checkpoint at all.
 
         A step that fails to restore (truncated, missing files, no commit marker, no data state,
@@ -353,22 +346,12 @@ class TrainCheckpointer:
         saved state (optimizer, EMA, model), not damage to every checkpoint, and the user's work
         must stay where it is.
         """
-        failed = []
-        for step in reversed(self.all_steps()):
-            try:
-                restored = self.restore(step, abstract_state, restore_data=restore_data)
-            except FormatVersionError:
-                raise  # the older steps are no more readable: nothing to fall back to or move
-            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                reason = f"{type(e).__name__}: {str(e)[:300]}"
-                failed.append((step, reason))
-                warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({reason});"
-                              " falling back to the previous checkpoint", RuntimeWarning,
-                              stacklevel=2)
-                continue
+        found, failed = newest_usable(self.directory, self.all_steps(),
+                                      lambda step: self.restore(step, abstract_state))
+        if found is not None:
             for bad_step, _ in failed:
                 self._quarantine(bad_step)
-            return restored
+            return found
         if failed:
             steps = [s for s, _ in failed]
             raise CheckpointError(
@@ -395,11 +378,8 @@ def stored_state_tree(step_dir) -> dict:
 
     Read by the item's handler: a Checkpointer would also look for step metadata inside the item
     directory (it sits one level up, in the step) and log a warning on every resume."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         return handler.metadata(epath.Path(os.fspath(step_dir)) / STATE).tree
-    finally:
-        handler.close()
 
 
 def sync(name: str):
@@ -419,14 +399,9 @@ def read_meta(step_dir) -> dict:
     return meta
 
 
-def model_config_to_meta(config: ModelConfig) -> dict:
-    """The model config as a step's meta records it: its Hugging Face config dict (the one
-    serialisation of a model config, also that of ``checkpoint.store``)."""
-    return config.to_hf()
-
-
 def model_config_from_meta(meta: dict) -> ModelConfig:
-    """The model config a step's meta recorded (``model_config_to_meta``)."""
+    """The model config a step's meta recorded: its Hugging Face config dict (the one
+    serialisation of a model config, also that of ``checkpoint.store``)."""
     return config_from_hf(dict(meta["model_config"]), source=f"meta of step {meta.get('step')}")
 
 
@@ -436,28 +411,33 @@ def saved_steps(directory) -> list[int]:
     return sorted(m.step for m in found)
 
 
-def _newest_readable(directory, read):
-    """``(step, read(step_dir))`` of the newest step whose meta and ``read`` succeed, or None; a
-    step of another format version is refused (``FormatVersionError``) before ``read``."""
-    directory = paths.resolve(directory)
-    for step in reversed(saved_steps(directory)):
+def newest_usable(directory, steps, read, *, warn: bool = True):
+    """``(read(step), failures)`` for the newest of ``steps`` (in ``directory``) that ``read``
+    reads, the ``failures`` being the ``(step, reason)`` of the newer ones (each warned about
+    with ``warn``); ``(None, failures)`` when none does. A step of another format version is
+    refused (``FormatVersionError``) at once: the older ones are no more readable."""
+    failed = []
+    for step in reversed(steps):
         try:
-            meta = read_meta(directory / str(step))
-            return step, read(directory / str(step), meta)
+            return read(step), failed
         except FormatVersionError:
             raise
-        except Exception:  # noqa: BLE001 - a broken step: restore_latest reports it
-            continue
-    return None
+        except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+            failed.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+            if warn:
+                warnings.warn(f"checkpoint step {step} in {directory} is unusable"
+                              f" ({failed[-1][1]}); falling back to the previous checkpoint",
+                              RuntimeWarning, stacklevel=3)
+    return None, failed
 
 
-def saved_model_config(directory):
-    """The model config recorded by the newest checkpoint whose metadata is readable, or None."""
-    found = _newest_readable(directory, lambda _, meta: model_config_from_meta(meta))
-    return None if found is None else found[1]
+def saved_record(directory) -> tuple[int, dict, dict] | None:
+    """``(step, meta, run config)`` of the newest step under ``directory`` whose records are
+    readable (None if none is; nothing of the state is read)."""
+    directory = paths.resolve(directory)
 
+    def read(step):
+        meta = read_meta(directory / str(step))  # its format version first
+        return step, meta, json.loads((directory / str(step) / CONFIG / "metadata").read_text())
 
-def saved_run_config(directory) -> tuple[int, dict] | None:
-    """``(step, run config)`` of the newest checkpoint whose config record is readable."""
-    return _newest_readable(
-        directory, lambda step_dir, _: json.loads((step_dir / CONFIG / "metadata").read_text()))
+    return newest_usable(directory, saved_steps(directory), read, warn=False)[0]

@@ -19,12 +19,6 @@ from diffujax.train.step import heldout_nll, make_eval_step
 NUM_SAMPLES, SAMPLE_LEN, SAMPLE_STEPS = 4, 256, 64  # training-time samples: a quick look only
 
 
-def _min_over_processes(n: int) -> int:
-    if jax.process_count() == 1:
-        return n
-    return int(np.min(multihost_utils.process_allgather(np.int32(n))))
-
-
 class Evaluator:
     """Held-out ELBO perplexity on a fixed set of batches, and a few unconditional samples."""
 
@@ -38,7 +32,8 @@ class Evaluator:
             self.reports = source_reports(sources)
             local = list(itertools.islice(pipeline.iterator(), cfg.logging.eval_batches))
             # Every process must run the same number of eval steps (they are collectives).
-            count = _min_over_processes(len(local))
+            count = len(local) if jax.process_count() == 1 else int(
+                np.min(multihost_utils.process_allgather(np.int32(len(local)))))
             self.batches = [layout.make_global_batch(b) for b in local[:count]]
             if not self.batches:
                 warnings.warn("data.eval_sources yield no full batch: periodic evaluation is off")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,13 +24,12 @@ from diffujax.checkpoint import store
 from diffujax.checkpoint.convert import export
 from diffujax.checkpoint.errors import CheckpointError
 from diffujax.checkpoint.tokenizer_files import copy_tokenizer_files
-from diffujax.checkpoint.version import FormatVersionError
 from diffujax.config import from_dict
 from diffujax.models import flatten, lora
 from diffujax.train.state import export_params
 from diffujax.train.checkpointing import (CONFIG, INTEGRITY, META, STATE,
-                                          model_config_from_meta, read_meta, saved_steps,
-                                          stored_state_tree, sync, verify_arrays, verify_record)
+                                          model_config_from_meta, newest_usable, read_meta,
+                                          saved_steps, stored_state_tree, sync, verify)
 
 
 def _is_step_dir(path) -> bool:
@@ -61,7 +61,7 @@ def is_training_checkpoint(path) -> bool:
     try:
         find_step_dir(path)
         return True
-    except (FileNotFoundError, OSError):
+    except OSError:
         return False
 
 
@@ -72,19 +72,16 @@ def load_params(step_dir, *, params_key: str = "params"):
     saved = stored_state_tree(step_dir)
     if params_key not in saved:
         raise CheckpointError(f"{step_dir}: state has no {params_key!r} (has {sorted(saved)})")
-    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)), saved[params_key])}
+    target = {params_key: jax.tree.map(lambda m: np.empty((), np.dtype(m.dtype)),
+                                       saved[params_key])}
     restore_args = {params_key: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
                                              saved[params_key])}
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:
-        out = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
-    finally:
-        checkpointer.close()
-    return out[params_key]
+    with contextlib.closing(ocp.PyTreeCheckpointer()) as checkpointer:
+        return checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))[params_key]
 
 
-def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: bool = True):
+def save_model(directory, model_cfg, params, *, tokenizer_from=None):
     """``params`` (sharded or not) as a diffujax model checkpoint (``checkpoint.store`` format).
 
     Single process: ``store.save`` (atomic). Several processes: every process writes its shards
@@ -95,7 +92,7 @@ def save_model(directory, model_cfg, params, *, tokenizer_from=None, overwrite: 
     directory = paths.resolve(directory)
     if jax.process_count() == 1:
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=overwrite)
+        store.save(directory, model_cfg, host, tokenizer_from=tokenizer_from, overwrite=True)
         return directory
     remote = paths.is_remote(directory)
     tmp = directory if remote else directory.parent / f"{directory.name}.tmp"
@@ -172,9 +169,9 @@ def _step_params(step_dir, params_key: str) -> StepWeights:
     except Exception as e:  # noqa: BLE001 - orbax / JSON: files missing, truncated, damaged
         raise CheckpointError(f"{step_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})"
                               ) from None
-    verify_record(integrity, step_dir, meta=meta)
+    verify(integrity, step_dir, meta=meta)
     for key, tree in trees.items():
-        verify_arrays(integrity, {key: tree}, step_dir, prefix=f"{key}/")
+        verify(integrity, step_dir, arrays={key: tree}, prefix=f"{key}/")
     return StepWeights(model_cfg, trees[params_key], meta, trees.get("frozen"), spec, base)
 
 
@@ -187,23 +184,13 @@ def read_step_weights(run_dir, step: int | None, *, ema: bool = False) -> StepWe
     params_key = "ema" if ema else "params"
     newest = find_step_dir(run_dir, step)
     if step is not None or _is_step_dir(run_dir):
-        candidates = [newest]  # one step asked for: its damage is an error
-    else:
-        candidates = [newest.parent / str(s) for s in reversed(saved_steps(newest.parent))]
-    failures = []
-    for step_dir in candidates:
-        try:
-            return _step_params(step_dir, params_key)
-        except FormatVersionError:
-            raise  # the older steps are no more readable
-        except CheckpointError as e:
-            failures.append(str(e))
-            if len(candidates) > 1:
-                warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning,
-                              stacklevel=2)
-    if len(candidates) == 1:
-        raise CheckpointError(failures[0])
-    raise CheckpointError(f"{newest.parent}: no step can be exported (newest: {failures[0]})")
+        return _step_params(newest, params_key)  # one step asked for: its damage is an error
+    found, failed = newest_usable(newest.parent, saved_steps(newest.parent),
+                                  lambda s: _step_params(newest.parent / str(s), params_key))
+    if found is None:
+        raise CheckpointError(f"{newest.parent}: no step can be exported (newest:"
+                              f" {failed[0][1]})")
+    return found
 
 
 def export_step(run_dir, step: int | None, dst, *, hf_dir=None, ema: bool = False,

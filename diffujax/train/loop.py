@@ -39,7 +39,7 @@ from diffujax.runs.lock import RunLockError, run_lock
 from diffujax.runs.metrics import RunLogger, StepProfiler, Throughput, WriterError
 from diffujax.runs.preemption import PreemptionGuard
 from diffujax.runs.run_dir import resolve_output_dir
-from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer, model_config_to_meta
+from diffujax.train.checkpointing import SaveFailed, TrainCheckpointer
 from diffujax.train.data import build_data, data_changes, data_identity, source_reports
 from diffujax.train.evaluation import Evaluator, eval_due, periodic_eval
 from diffujax.train.export import export_final
@@ -57,27 +57,16 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
 # ------------------------------------------------------------------------------------ the loop
 
 
-@dataclasses.dataclass
-class _Window:
-    """Host copies of the per-step metrics since the last log line."""
-
-    rows: list = dataclasses.field(default_factory=list)
-
-    def add(self, m: dict):
-        self.rows.append(m)
-
-    def summary(self) -> dict:
-        good = [r for r in self.rows if not r["skipped"]]
-        mean = lambda k: float(np.mean([r[k] for r in good])) if good else float("nan")
-        last = self.rows[-1]
-        out = {"loss": mean("loss"), "unweighted_loss": mean("unweighted_masked_loss"),
-               "grad_norm": mean("grad_norm"), "lr": float(last["lr"]),
-               "anneal_ratio": float(last["anneal_ratio"]),
-               "noised_fraction": mean("noised_fraction"),
-               "skipped_steps": int(sum(r["skipped"] for r in self.rows)),
-               "total_skipped_steps": int(last["total_bad_steps"])}
-        self.rows = []
-        return out
+def _window_summary(rows: list[dict]) -> dict:
+    """The log line's numbers from host copies of the per-step metrics since the last one."""
+    good = [r for r in rows if not r["skipped"]]
+    mean = lambda k: float(np.mean([r[k] for r in good])) if good else float("nan")
+    return {"loss": mean("loss"), "unweighted_loss": mean("unweighted_masked_loss"),
+            "grad_norm": mean("grad_norm"), "lr": float(rows[-1]["lr"]),
+            "anneal_ratio": float(rows[-1]["anneal_ratio"]),
+            "noised_fraction": mean("noised_fraction"),
+            "skipped_steps": int(sum(r["skipped"] for r in rows)),
+            "total_skipped_steps": int(rows[-1]["total_bad_steps"])}
 
 
 @dataclasses.dataclass
@@ -171,13 +160,12 @@ class _Run:
             f" {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} per device;"
             f" steps {self.start}..{cfg.train.steps}; set up in {time.perf_counter() - t0:.1f}s")
         self.profiler = StepProfiler(out_dir / "tensorboard", lg.profile_steps)
-        self.meta = {"model_config": model_config_to_meta(self.model_cfg),
+        self.meta = {"model_config": self.model_cfg.to_hf(),
                      "tokenizer_dir": self.tokenizer_dir, "seq_len": seq_len,
                      "data_sources": self.data_sources}
         # The log window of the checkpoint step: a log line after a resume averages the same
         # steps as it would have without the interruption.
-        self.window = _Window(list((restored.meta or {}).get("log_window", [])) if restored
-                              else [])
+        self.window = list((restored.meta or {}).get("log_window", [])) if restored else []
         self.bad_in_a_row = 0
         self.finite_since_restore = False
         self.pending: _Pending | None = None
@@ -345,14 +333,14 @@ class _Run:
         host["skipped"] = bool(host["skipped"])
         self.bad_in_a_row = int(host["bad_steps"])
         self.finite_since_restore = self.finite_since_restore or not host["skipped"]
-        self.window.add(host)
+        self.window.append(host)
         if host["skipped"]:
             self.logger.message(
                 f"step {step}: non-finite loss or gradient (loss {host['loss']:.4g}, grad norm"
                 f" {host['grad_norm']:.4g}): update skipped ({self.bad_in_a_row} in a row,"
                 f" {int(host['total_bad_steps'])} in total)")
         if step % lg.every_steps == 0 or step == self.cfg.train.steps:
-            scalars = self.window.summary()
+            scalars, self.window = _window_summary(self.window), []
             scalars.update(self.throughput.update(step))
             self.logger.train(step, scalars)
         return "bad_steps" if self.bad_in_a_row >= self.cfg.train.max_bad_steps else None
@@ -364,7 +352,7 @@ class _Run:
         t = time.perf_counter()
         self.logger.flush()  # a bucket's metrics.jsonl is uploaded by this, at least per checkpoint
         meta = dict(self.meta, tokens_seen=self.step * self.tokens_per_step,
-                    log_window=self.window.rows)
+                    log_window=self.window)
         started = self.ckpt.save(self.step, self.state, data_state=self.data_state,
                                  config=self.run_config, force=force, meta=meta)
         self.throughput.pause(time.perf_counter() - t)

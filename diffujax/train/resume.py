@@ -14,16 +14,6 @@ def _flat(node, prefix: str = "") -> dict:
     return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
 
 
-def config_changes(old: dict | None, new: dict) -> dict[str, tuple]:
-    """``{dotted key: (old value, new value)}`` for the keys whose values differ between the
-    checkpoint's run config and this one (both carry every key: a checkpoint of the current
-    format version recorded the whole config)."""
-    if not old:
-        return {}
-    a, b = _flat(old), _flat(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -33,7 +23,10 @@ def check_resume(old: dict | None, new: dict, step: int, where: str) -> list[str
     """Refuse (``ValueError``, one line) a resume whose config changes what the checkpoint of
     ``step`` cannot honour, listing every such key; return one line per change that it can
     honour (applied from here on)."""
-    changes = config_changes(old, new)
+    # Both configs carry every key: a checkpoint of the current format recorded the whole one.
+    a, b = _flat(old or {}), _flat(new)
+    changes = {} if not old else {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                                  if a.get(k) != b.get(k)}
     refused = {k: v for k, v in changes.items() if not may_change_on_resume(k)}
     if refused:
         listing = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())

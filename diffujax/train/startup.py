@@ -6,7 +6,7 @@ from __future__ import annotations
 from diffujax.checkpoint import store
 from diffujax.config import to_dict
 from diffujax.models import param_shardings
-from diffujax.train.checkpointing import abstract_like, saved_model_config, saved_run_config
+from diffujax.train.checkpointing import abstract_like, model_config_from_meta, saved_record
 from diffujax.train.resume import check_resume
 from diffujax.train.state import abstract_train_state, create_train_state, train_state_shardings
 
@@ -14,14 +14,12 @@ from diffujax.train.state import abstract_train_state, create_train_state, train
 def initial_state(cfg, layout, ckpt, notes: list):
     """``(model_cfg, state, restored)``; ``restored`` is None for a fresh start. ``notes`` gets
     one line saying where the state came from."""
-    recorded = saved_run_config(ckpt.directory)
+    recorded = saved_record(ckpt.directory)
     if recorded is not None:  # refuse a config the checkpoint cannot honour before reading it
-        step, old = recorded
+        step, meta, old = recorded
         check_resume(old, to_dict(cfg), step, str(ckpt.directory / str(step)))
-    saved = saved_model_config(ckpt.directory)
-    if saved is not None:
         # The run's own record of the model config: resuming never needs the base checkpoint.
-        model_cfg = cfg.resolve_model_config(saved)
+        model_cfg = cfg.resolve_model_config(model_config_from_meta(meta))
         cfg.check_model(model_cfg, f"the model of {ckpt.directory}")
         target = abstract_like(abstract_train_state(cfg, model_cfg),
                                train_state_shardings(cfg, model_cfg, layout))

@@ -120,12 +120,6 @@ def train_state_shardings(run_cfg, model_cfg, layout: Layout) -> TrainState:
                       total_bad_steps=everywhere, frozen=None if spec is None else base)
 
 
-def model_param_shardings(run_cfg, model_cfg, layout: Layout):
-    """Shardings of ``model_params(state)``'s tree (what ``apply_fn_for_run`` takes)."""
-    shardings = train_state_shardings(run_cfg, model_cfg, layout)
-    return model_params(shardings)
-
-
 def create_train_state(run_cfg, model_cfg, layout: Layout, params=None) -> TrainState:
     """A sharded step-0 state. Without ``params`` the model is initialised (seed
     ``model.init_seed``) directly in its shards; with ``params`` (e.g. from ``store.load``) they
@@ -133,9 +127,7 @@ def create_train_state(run_cfg, model_cfg, layout: Layout, params=None) -> Train
     shardings = train_state_shardings(run_cfg, model_cfg, layout)
     init = _init_fn(run_cfg, model_cfg)
     with jax.set_mesh(layout.mesh):
-        if params is None:
-            return jax.jit(init, out_shardings=shardings)()
-        return jax.jit(init, out_shardings=shardings)(params)
+        return jax.jit(init, out_shardings=shardings)(*([] if params is None else [params]))
 
 
 def params_of(state: TrainState, ema: bool = False):

@@ -42,7 +42,7 @@ from diffujax.models import lora
 from diffujax.parallel.logical import constrain
 from diffujax.parallel.mesh import Layout, to_host
 from diffujax.train.optim import ema_update, make_schedule
-from diffujax.train.state import (TrainState, model_param_shardings, optimizer_for,
+from diffujax.train.state import (TrainState, model_params, optimizer_for,
                                   train_state_shardings)
 
 
@@ -79,24 +79,16 @@ def _split_head(apply_fn, chunk: int):
     return split
 
 
-def _with_positions(apply_fn, batch, dropout_key=None):
-    """Packed documents may carry per-document positions, training may drop out; the objective
-    calls ``apply_fn(params, tokens, pattern)`` either way."""
-    if "positions" not in batch and dropout_key is None:
+def _bound(apply_fn, batch=None, dropout_key=None):
+    """``apply_fn`` as the objective calls it, ``(params, tokens, pattern)``, with the batch's
+    per-document positions of packed documents (``batch`` None: the block objective's
+    ``(params, tokens, pattern, positions)``, which builds the positions of its two streams
+    itself), dropping out when training does."""
+    if dropout_key is not None:
+        apply_fn = functools.partial(apply_fn, dropout_key=dropout_key)
+    if batch is None or "positions" not in batch:
         return apply_fn
-    return lambda params, tokens, pattern: apply_fn(params, tokens, pattern,
-                                                    batch.get("positions"),
-                                                    dropout_key=dropout_key)
-
-
-def _with_dropout(apply_fn, dropout_key=None):
-    """The block objective's ``apply_fn(params, tokens, pattern, positions)`` (it builds the
-    positions of its two streams itself), dropping out when training does."""
-    if dropout_key is None:
-        return apply_fn
-    return lambda params, tokens, pattern, positions: apply_fn(params, tokens, pattern,
-                                                               positions,
-                                                               dropout_key=dropout_key)
+    return lambda params, tokens, pattern: apply_fn(params, tokens, pattern, batch["positions"])
 
 
 def training_dropout(run_cfg, model_cfg) -> bool:
@@ -108,22 +100,18 @@ def training_dropout(run_cfg, model_cfg) -> bool:
     adapters = spec is not None and spec.dropout > 0
     if adapters:
         log.info("LoRA dropout %g on the adapters' input (training only)", spec.dropout)
-    return _model_dropout(run_cfg, model_cfg) or adapters
-
-
-def _model_dropout(run_cfg, model_cfg) -> bool:
     rates = {k: getattr(model_cfg, k, 0.0) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")}
     if not any(rates.values()):
-        return False
+        return adapters
     if not run_cfg.model.dropout:
         log.info("dropout off (model.dropout: false); the checkpoint's config has %s", rates)
-        return False
+        return adapters
     log.info("training dropout: embd_pdrop %g, resid_pdrop %g (from the model config; none in"
              " evaluation or sampling)", rates["embd_pdrop"], rates["resid_pdrop"])
     if rates["attn_pdrop"]:
         log.warning("attn_pdrop %g is not applied: the attention kernels have no dropout on the"
                     " attention probabilities", rates["attn_pdrop"])
-    return bool(rates["embd_pdrop"] or rates["resid_pdrop"])
+    return bool(rates["embd_pdrop"] or rates["resid_pdrop"]) or adapters
 
 
 def step_config(run_cfg, step: int):
@@ -186,7 +174,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, layout: Layout) -> CompiledSte
         block = effective_block_size(d.block_size, mb["tokens"].shape[1])
         if block or d.complementary_mask:
             sums = block_diffusion_loss_sums(
-                _with_dropout(apply_fn, dropout_key), params, mb["tokens"], key,
+                _bound(apply_fn, dropout_key=dropout_key), params, mb["tokens"], key,
                 block_size=block, mask_token_id=mask_id, pattern=pattern, src=mb.get("src"),
                 loss_mask=mb.get("loss_mask"), positions=mb.get("positions"),
                 normalization=d.normalization, stratified=d.stratified_t,
@@ -194,7 +182,7 @@ def make_train_step(run_cfg, model_cfg, apply_fn, layout: Layout) -> CompiledSte
                 global_batch=global_batch)
             return sums.weighted, sums
         sums = diffusion_loss_sums(
-            _with_positions(apply_fn, mb, dropout_key), params, mb["tokens"], key,
+            _bound(apply_fn, mb, dropout_key), params, mb["tokens"], key,
             mask_token_id=mask_id,
             pattern=pattern, src=mb.get("src"), loss_mask=mb.get("loss_mask"),
             normalization=d.normalization, stratified=d.stratified_t, eps=d.eps,
@@ -291,12 +279,12 @@ def make_eval_step(run_cfg, model_cfg, apply_fn, layout: Layout,
     mask_id = checked_mask_token(model_cfg) if kind == "elbo" else None
     if run_cfg.model.loss_chunk:
         apply_fn = _split_head(apply_fn, run_cfg.model.loss_chunk)
-    params_sh = model_param_shardings(run_cfg, model_cfg, layout)
+    params_sh = model_params(train_state_shardings(run_cfg, model_cfg, layout))
 
     def eval_fn(params, batch, key, row_offset, rows):
         tokens = batch["tokens"]
         segments = batch.get("segment_ids") if d.segment_ids else None
-        fn = _with_positions(apply_fn, batch)
+        fn = _bound(apply_fn, batch)
         if kind == "ar":
             return ar_nll_terms(fn, params, tokens, pattern=causal(segments),
                                 loss_mask=batch.get("loss_mask"))

@@ -277,7 +277,7 @@ def test_a_run_whose_lease_is_taken_stops_at_the_next_step(gcs, tmp_path):
 
 def test_a_logger_abandoned_after_a_lost_lease_writes_nothing_more(gcs):
     url = gcs.url_for("run")
-    logger = RunLogger(url, total_steps=4, tensorboard=False, progress=False, enabled=True)
+    logger = RunLogger(url, total_steps=4, tensorboard=False, enabled=True)
     logger.train(1, {"loss": 1.5})
     logger.flush()  # what the run had written while the lease was its own
     logger.train(2, {"loss": 1.25})

@@ -68,7 +68,7 @@ def offline(tmp_path, monkeypatch):
 def test_offline_run_holds_the_logged_values(tmp_path, offline):
     out = tmp_path / "run"
     settings = {"project": "diffujax-test", "name": "tiny", "tags": ["ci"]}
-    logger = RunLogger(out, total_steps=4, tensorboard=False, progress=False, wandb=settings,
+    logger = RunLogger(out, total_steps=4, tensorboard=False, wandb=settings,
                        run_config={"train": {"steps": 4}})
     for step in (1, 2, 3):
         logger.train(step, {"loss": 5.0 / step, "lr": 1e-3 * step, "tokens_per_s": 100.0 + step})
@@ -94,7 +94,7 @@ def test_offline_run_holds_the_logged_values(tmp_path, offline):
     assert run_dir.name.endswith(run_id)
 
     # A resumed run (same output_dir) logs into the same W&B run.
-    again = RunLogger(out, total_steps=4, start_step=3, tensorboard=False, progress=False,
+    again = RunLogger(out, total_steps=4, start_step=3, tensorboard=False,
                       wandb=settings)
     again.train(4, {"loss": 1.0})
     again.close()

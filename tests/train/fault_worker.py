@@ -100,7 +100,7 @@ def install(spec: str):
 
     targets = {"elbo": (evaluation.Evaluator, "elbo"),
                "samples": (evaluation.Evaluator, "samples"),
-               "tb": (metrics._TensorBoard, "_write"),  # under RunLogger's error guard
+               "tb": (metrics._TensorBoard, "write"),  # under RunLogger's error guard
                "save": (checkpointing.TrainCheckpointer, "save"),
                "model": (store, "write")}
     for item in filter(None, spec.split(",")):

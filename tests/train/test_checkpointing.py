@@ -94,7 +94,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
 def test_a_step_without_its_commit_marker_in_a_bucket_is_not_listed(gcs):
     """In a bucket orbax writes a step in place and commits it last (``commit_success.txt``): a
     step whose save was killed before that is not listed by the config check of a resume
-    (``saved_run_config``), by export (``find_step_dir``) or by the manager, which deletes it
+    (``saved_record``), by export (``find_step_dir``) or by the manager, which deletes it
     before its first save."""
     from diffujax import paths
     from diffujax.train.export import find_step_dir
@@ -108,7 +108,7 @@ def test_a_step_without_its_commit_marker_in_a_bucket_is_not_listed(gcs):
     ckpt.close()
     (steps / "2" / "commit_success.txt").unlink()
     assert C.saved_steps(steps) == [1]
-    assert C.saved_run_config(steps) == (1, {"saved_at": 1})
+    assert C.saved_record(steps)[::2] == (1, {"saved_at": 1})
     assert find_step_dir(run) == steps / "1"
     reopened = C.TrainCheckpointer(steps, save_every=1)
     assert reopened.all_steps() == [1]
@@ -168,7 +168,7 @@ def test_model_config_round_trip():
     gpt2 = GPT2Config(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
                       intermediate_size=32, mask_token_id=3, max_positions=64)
     for cfg in (llama, gpt2):
-        meta = json.loads(json.dumps({"model_config": C.model_config_to_meta(cfg)}))
+        meta = json.loads(json.dumps({"model_config": cfg.to_hf()}))
         assert C.model_config_from_meta(meta) == cfg
 
 
@@ -184,7 +184,7 @@ def test_export_step(tmp_path):
     model_cfg = cfg.resolve_model_config()
     state = create_train_state(cfg, model_cfg, make_layout(cfg.mesh))
     ckpt = C.TrainCheckpointer(run_dir / "checkpoints", save_every=1)
-    ckpt.save(7, state, meta={"model_config": C.model_config_to_meta(model_cfg),
+    ckpt.save(7, state, meta={"model_config": model_cfg.to_hf(),
                               "tokenizer_dir": os.path.abspath("configs/tokenizers/bytes")})
     ckpt.close()
     from diffujax.train.export import export_step

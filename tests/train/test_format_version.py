@@ -102,7 +102,7 @@ def _training_run(tmp_path):
     for step in (2, 4):
         ckpt.save(step, {"params": params, "step": jnp.int32(step)}, data_state={"pos": step},
                   config={"train": {"steps": 8}},
-                  meta={"model_config": C.model_config_to_meta(MODEL),
+                  meta={"model_config": MODEL.to_hf(),
                         "tokenizer_dir": os.fspath(TOKENIZER)})
     ckpt.close()
     return run_dir, params
@@ -115,7 +115,8 @@ def test_a_training_step_records_its_version_and_restores(tmp_path):
     restored = ckpt.restore_latest(C.abstract_like({"params": params, "step": jnp.int32(0)}))
     ckpt.close()
     assert restored.step == 4 and restored.data_state == {"pos": 4}
-    assert C.saved_run_config(run_dir / "checkpoints") == (4, {"train": {"steps": 8}})
+    step, meta, config = C.saved_record(run_dir / "checkpoints")
+    assert (step, config, meta["model_config"]) == (4, {"train": {"steps": 8}}, MODEL.to_hf())
 
 
 @pytest.mark.parametrize("version, remedy", [
@@ -137,8 +138,7 @@ def test_a_training_step_of_another_version_is_refused_in_one_line(tmp_path, cap
     ckpt = C.TrainCheckpointer(run_dir / "checkpoints")
     target = C.abstract_like({"params": params, "step": jnp.int32(0)})
     for read in (lambda: ckpt.restore_latest(target), lambda: ckpt.restore(4, target),
-                 lambda: C.saved_run_config(run_dir / "checkpoints"),
-                 lambda: C.saved_model_config(run_dir / "checkpoints"),
+                 lambda: C.saved_record(run_dir / "checkpoints"),
                  lambda: export_step(run_dir, None, tmp_path / "exported")):
         with pytest.raises(FormatVersionError) as error:
             read()

@@ -103,7 +103,7 @@ def test_run_lock(tmp_path):
                                                   "pid": _dead_pid(), "created": 0}))
     lock = FileLock(tmp_path)
     lock.acquire()
-    assert lock.notes and "took over the stale lock" in lock.notes[0]
+    assert lock.notes and "took over the run lock" in lock.notes[0]
     lock.release()
 
     # another machine's lock cannot be checked from here: refused, with what to do
