@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from diffujax import paths
 from diffujax.runs import tb_remote
+from diffujax.runs.flops import mfu
 from diffujax.runs.tensorboardx import Event, EventsWriter, SessionLog
 from diffujax.runs.tensorboardx import scalar as scalar_summary
 from diffujax.runs.tensorboardx import text as text_summary
-from diffujax.runs.flops import mfu
 from diffujax.runs.wandb_log import WandbLogger
 
 # ------------------------------------------------------------------------------------ throughput
