@@ -13,21 +13,34 @@ import pytest
 REPO = Path(__file__).parents[1]
 
 
-def cli(*args, env=None, module="diffujax.cli"):
+def start(*args, env=None, module="diffujax.cli") -> subprocess.Popen:
+    """The CLI started in a fresh interpreter; ``finish`` waits for it. Independent runs of a
+    test start together: each is mostly one core's interpreter start-up."""
     env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def cli(*args, env=None, module="diffujax.cli"):
+    return finish(start(*args, env=env, module=module))
 
 
 @pytest.mark.integration  # the CLI in a fresh interpreter
 def test_bad_input_is_one_line_and_debug_adds_the_traceback(tmp_path):
     missing = tmp_path / "no-such-model"
-    plain = cli("export", str(missing), str(tmp_path / "out"))
+    plain = start("export", str(missing), str(tmp_path / "out"))
+    debugs = [start(*argv, str(missing), str(tmp_path / "out"))
+              for argv in (("--debug", "export"), ("export", "--debug"))]  # before or after it
+    plain = finish(plain)
     assert plain.returncode != 0
     lines = plain.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and str(missing) in lines[0]
-    for argv in (("--debug", "export"), ("export", "--debug")):  # before or after the command
-        debug = cli(*argv, str(missing), str(tmp_path / "out"))
+    for debug in map(finish, debugs):
         assert debug.returncode == plain.returncode
         assert "Traceback (most recent call last)" in debug.stderr
         assert debug.stderr.strip().splitlines()[-1] == lines[0]
@@ -38,10 +51,11 @@ def test_bad_input_is_one_line_and_debug_adds_the_traceback(tmp_path):
 def test_train_config_error_debug_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_key: 1\n")
-    plain = cli("train", "--config", str(bad))
+    plain, debug = start("train", "--config", str(bad)), start("--debug", "train", "--config",
+                                                              str(bad))
+    plain, debug = finish(plain), finish(debug)
     assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
     assert "no_such_key" in plain.stderr
-    debug = cli("--debug", "train", "--config", str(bad))
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
@@ -65,20 +79,22 @@ def test_log_records_are_shown_once(tmp_path):
     args = ["--tokenizer", str(tok_dir), "--shards", "2", "--seq-len", "16", str(text)]
     message = "pretokenize: 2 of 2 shards to write"
     # As documented: python -m diffujax.data.pretokenize (the module is __main__ then).
-    done = cli("--out", str(tmp_path / "a"), *args, module="diffujax.data.pretokenize")
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.count(message) == 1 and message in done.stderr.splitlines()
-    debug = cli("--out", str(tmp_path / "c"), *args, "--debug", module="diffujax.data.pretokenize")
-    assert debug.returncode == 0, debug.stderr
-    assert debug.stderr.count(message) == 1 and " INFO __main__: " + message in debug.stderr
+    done = start("--out", str(tmp_path / "a"), *args, module="diffujax.data.pretokenize")
+    debug = start("--out", str(tmp_path / "c"), *args, "--debug",
+                  module="diffujax.data.pretokenize")
     # Imported, after a library called logging.basicConfig().
     code = ("import logging, sys; logging.basicConfig(); "
             "from diffujax.data.pretokenize import main; sys.exit(main(sys.argv[1:]))")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "b"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    imported = subprocess.Popen([sys.executable, "-c", code, "--out", str(tmp_path / "b"), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done, debug, imported = finish(done), finish(debug), finish(imported)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(message) == 1 and message in done.stderr.splitlines()
+    assert debug.returncode == 0, debug.stderr
+    assert debug.stderr.count(message) == 1 and " INFO __main__: " + message in debug.stderr
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stderr.count(message) == 1 and message in imported.stderr.splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +119,12 @@ def test_progress_bars_on_convert_export_eval(tiny_hf, tmp_path):
     conv = cli("convert", str(tiny_hf), str(ckpt), "--no-mask-token", env=forced)
     assert conv.returncode == 0, conv.stderr
     assert "read: 100%" in conv.stderr and "tensor" in conv.stderr
-    exp = cli("export", str(ckpt), str(out), env=forced)
+    exp = start("export", str(ckpt), str(out), env=forced)  # export and eval read ckpt at once
+    ev = start("eval", "--checkpoint", str(ckpt), "--text", str(text), "--objective", "ar",
+               "--seq-len", "16", "--batch-size", "8", env=forced)
+    exp, ev = finish(exp), finish(ev)
     assert exp.returncode == 0, exp.stderr
     assert "write: 100%" in exp.stderr
-    ev = cli("eval", "--checkpoint", str(ckpt), "--text", str(text), "--objective", "ar",
-             "--seq-len", "16", "--batch-size", "8", env=forced)
     assert ev.returncode == 0, ev.stderr
     # The whole file is scored by default: 200 tokens -> 12 blocks of 16 -> 2 batches of 8.
     assert "eval ar: 100%" in ev.stderr and "2/2" in ev.stderr

@@ -20,15 +20,14 @@ import tempfile
 import time
 
 import jax
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.summary import scalar as scalar_summary
-from tensorboardX.summary import text as text_summary
 from tqdm import tqdm
 
 from diffujax import paths
 from diffujax.runs import tb_remote
 from diffujax.runs.flops import mfu
+from diffujax.runs.tensorboardx import Event, EventsWriter, SessionLog
+from diffujax.runs.tensorboardx import scalar as scalar_summary
+from diffujax.runs.tensorboardx import text as text_summary
 from diffujax.runs.wandb_log import WandbLogger
 
 # ------------------------------------------------------------------------------------ throughput

@@ -9,9 +9,8 @@ checkpoints; a new event file object past ``ROLL_BYTES``, so each upload stays s
 
 from __future__ import annotations
 
-from tensorboardX import record_writer
-
 from diffujax import paths
+from diffujax.runs.tensorboardx import record_writer
 
 SCHEMES = ("gs", "s3", "az", "hf")
 ROLL_BYTES = 8 << 20

@@ -119,3 +119,32 @@ def test_truncated_last_line_is_tolerated(tmp_path):
     path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + '\n{"kind": "tr')
     RunLogger(tmp_path, total_steps=2, start_step=1, enabled=True, tensorboard=False).close()
     assert len(read_jsonl(path)) == 1
+
+
+@pytest.mark.integration  # a fresh interpreter: torch not loaded by anything else yet
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    """``diffujax train`` loads tensorboardX with torch hidden (runs/tensorboardx.py: seconds of
+    start-up); its event files are still written, and torch imports afterwards as usual."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = f"""
+import pathlib, sys
+from diffujax.runs.metrics import RunLogger
+import diffujax.train.loop
+assert "torch" not in sys.modules, "torch was imported"
+log = RunLogger(pathlib.Path({str(tmp_path)!r}), total_steps=1, start_step=1, enabled=True)
+log.train(1, dict(loss=2.5, grad_norm=1.0, lr=1e-3, skipped=0))
+log.close()
+import torch
+print(torch.ones(3).sum().item())
+"""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "3.0"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["loss"] == 2.5
