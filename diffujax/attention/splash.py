@@ -119,6 +119,7 @@ def static_mask(pattern: AttentionPattern, seq_len: int) -> sa.Mask:
     return sa.CausalMask(shape) if pattern.kind == "causal" else sa.FullMask(shape)
 
 
+@functools.lru_cache(maxsize=32)
 def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool,
                   head_shards: int = 1, block_size: int = 0,
                   stream_len: int = 0) -> sa.SplashAttentionKernel:
@@ -126,16 +127,10 @@ def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bo
     ``heads`` query heads (all of them, not one shard's), its block tables split into
     ``head_shards`` (the shards of a ``shard_map`` over heads: pass the kernel in with
     ``kernel.manual_sharding_spec``)."""
-    return _static_kernel(kind, seq_len, heads, block, bool(interpret), head_shards, block_size,
-                          stream_len)
-
-
-@functools.lru_cache(maxsize=32)
-def _static_kernel(kind, seq_len, heads, block, interpret, head_shards, block_size, stream_len):
     mask = static_mask(AttentionPattern(kind, block_size=block_size, stream_len=stream_len),
                        seq_len)
     return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=_blocks(seq_len, block),
-                              head_shards=head_shards, q_seq_shards=1, interpret=interpret,
+                              head_shards=head_shards, q_seq_shards=1, interpret=bool(interpret),
                               residual_checkpoint_name=residuals.SPLASH)
 
 

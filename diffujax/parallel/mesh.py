@@ -31,7 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.parallel.logical import BATCH as BATCH_AXES  # logical names of [B, L] batch arrays
-from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec, rules_in_effect
+from diffujax.parallel.logical import (DEFAULT_RULES, logical_to_spec, rules_in_effect,
+                                       spec_axes)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -85,10 +86,6 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
                          f" each axis size must be a product of some of its sides"
                          f" ({str(e).split('.')[0]})") from e
     return Mesh(grid, AXES, axis_types=auto)
-
-
-def mesh_axis_sizes(mesh: Mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
 # ------------------------------------------------------------------------------- multi-process
@@ -154,7 +151,7 @@ class Layout:
 
     @property
     def axis_sizes(self) -> dict[str, int]:
-        return mesh_axis_sizes(self.mesh)
+        return dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
 
     @contextlib.contextmanager
     def active(self):
@@ -175,7 +172,7 @@ class Layout:
         sizes = self.axis_sizes
         out = []
         for dim, entry in zip(shape, logical_to_spec(names, self.rules, sizes)):
-            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            axes = spec_axes(entry)
             if axes and dim % math.prod(sizes[a] for a in axes):
                 log.info("dimension %d (%s) is not divisible by mesh axes %s: kept replicated", dim,
                          names, axes)
@@ -196,9 +193,7 @@ class Layout:
     def batch_shards(self) -> int:
         """How many ways the batch dimension is split across devices (batch sizes must be
         multiples of it)."""
-        spec = self.batch_sharding.spec[0]
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return math.prod(self.axis_sizes[a] for a in axes)
+        return math.prod(self.axis_sizes[a] for a in spec_axes(self.batch_sharding.spec[0]))
 
     def data_shard(self) -> tuple[int, int]:
         """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
