@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import functools
 
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from diffujax.attention import gpu, splash, tpu
 from diffujax.attention.config import (BACKENDS, AttentionConfig, GpuBlockSizes,
                                        TpuBlockSizes)
@@ -78,7 +76,9 @@ def attention(q, k, v, pattern: AttentionPattern, config: AttentionConfig = DEFA
         return reference_attention(q, k, v, pattern)
     layout = kernel_layout(q, k)
     if chosen == "splash":
-        return _splash(q, k, v, pattern, config, layout)
+        return splash.splash_attention(q, k, v, pattern, block=config.splash_block,
+                                       dense_annealed=True, interpret=bool(config.interpret),
+                                       layout=layout)
     local = _local_kernel(chosen, config)
     if layout is None:
         return local(q, k, v, pattern)
@@ -104,23 +104,6 @@ def _local_kernel(chosen: str, config: AttentionConfig):
         except (ValueError, NotImplementedError):  # a shape/dtype cuDNN refuses: the kernel
             return flash(q, k, v, p)
     return cudnn_or_kernel
-
-
-def _splash(q, k, v, pattern, config: AttentionConfig, layout):
-    splash.check(q, k, pattern, dense_annealed=True)
-    interpret = bool(config.interpret)
-    block = config.splash_block
-    local = lambda q, k, v, p, kernel=None: splash.apply_kernel(  # noqa: E731
-        kernel, q, k, v, p, block=block, interpret=interpret)
-    if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
-        return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
-    shards = 1 if layout is None else layout.head_shards
-    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards,
-                                  block_size=pattern.block_size, stream_len=pattern.stream_len)
-    if layout is None:
-        return local(q, k, v, pattern, kernel)
-    spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))
-    return layout.run(local, q, k, v, pattern, extra=(kernel,), extra_specs=(spec,))
 
 
 __all__ = ["AttentionConfig", "AttentionPattern", "BACKENDS", "GpuBlockSizes", "TpuBlockSizes",
