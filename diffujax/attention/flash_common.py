@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern, is_open
@@ -125,7 +126,8 @@ def flash_vjp(forward, dq, dkv, delta):
 
     def fwd(cfg, scalars, q, k, v, seg):
         o, lse = forward(cfg, scalars, q, k, v, seg)
-        o, lse = residuals.name_output(o), residuals.name_logsumexp(lse)
+        o = checkpoint_name(o, residuals.OUTPUT)
+        lse = checkpoint_name(lse, residuals.LOGSUMEXP)
         return o, (scalars, q, k, v, seg, o, lse)
 
     def bwd(cfg, res, do):

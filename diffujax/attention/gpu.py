@@ -150,9 +150,11 @@ def _span_ranges(spans, tile: int):
     return ranges
 
 
-def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
-    (qseg_ref, kseg_ref), (o_ref, lse_ref) = _split_segments(cfg, rest)
-    bq, bkv = cfg.bq, cfg.bkv
+def _fold_kv_blocks(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, bq: int, bkv: int,
+                    update, carry):
+    """``carry`` folded by ``update(carry, k, v, s)`` over the kv blocks that q block
+    ``program_id(0)`` visits, ``s`` its scaled scores against q, masked in the masked ranges."""
+    qseg_ref, kseg_ref = seg_refs
     i = pl.program_id(0)
     pattern = cfg.pattern(s_ref)
     q = q_ref[...]
@@ -160,7 +162,6 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
     q_seg = qseg_ref[...][:, None] if cfg.segmented else None
 
     def step(masked, j, carry):
-        m, l, acc = carry
         start = pl.multiple_of(j * bkv, bkv)
         k = k_ref[pl.ds(start, bkv), :]
         v = v_ref[pl.ds(start, bkv), :]
@@ -169,6 +170,19 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
             k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
             k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
             s = jnp.where(cfg.allowed(pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        return update(carry, k, v, s)
+
+    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked), carry)
+    return carry
+
+
+def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
+    seg_refs, (o_ref, lse_ref) = _split_segments(cfg, rest)
+    bq = cfg.bq
+
+    def update(carry, k, v, s):
+        m, l, acc = carry
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -176,43 +190,27 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, _NN)
         return m_new, l, acc
 
-    d = q.shape[-1]
     carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, d), jnp.float32))
-    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
-        carry = lax.fori_loop(lo, hi, functools.partial(step, masked), carry)
-    m, l, acc = carry
+             jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    m, l, acc = _fold_kv_blocks(cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, bq, cfg.bkv, update,
+                                carry)
     l = jnp.where(l == 0.0, 1.0, l)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
 
 def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
-    (qseg_ref, kseg_ref), (dq_ref,) = _split_segments(cfg, rest)
-    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
-    i = pl.program_id(0)
-    pattern = cfg.pattern(s_ref)
-    q, do = q_ref[...], do_ref[...]
+    seg_refs, (dq_ref,) = _split_segments(cfg, rest)
+    do = do_ref[...]
     lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
-    q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    q_seg = qseg_ref[...][:, None] if cfg.segmented else None
 
-    def step(masked, j, dq):
-        start = pl.multiple_of(j * bkv, bkv)
-        k = k_ref[pl.ds(start, bkv), :]
-        v = v_ref[pl.ds(start, bkv), :]
-        s = _dot(cfg, q, k, _NT) * cfg.scale
-        if masked:
-            k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
-            k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
-            s = jnp.where(cfg.allowed(pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+    def update(dq, k, v, s):
         p = jnp.exp(s - lse)
         ds = p * (_dot(cfg, do, v, _NT) - delta)
         return dq + _dot(cfg, ds.astype(k.dtype), k, _NN)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
-        dq = lax.fori_loop(lo, hi, functools.partial(step, masked), dq)
+    dq = _fold_kv_blocks(cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, cfg.bq_bwd, cfg.bkv_bwd,
+                         update, jnp.zeros(q_ref.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -272,34 +270,32 @@ def _call(cfg: _Cfg, kernel, grid, in_specs, seg_specs, out_specs, out_shape, ar
 _SCALAR_SPEC = pl.BlockSpec((4,), lambda *_: (0,))
 
 
+def _row_specs(cfg: _Cfg, bq: int, lp: int, d: int):
+    """``(q, k/v, lane-row, segment)`` specs of the kernels on grid ``(q blocks, B, heads)``, the
+    forward and dq: each query head reads its group's whole K/V."""
+    g = cfg.groups
+    return (pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+            pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+            [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+             pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))])
+
+
 def _forward(cfg: _Cfg, scalars, q, k, v, seg):
     axes, args = unify(scalars, q, k, v, seg)
     b, lp, h, d = q.shape
-    bq, g = cfg.bq, cfg.groups
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-    kv_spec = pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(cfg, cfg.bq, lp, d)
     out_shape = [sds(q.shape, q.dtype, axes), sds((b, h, lp), jnp.float32, axes)]
-    return _call(cfg, _fwd_kernel, (lp // bq, b, h), [q_spec, kv_spec, kv_spec],
-                 _row_seg_specs(bq, lp), [q_spec, row_spec], out_shape, args,
-                 "diffujax_gpu_flash_fwd")
-
-
-def _row_seg_specs(bq: int, lp: int):
-    """Segment specs of a grid ``(q blocks, B, heads)``: the q block's ids, all the keys'."""
-    return [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-            pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
+    return _call(cfg, _fwd_kernel, (lp // cfg.bq, b, h), [q_spec, kv_spec, kv_spec], seg_specs,
+                 [q_spec, row_spec], out_shape, args, "diffujax_gpu_flash_fwd")
 
 
 def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
     axes, args = unify(scalars, q, k, v, do, lse, delta, seg)
     b, lp, h, d = q.shape
-    bq, g = cfg.bq_bwd, cfg.groups
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-    kv_spec = pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-    return _call(cfg, _dq_kernel, (lp // bq, b, h),
-                 [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec], _row_seg_specs(bq, lp),
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(cfg, cfg.bq_bwd, lp, d)
+    return _call(cfg, _dq_kernel, (lp // cfg.bq_bwd, b, h),
+                 [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec], seg_specs,
                  q_spec, sds(q.shape, q.dtype, axes), args, "diffujax_gpu_flash_dq")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern, dense_mask
@@ -36,4 +37,4 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None):
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     # named for a remat policy (residuals.py); there is no log-sum-exp to name here
-    return residuals.name_output(out.reshape(b, lq, h, d).astype(q.dtype))
+    return checkpoint_name(out.reshape(b, lq, h, d).astype(q.dtype), residuals.OUTPUT)

@@ -111,12 +111,6 @@ class _Cfg(KernelConfig):
     vmem_limit_bytes: int | None
 
 
-def _block_metadata(**blocks: int) -> dict:
-    """The kernel's tiles in its HLO custom call, as splash writes its own (``kernel_metadata``):
-    ``diffujax plan`` reads them to charge the kernel from a roofline of its blocks."""
-    return {"xprof_metadata": json.dumps(blocks)}
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -255,7 +249,9 @@ def _pallas(cfg: _Cfg, kernel, grid, in_specs, out_specs, out_shape, scratch, op
             bytes_accessed=operands[1].dtype.itemsize * elements_accessed),
         interpret=cfg.interpret,
         name=name,
-        metadata=_block_metadata(**blocks),
+        # the tiles, as splash writes its own (``kernel_metadata``): ``diffujax plan`` reads
+        # them to charge the kernel from a roofline of its blocks
+        metadata={"xprof_metadata": json.dumps(blocks)},
     )(*operands)
 
 
