@@ -50,14 +50,14 @@ from diffujax.attention.tiles import tile_range
 # cuDNN
 
 
-def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
+def cudnn_attention(q, k, v, pattern: AttentionPattern):
     """cuDNN flash attention for ``causal`` / ``full`` without segment ids (bf16 or f16)."""
     if pattern.kind == "annealed" or pattern.segment_ids is not None or pattern.blocked:
         raise ValueError("cudnn attention takes causal/full patterns without segment ids or "
                          "blocks")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention needs bf16/f16 inputs, got {q.dtype}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=pattern.kind == "causal",
+    return jax.nn.dot_product_attention(q, k, v, is_causal=pattern.kind == "causal",
                                         implementation="cudnn")
 
 
@@ -323,8 +323,8 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+def flash_attention(q, k, v, pattern: AttentionPattern, *, block_sizes: BlockSizes | None = None,
+                    interpret: Any = False):
     """Pallas GPU (Triton) flash attention; same contract as ``reference_attention``."""
     check_operands(q, k, v)
     b, lq, h, d = q.shape
@@ -338,7 +338,7 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     blocks = tuple(min(x, short) for x in blocks)
     lp = -(-lq // max(blocks)) * max(blocks)
     cfg = _Cfg(pattern.kind, pattern.segment_ids is not None, lq, lp, *blocks,
-               scale=float(d ** -0.5 if scale is None else scale), groups=h // k.shape[2],
+               scale=float(d ** -0.5), groups=h // k.shape[2],
                interpret=interpret, block_size=pattern.block_size,
                stream_len=pattern.stream_len, f32=q.dtype == jnp.float32,
                num_warps=bs.num_warps, num_stages=bs.num_stages)

@@ -149,8 +149,8 @@ def _dynamic_kernel(mask, block_sizes, interpret):
     return kernel
 
 
-def apply_kernel(q, k, v, pattern: AttentionPattern, kernel=None, *, scale: float | None = None,
-                 block: int = DEFAULT_BLOCK, interpret: bool = False):
+def apply_kernel(q, k, v, pattern: AttentionPattern, kernel=None, *, block: int = DEFAULT_BLOCK,
+                 interpret: bool = False):
     """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` on one device's operands.
     ``kernel``: a ``static_kernel`` (causal/full), or ``None`` for the annealed pattern (dense
     mask built here)."""
@@ -159,8 +159,7 @@ def apply_kernel(q, k, v, pattern: AttentionPattern, kernel=None, *, scale: floa
         plain = dataclasses.replace(pattern, segment_ids=None)  # segments go in as SegmentIds
         kernel = _dynamic_kernel(dense_mask(plain, seq_len)[None], _blocks(seq_len, block),
                                  interpret)
-    scale = d ** -0.5 if scale is None else scale
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qs = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qs, k, v))  # [B, heads, L, D]
     if pattern.segment_ids is None:
         out = jax.vmap(kernel)(qh, kh, vh)
@@ -171,9 +170,8 @@ def apply_kernel(q, k, v, pattern: AttentionPattern, kernel=None, *, scale: floa
     return jnp.swapaxes(out, 1, 2)
 
 
-def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                     block: int = DEFAULT_BLOCK, dense_annealed: bool = False,
-                     interpret: bool = False, layout=None):
+def splash_attention(q, k, v, pattern: AttentionPattern, *, block: int = DEFAULT_BLOCK,
+                     dense_annealed: bool = False, interpret: bool = False, layout=None):
     """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` via splash attention, on
     one device, or under ``shard_map`` with a ``sharded.KernelLayout`` (what
     ``diffujax.attention.attention`` passes on a mesh)."""
@@ -184,7 +182,7 @@ def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None 
                          "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
     _blocks(q.shape[1], 128)  # the length check, before any kernel is built
     TileRule(pattern.kind, pattern.block_size, pattern.stream_len, q.shape[1])  # two streams
-    local = functools.partial(apply_kernel, scale=scale, block=block, interpret=interpret)
+    local = functools.partial(apply_kernel, block=block, interpret=interpret)
     if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
         return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
     shards = 1 if layout is None else layout.head_shards

@@ -436,8 +436,8 @@ _flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None
 
 
 def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, groups: int,
-                  block_sizes: BlockSizes, *, scale: float | None = None,
-                  interpret: Any = False, block_size: int = 0, stream_len: int = 0) -> _Cfg:
+                  block_sizes: BlockSizes, *, interpret: Any = False, block_size: int = 0,
+                  stream_len: int = 0) -> _Cfg:
     """The static configuration of the three kernels for one call shape (also what
     ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one).
     ``block_size`` / ``stream_len``: the pattern's blocks (``AttentionPattern``)."""
@@ -445,14 +445,13 @@ def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, group
     lp, (bq, bkv, bq_b, bkv_b) = _layout(
         seq_len, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
     return _Cfg(kind=kind, segmented=segmented, seq_len=seq_len, padded_len=lp, bq=bq, bkv=bkv,
-                bq_bwd=bq_b, bkv_bwd=bkv_b,
-                scale=float(head_dim ** -0.5 if scale is None else scale), groups=groups,
+                bq_bwd=bq_b, bkv_bwd=bkv_b, scale=float(head_dim ** -0.5), groups=groups,
                 interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
                 block_size=block_size, stream_len=stream_len)
 
 
-def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+def flash_attention(q, k, v, pattern: AttentionPattern, *, block_sizes: BlockSizes | None = None,
+                    interpret: Any = False):
     """Pallas TPU flash attention; same contract as ``reference_attention``.
 
     q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` (self-attention: equal lengths), ``H % KVH == 0``.
@@ -464,8 +463,8 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     if block_sizes is None:
         block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
     cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // k.shape[2],
-                        block_sizes, scale=scale, interpret=interpret,
-                        block_size=pattern.block_size, stream_len=pattern.stream_len)
+                        block_sizes, interpret=interpret, block_size=pattern.block_size,
+                        stream_len=pattern.stream_len)
     lp = cfg.padded_len
     seg = padded_segments(pattern, b, lq, lp)
     q, k, v = (pad_length(jnp.swapaxes(x, 1, 2), 2, lp) for x in (q, k, v))
