@@ -4,36 +4,26 @@
 
 The ``AttentionConfig`` (``config.py``: backend, block sizes, interpret mode) is frozen and
 hashable; models carry it in their config, which is static under ``jax.jit``, so it is part of the
-compiled function. Backends:
+compiled function. Backends (every one but ``cudnn`` takes a pattern's static blocks,
+``block_size`` / ``stream_len``: docs/algorithms.md §9, one stream in blocks or the two-stream
+``[x_t ; x_0]`` input of length ``2 * stream_len``):
 
 - ``xla``: ``reference_attention`` with the dense mask; the ground truth and the CPU default.
 - ``pallas_tpu``: the Pallas TPU flash kernel (``tpu.py``) with the pattern hashed in-kernel;
-  every pattern, padding for any length.
-- ``splash``: JAX's bundled splash attention (``splash.py``); causal/full (+ segment ids, + blocks)
-  from static block tables, annealed (in blocks or not) only through a dense ``[1, L, L]`` mask;
-  length % 128 == 0.
+  every pattern, padding for any length; tiles with no open entry are skipped (no compute, no
+  copy) and tiles open throughout run unmasked (``tiles.py`` decides both from scalars).
+- ``splash``: JAX's bundled splash attention (``splash.py``); causal/full (+ segment ids, in
+  blocks as ``splash.BlockMask``, computed in-kernel) from static block tables, annealed (in
+  blocks or not) only through a dense ``[1, L, L]`` mask; length % 128 == 0.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; causal/full without
   blocks, no segment ids, bf16/f16.
-- ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern. Experimental: never run
-  on a GPU (docs/kernels.md).
+- ``pallas_gpu``: the Pallas Triton kernel (``gpu.py``), every pattern; closed tiles skipped,
+  visited tiles of a blocked pattern masked. Experimental: never run on a GPU (docs/kernels.md).
 - ``auto``: by the platform the program is built for (the active mesh's devices, so an abstract
   TPU topology on a CPU host counts as TPU). TPU: splash for causal/full (in blocks or not) when
   the length is a multiple of 128, else ``pallas_tpu``; annealed always ``pallas_tpu``. GPU: cuDNN
   where it applies, else ``pallas_gpu``. CPU: ``xla``. (The TPU/GPU choices are expectations, not
   measurements: docs/kernels.md.)
-
-Block diffusion (docs/algorithms.md §9): a pattern's static ``block_size`` / ``stream_len``
-(one stream in blocks, or the two-stream ``[x_t ; x_0]`` input of length ``2 * stream_len``)
-reaches every backend:
-
-- ``pallas_tpu``: every blocked pattern, evaluated in-kernel (``is_open`` per tile); tiles with no
-  open entry are skipped (no compute, no copy) and tiles open throughout run unmasked
-  (``tiles.py`` decides both from scalars).
-- ``splash``: causal/full inside blocks as a mask splash computes in-kernel
-  (``splash.BlockMask``; static block tables skip closed tiles); annealed inside blocks through
-  the dense mask, as plain annealed.
-- ``pallas_gpu``: every blocked pattern in-kernel; closed tiles skipped, visited tiles masked.
-- ``cudnn``: none (refused; ``auto`` picks ``pallas_gpu``). ``xla``: every one, dense mask.
 
 On a mesh (``jax.set_mesh``), every kernel backend runs under ``jax.shard_map`` with specs from
 the active logical-axis rules (``sharded.py``: batch over data x fsdp, heads over tensor, GQA
@@ -42,7 +32,7 @@ fallback). ``xla`` needs no map: XLA partitions it like any other op.
 
 from __future__ import annotations
 
-from jax.sharding import NamedSharding, PartitionSpec as P
+import functools
 
 from diffujax.attention import gpu, splash, tpu
 from diffujax.attention.config import (BACKENDS, AttentionConfig, GpuBlockSizes,
@@ -86,25 +76,26 @@ def attention(q, k, v, pattern: AttentionPattern, config: AttentionConfig = DEFA
         return reference_attention(q, k, v, pattern)
     layout = kernel_layout(q, k)
     if chosen == "splash":
-        return _splash(q, k, v, pattern, config, layout)
-    local = _local_kernel(chosen, config, explicit=config.backend != "auto")
+        return splash.splash_attention(q, k, v, pattern, block=config.splash_block,
+                                       dense_annealed=True, interpret=bool(config.interpret),
+                                       layout=layout)
+    local = _local_kernel(chosen, config)
     if layout is None:
         return local(q, k, v, pattern)
     return layout.run(local, q, k, v, pattern)
 
 
-def _local_kernel(chosen: str, config: AttentionConfig, explicit: bool):
+def _local_kernel(chosen: str, config: AttentionConfig):
     """``fn(q, k, v, pattern)`` running backend ``chosen`` on one device's operands."""
-    interpret = config.interpret
     if chosen == "pallas_tpu":
         blocks = config.tpu_block_sizes or tpu.default_block_sizes(target_device()[1])
-        return lambda q, k, v, p: tpu.flash_attention(q, k, v, p, block_sizes=blocks,
-                                                      interpret=interpret)
-    flash = lambda q, k, v, p: gpu.flash_attention(  # noqa: E731
-        q, k, v, p, block_sizes=config.gpu_block_sizes, interpret=bool(interpret))
+        return functools.partial(tpu.flash_attention, block_sizes=blocks,
+                                 interpret=config.interpret)
+    flash = functools.partial(gpu.flash_attention, block_sizes=config.gpu_block_sizes,
+                              interpret=bool(config.interpret))
     if chosen == "pallas_gpu":
         return flash
-    if explicit:
+    if config.backend == "cudnn":
         return gpu.cudnn_attention
 
     def cudnn_or_kernel(q, k, v, p):
@@ -113,23 +104,6 @@ def _local_kernel(chosen: str, config: AttentionConfig, explicit: bool):
         except (ValueError, NotImplementedError):  # a shape/dtype cuDNN refuses: the kernel
             return flash(q, k, v, p)
     return cudnn_or_kernel
-
-
-def _splash(q, k, v, pattern, config: AttentionConfig, layout):
-    splash.check(q, k, pattern, dense_annealed=True)
-    interpret = bool(config.interpret)
-    block = config.splash_block
-    local = lambda q, k, v, p, kernel=None: splash.apply_kernel(  # noqa: E731
-        kernel, q, k, v, p, block=block, interpret=interpret)
-    if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
-        return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
-    shards = 1 if layout is None else layout.head_shards
-    kernel = splash.static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards,
-                                  block_size=pattern.block_size, stream_len=pattern.stream_len)
-    if layout is None:
-        return local(q, k, v, pattern, kernel)
-    spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))
-    return layout.run(local, q, k, v, pattern, extra=(kernel,), extra_specs=(spec,))
 
 
 __all__ = ["AttentionConfig", "AttentionPattern", "BACKENDS", "GpuBlockSizes", "TpuBlockSizes",

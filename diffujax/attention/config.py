@@ -21,10 +21,11 @@ from typing import Any
 BACKENDS = ("auto", "xla", "pallas_tpu", "splash", "cudnn", "pallas_gpu")
 
 
-def _positive_multiples(where: str, values: dict, multiple: int):
-    for name, value in values.items():
-        if value is not None and (value <= 0 or value % multiple):
-            raise ValueError(f"{where}.{name}: {value} must be a positive multiple of {multiple}")
+def _check_blocks(sizes, key: str, ok, requirement: str):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        value = getattr(sizes, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key}.{name}: {value} must be {requirement}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +42,7 @@ class TpuBlockSizes:
         return (self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv)
 
     def validate(self, key: str = "tpu_block_sizes"):
-        _positive_multiples(key, dict(block_q=self.block_q, block_kv=self.block_kv,
-                                      block_q_bwd=self.block_q_bwd,
-                                      block_kv_bwd=self.block_kv_bwd), 8)
+        _check_blocks(self, key, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +56,7 @@ class GpuBlockSizes:
     num_stages: int = 2
 
     def validate(self, key: str = "gpu_block_sizes"):
-        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
-            value = getattr(self, name)
-            if value <= 0 or value & (value - 1):
-                raise ValueError(f"{key}.{name}: {value} must be a power of two")
+        _check_blocks(self, key, lambda v: v > 0 and v & (v - 1) == 0, "a power of two")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +83,3 @@ class AttentionConfig:
 
     def replace(self, **changes) -> "AttentionConfig":
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "AttentionConfig":
-        """Inverse of ``dataclasses.asdict`` (checkpoint metadata is JSON)."""
-        d = dict(d or {})
-        for name, sub in (("tpu_block_sizes", TpuBlockSizes), ("gpu_block_sizes", GpuBlockSizes)):
-            if isinstance(d.get(name), dict):
-                d[name] = sub(**d[name])
-        return cls(**d)

@@ -39,24 +39,25 @@ from jax.experimental.pallas import triton as pltriton
 from diffujax.attention._vma import sds, unify
 from diffujax.attention.config import GpuBlockSizes as BlockSizes
 from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
-from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
+from diffujax.attention.flash_common import (KernelConfig, check_operands, flash_vjp,
+                                             pad_length, padded_segments, pattern_scalars,
                                              row_sums)
-from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern, is_open
-from diffujax.attention.tiles import TileRule, tile_range
+from diffujax.attention.pattern import FULL_THRESHOLD, AttentionPattern
+from diffujax.attention.tiles import tile_range
 
 
 # ----------------------------------------------------------------------------------------------
 # cuDNN
 
 
-def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None):
+def cudnn_attention(q, k, v, pattern: AttentionPattern):
     """cuDNN flash attention for ``causal`` / ``full`` without segment ids (bf16 or f16)."""
     if pattern.kind == "annealed" or pattern.segment_ids is not None or pattern.blocked:
         raise ValueError("cudnn attention takes causal/full patterns without segment ids or "
                          "blocks")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention needs bf16/f16 inputs, got {q.dtype}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=pattern.kind == "causal",
+    return jax.nn.dot_product_attention(q, k, v, is_causal=pattern.kind == "causal",
                                         implementation="cudnn")
 
 
@@ -65,27 +66,10 @@ def cudnn_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    kind: str
-    segmented: bool
-    seq_len: int
-    padded_len: int
-    bq: int
-    bkv: int
-    bq_bwd: int
-    bkv_bwd: int
-    scale: float
-    groups: int
+class _Cfg(KernelConfig):
     f32: bool
-    interpret: Any
     num_warps: int
     num_stages: int
-    block_size: int = 0  # the pattern's static block structure (pattern.py)
-    stream_len: int = 0
-
-    @property
-    def rule(self) -> TileRule:
-        return TileRule(self.kind, self.block_size, self.stream_len, self.seq_len)
 
 
 def _cdiv(x, n: int):
@@ -97,11 +81,10 @@ def _dot(cfg: _Cfg, a, b, dims):
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg):
-    ok = is_open(pattern, q_idx, k_idx, q_seg, k_seg)
-    if cfg.padded_len != cfg.seq_len:
-        ok = ok & (k_idx < cfg.seq_len)
-    return ok
+def _split_segments(cfg: _Cfg, refs):
+    """``((q segment ref, k segment ref), the other refs)`` of a kernel's trailing arguments
+    (``(None, None)`` without segment ids)."""
+    return (refs[:2], refs[2:]) if cfg.segmented else ((None, None), refs)
 
 
 def _kv_ranges(cfg: _Cfg, thr, i, bq: int, bkv: int):
@@ -167,20 +150,18 @@ def _span_ranges(spans, tile: int):
     return ranges
 
 
-def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, o_ref, lse_ref = rest
-    else:
-        o_ref, lse_ref = rest
-    bq, bkv = cfg.bq, cfg.bkv
+def _fold_kv_blocks(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, bq: int, bkv: int,
+                    update, carry):
+    """``carry`` folded by ``update(carry, k, v, s)`` over the kv blocks that q block
+    ``program_id(0)`` visits, ``s`` its scaled scores against q, masked in the masked ranges."""
+    qseg_ref, kseg_ref = seg_refs
     i = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
+    pattern = cfg.pattern(s_ref)
     q = q_ref[...]
     q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
     q_seg = qseg_ref[...][:, None] if cfg.segmented else None
 
     def step(masked, j, carry):
-        m, l, acc = carry
         start = pl.multiple_of(j * bkv, bkv)
         k = k_ref[pl.ds(start, bkv), :]
         v = v_ref[pl.ds(start, bkv), :]
@@ -188,7 +169,20 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         if masked:
             k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
             k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
-            s = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+            s = jnp.where(cfg.allowed(pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+        return update(carry, k, v, s)
+
+    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked), carry)
+    return carry
+
+
+def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
+    seg_refs, (o_ref, lse_ref) = _split_segments(cfg, rest)
+    bq = cfg.bq
+
+    def update(carry, k, v, s):
+        m, l, acc = carry
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -196,57 +190,35 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, _NN)
         return m_new, l, acc
 
-    d = q.shape[-1]
     carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, d), jnp.float32))
-    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
-        carry = lax.fori_loop(lo, hi, functools.partial(step, masked), carry)
-    m, l, acc = carry
+             jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    m, l, acc = _fold_kv_blocks(cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, bq, cfg.bkv, update,
+                                carry)
     l = jnp.where(l == 0.0, 1.0, l)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
 
 def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, dq_ref = rest
-    else:
-        (dq_ref,) = rest
-    bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
-    i = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
-    q, do = q_ref[...], do_ref[...]
+    seg_refs, (dq_ref,) = _split_segments(cfg, rest)
+    do = do_ref[...]
     lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
-    q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    q_seg = qseg_ref[...][:, None] if cfg.segmented else None
 
-    def step(masked, j, dq):
-        start = pl.multiple_of(j * bkv, bkv)
-        k = k_ref[pl.ds(start, bkv), :]
-        v = v_ref[pl.ds(start, bkv), :]
-        s = _dot(cfg, q, k, _NT) * cfg.scale
-        if masked:
-            k_idx = start + jnp.arange(bkv, dtype=jnp.int32)[None, :]
-            k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if cfg.segmented else None
-            s = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+    def update(dq, k, v, s):
         p = jnp.exp(s - lse)
         ds = p * (_dot(cfg, do, v, _NT) - delta)
         return dq + _dot(cfg, ds.astype(k.dtype), k, _NN)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    for lo, hi, masked in _kv_ranges(cfg, s_ref[2], i, bq, bkv):
-        dq = lax.fori_loop(lo, hi, functools.partial(step, masked), dq)
+    dq = _fold_kv_blocks(cfg, s_ref, q_ref, k_ref, v_ref, seg_refs, cfg.bq_bwd, cfg.bkv_bwd,
+                         update, jnp.zeros(q_ref.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, dk_ref, dv_ref = rest
-    else:
-        dk_ref, dv_ref = rest
+    (qseg_ref, kseg_ref), (dk_ref, dv_ref) = _split_segments(cfg, rest)
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     j = pl.program_id(0)
-    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
+    pattern = cfg.pattern(s_ref)
     k, v = k_ref[...], v_ref[...]
     k_idx = j * bkv + jnp.arange(bkv, dtype=jnp.int32)[:, None]
     k_seg = kseg_ref[...][:, None] if cfg.segmented else None
@@ -263,7 +235,7 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         if masked:
             q_idx = start + jnp.arange(bq, dtype=jnp.int32)[None, :]
             q_seg = qseg_ref[pl.ds(start, bq)][None, :] if cfg.segmented else None
-            st = jnp.where(_allowed(cfg, pattern, q_idx, k_idx, q_seg, k_seg), st, MASK_VALUE)
+            st = jnp.where(cfg.allowed(pattern, q_idx, k_idx, q_seg, k_seg), st, MASK_VALUE)
         pt = jnp.exp(st - lse)
         dv = dv + _dot(cfg, pt.astype(do.dtype), do, _NN)
         dst = pt * (_dot(cfg, v, do, _NT) - delta)
@@ -281,73 +253,66 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _call(cfg: _Cfg, kernel, grid, in_specs, out_specs, out_shape, args, name):
+def _call(cfg: _Cfg, kernel, grid, in_specs, seg_specs, out_specs, out_shape, args, name):
+    """``kernel`` over ``grid``. ``args``: the scalars (one ``(4,)`` block), the operands of
+    ``in_specs``, then the segment ids, passed (as q ids, then k ids: ``seg_specs``) if any."""
+    *args, seg = args
+    if cfg.segmented:
+        in_specs, args = [*in_specs, *seg_specs], [*args, seg, seg]
     return pl.pallas_call(
-        functools.partial(kernel, cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=cfg.interpret, name=name,
+        functools.partial(kernel, cfg), grid=grid, in_specs=[_SCALAR_SPEC, *in_specs],
+        out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret, name=name,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
     )(*args)
 
 
-def _scalar_spec():
-    return pl.BlockSpec((4,), lambda *_: (0,))
+_SCALAR_SPEC = pl.BlockSpec((4,), lambda *_: (0,))
+
+
+def _row_specs(cfg: _Cfg, bq: int, lp: int, d: int):
+    """``(q, k/v, lane-row, segment)`` specs of the kernels on grid ``(q blocks, B, heads)``, the
+    forward and dq: each query head reads its group's whole K/V."""
+    g = cfg.groups
+    return (pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+            pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+            [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+             pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))])
 
 
 def _forward(cfg: _Cfg, scalars, q, k, v, seg):
-    axes, (scalars, q, k, v, seg) = unify(scalars, q, k, v, seg)
+    axes, args = unify(scalars, q, k, v, seg)
     b, lp, h, d = q.shape
-    bq, g = cfg.bq, cfg.groups
-    in_specs = [_scalar_spec(),
-                pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-                pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0)),
-                pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))]
-    args = [scalars, q, k, v]
-    if cfg.segmented:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
-        args += [seg, seg]
-    out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))]
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(cfg, cfg.bq, lp, d)
     out_shape = [sds(q.shape, q.dtype, axes), sds((b, h, lp), jnp.float32, axes)]
-    return _call(cfg, _fwd_kernel, (lp // bq, b, h), in_specs, out_specs, out_shape, args,
-                 "diffujax_gpu_flash_fwd")
+    return _call(cfg, _fwd_kernel, (lp // cfg.bq, b, h), [q_spec, kv_spec, kv_spec], seg_specs,
+                 [q_spec, row_spec], out_shape, args, "diffujax_gpu_flash_fwd")
 
 
 def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
-    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
+    axes, args = unify(scalars, q, k, v, do, lse, delta, seg)
     b, lp, h, d = q.shape
-    bq, g = cfg.bq_bwd, cfg.groups
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-    kv_spec = pl.BlockSpec((None, lp, None, d), lambda i, bi, hi: (bi, 0, _div(hi, g), 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-    in_specs = [_scalar_spec(), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-    args = [scalars, q, k, v, do, lse, delta]
-    if cfg.segmented:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, lp), lambda i, bi, hi: (bi, 0))]
-        args += [seg, seg]
-    return _call(cfg, _dq_kernel, (lp // bq, b, h), in_specs, q_spec,
-                 sds(q.shape, q.dtype, axes), args, "diffujax_gpu_flash_dq")
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(cfg, cfg.bq_bwd, lp, d)
+    return _call(cfg, _dq_kernel, (lp // cfg.bq_bwd, b, h),
+                 [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec], seg_specs,
+                 q_spec, sds(q.shape, q.dtype, axes), args, "diffujax_gpu_flash_dq")
 
 
 def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
-    axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
+    axes, args = unify(scalars, q, k, v, do, lse, delta, seg)
     b, lp, h, d = q.shape
     kvh = k.shape[2]
     bkv, g = cfg.bkv_bwd, cfg.groups
     q_spec = pl.BlockSpec((None, lp, g, d), lambda j, bi, hk: (bi, 0, hk, 0))
     kv_spec = pl.BlockSpec((None, bkv, None, d), lambda j, bi, hk: (bi, j, hk, 0))
     row_spec = pl.BlockSpec((None, g, lp), lambda j, bi, hk: (bi, hk, 0))
-    in_specs = [_scalar_spec(), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-    args = [scalars, q, k, v, do, lse, delta]
-    if cfg.segmented:
-        in_specs += [pl.BlockSpec((None, lp), lambda j, bi, hk: (bi, 0)),
-                     pl.BlockSpec((None, bkv), lambda j, bi, hk: (bi, j))]
-        args += [seg, seg]
+    seg_specs = [pl.BlockSpec((None, lp), lambda j, bi, hk: (bi, 0)),
+                 pl.BlockSpec((None, bkv), lambda j, bi, hk: (bi, j))]
     out_shape = [sds(k.shape, k.dtype, axes), sds(v.shape, v.dtype, axes)]
-    return _call(cfg, _dkv_kernel, (lp // bkv, b, kvh), in_specs, [kv_spec, kv_spec], out_shape,
-                 args, "diffujax_gpu_flash_dkv")
+    return _call(cfg, _dkv_kernel, (lp // bkv, b, kvh),
+                 [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec], seg_specs,
+                 [kv_spec, kv_spec], out_shape, args, "diffujax_gpu_flash_dkv")
 
 
 # delta as [B, H, Lp], like lse.
@@ -358,15 +323,11 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+def flash_attention(q, k, v, pattern: AttentionPattern, *, block_sizes: BlockSizes | None = None,
+                    interpret: Any = False):
     """Pallas GPU (Triton) flash attention; same contract as ``reference_attention``."""
+    check_operands(q, k, v)
     b, lq, h, d = q.shape
-    lk, kvh = k.shape[1], k.shape[2]
-    if lq != lk:
-        raise ValueError(f"flash_attention is self-attention only: q length {lq} != kv {lk}")
-    if h % kvh:
-        raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
     bs = block_sizes or BlockSizes()
     blocks = (bs.block_q, bs.block_kv, bs.block_q_bwd, bs.block_kv_bwd)
     if not all(_pow2(x) for x in blocks):
@@ -376,16 +337,12 @@ def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None =
     short = max(8, 1 << (lq - 1).bit_length())  # shrink blocks for short sequences
     blocks = tuple(min(x, short) for x in blocks)
     lp = -(-lq // max(blocks)) * max(blocks)
-    TileRule(pattern.kind, pattern.block_size, pattern.stream_len, lq)  # checks the length
     cfg = _Cfg(pattern.kind, pattern.segment_ids is not None, lq, lp, *blocks,
-               scale=float(d ** -0.5 if scale is None else scale), groups=h // kvh,
-               f32=q.dtype == jnp.float32, interpret=interpret, num_warps=bs.num_warps,
-               num_stages=bs.num_stages, block_size=pattern.block_size,
-               stream_len=pattern.stream_len)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - lq), (0, 0), (0, 0))) if lp != lq else x
-    seg = None
-    if cfg.segmented:
-        seg = jnp.asarray(pattern.segment_ids, jnp.int32)
-        seg = jnp.pad(seg, ((0, 0), (0, lp - lq))) if lp != lq else seg
+               scale=float(d ** -0.5), groups=h // k.shape[2],
+               interpret=interpret, block_size=pattern.block_size,
+               stream_len=pattern.stream_len, f32=q.dtype == jnp.float32,
+               num_warps=bs.num_warps, num_stages=bs.num_stages)
+    seg = padded_segments(pattern, b, lq, lp)
+    q, k, v = (pad_length(x, 1, lp) for x in (q, k, v))
     # Four scalars: the operand is one (4,) block for Triton.
-    return _flash(cfg, pattern_scalars(pattern, 4), pad(q), pad(k), pad(v), seg)[:, :lq]
+    return _flash(cfg, pattern_scalars(pattern, 4), q, k, v, seg)[:, :lq]

@@ -30,8 +30,7 @@ from jax import lax
 
 KINDS = ("causal", "full", "annealed")
 # The ratio is resolved to 24 bits: entry open iff (hash >> 8) < threshold, threshold in [0, 2^24].
-RATIO_BITS = 24
-FULL_THRESHOLD = 1 << RATIO_BITS
+FULL_THRESHOLD = 1 << 24
 
 
 @jax.tree_util.register_dataclass
@@ -71,14 +70,10 @@ def full(segment_ids=None) -> AttentionPattern:
     return AttentionPattern("full", segment_ids=segment_ids)
 
 
-def ratio_to_threshold(ratio) -> jax.Array:
-    ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
-    return jnp.floor(ratio * FULL_THRESHOLD).astype(jnp.int32)
-
-
 def annealed(seed, step, ratio, segment_ids=None) -> AttentionPattern:
+    ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
     return AttentionPattern("annealed", jnp.asarray(seed, jnp.int32), jnp.asarray(step, jnp.int32),
-                            ratio_to_threshold(ratio), segment_ids)
+                            jnp.floor(ratio * FULL_THRESHOLD).astype(jnp.int32), segment_ids)
 
 
 def anneal_ratio(step, anneal_steps: int) -> jax.Array:

@@ -18,17 +18,8 @@ Outside ``jax.checkpoint`` a name is the identity: it costs nothing.
 
 from __future__ import annotations
 
-from jax.ad_checkpoint import checkpoint_name
-
 OUTPUT = "attention_output"
 LOGSUMEXP = "attention_logsumexp"
 SPLASH = "attention_splash_residuals"  # splash's output and log-sum-exp, under one name
 NAMES = (OUTPUT, LOGSUMEXP, SPLASH)
 
-
-def name_output(o):
-    return checkpoint_name(o, OUTPUT)
-
-
-def name_logsumexp(lse):
-    return checkpoint_name(lse, LOGSUMEXP)

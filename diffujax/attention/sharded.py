@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffujax.attention.flash_common import pattern_scalars
 from diffujax.parallel.logical import QUERY as Q_NAMES  # q's dimensions [B, L, H, D]
-from diffujax.parallel.logical import logical_to_spec
+from diffujax.parallel.logical import logical_to_spec, spec_axes
 
 
 def target_device():
@@ -43,10 +43,6 @@ def target_device():
     if device is not None:
         return device.platform, device.device_kind
     return jax.default_backend(), jax.devices()[0].device_kind
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +66,10 @@ class KernelLayout:
             return P(b, None)
         return P(b, None, self.heads or None, None)
 
-    def repeat_kv(self, k, v):
-        if self.kv_repeat == 1:
-            return k, v
-        return (jnp.repeat(k, self.kv_repeat, axis=2), jnp.repeat(v, self.kv_repeat, axis=2))
-
     def run(self, local, q, k, v, pattern, extra=(), extra_specs=()):
         """``local(q, k, v, pattern, *extra)`` on each device's block; ``[B, L, H, D]`` back."""
-        k, v = self.repeat_kv(k, v)
+        if self.kv_repeat > 1:
+            k, v = (jnp.repeat(x, self.kv_repeat, axis=2) for x in (k, v))
         scalars = pattern_scalars(pattern)
         seg = pattern.segment_ids
 
@@ -114,7 +106,7 @@ def kernel_layout(q, k, rules=None) -> KernelLayout | None:
     b, _, h, _ = q.shape
     kvh = k.shape[2]
     spec = logical_to_spec(Q_NAMES, rules, sizes)
-    batch, heads = _axes(spec[0]), _axes(spec[2])
+    batch, heads = spec_axes(spec[0]), spec_axes(spec[2])
     if b % math.prod(sizes[a] for a in batch):
         batch = ()
     t = math.prod(sizes[a] for a in heads)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffujax.attention import residuals
 from diffujax.attention.pattern import AttentionPattern, dense_mask, is_open
@@ -119,6 +120,7 @@ def static_mask(pattern: AttentionPattern, seq_len: int) -> sa.Mask:
     return sa.CausalMask(shape) if pattern.kind == "causal" else sa.FullMask(shape)
 
 
+@functools.lru_cache(maxsize=32)
 def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bool,
                   head_shards: int = 1, block_size: int = 0,
                   stream_len: int = 0) -> sa.SplashAttentionKernel:
@@ -126,16 +128,10 @@ def static_kernel(kind: str, seq_len: int, heads: int, block: int, interpret: bo
     ``heads`` query heads (all of them, not one shard's), its block tables split into
     ``head_shards`` (the shards of a ``shard_map`` over heads: pass the kernel in with
     ``kernel.manual_sharding_spec``)."""
-    return _static_kernel(kind, seq_len, heads, block, bool(interpret), head_shards, block_size,
-                          stream_len)
-
-
-@functools.lru_cache(maxsize=32)
-def _static_kernel(kind, seq_len, heads, block, interpret, head_shards, block_size, stream_len):
     mask = static_mask(AttentionPattern(kind, block_size=block_size, stream_len=stream_len),
                        seq_len)
     return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=_blocks(seq_len, block),
-                              head_shards=head_shards, q_seq_shards=1, interpret=interpret,
+                              head_shards=head_shards, q_seq_shards=1, interpret=bool(interpret),
                               residual_checkpoint_name=residuals.SPLASH)
 
 
@@ -153,27 +149,17 @@ def _dynamic_kernel(mask, block_sizes, interpret):
     return kernel
 
 
-def check(q, k, pattern: AttentionPattern, dense_annealed: bool):
-    if k.shape[1] != q.shape[1]:
-        raise ValueError("splash_attention here is self-attention only")
-    if pattern.kind == "annealed" and not dense_annealed:
-        raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
-                         "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
-    _blocks(q.shape[1], 128)  # the length check, before any kernel is built
-    TileRule(pattern.kind, pattern.block_size, pattern.stream_len, q.shape[1])  # two streams
-
-
-def apply_kernel(kernel, q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                 block: int = DEFAULT_BLOCK, interpret: bool = False):
-    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]``. ``kernel``: a
-    ``static_kernel`` (causal/full), or ``None`` for the annealed pattern (dense mask built here)."""
+def apply_kernel(q, k, v, pattern: AttentionPattern, kernel=None, *, block: int = DEFAULT_BLOCK,
+                 interpret: bool = False):
+    """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` on one device's operands.
+    ``kernel``: a ``static_kernel`` (causal/full), or ``None`` for the annealed pattern (dense
+    mask built here)."""
     seq_len, d = q.shape[1], q.shape[3]
     if kernel is None:
         plain = dataclasses.replace(pattern, segment_ids=None)  # segments go in as SegmentIds
         kernel = _dynamic_kernel(dense_mask(plain, seq_len)[None], _blocks(seq_len, block),
                                  interpret)
-    scale = d ** -0.5 if scale is None else scale
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qs = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qs, k, v))  # [B, heads, L, D]
     if pattern.segment_ids is None:
         out = jax.vmap(kernel)(qh, kh, vh)
@@ -184,13 +170,25 @@ def apply_kernel(kernel, q, k, v, pattern: AttentionPattern, *, scale: float | N
     return jnp.swapaxes(out, 1, 2)
 
 
-def splash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                     block: int = DEFAULT_BLOCK, dense_annealed: bool = False,
-                     interpret: bool = False):
+def splash_attention(q, k, v, pattern: AttentionPattern, *, block: int = DEFAULT_BLOCK,
+                     dense_annealed: bool = False, interpret: bool = False, layout=None):
     """q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` -> ``[B, L, H, D]`` via splash attention, on
-    one device (``diffujax.attention.attention`` runs it under ``shard_map`` on a mesh)."""
-    check(q, k, pattern, dense_annealed)
-    kernel = None if pattern.kind == "annealed" else static_kernel(
-        pattern.kind, q.shape[1], q.shape[2], block, bool(interpret),
-        block_size=pattern.block_size, stream_len=pattern.stream_len)
-    return apply_kernel(kernel, q, k, v, pattern, scale=scale, block=block, interpret=interpret)
+    one device, or under ``shard_map`` with a ``sharded.KernelLayout`` (what
+    ``diffujax.attention.attention`` passes on a mesh)."""
+    if k.shape[1] != q.shape[1]:
+        raise ValueError("splash_attention here is self-attention only")
+    if pattern.kind == "annealed" and not dense_annealed:
+        raise ValueError("splash has no in-kernel annealed pattern; pass dense_annealed=True "
+                         "to feed it a dense [1, L, L] mask, or use backend='pallas_tpu'")
+    _blocks(q.shape[1], 128)  # the length check, before any kernel is built
+    TileRule(pattern.kind, pattern.block_size, pattern.stream_len, q.shape[1])  # two streams
+    local = functools.partial(apply_kernel, block=block, interpret=interpret)
+    if pattern.kind == "annealed":  # dense mask, built per device from the replicated scalars
+        return local(q, k, v, pattern) if layout is None else layout.run(local, q, k, v, pattern)
+    shards = 1 if layout is None else layout.head_shards
+    kernel = static_kernel(pattern.kind, q.shape[1], q.shape[2], block, interpret, shards,
+                           block_size=pattern.block_size, stream_len=pattern.stream_len)
+    if layout is None:
+        return local(q, k, v, pattern, kernel)
+    spec = kernel.manual_sharding_spec(NamedSharding(layout.mesh, P(layout.heads or None, None)))
+    return layout.run(local, q, k, v, pattern, extra=(kernel,), extra_specs=(spec,))

@@ -21,21 +21,15 @@ Kernels (all with f32 online softmax / f32 accumulators, bf16 or f32 inputs):
   K/V block through the index map (``h // group``).
 
 Block classification (per ``(q block, kv block)``, from program ids and the SMEM threshold, by
-``tiles.TileRule``: integer bounds of the pattern's rule, never the mask itself):
+``tiles.TileRule``: integer bounds of the pattern's rule, never the mask itself; which tiles that
+skips or opens, for plain, blocked and two-stream patterns, is in ``tiles.py``):
 
 - skipped (no compute, and the index map re-points the DMA at a block already resident so no copy
-  is issued): kv blocks with no open entry. Exact for ``causal``, ``full`` and ``annealed`` at
-  ratio 0; for ``annealed`` with threshold > 0 the hashed part (the future of the diagonal, or
-  the inside of a block) counts as open. Without blocks that means: the future of the q block for
-  causal (and annealed at ratio 0), padding only for the rest. With a pattern in diffusion
-  blocks (``block_size``, docs/algorithms.md §9) also every later diffusion block; in the
-  two-stream ``[x_t ; x_0]`` input also the noisy diffusion blocks other than a noisy query's
-  own, every noisy key for a clean query, and the clean keys of a noisy query's own and later
-  diffusion blocks. The keys a q block needs are then two ranges of kv blocks (noisy, clean) and
-  the queries a kv block serves two ranges of q blocks, which the index maps walk in order.
-- unmasked fast path (no iota / hash / where): kernel blocks the rule opens throughout (every one
-  for ``full`` without diffusion blocks; those entirely below the diagonal; those inside one
-  diffusion block, or one quadrant of the two streams, that its rule opens; ``annealed`` at
+  is issued): kv blocks with no open entry (exact for ``causal``, ``full`` and ``annealed`` at
+  ratio 0; above ratio 0 the hashed part counts as open). The keys a q block needs are at most
+  two ranges of kv blocks (noisy, clean) and the queries a kv block serves two ranges of q
+  blocks, which the index maps walk in order.
+- unmasked fast path (no iota / hash / where): blocks the rule opens throughout (``annealed`` at
   threshold ``2^24`` as ``full``); never when segment ids are given (segment masks are data) or
   when the block holds padded keys.
 - otherwise masked: ``is_open`` on the tile (the hash costs three murmur finalisers, the first two
@@ -73,10 +67,11 @@ from jax.experimental.pallas import tpu as pltpu
 from diffujax.attention._vma import sds, unify
 from diffujax.attention.config import TpuBlockSizes as BlockSizes
 from diffujax.attention.flash_common import MASK_VALUE, NN as _NN, NT as _NT, div as _div
-from diffujax.attention.flash_common import (flash_vjp, pattern_from_scalars, pattern_scalars,
+from diffujax.attention.flash_common import (KernelConfig, check_operands, flash_vjp,
+                                             pad_length, padded_segments, pattern_scalars,
                                              row_sums)
-from diffujax.attention.pattern import AttentionPattern, is_open
-from diffujax.attention.tiles import TileRule, tile_runs, tile_to_load
+from diffujax.attention.pattern import AttentionPattern
+from diffujax.attention.tiles import tile_runs, tile_to_load
 
 LANES = 128
 
@@ -112,36 +107,8 @@ def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    """Everything static about one call (hashable: it is a ``custom_vjp`` nondiff argument)."""
-    kind: str
-    segmented: bool
-    seq_len: int      # real length L
-    padded_len: int   # Lp, a multiple of every block size
-    bq: int
-    bkv: int
-    bq_bwd: int
-    bkv_bwd: int
-    scale: float
-    groups: int       # query heads per K/V head
-    interpret: Any
+class _Cfg(KernelConfig):
     vmem_limit_bytes: int | None
-    block_size: int = 0  # the pattern's static block structure (pattern.py)
-    stream_len: int = 0
-
-    @property
-    def padded(self) -> bool:
-        return self.padded_len != self.seq_len
-
-    @property
-    def rule(self) -> TileRule:
-        return TileRule(self.kind, self.block_size, self.stream_len, self.seq_len)
-
-
-def _block_metadata(**blocks: int) -> dict:
-    """The kernel's tiles in its HLO custom call, as splash writes its own (``kernel_metadata``):
-    ``diffujax plan`` reads them to charge the kernel from a roofline of its blocks."""
-    return {"xprof_metadata": json.dumps(blocks)}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -199,16 +166,11 @@ def _q_block(cfg: _Cfg, thr, i, j, bq: int, bkv: int):
     return tile_to_load(cfg.rule.query_spans(thr, k_lo, k_lo + (bkv - 1)), i, bq)
 
 
-def _allowed(cfg: _Cfg, s_ref, q_idx, k_idx, q_seg, k_seg):
-    pattern = pattern_from_scalars(cfg.kind, s_ref, cfg.block_size, cfg.stream_len)
-    ok = is_open(pattern, q_idx, k_idx, q_seg, k_seg)
-    if cfg.padded:
-        ok = ok & (k_idx < cfg.seq_len)
-    return ok
+def _run_tile(cfg: _Cfg, s_ref, i, j, bq: int, bkv: int, body):
+    """Run ``body(masked=...)`` on q block ``i`` x kv block ``j`` unless it is skipped (two copies:
+    the fast one has no mask)."""
+    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
 
-
-def _when_status(run, mask, body):
-    """Run ``body(masked=...)`` under the right branch (two copies: the fast one has no mask)."""
     @pl.when(run & mask)
     def _():
         body(True)
@@ -218,9 +180,79 @@ def _when_status(run, mask, body):
         body(False)
 
 
-def _compiler_params(cfg: _Cfg, semantics):
-    return pltpu.CompilerParams(dimension_semantics=semantics,
-                                vmem_limit_bytes=cfg.vmem_limit_bytes)
+def _split_segments(cfg: _Cfg, refs):
+    """``(segment refs or None, the other refs)`` of a kernel's trailing arguments."""
+    return (refs[:2], refs[2:]) if cfg.segmented else (None, refs)
+
+
+def _mask(cfg: _Cfg, s_ref, s, q_lo, k_lo, seg_refs, keys_on_rows: bool = False):
+    """Score tile ``s`` (queries on rows; keys with ``keys_on_rows``) with its closed entries at
+    ``MASK_VALUE``. ``seg_refs``: the segment ids of the rows as a lane-replicated column, then
+    those of the columns as a lane row."""
+    rows, cols = s.shape
+    row_idx = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    col_idx = lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+    q_idx, k_idx = (q_lo + col_idx, k_lo + row_idx) if keys_on_rows else (q_lo + row_idx,
+                                                                          k_lo + col_idx)
+    q_seg = k_seg = None
+    if cfg.segmented:
+        row_seg, col_seg = _lanes(seg_refs[0][...], cols), seg_refs[1][...]
+        q_seg, k_seg = (col_seg, row_seg) if keys_on_rows else (row_seg, col_seg)
+    return jnp.where(cfg.allowed(cfg.pattern(s_ref), q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+
+
+def _seg_operands(cfg: _Cfg, seg) -> list:
+    """Segment ids [B, Lp] as a lane-replicated column ``[B, Lp, 128]`` and a lane row
+    ``[B, 1, Lp]`` (the kernels read the ids of their rows, then of their columns)."""
+    if not cfg.segmented:
+        return []
+    return [jnp.broadcast_to(seg[:, :, None], (*seg.shape, LANES)), seg[:, None, :]]
+
+
+def _row_specs(cfg: _Cfg, d: int, bq: int, bkv: int, backward: bool):
+    """``(in_specs, q spec, lane-row spec)`` of the kernels on grid ``(B, H, q blocks, kv
+    blocks)``, the forward and dq: each query head reads its group's K/V at the kv block to
+    load."""
+    g = cfg.groups
+
+    def kv_block(i, j, s):
+        return _kv_block(cfg, s[2], i, j, bq, bkv)
+
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, s: (bi, hi, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bkv, d),
+                           lambda bi, hi, i, j, s: (bi, _div(hi, g), kv_block(i, j, s), 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, s: (bi, hi, 0, i))
+    specs = [q_spec, kv_spec, kv_spec] + ([q_spec, row_spec, row_spec] if backward else [])
+    if cfg.segmented:
+        specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, s: (bi, i, 0)),
+                  pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j, s: (bi, 0, kv_block(i, j, s)))]
+    return specs, q_spec, row_spec
+
+
+def _pallas(cfg: _Cfg, kernel, grid, in_specs, out_specs, out_shape, scratch, operands, *,
+            matmuls: int, elements_accessed: int, name: str, **blocks: int):
+    """One of the three kernels over ``grid`` (its first three axes parallel, the rest
+    reductions). ``operands``: the scalars, then q ``[B, H, Lp, D]``, then the rest."""
+    b, h, lp, d = operands[1].shape
+    semantics = ("parallel",) * 3 + ("arbitrary",) * (len(grid) - 3)
+    return pl.pallas_call(
+        functools.partial(kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics,
+                                             vmem_limit_bytes=cfg.vmem_limit_bytes),
+        # one multiply-add per score entry and head_dim for each matmul of a score tile
+        cost_estimate=pl.CostEstimate(
+            flops=2 * matmuls * b * h * lp * lp * d, transcendentals=b * h * lp * lp,
+            bytes_accessed=operands[1].dtype.itemsize * elements_accessed),
+        interpret=cfg.interpret,
+        name=name,
+        # the tiles, as splash writes its own (``kernel_metadata``): ``diffujax plan`` reads
+        # them to charge the kernel from a roofline of its blocks
+        metadata={"xprof_metadata": json.dumps(blocks)},
+    )(*operands)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,10 +260,7 @@ def _compiler_params(cfg: _Cfg, semantics):
 
 
 def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
-    else:
-        o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
+    seg_refs, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_segments(cfg, rest)
     bq, bkv = cfg.bq, cfg.bkv
     i, j = pl.program_id(2), pl.program_id(3)
     nk = pl.num_programs(3)
@@ -246,11 +275,7 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         if masked:
-            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-            q_seg = _lanes(qseg_ref[...], bkv) if cfg.segmented else None
-            k_seg = kseg_ref[...] if cfg.segmented else None
-            s = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+            s = _mask(cfg, s_ref, s, i * bq, j * bkv, seg_refs)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.exp(s - _lanes(m_new, bkv))
@@ -260,8 +285,7 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
         acc_scr[...] = acc_scr[...] * _lanes(alpha, acc_scr.shape[1]) + pv
 
-    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
-    _when_status(run, mask, body)
+    _run_tile(cfg, s_ref, i, j, bq, bkv, body)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -272,57 +296,20 @@ def _fwd_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, *rest):
         lse_ref[...] = lse.T[:1].astype(lse_ref.dtype)  # (1, bq): a lane row
 
 
-def _seg_forms(seg):
-    """Segment ids [B, Lp] as a lane row ``[B, 1, Lp]`` and a lane-replicated column ``[B, Lp, 128]``."""
-    return seg[:, None, :], jnp.broadcast_to(seg[:, :, None], (*seg.shape, LANES))
-
-
 def _forward(cfg: _Cfg, scalars, q, k, v, seg):
     axes, (scalars, q, k, v, seg) = unify(scalars, q, k, v, seg)
     b, h, lp, d = q.shape
     kvh = k.shape[1]
     bq, bkv = cfg.bq, cfg.bkv
-    g = cfg.groups
-    grid = (b, h, lp // bq, lp // bkv)
-
-    def q_map(bi, hi, i, j, s):
-        return bi, hi, i, 0
-
-    def kv_map(bi, hi, i, j, s):
-        return bi, _div(hi, g), _kv_block(cfg, s[2], i, j, bq, bkv), 0
-
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map)]
-    args = [q, k, v]
-    if cfg.segmented:
-        seg_row, seg_col = _seg_forms(seg)
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, s: (bi, i, 0)),
-                     pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j, s: (
-                         bi, 0, _kv_block(cfg, s[2], i, j, bq, bkv)))]
-        args += [seg_col, seg_row]
-    out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, s: (bi, hi, 0, i))]
-    out_shape = [sds(q.shape, q.dtype, axes), sds((b, h, 1, lp), jnp.float32, axes)]
-    itemsize = q.dtype.itemsize
-    cost = pl.CostEstimate(flops=4 * b * h * lp * lp * d, transcendentals=b * h * lp * lp,
-                           bytes_accessed=itemsize * (2 * b * h * lp * d
-                                                      + 2 * b * kvh * lp * d * (lp // bq)))
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)]),
-        out_shape=out_shape,
-        compiler_params=_compiler_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=cost,
-        interpret=cfg.interpret,
-        name="diffujax_flash_fwd",
-        metadata=_block_metadata(block_q=bq, block_kv=bkv),
-    )(scalars, *args)
-    return o, lse
+    in_specs, q_spec, row_spec = _row_specs(cfg, d, bq, bkv, backward=False)
+    return _pallas(
+        cfg, _fwd_kernel, (b, h, lp // bq, lp // bkv), in_specs, [q_spec, row_spec],
+        [sds(q.shape, q.dtype, axes), sds((b, h, 1, lp), jnp.float32, axes)],
+        [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+         pltpu.VMEM((bq, d), jnp.float32)],
+        [scalars, q, k, v, *_seg_operands(cfg, seg)],
+        matmuls=2, elements_accessed=2 * b * h * lp * d + 2 * b * kvh * lp * d * (lp // bq),
+        name="diffujax_flash_fwd", block_q=bq, block_kv=bkv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +317,7 @@ def _forward(cfg: _Cfg, scalars, q, k, v, seg):
 
 
 def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, dq_ref, acc_scr, lse_scr, dl_scr = rest
-    else:
-        dq_ref, acc_scr, lse_scr, dl_scr = rest
+    seg_refs, (dq_ref, acc_scr, lse_scr, dl_scr) = _split_segments(cfg, rest)
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     i, j = pl.program_id(2), pl.program_id(3)
     nk = pl.num_programs(3)
@@ -349,19 +333,14 @@ def _dq_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         if masked:
-            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-            q_seg = _lanes(qseg_ref[...], bkv) if cfg.segmented else None
-            k_seg = kseg_ref[...] if cfg.segmented else None
-            s = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), s, MASK_VALUE)
+            s = _mask(cfg, s_ref, s, i * bq, j * bkv, seg_refs)
         p = jnp.exp(s - _lanes(lse_scr[...], bkv))
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - _lanes(dl_scr[...], bkv))
         acc_scr[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
                                         preferred_element_type=jnp.float32)
 
-    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
-    _when_status(run, mask, body)
+    _run_tile(cfg, s_ref, i, j, bq, bkv, body)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -372,48 +351,15 @@ def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
     axes, (scalars, q, k, v, do, lse, delta, seg) = unify(scalars, q, k, v, do, lse, delta, seg)
     b, h, lp, d = q.shape
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
-    g = cfg.groups
-
-    def q_map(bi, hi, i, j, s):
-        return bi, hi, i, 0
-
-    def kv_map(bi, hi, i, j, s):
-        return bi, _div(hi, g), _kv_block(cfg, s[2], i, j, bq, bkv), 0
-
-    def row_map(bi, hi, i, j, s):
-        return bi, hi, 0, i
-
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map),
-                pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, 1, bq), row_map),
-                pl.BlockSpec((None, None, 1, bq), row_map)]
-    args = [q, k, v, do, lse, delta]
-    if cfg.segmented:
-        seg_row, seg_col = _seg_forms(seg)
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j, s: (bi, i, 0)),
-                     pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j, s: (
-                         bi, 0, _kv_block(cfg, s[2], i, j, bq, bkv)))]
-        args += [seg_col, seg_row]
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, h, lp // bq, lp // bkv), in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32)]),
-        out_shape=sds(q.shape, q.dtype, axes),
-        compiler_params=_compiler_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
-        # three matmuls per score tile: q k^T, do v^T, ds k
-        cost_estimate=pl.CostEstimate(flops=6 * b * h * lp * lp * d,
-                                      transcendentals=b * h * lp * lp,
-                                      bytes_accessed=q.dtype.itemsize * 6 * b * h * lp * d),
-        interpret=cfg.interpret,
-        name="diffujax_flash_dq",
-        metadata=_block_metadata(block_q_dq=bq, block_kv_dq=bkv),
-    )(scalars, *args)
+    in_specs, q_spec, _ = _row_specs(cfg, d, bq, bkv, backward=True)
+    return _pallas(
+        cfg, _dq_kernel, (b, h, lp // bq, lp // bkv), in_specs, q_spec,
+        sds(q.shape, q.dtype, axes),
+        [pltpu.VMEM((bq, d), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+         pltpu.VMEM((bq, LANES), jnp.float32)],
+        [scalars, q, k, v, do, lse, delta, *_seg_operands(cfg, seg)],
+        matmuls=3, elements_accessed=6 * b * h * lp * d,  # q k^T, do v^T, ds k
+        name="diffujax_flash_dq", block_q_dq=bq, block_kv_dq=bkv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,10 +367,7 @@ def _dq(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
 
 
 def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *rest):
-    if cfg.segmented:
-        qseg_ref, kseg_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
-    else:
-        dk_ref, dv_ref, dk_scr, dv_scr = rest
+    seg_refs, (dk_ref, dv_ref, dk_scr, dv_scr) = _split_segments(cfg, rest)
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     ng, nq = pl.num_programs(3), pl.num_programs(4)
@@ -438,11 +381,7 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * cfg.scale
         if masked:
-            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-            k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-            q_seg = qseg_ref[...] if cfg.segmented else None
-            k_seg = _lanes(kseg_ref[...], bq) if cfg.segmented else None
-            st = jnp.where(_allowed(cfg, s_ref, q_idx, k_idx, q_seg, k_seg), st, MASK_VALUE)
+            st = _mask(cfg, s_ref, st, i * bq, j * bkv, seg_refs, keys_on_rows=True)
         pt = jnp.exp(st - lse_ref[...])  # (bkv, bq) - (1, bq)
         dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
                                        preferred_element_type=jnp.float32)
@@ -451,8 +390,7 @@ def _dkv_kernel(cfg: _Cfg, s_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
         dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, _NN,
                                        preferred_element_type=jnp.float32)
 
-    run, mask = _block_status(cfg, s_ref[2], i, j, bq, bkv)
-    _when_status(run, mask, body)
+    _run_tile(cfg, s_ref, i, j, bq, bkv, body)
 
     @pl.when((gi == ng - 1) & (i == nq - 1))
     def _finish():
@@ -467,46 +405,26 @@ def _dkv(cfg: _Cfg, scalars, q, k, v, do, lse, delta, seg):
     bq, bkv = cfg.bq_bwd, cfg.bkv_bwd
     g = cfg.groups
 
-    def q_map(bi, hk, j, gi, i, s):
-        return bi, hk * g + gi, _q_block(cfg, s[2], i, j, bq, bkv), 0
+    def q_block(i, j, s):
+        return _q_block(cfg, s[2], i, j, bq, bkv)
 
-    def kv_map(bi, hk, j, gi, i, s):
-        return bi, hk, j, 0
-
-    def row_map(bi, hk, j, gi, i, s):
-        return bi, hk * g + gi, 0, _q_block(cfg, s[2], i, j, bq, bkv)
-
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map),
-                pl.BlockSpec((None, None, bkv, d), kv_map),
-                pl.BlockSpec((None, None, bq, d), q_map),
-                pl.BlockSpec((None, None, 1, bq), row_map),
-                pl.BlockSpec((None, None, 1, bq), row_map)]
-    args = [q, k, v, do, lse, delta]
+    q_spec = pl.BlockSpec((None, None, bq, d),
+                          lambda bi, hk, j, gi, i, s: (bi, hk * g + gi, q_block(i, j, s), 0))
+    kv_spec = pl.BlockSpec((None, None, bkv, d), lambda bi, hk, j, gi, i, s: (bi, hk, j, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq),
+                            lambda bi, hk, j, gi, i, s: (bi, hk * g + gi, 0, q_block(i, j, s)))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     if cfg.segmented:
-        seg_row, seg_col = _seg_forms(seg)
-        in_specs += [pl.BlockSpec((None, 1, bq), lambda bi, hk, j, gi, i, s: (
-                         bi, 0, _q_block(cfg, s[2], i, j, bq, bkv))),
-                     pl.BlockSpec((None, bkv, LANES), lambda bi, hk, j, gi, i, s: (bi, j, 0))]
-        args += [seg_row, seg_col]
-    out_spec = pl.BlockSpec((None, None, bkv, d), kv_map)
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, kvh, lp // bkv, g, lp // bq), in_specs=in_specs,
-            out_specs=[out_spec, out_spec],
-            scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32),
-                            pltpu.VMEM((bkv, d), jnp.float32)]),
-        out_shape=[sds(k.shape, k.dtype, axes), sds(v.shape, v.dtype, axes)],
-        compiler_params=_compiler_params(
-            cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=8 * b * h * lp * lp * d,
-                                      transcendentals=b * h * lp * lp,
-                                      bytes_accessed=q.dtype.itemsize * 6 * b * h * lp * d),
-        interpret=cfg.interpret,
-        name="diffujax_flash_dkv",
-        metadata=_block_metadata(block_q_dkv=bq, block_kv_dkv=bkv),
-    )(scalars, *args)
+        in_specs += [pl.BlockSpec((None, bkv, LANES), lambda bi, hk, j, gi, i, s: (bi, j, 0)),
+                     pl.BlockSpec((None, 1, bq),
+                                  lambda bi, hk, j, gi, i, s: (bi, 0, q_block(i, j, s)))]
+    return _pallas(
+        cfg, _dkv_kernel, (b, kvh, lp // bkv, g, lp // bq), in_specs, [kv_spec, kv_spec],
+        [sds(k.shape, k.dtype, axes), sds(v.shape, v.dtype, axes)],
+        [pltpu.VMEM((bkv, d), jnp.float32), pltpu.VMEM((bkv, d), jnp.float32)],
+        [scalars, q, k, v, do, lse, delta, *_seg_operands(cfg, seg)],
+        matmuls=4, elements_accessed=6 * b * h * lp * d,
+        name="diffujax_flash_dkv", block_q_dkv=bq, block_kv_dkv=bkv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,55 +436,37 @@ _flash = flash_vjp(_forward, _dq, _dkv, lambda o, do: row_sums(o, do)[:, :, None
 
 
 def kernel_config(kind: str, segmented: bool, seq_len: int, head_dim: int, groups: int,
-                  block_sizes: BlockSizes, *, scale: float | None = None,
-                  interpret: Any = False, block_size: int = 0, stream_len: int = 0) -> _Cfg:
+                  block_sizes: BlockSizes, *, interpret: Any = False, block_size: int = 0,
+                  stream_len: int = 0) -> _Cfg:
     """The static configuration of the three kernels for one call shape (also what
     ``benchmarks/tpu_block_sizes.py`` compiles the kernels with, one by one).
     ``block_size`` / ``stream_len``: the pattern's blocks (``AttentionPattern``)."""
     bq_b, bkv_b = block_sizes.bwd()
     lp, (bq, bkv, bq_b, bkv_b) = _layout(
         seq_len, (block_sizes.block_q, block_sizes.block_kv, bq_b, bkv_b))
-    TileRule(kind, block_size, stream_len, seq_len)  # refuses a two-stream length mismatch
     return _Cfg(kind=kind, segmented=segmented, seq_len=seq_len, padded_len=lp, bq=bq, bkv=bkv,
-                bq_bwd=bq_b, bkv_bwd=bkv_b,
-                scale=float(head_dim ** -0.5 if scale is None else scale), groups=groups,
+                bq_bwd=bq_b, bkv_bwd=bkv_b, scale=float(head_dim ** -0.5), groups=groups,
                 interpret=interpret, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
                 block_size=block_size, stream_len=stream_len)
 
 
-def flash_attention(q, k, v, pattern: AttentionPattern, *, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: Any = False):
+def flash_attention(q, k, v, pattern: AttentionPattern, *, block_sizes: BlockSizes | None = None,
+                    interpret: Any = False):
     """Pallas TPU flash attention; same contract as ``reference_attention``.
 
     q ``[B, L, H, D]``, k/v ``[B, L, KVH, D]`` (self-attention: equal lengths), ``H % KVH == 0``.
     ``interpret``: ``True`` (fast generic interpreter, runs on CPU) or a ``pltpu.InterpretParams``
     (the TPU-semantics interpreter: slower, checks more).
     """
+    check_operands(q, k, v)
     b, lq, h, d = q.shape
-    lk, kvh = k.shape[1], k.shape[2]
-    if lq != lk:
-        raise ValueError(f"flash_attention is self-attention only: q length {lq} != kv {lk}")
-    if h % kvh:
-        raise ValueError(f"query heads {h} are not a multiple of key/value heads {kvh}")
-    if k.shape != v.shape:
-        raise ValueError(f"k {k.shape} and v {v.shape} differ")
     if block_sizes is None:
         block_sizes = default_block_sizes() if jax.default_backend() == "tpu" else BlockSizes()
-    cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // kvh,
-                        block_sizes, scale=scale, interpret=interpret,
-                        block_size=pattern.block_size, stream_len=pattern.stream_len)
+    cfg = kernel_config(pattern.kind, pattern.segment_ids is not None, lq, d, h // k.shape[2],
+                        block_sizes, interpret=interpret, block_size=pattern.block_size,
+                        stream_len=pattern.stream_len)
     lp = cfg.padded_len
-
-    def prep(x):
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, lp - lq), (0, 0))) if lp != lq else x
-
-    seg = None
-    if cfg.segmented:
-        seg = jnp.asarray(pattern.segment_ids, jnp.int32)
-        if seg.shape != (b, lq):
-            raise ValueError(f"segment_ids {seg.shape} != (batch, length) {(b, lq)}")
-        if lp != lq:
-            seg = jnp.pad(seg, ((0, 0), (0, lp - lq)))
-    out = _flash(cfg, pattern_scalars(pattern), prep(q), prep(k), prep(v), seg)
+    seg = padded_segments(pattern, b, lq, lp)
+    q, k, v = (pad_length(jnp.swapaxes(x, 1, 2), 2, lp) for x in (q, k, v))
+    out = _flash(cfg, pattern_scalars(pattern), q, k, v, seg)
     return jnp.swapaxes(out[:, :, :lq], 1, 2)

@@ -60,14 +60,13 @@ def rules_in_effect(rules):
         _RULES.reset(token)
 
 
-def active_rules():
-    """The rule table in effect: the one ``Layout.active`` activated, else ``DEFAULT_RULES``."""
-    return _RULES.get() or DEFAULT_RULES
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one rule target or ``PartitionSpec`` entry (a name, a tuple or None)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def _targets(rules: dict, name) -> tuple[str, ...]:
-    target = rules.get(name) if name is not None else None
-    return (target,) if isinstance(target, str) else tuple(target or ())
+    return spec_axes(rules.get(name) if name is not None else None)
 
 
 def check_collisions(names, rules) -> None:
@@ -86,9 +85,10 @@ def check_collisions(names, rules) -> None:
 def logical_to_spec(names, rules=None, mesh_axes=None) -> P:
     """PartitionSpec for a tuple of logical names; axes missing from the mesh or of size 1 are
     skipped. Two names mapped onto one mesh axis are an error (``check_collisions``).
-    ``rules=None``: the table in effect (``active_rules``), the one meaning of "no rules given"
-    for every caller that passes its ``rules`` on."""
-    rules = dict(active_rules() if rules is None else rules)
+    ``rules=None``: the table in effect (the one ``Layout.active`` activated, else
+    ``DEFAULT_RULES``), the one meaning of "no rules given" for every caller that passes its
+    ``rules`` on."""
+    rules = dict((_RULES.get() or DEFAULT_RULES) if rules is None else rules)
     check_collisions(names, rules)
     spec = []
     for name in names:

@@ -31,7 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffujax.parallel.logical import BATCH as BATCH_AXES  # logical names of [B, L] batch arrays
-from diffujax.parallel.logical import DEFAULT_RULES, logical_to_spec, rules_in_effect
+from diffujax.parallel.logical import (DEFAULT_RULES, logical_to_spec, rules_in_effect,
+                                       spec_axes)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -42,9 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_shape(shape, num_devices: int) -> dict[str, int]:
-    """Axis sizes with the -1 axis filled in (``shape`` is a ``MeshShape`` or a dict)."""
-    sizes = {a: int(getattr(shape, a) if not isinstance(shape, dict) else shape.get(a, 1))
-             for a in AXES}
+    """Axis sizes of a ``MeshShape`` with the -1 axis filled in."""
+    sizes = {a: int(getattr(shape, a)) for a in AXES}
     known = math.prod(s for s in sizes.values() if s != -1)
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
@@ -60,16 +60,16 @@ def resolve_shape(shape, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of a ``MeshSection`` (default: everything on ``fsdp``).
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of a ``MeshSection``.
 
     Axes are ``Auto``: shardings are declared through the logical rules and propagated by XLA.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_shape(mesh_cfg.shape if mesh_cfg else {"fsdp": -1}, len(devices))
+    sizes = resolve_shape(mesh_cfg.shape, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     auto = (AxisType.Auto,) * len(AXES)
-    slices = mesh_cfg.num_slices if mesh_cfg else 1
+    slices = mesh_cfg.num_slices
     try:
         if slices == 1:
             return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
@@ -87,10 +87,6 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=auto)
 
 
-def mesh_axis_sizes(mesh: Mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
 # ------------------------------------------------------------------------------- multi-process
 
 
@@ -104,7 +100,7 @@ def _cluster_env() -> bool:
     return any(int(env.get(k, "1") or 1) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
 
 
-def maybe_initialize_distributed(mesh_cfg=None) -> bool:
+def maybe_initialize_distributed(mesh_cfg) -> bool:
     """Join a multi-process job when the config (``mesh.distributed: true``, or ``auto`` with a
     coordinator) or the environment (``JAX_COORDINATOR_ADDRESS``, a multi-host TPU, SLURM, Open
     MPI) says so. Call it before any other JAX call; returns whether JAX is distributed.
@@ -112,7 +108,7 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
     Explicit values come from the config first, then ``JAX_COORDINATOR_ADDRESS``,
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; whatever stays unset JAX detects itself.
     """
-    mode = "auto" if mesh_cfg is None else mesh_cfg.distributed
+    mode = mesh_cfg.distributed
     if mode is False:
         return False
     if jax.distributed.is_initialized():
@@ -124,9 +120,9 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
             return value
         return int(env[name]) if env.get(name) else None
 
-    coordinator = (mesh_cfg.coordinator if mesh_cfg else None) or env.get("JAX_COORDINATOR_ADDRESS")
-    num_processes = pick(mesh_cfg.num_processes if mesh_cfg else None, "JAX_NUM_PROCESSES")
-    process_id = pick(mesh_cfg.process_id if mesh_cfg else None, "JAX_PROCESS_ID")
+    coordinator = mesh_cfg.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = pick(mesh_cfg.num_processes, "JAX_NUM_PROCESSES")
+    process_id = pick(mesh_cfg.process_id, "JAX_PROCESS_ID")
     if mode == "auto" and not (coordinator or _cluster_env()):
         return False
     # Processes on CPU need a collective implementation to talk to each other (gloo ships with
@@ -154,7 +150,7 @@ class Layout:
 
     @property
     def axis_sizes(self) -> dict[str, int]:
-        return mesh_axis_sizes(self.mesh)
+        return dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
 
     @contextlib.contextmanager
     def active(self):
@@ -175,7 +171,7 @@ class Layout:
         sizes = self.axis_sizes
         out = []
         for dim, entry in zip(shape, logical_to_spec(names, self.rules, sizes)):
-            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            axes = spec_axes(entry)
             if axes and dim % math.prod(sizes[a] for a in axes):
                 log.info("dimension %d (%s) is not divisible by mesh axes %s: kept replicated", dim,
                          names, axes)
@@ -196,9 +192,7 @@ class Layout:
     def batch_shards(self) -> int:
         """How many ways the batch dimension is split across devices (batch sizes must be
         multiples of it)."""
-        spec = self.batch_sharding.spec[0]
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return math.prod(self.axis_sizes[a] for a in axes)
+        return math.prod(self.axis_sizes[a] for a in spec_axes(self.batch_sharding.spec[0]))
 
     def data_shard(self) -> tuple[int, int]:
         """``(index, count)``: this process loads block ``index`` of ``count`` equal, consecutive
@@ -241,11 +235,9 @@ class Layout:
         return out
 
 
-def make_layout(mesh_cfg=None, devices=None) -> Layout:
-    """The ``Layout`` of a ``MeshSection``: ``make_mesh`` and the section's rule table (default:
-    everything on ``fsdp``, ``DEFAULT_RULES``)."""
-    rules = mesh_cfg.rule_table() if mesh_cfg is not None else DEFAULT_RULES
-    return Layout(make_mesh(mesh_cfg, devices), rules)
+def make_layout(mesh_cfg, devices=None) -> Layout:
+    """The ``Layout`` of a ``MeshSection``: ``make_mesh`` and the section's rule table."""
+    return Layout(make_mesh(mesh_cfg, devices), mesh_cfg.rule_table())
 
 
 def to_host(x) -> np.ndarray:

@@ -39,8 +39,7 @@ ASYNC_COLLECTIVE_FLAGS = (
 )
 # Per TPU generation (libtpu's names); one set for all today, kept per generation because the
 # recipes differ as they are tuned.
-COLLECTIVE_FLAGS = {"v4": ASYNC_COLLECTIVE_FLAGS, "v5e": ASYNC_COLLECTIVE_FLAGS,
-                    "v5p": ASYNC_COLLECTIVE_FLAGS, "v6e": ASYNC_COLLECTIVE_FLAGS}
+COLLECTIVE_FLAGS = dict.fromkeys(("v4", "v5e", "v5p", "v6e"), ASYNC_COLLECTIVE_FLAGS)
 
 
 def set_collective_flags(generation: str, environ: MutableMapping[str, str] | None = None

@@ -19,7 +19,7 @@ TINY = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num
 
 def test_resolve_shape():
     assert resolve_shape(MeshShape(1, -1, 2), 8) == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert resolve_shape({"data": -1}, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert resolve_shape(MeshShape(-1, 1, 1), 8) == {"data": 8, "fsdp": 1, "tensor": 1}
     with pytest.raises(ValueError, match="needs 4 devices"):
         resolve_shape(MeshShape(2, 2, 1), 8)
     with pytest.raises(ValueError, match="not a multiple of 3"):
