@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import ClassVar
 
 import jax
@@ -13,8 +12,8 @@ from flax import nnx
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
 from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
-from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
-                                     extra_json, first_id, require, special_ids)
+from diffujax.models.configs import (SHARED_KEYS, ConfigError, ModelConfig, require,
+                                     shared_from_hf, shared_to_hf)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, Weights
 from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
@@ -32,17 +31,14 @@ class GPT2Config(ModelConfig):
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0  # not applied (no dropout in the attention kernels); training warns
 
-    _MODELED: ClassVar[tuple[str, ...]] = (
+    _MODELED: ClassVar[tuple[str, ...]] = SHARED_KEYS + (
         "embd_pdrop", "resid_pdrop", "attn_pdrop", "vocab_size", "n_embd", "n_layer", "n_head",
         "n_inner", "n_positions", "layer_norm_epsilon", "activation_function",
-        "tie_word_embeddings", "mask_token_id", "diffusion_block_size", "architectures",
-        "model_type", "torch_dtype", "dtype", "n_ctx", "transformers_version",
-    )
+        "tie_word_embeddings", "n_ctx")
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "GPT2Config":
-        a = "GPT-2"
-        d = int(require(hf, "n_embd", a))
+        d = require(hf, "n_embd", "GPT-2")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"config.json key 'activation_function'={act!r} is not supported")
@@ -50,42 +46,29 @@ class GPT2Config(ModelConfig):
                                ("reorder_and_upcast_attn", False), ("scale_attn_weights", True)):
             if bool(hf.get(key, supported)) != supported:
                 raise ConfigError(f"config.json key {key!r}={hf[key]!r} is not supported")
-        cfg = cls(
-            vocab_size=int(require(hf, "vocab_size", a)),
-            hidden_size=d,
-            num_layers=int(require(hf, "n_layer", a)),
-            num_heads=int(require(hf, "n_head", a)),
-            num_kv_heads=int(require(hf, "n_head", a)),
+        heads = require(hf, "n_head", "GPT-2")
+        return cls(
+            vocab_size=require(hf, "vocab_size", "GPT-2"), hidden_size=d,
+            num_layers=require(hf, "n_layer", "GPT-2"), num_heads=heads, num_kv_heads=heads,
             intermediate_size=int(hf.get("n_inner") or 4 * d),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            mask_token_id=hf.get("mask_token_id"),
-            block_size=block_size_from(hf),
-            bos_token_id=first_id(hf.get("bos_token_id")),
-            eos_token_id=first_id(hf.get("eos_token_id")),
-            pad_token_id=first_id(hf.get("pad_token_id")),
             max_positions=int(hf.get("n_positions", 1024)),
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            activation=act,
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation=act,
             **{k: float(hf.get(k, 0.1)) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")},
-            extra_hf=extra_json(hf, cls._MODELED),
-        )
-        return cfg.replace(**overrides)
+            **shared_from_hf(hf, cls._MODELED),
+        ).replace(**overrides)
 
     def to_hf(self) -> dict:
-        hf = json.loads(self.extra_hf)
-        hf.update(
-            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=self.vocab_size,
-            n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
+        return shared_to_hf(
+            self, architectures=["GPT2LMHeadModel"], model_type="gpt2",
+            vocab_size=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_layers,
+            n_head=self.num_heads,
             n_inner=(None if self.intermediate_size == 4 * self.hidden_size
                      else self.intermediate_size),
             n_positions=self.max_positions, n_ctx=self.max_positions,
             layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
             tie_word_embeddings=self.tie_word_embeddings, embd_pdrop=self.embd_pdrop,
-            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop,
-        )
-        special_ids(hf, self)
-        diffusion_keys(hf, self)
-        return hf
+            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop)
 
 
 def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:

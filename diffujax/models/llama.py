@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -12,8 +11,8 @@ from flax import nnx
 from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
 from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
-from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
-                                     extra_json, first_id, require, special_ids)
+from diffujax.models.configs import (SHARED_KEYS, ConfigError, ModelConfig, require,
+                                     shared_from_hf, shared_to_hf)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, Weights
 from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
@@ -34,14 +33,11 @@ class LlamaConfig(ModelConfig):
     HF_NAME: ClassVar[str] = "LLaMA"
     HF_MODEL_TYPE: ClassVar[str] = "llama"
     HF_ARCHITECTURE: ClassVar[str] = "LlamaForCausalLM"
-    _MODELED: ClassVar[tuple[str, ...]] = (
+    _MODELED: ClassVar[tuple[str, ...]] = SHARED_KEYS + (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rms_norm_eps",
         "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
-        "mask_token_id", "diffusion_block_size", "architectures",
-        "model_type", "torch_dtype", "dtype", "hidden_act", "attention_bias", "mlp_bias",
-        "transformers_version", "sliding_window",
-    )
+        "hidden_act", "attention_bias", "mlp_bias", "sliding_window")
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +55,6 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-        a = cls.HF_NAME
         cls.check_hf(hf)
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json key 'hidden_act'={hf['hidden_act']!r} is not supported")
@@ -80,60 +75,46 @@ class LlamaConfig(ModelConfig):
                 rope_scaling = ("linear", float(scaling["factor"]))
             elif kind not in (None, "default"):
                 raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported")
-        heads = int(require(hf, "num_attention_heads", a))
-        hidden = int(require(hf, "hidden_size", a))
+        a = cls.HF_NAME
+        heads, hidden = require(hf, "num_attention_heads", a), require(hf, "hidden_size", a)
         head_dim = hf.get("head_dim")
-        cfg = cls(
-            vocab_size=int(require(hf, "vocab_size", a)),
-            hidden_size=hidden,
-            num_layers=int(require(hf, "num_hidden_layers", a)),
-            num_heads=heads,
+        return cls(
+            vocab_size=require(hf, "vocab_size", a), hidden_size=hidden,
+            num_layers=require(hf, "num_hidden_layers", a), num_heads=heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            intermediate_size=int(require(hf, "intermediate_size", a)),
+            intermediate_size=require(hf, "intermediate_size", a),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            mask_token_id=hf.get("mask_token_id"),
-            block_size=block_size_from(hf),
-            bos_token_id=first_id(hf.get("bos_token_id")),
-            eos_token_id=first_id(hf.get("eos_token_id")),
-            pad_token_id=first_id(hf.get("pad_token_id")),
             max_positions=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             rope_scaling=rope_scaling,
             explicit_head_dim=(int(head_dim) if head_dim and int(head_dim) != hidden // heads
                                else None),
-            extra_hf=extra_json(hf, cls._MODELED),
-        )
-        return cfg.replace(**overrides)
+            **shared_from_hf(hf, cls._MODELED),
+        ).replace(**overrides)
 
     def hf_fields(self) -> dict:
         """The keys this family writes into config.json besides the shared ones."""
         return dict(attention_bias=False, mlp_bias=False)
 
     def to_hf(self) -> dict:
-        hf = json.loads(self.extra_hf)
-        hf.update(
-            architectures=[self.HF_ARCHITECTURE], model_type=self.HF_MODEL_TYPE,
+        if self.rope_scaling and self.rope_scaling[0] == "llama3":
+            _, f, lo, hi, orig = self.rope_scaling
+            scaling = dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                           original_max_position_embeddings=orig)
+        elif self.rope_scaling:
+            scaling = dict(rope_type="linear", factor=self.rope_scaling[1])
+        else:
+            scaling = None
+        head_dim = {"head_dim": self.explicit_head_dim} if self.explicit_head_dim else {}
+        return shared_to_hf(
+            self, architectures=[self.HF_ARCHITECTURE], model_type=self.HF_MODEL_TYPE,
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
             max_position_embeddings=self.max_positions, rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta, hidden_act="silu",
-            tie_word_embeddings=self.tie_word_embeddings, **self.hf_fields(),
-        )
-        special_ids(hf, self)
-        if self.explicit_head_dim:
-            hf["head_dim"] = self.explicit_head_dim
-        if self.rope_scaling and self.rope_scaling[0] == "llama3":
-            _, f, lo, hi, orig = self.rope_scaling
-            hf["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
-                                      high_freq_factor=hi, original_max_position_embeddings=orig)
-        elif self.rope_scaling:
-            hf["rope_scaling"] = dict(rope_type="linear", factor=self.rope_scaling[1])
-        else:
-            hf["rope_scaling"] = None
-        diffusion_keys(hf, self)
-        return hf
+            tie_word_embeddings=self.tie_word_embeddings, rope_scaling=scaling, **head_dim,
+            **self.hf_fields())
 
 
 def param_specs(c: LlamaConfig) -> dict[str, ParamSpec]:
