@@ -1,6 +1,7 @@
 """Building blocks shared by the families: the operations (norms, rotary embedding, dropout) and
 the Flax NNX modules built from them (embedding, norms, attention, MLPs), each taking its weights
-from the family's weight table (``params.Weights``), and the scan over a stacked block."""
+from the family's weight table (``params.Weights``), the scan over a stacked block, and the
+network around that block (``DecoderLM``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffujax.attention import residuals
+from diffujax.attention import attention, residuals
+from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
 from diffujax.models.params import Weights
 from diffujax.parallel.logical import LOGITS, QUERY, constrain
 
@@ -270,3 +272,63 @@ def split_output_head(x, norm, embed: Embed, lm_head: nnx.Param | None):
     stays in the parameter dtype, so its gradient adds up over the chunks in that dtype."""
     w = constrain(head_weight(embed, lm_head), ("activation_embed", "activation_vocab"))
     return x, lambda h: constrain(head_logits(norm(h), w), LOGITS)
+
+
+class DecoderLM(nnx.Module):
+    """The network around a family's stacked block: embed, the layers (one scan), the final norm
+    and the output head. ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs
+    new tokens against a KV cache (``models/cache.py``). Weights come from
+    ``weight_table(config)``, initialised from ``rngs``' params stream.
+
+    A family defines ``weight_table``, ``_build(config, weights)`` (its modules: ``layers``,
+    called ``layer(x, extra, attend, dropout_key) -> (x, aux)``; the untied ``lm_head`` is built
+    here), ``_embed(tokens, positions, dropout_key) -> (x, extra)`` (``extra``: what every layer
+    takes beside ``x``, LLaMA's rotary tables) and ``head_parts`` (final norm, embedding)."""
+
+    weight_table = None
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.config = config
+        weights = Weights.of_model(self.weight_table(config), config.param_dtype, rngs)
+        self._build(config, weights)
+        self.lm_head = weights.optional("lm_head")
+        weights.check_complete(type(self).__name__)
+
+    def _default_positions(self, tokens, offset):
+        return jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
+
+    def _head(self, x):
+        norm, embed = self.head_parts
+        return constrain(output_head(norm(x), embed, self.lm_head), LOGITS)
+
+    def __call__(self, tokens, pattern, positions=None, dropout_key=None,
+                 split_head: bool = False):
+        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: default ``0..L-1``
+        (block diffusion's two streams pass their own). ``dropout_key`` (training): the family's
+        dropout and LoRA adapters'; without it nothing is dropped. ``split_head``: return
+        ``(hidden, head)`` instead, the last layer's output ``[B, L, D]`` and the function taking
+        any positions of it to their logits (a loss can then compute the logits a chunk at a
+        time)."""
+        c = self.config
+        if positions is None:
+            positions = self._default_positions(tokens, 0)
+        x, extra = self._embed(tokens, positions, dropout_key)
+        attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
+        keys = None if dropout_key is None else layer_keys(dropout_key, c.num_layers)
+        x = scan_layers(self.layers, lambda layer, x, key: layer(x, extra, attend, key)[0], x,
+                        keys, c.remat, c.scan_layers)
+        if split_head:
+            return split_output_head(x, *self.head_parts, self.lm_head)
+        return self._head(x)
+
+    def decode(self, tokens, pattern, cache: KVCache, offset, positions=None):
+        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+        -> (float32 logits ``[B, n, V]``, the cache with their keys and values written at
+        ``offset``). ``positions``: default the canvas ones."""
+        if positions is None:
+            positions = self._default_positions(tokens, offset)
+        x, extra = self._embed(tokens, positions, None)
+        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, extra, attend),
+                                      x, cache, offset, visible)
+        return self._head(x), cache

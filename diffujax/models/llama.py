@@ -8,14 +8,12 @@ from typing import ClassVar
 import jax.numpy as jnp
 from flax import nnx
 
-from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
 from diffujax.models.configs import (SHARED_KEYS, ConfigError, ModelConfig, require,
                                      shared_from_hf, shared_to_hf)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, Weights
-from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
+from diffujax.parallel.logical import HIDDEN, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,66 +161,29 @@ class LlamaBlock(nnx.Module):
         return constrain(x, HIDDEN), aux
 
 
-class Llama(nnx.Module):
-    """The LLaMA network (and, with q/k/v biases in its weight table, Qwen2's).
-
-    ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new tokens against a
-    KV cache. Weights come from ``weight_table(config)``, initialised from ``rngs``' params
-    stream."""
+class Llama(L.DecoderLM):
+    """The LLaMA network (``layers.DecoderLM``; with q/k/v biases in its weight table, Qwen2's).
+    It has no dropout of its own; in training (a dropout key) LoRA adapters may drop out their
+    input."""
 
     weight_table = staticmethod(param_specs)
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c = self.config = config
-        weights = Weights.of_model(self.weight_table(c), c.param_dtype, rngs)
+    def _build(self, c: LlamaConfig, weights: Weights):
         self.embed = L.Embed(weights.child("embed"))
         self.layers = LlamaBlock(c, weights.child("layers"))
         self.final_norm = L.RMSNorm(weights.child("final_norm"), c.rms_norm_eps)
-        self.lm_head = weights.optional("lm_head")
-        weights.check_complete(type(self).__name__)
 
-    def _embed(self, tokens, positions):
-        """Token embeddings and the rotary tables of ``positions``."""
+    @property
+    def head_parts(self):
+        return self.final_norm, self.embed
+
+    def _embed(self, tokens, positions, dropout_key):
+        """Token embeddings and the rotary tables of ``positions`` (RoPE positions)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         rope = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
                                                                    c.rope_scaling), dtype)
         return constrain(self.embed(tokens, dtype), HIDDEN), rope
-
-    def _head(self, x):
-        return constrain(L.output_head(self.final_norm(x), self.embed, self.lm_head), LOGITS)
-
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None,
-                 split_head: bool = False):
-        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: RoPE positions,
-        default ``0..L-1``. ``dropout_key`` (training): the family has no dropout of its own,
-        but LoRA adapters may drop out their input. ``split_head``: return ``(hidden, head)``
-        instead, the last layer's output ``[B, L, D]`` and the function taking any positions of
-        it to their logits (a loss can then compute the logits a chunk at a time)."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, rope = self._embed(tokens, positions)
-        config = self.config.attention
-        attend = lambda q, k, v: (attention(q, k, v, pattern, config), None)  # noqa: E731
-        keys = None if dropout_key is None else L.layer_keys(dropout_key,
-                                                             self.config.num_layers)
-        x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
-                          keys, self.config.remat, self.config.scan_layers)
-        if split_head:
-            return L.split_output_head(x, self.final_norm, self.embed, self.lm_head)
-        return self._head(x)
-
-    def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
-        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
-        (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
-        values written at ``offset``). ``positions``: RoPE positions, default the canvas ones."""
-        if positions is None:
-            positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
-        x, rope = self._embed(tokens, positions)
-        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
-        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, rope, attend),
-                                      x, cache, offset, visible)
-        return self._head(x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------
