@@ -36,8 +36,7 @@ from diffujax.models.gpt2 import GPT2Config
 from diffujax.models.llama import LlamaConfig
 from diffujax.models.params import Params, ParamSpec, flatten, nest
 from diffujax.models.qwen2 import Qwen2Config
-from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
-                                      weight_axes)
+from diffujax.models.registry import FAMILIES, config_from_hf, family_of, weight_axes
 from diffujax.parallel.mesh import Layout
 
 
@@ -152,6 +151,6 @@ __all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "KVCache", "LlamaC
            "ModelConfig", "Params", "Qwen2Config", "abstract_model", "abstract_params",
            "apply_fn_for", "build",
            "graphdef", "merge",
-           "cached_fn_for", "config_class", "config_from_hf", "family_of", "flatten", "forward",
+           "cached_fn_for", "config_from_hf", "family_of", "flatten", "forward",
            "forward_cached", "init_cache", "init_params", "matmul_params", "nest",
            "param_shardings", "param_specs", "sharded_init", "weight_axes"]

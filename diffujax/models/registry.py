@@ -21,13 +21,6 @@ def family_of(config: ModelConfig) -> Family:
     return FAMILIES[config.family]
 
 
-def config_class(name: str, what: str = "family") -> type[ModelConfig]:
-    """The config dataclass of family ``name`` (``what`` names the field in the error)."""
-    if name not in FAMILIES:
-        raise ConfigError(f"{what}: {name!r} is not one of {', '.join(FAMILIES)}")
-    return FAMILIES[name].config
-
-
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
     """Pick the family from ``model_type`` (else ``architectures``) and build its config."""
     by_type = {t: f for f in FAMILIES.values() for t in f.hf_model_types}
