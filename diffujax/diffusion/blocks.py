@@ -95,10 +95,10 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
     before its head). ``block_size = 0``: the plain forward pass under ``pattern``.
     """
     batch, seq_len = tokens.shape
+    if block_size <= 0:
+        return apply_fn(params, x_t, pattern, *(() if positions is None else (positions,)))
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
-    if block_size <= 0:
-        return apply_fn(params, x_t, pattern, positions)
     segments = pattern.segment_ids
     if segments is not None:
         segments = jnp.concatenate([segments, segments], axis=1)

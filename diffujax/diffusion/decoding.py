@@ -26,7 +26,7 @@ temperature 0).
 With ``N = 1`` a block's only prediction is the carried logit, so it needs no denoising pass:
 the token is drawn as soon as that logit exists (after the prefill or the previous commit pass)
 and every loop iteration is a commit pass, one forward pass per token: AR decoding with a KV
-cache (``decode_ar``), whatever the sampler.
+cache, whatever the sampler.
 
 A row is finished once its committed blocks reach ``P_r + new_tokens`` positions or hold an EOS
 among its generated tokens; later blocks change nothing for it and its output is padded after
@@ -226,15 +226,3 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
     return DecodeOutput(tokens=tokens, lengths=produced, canvas=canvas,
                         forwards=final["forwards"], cache=cache)
 
-
-def decode_ar(cached_fn: Callable, params, prompt, prompt_lengths, cache, key, *,
-              new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-              top_p: float | None = None, mask_token_id: int | None = None,
-              eos_token_id: int | None = None, pad_token_id: int | None = None,
-              row_ids=None) -> DecodeOutput:
-    """AR decoding with a KV cache: ``decode_blocks`` with blocks of one token (causal
-    attention; one forward pass per token after the prefill). Greedy at temperature 0."""
-    return decode_blocks(cached_fn, params, prompt, prompt_lengths, cache, key, block_size=1,
-                         new_tokens=new_tokens, mask_token_id=mask_token_id,
-                         temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, row_ids=row_ids)

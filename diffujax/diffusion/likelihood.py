@@ -17,8 +17,8 @@ import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern, causal, full
 from diffujax.diffusion.blocks import block_forward_process, block_logits
-from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, forward_process,
-                                      row_keys, sample_exact_count_mask, sample_noise_mask)
+from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, row_keys,
+                                      sample_exact_count_mask, sample_noise_mask)
 from diffujax.diffusion.objective import (per_sequence_terms, shifted_cross_entropy,
                                           target_positions)
 
@@ -63,20 +63,13 @@ def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
     src = conditioned
 
     def one_draw(draw):
-        draw_key = jax.random.fold_in(key, draw)
-        if block_size:
-            noised = block_forward_process(draw_key, tokens, block_size=block_size,
-                                           mask_token_id=mask_token_id, src=src, eps=eps,
-                                           stratified=stratified, row_offset=row_offset,
-                                           global_batch=global_batch)
-            logits = block_logits(apply_fn, params, noised.x_t, tokens, block_size=block_size,
-                                  pattern=pattern, positions=positions)
-        else:
-            noised = forward_process(draw_key, tokens, mask_token_id=mask_token_id, src=src,
-                                     eps=eps, stratified=stratified, row_offset=row_offset,
-                                     global_batch=global_batch)
-            extra = () if positions is None else (positions,)
-            logits = apply_fn(params, noised.x_t, pattern, *extra)
+        # block size 0: one block, the plain forward process and forward pass (the same draws)
+        noised = block_forward_process(jax.random.fold_in(key, draw), tokens,
+                                       block_size=block_size, mask_token_id=mask_token_id,
+                                       src=src, eps=eps, stratified=stratified,
+                                       row_offset=row_offset, global_batch=global_batch)
+        logits = block_logits(apply_fn, params, noised.x_t, tokens, block_size=block_size,
+                              pattern=pattern, positions=positions)
         return per_sequence_terms(logits, tokens, noised, src=src, loss_mask=loss_mask)["weighted"]
 
     nelbo = jax.lax.map(one_draw, jnp.arange(num_draws, dtype=jnp.int32)).mean(axis=0)

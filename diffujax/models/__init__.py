@@ -134,8 +134,8 @@ def apply_fn_for(config: ModelConfig):
 
 def param_shardings(config: ModelConfig, layout: Layout) -> Params:
     """A ``NamedSharding`` per weight, from its logical axes through the layout's rules."""
-    return ptree.map_variables(lambda value, axes: layout.sharding(axes, value.shape),
-                               nnx.state(abstract_model(config)))
+    return ptree.map_specs(lambda _, spec: layout.sharding(spec.axes, spec.shape),
+                           param_specs(config))
 
 
 def sharded_init(config: ModelConfig, layout: Layout, seed: int = 0) -> Params:

@@ -108,10 +108,10 @@ class GPT2Block(nnx.Module):
         self.mlp = L.GeluMLP(weights.child("mlp"), exact=c.activation == "gelu")
         self.resid_pdrop = c.resid_pdrop
 
-    def __call__(self, x, _, attend, dropout_key=None):
-        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention`` (the second argument, the
-        rotary tables of other families, is None: positions are learned). ``dropout_key``: this
-        layer's key for the residual dropout (training), or None. Returns ``(x, aux)``."""
+    def __call__(self, x, rope, attend, dropout_key=None):
+        """``attend(q, k, v) -> (out, aux)`` and ``rope`` (None: positions are learned): see
+        ``layers.Attention``. ``dropout_key``: this layer's key for the residual dropout
+        (training), or None. Returns ``(x, aux)``."""
         def residual(out, i):
             if dropout_key is None:
                 return out
@@ -120,7 +120,7 @@ class GPT2Block(nnx.Module):
         if dropout_key is not None:
             L.seed_adapter_dropout(self, jax.random.fold_in(dropout_key, 2))
 
-        a, aux = self.attn(self.ln1(x), attend)
+        a, aux = self.attn(self.ln1(x), attend, rope)
         x = x + residual(a, 0)
         x = x + residual(self.mlp(self.ln2(x)), 1)
         return constrain(x, HIDDEN), aux

@@ -69,11 +69,6 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def dense(x, w, spec: str):
-    """einsum in the activations' dtype; weights cast from their parameter dtype."""
-    return jnp.einsum(spec, x, w.astype(x.dtype))
-
-
 _POLICIES = jax.checkpoint_policies
 
 # What the backward pass of a scanned layer may read from the forward instead of recomputing it,
@@ -194,7 +189,7 @@ class Dense(nnx.Module):
                                                  weights.optional("bias"), equation)
 
     def __call__(self, x):
-        y = dense(x, self.kernel[...], self.equation)
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
@@ -247,33 +242,6 @@ class GeluMLP(nnx.Module):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact))
 
 
-def head_weight(embed: Embed, lm_head: nnx.Param | None):
-    """The output head's ``[embed, vocab]`` matrix (parameter dtype): the tied embedding,
-    transposed, or the separate ``lm_head``."""
-    return embed.embedding[...].T if lm_head is None else lm_head[...]
-
-
-def head_logits(x, w):
-    """Float32 logits ``x @ w``, ``w`` cast to the activations' dtype."""
-    return jnp.einsum("bld,dv->blv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
-def output_head(x, embed: Embed, lm_head: nnx.Param | None):
-    """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed,
-    vocab]``."""
-    return head_logits(x, head_weight(embed, lm_head))
-
-
-def split_output_head(x, norm, embed: Embed, lm_head: nnx.Param | None):
-    """``(x, head)``: the last layer's output and ``head(x[:, i:j]) -> logits[:, i:j]`` (final
-    norm, output head, the logits' sharding), for a loss that computes the logits a chunk at a
-    time. The head's weight is gathered whole over FSDP once, here, outside the caller's loop
-    over chunks (inside it the TPU compiler re-gathers it per chunk, a windowed einsum); it
-    stays in the parameter dtype, so its gradient adds up over the chunks in that dtype."""
-    w = constrain(head_weight(embed, lm_head), ("activation_embed", "activation_vocab"))
-    return x, lambda h: constrain(head_logits(norm(h), w), LOGITS)
-
-
 class DecoderLM(nnx.Module):
     """The network around a family's stacked block: embed, the layers (one scan), the final norm
     and the output head. ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs
@@ -297,9 +265,18 @@ class DecoderLM(nnx.Module):
     def _default_positions(self, tokens, offset):
         return jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
 
-    def _head(self, x):
-        norm, embed = self.head_parts
-        return constrain(output_head(norm(x), embed, self.lm_head), LOGITS)
+    def _head_weight(self):
+        """The output head's ``[embed, vocab]`` matrix (parameter dtype): the tied embedding,
+        transposed, or the separate ``lm_head``."""
+        embed = self.head_parts[1]
+        return embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
+
+    def _logits(self, x, w):
+        """Float32 logits of the last layer's output ``x``: final norm, then ``x @ w`` (``w``
+        cast to the activations' dtype)."""
+        h = self.head_parts[0](x)
+        return constrain(jnp.einsum("bld,dv->blv", h, w.astype(h.dtype),
+                                    preferred_element_type=jnp.float32), LOGITS)
 
     def __call__(self, tokens, pattern, positions=None, dropout_key=None,
                  split_head: bool = False):
@@ -318,8 +295,13 @@ class DecoderLM(nnx.Module):
         x = scan_layers(self.layers, lambda layer, x, key: layer(x, extra, attend, key)[0], x,
                         keys, c.remat, c.scan_layers)
         if split_head:
-            return split_output_head(x, *self.head_parts, self.lm_head)
-        return self._head(x)
+            # The head's weight is gathered whole over FSDP once, here, outside the caller's loop
+            # over chunks (inside it the TPU compiler re-gathers it per chunk, a windowed
+            # einsum); it stays in the parameter dtype, so its gradient adds up over the chunks
+            # in that dtype.
+            w = constrain(self._head_weight(), ("activation_embed", "activation_vocab"))
+            return x, lambda h: self._logits(h, w)
+        return self._logits(x, self._head_weight())
 
     def decode(self, tokens, pattern, cache: KVCache, offset, positions=None):
         """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
@@ -331,4 +313,4 @@ class DecoderLM(nnx.Module):
         visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
         x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, extra, attend),
                                       x, cache, offset, visible)
-        return self._head(x), cache
+        return self._logits(x, self._head_weight()), cache

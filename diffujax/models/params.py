@@ -92,14 +92,6 @@ class Weights:
             raise ValueError(f"{owner} does not use weight(s) {unused} of its weight table")
 
 
-def map_variables(fn: Callable[[Any, tuple], Any], state) -> Params:
-    """The plain tree of ``fn(value, logical_axes)`` for every parameter of a module state (the
-    axes are the variable's ``out_sharding`` metadata), laid out like the parameters."""
-    return nnx.to_pure_dict(jax.tree.map(
-        lambda v: v.replace(fn(v.get_value(), v.get_metadata()["out_sharding"])), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
 def nest(flat: Mapping[str, Any]) -> Params:
     """``{"layers/wq": x}`` -> ``{"layers": {"wq": x}}``."""
     out: dict = {}
