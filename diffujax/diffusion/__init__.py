@@ -25,12 +25,12 @@ from diffujax.diffusion.objective import (NORMALIZATIONS, LossSums, ar_loss_sums
                                           shifted_cross_entropy, target_positions)
 from diffujax.diffusion.sampling import (SampleOutput, sample_ancestral, sample_confidence,
                                          sample_semi_ar, sample_threshold)
-from diffujax.diffusion.sft import build_sft_batch, build_sft_example
+from diffujax.diffusion.sft import build_sft_example
 
 __all__ = [
     "DEFAULT_EPS", "NORMALIZATIONS", "DecodeOutput", "LossSums", "NLLEstimate", "NoisedBatch",
     "SampleOutput", "apply_noise", "ar_loss_sums", "ar_nll_terms",
-    "block_diffusion_loss_sums", "block_forward_process", "block_logits", "build_sft_batch",
+    "block_diffusion_loss_sums", "block_forward_process", "block_logits",
     "build_sft_example", "canvas_length", "conditional_nll", "decode_blocks",
     "diffusion_loss_sums", "effective_block_size",
     "elbo_terms", "exponential_draws", "exponential_from_bits", "filter_logits",

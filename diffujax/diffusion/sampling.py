@@ -68,14 +68,6 @@ def draw_candidates(keys, logits, *, temperature, top_k, top_p, confidence_tempe
     return candidates, picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _predictions(apply_fn, params, x, pattern, mask_token):
-    """Float32 logits aligned with the positions they predict: row ``j`` holds logits ``j - 1``
-    (row 0 is a copy of row 0 and is never used). The mask token is never a candidate: a
-    revealed position must hold a real token."""
-    logits = forbid(apply_fn(params, x, pattern).astype(jnp.float32), mask_token)
-    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
-
-
 def forbid(logits, token):
     """``logits [..., V]`` with ``token`` never drawn (the mask token: a revealed position must
     hold a real token)."""
@@ -189,7 +181,10 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
         return (state["step"] < max_steps) & state["masked"].any()
 
     def candidates_for(x, draw_keys):
-        logits = _predictions(apply_fn, params, x, pattern, mask_token)
+        logits = forbid(apply_fn(params, x, pattern).astype(jnp.float32), mask_token)
+        # aligned with the positions they predict: row j holds logits j - 1 (§1; row 0 a copy
+        # of row 0, never used)
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
         return draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
                                 top_p=top_p, confidence_temperature=confidence_temperature)
 

@@ -23,13 +23,14 @@ Each family is one record (``family.Family``) in ``registry.FAMILIES``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from diffujax.models import params as ptree
-from diffujax.models.cache import KVCache, empty_cache
+from diffujax.models.cache import KVCache
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.family import Family
 from diffujax.models.gpt2 import GPT2Config
@@ -41,12 +42,24 @@ from diffujax.parallel.mesh import Layout
 
 
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
-    return family_of(config).param_specs(config)
+    """The weight table: every weight's path in the module tree, shape, logical axes and
+    initialiser."""
+    return family_of(config).module.weight_table(config)
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Parameters in a matmul per token (the ``N`` of ``6 N``), from the family's weight table."""
-    return family_of(config).matmul_params(config)
+    """Parameters that take part in a matmul per token (the ``N`` of ``6 N``), read off the
+    weight table: every weight with an ``embed`` axis and another non-``layers`` axis, except the
+    tables that are only indexed; a tied embedding counts once, as the output head."""
+    family, total = family_of(config), 0
+    for path, spec in param_specs(config).items():
+        axes = [a for a in spec.axes if a != "layers"]
+        if path in family.lookups or "embed" not in axes or len(axes) < 2:
+            continue
+        if path == family.embedding and not config.tie_word_embeddings:
+            continue
+        total += math.prod(spec.shape)
+    return total
 
 
 def build(config: ModelConfig, seed: int = 0) -> nnx.Module:
@@ -96,8 +109,8 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty KV cache for ``batch`` rows of ``length`` positions (``models/cache.py``), in the
     compute dtype. Refuses a length beyond the model's positions."""
     _check_cache_length(config, length)
-    return empty_cache(config.num_layers, batch, length, config.num_kv_heads, config.head_dim,
-                       jnp.dtype(config.dtype))
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return KVCache(*(jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in "kv"))
 
 
 def _check_cache_length(config: ModelConfig, length: int) -> None:

@@ -14,7 +14,7 @@ def weight_axes() -> set[tuple[str, ...]]:
     ones = dict(vocab_size=1, hidden_size=1, num_layers=1, num_heads=1, num_kv_heads=1,
                 intermediate_size=1, tie_word_embeddings=False)
     return {spec.axes for f in FAMILIES.values()
-            for spec in f.param_specs(f.config(**ones)).values()}
+            for spec in f.module.weight_table(f.config(**ones)).values()}
 
 
 def family_of(config: ModelConfig) -> Family:
