@@ -22,7 +22,7 @@ import numpy as np
 from diffujax.attention.pattern import AttentionPattern
 from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, sample_block_t,
                                       sample_noise_mask)
-from diffujax.diffusion.objective import LossSums, loss_sums_from_logits, take_positions
+from diffujax.diffusion.objective import LossSums, SplitHead, loss_sums_from_logits
 
 
 def effective_block_size(block_size: int, seq_len: int) -> int:
@@ -106,7 +106,10 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
         block_size, stream_len=seq_len)
     logits = apply_fn(params, jnp.concatenate([x_t, tokens], axis=1), streams,
                       jnp.concatenate([positions, positions], axis=1))
-    return take_positions(logits, two_stream_source(seq_len, block_size))
+    source = two_stream_source(seq_len, block_size)
+    if isinstance(logits, SplitHead):
+        return logits.take(source)
+    return jnp.take(logits, source, axis=1)
 
 
 def block_diffusion_loss_sums(apply_fn, params, tokens, key, *, block_size: int,

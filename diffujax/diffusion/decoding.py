@@ -99,10 +99,6 @@ def block_pass(cached_fn: Callable, params, tokens, cache, offset, *, block_size
     return cached_fn(params, tokens, full().with_blocks(block_size), cache, offset)
 
 
-def _commit_all(step, masked, confidence, keys, generate):
-    return masked
-
-
 _STATIC = ("cached_fn", "block_size", "new_tokens", "mask_token_id", "sampler", "steps",
            "threshold", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 
@@ -130,7 +126,9 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
                          f" width {width} + {new_tokens} new tokens, in whole blocks)")
     if mask_token_id is None and n > 1:
         raise ValueError("block decoding needs the mask token id")
-    rule = _commit_all if n == 1 else block_rule(sampler, n, steps, threshold)
+    # blocks of one token: the carried logit's draw is committed at once, whatever the sampler
+    rule = (lambda step, masked, *_: masked) if n == 1 else block_rule(sampler, n, steps,
+                                                                        threshold)
     pad = next((t for t in (pad_token_id, eos_token_id, mask_token_id) if t is not None), 0)
     fill = 0 if mask_token_id is None else mask_token_id
     num_blocks = length // n

@@ -75,13 +75,6 @@ class SplitHead:
         return dataclasses.replace(self, hidden=jnp.take(self.hidden, indices, axis=1))
 
 
-def take_positions(logits, indices):
-    """``jnp.take(logits, indices, axis=1)`` of logits or of a :class:`SplitHead`."""
-    if isinstance(logits, SplitHead):
-        return logits.take(indices)
-    return jnp.take(logits, indices, axis=1)
-
-
 def _cross_entropy(logits, targets) -> jax.Array:
     """``logsumexp(logits) - logits[target]`` over the last axis, float32."""
     logits = logits.astype(jnp.float32)

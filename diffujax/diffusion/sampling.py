@@ -160,7 +160,8 @@ def threshold_rule(threshold, block_length):
 # --- the loop ------------------------------------------------------------------------------
 
 def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_steps, rule,
-             temperature, top_k, top_p, row_ids, schedule_only: bool = False, confidence_temperature=None) -> SampleOutput:
+             temperature, top_k, top_p, row_ids, schedule_only: bool = False,
+             confidence_temperature=None) -> SampleOutput:
     """The shared loop. ``schedule_only``: the rule ignores the model's confidence (ancestral),
     which lets a step that reveals nothing skip its forward pass."""
     batch, length = canvas.shape

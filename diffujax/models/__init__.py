@@ -94,7 +94,9 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
 
 def abstract_params(config: ModelConfig) -> Params:
     """The parameter tree as ``ShapeDtypeStruct`` s (no memory: restore targets, compiling)."""
-    return ptree.abstract_params(param_specs(config), config.param_dtype)
+    dtype = jnp.dtype(config.param_dtype)
+    return ptree.map_specs(lambda _, spec: jax.ShapeDtypeStruct(spec.shape, dtype),
+                           param_specs(config))
 
 
 def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None,
@@ -114,10 +116,9 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def _check_cache_length(config: ModelConfig, length: int) -> None:
-    limit = getattr(config, "max_positions", None)
-    if length < 1 or (limit is not None and length > limit):
-        raise ValueError(f"KV cache of {length} positions: must be 1..{limit}, the model's"
-                         " positions")
+    if not 1 <= length <= config.max_positions:
+        raise ValueError(f"KV cache of {length} positions: must be 1..{config.max_positions},"
+                         " the model's positions")
 
 
 def forward_cached(config: ModelConfig, params: Params, tokens, pattern, cache: KVCache,

@@ -253,11 +253,11 @@ class DecoderLM(nnx.Module):
     here), ``_embed(tokens, positions, dropout_key) -> (x, extra)`` (``extra``: what every layer
     takes beside ``x``, LLaMA's rotary tables) and ``head_parts`` (final norm, embedding)."""
 
-    weight_table = None
-
     def __init__(self, config, *, rngs: nnx.Rngs):
         self.config = config
-        weights = Weights.of_model(self.weight_table(config), config.param_dtype, rngs)
+        # The table's keys are split from the seed key of rngs' params stream (not a draw from
+        # it), so that Model(config, rngs=nnx.Rngs(seed)) holds the weights seed has always given.
+        weights = Weights(self.weight_table(config), config.param_dtype, rngs.params.key[...])
         self._build(config, weights)
         self.lm_head = weights.optional("lm_head")
         weights.check_complete(type(self).__name__)

@@ -28,7 +28,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from diffujax.models import abstract_model, build, family_of, param_specs
+from diffujax.models import abstract_model, family_of, param_specs
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.params import Params, flatten, nest
 from diffujax.parallel.mesh import Layout
@@ -43,10 +43,6 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0  # on the adapters' input, in training
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def projections(config: ModelConfig) -> dict[str, str]:
@@ -217,7 +213,7 @@ def merged(config: ModelConfig, lora: LoraSpec, base: Params, adapters: Params) 
         delta = jnp.einsum("lpr,lrq->lpq", a.reshape(n, -1, r), b.reshape(n, r, -1))
         kernel = flat[path]
         flat[path] = (jnp.asarray(kernel, jnp.float32)
-                      + lora.scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
+                      + lora.alpha / r * delta.reshape(kernel.shape)).astype(kernel.dtype)
     return nest(flat)
 
 
