@@ -107,8 +107,8 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
     logits = apply_fn(params, jnp.concatenate([x_t, tokens], axis=1), streams,
                       jnp.concatenate([positions, positions], axis=1))
     source = two_stream_source(seq_len, block_size)
-    if isinstance(logits, SplitHead):
-        return logits.take(source)
+    if isinstance(logits, SplitHead):  # the kept positions' hidden states, before the head
+        return dataclasses.replace(logits, hidden=jnp.take(logits.hidden, source, axis=1))
     return jnp.take(logits, source, axis=1)
 
 

@@ -70,10 +70,6 @@ class SplitHead:
     head: Callable[[jax.Array], jax.Array]
     chunk: int = LOSS_CHUNK
 
-    def take(self, indices) -> "SplitHead":
-        """The positions ``indices`` (axis 1), as ``jnp.take(logits, indices, axis=1)``."""
-        return dataclasses.replace(self, hidden=jnp.take(self.hidden, indices, axis=1))
-
 
 def _cross_entropy(logits, targets) -> jax.Array:
     """``logsumexp(logits) - logits[target]`` over the last axis, float32."""
