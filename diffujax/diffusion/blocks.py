@@ -22,7 +22,7 @@ import numpy as np
 from diffujax.attention.pattern import AttentionPattern
 from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, sample_block_t,
                                       sample_noise_mask)
-from diffujax.diffusion.objective import LossSums, loss_sums_from_logits, take_positions
+from diffujax.diffusion.objective import LossSums, SplitHead, loss_sums_from_logits
 
 
 def effective_block_size(block_size: int, seq_len: int) -> int:
@@ -95,10 +95,10 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
     before its head). ``block_size = 0``: the plain forward pass under ``pattern``.
     """
     batch, seq_len = tokens.shape
+    if block_size <= 0:
+        return apply_fn(params, x_t, pattern, *(() if positions is None else (positions,)))
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
-    if block_size <= 0:
-        return apply_fn(params, x_t, pattern, positions)
     segments = pattern.segment_ids
     if segments is not None:
         segments = jnp.concatenate([segments, segments], axis=1)
@@ -106,7 +106,10 @@ def block_logits(apply_fn, params, x_t, tokens, *, block_size: int,
         block_size, stream_len=seq_len)
     logits = apply_fn(params, jnp.concatenate([x_t, tokens], axis=1), streams,
                       jnp.concatenate([positions, positions], axis=1))
-    return take_positions(logits, two_stream_source(seq_len, block_size))
+    source = two_stream_source(seq_len, block_size)
+    if isinstance(logits, SplitHead):  # the kept positions' hidden states, before the head
+        return dataclasses.replace(logits, hidden=jnp.take(logits.hidden, source, axis=1))
+    return jnp.take(logits, source, axis=1)
 
 
 def block_diffusion_loss_sums(apply_fn, params, tokens, key, *, block_size: int,

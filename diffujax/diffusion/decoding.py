@@ -26,7 +26,7 @@ temperature 0).
 With ``N = 1`` a block's only prediction is the carried logit, so it needs no denoising pass:
 the token is drawn as soon as that logit exists (after the prefill or the previous commit pass)
 and every loop iteration is a commit pass, one forward pass per token: AR decoding with a KV
-cache (``decode_ar``), whatever the sampler.
+cache, whatever the sampler.
 
 A row is finished once its committed blocks reach ``P_r + new_tokens`` positions or hold an EOS
 among its generated tokens; later blocks change nothing for it and its output is padded after
@@ -99,10 +99,6 @@ def block_pass(cached_fn: Callable, params, tokens, cache, offset, *, block_size
     return cached_fn(params, tokens, full().with_blocks(block_size), cache, offset)
 
 
-def _commit_all(step, masked, confidence, keys, generate):
-    return masked
-
-
 _STATIC = ("cached_fn", "block_size", "new_tokens", "mask_token_id", "sampler", "steps",
            "threshold", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 
@@ -130,7 +126,9 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
                          f" width {width} + {new_tokens} new tokens, in whole blocks)")
     if mask_token_id is None and n > 1:
         raise ValueError("block decoding needs the mask token id")
-    rule = _commit_all if n == 1 else block_rule(sampler, n, steps, threshold)
+    # blocks of one token: the carried logit's draw is committed at once, whatever the sampler
+    rule = (lambda step, masked, *_: masked) if n == 1 else block_rule(sampler, n, steps,
+                                                                        threshold)
     pad = next((t for t in (pad_token_id, eos_token_id, mask_token_id) if t is not None), 0)
     fill = 0 if mask_token_id is None else mask_token_id
     num_blocks = length // n
@@ -226,15 +224,3 @@ def decode_blocks(cached_fn: Callable, params, prompt, prompt_lengths, cache, ke
     return DecodeOutput(tokens=tokens, lengths=produced, canvas=canvas,
                         forwards=final["forwards"], cache=cache)
 
-
-def decode_ar(cached_fn: Callable, params, prompt, prompt_lengths, cache, key, *,
-              new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-              top_p: float | None = None, mask_token_id: int | None = None,
-              eos_token_id: int | None = None, pad_token_id: int | None = None,
-              row_ids=None) -> DecodeOutput:
-    """AR decoding with a KV cache: ``decode_blocks`` with blocks of one token (causal
-    attention; one forward pass per token after the prefill). Greedy at temperature 0."""
-    return decode_blocks(cached_fn, params, prompt, prompt_lengths, cache, key, block_size=1,
-                         new_tokens=new_tokens, mask_token_id=mask_token_id,
-                         temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, row_ids=row_ids)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +16,10 @@ import numpy as np
 
 from diffujax.attention.pattern import AttentionPattern, causal, full
 from diffujax.diffusion.blocks import block_forward_process, block_logits
-from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, forward_process,
-                                      row_keys, sample_exact_count_mask, sample_noise_mask)
-from diffujax.diffusion.objective import (per_sequence_terms, shifted_cross_entropy,
+from diffujax.diffusion.noise import (DEFAULT_EPS, NoisedBatch, apply_noise, row_keys,
+                                      sample_exact_count_mask, sample_noise_mask)
+from diffujax.diffusion.objective import (ApplyFn, per_sequence_terms, shifted_cross_entropy,
                                           target_positions)
-
-ApplyFn = Callable[..., jax.Array]  # apply_fn(params, tokens [B, L], pattern) -> logits [B, L, V]
-
-
-def _first_position(tokens) -> jax.Array:
-    """``src`` of an evaluation block: position 0 only (it is conditioned on, never noised)."""
-    return jnp.broadcast_to(jnp.arange(tokens.shape[1]) == 0, tokens.shape)
 
 
 # --- ELBO perplexity of the diffusion model ---------------------------------------------------
@@ -55,7 +47,7 @@ def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
     are passed to ``apply_fn`` when given.
     """
     pattern = full() if pattern is None else pattern
-    conditioned = _first_position(tokens)
+    conditioned = jnp.broadcast_to(jnp.arange(tokens.shape[1]) == 0, tokens.shape)  # position 0
     if src is not None:
         conditioned = conditioned | jnp.asarray(src, bool)
     if loss_mask is not None:
@@ -63,20 +55,13 @@ def elbo_terms(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id: int,
     src = conditioned
 
     def one_draw(draw):
-        draw_key = jax.random.fold_in(key, draw)
-        if block_size:
-            noised = block_forward_process(draw_key, tokens, block_size=block_size,
-                                           mask_token_id=mask_token_id, src=src, eps=eps,
-                                           stratified=stratified, row_offset=row_offset,
-                                           global_batch=global_batch)
-            logits = block_logits(apply_fn, params, noised.x_t, tokens, block_size=block_size,
-                                  pattern=pattern, positions=positions)
-        else:
-            noised = forward_process(draw_key, tokens, mask_token_id=mask_token_id, src=src,
-                                     eps=eps, stratified=stratified, row_offset=row_offset,
-                                     global_batch=global_batch)
-            extra = () if positions is None else (positions,)
-            logits = apply_fn(params, noised.x_t, pattern, *extra)
+        # block size 0: one block, the plain forward process and forward pass (the same draws)
+        noised = block_forward_process(jax.random.fold_in(key, draw), tokens,
+                                       block_size=block_size, mask_token_id=mask_token_id,
+                                       src=src, eps=eps, stratified=stratified,
+                                       row_offset=row_offset, global_batch=global_batch)
+        logits = block_logits(apply_fn, params, noised.x_t, tokens, block_size=block_size,
+                              pattern=pattern, positions=positions)
         return per_sequence_terms(logits, tokens, noised, src=src, loss_mask=loss_mask)["weighted"]
 
     nelbo = jax.lax.map(one_draw, jnp.arange(num_draws, dtype=jnp.int32)).mean(axis=0)

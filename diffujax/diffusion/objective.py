@@ -8,8 +8,6 @@ accumulation is normalised over the global batch (docs/algorithms.md §2.6)::
     sums = [diffusion_loss_sums(apply_fn, params, mb, key, ..., row_offset=r, global_batch=B)
             for r, mb in micro_batches]                      # per micro-batch
     grad = sum(grad of s.weighted) / sum(s.denominator)      # denominators do not depend on params
-
-:func:`diffusion_loss` is the one-batch convenience that divides.
 """
 
 from __future__ import annotations
@@ -71,17 +69,6 @@ class SplitHead:
     hidden: jax.Array
     head: Callable[[jax.Array], jax.Array]
     chunk: int = LOSS_CHUNK
-
-    def take(self, indices) -> "SplitHead":
-        """The positions ``indices`` (axis 1), as ``jnp.take(logits, indices, axis=1)``."""
-        return dataclasses.replace(self, hidden=jnp.take(self.hidden, indices, axis=1))
-
-
-def take_positions(logits, indices):
-    """``jnp.take(logits, indices, axis=1)`` of logits or of a :class:`SplitHead`."""
-    if isinstance(logits, SplitHead):
-        return logits.take(indices)
-    return jnp.take(logits, indices, axis=1)
 
 
 def _cross_entropy(logits, targets) -> jax.Array:
@@ -199,12 +186,6 @@ def diffusion_loss_sums(apply_fn: ApplyFn, params, tokens, key, *, mask_token_id
                                  normalization=normalization)
 
 
-def diffusion_loss(apply_fn: ApplyFn, params, tokens, key, **kwargs):
-    """``(loss, metrics)`` of one whole batch; keyword arguments as :func:`diffusion_loss_sums`."""
-    sums = diffusion_loss_sums(apply_fn, params, tokens, key, **kwargs)
-    return sums.loss, sums.metrics()
-
-
 def ar_loss_sums(apply_fn: ApplyFn, params, tokens, *, pattern: AttentionPattern | None = None,
                  loss_mask=None) -> LossSums:
     """Next-token cross-entropy of the AR baseline (causal attention, nothing noised), as sums:
@@ -216,9 +197,3 @@ def ar_loss_sums(apply_fn: ApplyFn, params, tokens, *, pattern: AttentionPattern
     count = targets.sum().astype(jnp.float32)
     return LossSums(weighted=total, denominator=count, unweighted=total, noised=count,
                     targets=count)
-
-
-def ar_loss(apply_fn: ApplyFn, params, tokens, **kwargs):
-    """``(loss, metrics)`` of the AR next-token loss; keyword arguments as :func:`ar_loss_sums`."""
-    sums = ar_loss_sums(apply_fn, params, tokens, **kwargs)
-    return sums.loss, sums.metrics()

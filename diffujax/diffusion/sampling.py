@@ -34,8 +34,9 @@ class SampleOutput:
     tokens: jax.Array  # [B, L] int32, every generated position committed
     forwards: jax.Array  # int32 scalar: forward passes run for the batch
     row_forwards: jax.Array  # [B] int32: forward passes during which the row still had masks
-    commit_step: jax.Array  # [B, L] int32: the pass that committed the position; -1 if fixed
-    history: jax.Array | None = None  # [max_steps, B, L] canvas after each pass (record_history)
+    # [B, L] int32: the step that committed the position, -1 if fixed (the canvas after step s
+    # is ``tokens`` where ``0 <= commit_step <= s``, the mask token at the other generated ones)
+    commit_step: jax.Array
 
 
 # --- the canvas ----------------------------------------------------------------------------
@@ -65,14 +66,6 @@ def draw_candidates(keys, logits, *, temperature, top_k, top_p, confidence_tempe
         logits = logits / confidence_temperature
     picked = jnp.take_along_axis(logits, candidates[..., None], axis=-1)[..., 0]
     return candidates, picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _predictions(apply_fn, params, x, pattern, mask_token):
-    """Float32 logits aligned with the positions they predict: row ``j`` holds logits ``j - 1``
-    (row 0 is a copy of row 0 and is never used). The mask token is never a candidate: a
-    revealed position must hold a real token."""
-    logits = forbid(apply_fn(params, x, pattern).astype(jnp.float32), mask_token)
-    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
 def forbid(logits, token):
@@ -167,8 +160,8 @@ def threshold_rule(threshold, block_length):
 # --- the loop ------------------------------------------------------------------------------
 
 def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_steps, rule,
-             temperature, top_k, top_p, row_ids, record_history,
-             schedule_only: bool = False, confidence_temperature=None) -> SampleOutput:
+             temperature, top_k, top_p, row_ids, schedule_only: bool = False,
+             confidence_temperature=None) -> SampleOutput:
     """The shared loop. ``schedule_only``: the rule ignores the model's confidence (ancestral),
     which lets a step that reveals nothing skip its forward pass."""
     batch, length = canvas.shape
@@ -184,14 +177,15 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
                 x=jnp.where(generate, mask_token, canvas), masked=generate,
                 commit_step=jnp.full((batch, length), -1, jnp.int32),
                 row_forwards=jnp.zeros(batch, jnp.int32))
-    if record_history:
-        init["history"] = jnp.zeros((max_steps, batch, length), jnp.int32)
 
     def keep_going(state):
         return (state["step"] < max_steps) & state["masked"].any()
 
     def candidates_for(x, draw_keys):
-        logits = _predictions(apply_fn, params, x, pattern, mask_token)
+        logits = forbid(apply_fn(params, x, pattern).astype(jnp.float32), mask_token)
+        # aligned with the positions they predict: row j holds logits j - 1 (§1; row 0 a copy
+        # of row 0, never used)
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
         return draw_candidates(draw_keys, logits, temperature=temperature, top_k=top_k,
                                 top_p=top_p, confidence_temperature=confidence_temperature)
 
@@ -211,44 +205,38 @@ def _denoise(apply_fn, params, canvas, src, key, *, mask_token_id, pattern, max_
             candidates, confidence = candidates_for(x, draw_keys)
             commit = rule(step, masked, confidence, rule_keys, generate) & masked
             ran, x_new = jnp.bool_(True), jnp.where(commit, candidates, x)
-        new = dict(step=step + 1, forwards=state["forwards"] + ran, x=x_new,
-                   masked=masked & ~commit,
-                   commit_step=jnp.where(commit, step, state["commit_step"]),
-                   row_forwards=state["row_forwards"] + (masked.any(axis=1) & ran))
-        if record_history:
-            new["history"] = state["history"].at[step].set(new["x"])
-        return new
+        return dict(step=step + 1, forwards=state["forwards"] + ran, x=x_new,
+                    masked=masked & ~commit,
+                    commit_step=jnp.where(commit, step, state["commit_step"]),
+                    row_forwards=state["row_forwards"] + (masked.any(axis=1) & ran))
 
     final = jax.lax.while_loop(keep_going, one_pass, init)
     return SampleOutput(tokens=final["x"], forwards=final["forwards"],
-                        row_forwards=final["row_forwards"], commit_step=final["commit_step"],
-                        history=final.get("history"))
+                        row_forwards=final["row_forwards"], commit_step=final["commit_step"])
 
 
-_STATIC = ("apply_fn", "steps", "temperature", "top_k", "top_p", "record_history")
+_STATIC = ("apply_fn", "steps", "temperature", "top_k", "top_p")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sample_ancestral(apply_fn: Callable, params, canvas, src, key, *, mask_token_id: int,
                      steps: int, pattern: AttentionPattern | None = None,
                      temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, row_ids=None,
-                     record_history: bool = False) -> SampleOutput:
+                     top_p: float | None = None, row_ids=None) -> SampleOutput:
     """The paper's Algorithm 2 ("random"): ``steps`` levels on a uniform grid; at each step every
     masked position is revealed with probability ``1 / (s + 1)`` with a candidate drawn from the
     model, so after the last step (s = 0) all are revealed."""
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=steps, rule=ancestral_rule(steps),
                     temperature=temperature, top_k=top_k, top_p=top_p, row_ids=row_ids,
-                    record_history=record_history, schedule_only=True)
+                    schedule_only=True)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("ranking", "confidence_temperature"))
 def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_token_id: int,
                       steps: int, pattern: AttentionPattern | None = None,
                       temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, row_ids=None,
-                      record_history: bool = False, ranking: str = "masked",
+                      top_p: float | None = None, row_ids=None, ranking: str = "masked",
                       confidence_temperature: float | None = None) -> SampleOutput:
     """Confidence ranking, MaskGIT style (the reference's conditional sampler): after step
     ``T - s`` the ``floor(N * s / T)`` masked positions whose candidates have the lowest
@@ -262,7 +250,6 @@ def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_toke
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=steps, rule=_confidence_rule(steps, ranking),
                     temperature=temperature, top_k=top_k, top_p=top_p, row_ids=row_ids,
-                    record_history=record_history,
                     confidence_temperature=confidence_temperature)
 
 
@@ -270,8 +257,7 @@ def sample_confidence(apply_fn: Callable, params, canvas, src, key, *, mask_toke
 def sample_semi_ar(apply_fn: Callable, params, canvas, src, key, *, mask_token_id: int,
                    steps: int, block_length: int, pattern: AttentionPattern | None = None,
                    temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None, row_ids=None,
-                   record_history: bool = False) -> SampleOutput:
+                   top_p: float | None = None, row_ids=None) -> SampleOutput:
     """LLaDA semi-autoregressive decoding: the generated positions of each row, in order, form
     blocks of ``block_length``; the confidence rule runs ``steps`` passes per block, blocks left
     to right (a block is complete before the next one starts)."""
@@ -279,7 +265,7 @@ def sample_semi_ar(apply_fn: Callable, params, canvas, src, key, *, mask_token_i
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=max_blocks * steps,
                     rule=_semi_ar_rule(steps, block_length), temperature=temperature,
-                    top_k=top_k, top_p=top_p, row_ids=row_ids, record_history=record_history)
+                    top_k=top_k, top_p=top_p, row_ids=row_ids)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("threshold", "block_length"))
@@ -287,7 +273,7 @@ def sample_threshold(apply_fn: Callable, params, canvas, src, key, *, mask_token
                      threshold: float = 0.9, block_length: int | None = None,
                      pattern: AttentionPattern | None = None, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, row_ids=None,
-                     record_history: bool = False, steps: int | None = None) -> SampleOutput:
+                     steps: int | None = None) -> SampleOutput:
     """Confidence-threshold parallel decoding (Fast-dLLM): each pass commits every masked
     position whose candidate has probability above ``threshold``, and at least the most
     confident one, until nothing is masked; ``forwards`` counts the passes. With
@@ -297,4 +283,4 @@ def sample_threshold(apply_fn: Callable, params, canvas, src, key, *, mask_token
     return _denoise(apply_fn, params, canvas, src, key, mask_token_id=mask_token_id,
                     pattern=pattern, max_steps=max_steps,
                     rule=threshold_rule(threshold, block_length), temperature=temperature,
-                    top_k=top_k, top_p=top_p, row_ids=row_ids, record_history=record_history)
+                    top_k=top_k, top_p=top_p, row_ids=row_ids)

@@ -32,13 +32,3 @@ def build_sft_example(prompt: Sequence[int], answer: Sequence[int], *, length: i
     src[:min(len(context), length)] = True
     return tokens, src
 
-
-def build_sft_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, length: int,
-                    bos_id: int, eos_id: int, pad_id: int, sep_id: int | None = None):
-    """``(prompt, answer)`` pairs -> ``(tokens int32 [B, length], src bool [B, length])``."""
-    if not pairs:
-        raise ValueError("build_sft_batch needs at least one (prompt, answer) pair")
-    built = [build_sft_example(p, a, length=length, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                               sep_id=sep_id) for p, a in pairs]
-    tokens, src = zip(*built)
-    return np.stack(tokens), np.stack(src)

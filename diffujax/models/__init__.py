@@ -23,31 +23,43 @@ Each family is one record (``family.Family``) in ``registry.FAMILIES``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from diffujax.models import params as ptree
-from diffujax.models.cache import KVCache, empty_cache
+from diffujax.models.cache import KVCache
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.family import Family
 from diffujax.models.gpt2 import GPT2Config
 from diffujax.models.llama import LlamaConfig
 from diffujax.models.params import Params, ParamSpec, flatten, nest
 from diffujax.models.qwen2 import Qwen2Config
-from diffujax.models.registry import (FAMILIES, config_class, config_from_hf, family_of,
-                                      weight_axes)
+from diffujax.models.registry import FAMILIES, config_from_hf, family_of, weight_axes
 from diffujax.parallel.mesh import Layout
 
 
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
-    return family_of(config).param_specs(config)
+    """The weight table: every weight's path in the module tree, shape, logical axes and
+    initialiser."""
+    return family_of(config).module.weight_table(config)
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Parameters in a matmul per token (the ``N`` of ``6 N``), from the family's weight table."""
-    return family_of(config).matmul_params(config)
+    """Parameters that take part in a matmul per token (the ``N`` of ``6 N``), read off the
+    weight table: every weight with an ``embed`` axis and another non-``layers`` axis, except the
+    tables that are only indexed; a tied embedding counts once, as the output head."""
+    family, total = family_of(config), 0
+    for path, spec in param_specs(config).items():
+        axes = [a for a in spec.axes if a != "layers"]
+        if path in family.lookups or "embed" not in axes or len(axes) < 2:
+            continue
+        if path == family.embedding and not config.tie_word_embeddings:
+            continue
+        total += math.prod(spec.shape)
+    return total
 
 
 def build(config: ModelConfig, seed: int = 0) -> nnx.Module:
@@ -82,7 +94,9 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
 
 def abstract_params(config: ModelConfig) -> Params:
     """The parameter tree as ``ShapeDtypeStruct`` s (no memory: restore targets, compiling)."""
-    return ptree.abstract_params(param_specs(config), config.param_dtype)
+    dtype = jnp.dtype(config.param_dtype)
+    return ptree.map_specs(lambda _, spec: jax.ShapeDtypeStruct(spec.shape, dtype),
+                           param_specs(config))
 
 
 def forward(config: ModelConfig, params: Params, tokens, pattern, positions=None,
@@ -97,15 +111,14 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty KV cache for ``batch`` rows of ``length`` positions (``models/cache.py``), in the
     compute dtype. Refuses a length beyond the model's positions."""
     _check_cache_length(config, length)
-    return empty_cache(config.num_layers, batch, length, config.num_kv_heads, config.head_dim,
-                       jnp.dtype(config.dtype))
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return KVCache(*(jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in "kv"))
 
 
 def _check_cache_length(config: ModelConfig, length: int) -> None:
-    limit = getattr(config, "max_positions", None)
-    if length < 1 or (limit is not None and length > limit):
-        raise ValueError(f"KV cache of {length} positions: must be 1..{limit}, the model's"
-                         " positions")
+    if not 1 <= length <= config.max_positions:
+        raise ValueError(f"KV cache of {length} positions: must be 1..{config.max_positions},"
+                         " the model's positions")
 
 
 def forward_cached(config: ModelConfig, params: Params, tokens, pattern, cache: KVCache,
@@ -135,8 +148,8 @@ def apply_fn_for(config: ModelConfig):
 
 def param_shardings(config: ModelConfig, layout: Layout) -> Params:
     """A ``NamedSharding`` per weight, from its logical axes through the layout's rules."""
-    return ptree.map_variables(lambda value, axes: layout.sharding(axes, value.shape),
-                               nnx.state(abstract_model(config)))
+    return ptree.map_specs(lambda _, spec: layout.sharding(spec.axes, spec.shape),
+                           param_specs(config))
 
 
 def sharded_init(config: ModelConfig, layout: Layout, seed: int = 0) -> Params:
@@ -152,6 +165,6 @@ __all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "KVCache", "LlamaC
            "ModelConfig", "Params", "Qwen2Config", "abstract_model", "abstract_params",
            "apply_fn_for", "build",
            "graphdef", "merge",
-           "cached_fn_for", "config_class", "config_from_hf", "family_of", "flatten", "forward",
+           "cached_fn_for", "config_from_hf", "family_of", "flatten", "forward",
            "forward_cached", "init_cache", "init_params", "matmul_params", "nest",
            "param_shardings", "param_specs", "sharded_init", "weight_axes"]

@@ -34,12 +34,6 @@ class KVCache:
         return self.k.shape[2]
 
 
-def empty_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
-                dtype) -> KVCache:
-    shape = (num_layers, batch, length, kv_heads, head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
 def visible_keys(pattern: AttentionPattern, offset, n: int, length: int) -> jax.Array:
     """Bool ``[n, length]``: may the query at canvas position ``offset + i`` see cache slot
     ``j``? Only slots below ``offset + n`` hold keys of this canvas; ``is_open`` decides the

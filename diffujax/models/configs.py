@@ -55,45 +55,53 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def extra_json(hf: dict, modeled) -> str:
-    return json.dumps({k: v for k, v in hf.items() if k not in modeled}, sort_keys=True)
+# config.json keys every family reads (or writes) alike; a family's ``_MODELED`` adds its own.
+SHARED_KEYS = ("mask_token_id", "diffusion_block_size", "architectures", "model_type",
+               "torch_dtype", "dtype", "transformers_version")
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def first_id(value):
-    """HF allows a list of EOS ids; diffujax uses the first. The original value is kept in
-    ``extra_hf`` (special-token keys are not in ``_MODELED``) and written back on export."""
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+def shared_from_hf(hf: dict, modeled) -> dict:
+    """The fields every family reads alike: the mask token, ``diffusion_block_size`` (absent: 0,
+    a full-sequence model), the special-token ids and, as ``extra_hf``, the keys not in
+    ``modeled``. HF allows a list of EOS ids; diffujax uses the first (the special-token keys are
+    not modeled, so the original value stays in ``extra_hf`` and goes back on export)."""
+    block = hf.get("diffusion_block_size", 0)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise ConfigError(f"config.json key 'diffusion_block_size'={block!r}: must be an integer"
+                          " >= 0 (0: a full-sequence model)")
+
+    def first_id(value):
+        if isinstance(value, (list, tuple)):
+            return int(value[0]) if value else None
+        return None if value is None else int(value)
+
+    return dict(mask_token_id=hf.get("mask_token_id"), block_size=block,
+                **{key: first_id(hf.get(key)) for key in SPECIAL_IDS},
+                extra_hf=json.dumps({k: v for k, v in hf.items() if k not in modeled},
+                                    sort_keys=True))
 
 
-def special_ids(hf: dict, cfg: "ModelConfig") -> None:
-    """Write bos/eos/pad ids, keeping the source's own spelling (a list of EOS ids stays a list)."""
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+def shared_to_hf(cfg: ModelConfig, **fields) -> dict:
+    """config.json: the source's unmodeled keys, the family's ``fields``, the special-token ids
+    in the source's own spelling (a list of EOS ids stays a list) and what a diffusion model adds:
+    its mask token and, for a block model (docs/algorithms.md §9), ``diffusion_block_size``.
+    transformers ignores both, so the file still loads there as the plain AR model its weights
+    are."""
+    hf = json.loads(cfg.extra_hf)
+    hf.update(fields)
+    for key in SPECIAL_IDS:
         if key not in hf and getattr(cfg, key) is not None:
             hf[key] = getattr(cfg, key)
-
-
-def diffusion_keys(hf: dict, cfg: "ModelConfig") -> None:
-    """Write what a diffusion model adds to config.json: its mask token and, for a block model
-    (docs/algorithms.md §9), ``diffusion_block_size``. transformers ignores both keys, so the
-    file still loads there as the plain AR model its weights are."""
     if cfg.mask_token_id is not None:
         hf["mask_token_id"] = cfg.mask_token_id
     if cfg.block_size > 0:
         hf["diffusion_block_size"] = cfg.block_size
+    return hf
 
 
-def block_size_from(hf: dict) -> int:
-    """``diffusion_block_size`` of a config.json (absent: 0, a full-sequence model)."""
-    value = hf.get("diffusion_block_size", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config.json key 'diffusion_block_size'={value!r}: must be an integer"
-                          " >= 0 (0: a full-sequence model)")
-    return value
-
-
-def require(hf: dict, key: str, arch: str):
+def require(hf: dict, key: str, arch: str) -> int:
+    """The integer at a key every config.json of ``arch`` has."""
     if key not in hf:
         raise ConfigError(f"config.json for {arch} is missing required key {key!r}")
-    return hf[key]
+    return int(hf[key])

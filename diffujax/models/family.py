@@ -5,7 +5,7 @@ A family file (``gpt2.py``, ``llama.py``, ``qwen2.py``) defines its config class
 key map, and ends with one ``Family(...)``. Everything else is derived from that record:
 initialisation, abstract shapes, shardings and weight-decay masks from the weight table, the
 converters from the key map, and the training FLOP count from the weight table too
-(``matmul_params``).
+(``models.matmul_params``).
 
 Key map: each ``Entry`` is one tensor of the Hugging Face file: its name (``{i}`` stands for the
 layer index), the diffujax path(s) it fills (the slice ``[i]`` of a stacked per-layer weight), its
@@ -17,14 +17,12 @@ is data, not code, and both directions are exact (no arithmetic on values).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Callable, Iterable
 
 import numpy as np
 
 from diffujax.models.configs import ModelConfig
-from diffujax.models.params import ParamSpec
 
 LM_HEAD = "lm_head.weight"  # the untied output head's tensor name in every family
 
@@ -95,11 +93,6 @@ class Family:
     namings: tuple[str, ...] = ("transformers",)  # tensor spellings; the first is the default
     naming_of: Callable[[list[str]], str] | None = None  # the spelling a file's names use
 
-    def param_specs(self, config: ModelConfig) -> dict[str, ParamSpec]:
-        """The weight table: every weight's path in the module tree, shape, logical axes and
-        initialiser."""
-        return self.module.weight_table(config)
-
     def keymap(self, config: ModelConfig, naming: str = "transformers") -> KeyMap:
         if naming not in self.namings:
             raise ValueError(f"{self.name} tensor naming {naming!r} is not one of {self.namings}")
@@ -109,16 +102,3 @@ class Family:
         """Which spelling a file uses, from its tensor names."""
         return self.naming_of(list(names)) if self.naming_of else self.namings[0]
 
-    def matmul_params(self, config: ModelConfig) -> int:
-        """Parameters that take part in a matmul per token (the ``N`` of ``6 N``), read off the
-        weight table: every weight with an ``embed`` axis and another non-``layers`` axis, except
-        the tables that are only indexed; a tied embedding counts once, as the output head."""
-        total = 0
-        for path, spec in self.param_specs(config).items():
-            axes = [a for a in spec.axes if a != "layers"]
-            if path in self.lookups or "embed" not in axes or len(axes) < 2:
-                continue
-            if path == self.embedding and not config.tie_word_embeddings:
-                continue
-            total += math.prod(spec.shape)
-        return total

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
-from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
-                                     extra_json, first_id, require, special_ids)
+from diffujax.models.configs import (SHARED_KEYS, ConfigError, ModelConfig, require,
+                                     shared_from_hf, shared_to_hf)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, Weights
-from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
+from diffujax.parallel.logical import HIDDEN, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,17 +29,14 @@ class GPT2Config(ModelConfig):
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0  # not applied (no dropout in the attention kernels); training warns
 
-    _MODELED: ClassVar[tuple[str, ...]] = (
+    _MODELED: ClassVar[tuple[str, ...]] = SHARED_KEYS + (
         "embd_pdrop", "resid_pdrop", "attn_pdrop", "vocab_size", "n_embd", "n_layer", "n_head",
         "n_inner", "n_positions", "layer_norm_epsilon", "activation_function",
-        "tie_word_embeddings", "mask_token_id", "diffusion_block_size", "architectures",
-        "model_type", "torch_dtype", "dtype", "n_ctx", "transformers_version",
-    )
+        "tie_word_embeddings", "n_ctx")
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "GPT2Config":
-        a = "GPT-2"
-        d = int(require(hf, "n_embd", a))
+        d = require(hf, "n_embd", "GPT-2")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"config.json key 'activation_function'={act!r} is not supported")
@@ -50,42 +44,29 @@ class GPT2Config(ModelConfig):
                                ("reorder_and_upcast_attn", False), ("scale_attn_weights", True)):
             if bool(hf.get(key, supported)) != supported:
                 raise ConfigError(f"config.json key {key!r}={hf[key]!r} is not supported")
-        cfg = cls(
-            vocab_size=int(require(hf, "vocab_size", a)),
-            hidden_size=d,
-            num_layers=int(require(hf, "n_layer", a)),
-            num_heads=int(require(hf, "n_head", a)),
-            num_kv_heads=int(require(hf, "n_head", a)),
+        heads = require(hf, "n_head", "GPT-2")
+        return cls(
+            vocab_size=require(hf, "vocab_size", "GPT-2"), hidden_size=d,
+            num_layers=require(hf, "n_layer", "GPT-2"), num_heads=heads, num_kv_heads=heads,
             intermediate_size=int(hf.get("n_inner") or 4 * d),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            mask_token_id=hf.get("mask_token_id"),
-            block_size=block_size_from(hf),
-            bos_token_id=first_id(hf.get("bos_token_id")),
-            eos_token_id=first_id(hf.get("eos_token_id")),
-            pad_token_id=first_id(hf.get("pad_token_id")),
             max_positions=int(hf.get("n_positions", 1024)),
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            activation=act,
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation=act,
             **{k: float(hf.get(k, 0.1)) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")},
-            extra_hf=extra_json(hf, cls._MODELED),
-        )
-        return cfg.replace(**overrides)
+            **shared_from_hf(hf, cls._MODELED),
+        ).replace(**overrides)
 
     def to_hf(self) -> dict:
-        hf = json.loads(self.extra_hf)
-        hf.update(
-            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=self.vocab_size,
-            n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
+        return shared_to_hf(
+            self, architectures=["GPT2LMHeadModel"], model_type="gpt2",
+            vocab_size=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_layers,
+            n_head=self.num_heads,
             n_inner=(None if self.intermediate_size == 4 * self.hidden_size
                      else self.intermediate_size),
             n_positions=self.max_positions, n_ctx=self.max_positions,
             layer_norm_epsilon=self.layer_norm_eps, activation_function=self.activation,
             tie_word_embeddings=self.tie_word_embeddings, embd_pdrop=self.embd_pdrop,
-            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop,
-        )
-        special_ids(hf, self)
-        diffusion_keys(hf, self)
-        return hf
+            resid_pdrop=self.resid_pdrop, attn_pdrop=self.attn_pdrop)
 
 
 def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
@@ -116,11 +97,6 @@ def param_specs(c: GPT2Config) -> dict[str, ParamSpec]:
     return specs
 
 
-def _check_positions(c: GPT2Config, length: int, what: str):
-    if length > c.max_positions:
-        raise ValueError(f"{what} {length} exceeds GPT-2's learned positions ({c.max_positions})")
-
-
 class GPT2Block(nnx.Module):
     """One block (pre-LayerNorm attention, then a GELU MLP, each with its residual dropout);
     its weights hold every layer, stacked (``layers.scan_layers`` runs it once per layer)."""
@@ -132,9 +108,10 @@ class GPT2Block(nnx.Module):
         self.mlp = L.GeluMLP(weights.child("mlp"), exact=c.activation == "gelu")
         self.resid_pdrop = c.resid_pdrop
 
-    def __call__(self, x, attend, dropout_key=None):
-        """``attend(q, k, v) -> (out, aux)``: see ``layers.Attention``. ``dropout_key``: this
-        layer's key for the residual dropout (training), or None. Returns ``(x, aux)``."""
+    def __call__(self, x, rope, attend, dropout_key=None):
+        """``attend(q, k, v) -> (out, aux)`` and ``rope`` (None: positions are learned): see
+        ``layers.Attention``. ``dropout_key``: this layer's key for the residual dropout
+        (training), or None. Returns ``(x, aux)``."""
         def residual(out, i):
             if dropout_key is None:
                 return out
@@ -143,74 +120,44 @@ class GPT2Block(nnx.Module):
         if dropout_key is not None:
             L.seed_adapter_dropout(self, jax.random.fold_in(dropout_key, 2))
 
-        a, aux = self.attn(self.ln1(x), attend)
+        a, aux = self.attn(self.ln1(x), attend, rope)
         x = x + residual(a, 0)
         x = x + residual(self.mlp(self.ln2(x)), 1)
         return constrain(x, HIDDEN), aux
 
 
-class GPT2(nnx.Module):
-    """GPT-2. ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new
-    tokens against a KV cache. Weights come from ``param_specs(config)``, initialised from
-    ``rngs``' params stream."""
+class GPT2(L.DecoderLM):
+    """GPT-2 (``layers.DecoderLM``). Training (a dropout key) applies HF GPT-2's dropout with the
+    config's ``embd_pdrop`` on the embeddings and ``resid_pdrop`` on each attention and MLP
+    output. ``attn_pdrop`` (on the attention probabilities) is not applied: the fused attention
+    kernels have no dropout."""
 
     weight_table = staticmethod(param_specs)
 
-    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
-        c = self.config = config
-        weights = Weights.of_model(self.weight_table(c), c.param_dtype, rngs)
+    def _build(self, c: GPT2Config, weights: Weights):
         self.wte = L.Embed(weights.child("wte"))
         self.wpe = L.Embed(weights.child("wpe"))
         self.layers = GPT2Block(c, weights.child("layers"))
         self.ln_f = L.LayerNorm(weights.child("ln_f"), c.layer_norm_eps)
-        self.lm_head = weights.optional("lm_head")
-        weights.check_complete(type(self).__name__)
 
-    def _embed(self, tokens, positions):
-        dtype = jnp.dtype(self.config.dtype)
-        return constrain(self.wte(tokens, dtype) + self.wpe(positions, dtype), HIDDEN)
+    @property
+    def head_parts(self):
+        return self.ln_f, self.wte
 
-    def _head(self, x):
-        return constrain(L.output_head(self.ln_f(x), self.wte, self.lm_head), LOGITS)
+    def _default_positions(self, tokens, offset):
+        # Explicit positions (block diffusion's two streams repeat 0..L-1) are the caller's.
+        if tokens.shape[1] > self.config.max_positions:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds GPT-2's learned"
+                             f" positions ({self.config.max_positions})")
+        return offset + jnp.arange(tokens.shape[1])[None]
 
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None,
-                 split_head: bool = False):
-        """tokens ``[B, L]`` (``L <= max_positions``) -> float32 logits ``[B, L, V]``, or with
-        ``split_head`` ``(hidden, head)`` (as ``Llama``).
-
-        ``dropout_key`` (training only): HF GPT-2's dropout with the config's ``embd_pdrop``
-        on the embeddings and ``resid_pdrop`` on each attention and MLP output. ``attn_pdrop``
-        (on the attention probabilities) is not applied: the fused attention kernels have no
-        dropout. Without a key (evaluation, sampling) nothing is dropped."""
+    def _embed(self, tokens, positions, dropout_key):
         c = self.config
-        if positions is None:  # explicit positions (block diffusion's two streams repeat
-            _check_positions(c, tokens.shape[1], "sequence length")  # 0..L-1) are the caller's
-            positions = jnp.arange(tokens.shape[1])[None]
-        x = self._embed(tokens, positions)
-        keys = None
+        dtype = jnp.dtype(c.dtype)
+        x = constrain(self.wte(tokens, dtype) + self.wpe(positions, dtype), HIDDEN)
         if dropout_key is not None:
             x = L.dropout(x, c.embd_pdrop, jax.random.fold_in(dropout_key, c.num_layers))
-            keys = L.layer_keys(dropout_key, c.num_layers)
-        attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
-        x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, attend, key)[0], x,
-                          keys, c.remat, c.scan_layers)
-        if split_head:
-            return L.split_output_head(x, self.ln_f, self.wte, self.lm_head)
-        return self._head(x)
-
-    def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
-        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
-        (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
-        values written at ``offset``). ``positions``: learned positions, default the canvas
-        ones."""
-        _check_positions(self.config, cache.length, "KV cache length")
-        if positions is None:
-            positions = offset + jnp.arange(tokens.shape[1])[None]
-        x = self._embed(tokens, positions)
-        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
-        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, attend),
-                                      x, cache, offset, visible)
-        return self._head(x), cache
+        return x, None
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------

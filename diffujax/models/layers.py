@@ -1,6 +1,7 @@
 """Building blocks shared by the families: the operations (norms, rotary embedding, dropout) and
 the Flax NNX modules built from them (embedding, norms, attention, MLPs), each taking its weights
-from the family's weight table (``params.Weights``), and the scan over a stacked block."""
+from the family's weight table (``params.Weights``), the scan over a stacked block, and the
+network around that block (``DecoderLM``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffujax.attention import residuals
+from diffujax.attention import attention, residuals
+from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
 from diffujax.models.params import Weights
 from diffujax.parallel.logical import LOGITS, QUERY, constrain
 
@@ -65,11 +67,6 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def dense(x, w, spec: str):
-    """einsum in the activations' dtype; weights cast from their parameter dtype."""
-    return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 _POLICIES = jax.checkpoint_policies
@@ -192,7 +189,7 @@ class Dense(nnx.Module):
                                                  weights.optional("bias"), equation)
 
     def __call__(self, x):
-        y = dense(x, self.kernel[...], self.equation)
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
@@ -245,28 +242,75 @@ class GeluMLP(nnx.Module):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact))
 
 
-def head_weight(embed: Embed, lm_head: nnx.Param | None):
-    """The output head's ``[embed, vocab]`` matrix (parameter dtype): the tied embedding,
-    transposed, or the separate ``lm_head``."""
-    return embed.embedding[...].T if lm_head is None else lm_head[...]
+class DecoderLM(nnx.Module):
+    """The network around a family's stacked block: embed, the layers (one scan), the final norm
+    and the output head. ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs
+    new tokens against a KV cache (``models/cache.py``). Weights come from
+    ``weight_table(config)``, initialised from ``rngs``' params stream.
 
+    A family defines ``weight_table``, ``_build(config, weights)`` (its modules: ``layers``,
+    called ``layer(x, extra, attend, dropout_key) -> (x, aux)``; the untied ``lm_head`` is built
+    here), ``_embed(tokens, positions, dropout_key) -> (x, extra)`` (``extra``: what every layer
+    takes beside ``x``, LLaMA's rotary tables) and ``head_parts`` (final norm, embedding)."""
 
-def head_logits(x, w):
-    """Float32 logits ``x @ w``, ``w`` cast to the activations' dtype."""
-    return jnp.einsum("bld,dv->blv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.config = config
+        # The table's keys are split from the seed key of rngs' params stream (not a draw from
+        # it), so that Model(config, rngs=nnx.Rngs(seed)) holds the weights seed has always given.
+        weights = Weights(self.weight_table(config), config.param_dtype, rngs.params.key[...])
+        self._build(config, weights)
+        self.lm_head = weights.optional("lm_head")
+        weights.check_complete(type(self).__name__)
 
+    def _default_positions(self, tokens, offset):
+        return jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
 
-def output_head(x, embed: Embed, lm_head: nnx.Param | None):
-    """Float32 logits: through the tied embedding, or the separate ``lm_head`` ``[embed,
-    vocab]``."""
-    return head_logits(x, head_weight(embed, lm_head))
+    def _head_weight(self):
+        """The output head's ``[embed, vocab]`` matrix (parameter dtype): the tied embedding,
+        transposed, or the separate ``lm_head``."""
+        embed = self.head_parts[1]
+        return embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
 
+    def _logits(self, x, w):
+        """Float32 logits of the last layer's output ``x``: final norm, then ``x @ w`` (``w``
+        cast to the activations' dtype)."""
+        h = self.head_parts[0](x)
+        return constrain(jnp.einsum("bld,dv->blv", h, w.astype(h.dtype),
+                                    preferred_element_type=jnp.float32), LOGITS)
 
-def split_output_head(x, norm, embed: Embed, lm_head: nnx.Param | None):
-    """``(x, head)``: the last layer's output and ``head(x[:, i:j]) -> logits[:, i:j]`` (final
-    norm, output head, the logits' sharding), for a loss that computes the logits a chunk at a
-    time. The head's weight is gathered whole over FSDP once, here, outside the caller's loop
-    over chunks (inside it the TPU compiler re-gathers it per chunk, a windowed einsum); it
-    stays in the parameter dtype, so its gradient adds up over the chunks in that dtype."""
-    w = constrain(head_weight(embed, lm_head), ("activation_embed", "activation_vocab"))
-    return x, lambda h: constrain(head_logits(norm(h), w), LOGITS)
+    def __call__(self, tokens, pattern, positions=None, dropout_key=None,
+                 split_head: bool = False):
+        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: default ``0..L-1``
+        (block diffusion's two streams pass their own). ``dropout_key`` (training): the family's
+        dropout and LoRA adapters'; without it nothing is dropped. ``split_head``: return
+        ``(hidden, head)`` instead, the last layer's output ``[B, L, D]`` and the function taking
+        any positions of it to their logits (a loss can then compute the logits a chunk at a
+        time)."""
+        c = self.config
+        if positions is None:
+            positions = self._default_positions(tokens, 0)
+        x, extra = self._embed(tokens, positions, dropout_key)
+        attend = lambda q, k, v: (attention(q, k, v, pattern, c.attention), None)  # noqa: E731
+        keys = None if dropout_key is None else layer_keys(dropout_key, c.num_layers)
+        x = scan_layers(self.layers, lambda layer, x, key: layer(x, extra, attend, key)[0], x,
+                        keys, c.remat, c.scan_layers)
+        if split_head:
+            # The head's weight is gathered whole over FSDP once, here, outside the caller's loop
+            # over chunks (inside it the TPU compiler re-gathers it per chunk, a windowed
+            # einsum); it stays in the parameter dtype, so its gradient adds up over the chunks
+            # in that dtype.
+            w = constrain(self._head_weight(), ("activation_embed", "activation_vocab"))
+            return x, lambda h: self._logits(h, w)
+        return self._logits(x, self._head_weight())
+
+    def decode(self, tokens, pattern, cache: KVCache, offset, positions=None):
+        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
+        -> (float32 logits ``[B, n, V]``, the cache with their keys and values written at
+        ``offset``). ``positions``: default the canvas ones."""
+        if positions is None:
+            positions = self._default_positions(tokens, offset)
+        x, extra = self._embed(tokens, positions, None)
+        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
+        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, extra, attend),
+                                      x, cache, offset, visible)
+        return self._logits(x, self._head_weight()), cache

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import nnx
 
-from diffujax.attention import AttentionPattern, attention
 from diffujax.models import layers as L
-from diffujax.models.cache import KVCache, scan_layers_cached, visible_keys
-from diffujax.models.configs import (ConfigError, ModelConfig, block_size_from, diffusion_keys,
-                                     extra_json, first_id, require, special_ids)
+from diffujax.models.configs import (SHARED_KEYS, ConfigError, ModelConfig, require,
+                                     shared_from_hf, shared_to_hf)
 from diffujax.models.family import LM_HEAD, Entry, Family, KeyMap
 from diffujax.models.params import ParamSpec, Weights
-from diffujax.parallel.logical import HIDDEN, LOGITS, constrain
+from diffujax.parallel.logical import HIDDEN, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +31,11 @@ class LlamaConfig(ModelConfig):
     HF_NAME: ClassVar[str] = "LLaMA"
     HF_MODEL_TYPE: ClassVar[str] = "llama"
     HF_ARCHITECTURE: ClassVar[str] = "LlamaForCausalLM"
-    _MODELED: ClassVar[tuple[str, ...]] = (
+    _MODELED: ClassVar[tuple[str, ...]] = SHARED_KEYS + (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rms_norm_eps",
         "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
-        "mask_token_id", "diffusion_block_size", "architectures",
-        "model_type", "torch_dtype", "dtype", "hidden_act", "attention_bias", "mlp_bias",
-        "transformers_version", "sliding_window",
-    )
+        "hidden_act", "attention_bias", "mlp_bias", "sliding_window")
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +53,6 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-        a = cls.HF_NAME
         cls.check_hf(hf)
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json key 'hidden_act'={hf['hidden_act']!r} is not supported")
@@ -80,60 +73,46 @@ class LlamaConfig(ModelConfig):
                 rope_scaling = ("linear", float(scaling["factor"]))
             elif kind not in (None, "default"):
                 raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported")
-        heads = int(require(hf, "num_attention_heads", a))
-        hidden = int(require(hf, "hidden_size", a))
+        a = cls.HF_NAME
+        heads, hidden = require(hf, "num_attention_heads", a), require(hf, "hidden_size", a)
         head_dim = hf.get("head_dim")
-        cfg = cls(
-            vocab_size=int(require(hf, "vocab_size", a)),
-            hidden_size=hidden,
-            num_layers=int(require(hf, "num_hidden_layers", a)),
-            num_heads=heads,
+        return cls(
+            vocab_size=require(hf, "vocab_size", a), hidden_size=hidden,
+            num_layers=require(hf, "num_hidden_layers", a), num_heads=heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            intermediate_size=int(require(hf, "intermediate_size", a)),
+            intermediate_size=require(hf, "intermediate_size", a),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            mask_token_id=hf.get("mask_token_id"),
-            block_size=block_size_from(hf),
-            bos_token_id=first_id(hf.get("bos_token_id")),
-            eos_token_id=first_id(hf.get("eos_token_id")),
-            pad_token_id=first_id(hf.get("pad_token_id")),
             max_positions=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             rope_scaling=rope_scaling,
             explicit_head_dim=(int(head_dim) if head_dim and int(head_dim) != hidden // heads
                                else None),
-            extra_hf=extra_json(hf, cls._MODELED),
-        )
-        return cfg.replace(**overrides)
+            **shared_from_hf(hf, cls._MODELED),
+        ).replace(**overrides)
 
     def hf_fields(self) -> dict:
         """The keys this family writes into config.json besides the shared ones."""
         return dict(attention_bias=False, mlp_bias=False)
 
     def to_hf(self) -> dict:
-        hf = json.loads(self.extra_hf)
-        hf.update(
-            architectures=[self.HF_ARCHITECTURE], model_type=self.HF_MODEL_TYPE,
+        if self.rope_scaling and self.rope_scaling[0] == "llama3":
+            _, f, lo, hi, orig = self.rope_scaling
+            scaling = dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                           original_max_position_embeddings=orig)
+        elif self.rope_scaling:
+            scaling = dict(rope_type="linear", factor=self.rope_scaling[1])
+        else:
+            scaling = None
+        head_dim = {"head_dim": self.explicit_head_dim} if self.explicit_head_dim else {}
+        return shared_to_hf(
+            self, architectures=[self.HF_ARCHITECTURE], model_type=self.HF_MODEL_TYPE,
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
             max_position_embeddings=self.max_positions, rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta, hidden_act="silu",
-            tie_word_embeddings=self.tie_word_embeddings, **self.hf_fields(),
-        )
-        special_ids(hf, self)
-        if self.explicit_head_dim:
-            hf["head_dim"] = self.explicit_head_dim
-        if self.rope_scaling and self.rope_scaling[0] == "llama3":
-            _, f, lo, hi, orig = self.rope_scaling
-            hf["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
-                                      high_freq_factor=hi, original_max_position_embeddings=orig)
-        elif self.rope_scaling:
-            hf["rope_scaling"] = dict(rope_type="linear", factor=self.rope_scaling[1])
-        else:
-            hf["rope_scaling"] = None
-        diffusion_keys(hf, self)
-        return hf
+            tie_word_embeddings=self.tie_word_embeddings, rope_scaling=scaling, **head_dim,
+            **self.hf_fields())
 
 
 def param_specs(c: LlamaConfig) -> dict[str, ParamSpec]:
@@ -182,66 +161,29 @@ class LlamaBlock(nnx.Module):
         return constrain(x, HIDDEN), aux
 
 
-class Llama(nnx.Module):
-    """The LLaMA network (and, with q/k/v biases in its weight table, Qwen2's).
-
-    ``model(tokens, pattern)`` -> float32 logits; ``model.decode(...)`` runs new tokens against a
-    KV cache. Weights come from ``weight_table(config)``, initialised from ``rngs``' params
-    stream."""
+class Llama(L.DecoderLM):
+    """The LLaMA network (``layers.DecoderLM``; with q/k/v biases in its weight table, Qwen2's).
+    It has no dropout of its own; in training (a dropout key) LoRA adapters may drop out their
+    input."""
 
     weight_table = staticmethod(param_specs)
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c = self.config = config
-        weights = Weights.of_model(self.weight_table(c), c.param_dtype, rngs)
+    def _build(self, c: LlamaConfig, weights: Weights):
         self.embed = L.Embed(weights.child("embed"))
         self.layers = LlamaBlock(c, weights.child("layers"))
         self.final_norm = L.RMSNorm(weights.child("final_norm"), c.rms_norm_eps)
-        self.lm_head = weights.optional("lm_head")
-        weights.check_complete(type(self).__name__)
 
-    def _embed(self, tokens, positions):
-        """Token embeddings and the rotary tables of ``positions``."""
+    @property
+    def head_parts(self):
+        return self.final_norm, self.embed
+
+    def _embed(self, tokens, positions, dropout_key):
+        """Token embeddings and the rotary tables of ``positions`` (RoPE positions)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         rope = L.rope_tables(positions, L.rope_inverse_frequencies(c.head_dim, c.rope_theta,
                                                                    c.rope_scaling), dtype)
         return constrain(self.embed(tokens, dtype), HIDDEN), rope
-
-    def _head(self, x):
-        return constrain(L.output_head(self.final_norm(x), self.embed, self.lm_head), LOGITS)
-
-    def __call__(self, tokens, pattern: AttentionPattern, positions=None, dropout_key=None,
-                 split_head: bool = False):
-        """tokens ``[B, L]`` -> float32 logits ``[B, L, V]``. ``positions``: RoPE positions,
-        default ``0..L-1``. ``dropout_key`` (training): the family has no dropout of its own,
-        but LoRA adapters may drop out their input. ``split_head``: return ``(hidden, head)``
-        instead, the last layer's output ``[B, L, D]`` and the function taking any positions of
-        it to their logits (a loss can then compute the logits a chunk at a time)."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, rope = self._embed(tokens, positions)
-        config = self.config.attention
-        attend = lambda q, k, v: (attention(q, k, v, pattern, config), None)  # noqa: E731
-        keys = None if dropout_key is None else L.layer_keys(dropout_key,
-                                                             self.config.num_layers)
-        x = L.scan_layers(self.layers, lambda layer, x, key: layer(x, rope, attend, key)[0], x,
-                          keys, self.config.remat, self.config.scan_layers)
-        if split_head:
-            return L.split_output_head(x, self.final_norm, self.embed, self.lm_head)
-        return self._head(x)
-
-    def decode(self, tokens, pattern: AttentionPattern, cache: KVCache, offset, positions=None):
-        """tokens ``[B, n]`` at canvas positions ``offset .. offset + n - 1`` against ``cache``
-        (``models/cache.py``) -> (float32 logits ``[B, n, V]``, the cache with their keys and
-        values written at ``offset``). ``positions``: RoPE positions, default the canvas ones."""
-        if positions is None:
-            positions = jnp.broadcast_to(offset + jnp.arange(tokens.shape[1]), tokens.shape)
-        x, rope = self._embed(tokens, positions)
-        visible = visible_keys(pattern, offset, tokens.shape[1], cache.length)
-        x, cache = scan_layers_cached(self.layers, lambda layer, x, attend: layer(x, rope, attend),
-                                      x, cache, offset, visible)
-        return self._head(x), cache
 
 
 # -- Hugging Face tensor names --------------------------------------------------------------------

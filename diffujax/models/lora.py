@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from diffujax.models import abstract_model, build, family_of, param_specs
+from diffujax.models import abstract_model, family_of, param_specs
 from diffujax.models.configs import ConfigError, ModelConfig
 from diffujax.models.params import Params, flatten, nest
 from diffujax.parallel.mesh import Layout
@@ -45,14 +44,9 @@ class LoraSpec:
     targets: tuple[str, ...]
     dropout: float = 0.0  # on the adapters' input, in training
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
-
-def projections(config: ModelConfig) -> dict[str, tuple[str, str]]:
-    """The block's adaptable projections: name -> (kernel path, einsum equation's operand
-    letters ``(input, kernel)``)."""
+def projections(config: ModelConfig) -> dict[str, str]:
+    """The block's adaptable projections: name -> kernel path."""
     out = {}
     for path in param_specs(config):
         parts = path.split("/")
@@ -72,7 +66,7 @@ def check(config: ModelConfig, lora: LoraSpec, key: str = "model.lora") -> None:
         raise ConfigError(f"{key}.targets: {list(lora.targets)} names a projection twice")
     table = param_specs(config)
     smallest = min(min(math.prod(p), math.prod(q)) for p, q in
-                   (_split(table[known[t]].shape[1:], _equation(t, config)) for t in lora.targets))
+                   (_split(table[known[t]].shape[1:], _equations(config)[t]) for t in lora.targets))
     if not 1 <= lora.rank <= smallest:
         raise ConfigError(f"{key}.rank {lora.rank}: must be 1..{smallest} (the smallest side of"
                           " the targeted kernels)")
@@ -80,13 +74,9 @@ def check(config: ModelConfig, lora: LoraSpec, key: str = "model.lora") -> None:
         raise ConfigError(f"{key}.alpha {lora.alpha}: must be > 0")
 
 
-def _equation(target: str, config: ModelConfig) -> str:
-    """The einsum equation of projection ``target`` (read off the built module)."""
-    return _equations(config)[target]
-
-
 @functools.cache
 def _equations(config: ModelConfig) -> dict[str, str]:
+    """Each projection's einsum equation (read off the built module)."""
     block = getattr(abstract_model(config), BLOCK)
     return {path[-1]: module.equation for path, module in nnx.iter_modules(block)
             if hasattr(module, "equation")}
@@ -111,7 +101,7 @@ def adapter_shapes(config: ModelConfig, lora: LoraSpec) -> dict[str, tuple[tuple
     for target in lora.targets:
         kernel = table[known[target]]
         (n, *_), axes = kernel.shape, kernel.axes
-        contracted, output = _split(kernel.shape[1:], _equation(target, config))
+        contracted, output = _split(kernel.shape[1:], _equations(config)[target])
         k = len(contracted)
         out[known[target] + "_lora_a"] = ((n, *contracted, lora.rank),
                                            (axes[0], *axes[1:1 + k], None))
@@ -211,27 +201,19 @@ def apply_fn_for(config: ModelConfig, lora: LoraSpec):
     return functools.partial(forward, config, lora)
 
 
-def deltas(config: ModelConfig, lora: LoraSpec, adapters: Params) -> dict[str, jax.Array]:
-    """Each targeted kernel's path -> ``(alpha / r) * A @ B`` in the kernel's shape (float32)."""
-    flat = flatten(adapters)
-    out = {}
-    for target in lora.targets:
-        path = projections(config)[target]
-        a = jnp.asarray(flat[path + "_lora_a"], jnp.float32)
-        b = jnp.asarray(flat[path + "_lora_b"], jnp.float32)
-        n, r = a.shape[0], lora.rank
-        delta = jnp.einsum("lpr,lrq->lpq", a.reshape(n, -1, r), b.reshape(n, r, -1))
-        out[path] = lora.scale * delta.reshape(a.shape[:-1] + b.shape[2:])
-    return out
-
-
 def merged(config: ModelConfig, lora: LoraSpec, base: Params, adapters: Params) -> Params:
     """The base weights with the adapters folded in, ``W + (alpha / r) * A @ B`` (computed in
     float32, stored in each kernel's dtype): a plain model of ``config``."""
-    flat = dict(flatten(base))
-    for path, delta in deltas(config, lora, adapters).items():
+    flat, adapter = dict(flatten(base)), flatten(adapters)
+    for target in lora.targets:
+        path = projections(config)[target]
+        a = jnp.asarray(adapter[path + "_lora_a"], jnp.float32)
+        b = jnp.asarray(adapter[path + "_lora_b"], jnp.float32)
+        n, r = a.shape[0], lora.rank
+        delta = jnp.einsum("lpr,lrq->lpq", a.reshape(n, -1, r), b.reshape(n, r, -1))
         kernel = flat[path]
-        flat[path] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+        flat[path] = (jnp.asarray(kernel, jnp.float32)
+                      + lora.alpha / r * delta.reshape(kernel.shape)).astype(kernel.dtype)
     return nest(flat)
 
 

@@ -56,21 +56,10 @@ class Weights:
             zip(specs, jax.random.split(key, len(specs))))
         self._used = set() if _used is None else _used
 
-    @classmethod
-    def of_model(cls, specs: Mapping[str, ParamSpec], dtype, rngs: nnx.Rngs) -> "Weights":
-        """The whole table, its keys split from the seed key of ``rngs``' params stream (not a
-        draw from it), so that ``Model(config, rngs=nnx.Rngs(seed))`` holds the weights that
-        ``seed`` has always given."""
-        return cls(specs, dtype, rngs.params.key[...])
-
     def child(self, name: str) -> "Weights":
         """The view of submodule ``name``."""
         return Weights(self._specs, self._dtype, self._keys, f"{self._prefix}{name}/",
                        self._used)
-
-    def has(self, name: str) -> bool:
-        """Whether the table has weight ``name`` here (Qwen2's q/k/v biases, an untied head)."""
-        return self._prefix + name in self._specs
 
     def param(self, name: str) -> nnx.Param:
         path = self._prefix + name
@@ -82,7 +71,9 @@ class Weights:
                          eager_sharding=False)
 
     def optional(self, name: str) -> nnx.Param | None:
-        return self.param(name) if self.has(name) else None
+        """The weight if the table has it here (Qwen2's q/k/v biases, an untied head), else
+        None."""
+        return self.param(name) if self._prefix + name in self._specs else None
 
     def check_complete(self, owner: str) -> None:
         """Raise if a weight of the table was never asked for: the module tree and the table
@@ -90,14 +81,6 @@ class Weights:
         unused = sorted(set(self._specs) - self._used)
         if unused:
             raise ValueError(f"{owner} does not use weight(s) {unused} of its weight table")
-
-
-def map_variables(fn: Callable[[Any, tuple], Any], state) -> Params:
-    """The plain tree of ``fn(value, logical_axes)`` for every parameter of a module state (the
-    axes are the variable's ``out_sharding`` metadata), laid out like the parameters."""
-    return nnx.to_pure_dict(jax.tree.map(
-        lambda v: v.replace(fn(v.get_value(), v.get_metadata()["out_sharding"])), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def nest(flat: Mapping[str, Any]) -> Params:
@@ -128,7 +111,3 @@ def map_specs(fn: Callable[[str, ParamSpec], Any], specs: Mapping[str, ParamSpec
     """The parameter tree of ``fn(path, spec)`` for every weight of ``specs``."""
     return nest({path: fn(path, spec) for path, spec in specs.items()})
 
-
-def abstract_params(specs: Mapping[str, ParamSpec], dtype) -> Params:
-    """The parameter tree as ``ShapeDtypeStruct`` s: no memory (restore targets, compiling)."""
-    return map_specs(lambda _, spec: jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype)), specs)

@@ -14,18 +14,11 @@ def weight_axes() -> set[tuple[str, ...]]:
     ones = dict(vocab_size=1, hidden_size=1, num_layers=1, num_heads=1, num_kv_heads=1,
                 intermediate_size=1, tie_word_embeddings=False)
     return {spec.axes for f in FAMILIES.values()
-            for spec in f.param_specs(f.config(**ones)).values()}
+            for spec in f.module.weight_table(f.config(**ones)).values()}
 
 
 def family_of(config: ModelConfig) -> Family:
     return FAMILIES[config.family]
-
-
-def config_class(name: str, what: str = "family") -> type[ModelConfig]:
-    """The config dataclass of family ``name`` (``what`` names the field in the error)."""
-    if name not in FAMILIES:
-        raise ConfigError(f"{what}: {name!r} is not one of {', '.join(FAMILIES)}")
-    return FAMILIES[name].config
 
 
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from diffujax.attention import causal, full
-from diffujax.diffusion.decoding import (block_rule, canvas_length, decode_ar, decode_blocks)
+from diffujax.diffusion.decoding import block_rule, canvas_length, decode_blocks
 from diffujax.diffusion.sampling import draw_candidates, forbid
 from diffujax.models import cached_fn_for, forward, init_cache
 from tiny_models import CONFIGS, VOCAB, tiny_model
@@ -149,9 +149,9 @@ def test_greedy_ar_decoder_is_argmax_of_repeated_causal_forwards(family):
     for i, p in enumerate(PROMPTS):
         prompt[i, :len(p)] = p
     cache = init_cache(config, len(PROMPTS), width + NEW)
-    out = decode_ar(cached_fn_for(config), params, jnp.asarray(prompt),
-                    jnp.asarray([len(p) for p in PROMPTS]), cache, jax.random.key(0),
-                    new_tokens=NEW)
+    out = decode_blocks(cached_fn_for(config), params, jnp.asarray(prompt),
+                        jnp.asarray([len(p) for p in PROMPTS]), cache, jax.random.key(0),
+                        block_size=1, new_tokens=NEW, mask_token_id=None)
     for r, p in enumerate(PROMPTS):
         seq = list(p)
         for _ in range(NEW):

@@ -16,7 +16,7 @@ import transformers
 
 from diffujax.attention.pattern import full
 from diffujax.checkpoint import from_state_dict
-from diffujax.diffusion import diffusion_loss, forward_process
+from diffujax.diffusion import diffusion_loss_sums, forward_process
 from diffujax.models import apply_fn_for, init_params
 
 B, L, V, M = 3, 12, 97, 96
@@ -64,8 +64,8 @@ def _batch():
 def _diffujax_losses(apply_fn, params, x, src, key):
     """Both normalisations in one compiled function."""
     def losses(p):
-        return {n: diffusion_loss(apply_fn, p, x, key, mask_token_id=M, pattern=full(), src=src,
-                                  normalization=n)[0] for n in NORMALIZATIONS}
+        return {n: diffusion_loss_sums(apply_fn, p, x, key, mask_token_id=M, pattern=full(),
+                                       src=src, normalization=n).loss for n in NORMALIZATIONS}
     return jax.jit(losses)(params)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from diffujax.attention.pattern import causal, full
-from diffujax.diffusion import (NoisedBatch, ar_loss, diffusion_loss, diffusion_loss_sums,
-                                forward_process, loss_sums_from_logits)
+from diffujax.diffusion import (NoisedBatch, ar_loss_sums, diffusion_loss_sums, forward_process,
+                                loss_sums_from_logits)
 from diffusion_toys import mixing_apply
 
 B, L, V, M = 4, 7, 11, 10
@@ -83,9 +83,10 @@ def _mixing_params():
 def test_diffusion_loss_is_the_loss_of_its_own_forward_process():
     params, x = _mixing_params(), jax.random.randint(jax.random.key(2), (B, L), 0, M)
     key = jax.random.key(3)
-    loss, metrics = jax.jit(lambda p: diffusion_loss(
+    sums = jax.jit(lambda p: diffusion_loss_sums(
         mixing_apply, p, x, key, mask_token_id=M, pattern=full(), normalization="tokens",
         stratified=True))(params)
+    loss, metrics = sums.loss, sums.metrics()
 
     @jax.jit
     def by_hand(p):
@@ -121,7 +122,7 @@ def test_gradient_accumulation_equals_full_batch(normalization):
     accumulated = total_grad / total.denominator
 
     def full_loss(p):
-        return diffusion_loss(mixing_apply, p, x, key, src=src, **kwargs)[0]
+        return diffusion_loss_sums(mixing_apply, p, x, key, src=src, **kwargs).loss
 
     loss, grad = jax.jit(jax.value_and_grad(full_loss))(params)
     np.testing.assert_allclose(total.loss, loss, rtol=1e-5)
@@ -136,7 +137,8 @@ def test_ar_loss_matches_reference():
         seen.append((pattern, np.asarray(tokens)))
         return logits
 
-    loss, metrics = ar_loss(apply_fn, None, x, loss_mask=loss_mask)
+    sums = ar_loss_sums(apply_fn, None, x, loss_mask=loss_mask)
+    loss, metrics = sums.loss, sums.metrics()
     [(pattern, tokens)] = seen  # one forward pass, causal, on the clean tokens
     assert pattern == causal() and np.array_equal(tokens, x)
     everything = jnp.ones((B, L), bool)

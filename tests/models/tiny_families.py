@@ -5,7 +5,7 @@ import functools
 
 import jax
 
-from diffujax.diffusion.objective import diffusion_loss
+from diffujax.diffusion.objective import diffusion_loss_sums
 from diffujax.models import GPT2Config, LlamaConfig, apply_fn_for
 
 MASK, LENGTH = 63, 16
@@ -27,7 +27,7 @@ def forward_and_loss(config, pattern):
         apply_fn = functools.partial(apply_fn, dropout_key=jax.random.key(2))
 
     def loss(params):
-        return diffusion_loss(apply_fn, params, tokens, jax.random.key(3), mask_token_id=MASK,
-                              pattern=pattern)[0]
+        return diffusion_loss_sums(apply_fn, params, tokens, jax.random.key(3),
+                                   mask_token_id=MASK, pattern=pattern).loss
 
     return (lambda params: apply_fn(params, tokens, pattern)), loss
