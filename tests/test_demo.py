@@ -81,3 +81,32 @@ def test_the_demo_without_adaptation_runs_end_to_end(tmp_path):
     assert "3. adapting" not in out and "AR with KV cache" in out
     assert f"{demo.SAMPLE_DRAWS} of {demo.SAMPLE_DRAWS} samples readable" in out
     assert "infill: skipped" in out and "transformers reloads it" in out
+
+
+@pytest.mark.parametrize("stop", ["disk full", "signal"])
+def test_a_stopped_adaptation_says_how_to_resume_the_demo(tmp_path, monkeypatch, capsys, stop):
+    """The loop's advice when a run stops, "run the same command again", would start a new demo
+    in a new temporary directory: the demo's error adds the ``--output-dir`` that resumes this
+    one, and adds nothing when the user gave one."""
+    from diffujax.cli import main as cli
+    from diffujax.runs.metrics import WriterError
+
+    def train(config):
+        if stop == "disk full":
+            raise WriterError("checkpoint 40 could not be written (no space left on device);"
+                              " free the space and run the same command again to resume")
+        return 130  # SIGINT: the loop saved a checkpoint and said so
+
+    monkeypatch.setattr(demo, "default_model", lambda: tmp_path / "ckpt")
+    monkeypatch.setattr(demo, "score", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "fresh"))
+    for given, advice in ((None, f"add --output-dir {tmp_path / 'fresh'} to the same command"),
+                          (tmp_path / "mine", None)):
+        status = cli(["demo"] + (["--output-dir", str(given)] if given else []))
+        err = capsys.readouterr().err
+        assert status == (2 if stop == "disk full" else 130) and "Traceback" not in err, err
+        lines = [x for x in err.splitlines() if x.startswith("diffujax demo:")]
+        assert len(lines) == 1, err
+        assert ("run the same command again" in lines[0]) == (stop == "disk full")
+        assert (advice in lines[0]) if advice else "--output-dir" not in lines[0], lines[0]

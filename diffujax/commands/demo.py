@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import tempfile
 
 import jax
@@ -28,6 +29,7 @@ from diffujax.inference.generation import build_canvas, decode, prompt_ids
 from diffujax.inference.perplexity import evaluate, read_blocks
 from diffujax.models import forward
 from diffujax.readability import readability
+from diffujax.runs.metrics import WriterError
 from diffujax.runtime import load_for_inference
 from diffujax.train.loop import train
 
@@ -81,14 +83,6 @@ def demo_config(checkpoint, out: pathlib.Path, steps: int | None, extra=()):
                       f"optimizer.warmup_steps={max(1, min(20, steps // 10))}",
                       f"logging.eval_every={steps}"]
     return load_config(DEMO_CONFIG, overrides + list(extra))
-
-
-def adapt(config, out: pathlib.Path) -> pathlib.Path:
-    """Continue pre-training with the diffusion objective (the bundled demo config)."""
-    status = train(config)
-    if status != 0:
-        raise RuntimeError(f"training stopped with status {status}; see {out}")
-    return out / "final"
 
 
 def infill_canvas(model, prompt: str, length: int, suffix: str):
@@ -174,7 +168,20 @@ def run_demo(args) -> int:
     if args.train_steps != 0:
         _banner(f"3. adapting to block diffusion (blocks of {block_size}) on {DEMO_CORPUS.name}"
                 f" ({DEMO_CONFIG.name}), run in {out / 'run'}")
-        checkpoint = adapt(config, out / "run")
+        # The loop's advice when a run stops, "run the same command again", would start a new
+        # demo in a new temporary directory: name the one that resumes this run.
+        resume = ("" if args.output_dir else
+                  f" (this demo's run is in a temporary directory: add --output-dir {out} to the"
+                  " same command to resume it)")
+        try:
+            status = train(config)
+        except WriterError as error:
+            raise WriterError(f"{error}{resume}") from error
+        if status != 0:  # the loop has said why (a signal, non-finite steps)
+            print(f"diffujax demo: the adaptation stopped with exit status {status}{resume}",
+                  file=sys.stderr)
+            return status
+        checkpoint = out / "run" / "final"
         _banner(f"4. the diffusion model: perplexity bound on {what}")
         score(checkpoint, text, args, block_size=block_size, ar=False)
     _banner("5. sample and infill")
